@@ -1,0 +1,10 @@
+//! One module per subcommand; each owns its `Args` and `run`.
+
+pub mod analyze;
+pub mod bench;
+pub mod compare;
+pub mod demo;
+pub mod health;
+pub mod run;
+pub mod synth_model;
+pub mod trace;

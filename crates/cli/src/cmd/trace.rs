@@ -1,0 +1,8 @@
+//! `moe-xray trace` (not built yet).
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`trace` is not available in this build yet")
+}
