@@ -1,0 +1,1 @@
+//! moe-xray-health
