@@ -37,4 +37,7 @@ pub struct RoutingRecord {
     pub experts: Vec<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<f32>>,
+    /// The full router distribution over all experts (only with `--record-probs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probs: Option<Vec<f32>>,
 }
