@@ -1,1 +1,294 @@
-//! generate
+//! Generation over batches of prompts with routing capture.
+//!
+//! Decoding is greedy by default (argmax, ties to the lowest token id like `torch.argmax`), or
+//! temperature / top-p sampling with a per-prompt ChaCha8 stream derived from the seed and the
+//! prompt's index in the input, so results do not depend on the batch size.
+//!
+//! **The last generated token.** transformers' `generate()` never feeds the final generated token
+//! back through the model, so its routing is never observed. By default we run one extra forward
+//! step on it (its logits are discarded) so that every generated token has routing records;
+//! `hf_generate_compat` skips that step and then records exactly the tokens `generate()` routes.
+
+use moe_xray_trace::{RoutingSink, TokenType};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{ModelError, Result};
+use crate::olmoe::{Olmoe, SeqState, StepSeq};
+
+/// Sampling instead of greedy decoding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+/// Generation settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// `None` = greedy.
+    pub sampling: Option<Sampling>,
+    /// Skip the extra forward step on the last generated token (like `generate()`).
+    pub hf_generate_compat: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 32,
+            eos_token_ids: Vec::new(),
+            ignore_eos: false,
+            sampling: None,
+            hf_generate_compat: false,
+        }
+    }
+}
+
+/// One prompt to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptInput {
+    pub id: String,
+    pub category: Option<String>,
+    pub tokens: Vec<u32>,
+    /// Index of the prompt in the whole input (selects its sampling stream).
+    pub index: u64,
+}
+
+/// The result of one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub prompt_id: String,
+    pub prompt_tokens: Vec<u32>,
+    pub generated: Vec<u32>,
+    /// Whether generation stopped on an EOS token.
+    pub stopped_on_eos: bool,
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        // strictly greater: ties keep the lower id (torch.argmax); NaN never wins.
+        if v > logits[best] || logits[best].is_nan() && !v.is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// transformers' temperature + top-p warpers followed by multinomial sampling.
+fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let scaled: Vec<f32> = logits.iter().map(|&x| x / s.temperature).collect();
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f64)> = scaled
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, ((x - max) as f64).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    for p in probs.iter_mut() {
+        p.1 /= total;
+    }
+    // Keep the smallest set of most probable tokens whose mass reaches top_p (at least one).
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut keep = 0usize;
+    let mut mass = 0.0f64;
+    for p in &probs {
+        keep += 1;
+        mass += p.1;
+        if mass >= s.top_p as f64 {
+            break;
+        }
+    }
+    let kept = &probs[..keep.max(1)];
+    let z: f64 = kept.iter().map(|p| p.1).sum();
+    let mut u = rng.random::<f64>() * z;
+    for p in kept {
+        if u < p.1 {
+            return p.0;
+        }
+        u -= p.1;
+    }
+    kept[kept.len() - 1].0
+}
+
+/// Validates generation options.
+pub fn check_options(opts: &GenerateOptions) -> Result<()> {
+    if let Some(s) = &opts.sampling {
+        if !(s.temperature.is_finite() && s.temperature > 0.0) {
+            return Err(ModelError::InvalidArgument(format!(
+                "temperature must be positive, got {}",
+                s.temperature
+            )));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(ModelError::InvalidArgument(format!(
+                "top_p must be in (0, 1], got {}",
+                s.top_p
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct Active {
+    input: usize,
+    state: SeqState,
+    generated: Vec<u32>,
+    next: Vec<u32>,
+    token_type: TokenType,
+    /// The chunk in `next` is the final one (only its routing is wanted).
+    last: bool,
+    stopped_on_eos: bool,
+    rng: Option<ChaCha8Rng>,
+}
+
+/// Runs all `prompts` together as one ragged batch: prefill, then decoding steps until each
+/// prompt is done. `on_done` is called for each prompt right after `sink.end_prompt`.
+pub fn generate_batch(
+    model: &Olmoe,
+    prompts: &[PromptInput],
+    opts: &GenerateOptions,
+    sink: &mut dyn RoutingSink,
+    on_done: &mut dyn FnMut(Generation) -> Result<()>,
+) -> Result<()> {
+    check_options(opts)?;
+    for p in prompts {
+        if p.tokens.is_empty() {
+            return Err(ModelError::InvalidArgument(format!(
+                "prompt `{}` has no tokens",
+                p.id
+            )));
+        }
+        model.check_tokens(&p.id, &p.tokens)?;
+    }
+    let mut active: Vec<Active> = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        sink.begin_prompt(&p.id, p.category.as_deref())?;
+        active.push(Active {
+            input: i,
+            state: model.new_sequence(&p.id),
+            generated: Vec::new(),
+            next: p.tokens.clone(),
+            token_type: TokenType::Prompt,
+            last: opts.max_new_tokens == 0,
+            stopped_on_eos: false,
+            rng: opts.sampling.map(|s| {
+                let mut r = ChaCha8Rng::seed_from_u64(s.seed);
+                r.set_stream(p.index);
+                r
+            }),
+        });
+    }
+    while !active.is_empty() {
+        let logits = {
+            let mut step: Vec<StepSeq<'_>> = active
+                .iter_mut()
+                .map(|a| StepSeq {
+                    want_logits: !a.last,
+                    state: &mut a.state,
+                    tokens: &a.next,
+                    token_type: a.token_type,
+                })
+                .collect();
+            model.forward(&mut step, sink)?
+        };
+        let mut still = Vec::with_capacity(active.len());
+        for (mut a, lg) in active.into_iter().zip(logits) {
+            let done = match (a.last, lg) {
+                (true, _) | (false, None) => true,
+                (false, Some(lg)) => {
+                    let tok = match (&opts.sampling, a.rng.as_mut()) {
+                        (Some(s), Some(rng)) => sample(&lg, s, rng),
+                        _ => argmax(&lg),
+                    };
+                    a.generated.push(tok);
+                    let eos = !opts.ignore_eos && opts.eos_token_ids.contains(&tok);
+                    a.stopped_on_eos = eos;
+                    let finished = eos || a.generated.len() >= opts.max_new_tokens;
+                    a.next = vec![tok];
+                    a.token_type = TokenType::Generation;
+                    a.last = finished;
+                    finished && opts.hf_generate_compat
+                }
+            };
+            if done {
+                let p = &prompts[a.input];
+                sink.end_prompt(&p.id)?;
+                on_done(Generation {
+                    prompt_id: p.id.clone(),
+                    prompt_tokens: p.tokens.clone(),
+                    generated: a.generated,
+                    stopped_on_eos: a.stopped_on_eos,
+                })?;
+            } else {
+                still.push(a);
+            }
+        }
+        active = still;
+    }
+    Ok(())
+}
+
+/// Runs prompts in consecutive batches of `batch_size` (results in input order through
+/// `on_done`, which is called as each prompt finishes).
+pub fn generate_all(
+    model: &Olmoe,
+    prompts: &[PromptInput],
+    batch_size: usize,
+    opts: &GenerateOptions,
+    sink: &mut dyn RoutingSink,
+    on_done: &mut dyn FnMut(Generation) -> Result<()>,
+) -> Result<()> {
+    if batch_size == 0 {
+        return Err(ModelError::InvalidArgument(
+            "batch size must be at least 1".into(),
+        ));
+    }
+    for chunk in prompts.chunks(batch_size) {
+        generate_batch(model, chunk, opts, sink, on_done)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_ties_take_lowest_id() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.5, 0.1]), 1);
+    }
+
+    #[test]
+    fn top_p_tiny_is_greedy() {
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1e-6,
+            seed: 0,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for _ in 0..20 {
+            assert_eq!(sample(&[0.1, 2.0, 1.9, -1.0], &s, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_respects_distribution() {
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let logits = [0.0f32, (3.0f32).ln()];
+        let n = 4000;
+        let ones = (0..n).filter(|_| sample(&logits, &s, &mut rng) == 1).count();
+        let frac = ones as f64 / n as f64;
+        assert!((frac - 0.75).abs() < 0.03, "{frac}");
+    }
+}

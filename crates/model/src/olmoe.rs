@@ -1,1 +1,519 @@
-//! olmoe
+//! The OLMoE forward pass (transformers' `OlmoeForCausalLM`) on candle, with a routing-capture
+//! hook.
+//!
+//! Math, op for op as transformers does it (so that f32 routing matches to rounding):
+//! embedding → per layer: input RMSNorm → attention (q/k/v projections, q_norm/k_norm RMSNorm over
+//! the full projected q and k, optional `clip_qkv` clamp, RoPE with the rotate-half convention,
+//! GQA, causal softmax attention in f32, output projection) → residual → post-attention RMSNorm →
+//! MoE (router logits `gate(x)`, softmax over all experts in f32, top-k with ties to the lower
+//! index, optional renormalisation, SwiGLU experts `down(silu(gate(x)) * up(x))` weighted and
+//! summed in expert-index order) → residual; final RMSNorm; `lm_head` (tied or not).
+//!
+//! Batching is *ragged*: the token-wise parts (projections, norms, MoE) run on the concatenated
+//! tokens of all sequences in the batch, while attention runs per sequence against that sequence's
+//! own KV cache. There is no padding at all, so no real token's routing can depend on the batch.
+//! Tokens are grouped by expert so that each expert runs once per step on all of its tokens.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
+
+use crate::config::OlmoeConfig;
+use crate::error::{ModelError, Result};
+use crate::weights::WeightStore;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype; `None` = the checkpoint's stored dtype (what transformers does when loading
+    /// with `torch_dtype` equal to the stored one).
+    pub dtype: Option<DType>,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// transformers' `OlmoeRMSNorm`: normalise in f32, cast back, then multiply by the weight in the
+/// compute dtype.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let y = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
+        Ok(y.broadcast_mul(&self.weight)?)
+    }
+}
+
+#[derive(Debug)]
+enum Experts {
+    /// `mlp.experts.{e}.{gate,up,down}_proj.weight` (published checkpoints, transformers 4.x).
+    PerExpert(Vec<[Tensor; 3]>),
+    /// `mlp.experts.gate_up_proj` `[E, 2I, H]` and `mlp.experts.down_proj` `[E, H, I]`
+    /// (transformers 5.x fused layout; gate rows first, then up rows).
+    Fused { gate_up: Tensor, down: Tensor },
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    router: Tensor,
+    experts: Experts,
+}
+
+/// Per-sequence decoding state: position and KV cache.
+#[derive(Debug, Clone)]
+pub struct SeqState {
+    pub prompt_id: String,
+    /// Number of tokens already processed (= position of the next token).
+    pub pos: usize,
+    k: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+}
+
+/// One sequence's tokens for one forward step.
+#[derive(Debug)]
+pub struct StepSeq<'a> {
+    pub state: &'a mut SeqState,
+    pub tokens: &'a [u32],
+    pub token_type: TokenType,
+    /// Whether the next-token logits of this sequence are needed.
+    pub want_logits: bool,
+}
+
+/// Router output of one layer for all tokens of a step.
+struct LayerRouting {
+    experts: Vec<u32>,
+    weights: Vec<f32>,
+    probs: Vec<f32>,
+}
+
+/// An OLMoE model ready to run.
+#[derive(Debug)]
+pub struct Olmoe {
+    cfg: OlmoeConfig,
+    device: Device,
+    dtype: DType,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+}
+
+impl Olmoe {
+    /// Loads `config.json` and the safetensors weights of a checkpoint directory.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = OlmoeConfig::from_dir(dir)?;
+        let store = WeightStore::open(dir)?;
+        Self::from_store(cfg, &store, opts)
+    }
+
+    pub fn from_store(cfg: OlmoeConfig, store: &WeightStore, opts: &LoadOptions) -> Result<Self> {
+        let dtype = opts.dtype.unwrap_or_else(|| store.dominant_dtype());
+        let dev = &opts.device;
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let kv = cfg.num_key_value_heads * hd;
+        let (e, i) = (cfg.num_experts, cfg.intermediate_size);
+        let ld = |name: &str, shape: &[usize]| store.load(name, shape, Some(dtype), dev);
+        let norm = |name: &str, n: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: ld(name, &[n])?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: ld(&format!("{name}.weight"), &[out, inp])?,
+                bias: if cfg.attention_bias {
+                    Some(ld(&format!("{name}.bias"), &[out])?)
+                } else {
+                    None
+                },
+            })
+        };
+        let embed = ld("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let fused_key = format!("{p}.mlp.experts.gate_up_proj");
+            let experts = if store.contains(&fused_key) {
+                Experts::Fused {
+                    gate_up: store.load(&fused_key, &[e, 2 * i, h], None, dev)?,
+                    down: store.load(&format!("{p}.mlp.experts.down_proj"), &[e, h, i], None, dev)?,
+                }
+            } else {
+                let mut v = Vec::with_capacity(e);
+                for x in 0..e {
+                    let q = format!("{p}.mlp.experts.{x}");
+                    v.push([
+                        store.load(&format!("{q}.gate_proj.weight"), &[i, h], None, dev)?,
+                        store.load(&format!("{q}.up_proj.weight"), &[i, h], None, dev)?,
+                        store.load(&format!("{q}.down_proj.weight"), &[h, i], None, dev)?,
+                    ]);
+                }
+                Experts::PerExpert(v)
+            };
+            layers.push(Layer {
+                input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                post_norm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                q_proj: lin(&format!("{p}.self_attn.q_proj"), h, h)?,
+                k_proj: lin(&format!("{p}.self_attn.k_proj"), kv, h)?,
+                v_proj: lin(&format!("{p}.self_attn.v_proj"), kv, h)?,
+                o_proj: lin(&format!("{p}.self_attn.o_proj"), h, h)?,
+                q_norm: norm(&format!("{p}.self_attn.q_norm.weight"), h)?,
+                k_norm: norm(&format!("{p}.self_attn.k_norm.weight"), kv)?,
+                router: ld(&format!("{p}.mlp.gate.weight"), &[e, h])?,
+                experts,
+            });
+        }
+        let final_norm = norm("model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            ld("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        // transformers' default RoPE: inv_freq = 1 / base^(arange(0, d, 2) / d), all in f32.
+        let base = cfg.rope_theta as f32;
+        let inv_freq = (0..hd / 2)
+            .map(|j| 1.0f32 / base.powf((2 * j) as f32 / hd as f32))
+            .collect();
+        Ok(Olmoe {
+            cfg,
+            device: dev.clone(),
+            dtype,
+            embed,
+            layers,
+            norm: final_norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn config(&self) -> &OlmoeConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A fresh sequence state (empty KV cache).
+    pub fn new_sequence(&self, prompt_id: &str) -> SeqState {
+        SeqState {
+            prompt_id: prompt_id.to_string(),
+            pos: 0,
+            k: vec![None; self.cfg.num_hidden_layers],
+            v: vec![None; self.cfg.num_hidden_layers],
+        }
+    }
+
+    /// Checks that every token id is inside the vocabulary.
+    pub fn check_tokens(&self, prompt_id: &str, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            Some(&t) => Err(ModelError::TokenOutOfRange {
+                prompt_id: prompt_id.to_string(),
+                token: t,
+                vocab_size: self.cfg.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn rope_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &self.inv_freq {
+                let a = f * p as f32;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Runs one forward step over a ragged batch and reports every (token, layer) routing
+    /// decision to `sink`, ordered per sequence by position, then layer. Returns, per sequence,
+    /// the f32 logits of its last token when `want_logits` is set.
+    pub fn forward(
+        &self,
+        batch: &mut [StepSeq<'_>],
+        sink: &mut dyn RoutingSink,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut all_ids: Vec<u32> = Vec::new();
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::InvalidArgument(format!(
+                    "empty token chunk for prompt `{}`",
+                    s.state.prompt_id
+                )));
+            }
+            self.check_tokens(&s.state.prompt_id, s.tokens)?;
+            all_ids.extend_from_slice(s.tokens);
+        }
+        if all_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n_tok = all_ids.len();
+        let ids = Tensor::from_vec(all_ids.clone(), n_tok, &self.device)?;
+        let mut xs = self.embed.index_select(&ids, 0)?;
+        let wants_probs = sink.wants_probs();
+        let mut routing = Vec::with_capacity(self.layers.len());
+        let ropes = batch
+            .iter()
+            .map(|s| self.rope_tables(s.state.pos, s.tokens.len()))
+            .collect::<Result<Vec<_>>>()?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = xs.clone();
+            let h = layer.input_norm.forward(&xs)?;
+            let attn = self.attention(l, layer, &h, batch, &ropes)?;
+            xs = (residual + attn)?;
+            let residual = xs.clone();
+            let h = layer.post_norm.forward(&xs)?;
+            let (moe, r) = self.moe(layer, &h, wants_probs)?;
+            routing.push(r);
+            xs = (residual + moe)?;
+        }
+        // Report routing decisions: per sequence, per token, per layer.
+        let k = self.cfg.num_experts_per_tok;
+        let ne = self.cfg.num_experts;
+        let mut row = 0usize;
+        for s in batch.iter() {
+            for (j, &tok) in s.tokens.iter().enumerate() {
+                let r = row + j;
+                for (l, lr) in routing.iter().enumerate() {
+                    sink.record(&RoutingDecision {
+                        prompt_id: &s.state.prompt_id,
+                        layer: l as u32,
+                        position: (s.state.pos + j) as u32,
+                        token_id: tok,
+                        token_type: s.token_type,
+                        experts: &lr.experts[r * k..(r + 1) * k],
+                        weights: &lr.weights[r * k..(r + 1) * k],
+                        probs: if wants_probs {
+                            Some(&lr.probs[r * ne..(r + 1) * ne])
+                        } else {
+                            None
+                        },
+                    })?;
+                }
+            }
+            row += s.tokens.len();
+        }
+        // Logits of the last token of each sequence that wants them.
+        let mut out = Vec::with_capacity(batch.len());
+        let mut row = 0usize;
+        for s in batch.iter_mut() {
+            let n = s.tokens.len();
+            if s.want_logits {
+                let last = xs.narrow(0, row + n - 1, 1)?;
+                let h = self.norm.forward(&last)?;
+                let logits = h
+                    .matmul(&self.lm_head.t()?)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                out.push(Some(logits));
+            } else {
+                out.push(None);
+            }
+            s.state.pos += n;
+            row += n;
+        }
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        layer: &Layer,
+        h: &Tensor,
+        batch: &mut [StepSeq<'_>],
+        ropes: &[(Tensor, Tensor)],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
+        let mut q = layer.q_norm.forward(&layer.q_proj.forward(h)?)?;
+        let mut k = layer.k_norm.forward(&layer.k_proj.forward(h)?)?;
+        let mut v = layer.v_proj.forward(h)?;
+        if let Some(c) = cfg.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        let scale = (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut row = 0usize;
+        for (s, (cos, sin)) in batch.iter_mut().zip(ropes) {
+            let t = s.tokens.len();
+            let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(x.narrow(0, row, t)?
+                    .reshape((t, n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?)
+            };
+            let qs = candle_nn::rotary_emb::rope_slow(&heads(&q, nh)?, cos, sin)?;
+            let ks = candle_nn::rotary_emb::rope_slow(&heads(&k, nkv)?, cos, sin)?;
+            let vs = heads(&v, nkv)?;
+            let (ks, vs) = match (&s.state.k[l], &s.state.v[l]) {
+                (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &ks], 2)?, Tensor::cat(&[pv, &vs], 2)?),
+                _ => (ks, vs),
+            };
+            s.state.k[l] = Some(ks.clone());
+            s.state.v[l] = Some(vs.clone());
+            let total = ks.dim(2)?;
+            let rep = nh / nkv;
+            let expand = |x: Tensor| -> Result<Tensor> {
+                if rep == 1 {
+                    return Ok(x);
+                }
+                Ok(x.unsqueeze(2)?
+                    .expand((1, nkv, rep, total, hd))?
+                    .reshape((1, nh, total, hd))?)
+            };
+            let ks = expand(ks)?;
+            let vs = expand(vs)?;
+            let mut scores = (qs.matmul(&ks.t()?)? / scale)?;
+            if t > 1 {
+                let past = total - t;
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|i| {
+                        (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)?;
+                scores = scores.broadcast_add(&mask)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(self.dtype)?;
+            let o = probs.matmul(&vs.contiguous()?)?; // [1, nh, t, hd]
+            outs.push(o.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?);
+            row += t;
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        layer.o_proj.forward(&o)
+    }
+
+    fn expert_weights(&self, layer: &Layer, e: usize) -> Result<[Tensor; 3]> {
+        let i = self.cfg.intermediate_size;
+        let [g, u, d] = match &layer.experts {
+            Experts::PerExpert(v) => v[e].clone(),
+            Experts::Fused { gate_up, down } => {
+                let gu = gate_up.get(e)?;
+                [gu.narrow(0, 0, i)?, gu.narrow(0, i, i)?, down.get(e)?]
+            }
+        };
+        let conv = |w: Tensor| -> Result<Tensor> {
+            Ok(if w.dtype() == self.dtype {
+                w
+            } else {
+                w.to_dtype(self.dtype)?
+            })
+        };
+        Ok([conv(g)?, conv(u)?, conv(d)?])
+    }
+
+    fn moe(&self, layer: &Layer, h: &Tensor, wants_probs: bool) -> Result<(Tensor, LayerRouting)> {
+        let (n_tok, hidden) = h.dims2()?;
+        let ne = self.cfg.num_experts;
+        let k = self.cfg.num_experts_per_tok;
+        let logits = h.matmul(&layer.router.t()?)?.to_dtype(DType::F32)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut experts = Vec::with_capacity(n_tok * k);
+        let mut weights = Vec::with_capacity(n_tok * k);
+        // Per expert: (token row, combination weight).
+        let mut groups: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); ne];
+        let mut order: Vec<u32> = (0..ne as u32).collect();
+        for r in 0..n_tok {
+            let p = &probs[r * ne..(r + 1) * ne];
+            // torch.topk order: descending probability, ties to the lower index (stable sort).
+            order.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
+            let top = &order[..k];
+            let sum: f32 = top.iter().map(|&x| p[x as usize]).sum();
+            for &x in top {
+                let w = p[x as usize];
+                experts.push(x);
+                weights.push(w);
+                let cw = if self.cfg.norm_topk_prob { w / sum } else { w };
+                groups[x as usize].0.push(r as u32);
+                groups[x as usize].1.push(cw);
+            }
+        }
+        let mut acc = Tensor::zeros((n_tok, hidden), self.dtype, &self.device)?;
+        for (e, (rows, ws)) in groups.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let n = rows.len();
+            let idx = Tensor::from_vec(rows, n, &self.device)?;
+            let xe = h.index_select(&idx, 0)?;
+            let [wg, wu, wd] = self.expert_weights(layer, e)?;
+            let g = xe.matmul(&wg.t()?)?;
+            let u = xe.matmul(&wu.t()?)?;
+            let act = (candle_nn::ops::silu(&g)? * u)?;
+            let y = act.matmul(&wd.t()?)?;
+            let w = Tensor::from_vec(ws, (n, 1), &self.device)?.to_dtype(self.dtype)?;
+            let y = y.broadcast_mul(&w)?;
+            acc = acc.index_add(&idx, &y, 0)?;
+        }
+        Ok((
+            acc,
+            LayerRouting {
+                experts,
+                weights,
+                probs: if wants_probs { probs } else { Vec::new() },
+            },
+        ))
+    }
+}

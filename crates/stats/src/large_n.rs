@@ -1,1 +1,394 @@
-//! large_n
+//! The large-N ("gram_sums") path: exact within/across mean, std and Cohen's d, per-layer d and
+//! the category matrix without materialising the N² pairs.
+//!
+//! With `v_i` the similarity embedding (`sim(i,j) = v_i·v_j`), per category A we accumulate
+//! `n_A`, `S_A = Σ v_i`, `M_A = Σ v_i v_iᵀ` (D×D, D = L·E), `Σ‖v_i‖²`, `Σ‖v_i‖⁴` and the per-layer
+//! analogues of the last two. Then, over unordered pairs,
+//!
+//! - within A: `Σ sim = (‖S_A‖² − Σ‖v_i‖²)/2`, `Σ sim² = (‖M_A‖_F² − Σ‖v_i‖⁴)/2`;
+//! - across A,B: `Σ sim = S_A·S_B`, `Σ sim² = ⟨M_A, M_B⟩_F`;
+//! - per layer l (cosines = L·(v_il·v_jl)): the same with the l-th blocks, scaled by L and L².
+//!
+//! `M_A` is accumulated in blocks of prompts (GEMM via nalgebra/matrixmultiply) on the upper
+//! triangle of layer-aligned tiles only (syrk-style), tiles in parallel; every tile sums its blocks
+//! in arrival order, so the result does not depend on the thread count.
+
+use crate::error::{Result, StatsError};
+use crate::input::{check_row, empty_layer, DroppedPrompt, PromptRow};
+use crate::results::{CategoryMatrix, LayerStats, PairStats, SimilaritySummary};
+use crate::signature::embed_in_place;
+use crate::similarity::cohens_d;
+use nalgebra::{DMatrix, DMatrixView};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+
+/// Prompts per GEMM block.
+pub const BLOCK: usize = 256;
+
+struct CatAcc {
+    n: u64,
+    sum: Vec<f64>,
+    norm2: f64,
+    norm4: f64,
+    layer_norm2: Vec<f64>,
+    layer_norm4: Vec<f64>,
+    /// Upper-triangular tiles `(p, q)`, p ≤ q, in `tile_pairs` order.
+    tiles: Vec<DMatrix<f64>>,
+    buf: Vec<f64>,
+    buf_rows: usize,
+}
+
+/// Streaming accumulator of the Gram sums (see module docs).
+pub struct GramAccumulator {
+    num_layers: usize,
+    num_experts: usize,
+    d: usize,
+    /// Tile boundaries in feature space (aligned with layers).
+    bounds: Vec<(usize, usize)>,
+    tile_pairs: Vec<(usize, usize)>,
+    cats: BTreeMap<String, CatAcc>,
+    prompt_ids: Vec<String>,
+    dropped: Vec<DroppedPrompt>,
+    missing_category: Vec<String>,
+}
+
+/// What the Gram-sums path produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GramSummary {
+    pub categories: Vec<(String, usize)>,
+    pub prompt_ids: Vec<String>,
+    pub dropped: Vec<DroppedPrompt>,
+    pub similarity: SimilaritySummary,
+    pub category_matrix: CategoryMatrix,
+    pub per_layer: Vec<LayerStats>,
+}
+
+fn stats_from_sums(n: f64, s: f64, ss: f64) -> PairStats {
+    let mean = s / n;
+    let var = (ss - s * mean) / (n - 1.0);
+    PairStats {
+        n: n as u64,
+        mean,
+        std: var.max(0.0).sqrt(),
+    }
+}
+
+impl GramAccumulator {
+    pub fn new(num_layers: usize, num_experts: usize) -> Self {
+        let d = num_layers * num_experts;
+        // Tiles of whole layers, about 128 features each.
+        let per_tile = (128 / num_experts.max(1)).max(1);
+        let mut bounds = Vec::new();
+        let mut l = 0;
+        while l < num_layers {
+            let l2 = (l + per_tile).min(num_layers);
+            bounds.push((l * num_experts, l2 * num_experts));
+            l = l2;
+        }
+        let t = bounds.len();
+        let tile_pairs = (0..t).flat_map(|p| (p..t).map(move |q| (p, q))).collect();
+        GramAccumulator {
+            num_layers,
+            num_experts,
+            d,
+            bounds,
+            tile_pairs,
+            cats: BTreeMap::new(),
+            prompt_ids: Vec::new(),
+            dropped: Vec::new(),
+            missing_category: Vec::new(),
+        }
+    }
+
+    /// Number of prompts accepted so far.
+    pub fn len(&self) -> usize {
+        self.prompt_ids.len()
+    }
+
+    /// Whether no prompt has been accepted.
+    pub fn is_empty(&self) -> bool {
+        self.prompt_ids.is_empty()
+    }
+
+    /// Add one prompt (dropped and recorded if a layer is empty).
+    pub fn push(&mut self, row: PromptRow) -> Result<()> {
+        check_row(&row, self.num_layers, self.num_experts)?;
+        if let Some(l) = empty_layer(&row.counts, self.num_layers, self.num_experts) {
+            self.dropped.push(DroppedPrompt {
+                prompt_id: row.prompt_id,
+                reason: format!("no selected tokens at layer {l} (zero total count)"),
+            });
+            return Ok(());
+        }
+        let Some(cat) = row.category.filter(|c| !c.is_empty()) else {
+            self.missing_category.push(row.prompt_id);
+            return Ok(());
+        };
+        let (d, nl, ne) = (self.d, self.num_layers, self.num_experts);
+        let mut v = row.counts;
+        embed_in_place(&mut v, nl, ne);
+        let tiles: Vec<DMatrix<f64>> = self
+            .tile_pairs
+            .iter()
+            .map(|&(p, q)| {
+                let (a, b) = (self.bounds[p], self.bounds[q]);
+                DMatrix::zeros(a.1 - a.0, b.1 - b.0)
+            })
+            .collect();
+        let acc = self.cats.entry(cat).or_insert_with(|| CatAcc {
+            n: 0,
+            sum: vec![0.0; d],
+            norm2: 0.0,
+            norm4: 0.0,
+            layer_norm2: vec![0.0; nl],
+            layer_norm4: vec![0.0; nl],
+            tiles,
+            buf: vec![0.0; BLOCK * d],
+            buf_rows: 0,
+        });
+        acc.n += 1;
+        let mut nrm2 = 0.0;
+        for l in 0..nl {
+            let x: f64 = v[l * ne..(l + 1) * ne].iter().map(|x| x * x).sum();
+            acc.layer_norm2[l] += x;
+            acc.layer_norm4[l] += x * x;
+            nrm2 += x;
+        }
+        acc.norm2 += nrm2;
+        acc.norm4 += nrm2 * nrm2;
+        for (s, x) in acc.sum.iter_mut().zip(&v) {
+            *s += x;
+        }
+        let r = acc.buf_rows;
+        acc.buf[r * d..(r + 1) * d].copy_from_slice(&v);
+        acc.buf_rows += 1;
+        self.prompt_ids.push(row.prompt_id);
+        if acc.buf_rows == BLOCK {
+            flush(acc, d, &self.bounds, &self.tile_pairs);
+        }
+        Ok(())
+    }
+
+    /// Finish: flush the partial blocks and compute all summaries.
+    pub fn finish(mut self) -> Result<GramSummary> {
+        if !self.missing_category.is_empty() {
+            return Err(StatsError::InvalidInput(format!(
+                "{} prompt(s) have no category (e.g. {:?}); give categories in the trace or with --prompts FILE",
+                self.missing_category.len(),
+                self.missing_category[0]
+            )));
+        }
+        let big = self.cats.values().filter(|c| c.n >= 2).count();
+        if big < 2 {
+            let desc: Vec<_> = self.cats.iter().map(|(c, a)| format!("{c}: {}", a.n)).collect();
+            return Err(StatsError::InvalidInput(format!(
+                "need at least 2 categories with at least 2 prompts each (after dropping {} prompt(s)); found {{{}}}",
+                self.dropped.len(),
+                desc.join(", ")
+            )));
+        }
+        let (d, nl, ne) = (self.d, self.num_layers, self.num_experts);
+        for acc in self.cats.values_mut() {
+            flush(acc, d, &self.bounds, &self.tile_pairs);
+        }
+        let names: Vec<String> = self.cats.keys().cloned().collect();
+        let accs: Vec<&CatAcc> = self.cats.values().collect();
+        let c = accs.len();
+        let lf = nl as f64;
+        // Frobenius inner products of M_A and M_B, whole and per diagonal layer block.
+        let frob = |a: &CatAcc, b: &CatAcc| -> (f64, Vec<f64>) {
+            let mut total = 0.0;
+            let mut layer = vec![0.0; nl];
+            for (t, &(p, q)) in self.tile_pairs.iter().enumerate() {
+                let x = a.tiles[t].dot(&b.tiles[t]);
+                total += if p == q { x } else { 2.0 * x };
+                if p == q {
+                    let (start, end) = self.bounds[p];
+                    for l in start / ne..end / ne {
+                        let o = l * ne - start;
+                        let ba = a.tiles[t].view((o, o), (ne, ne));
+                        let bb = b.tiles[t].view((o, o), (ne, ne));
+                        layer[l] += ba.dot(&bb);
+                    }
+                }
+            }
+            (total, layer)
+        };
+        let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+        // Pair sums: (n, Σsim, Σsim²) overall and per layer, for every category pair (a ≤ b).
+        let mut sums = vec![(0.0, 0.0, 0.0); c * c];
+        let mut lsums = vec![vec![(0.0, 0.0, 0.0); nl]; c * c];
+        for a in 0..c {
+            for b in a..c {
+                let (ma, mb) = (accs[a], accs[b]);
+                let (f, fl) = frob(ma, mb);
+                let s = dot(&ma.sum, &mb.sum);
+                if a == b {
+                    let n = ma.n as f64 * (ma.n as f64 - 1.0) / 2.0;
+                    sums[a * c + b] = (n, (s - ma.norm2) / 2.0, (f - ma.norm4) / 2.0);
+                    for l in 0..nl {
+                        let sl = dot(&ma.sum[l * ne..(l + 1) * ne], &ma.sum[l * ne..(l + 1) * ne]);
+                        lsums[a * c + b][l] = (
+                            n,
+                            lf * (sl - ma.layer_norm2[l]) / 2.0,
+                            lf * lf * (fl[l] - ma.layer_norm4[l]) / 2.0,
+                        );
+                    }
+                } else {
+                    let n = ma.n as f64 * mb.n as f64;
+                    sums[a * c + b] = (n, s, f);
+                    for l in 0..nl {
+                        let sl = dot(&ma.sum[l * ne..(l + 1) * ne], &mb.sum[l * ne..(l + 1) * ne]);
+                        lsums[a * c + b][l] = (n, lf * sl, lf * lf * fl[l]);
+                    }
+                }
+            }
+        }
+        let add = |x: (f64, f64, f64), y: (f64, f64, f64)| (x.0 + y.0, x.1 + y.1, x.2 + y.2);
+        let mut w = (0.0, 0.0, 0.0);
+        let mut ac = (0.0, 0.0, 0.0);
+        let mut lw = vec![(0.0, 0.0, 0.0); nl];
+        let mut la = vec![(0.0, 0.0, 0.0); nl];
+        for a in 0..c {
+            for b in a..c {
+                let t = sums[a * c + b];
+                if a == b {
+                    w = add(w, t);
+                } else {
+                    ac = add(ac, t);
+                }
+                for l in 0..nl {
+                    let t = lsums[a * c + b][l];
+                    if a == b {
+                        lw[l] = add(lw[l], t);
+                    } else {
+                        la[l] = add(la[l], t);
+                    }
+                }
+            }
+        }
+        let within = stats_from_sums(w.0, w.1, w.2);
+        let across = stats_from_sums(ac.0, ac.1, ac.2);
+        let per_layer = (0..nl)
+            .map(|l| {
+                let pw = stats_from_sums(lw[l].0, lw[l].1, lw[l].2);
+                let pa = stats_from_sums(la[l].0, la[l].1, la[l].2);
+                LayerStats {
+                    layer: l,
+                    within_mean: pw.mean,
+                    across_mean: pa.mean,
+                    cohens_d: cohens_d(&pw, &pa),
+                }
+            })
+            .collect();
+        let values = (0..c)
+            .map(|a| {
+                (0..c)
+                    .map(|b| {
+                        let t = sums[a.min(b) * c + a.max(b)];
+                        t.1 / t.0
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(GramSummary {
+            categories: names.iter().cloned().zip(accs.iter().map(|a| a.n as usize)).collect(),
+            prompt_ids: self.prompt_ids,
+            dropped: self.dropped,
+            similarity: SimilaritySummary {
+                within,
+                across,
+                cohens_d: cohens_d(&within, &across),
+            },
+            category_matrix: CategoryMatrix {
+                order: names,
+                values,
+            },
+            per_layer,
+        })
+    }
+}
+
+/// `M += Bᵀ B` on the upper tiles for the buffered rows, tiles in parallel.
+fn flush(acc: &mut CatAcc, d: usize, bounds: &[(usize, usize)], tile_pairs: &[(usize, usize)]) {
+    let rows = acc.buf_rows;
+    if rows == 0 {
+        return;
+    }
+    // Row-major rows×D is column-major D×rows: columns are prompts.
+    let x = DMatrixView::from_slice(&acc.buf[..rows * d], d, rows);
+    acc.tiles
+        .par_iter_mut()
+        .zip(tile_pairs.par_iter())
+        .for_each(|(tile, &(p, q))| {
+            let (a0, a1) = bounds[p];
+            let (b0, b1) = bounds[q];
+            let xa = x.rows(a0, a1 - a0);
+            let xb_t = x.rows(b0, b1 - b0).transpose();
+            tile.gemm(1.0, &xa, &xb_t, 1.0);
+        });
+    acc.buf_rows = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::build_input;
+    use crate::signature::embeddings;
+    use crate::similarity::{category_matrix, gram, per_layer, summarize};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn gram_path_matches_exact_pairs() {
+        let (nl, ne, n) = (3, 10, 300);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let rows: Vec<PromptRow> = (0..n)
+            .map(|i| {
+                let cat = i % 3;
+                let counts = (0..nl * ne)
+                    .map(|f| {
+                        let bias = if f % ne == cat * 3 { 6.0 } else { 0.0 };
+                        (rng.random_range(0..5u32) as f64 + bias).max(if f % ne == 0 { 1.0 } else { 0.0 })
+                    })
+                    .collect();
+                PromptRow {
+                    prompt_id: format!("p{i}"),
+                    category: Some(["b", "a", "c"][cat].to_string()),
+                    counts,
+                    tokens_per_layer: vec![],
+                }
+            })
+            .collect();
+        let mut acc = GramAccumulator::new(nl, ne);
+        for r in rows.clone() {
+            acc.push(r).unwrap();
+        }
+        let g = acc.finish().unwrap();
+        let inp = build_input(nl, ne, 2, false, rows).unwrap();
+        let v = embeddings(&inp.counts, nl, ne);
+        let sim = gram(&v, inp.n(), nl * ne);
+        let s = summarize(&sim, &inp.labels);
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        assert_eq!(g.similarity.within.n, s.within.n);
+        assert_eq!(g.similarity.across.n, s.across.n);
+        close(g.similarity.within.mean, s.within.mean);
+        close(g.similarity.within.std, s.within.std);
+        close(g.similarity.across.mean, s.across.mean);
+        close(g.similarity.across.std, s.across.std);
+        close(g.similarity.cohens_d, s.cohens_d);
+        let cm = category_matrix(&sim, &inp.labels, &inp.categories);
+        assert_eq!(cm.order, g.category_matrix.order);
+        for a in 0..3 {
+            for b in 0..3 {
+                close(cm.values[a][b], g.category_matrix.values[a][b]);
+            }
+        }
+        let pl = per_layer(&v, &inp.labels, nl, ne);
+        for (x, y) in pl.iter().zip(&g.per_layer) {
+            close(x.within_mean, y.within_mean);
+            close(x.across_mean, y.across_mean);
+            close(x.cohens_d, y.cohens_d);
+        }
+        assert_eq!(g.prompt_ids.len(), n);
+    }
+}

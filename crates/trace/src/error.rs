@@ -29,3 +29,30 @@ pub enum TraceError {
     #[error("routing sink: {0}")]
     Sink(String),
 }
+
+impl TraceError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TraceError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Invalid content at line `line` (from 1) of `path`.
+    pub fn invalid(path: impl Into<PathBuf>, line: usize, message: impl Into<String>) -> Self {
+        TraceError::Invalid {
+            path: path.into(),
+            line,
+            message: message.into(),
+        }
+    }
+
+    /// Invalid content of the whole file `path`.
+    pub fn invalid_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        TraceError::InvalidFile {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -2,11 +2,26 @@
 //!
 //! This crate has no tensor dependencies: the model crate emits [`RoutingDecision`]s into a
 //! [`RoutingSink`], and everything downstream (capture files, statistics) consumes the types here.
+//! File formats are documented in `docs/trace-format.md`.
 
+pub mod atomic;
+pub mod counts;
 pub mod error;
+pub mod manifest;
+pub mod prompts;
+pub mod reader;
 pub mod record;
 pub mod sink;
+pub mod writer;
 
+pub use atomic::{write_atomic, write_atomic_with};
+pub use counts::{
+    aggregate_paths, for_each_prompt_counts, AggregateOptions, CountsTable, PromptCounts,
+};
 pub use error::{Result, TraceError};
+pub use manifest::{read_manifest_beside, Manifest};
+pub use prompts::{prompt_set_hash, read_prompts, Prompt};
+pub use reader::{Compression, CountsLine, FlatEvent, TraceForm, TraceItem, TraceReader};
 pub use record::{RoutingRecord, TokenType};
 pub use sink::{RoutingDecision, RoutingSink};
+pub use writer::{CountsWriter, EventsWriter, JsonlAppender};

@@ -1,0 +1,214 @@
+//! Reading runs (trace files or run directories) into a [`HealthAccumulator`], streaming, with
+//! the shared trace reader of `moe-xray-trace`.
+
+use std::path::{Path, PathBuf};
+
+use moe_xray_trace::{read_manifest_beside, Manifest, TokenType, TraceItem, TraceReader};
+
+use crate::health::{HealthAccumulator, HealthOptions, TokenRouting};
+use crate::{HealthError, Result};
+
+/// The trace files of one run and the manifest found beside them (if any).
+#[derive(Debug, Clone)]
+pub struct RunInput {
+    /// What the user named (file or directory), for messages.
+    pub label: String,
+    pub paths: Vec<PathBuf>,
+    pub manifest: Option<Manifest>,
+}
+
+fn is_trace_name(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    [".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd"]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+/// Resolves one path: a trace file, or a run directory (all `*.jsonl[.gz|.zst]` files in it,
+/// sorted by name, plus its `manifest.json`).
+pub fn resolve_run(path: &Path) -> Result<RunInput> {
+    let mut paths = Vec::new();
+    if path.is_dir() {
+        let rd = std::fs::read_dir(path).map_err(|e| HealthError::io(path, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| HealthError::io(path, e))?;
+            let p = entry.path();
+            if p.is_file() && is_trace_name(&p) {
+                paths.push(p);
+            }
+        }
+        paths.sort();
+        if paths.is_empty() {
+            return Err(HealthError::invalid_file(
+                path,
+                "run directory contains no trace files (*.jsonl, *.jsonl.gz, *.jsonl.zst)",
+            ));
+        }
+    } else if path.exists() {
+        paths.push(path.to_path_buf());
+    } else {
+        return Err(HealthError::invalid_file(path, "no such file or directory"));
+    }
+    let manifest = read_manifest_beside(path)?;
+    Ok(RunInput {
+        label: path.display().to_string(),
+        paths,
+        manifest,
+    })
+}
+
+/// Resolves several paths (files or directories) into one run; the first manifest found is used.
+pub fn resolve_traces(paths: &[PathBuf]) -> Result<RunInput> {
+    if paths.is_empty() {
+        return Err(HealthError::InvalidInput("no trace files given".into()));
+    }
+    let mut all = Vec::new();
+    let mut manifest = None;
+    for p in paths {
+        let r = resolve_run(p)?;
+        if manifest.is_none() {
+            manifest = r.manifest;
+        }
+        all.extend(r.paths);
+    }
+    Ok(RunInput {
+        label: paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        paths: all,
+        manifest,
+    })
+}
+
+/// Dimensions (L, E) of a run: from the manifest when present, otherwise from a first streaming
+/// pass over the traces (counts lines carry them; for records/events: max layer + 1 and the
+/// larger of max expert + 1 and the `probs` length).
+pub fn run_dims(run: &RunInput) -> Result<(usize, usize)> {
+    if let Some(m) = &run.manifest {
+        return Ok((m.num_layers, m.num_experts));
+    }
+    let (mut nl, mut ne) = (0usize, 0usize);
+    for p in &run.paths {
+        for item in TraceReader::open(p)? {
+            let (_, item) = item?;
+            match item {
+                TraceItem::Counts(c) => {
+                    nl = nl.max(c.num_layers);
+                    ne = ne.max(c.num_experts);
+                }
+                TraceItem::Record(r) => {
+                    nl = nl.max(r.layer as usize + 1);
+                    for &e in &r.experts {
+                        ne = ne.max(e as usize + 1);
+                    }
+                    if let Some(pr) = &r.probs {
+                        ne = ne.max(pr.len());
+                    }
+                }
+                TraceItem::Event(e) => {
+                    nl = nl.max(e.layer as usize + 1);
+                    ne = ne.max(e.expert as usize + 1);
+                }
+            }
+        }
+    }
+    Ok((nl, ne))
+}
+
+/// Streams all traces of `run` into a new accumulator with dimensions `dims` (or [`run_dims`]).
+pub fn accumulate_run(
+    run: &RunInput,
+    dims: Option<(usize, usize)>,
+    opts: HealthOptions,
+) -> Result<HealthAccumulator> {
+    let (nl, ne) = match dims {
+        Some(d) => d,
+        None => run_dims(run)?,
+    };
+    let mut acc = HealthAccumulator::new(nl, ne, opts)?;
+    for p in &run.paths {
+        accumulate_file(&mut acc, p)?;
+    }
+    Ok(acc)
+}
+
+/// Key of one token at one layer in the flat-event form (consecutive events with the same key
+/// form one token).
+type EventKey = (String, Option<String>, u32, u32, TokenType);
+
+/// Streams one trace file into `acc`; every error names the file and line.
+pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
+    let reader =
+        TraceReader::open(path)?.with_dims(Some(acc.num_layers()), Some(acc.num_experts()));
+    let mut pending: Option<(EventKey, usize)> = None;
+    let mut experts: Vec<u32> = Vec::new();
+    let flush = |acc: &mut HealthAccumulator,
+                 pending: &Option<(EventKey, usize)>,
+                 experts: &[u32]|
+     -> Result<()> {
+        if let Some(((pid, cat, layer, _, tt), line)) = pending {
+            acc.add_token(&TokenRouting {
+                prompt_id: pid,
+                category: cat.as_deref(),
+                layer: *layer as usize,
+                token_type: *tt,
+                experts,
+                probs: None,
+            })
+            .map_err(|m| HealthError::invalid(path, *line, m))?;
+        }
+        Ok(())
+    };
+    for item in reader {
+        let (line, item) = item?;
+        match item {
+            TraceItem::Record(r) => acc
+                .add_token(&TokenRouting {
+                    prompt_id: &r.prompt_id,
+                    category: r.category.as_deref(),
+                    layer: r.layer as usize,
+                    token_type: r.token_type,
+                    experts: &r.experts,
+                    probs: r.probs.as_deref(),
+                })
+                .map_err(|m| HealthError::invalid(path, line, m))?,
+            TraceItem::Counts(c) => {
+                if (c.num_layers, c.num_experts) != (acc.num_layers(), acc.num_experts()) {
+                    return Err(HealthError::invalid(
+                        path,
+                        line,
+                        format!(
+                            "counts line is {}x{} but the run is {}x{} (layers x experts)",
+                            c.num_layers,
+                            c.num_experts,
+                            acc.num_layers(),
+                            acc.num_experts()
+                        ),
+                    ));
+                }
+                acc.add_counts(
+                    &c.prompt_id,
+                    c.category.as_deref(),
+                    c.token_type,
+                    &c.counts,
+                    c.tokens,
+                )
+                .map_err(|m| HealthError::invalid(path, line, m))?
+            }
+            TraceItem::Event(e) => {
+                let key: EventKey = (e.prompt_id, e.category, e.layer, e.position, e.token_type);
+                let same = matches!(&pending, Some((k, _)) if *k == key);
+                if !same {
+                    flush(acc, &pending, &experts)?;
+                    experts.clear();
+                    pending = Some((key, line));
+                }
+                experts.push(e.expert);
+            }
+        }
+    }
+    flush(acc, &pending, &experts)?;
+    Ok(())
+}

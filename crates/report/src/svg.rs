@@ -1,0 +1,704 @@
+//! A minimal SVG writer, palettes and axis helpers.
+//!
+//! Hand-written instead of using `plotters`: the figures need things plotters makes awkward
+//! (values printed in heatmap cells with contrast-aware text colour, marker shapes per category,
+//! legends placed outside the plot area, small-multiple heatmaps), and we need byte-identical
+//! output with fixed float formatting and no font-metric dependency. SVG is plain XML, so a
+//! few hundred lines give full control over layout and determinism.
+
+use std::fmt::Write as _;
+
+/// Okabe–Ito colour-blind-safe palette, ordered for contrast on white (yellow and black last).
+pub const OKABE_ITO: [&str; 8] = [
+    "#0072B2", // blue
+    "#E69F00", // orange
+    "#009E73", // bluish green
+    "#D55E00", // vermillion
+    "#CC79A7", // reddish purple
+    "#56B4E9", // sky blue
+    "#F0E442", // yellow
+    "#000000", // black
+];
+
+/// Font stack used by every figure.
+pub const FONT: &str = "DejaVu Sans, Helvetica, Arial, sans-serif";
+
+/// Marker shapes, cycled together with the palette so categories differ in shape too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Circle,
+    Square,
+    TriangleUp,
+    Diamond,
+    TriangleDown,
+    Cross,
+}
+
+/// Colour and shape of category number `i` (in display order).
+pub fn category_style(i: usize) -> (&'static str, Shape) {
+    const SHAPES: [Shape; 6] = [
+        Shape::Circle,
+        Shape::Square,
+        Shape::TriangleUp,
+        Shape::Diamond,
+        Shape::TriangleDown,
+        Shape::Cross,
+    ];
+    (OKABE_ITO[i % OKABE_ITO.len()], SHAPES[i % SHAPES.len()])
+}
+
+/// Viridis anchors (matplotlib's viridis sampled at 0, 0.1, …, 1): perceptually uniform and
+/// readable with the common colour-vision deficiencies.
+const VIRIDIS: [(u8, u8, u8); 11] = [
+    (0x44, 0x01, 0x54),
+    (0x48, 0x24, 0x75),
+    (0x41, 0x44, 0x87),
+    (0x35, 0x5f, 0x8d),
+    (0x2a, 0x78, 0x8e),
+    (0x21, 0x91, 0x8c),
+    (0x22, 0xa8, 0x84),
+    (0x44, 0xbf, 0x70),
+    (0x7a, 0xd1, 0x51),
+    (0xbd, 0xdf, 0x26),
+    (0xfd, 0xe7, 0x25),
+];
+
+/// Viridis colour for `t` in [0, 1] (clamped; NaN maps to light grey).
+pub fn viridis(t: f64) -> String {
+    if !t.is_finite() {
+        return "#dddddd".into();
+    }
+    let t = t.clamp(0.0, 1.0) * 10.0;
+    let i = (t.floor() as usize).min(9);
+    let f = t - i as f64;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    let mix = |x: u8, y: u8| (x as f64 + (y as f64 - x as f64) * f).round() as u8;
+    format!(
+        "#{:02x}{:02x}{:02x}",
+        mix(a.0, b.0),
+        mix(a.1, b.1),
+        mix(a.2, b.2)
+    )
+}
+
+/// Text colour readable on viridis(t).
+pub fn text_on_viridis(t: f64) -> &'static str {
+    if t.is_finite() && t > 0.55 {
+        "#000000"
+    } else {
+        "#ffffff"
+    }
+}
+
+/// Fixed-decimal formatting without "-0.00" and with "n/a" for non-finite values.
+pub fn num(x: f64, decimals: usize) -> String {
+    if !x.is_finite() {
+        return "n/a".into();
+    }
+    let s = format!("{x:.decimals$}");
+    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+        s[1..].to_string()
+    } else {
+        s
+    }
+}
+
+/// Coordinates in SVG output: two decimals.
+fn c(x: f64) -> String {
+    num(x, 2)
+}
+
+/// XML/HTML text escaping.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(ch),
+        }
+    }
+    out
+}
+
+/// Rough width of `s` in px at `size` (DejaVu Sans averages ~0.6 em per character); used only
+/// to place legends and truncate labels, never for anything that has to be exact.
+pub fn text_width(s: &str, size: f64) -> f64 {
+    s.chars().count() as f64 * size * 0.6
+}
+
+/// Truncates a label to at most `max` characters (with an ellipsis).
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Text anchor.
+#[derive(Debug, Clone, Copy)]
+pub enum Anchor {
+    Start,
+    Middle,
+    End,
+}
+
+impl Anchor {
+    fn as_str(self) -> &'static str {
+        match self {
+            Anchor::Start => "start",
+            Anchor::Middle => "middle",
+            Anchor::End => "end",
+        }
+    }
+}
+
+/// An SVG document being built.
+pub struct Svg {
+    id: String,
+    width: f64,
+    height: f64,
+    body: String,
+}
+
+impl Svg {
+    /// New document of `width` × `height` px; `id` prefixes the element ids.
+    pub fn new(id: &str, width: f64, height: f64) -> Svg {
+        Svg {
+            id: id.to_string(),
+            width,
+            height,
+            body: String::new(),
+        }
+    }
+
+    /// Raw markup.
+    pub fn raw(&mut self, s: &str) {
+        self.body.push_str(s);
+        self.body.push('\n');
+    }
+
+    /// Filled rectangle.
+    pub fn rect(&mut self, x: f64, y: f64, w: f64, h: f64, fill: &str, extra: &str) {
+        let _ = writeln!(
+            self.body,
+            r#"<rect x="{}" y="{}" width="{}" height="{}" fill="{}"{}{}/>"#,
+            c(x),
+            c(y),
+            c(w.max(0.0)),
+            c(h.max(0.0)),
+            fill,
+            if extra.is_empty() { "" } else { " " },
+            extra
+        );
+    }
+
+    /// Straight line.
+    pub fn line(&mut self, x1: f64, y1: f64, x2: f64, y2: f64, stroke: &str, width: f64) {
+        self.line_extra(x1, y1, x2, y2, stroke, width, "");
+    }
+
+    /// Straight line with extra attributes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn line_extra(
+        &mut self,
+        x1: f64,
+        y1: f64,
+        x2: f64,
+        y2: f64,
+        stroke: &str,
+        width: f64,
+        extra: &str,
+    ) {
+        let _ = writeln!(
+            self.body,
+            r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{}" stroke-width="{}"{}{}/>"#,
+            c(x1),
+            c(y1),
+            c(x2),
+            c(y2),
+            stroke,
+            num(width, 1),
+            if extra.is_empty() { "" } else { " " },
+            extra
+        );
+    }
+
+    /// Polyline through points.
+    pub fn polyline(&mut self, pts: &[(f64, f64)], stroke: &str, width: f64, extra: &str) {
+        let p: Vec<String> = pts
+            .iter()
+            .map(|(x, y)| format!("{},{}", c(*x), c(*y)))
+            .collect();
+        let _ = writeln!(
+            self.body,
+            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{}"{}{}/>"#,
+            p.join(" "),
+            stroke,
+            num(width, 1),
+            if extra.is_empty() { "" } else { " " },
+            extra
+        );
+    }
+
+    /// Text (escaped).
+    pub fn text(&mut self, x: f64, y: f64, s: &str, size: f64, anchor: Anchor, extra: &str) {
+        let _ = writeln!(
+            self.body,
+            r#"<text x="{}" y="{}" font-size="{}" text-anchor="{}"{}{}>{}</text>"#,
+            c(x),
+            c(y),
+            num(size, 1),
+            anchor.as_str(),
+            if extra.is_empty() { "" } else { " " },
+            extra,
+            esc(s)
+        );
+    }
+
+    /// Marker of `shape` centred at (x, y) with radius `r`.
+    pub fn marker(&mut self, shape: Shape, x: f64, y: f64, r: f64, fill: &str, class: &str) {
+        let stroke = r#"stroke="#ffffff" stroke-width="0.8""#;
+        let cls = if class.is_empty() {
+            String::new()
+        } else {
+            format!(r#" class="{class}""#)
+        };
+        let _ = match shape {
+            Shape::Circle => writeln!(
+                self.body,
+                r#"<circle cx="{}" cy="{}" r="{}" fill="{}" {}{}/>"#,
+                c(x),
+                c(y),
+                c(r),
+                fill,
+                stroke,
+                cls
+            ),
+            Shape::Square => {
+                let s = r * 0.9;
+                writeln!(
+                    self.body,
+                    r#"<rect x="{}" y="{}" width="{}" height="{}" fill="{}" {}{}/>"#,
+                    c(x - s),
+                    c(y - s),
+                    c(2.0 * s),
+                    c(2.0 * s),
+                    fill,
+                    stroke,
+                    cls
+                )
+            }
+            Shape::TriangleUp | Shape::TriangleDown | Shape::Diamond | Shape::Cross => {
+                let pts: Vec<(f64, f64)> = match shape {
+                    Shape::TriangleUp => vec![
+                        (x, y - 1.2 * r),
+                        (x + 1.1 * r, y + 0.8 * r),
+                        (x - 1.1 * r, y + 0.8 * r),
+                    ],
+                    Shape::TriangleDown => vec![
+                        (x, y + 1.2 * r),
+                        (x + 1.1 * r, y - 0.8 * r),
+                        (x - 1.1 * r, y - 0.8 * r),
+                    ],
+                    Shape::Diamond => vec![
+                        (x, y - 1.3 * r),
+                        (x + 1.1 * r, y),
+                        (x, y + 1.3 * r),
+                        (x - 1.1 * r, y),
+                    ],
+                    _ => {
+                        let a = 0.35 * r;
+                        let b = 1.1 * r;
+                        vec![
+                            (x - a, y - b),
+                            (x + a, y - b),
+                            (x + a, y - a),
+                            (x + b, y - a),
+                            (x + b, y + a),
+                            (x + a, y + a),
+                            (x + a, y + b),
+                            (x - a, y + b),
+                            (x - a, y + a),
+                            (x - b, y + a),
+                            (x - b, y - a),
+                            (x - a, y - a),
+                        ]
+                    }
+                };
+                let p: Vec<String> = pts
+                    .iter()
+                    .map(|(px, py)| format!("{},{}", c(*px), c(*py)))
+                    .collect();
+                writeln!(
+                    self.body,
+                    r#"<polygon points="{}" fill="{}" {}{}/>"#,
+                    p.join(" "),
+                    fill,
+                    stroke,
+                    cls
+                )
+            }
+        };
+    }
+
+    /// Figure title centred at the top.
+    pub fn title(&mut self, s: &str) {
+        let w = self.width;
+        self.text(w / 2.0, 22.0, s, 15.0, Anchor::Middle, r#"font-weight="bold""#);
+    }
+
+    /// Finishes the document. `title` and `desc` become the accessible name and description.
+    pub fn finish(self, title: &str, desc: &str) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" id="{id}" class="figure-svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-labelledby="{id}-title {id}-desc" font-family="{FONT}">"#,
+            id = esc(&self.id),
+            w = c(self.width),
+            h = c(self.height),
+        );
+        let _ = writeln!(
+            out,
+            r#"<title id="{}-title">{}</title>"#,
+            esc(&self.id),
+            esc(title)
+        );
+        let _ = writeln!(
+            out,
+            r#"<desc id="{}-desc">{}</desc>"#,
+            esc(&self.id),
+            esc(desc)
+        );
+        let _ = writeln!(
+            out,
+            r##"<rect x="0" y="0" width="{}" height="{}" fill="#ffffff"/>"##,
+            c(self.width),
+            c(self.height)
+        );
+        out.push_str(&self.body);
+        out.push_str("</svg>\n");
+        out
+    }
+}
+
+/// "Nice" tick positions covering [lo, hi] (steps 1, 2, 2.5 or 5 × 10^k), with the number of
+/// decimals needed to print them.
+pub fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, usize) {
+    let (lo, hi) = if lo.is_finite() && hi.is_finite() && hi > lo {
+        (lo, hi)
+    } else if lo.is_finite() {
+        (lo - 0.5, lo + 0.5)
+    } else {
+        (0.0, 1.0)
+    };
+    let raw = (hi - lo) / target.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let mut step = mag;
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        step = m * mag;
+        if step >= raw {
+            break;
+        }
+    }
+    let start = (lo / step).floor();
+    let end = (hi / step).ceil();
+    let mut ticks = Vec::new();
+    let mut k = start;
+    while k <= end + 1e-9 && ticks.len() < 50 {
+        ticks.push(k * step);
+        k += 1.0;
+    }
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        let d = (-step.log10()).ceil() as usize;
+        // 0.25 needs 2 decimals, 0.025 needs 3
+        if ((step * 10f64.powi(d as i32)).round() - step * 10f64.powi(d as i32)).abs() > 1e-9 {
+            d + 1
+        } else {
+            d
+        }
+    };
+    (ticks, decimals)
+}
+
+/// A rectangular plot area with linear x / y scales.
+pub struct Axes {
+    pub left: f64,
+    pub top: f64,
+    pub width: f64,
+    pub height: f64,
+    pub xmin: f64,
+    pub xmax: f64,
+    pub ymin: f64,
+    pub ymax: f64,
+}
+
+impl Axes {
+    /// Pixel x of data x.
+    pub fn x(&self, v: f64) -> f64 {
+        let span = if self.xmax > self.xmin {
+            self.xmax - self.xmin
+        } else {
+            1.0
+        };
+        self.left + (v - self.xmin) / span * self.width
+    }
+
+    /// Pixel y of data y.
+    pub fn y(&self, v: f64) -> f64 {
+        let span = if self.ymax > self.ymin {
+            self.ymax - self.ymin
+        } else {
+            1.0
+        };
+        self.top + self.height - (v - self.ymin) / span * self.height
+    }
+
+    /// Bottom pixel row.
+    pub fn bottom(&self) -> f64 {
+        self.top + self.height
+    }
+
+    /// Right pixel column.
+    pub fn right(&self) -> f64 {
+        self.left + self.width
+    }
+
+    /// Frame, grid, ticks and axis labels. `xticks` / `yticks` are (value, label) pairs.
+    pub fn draw(
+        &self,
+        svg: &mut Svg,
+        xticks: &[(f64, String)],
+        yticks: &[(f64, String)],
+        xlabel: &str,
+        ylabel: &str,
+    ) {
+        for (v, _) in yticks {
+            let y = self.y(*v);
+            svg.line(self.left, y, self.right(), y, "#e4e4e4", 1.0);
+        }
+        svg.rect(
+            self.left,
+            self.top,
+            self.width,
+            self.height,
+            "none",
+            r##"stroke="#555555" stroke-width="1""##,
+        );
+        for (v, label) in xticks {
+            let x = self.x(*v);
+            svg.line(x, self.bottom(), x, self.bottom() + 5.0, "#555555", 1.0);
+            svg.text(
+                x,
+                self.bottom() + 18.0,
+                label,
+                12.0,
+                Anchor::Middle,
+                r##"fill="#222222""##,
+            );
+        }
+        for (v, label) in yticks {
+            let y = self.y(*v);
+            svg.line(self.left - 5.0, y, self.left, y, "#555555", 1.0);
+            svg.text(
+                self.left - 8.0,
+                y + 4.0,
+                label,
+                12.0,
+                Anchor::End,
+                r##"fill="#222222""##,
+            );
+        }
+        svg.text(
+            self.left + self.width / 2.0,
+            self.bottom() + 38.0,
+            xlabel,
+            13.0,
+            Anchor::Middle,
+            r#"class="axis-label""#,
+        );
+        let yx = self.left - 52.0;
+        let yy = self.top + self.height / 2.0;
+        svg.text(
+            yx,
+            yy,
+            ylabel,
+            13.0,
+            Anchor::Middle,
+            &format!(
+                r#"class="axis-label" transform="rotate(-90 {} {})""#,
+                c(yx),
+                c(yy)
+            ),
+        );
+    }
+}
+
+/// Legend entry.
+pub struct LegendItem {
+    pub label: String,
+    pub color: String,
+    pub kind: LegendKind,
+}
+
+/// How a legend entry is drawn.
+pub enum LegendKind {
+    Marker(Shape),
+    Swatch,
+    Line { dashed: bool, marker: bool },
+}
+
+/// Vertical legend with its top-left at (x, y); returns its height.
+pub fn legend(svg: &mut Svg, x: f64, y: f64, title: &str, items: &[LegendItem]) -> f64 {
+    let row = 20.0;
+    let w = items
+        .iter()
+        .map(|i| text_width(&i.label, 12.0))
+        .fold(text_width(title, 12.0), f64::max)
+        + 34.0;
+    let h = items.len() as f64 * row + if title.is_empty() { 8.0 } else { 26.0 };
+    svg.raw(r#"<g class="legend">"#);
+    svg.rect(
+        x,
+        y,
+        w,
+        h,
+        "#ffffff",
+        r##"stroke="#bbbbbb" stroke-width="1" rx="3""##,
+    );
+    let mut yy = y + 6.0;
+    if !title.is_empty() {
+        svg.text(
+            x + 8.0,
+            yy + 12.0,
+            title,
+            12.0,
+            Anchor::Start,
+            r#"font-weight="bold""#,
+        );
+        yy += 18.0;
+    }
+    for it in items {
+        let cy = yy + row / 2.0;
+        match it.kind {
+            LegendKind::Marker(shape) => svg.marker(shape, x + 16.0, cy, 5.0, &it.color, ""),
+            LegendKind::Swatch => svg.rect(x + 9.0, cy - 6.0, 14.0, 12.0, &it.color, ""),
+            LegendKind::Line { dashed, marker } => {
+                svg.line_extra(
+                    x + 6.0,
+                    cy,
+                    x + 26.0,
+                    cy,
+                    &it.color,
+                    2.0,
+                    if dashed { r#"stroke-dasharray="5 3""# } else { "" },
+                );
+                if marker {
+                    svg.marker(Shape::Circle, x + 16.0, cy, 4.0, &it.color, "");
+                }
+            }
+        }
+        svg.text(x + 30.0, cy + 4.0, &it.label, 12.0, Anchor::Start, "");
+        yy += row;
+    }
+    svg.raw("</g>");
+    h
+}
+
+/// Vertical viridis colour bar from `lo` (bottom) to `hi` (top) with ticks on its right.
+#[allow(clippy::too_many_arguments)]
+pub fn colorbar(
+    svg: &mut Svg,
+    id: &str,
+    x: f64,
+    y: f64,
+    w: f64,
+    h: f64,
+    lo: f64,
+    hi: f64,
+    label: &str,
+) {
+    let grad = format!("{id}-cbar");
+    let mut stops = String::new();
+    for i in 0..=10 {
+        let t = i as f64 / 10.0;
+        let _ = write!(
+            stops,
+            r#"<stop offset="{}" stop-color="{}"/>"#,
+            num(t, 1),
+            viridis(1.0 - t)
+        );
+    }
+    svg.raw(&format!(
+        r#"<defs><linearGradient id="{grad}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>"#
+    ));
+    svg.rect(
+        x,
+        y,
+        w,
+        h,
+        &format!("url(#{grad})"),
+        r##"stroke="#555555" stroke-width="0.8""##,
+    );
+    let (ticks, dec) = nice_ticks(lo, hi, 4);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    for t in ticks.iter().filter(|t| **t >= lo - 1e-12 && **t <= hi + 1e-12) {
+        let ty = y + h - (t - lo) / span * h;
+        svg.line(x + w, ty, x + w + 4.0, ty, "#555555", 1.0);
+        svg.text(
+            x + w + 7.0,
+            ty + 4.0,
+            &num(*t, dec),
+            11.0,
+            Anchor::Start,
+            "",
+        );
+    }
+    let lx = x + w / 2.0;
+    let ly = y - 8.0;
+    svg.text(lx, ly, label, 11.0, Anchor::Middle, "");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn num_formats_fixed_and_handles_negative_zero() {
+        assert_eq!(num(0.12345, 3), "0.123");
+        assert_eq!(num(-0.0001, 2), "0.00");
+        assert_eq!(num(-1.5, 1), "-1.5");
+        assert_eq!(num(f64::NAN, 2), "n/a");
+    }
+
+    #[test]
+    fn ticks_cover_range() {
+        let (t, d) = nice_ticks(0.0, 0.93, 5);
+        assert_eq!(t.first().copied(), Some(0.0));
+        assert!(*t.last().unwrap() >= 0.93);
+        assert_eq!(d, 1);
+        let (t, d) = nice_ticks(-0.3, 2.7, 5);
+        assert!(t[0] <= -0.3 && *t.last().unwrap() >= 2.7);
+        assert_eq!(d, 1);
+    }
+
+    #[test]
+    fn viridis_endpoints() {
+        assert_eq!(viridis(0.0), "#440154");
+        assert_eq!(viridis(1.0), "#fde725");
+        assert_eq!(viridis(2.0), "#fde725");
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(esc("<a & 'b'>"), "&lt;a &amp; &#39;b&#39;&gt;");
+    }
+}

@@ -1,0 +1,754 @@
+//! Streaming aggregation of trace files into per-prompt L×E selection counts.
+//!
+//! Memory is per prompt, never per line: each prompt holds its L×E counts, its per-layer token
+//! totals and a compact duplicate detector (one bit per (token type, layer, position) for
+//! records, one bit per (token type, layer, position, expert) for flat events, one bit per token
+//! type for counts lines). Every line is validated (see `docs/trace-format.md`), including lines
+//! of token types that are not selected.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use crate::manifest::{manifest_path_beside, read_manifest_beside, Manifest};
+use crate::reader::{CountsLine, FlatEvent, TraceForm, TraceItem, TraceReader};
+use crate::{Result, RoutingRecord, TokenType, TraceError};
+
+/// What to aggregate and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateOptions {
+    /// Token types to count; an empty list means both.
+    pub token_types: Vec<TokenType>,
+    /// Add router weights (`weights` / `weight` / `weighted_counts`) instead of 1 per selection;
+    /// a selected line without weights is then an error.
+    pub weighted: bool,
+    /// L; when `None`: the manifest beside the first trace, else the counts lines, else max+1.
+    pub num_layers: Option<usize>,
+    /// E; resolved like `num_layers`.
+    pub num_experts: Option<usize>,
+    /// k; when `None`: the manifest, else inferred from the data (and then checked consistent).
+    pub top_k: Option<usize>,
+    /// prompt_id -> category (from `--prompts`); conflicts with trace categories are errors.
+    pub categories: Option<HashMap<String, String>>,
+}
+
+impl Default for AggregateOptions {
+    fn default() -> Self {
+        AggregateOptions {
+            token_types: vec![TokenType::Prompt, TokenType::Generation],
+            weighted: false,
+            num_layers: None,
+            num_experts: None,
+            top_k: None,
+            categories: None,
+        }
+    }
+}
+
+/// Counts of one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptCounts {
+    pub prompt_id: String,
+    pub category: Option<String>,
+    /// L*E, layer-major (`l * E + e`): selections (or summed weights) of expert e at layer l.
+    pub counts: Vec<f64>,
+    /// L entries: number of selected tokens with a routing decision at each layer.
+    pub tokens_per_layer: Vec<u64>,
+}
+
+/// Counts of all prompts of a set of trace files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountsTable {
+    pub num_layers: usize,
+    pub num_experts: usize,
+    pub top_k: Option<usize>,
+    /// In order of first appearance; prompts without selected tokens are kept with zero counts.
+    pub prompts: Vec<PromptCounts>,
+    /// The manifest beside the first trace file, if any.
+    pub manifest: Option<Manifest>,
+    /// True when L or E was inferred from the data as max index + 1.
+    pub dims_inferred: bool,
+}
+
+fn tt_index(t: TokenType) -> usize {
+    match t {
+        TokenType::Prompt => 0,
+        TokenType::Generation => 1,
+    }
+}
+
+/// Growable bitset.
+#[derive(Debug, Default, Clone)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    /// Sets bit `i`; returns whether it was already set.
+    fn set(&mut self, i: usize) -> bool {
+        let (w, b) = (i / 64, i % 64);
+        if self.0.len() <= w {
+            self.0.resize(w + 1, 0);
+        }
+        let was = self.0[w] >> b & 1 == 1;
+        self.0[w] |= 1 << b;
+        was
+    }
+    fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Acc {
+    prompt_id: String,
+    category: Option<String>,
+    category_from: String,
+    /// layer -> expert -> count (grown on demand when dimensions are not known yet).
+    counts: Vec<Vec<f64>>,
+    tokens_per_layer: Vec<u64>,
+    /// records: [token type][layer] -> bit per position.
+    rec_seen: [Vec<Bits>; 2],
+    /// events: [token type][layer][position] -> bit per expert.
+    ev_seen: [Vec<Vec<Bits>>; 2],
+    /// counts lines: bit per token type.
+    counts_seen: u8,
+    first_path: usize,
+}
+
+impl Acc {
+    fn new(prompt_id: &str, first_path: usize) -> Acc {
+        Acc {
+            prompt_id: prompt_id.to_string(),
+            first_path,
+            ..Acc::default()
+        }
+    }
+
+    fn add(&mut self, layer: usize, expert: usize, v: f64) {
+        if self.counts.len() <= layer {
+            self.counts.resize_with(layer + 1, Vec::new);
+        }
+        let row = &mut self.counts[layer];
+        if row.len() <= expert {
+            row.resize(expert + 1, 0.0);
+        }
+        row[expert] += v;
+    }
+
+    fn add_tokens(&mut self, layer: usize, n: u64) {
+        if self.tokens_per_layer.len() <= layer {
+            self.tokens_per_layer.resize(layer + 1, 0);
+        }
+        self.tokens_per_layer[layer] += n;
+    }
+
+    fn finish(self, l: usize, e: usize) -> PromptCounts {
+        let mut counts = vec![0.0; l * e];
+        for (li, row) in self.counts.into_iter().enumerate().take(l) {
+            for (ei, v) in row.into_iter().enumerate().take(e) {
+                counts[li * e + ei] = v;
+            }
+        }
+        let mut tokens_per_layer = self.tokens_per_layer;
+        tokens_per_layer.resize(l, 0);
+        PromptCounts {
+            prompt_id: self.prompt_id,
+            category: self.category,
+            counts,
+            tokens_per_layer,
+        }
+    }
+}
+
+/// State shared by all prompts of an aggregation.
+struct State<'a> {
+    opts: &'a AggregateOptions,
+    selected: [bool; 2],
+    paths: Vec<PathBuf>,
+    /// Known L and E (from options, manifest or counts lines).
+    num_layers: Option<usize>,
+    num_experts: Option<usize>,
+    top_k: Option<(usize, String)>,
+    max_layer: Option<usize>,
+    max_expert: Option<usize>,
+    probs_len: Option<usize>,
+    form: Option<(TraceForm, usize)>,
+    manifest: Option<Manifest>,
+}
+
+impl<'a> State<'a> {
+    fn new(paths: &[PathBuf], opts: &'a AggregateOptions) -> Result<State<'a>> {
+        if paths.is_empty() {
+            return Err(TraceError::invalid_file(".", "no trace files given"));
+        }
+        let mut selected = [false; 2];
+        for t in &opts.token_types {
+            selected[tt_index(*t)] = true;
+        }
+        if opts.token_types.is_empty() {
+            selected = [true; 2];
+        }
+        // Manifests beside the traces must agree with each other on the dimensions.
+        let mut manifest: Option<(Manifest, PathBuf)> = None;
+        for p in paths {
+            if let Some(m) = read_manifest_beside(p)? {
+                let mp = manifest_path_beside(p);
+                match &manifest {
+                    None => manifest = Some((m, mp)),
+                    Some((m0, p0)) => {
+                        if (m0.num_layers, m0.num_experts, m0.top_k)
+                            != (m.num_layers, m.num_experts, m.top_k)
+                        {
+                            return Err(TraceError::invalid_file(
+                                &mp,
+                                format!(
+                                    "manifest dimensions L={} E={} k={} differ from {} (L={} E={} k={})",
+                                    m.num_layers,
+                                    m.num_experts,
+                                    m.top_k,
+                                    p0.display(),
+                                    m0.num_layers,
+                                    m0.num_experts,
+                                    m0.top_k
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let manifest_path = manifest.as_ref().map(|(_, p)| p.display().to_string());
+        let manifest = manifest.map(|(m, _)| m);
+        let num_layers = opts
+            .num_layers
+            .or(manifest.as_ref().map(|m| m.num_layers));
+        let num_experts = opts
+            .num_experts
+            .or(manifest.as_ref().map(|m| m.num_experts));
+        if num_layers == Some(0) || num_experts == Some(0) {
+            return Err(TraceError::invalid_file(
+                &paths[0],
+                "num_layers and num_experts must be at least 1",
+            ));
+        }
+        let top_k = match (opts.top_k, &manifest) {
+            (Some(k), _) => Some((k, "the given top_k".to_string())),
+            (None, Some(m)) => Some((
+                m.top_k,
+                format!("top_k in {}", manifest_path.unwrap_or_default()),
+            )),
+            _ => None,
+        };
+        if let (Some((k, _)), Some(e)) = (&top_k, num_experts) {
+            if *k == 0 || *k > e {
+                return Err(TraceError::invalid_file(
+                    &paths[0],
+                    format!("top_k = {k} must be between 1 and num_experts = {e}"),
+                ));
+            }
+        }
+        Ok(State {
+            opts,
+            selected,
+            paths: paths.to_vec(),
+            num_layers,
+            num_experts,
+            top_k,
+            max_layer: None,
+            max_expert: None,
+            probs_len: None,
+            form: None,
+            manifest,
+        })
+    }
+
+    fn open(&self, pi: usize) -> Result<TraceReader> {
+        Ok(TraceReader::open(&self.paths[pi])?.with_dims(self.num_layers, self.num_experts))
+    }
+
+    fn err(&self, pi: usize, line: usize, msg: impl Into<String>) -> TraceError {
+        TraceError::invalid(&self.paths[pi], line, msg)
+    }
+
+    fn note_form(&mut self, pi: usize, line: usize, form: TraceForm) -> Result<()> {
+        match self.form {
+            None => self.form = Some((form, pi)),
+            Some((f, p0)) if f != form => {
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!(
+                        "this file holds {} but {} holds {}; all trace files must have the same line form",
+                        form.name(),
+                        self.paths[p0].display(),
+                        f.name()
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn check_top_k(&mut self, pi: usize, line: usize, k: usize) -> Result<()> {
+        match &self.top_k {
+            None => {
+                let src = format!("{}:{line}", self.paths[pi].display());
+                self.top_k = Some((k, src));
+            }
+            Some((k0, src)) if *k0 != k => {
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!("mixed top-k: {k} experts per token here but {k0} ({src})"),
+                ))
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn check_category(
+        &self,
+        acc: &mut Acc,
+        pi: usize,
+        line: usize,
+        cat: Option<&str>,
+    ) -> Result<()> {
+        let Some(c) = cat else { return Ok(()) };
+        match &acc.category {
+            None => {
+                acc.category = Some(c.to_string());
+                acc.category_from = format!("{}:{line}", self.paths[pi].display());
+            }
+            Some(c0) if c0 != c => {
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!(
+                        "category conflict for prompt '{}': \"{c}\" here but \"{c0}\" ({})",
+                        acc.prompt_id, acc.category_from
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn see_layer_expert(&mut self, layer: usize, expert: usize) {
+        self.max_layer = Some(self.max_layer.map_or(layer, |m| m.max(layer)));
+        self.max_expert = Some(self.max_expert.map_or(expert, |m| m.max(expert)));
+    }
+
+    fn apply(&mut self, acc: &mut Acc, pi: usize, line: usize, item: &TraceItem) -> Result<()> {
+        self.note_form(pi, line, item.form())?;
+        self.check_category(acc, pi, line, item.category())?;
+        match item {
+            TraceItem::Record(r) => self.apply_record(acc, pi, line, r),
+            TraceItem::Event(e) => self.apply_event(acc, pi, line, e),
+            TraceItem::Counts(c) => self.apply_counts(acc, pi, line, c),
+        }
+    }
+
+    fn apply_record(
+        &mut self,
+        acc: &mut Acc,
+        pi: usize,
+        line: usize,
+        r: &RoutingRecord,
+    ) -> Result<()> {
+        let t = tt_index(r.token_type);
+        let layer = r.layer as usize;
+        if acc.rec_seen[t].len() <= layer {
+            acc.rec_seen[t].resize_with(layer + 1, Bits::default);
+        }
+        if acc.rec_seen[t][layer].set(r.position as usize) {
+            return Err(self.err(
+                pi,
+                line,
+                format!(
+                    "duplicate record: prompt '{}', layer {}, position {}, token_type {} appears more than once",
+                    r.prompt_id,
+                    r.layer,
+                    r.position,
+                    r.token_type.as_str()
+                ),
+            ));
+        }
+        self.check_top_k(pi, line, r.experts.len())?;
+        if let Some(p) = &r.probs {
+            self.probs_len = Some(self.probs_len.map_or(p.len(), |m| m.max(p.len())));
+        }
+        for &e in &r.experts {
+            self.see_layer_expert(layer, e as usize);
+        }
+        if !self.selected[t] {
+            return Ok(());
+        }
+        if self.opts.weighted {
+            let Some(ws) = &r.weights else {
+                return Err(self.err(
+                    pi,
+                    line,
+                    "weighted counts need router weights, but this record has no `weights`",
+                ));
+            };
+            for (&e, &w) in r.experts.iter().zip(ws) {
+                acc.add(layer, e as usize, w as f64);
+            }
+        } else {
+            for &e in &r.experts {
+                acc.add(layer, e as usize, 1.0);
+            }
+        }
+        acc.add_tokens(layer, 1);
+        Ok(())
+    }
+
+    fn apply_event(&mut self, acc: &mut Acc, pi: usize, line: usize, ev: &FlatEvent) -> Result<()> {
+        let t = tt_index(ev.token_type);
+        let layer = ev.layer as usize;
+        let pos = ev.position as usize;
+        let seen = &mut acc.ev_seen[t];
+        if seen.len() <= layer {
+            seen.resize_with(layer + 1, Vec::new);
+        }
+        if seen[layer].len() <= pos {
+            seen[layer].resize_with(pos + 1, Bits::default);
+        }
+        let slot = &mut seen[layer][pos];
+        let new_token = slot.0.iter().all(|w| *w == 0);
+        if slot.set(ev.expert as usize) {
+            return Err(self.err(
+                pi,
+                line,
+                format!(
+                    "duplicate event: prompt '{}', layer {}, position {}, token_type {}, expert {} appears more than once",
+                    ev.prompt_id,
+                    ev.layer,
+                    ev.position,
+                    ev.token_type.as_str(),
+                    ev.expert
+                ),
+            ));
+        }
+        if let Some(k) = self.top_k.as_ref().map(|(k, _)| *k) {
+            let n = slot.count() as usize;
+            if n > k {
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!(
+                        "mixed top-k: prompt '{}', layer {}, position {} has {n} events but top_k = {k}",
+                        ev.prompt_id, ev.layer, ev.position
+                    ),
+                ));
+            }
+        }
+        self.see_layer_expert(layer, ev.expert as usize);
+        if !self.selected[t] {
+            return Ok(());
+        }
+        let v = if self.opts.weighted {
+            match ev.weight {
+                Some(w) => w as f64,
+                None => {
+                    return Err(self.err(
+                        pi,
+                        line,
+                        "weighted counts need router weights, but this event has no `weight`",
+                    ))
+                }
+            }
+        } else {
+            1.0
+        };
+        acc.add(layer, ev.expert as usize, v);
+        if new_token {
+            acc.add_tokens(layer, 1);
+        }
+        Ok(())
+    }
+
+    /// Checks that every token of every flat-event prompt has exactly k events (after the data
+    /// is read, since the events of a token need not be adjacent).
+    fn finish_events(&mut self, acc: &Acc) -> Result<()> {
+        for (t, per_layer) in acc.ev_seen.iter().enumerate() {
+            for (layer, per_pos) in per_layer.iter().enumerate() {
+                for (pos, bits) in per_pos.iter().enumerate() {
+                    let n = bits.count() as usize;
+                    if n == 0 {
+                        continue;
+                    }
+                    let tt = if t == 0 { "prompt" } else { "generation" };
+                    match &self.top_k {
+                        None => {
+                            self.top_k = Some((
+                                n,
+                                format!(
+                                    "prompt '{}', layer {layer}, position {pos}",
+                                    acc.prompt_id
+                                ),
+                            ))
+                        }
+                        Some((k, src)) if *k != n => {
+                            return Err(TraceError::invalid_file(
+                                &self.paths[acc.first_path],
+                                format!(
+                                    "mixed top-k: prompt '{}', layer {layer}, position {pos} ({tt}) has {n} routing events but {k} are expected ({src})",
+                                    acc.prompt_id
+                                ),
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_counts(
+        &mut self,
+        acc: &mut Acc,
+        pi: usize,
+        line: usize,
+        c: &CountsLine,
+    ) -> Result<()> {
+        let t = tt_index(c.token_type);
+        if acc.counts_seen & (1 << t) != 0 {
+            return Err(self.err(
+                pi,
+                line,
+                format!(
+                    "duplicate counts line: prompt '{}', token_type {} appears more than once",
+                    c.prompt_id,
+                    c.token_type.as_str()
+                ),
+            ));
+        }
+        acc.counts_seen |= 1 << t;
+        let (l, e) = (c.num_layers, c.num_experts);
+        match (self.num_layers, self.num_experts) {
+            (Some(l0), Some(e0)) if (l0, e0) != (l, e) => {
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!("dimensions {l}x{e} differ from the expected {l0}x{e0}"),
+                ))
+            }
+            _ => {
+                self.num_layers = Some(l);
+                self.num_experts = Some(e);
+            }
+        }
+        // Every token selects exactly k experts at every layer.
+        if c.tokens > 0 {
+            for li in 0..l {
+                let s: u64 = c.counts[li * e..(li + 1) * e].iter().sum();
+                if s % c.tokens != 0 {
+                    return Err(self.err(
+                        pi,
+                        line,
+                        format!(
+                            "layer {li}: {s} selections is not a multiple of tokens = {}",
+                            c.tokens
+                        ),
+                    ));
+                }
+                self.check_top_k(pi, line, (s / c.tokens) as usize)?;
+            }
+        } else if c.counts.iter().any(|&x| x != 0) {
+            return Err(self.err(pi, line, "non-zero counts with tokens = 0"));
+        }
+        if !self.selected[t] {
+            return Ok(());
+        }
+        if self.opts.weighted {
+            let Some(w) = &c.weighted_counts else {
+                return Err(self.err(
+                    pi,
+                    line,
+                    "weighted counts requested, but this counts line has no `weighted_counts`",
+                ));
+            };
+            for li in 0..l {
+                for ei in 0..e {
+                    acc.add(li, ei, w[li * e + ei]);
+                }
+            }
+        } else {
+            for li in 0..l {
+                for ei in 0..e {
+                    acc.add(li, ei, c.counts[li * e + ei] as f64);
+                }
+            }
+        }
+        for li in 0..l {
+            acc.add_tokens(li, c.tokens);
+        }
+        Ok(())
+    }
+
+    fn resolve_category(&self, acc: &mut Acc) -> Result<()> {
+        let Some(map) = &self.opts.categories else {
+            return Ok(());
+        };
+        let Some(c) = map.get(&acc.prompt_id) else {
+            return Ok(());
+        };
+        match &acc.category {
+            None => acc.category = Some(c.clone()),
+            Some(c0) if c0 != c => {
+                return Err(TraceError::invalid_file(
+                    &self.paths[acc.first_path],
+                    format!(
+                        "category conflict for prompt '{}': \"{c0}\" ({}) but \"{c}\" in the prompts file",
+                        acc.prompt_id, acc.category_from
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Final L, E and whether they were inferred.
+    fn dims(&self) -> Result<(usize, usize, bool)> {
+        let mut inferred = false;
+        let l = match self.num_layers {
+            Some(l) => l,
+            None => {
+                inferred = true;
+                self.max_layer.map_or(0, |m| m + 1)
+            }
+        };
+        let e = match self.num_experts {
+            Some(e) => e,
+            None => {
+                inferred = true;
+                self.max_expert
+                    .map_or(0, |m| m + 1)
+                    .max(self.probs_len.unwrap_or(0))
+            }
+        };
+        if l == 0 || e == 0 {
+            return Err(TraceError::invalid_file(
+                &self.paths[0],
+                "cannot determine num_layers / num_experts (no routing data)",
+            ));
+        }
+        Ok((l, e, inferred))
+    }
+}
+
+/// Aggregates all trace files into per-prompt counts (see the module docs for memory use).
+/// All files must have the same line form; a prompt may be spread over several files.
+pub fn aggregate_paths(paths: &[PathBuf], opts: &AggregateOptions) -> Result<CountsTable> {
+    let mut st = State::new(paths, opts)?;
+    let mut accs: Vec<Acc> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for pi in 0..paths.len() {
+        let reader = st.open(pi)?;
+        for item in reader {
+            let (line, item) = item?;
+            let id = item.prompt_id();
+            let ai = match index.get(id) {
+                Some(&i) => i,
+                None => {
+                    index.insert(id.to_string(), accs.len());
+                    accs.push(Acc::new(id, pi));
+                    accs.len() - 1
+                }
+            };
+            st.apply(&mut accs[ai], pi, line, &item)?;
+        }
+    }
+    for acc in accs.iter_mut() {
+        st.finish_events(acc)?;
+        st.resolve_category(acc)?;
+    }
+    let (l, e, dims_inferred) = st.dims()?;
+    Ok(CountsTable {
+        num_layers: l,
+        num_experts: e,
+        top_k: st.top_k.as_ref().map(|(k, _)| *k),
+        prompts: accs.into_iter().map(|a| a.finish(l, e)).collect(),
+        manifest: st.manifest.clone(),
+        dims_inferred,
+    })
+}
+
+/// Calls `f` with the counts of each prompt, in file order, holding only one prompt in memory —
+/// for counts-mode files of millions of prompts. The counts lines of a prompt must be adjacent
+/// (as the capture writes them); a prompt that reappears later is an error. Files in the other
+/// line forms are aggregated with [`aggregate_paths`] first and then handed out one by one.
+/// Returns `(num_layers, num_experts)`.
+pub fn for_each_prompt_counts(
+    paths: &[PathBuf],
+    opts: &AggregateOptions,
+    mut f: impl FnMut(PromptCounts) -> Result<()>,
+) -> Result<(usize, usize)> {
+    if paths.is_empty() {
+        return Err(TraceError::invalid_file(".", "no trace files given"));
+    }
+    if first_form(&paths[0])? != TraceForm::Counts {
+        let table = aggregate_paths(paths, opts)?;
+        let dims = (table.num_layers, table.num_experts);
+        for p in table.prompts {
+            f(p)?;
+        }
+        return Ok(dims);
+    }
+    let mut st = State::new(paths, opts)?;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut cur: Option<Acc> = None;
+    for pi in 0..paths.len() {
+        let reader = st.open(pi)?;
+        for item in reader {
+            let (line, item) = item?;
+            let id = item.prompt_id();
+            if cur.as_ref().is_none_or(|a| a.prompt_id != id) {
+                if seen.contains(id) {
+                    return Err(st.err(
+                        pi,
+                        line,
+                        format!(
+                            "prompt '{id}' appears again after other prompts (the counts lines of a prompt must be adjacent, and prompts must not repeat)"
+                        ),
+                    ));
+                }
+                seen.insert(id.to_string());
+                if let Some(a) = cur.take() {
+                    emit(&st, a, &mut f)?;
+                }
+                cur = Some(Acc::new(id, pi));
+            }
+            let acc = cur.as_mut().expect("current prompt was just set");
+            st.apply(acc, pi, line, &item)?;
+        }
+    }
+    if let Some(a) = cur.take() {
+        emit(&st, a, &mut f)?;
+    }
+    let (l, e, _) = st.dims()?;
+    Ok((l, e))
+}
+
+fn emit(
+    st: &State,
+    mut acc: Acc,
+    f: &mut impl FnMut(PromptCounts) -> Result<()>,
+) -> Result<()> {
+    st.resolve_category(&mut acc)?;
+    let (l, e, _) = st.dims()?;
+    f(acc.finish(l, e))
+}
+
+fn first_form(path: &Path) -> Result<TraceForm> {
+    let mut r = TraceReader::open(path)?;
+    match r.next() {
+        Some(Ok((_, item))) => Ok(item.form()),
+        Some(Err(e)) => Err(e),
+        None => Err(TraceError::invalid_file(path, "empty file (no trace lines)")),
+    }
+}

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Prove that a `moe-xray synth-model` checkpoint loads in Hugging Face transformers, and show its routing.
+
+Loads DIR with `AutoTokenizer` + `OlmoeForCausalLM.from_pretrained` (pinned transformers, see
+tools/requirements-hf.txt), runs a forward pass over each prompt with a forward hook on every layer's router
+(`mlp.gate`, output `(logits, weights, indices)`), and prints, per layer: the number of experts used,
+max/mean expert load (selections of the most used expert divided by the mean over experts; 1.0 = perfectly
+balanced) and the mean router entropy. With categories in the prompt file it also prints the mean
+within-category and across-category cosine similarity of per-prompt expert-count signatures (the paper's
+statistic, unweighted, all tokens) so a `--planted` model's category structure is visible.
+
+Exit status 1 if loading fails, a layer uses fewer than `--min-used-frac` of its experts or its max/mean load
+exceeds `--max-load` (defaults 0.9 and 3.0); the thresholds are the "not collapsed" check.
+
+Usage: /work/venvs/hf/bin/python tools/check_synth_model.py DIR [--prompts FILE.jsonl] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, OlmoeForCausalLM
+
+DEFAULT_PROMPTS = [
+    ("code-a", "code", "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    mid = len(items) // 2"),
+    ("code-b", "code", "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }"),
+    ("code-c", "code", "import json\nwith open('data.json') as f:\n    data = json.load(f)\nprint(data['name'])"),
+    ("math-a", "math", "What is 128 / 16 + 3 * 7? Compute it step by step."),
+    ("math-b", "math", "Solve 4x - 9 = 23 and then compute x^2 + 2x."),
+    ("math-c", "math", "If 3 apples cost 1.20 dollars, how much do 10 apples cost?"),
+    ("story-a", "story", "The old lighthouse keeper climbed the stairs as the storm rolled in over the sea."),
+    ("story-b", "story", "Once upon a time, a curious girl found a map hidden inside her grandmother's book."),
+    ("story-c", "story", "The dragon slept for a hundred years until a small boy knocked on the cave door."),
+    ("factual-a", "factual", "What is the capital of Australia and when was it founded?"),
+    ("factual-b", "factual", "Why do leaves change color in autumn?"),
+    ("factual-c", "factual", "Who invented the telephone, and where was it first demonstrated?"),
+]
+
+
+def load_prompts(path: str | None):
+    if path is None:
+        return DEFAULT_PROMPTS
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                o = json.loads(line)
+                out.append((o["id"], o.get("category"), o["text"]))
+            except (json.JSONDecodeError, KeyError) as e:
+                sys.exit(f"{path}:{n}: {e}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description="check a synthetic OLMoE checkpoint with transformers")
+    ap.add_argument("model_dir")
+    ap.add_argument("--prompts", help="JSONL with id, category, text (default: 12 built-in prompts)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--max-load", type=float, default=3.0)
+    ap.add_argument("--min-used-frac", type=float, default=0.9)
+    ap.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    d = Path(args.model_dir)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    model = OlmoeForCausalLM.from_pretrained(str(d), dtype=getattr(torch, args.dtype))
+    model.eval()
+    cfg = model.config
+    L, E, k = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok
+    prompts = load_prompts(args.prompts)
+
+    captured: list = [None] * L
+
+    def mk(i):
+        def hook(mod, inp, out):
+            logits, _w, idx = out
+            captured[i] = (logits.detach().float(), idx.detach())
+
+        return hook
+
+    hs = [layer.mlp.gate.register_forward_hook(mk(i)) for i, layer in enumerate(model.model.layers)]
+    usage = np.zeros((L, E), dtype=np.int64)
+    ent_sum = np.zeros(L)
+    n_tok = 0
+    sigs = []
+    cats = []
+    for pid, cat, text in prompts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        sig = np.zeros((L, E))
+        for l in range(L):
+            logits, idx = captured[l]
+            p = torch.softmax(logits, -1)
+            ent_sum[l] += float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+            for row in idx.tolist():
+                usage[l, row] += 1
+                sig[l, row] += 1
+        n_tok += len(ids)
+        sigs.append(sig / sig.sum(axis=1, keepdims=True))
+        cats.append(cat)
+    for h in hs:
+        h.remove()
+
+    used = (usage > 0).sum(axis=1)
+    load = usage.max(axis=1) / (usage.sum(axis=1) / E)
+    ent = ent_sum / n_tok
+    result = {
+        "model_dir": str(d),
+        "loaded_by": "transformers OlmoeForCausalLM.from_pretrained",
+        "num_layers": L,
+        "num_experts": E,
+        "top_k": k,
+        "prompts": len(prompts),
+        "tokens": n_tok,
+        "experts_used": used.tolist(),
+        "max_over_mean_load": [round(float(x), 3) for x in load],
+        "mean_router_entropy": [round(float(x), 4) for x in ent],
+        "max_entropy": round(math.log(E), 4),
+    }
+    if all(c is not None for c in cats) and len(set(cats)) > 1:
+        v = [np.concatenate([s[l] / np.linalg.norm(s[l]) for l in range(L)]) / math.sqrt(L) for s in sigs]
+        within, across = [], []
+        for i, j in combinations(range(len(v)), 2):
+            (within if cats[i] == cats[j] else across).append(float(v[i] @ v[j]))
+        result["similarity_within_mean"] = round(float(np.mean(within)), 4)
+        result["similarity_across_mean"] = round(float(np.mean(across)), 4)
+    ok = bool((used >= args.min_used_frac * E).all() and (load <= args.max_load).all())
+    result["not_collapsed"] = ok
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{d}: loaded by transformers; {L} layers, {E} experts, top-{k}; {len(prompts)} prompts, {n_tok} tokens")
+        print("layer  experts_used  max/mean_load  mean_entropy (max %.3f)" % math.log(E))
+        for l in range(L):
+            print(f"{l:5d}  {used[l]:12d}  {load[l]:13.3f}  {ent[l]:12.4f}")
+        if "similarity_within_mean" in result:
+            print(
+                f"signature similarity: within-category {result['similarity_within_mean']}, "
+                f"across-category {result['similarity_across_mean']}"
+            )
+        print("routing not collapsed" if ok else "ROUTING COLLAPSED (see thresholds)")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
