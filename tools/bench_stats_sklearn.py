@@ -63,6 +63,8 @@ def main() -> None:
     args = ap.parse_args()
 
     t = {}
+    load_before = os.getloadavg()
+    cpu0 = time.process_time()
     with threadpool_limits(limits=2):
         t0 = time.perf_counter()
         tab = R.read_table(R.FIXTURES / args.case)
@@ -79,6 +81,7 @@ def main() -> None:
             s = time.perf_counter()
             R.baseline(kind, tab.A, tab.U, tab.k, args.reps, seed)
             t[f"baseline_{kind}"] = time.perf_counter() - s
+            print(f"baseline_{kind}: {t[f'baseline_{kind}']:.1f} s", file=sys.stderr, flush=True)
 
         s = time.perf_counter()
         R.pca_block(X)
@@ -107,6 +110,9 @@ def main() -> None:
         R.classifier_permutation(X, labels, fold, acc, args.clf_reps, 12)
         t["classifier_permutation"] = time.perf_counter() - s
         t["total"] = time.perf_counter() - t0
+        print({k: round(v, 2) for k, v in t.items()}, file=sys.stderr)
+    cpu_total = time.process_time() - cpu0
+    load_after = os.getloadavg()
 
     out = {
         "case": args.case,
@@ -118,7 +124,14 @@ def main() -> None:
         "check": {"cohens_d": block["similarity"]["cohens_d"], "cv_accuracy": acc, "tsne_kl": ts["kl_divergence"]},
         "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "scipy": scipy.__version__,
                      "sklearn": sklearn.__version__},
-        "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "note": "shared 2-core machine; other jobs may run"},
+        "cpu_seconds_total": round(cpu_total, 4),
+        "machine": {
+            "cpu": cpu_model(),
+            "nproc": os.cpu_count(),
+            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15_after": [round(x, 2) for x in load_after],
+            "note": "shared 2-core machine; other jobs may have been running (see loadavg)",
+        },
         "command": "/work/venvs/sci/bin/python tools/bench_stats_sklearn.py --write fixtures/stats/sklearn_bench.json",
     }
     text = json.dumps(out, indent=1) + "\n"

@@ -137,7 +137,12 @@ fn pooled(prompts: &[PromptLoad], le: usize) -> Vec<f64> {
 
 /// Per-layer JS (bits) between two layer-major L×E load matrices; `None` for a layer where
 /// either side has no selections.
-pub fn per_layer_js(a: &[f64], b: &[f64], num_layers: usize, num_experts: usize) -> Vec<Option<f64>> {
+pub fn per_layer_js(
+    a: &[f64],
+    b: &[f64],
+    num_layers: usize,
+    num_experts: usize,
+) -> Vec<Option<f64>> {
     (0..num_layers)
         .map(|l| {
             let r = l * num_experts..(l + 1) * num_experts;
@@ -230,9 +235,8 @@ pub fn compare_runs(a: &RunData, b: &RunData, opts: &CompareOptions) -> Result<C
             }),
         }
     }
-    let mean_shift = (!prompt_shifts.is_empty()).then(|| {
-        prompt_shifts.iter().map(|p| p.shift).sum::<f64>() / prompt_shifts.len() as f64
-    });
+    let mean_shift = (!prompt_shifts.is_empty())
+        .then(|| prompt_shifts.iter().map(|p| p.shift).sum::<f64>() / prompt_shifts.len() as f64);
     let mut by_cat: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for p in &prompt_shifts {
         if let Some(c) = &p.category {
@@ -257,7 +261,15 @@ pub fn compare_runs(a: &RunData, b: &RunData, opts: &CompareOptions) -> Result<C
         .collect();
 
     let permutation = (opts.reps > 0).then(|| {
-        permutation_test(&a.prompts, &b.prompts, nl, ne, mean_js_bits, opts.reps, opts.seed)
+        permutation_test(
+            &a.prompts,
+            &b.prompts,
+            nl,
+            ne,
+            mean_js_bits,
+            opts.reps,
+            opts.seed,
+        )
     });
     Ok(CompareReport {
         schema_version: 1,
@@ -372,9 +384,16 @@ mod tests {
 
     #[test]
     fn identical_runs_have_zero_js_and_shift() {
-        let ps = vec![p("a", "x", &[1., 2., 3., 4.]), p("b", "y", &[2., 0., 1., 1.])];
-        let r = compare_runs(&run("A", ps.clone(), 2), &run("B", ps, 2), &CompareOptions::default())
-            .unwrap();
+        let ps = vec![
+            p("a", "x", &[1., 2., 3., 4.]),
+            p("b", "y", &[2., 0., 1., 1.]),
+        ];
+        let r = compare_runs(
+            &run("A", ps.clone(), 2),
+            &run("B", ps, 2),
+            &CompareOptions::default(),
+        )
+        .unwrap();
         assert!(r.per_layer.iter().all(|l| l.js_bits.abs() < 1e-15));
         assert!(r.prompt_shifts.iter().all(|s| s.shift.abs() < 1e-12));
         let perm = r.permutation.unwrap();
@@ -411,7 +430,9 @@ mod tests {
         let a = run("A", vec![p("a", "x", &[1., 2., 3., 4.])], 2);
         let mut b = run("B", vec![p("a", "x", &[1., 2., 3., 4., 5., 6.])], 3);
         b.num_experts = 3;
-        let e = compare_runs(&a, &b, &CompareOptions::default()).unwrap_err().to_string();
+        let e = compare_runs(&a, &b, &CompareOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 experts") && e.contains("3 experts"), "{e}");
     }
 }

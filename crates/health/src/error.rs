@@ -43,7 +43,11 @@ impl HealthError {
             source,
         }
     }
-    pub(crate) fn invalid(path: impl Into<PathBuf>, line: usize, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        path: impl Into<PathBuf>,
+        line: usize,
+        message: impl Into<String>,
+    ) -> Self {
         HealthError::Invalid {
             path: path.into(),
             line,

@@ -380,7 +380,12 @@ impl HealthAccumulator {
             num_experts: e_n,
             top_k: if self.top_k_varies { None } else { self.top_k },
             cold_fraction: self.opts.cold_fraction,
-            token_types: self.opts.token_types.iter().map(|t| t.as_str().to_string()).collect(),
+            token_types: self
+                .opts
+                .token_types
+                .iter()
+                .map(|t| t.as_str().to_string())
+                .collect(),
             inputs: InputSummary {
                 token_records: self.per_token_records,
                 counts_lines: self.counts_lines,
@@ -399,7 +404,11 @@ impl HealthAccumulator {
 
 /// Entropy (nats) of the full router distribution (renormalised to sum 1 in f64) and the top-k
 /// margin `p_(k) − p_(k+1)` of the sorted probabilities (`None` when `k = 0` or `k ≥ E`).
-pub fn router_entropy_and_margin(probs: &[f32], k: usize, scratch: &mut Vec<f64>) -> (f64, Option<f64>) {
+pub fn router_entropy_and_margin(
+    probs: &[f32],
+    k: usize,
+    scratch: &mut Vec<f64>,
+) -> (f64, Option<f64>) {
     scratch.clear();
     scratch.extend(probs.iter().map(|&p| (p as f64).max(0.0)));
     let total: f64 = scratch.iter().sum();
@@ -627,7 +636,9 @@ mod tests {
         assert_eq!(r.notes.len(), 2);
         assert!(r.notes[0].contains("co-activation"));
         assert_eq!(r.layers[1].normalized_entropy, 1.0);
-        assert!(acc.add_counts("p", None, TokenType::Prompt, &[1], 1).is_err());
+        assert!(acc
+            .add_counts("p", None, TokenType::Prompt, &[1], 1)
+            .is_err());
     }
 
     #[test]
@@ -663,9 +674,18 @@ mod tests {
     #[test]
     fn bad_tokens_are_rejected() {
         let mut acc = HealthAccumulator::new(2, 4, HealthOptions::default()).unwrap();
-        assert!(acc.add_token(&tok(2, &[0], None)).unwrap_err().contains("layer 2"));
-        assert!(acc.add_token(&tok(0, &[4], None)).unwrap_err().contains("expert 4"));
-        assert!(acc.add_token(&tok(0, &[1, 1], None)).unwrap_err().contains("twice"));
+        assert!(acc
+            .add_token(&tok(2, &[0], None))
+            .unwrap_err()
+            .contains("layer 2"));
+        assert!(acc
+            .add_token(&tok(0, &[4], None))
+            .unwrap_err()
+            .contains("expert 4"));
+        assert!(acc
+            .add_token(&tok(0, &[1, 1], None))
+            .unwrap_err()
+            .contains("twice"));
         assert!(acc
             .add_token(&tok(0, &[1], Some(&[1.0])))
             .unwrap_err()

@@ -212,3 +212,20 @@ pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
     flush(acc, &pending, &experts)?;
     Ok(())
 }
+
+/// Reads one run (trace file or run directory) for [`crate::compare::compare_runs`]: per-prompt
+/// counts over the token types of `opts` (per-prompt counts are always kept).
+pub fn read_run_data(path: &Path, opts: &HealthOptions) -> Result<crate::compare::RunData> {
+    let run = resolve_run(path)?;
+    let opts = HealthOptions {
+        keep_prompts: true,
+        ..opts.clone()
+    };
+    let acc = accumulate_run(&run, None, opts)?;
+    Ok(crate::compare::RunData {
+        label: run.label,
+        num_layers: acc.num_layers(),
+        num_experts: acc.num_experts(),
+        prompts: acc.into_prompts(),
+    })
+}

@@ -9,6 +9,7 @@ pub mod health;
 pub mod input;
 pub mod metrics;
 pub mod mi;
+pub mod output;
 pub mod svg;
 
 pub use compare::{compare_runs, CompareOptions, CompareReport};

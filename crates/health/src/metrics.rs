@@ -135,7 +135,12 @@ pub fn cosine(a: &[f64], b: &[f64]) -> Option<f64> {
 /// Signature similarity of DESIGN.md: `sim = (1/L) Σ_l cos(s[l,:], s'[l,:])` for two layer-major
 /// count matrices (cosine is scale invariant, so counts and shares give the same value).
 /// `None` when either prompt has zero total in some layer.
-pub fn signature_similarity(a: &[f64], b: &[f64], num_layers: usize, num_experts: usize) -> Option<f64> {
+pub fn signature_similarity(
+    a: &[f64],
+    b: &[f64],
+    num_layers: usize,
+    num_experts: usize,
+) -> Option<f64> {
     let mut s = 0.0;
     for l in 0..num_layers {
         let r = l * num_experts..(l + 1) * num_experts;

@@ -121,11 +121,19 @@ pub fn pca_scores(rows: &[Vec<f64>], m: usize) -> Vec<Vec<f64>> {
         .map(|r| r.iter().zip(&mean).map(|(x, m)| x - m).collect())
         .collect();
     let gram = DMatrix::from_fn(n, n, |i, j| {
-        centred[i].iter().zip(&centred[j]).map(|(a, b)| a * b).sum::<f64>()
+        centred[i]
+            .iter()
+            .zip(&centred[j])
+            .map(|(a, b)| a * b)
+            .sum::<f64>()
     });
     let eig = SymmetricEigen::new(gram);
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        eig.eigenvalues[b]
+            .total_cmp(&eig.eigenvalues[a])
+            .then(a.cmp(&b))
+    });
     let top = eig.eigenvalues[order[0]].max(0.0);
     let mut scores = vec![Vec::with_capacity(m); n];
     for &c in order.iter().take(m) {
@@ -163,7 +171,11 @@ fn quantile_bins(values: &[f64], bins: usize) -> Vec<usize> {
 
 /// Estimates I(signature; task) — see the module docs. `signatures` are N rows of equal length,
 /// `labels` N task labels (at least two distinct).
-pub fn mutual_information(signatures: &[Vec<f64>], labels: &[String], opts: &MiOptions) -> Result<MiReport> {
+pub fn mutual_information(
+    signatures: &[Vec<f64>],
+    labels: &[String],
+    opts: &MiOptions,
+) -> Result<MiReport> {
     let n = signatures.len();
     if n != labels.len() {
         return Err(HealthError::InvalidInput(format!(

@@ -28,7 +28,11 @@ fn esc(s: &str) -> String {
 
 /// Diverging colour for `v` in [-1, 1]: Okabe–Ito orange (−1) → light grey (0) → blue (+1).
 fn diverging(v: f64) -> String {
-    let v = if v.is_finite() { v.clamp(-1.0, 1.0) } else { 0.0 };
+    let v = if v.is_finite() {
+        v.clamp(-1.0, 1.0)
+    } else {
+        0.0
+    };
     let (to, t) = if v < 0.0 { (ORANGE, -v) } else { (BLUE, v) };
     let mix = |a: f64, b: f64| (a + (b - a) * t).round() as u8;
     format!(
@@ -83,7 +87,12 @@ pub fn load_heatmap(report: &HealthReport) -> String {
     let w = left + cell_w * ne as f64 + 20.0;
     let h = top + cell_h * nl as f64 + 70.0;
     let mut out = String::new();
-    header(&mut out, w.max(320.0), h, "Expert load by layer (share relative to uniform)");
+    header(
+        &mut out,
+        w.max(320.0),
+        h,
+        "Expert load by layer (share relative to uniform)",
+    );
     for layer in &report.layers {
         let y = top + cell_h * layer.layer as f64;
         for (e, &s) in layer.share.iter().enumerate() {
@@ -119,7 +128,14 @@ pub fn load_heatmap(report: &HealthReport) -> String {
         top + cell_h * nl as f64 / 2.0,
         top + cell_h * nl as f64 / 2.0
     );
-    legend(&mut out, left, bottom + 28.0, "¼×", "4×", "uniform share = centre; black = dead");
+    legend(
+        &mut out,
+        left,
+        bottom + 28.0,
+        "¼×",
+        "4×",
+        "uniform share = centre; black = dead",
+    );
     out.push_str("</svg>\n");
     out
 }
@@ -139,7 +155,12 @@ pub fn coactivation_heatmap(report: &HealthReport, coact: &[u64], layer: usize) 
     let w = (left + side + 20.0).max(320.0);
     let h = top + side + 70.0;
     let mut out = String::new();
-    header(&mut out, w, h, &format!("Expert co-activation, layer {layer} (log2 lift)"));
+    header(
+        &mut out,
+        w,
+        h,
+        &format!("Expert co-activation, layer {layer} (log2 lift)"),
+    );
     let t = lh.tokens as f64;
     for i in 0..ne {
         for j in 0..ne {
@@ -173,7 +194,14 @@ pub fn coactivation_heatmap(report: &HealthReport, coact: &[u64], layer: usize) 
         top + side / 2.0,
         top + side / 2.0
     );
-    legend(&mut out, left, top + side + 28.0, "¼× expected", "4×", "lift");
+    legend(
+        &mut out,
+        left,
+        top + side + 28.0,
+        "¼× expected",
+        "4×",
+        "lift",
+    );
     out.push_str("</svg>\n");
     Some(out)
 }
@@ -193,7 +221,12 @@ pub fn js_bars(report: &CompareReport) -> String {
     let ymax = ymax.min(1.0);
     let y_of = |v: f64| top + plot_h - plot_h * (v / ymax).min(1.0);
     let mut out = String::new();
-    header(&mut out, w, h, "Jensen–Shannon divergence of expert load per layer (bits)");
+    header(
+        &mut out,
+        w,
+        h,
+        "Jensen–Shannon divergence of expert load per layer (bits)",
+    );
     let _ = writeln!(
         out,
         "<line x1=\"{left:.1}\" y1=\"{:.1}\" x2=\"{left:.1}\" y2=\"{top:.1}\" stroke=\"#000000\"/>\n<line x1=\"{left:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#000000\"/>",
@@ -279,7 +312,11 @@ mod tests {
         let r = acc.report();
         let a = load_heatmap(&r);
         assert!(a.starts_with("<svg") && a.trim_end().ends_with("</svg>"));
-        assert_eq!(a.matches("<rect x=").count() - 40, 8, "8 cells + 40 legend steps");
+        assert_eq!(
+            a.matches("<rect x=").count() - 40,
+            8,
+            "8 cells + 40 legend steps"
+        );
         assert!(a.contains("#000000"), "dead experts are black");
         assert_eq!(a, load_heatmap(&r));
         let c = coactivation_heatmap(&r, acc.coactivation(0).unwrap(), 0).unwrap();

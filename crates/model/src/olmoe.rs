@@ -389,7 +389,7 @@ impl Olmoe {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        let scale = (hd as f64).sqrt();
+        let scale = (hd as f64).powf(-0.5) as f32;
         let mut outs = Vec::with_capacity(batch.len());
         let mut row = 0usize;
         for (s, (cos, sin)) in batch.iter_mut().zip(ropes) {
@@ -422,7 +422,15 @@ impl Olmoe {
             };
             let ks = expand(ks)?;
             let vs = expand(vs)?;
-            let mut scores = (qs.matmul(&ks.t()?)? / scale)?;
+            // As transformers' eager attention: scores in the compute dtype, multiplied by
+            // `head_dim ** -0.5` (computed in f32 and rounded once, like torch's reduced-precision
+            // multiplication by a scalar), mask added, softmax in f32, cast back.
+            let scale_t = Tensor::new(scale, &self.device)?;
+            let mut scores = qs
+                .matmul(&ks.t()?)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&scale_t)?
+                .to_dtype(self.dtype)?;
             if t > 1 {
                 let past = total - t;
                 let mask: Vec<f32> = (0..t)
@@ -501,7 +509,9 @@ impl Olmoe {
             let [wg, wu, wd] = self.expert_weights(layer, e)?;
             let g = xe.matmul(&wg.t()?)?;
             let u = xe.matmul(&wu.t()?)?;
-            let act = (candle_nn::ops::silu(&g)? * u)?;
+            // silu evaluated in f32 and rounded once (torch's reduced-precision kernels do the
+            // same; candle's bf16 silu would round every intermediate).
+            let act = (candle_nn::ops::silu(&g.to_dtype(DType::F32)?)?.to_dtype(self.dtype)? * u)?;
             let y = act.matmul(&wd.t()?)?;
             let w = Tensor::from_vec(ws, (n, 1), &self.device)?.to_dtype(self.dtype)?;
             let y = y.broadcast_mul(&w)?;

@@ -126,13 +126,13 @@ pub const NARRATIVE_WORDS: &[&str] = &[
 
 /// Words whose merges the project's small byte-level tokenizer learns, in this order.
 pub const TINY_TOKENIZER_WORDS: &[&str] = &[
-    "the", "and", "to", "of", "a", "in", "that", "it", "with", "for", "on", "is", "as", "at", "by",
-    "this", "be", "not", "or", "an", "you", "me", "my", "we", "your", "there", "their", "one", "two",
-    "what", "why", "how", "who", "where", "when", "which", "def", "return", "import", "print", "self",
-    "for", "if", "else", "while", "class", "function", "code", "python", "list", "string", "solve",
-    "sum", "number", "equation", "compute", "once", "upon", "time", "she", "he", "said", "story",
-    "night", "forest", "capital", "explain", "write", "tell", "about", "==", "()", "):", "    ", "\n",
-    "10", "12", "100", "+", "-", "*", "/", "=", "?", ".", ",",
+    "the", "and", "to", "of", "a", "in", "is", "what", "def", "once", "sum", "how", "return", "she",
+    "solve", "why", "print", "he", "number", "who", "self", "said", "equation", "where", "import",
+    "story", "compute", "when", "class", "night", "which", "function", "forest", "upon", "explain",
+    "code", "time", "capital", "python", "that", "it", "with", "for", "on", "as", "at", "by", "this",
+    "be", "not", "or", "an", "you", "me", "my", "we", "your", "there", "their", "one", "two", "if",
+    "else", "while", "list", "string", "write", "tell", "about", "==", "()", "):", "    ", "\n", "10",
+    "12", "100",
 ];
 
 /// Element type of the written tensors.
@@ -571,7 +571,9 @@ fn tiny_tokenizer(vocab_size: usize) -> Result<TokenizerOut> {
         .map(|(i, t)| if i < 2 { None } else { Some(decode_byte_level(t, &inverse)) })
         .collect();
     let mut model_vocab = serde_json::Map::new();
-    for (i, t) in by_id.iter().enumerate().skip(2) {
+    // the specials are in the model vocabulary too (as the tokenizers trainer writes them), so that
+    // the added-token ids 0 and 1 are kept when the file is loaded
+    for (i, t) in by_id.iter().enumerate() {
         model_vocab.insert(t.clone(), json!(i));
     }
     let special = |id: usize, content: &str| {

@@ -128,10 +128,14 @@ impl WeightStore {
                 }
                 if let Some(wm) = &weight_map {
                     let expected = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-                    if wm.get(&name).map(String::as_str) != Some(expected) {
+                    let listed = wm.get(&name).map(String::as_str);
+                    if listed != Some(expected) {
                         return Err(ModelError::invalid(
                             &index_path,
-                            format!("tensor `{name}` is in {expected} but the index says otherwise"),
+                            format!(
+                                "tensor `{name}` is in {expected} but the index maps it to {}",
+                                listed.unwrap_or("no file")
+                            ),
                         ));
                     }
                 }

@@ -41,6 +41,7 @@ struct Expected {
     token_id: u32,
     token_type: String,
     margin: f64,
+    probs: Vec<f64>,
 }
 
 fn expected_trace(dir: &Path) -> HashMap<(String, u32, u32), Expected> {
@@ -56,6 +57,7 @@ fn expected_trace(dir: &Path) -> HashMap<(String, u32, u32), Expected> {
                     token_id: v["token_id"].as_u64().unwrap() as u32,
                     token_type: v["token_type"].as_str().unwrap().to_string(),
                     margin: v["margin"].as_f64().unwrap(),
+                    probs: f("probs"),
                 },
             )
         })
@@ -209,13 +211,24 @@ fn bf16_model_matches_transformers_up_to_near_ties() {
                 max_dw = max_dw.max((a - b).abs());
             }
         } else {
-            mismatches.push((r.prompt_id.clone(), r.position, r.layer, r.experts.clone(), e.experts.clone(), e.margin));
+            // The router margin that explains a mismatch: transformers' probability gap between
+            // the experts that trade places (a swap inside the top-k, or the k-th vs the
+            // (k+1)-th expert).
+            let gap = r
+                .experts
+                .iter()
+                .zip(&e.experts)
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| (e.probs[*a as usize] - e.probs[*b as usize]).abs())
+                .fold(0.0, f64::max);
+            assert!(gap >= 0.0 && e.margin >= 0.0);
+            mismatches.push((r.prompt_id.clone(), r.position, r.layer, r.experts.clone(), e.experts.clone(), gap));
         }
     }
     let frac = same as f64 / sink.records.len() as f64;
     eprintln!("{name}: {same}/{} identical expert lists ({:.2} %), max |Δweight| on identical = {max_dw:.3e}", sink.records.len(), 100.0 * frac);
     for (p, pos, l, got, exp, m) in &mismatches {
-        eprintln!("  mismatch {p} pos {pos} layer {l}: ours {got:?} HF {exp:?} HF margin {m:.3e}");
+        eprintln!("  mismatch {p} pos {pos} layer {l}: ours {got:?} HF {exp:?} HF probability gap {m:.3e}");
     }
     assert!(frac >= 0.99, "only {:.2} % identical", 100.0 * frac);
     for (p, pos, l, _, _, m) in &mismatches {

@@ -2,7 +2,7 @@
 
 use crate::results::{Baseline, Results};
 use crate::svg::{
-    category_style, colorbar, esc, legend, nice_ticks, num, text_on_viridis, text_width, truncate,
+    category_style, colorbar, esc, legend, legend_width, nice_ticks, num, text_on_viridis, text_width, truncate,
     viridis, Anchor, Axes, LegendItem, LegendKind, Svg, OKABE_ITO,
 };
 use crate::{CategoryUsage, Figure};
@@ -464,12 +464,32 @@ fn fig_layer_d(r: &Results) -> Figure {
             .chain([0.0, if overall.is_finite() { overall } else { 0.0 }]),
     );
     let pad = (hi - lo) * 0.08;
-    let (yt, ydec) = nice_ticks(lo - pad, hi + pad, 5);
+    let lo_p = if lo >= 0.0 { 0.0 } else { lo - pad };
+    let (yt, ydec) = nice_ticks(lo_p, hi + pad, 5);
     let (xmin, xmax) = min_max(layers.iter().copied());
+    let items = [
+        LegendItem {
+            label: "per-layer d".into(),
+            color: OKABE_ITO[0].into(),
+            kind: LegendKind::Line {
+                dashed: false,
+                marker: true,
+            },
+        },
+        LegendItem {
+            label: format!("all layers (d = {})", num(overall, 2)),
+            color: OKABE_ITO[3].into(),
+            kind: LegendKind::Line {
+                dashed: true,
+                marker: false,
+            },
+        },
+    ];
+    let lw = legend_width("", &items);
     let ax = Axes {
         left: 84.0,
         top: 48.0,
-        width: 380.0,
+        width: FIG_WIDTH - 84.0 - lw - 24.0,
         height: 290.0,
         xmin: xmin - 0.5,
         xmax: xmax + 0.5,
@@ -525,30 +545,7 @@ fn fig_layer_d(r: &Results) -> Figure {
             "layer-point",
         );
     }
-    legend(
-        &mut s,
-        ax.right() + 16.0,
-        ax.top,
-        "",
-        &[
-            LegendItem {
-                label: "per-layer d".into(),
-                color: OKABE_ITO[0].into(),
-                kind: LegendKind::Line {
-                    dashed: false,
-                    marker: true,
-                },
-            },
-            LegendItem {
-                label: format!("all layers (d = {})", num(overall, 2)),
-                color: OKABE_ITO[3].into(),
-                kind: LegendKind::Line {
-                    dashed: true,
-                    marker: false,
-                },
-            },
-        ],
-    );
+    legend(&mut s, FIG_WIDTH - lw - 8.0, ax.top, "", &items);
     let svg = s.finish(title, caption);
     figure(id, title, caption.to_string(), svg, true)
 }
@@ -581,10 +578,23 @@ fn scatter(
     let (px, py) = ((x1 - x0) * 0.06, (y1 - y0) * 0.06);
     let (xt, xd) = nice_ticks(x0 - px, x1 + px, 5);
     let (yt, yd) = nice_ticks(y0 - py, y1 + py, 5);
+    let mut items = Vec::new();
+    for (ci, cat) in order.iter().enumerate() {
+        let (color, shape) = category_style(ci);
+        let n = cats.iter().filter(|c| *c == cat).count();
+        if n > 0 {
+            items.push(LegendItem {
+                label: format!("{} (n = {n})", truncate(cat, 16)),
+                color: color.into(),
+                kind: LegendKind::Marker(shape),
+            });
+        }
+    }
+    let lw = legend_width("category", &items);
     let ax = Axes {
         left: 84.0,
         top: 48.0,
-        width: 390.0,
+        width: (FIG_WIDTH - 84.0 - lw - 22.0).min(400.0),
         height: 360.0,
         xmin: xt[0],
         xmax: *xt.last().unwrap_or(&1.0),
@@ -596,27 +606,17 @@ fn scatter(
     let xtl: Vec<(f64, String)> = xt.iter().map(|t| (*t, num(*t, xd))).collect();
     let ytl: Vec<(f64, String)> = yt.iter().map(|t| (*t, num(*t, yd))).collect();
     ax.draw(&mut s, &xtl, &ytl, xlabel, ylabel);
-    let mut items = Vec::new();
     s.raw(r#"<g class="points">"#);
     for (ci, cat) in order.iter().enumerate() {
         let (color, shape) = category_style(ci);
-        let mut n = 0;
         for (p, c) in pts.iter().zip(cats) {
             if c == cat && p.0.is_finite() && p.1.is_finite() {
                 s.marker(shape, ax.x(p.0), ax.y(p.1), 5.0, color, "point");
-                n += 1;
             }
-        }
-        if n > 0 {
-            items.push(LegendItem {
-                label: format!("{} (n = {n})", truncate(cat, 16)),
-                color: color.into(),
-                kind: LegendKind::Marker(shape),
-            });
         }
     }
     s.raw("</g>");
-    legend(&mut s, ax.right() + 14.0, ax.top, "category", &items);
+    legend(&mut s, FIG_WIDTH - lw - 8.0, ax.top, "category", &items);
     s.finish(title, desc)
 }
 

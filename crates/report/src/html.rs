@@ -27,6 +27,8 @@ th { background: #f0f0ee; }
 tbody tr:nth-child(even) td { background: #fafaf8; }
 td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.def { color: #444; font-size: 13px; }
+.headline th { width: 19%; }
+.headline td.num { white-space: normal; width: 41%; }
 .interpretation { border: 3px solid #0072B2; background: #eef6fb; border-radius: 6px;
   padding: 12px 18px; margin: 18px 0; }
 .interpretation.synthetic { border-color: #D55E00; background: #fff3ec; }

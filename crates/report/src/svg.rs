@@ -264,7 +264,7 @@ impl Svg {
 
     /// Marker of `shape` centred at (x, y) with radius `r`.
     pub fn marker(&mut self, shape: Shape, x: f64, y: f64, r: f64, fill: &str, class: &str) {
-        let stroke = r#"stroke="#ffffff" stroke-width="0.8""#;
+        let stroke = r##"stroke="#ffffff" stroke-width="0.8""##;
         let cls = if class.is_empty() {
             String::new()
         } else {
@@ -552,18 +552,22 @@ pub struct LegendItem {
 /// How a legend entry is drawn.
 pub enum LegendKind {
     Marker(Shape),
-    Swatch,
     Line { dashed: bool, marker: bool },
+}
+
+/// Width in px of the legend that [`legend`] draws.
+pub fn legend_width(title: &str, items: &[LegendItem]) -> f64 {
+    items
+        .iter()
+        .map(|i| text_width(&i.label, 12.0))
+        .fold(text_width(title, 12.0), f64::max)
+        + 34.0
 }
 
 /// Vertical legend with its top-left at (x, y); returns its height.
 pub fn legend(svg: &mut Svg, x: f64, y: f64, title: &str, items: &[LegendItem]) -> f64 {
     let row = 20.0;
-    let w = items
-        .iter()
-        .map(|i| text_width(&i.label, 12.0))
-        .fold(text_width(title, 12.0), f64::max)
-        + 34.0;
+    let w = legend_width(title, items);
     let h = items.len() as f64 * row + if title.is_empty() { 8.0 } else { 26.0 };
     svg.raw(r#"<g class="legend">"#);
     svg.rect(
@@ -590,7 +594,6 @@ pub fn legend(svg: &mut Svg, x: f64, y: f64, title: &str, items: &[LegendItem]) 
         let cy = yy + row / 2.0;
         match it.kind {
             LegendKind::Marker(shape) => svg.marker(shape, x + 16.0, cy, 5.0, &it.color, ""),
-            LegendKind::Swatch => svg.rect(x + 9.0, cy - 6.0, 14.0, 12.0, &it.color, ""),
             LegendKind::Line { dashed, marker } => {
                 svg.line_extra(
                     x + 6.0,

@@ -1,1 +1,507 @@
-//! analyze
+//! Orchestration: from validated counts to `results.json` ([`AnalysisResults`]).
+//!
+//! Two paths (`"path"` in results.json):
+//! - `exact_pairs` ([`analyze_exact`]): the N×N similarity matrix, every statistic of
+//!   `docs/statistics.md` (baselines, significance, PCA, t-SNE, classifier).
+//! - `gram_sums` ([`analyze_gram`]): for large N, the pair statistics from per-category sums and
+//!   Gram matrices ([`crate::large_n`]); the sections that need all prompts in memory (baselines,
+//!   significance, PCA, t-SNE, classifier) are `{"skipped": reason}`.
+//!
+//! [`Collector`] streams prompts and picks the path (automatically above
+//! [`DEFAULT_GRAM_THRESHOLD`] prompts, or forced).
+
+use crate::baselines::{run_baseline, Baseline};
+use crate::cv;
+use crate::error::{Result, StatsError};
+use crate::input::{build_input, AnalysisInput, PromptRow};
+use crate::large_n::{GramAccumulator, GramSummary};
+use crate::pca::{pca, SignConvention};
+use crate::results::*;
+use crate::signature::{embeddings, signatures};
+use crate::significance::{bootstrap_d, label_permutation};
+use crate::similarity::{category_matrix, gram, per_layer, summarize};
+use crate::tsne;
+use crate::{sub_rng, tags};
+use rand::RngCore;
+
+/// Above this many prompts the automatic choice is the Gram-sums path.
+pub const DEFAULT_GRAM_THRESHOLD: usize = 5000;
+/// Number of folds of the classifier when no fold file is given.
+pub const DEFAULT_FOLDS: usize = 5;
+/// Number of PCA components reported (at most N−1).
+pub const PCA_COMPONENTS: usize = 10;
+
+/// Which computation path to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathChoice {
+    /// `exact_pairs` up to `threshold` prompts, `gram_sums` above.
+    Auto {
+        threshold: usize,
+    },
+    ExactPairs,
+    GramSums,
+}
+
+impl Default for PathChoice {
+    fn default() -> Self {
+        PathChoice::Auto {
+            threshold: DEFAULT_GRAM_THRESHOLD,
+        }
+    }
+}
+
+/// Settings of an analysis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyzeOptions {
+    /// Repetitions per baseline.
+    pub reps: usize,
+    /// Label permutations of the similarity test.
+    pub perm_reps: usize,
+    /// Bootstrap resamples (Cohen's d and classifier accuracy).
+    pub boot_reps: usize,
+    /// Label permutations of the classifier test.
+    pub classifier_perm_reps: usize,
+    pub seed: u64,
+    /// Fold of every prompt (in input order) and number of folds; `None`: stratified 5-fold.
+    pub folds: Option<(Vec<usize>, usize)>,
+    /// A fold file (CSV `prompt_id,fold`), read for the kept prompts when `folds` is `None`.
+    pub folds_file: Option<std::path::PathBuf>,
+    /// For `settings.token_types` only (the counts are already restricted).
+    pub token_types: Vec<String>,
+    pub weighted: bool,
+    pub traces: Vec<String>,
+    pub manifest: serde_json::Value,
+    pub pca_sign: SignConvention,
+    pub path: PathChoice,
+    /// Skip the t-SNE embedding (`{"skipped": ...}`).
+    pub skip_tsne: bool,
+    /// Skip the classifier and its tests.
+    pub skip_classifier: bool,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        AnalyzeOptions {
+            reps: 1000,
+            perm_reps: 1000,
+            boot_reps: 1000,
+            classifier_perm_reps: 200,
+            seed: 0,
+            folds: None,
+            folds_file: None,
+            token_types: vec!["prompt".into(), "generation".into()],
+            weighted: false,
+            traces: Vec::new(),
+            manifest: serde_json::json!({}),
+            pca_sign: SignConvention::default(),
+            path: PathChoice::default(),
+            skip_tsne: false,
+            skip_classifier: false,
+        }
+    }
+}
+
+/// Everything the exact path computes: results plus the matrices written as CSV.
+#[derive(Debug, Clone)]
+pub struct ExactOutputs {
+    pub results: AnalysisResults,
+    /// N × (L·E) signatures, row-major.
+    pub signatures: Vec<f64>,
+    /// N × N similarity matrix, row-major.
+    pub similarity: Vec<f64>,
+    /// Category of every prompt, in `results.prompt_ids` order.
+    pub prompt_categories: Vec<String>,
+}
+
+/// Outputs of either path.
+#[derive(Debug, Clone)]
+pub enum Outputs {
+    Exact(Box<ExactOutputs>),
+    Gram(Box<AnalysisResults>),
+}
+
+impl Outputs {
+    pub fn results(&self) -> &AnalysisResults {
+        match self {
+            Outputs::Exact(e) => &e.results,
+            Outputs::Gram(r) => r,
+        }
+    }
+}
+
+fn settings(opts: &AnalyzeOptions) -> Settings {
+    Settings {
+        token_types: opts.token_types.clone(),
+        weighted: opts.weighted,
+        reps: opts.reps,
+        seed: opts.seed,
+        perm_reps: opts.perm_reps,
+        boot_reps: opts.boot_reps,
+        classifier_perm_reps: opts.classifier_perm_reps,
+    }
+}
+
+/// The whole analysis on the exact path; returns only `results.json`.
+pub fn analyze(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<AnalysisResults> {
+    Ok(analyze_exact(input, opts)?.results)
+}
+
+/// The whole analysis on the exact (all pairs) path.
+pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<ExactOutputs> {
+    let (n, nl, ne) = (input.n(), input.num_layers, input.num_experts);
+    let d = nl * ne;
+    let sig = signatures(&input.counts, nl, ne);
+    let v = embeddings(&input.counts, nl, ne);
+    let sim = gram(&v, n, d);
+    let similarity = summarize(&sim, &input.labels);
+    let cat_matrix = category_matrix(&sim, &input.labels, &input.categories);
+    let layers = per_layer(&v, &input.labels, nl, ne);
+
+    let (seed, reps) = (opts.seed, opts.reps);
+    let baseline = |b| {
+        if reps == 0 {
+            Section::skipped("0 repetitions requested")
+        } else {
+            Section::Done(run_baseline(b, input, reps, seed))
+        }
+    };
+    let baselines = Baselines {
+        permutation: baseline(Baseline::Permutation),
+        load_balance_uniform: baseline(Baseline::LoadBalanceUniform),
+        load_balance_marginal: baseline(Baseline::LoadBalanceMarginal),
+    };
+    let label_perm = if opts.perm_reps == 0 {
+        Section::skipped("0 repetitions requested")
+    } else {
+        Section::Done(label_permutation(&sim, &input.labels, opts.perm_reps, seed))
+    };
+    let d_ci = (opts.boot_reps > 0).then(|| bootstrap_d(&sim, &input.labels, opts.boot_reps, seed));
+
+    let pca_res = match pca(&sig, n, d, PCA_COMPONENTS, opts.pca_sign) {
+        Ok(p) => Section::Done(p),
+        Err(e) => Section::skipped(e.to_string()),
+    };
+
+    let tsne_res = if opts.skip_tsne {
+        Section::skipped("disabled (--no-tsne)")
+    } else {
+        let perplexity = tsne::default_perplexity(n);
+        match tsne::tsne(&sig, n, d, perplexity) {
+            Ok(t) => Section::Done(serde_json::json!({
+                "coords": t.coords,
+                "kl_divergence": t.kl_divergence,
+                "perplexity": t.perplexity,
+                "n_iter": t.n_iter,
+            })),
+            Err(e) => Section::skipped(e.to_string()),
+        }
+    };
+
+    let (logreg, acc_ci, clf_perm) = classifier(input, &sig, opts)?;
+    let bootstrap = match d_ci {
+        None => Section::skipped("0 repetitions requested"),
+        Some(ci) => Section::Done(Bootstrap {
+            reps: opts.boot_reps,
+            seed,
+            confidence: 0.95,
+            cohens_d_ci95: ci,
+            accuracy_ci95: acc_ci,
+        }),
+    };
+    let sizes = input.category_sizes();
+    let results = AnalysisResults {
+        schema_version: SCHEMA_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        input: InputInfo {
+            traces: opts.traces.clone(),
+            manifest: opts.manifest.clone(),
+        },
+        settings: settings(opts),
+        num_prompts: n,
+        num_layers: nl,
+        num_experts: ne,
+        top_k: input.top_k,
+        categories: input
+            .categories
+            .iter()
+            .zip(&sizes)
+            .map(|(c, &k)| CategoryCount {
+                name: c.clone(),
+                n: k,
+            })
+            .collect(),
+        prompt_ids: input.prompt_ids.clone(),
+        dropped_prompts: input.dropped.clone(),
+        path: PATH_EXACT.to_string(),
+        similarity,
+        category_similarity_matrix: cat_matrix,
+        per_layer: layers,
+        baselines,
+        significance: Significance {
+            label_permutation: label_perm,
+            bootstrap,
+            classifier_permutation: clf_perm,
+        },
+        pca: pca_res,
+        tsne: tsne_res,
+        logreg_5fold: logreg,
+    };
+    Ok(ExactOutputs {
+        results,
+        signatures: sig,
+        similarity: sim,
+        prompt_categories: input
+            .labels
+            .iter()
+            .map(|&c| input.categories[c].clone())
+            .collect(),
+    })
+}
+
+type ClassifierSections = (
+    Section<serde_json::Value>,
+    Option<[f64; 2]>,
+    Section<serde_json::Value>,
+);
+
+/// Cross-validated logistic regression, its accuracy bootstrap and its permutation test
+/// (implemented in [`crate::cv`]).
+fn classifier(
+    input: &AnalysisInput,
+    sig: &[f64],
+    opts: &AnalyzeOptions,
+) -> Result<ClassifierSections> {
+    if opts.skip_classifier {
+        let s = || Section::skipped("disabled (--no-classifier)");
+        return Ok((s(), None, s()));
+    }
+    let (n, d) = (input.n(), input.dim());
+    let from_file = match (&opts.folds, &opts.folds_file) {
+        (None, Some(path)) => Some(
+            cv::read_folds_csv(path, &input.prompt_ids)
+                .map_err(|e| StatsError::InvalidInput(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let (folds, n_folds) = match from_file.as_ref().or(opts.folds.as_ref()) {
+        Some((f, k)) => {
+            if f.len() != n {
+                return Err(StatsError::Dimension(format!(
+                    "fold assignment has {} entries for {n} prompts",
+                    f.len()
+                )));
+            }
+            (f.clone(), *k)
+        }
+        None => {
+            let fold_seed = sub_rng(opts.seed, tags::FOLDS, 0).next_u64();
+            (
+                cv::stratified_kfold(&input.labels, DEFAULT_FOLDS, fold_seed),
+                DEFAULT_FOLDS,
+            )
+        }
+    };
+    let cvres = cv::logreg_cv(sig, n, d, &input.labels, &input.categories, &folds, n_folds)
+        .map_err(|e| StatsError::Other(e.to_string()))?;
+    let res = match cvres {
+        cv::CvOutcome::Done(r) => r,
+        cv::CvOutcome::Skipped { reason } => {
+            let s = || Section::skipped(reason.clone());
+            return Ok((s(), None, s()));
+        }
+    };
+    let logreg = Section::Done(serde_json::json!({
+        "fold_accuracies": res.fold_accuracies,
+        "accuracy_mean": res.accuracy_mean,
+        "accuracy_std": res.accuracy_std,
+        "macro_f1_oof": res.macro_f1_oof,
+        "confusion": res.confusion,
+        "labels": res.labels,
+        "chance": res.chance,
+        "n_folds": n_folds,
+        "oof_predictions": res.oof_predictions.iter().map(|&p| input.categories[p].clone()).collect::<Vec<_>>(),
+    }));
+    let boot_seed = sub_rng(opts.seed, tags::ACCURACY_BOOTSTRAP, 0).next_u64();
+    let acc_ci =
+        cv::accuracy_bootstrap_ci(&res.correct, opts.boot_reps, boot_seed).map(|b| [b.lo, b.hi]);
+    let perm_seed = sub_rng(opts.seed, tags::CLASSIFIER_PERMUTATION, 0).next_u64();
+    let perm = cv::classifier_permutation_test(
+        sig,
+        n,
+        d,
+        &input.labels,
+        input.categories.len(),
+        &folds,
+        n_folds,
+        opts.classifier_perm_reps,
+        perm_seed,
+    )
+    .map_err(|e| StatsError::Other(e.to_string()))?;
+    let perm = match perm {
+        cv::CvOutcome::Done(p) => Section::Done(serde_json::json!({
+            "p": p.p_value,
+            "observed_accuracy": p.observed,
+            "null_mean": p.null_mean,
+            "reps": p.reps,
+            "seed": opts.seed,
+        })),
+        cv::CvOutcome::Skipped { reason } => Section::skipped(reason),
+    };
+    Ok((logreg, acc_ci, perm))
+}
+
+/// `results.json` of the Gram-sums path.
+pub fn analyze_gram(
+    g: GramSummary,
+    num_layers: usize,
+    num_experts: usize,
+    top_k: Option<usize>,
+    opts: &AnalyzeOptions,
+) -> AnalysisResults {
+    let reason = "not computed on the gram_sums path (large N); use --exact-pairs for all sections";
+    AnalysisResults {
+        schema_version: SCHEMA_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        input: InputInfo {
+            traces: opts.traces.clone(),
+            manifest: opts.manifest.clone(),
+        },
+        settings: settings(opts),
+        num_prompts: g.prompt_ids.len(),
+        num_layers,
+        num_experts,
+        top_k: top_k.unwrap_or(0),
+        categories: g
+            .categories
+            .iter()
+            .map(|(c, n)| CategoryCount {
+                name: c.clone(),
+                n: *n,
+            })
+            .collect(),
+        prompt_ids: g.prompt_ids,
+        dropped_prompts: g.dropped,
+        path: PATH_GRAM.to_string(),
+        similarity: g.similarity,
+        category_similarity_matrix: g.category_matrix,
+        per_layer: g.per_layer,
+        baselines: Baselines {
+            permutation: Section::skipped(reason),
+            load_balance_uniform: Section::skipped(reason),
+            load_balance_marginal: Section::skipped(reason),
+        },
+        significance: Significance {
+            label_permutation: Section::skipped(reason),
+            bootstrap: Section::skipped(reason),
+            classifier_permutation: Section::skipped(reason),
+        },
+        pca: Section::skipped(reason),
+        tsne: Section::skipped(reason),
+        logreg_5fold: Section::skipped(reason),
+    }
+}
+
+/// Streams prompts and chooses the path: rows are buffered until the threshold is exceeded, then
+/// moved into a [`GramAccumulator`] (a single pass over the input either way).
+pub struct Collector {
+    num_layers: usize,
+    num_experts: usize,
+    choice: PathChoice,
+    rows: Vec<PromptRow>,
+    gram: Option<GramAccumulator>,
+}
+
+impl Collector {
+    pub fn new(num_layers: usize, num_experts: usize, choice: PathChoice) -> Self {
+        let gram = matches!(choice, PathChoice::GramSums)
+            .then(|| GramAccumulator::new(num_layers, num_experts));
+        Collector {
+            num_layers,
+            num_experts,
+            choice,
+            rows: Vec::new(),
+            gram,
+        }
+    }
+
+    pub fn push(&mut self, row: PromptRow) -> Result<()> {
+        if let Some(g) = &mut self.gram {
+            return g.push(row);
+        }
+        self.rows.push(row);
+        if let PathChoice::Auto { threshold } = self.choice {
+            if self.rows.len() > threshold {
+                let mut g = GramAccumulator::new(self.num_layers, self.num_experts);
+                for r in self.rows.drain(..) {
+                    g.push(r)?;
+                }
+                self.gram = Some(g);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish with the chosen path. `top_k` is required on the exact path.
+    pub fn finish(self, top_k: Option<usize>, opts: &AnalyzeOptions) -> Result<Outputs> {
+        if let Some(g) = self.gram {
+            let summary = g.finish()?;
+            return Ok(Outputs::Gram(Box::new(analyze_gram(
+                summary,
+                self.num_layers,
+                self.num_experts,
+                top_k,
+                opts,
+            ))));
+        }
+        let top_k = match top_k {
+            Some(k) => k,
+            None => infer_top_k(&self.rows, self.num_layers, self.num_experts, opts.weighted)?,
+        };
+        let input = build_input(
+            self.num_layers,
+            self.num_experts,
+            top_k,
+            opts.weighted,
+            self.rows,
+        )?;
+        Ok(Outputs::Exact(Box::new(analyze_exact(&input, opts)?)))
+    }
+
+    /// Prompt ids of the rows buffered so far (exact path), e.g. to read a fold file.
+    pub fn buffered(&self) -> &[PromptRow] {
+        &self.rows
+    }
+}
+
+/// k from unweighted counts: `Σ_e A[l,e] / tokens[l]` must be the same integer everywhere.
+fn infer_top_k(rows: &[PromptRow], nl: usize, ne: usize, weighted: bool) -> Result<usize> {
+    let err = || {
+        StatsError::InvalidInput(
+            "top_k is unknown: give it in manifest.json beside the traces, --model DIR or --top-k"
+                .into(),
+        )
+    };
+    if weighted {
+        return Err(err());
+    }
+    let mut k = None;
+    for r in rows {
+        for l in 0..nl {
+            let t = r.tokens_per_layer.get(l).copied().unwrap_or(0);
+            if t == 0 {
+                continue;
+            }
+            let s: f64 = r.counts[l * ne..(l + 1) * ne].iter().sum();
+            let q = s / t as f64;
+            if (q - q.round()).abs() > 1e-9 || q < 1.0 {
+                return Err(err());
+            }
+            match k {
+                None => k = Some(q.round() as usize),
+                Some(k0) if k0 != q.round() as usize => return Err(err()),
+                _ => {}
+            }
+        }
+    }
+    k.ok_or_else(err)
+}

@@ -136,7 +136,11 @@ fn rep_stats(counts: &mut [f64], n: usize, num_layers: usize, num_experts: usize
         embed_in_place(row, num_layers, num_experts);
     }
     let g = gram(counts, n, d);
-    let s = mean_std((0..n).flat_map(|i| ((i + 1)..n).map(move |j| (i, j))).map(|(i, j)| g[i * n + j]));
+    let s = mean_std(
+        (0..n)
+            .flat_map(|i| ((i + 1)..n).map(move |j| (i, j)))
+            .map(|(i, j)| g[i * n + j]),
+    );
     (s.mean, s.std)
 }
 
@@ -288,7 +292,12 @@ fn synth_counts(
 }
 
 /// Run one baseline for `reps` repetitions.
-pub fn run_baseline(which: Baseline, input: &AnalysisInput, reps: usize, seed: u64) -> BaselineStats {
+pub fn run_baseline(
+    which: Baseline,
+    input: &AnalysisInput,
+    reps: usize,
+    seed: u64,
+) -> BaselineStats {
     let (n, nl, ne) = (input.n(), input.num_layers, input.num_experts);
     let d = nl * ne;
     let tokens = tokens_per_layer(input);

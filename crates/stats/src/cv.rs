@@ -23,7 +23,8 @@
 //! * [`classifier_permutation_test`]: labels permuted uniformly (Fisher–Yates, `ChaCha8Rng`
 //!   seeded with `seed`, stream = repetition index), the whole CV rerun with the same folds;
 //!   statistic = mean fold accuracy; p = (1 + #{acc_perm ≥ acc_obs}) / (1 + reps). A permuted
-//!   training fold with a single class predicts that class.
+//!   training fold with a single class predicts that class. Permuted refits stop at the relative
+//!   gradient tolerance [`PERMUTATION_GTOL`] (1e-6) instead of 1e-10.
 //! * [`accuracy_bootstrap_ci`]: resample the out-of-fold correctness vector with replacement
 //!   (`ChaCha8Rng`, seed, stream = repetition), percentile 95 % interval (2.5 %, 97.5 %, linear
 //!   interpolation between order statistics as numpy's default `percentile`).
@@ -154,8 +155,8 @@ impl StandardScaler {
         let d = self.mean.len();
         let mut out = x.to_vec();
         for row in out.chunks_exact_mut(d) {
-            for j in 0..d {
-                row[j] = (row[j] - self.mean[j]) / self.scale[j];
+            for ((v, m), s) in row.iter_mut().zip(&self.mean).zip(&self.scale) {
+                *v = (*v - m) / s;
             }
         }
         out
@@ -289,7 +290,6 @@ pub struct LogRegCvResult {
 /// Folds with their scaled train/test matrices, prepared once and refit with any labels.
 struct PreparedFolds {
     n_folds: usize,
-    d: usize,
     train: Vec<Vec<usize>>,
     test: Vec<Vec<usize>>,
     designs: Vec<Design>,
@@ -318,7 +318,6 @@ impl PreparedFolds {
         }
         Ok(Self {
             n_folds,
-            d,
             train,
             test,
             designs,
@@ -331,10 +330,10 @@ impl PreparedFolds {
     fn run(
         &self,
         labels: &[usize],
+        opts: &LogRegOptions,
         constant_fallback: bool,
         keep_models: bool,
     ) -> Result<(Vec<usize>, Vec<FoldModel>), String> {
-        let opts = LogRegOptions::default();
         let mut pred = vec![0usize; labels.len()];
         let mut models = Vec::new();
         for f in 0..self.n_folds {
@@ -344,9 +343,7 @@ impl PreparedFolds {
             classes.dedup();
             if classes.len() < 2 {
                 if !constant_fallback {
-                    return Err(format!(
-                        "training set of fold {f} has fewer than 2 classes"
-                    ));
+                    return Err(format!("training set of fold {f} has fewer than 2 classes"));
                 }
                 let c = classes.first().copied().unwrap_or(0);
                 for &i in &self.test[f] {
@@ -360,7 +357,7 @@ impl PreparedFolds {
             }
             let yloc: Vec<usize> = ytr.iter().map(|&c| remap[c]).collect();
             let model: LogReg = self.designs[f]
-                .fit(&yloc, classes.len(), &opts)
+                .fit(&yloc, classes.len(), opts)
                 .map_err(|e| format!("fold {f}: {e}"))?;
             let p = model.predict(&self.test_x[f], self.test[f].len());
             for (&i, &pl) in self.test[f].iter().zip(&p) {
@@ -378,7 +375,6 @@ impl PreparedFolds {
                 });
             }
         }
-        let _ = self.d;
         Ok((pred, models))
     }
 
@@ -491,7 +487,7 @@ pub fn logreg_cv(
         return Ok(CvOutcome::Skipped { reason });
     }
     let prep = PreparedFolds::new(x, d, folds, n_folds)?;
-    let (pred, models) = match prep.run(labels, false, true) {
+    let (pred, models) = match prep.run(labels, &LogRegOptions::default(), false, true) {
         Ok(r) => r,
         Err(reason) => return Ok(CvOutcome::Skipped { reason }),
     };
@@ -547,6 +543,11 @@ pub fn macro_f1(confusion: &[Vec<u64>]) -> f64 {
     }
 }
 
+/// Relative gradient tolerance of the refits on permuted labels. Only their predictions are
+/// used, and those are settled long before the 1e-10 of the observed fit; this halves the cost of
+/// the test (scikit-learn's reference uses its default `tol=1e-4` there). Fits stay deterministic.
+pub const PERMUTATION_GTOL: f64 = 1e-6;
+
 /// Result of [`classifier_permutation_test`].
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ClassifierPermutation {
@@ -581,9 +582,13 @@ pub fn classifier_permutation_test(
         });
     }
     let prep = PreparedFolds::new(x, d, folds, n_folds)?;
-    let observed = match prep.run(labels, false, false) {
+    let observed = match prep.run(labels, &LogRegOptions::default(), false, false) {
         Ok((pred, _)) => mean(&prep.fold_accuracies(labels, &pred)),
         Err(reason) => return Ok(CvOutcome::Skipped { reason }),
+    };
+    let perm_opts = LogRegOptions {
+        gtol: PERMUTATION_GTOL,
+        ..LogRegOptions::default()
     };
     let null: Vec<f64> = (0..reps)
         .into_par_iter()
@@ -592,7 +597,7 @@ pub fn classifier_permutation_test(
             rng.set_stream(r as u64);
             let mut perm = labels.to_vec();
             perm.shuffle(&mut rng);
-            match prep.run(&perm, true, false) {
+            match prep.run(&perm, &perm_opts, true, false) {
                 Ok((pred, _)) => Ok(mean(&prep.fold_accuracies(&perm, &pred))),
                 Err(e) => Err(e),
             }
@@ -671,7 +676,8 @@ mod tests {
         assert_eq!(s.scale[0], 1.0);
         assert_eq!(s.scale[2], 1.0);
         assert!((s.mean[1] - 7.0 / 3.0).abs() < 1e-15);
-        let var = ((1.0f64 - 7.0 / 3.0).powi(2) + (2.0f64 - 7.0 / 3.0).powi(2)
+        let var = ((1.0f64 - 7.0 / 3.0).powi(2)
+            + (2.0f64 - 7.0 / 3.0).powi(2)
             + (4.0f64 - 7.0 / 3.0).powi(2))
             / 3.0;
         assert!((s.scale[1] - var.sqrt()).abs() < 1e-15);
@@ -691,7 +697,9 @@ mod tests {
         assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
         for c in 0..3 {
             let mut per = [0usize; 5];
-            (0..23).filter(|&i| labels[i] == c).for_each(|i| per[f[i]] += 1);
+            (0..23)
+                .filter(|&i| labels[i] == c)
+                .for_each(|i| per[f[i]] += 1);
             assert!(per.iter().max().unwrap() - per.iter().min().unwrap() <= 1);
         }
     }
@@ -738,7 +746,7 @@ mod tests {
         assert_eq!(p.observed, 1.0);
         assert_eq!(p.p_value, 1.0 / 20.0);
         assert!(p.null_mean < 0.6);
-        let json = serde_json::to_value(&CvOutcome::Done(r)).unwrap();
+        let json = serde_json::to_value(CvOutcome::Done(r)).unwrap();
         assert!(json.get("fold_coefs").is_none());
         assert_eq!(json["labels"][3], "d");
     }
@@ -752,7 +760,10 @@ mod tests {
         let r = logreg_cv(&x, 20, 4, &y, &names, &folds, 5).unwrap();
         assert!(matches!(r, CvOutcome::Skipped { .. }));
         let json = serde_json::to_string(&r).unwrap();
-        assert!(json.starts_with("{\"skipped\":\"category 2 has 1 prompts"), "{json}");
+        assert!(
+            json.starts_with("{\"skipped\":\"category 2 has 1 prompts"),
+            "{json}"
+        );
         let one = vec![0usize; 20];
         let r = logreg_cv(&x, 20, 4, &one, &names[..1], &folds, 5).unwrap();
         assert!(matches!(r, CvOutcome::Skipped { .. }));
@@ -803,11 +814,23 @@ mod tests {
             panic!("{case}: skipped")
         };
         let f64s = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect()
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap())
+                .collect()
         };
         assert_eq!(r.fold_accuracies, f64s(&exp["fold_accuracies"]), "{case}");
-        assert!(close(r.accuracy_mean, exp["accuracy_mean"].as_f64().unwrap(), 1e-15));
-        assert!(close(r.accuracy_std, exp["accuracy_std"].as_f64().unwrap(), 1e-15));
+        assert!(close(
+            r.accuracy_mean,
+            exp["accuracy_mean"].as_f64().unwrap(),
+            1e-15
+        ));
+        assert!(close(
+            r.accuracy_std,
+            exp["accuracy_std"].as_f64().unwrap(),
+            1e-15
+        ));
         assert!(
             close(r.macro_f1_oof, exp["macro_f1_oof"].as_f64().unwrap(), 1e-14),
             "{case}: macro F1 {} vs {}",
@@ -818,11 +841,15 @@ mod tests {
         let conf: Vec<Vec<u64>> = serde_json::from_value(exp["confusion"].clone()).unwrap();
         assert_eq!(r.confusion, conf, "{case}");
         let oof: Vec<String> = serde_json::from_value(exp["oof_predictions"].clone()).unwrap();
-        let ours: Vec<String> = r.oof_predictions.iter().map(|&p| fx.names[p].clone()).collect();
+        let ours: Vec<String> = r
+            .oof_predictions
+            .iter()
+            .map(|&p| fx.names[p].clone())
+            .collect();
         assert_eq!(ours, oof, "{case}");
         let models = exp["fold_models"].as_array().unwrap();
         assert_eq!(models.len(), r.fold_coefs.len());
-        let mut max_diff = 0.0f64;
+        let (mut max_diff, mut max_idiff) = (0.0f64, 0.0f64);
         for (f, (m, ours)) in models.iter().zip(&r.fold_coefs).enumerate() {
             let classes: Vec<String> = serde_json::from_value(m["classes"].clone()).unwrap();
             let our_classes: Vec<String> =
@@ -833,22 +860,86 @@ mod tests {
             for (a, b) in coef.iter().flatten().zip(ours.coef.iter().flatten()) {
                 max_diff = max_diff.max((a - b).abs());
             }
-            for (a, b) in f64s(&m["intercept"]).iter().zip(&ours.intercept) {
-                max_diff = max_diff.max((a - b).abs());
+            let sk_intercept = f64s(&m["intercept"]);
+            let mut idiff = 0.0f64;
+            for (a, b) in sk_intercept.iter().zip(&ours.intercept) {
+                idiff = idiff.max((a - b).abs());
             }
+            max_idiff = max_idiff.max(idiff);
             // The scaler of this fold.
             let train: Vec<usize> = (0..fx.n).filter(|&i| folds[i] != f).collect();
             let xtr = gather(&fx.x, fx.d, &train);
             let sc = StandardScaler::fit(&xtr, train.len(), fx.d);
+            if idiff >= 1e-5 {
+                // The intercepts are the weakly determined direction (the loss Hessian along
+                // them is Σ p(1−p), tiny when the training data are separable), so the
+                // reference's own stopping error shows there first. Accept only if our point
+                // is the better minimiser by an order of magnitude, and the gap is still small.
+                let xs = sc.transform(&xtr);
+                let ytr: Vec<usize> = train.iter().map(|&i| fx.labels[i]).collect();
+                let ours_kkt = kkt_residual(&xs, &ytr, &ours.coef, &ours.intercept, &ours.classes);
+                let sk_kkt = kkt_residual(&xs, &ytr, &coef, &sk_intercept, &ours.classes);
+                eprintln!(
+                    "{case} fold {f}: intercept gap {idiff:e}; KKT residual ours {ours_kkt:e}, sklearn {sk_kkt:e}"
+                );
+                assert!(idiff < 1e-4 && ours_kkt * 10.0 < sk_kkt, "{case} fold {f}");
+            }
             for (a, b) in f64s(&m["scaler_mean"]).iter().zip(&sc.mean) {
                 assert!(close(*a, *b, 1e-15), "{case} fold {f}: mean {a} vs {b}");
             }
             for (a, b) in f64s(&m["scaler_scale"]).iter().zip(&sc.scale) {
-                assert!(close(*a, *b, 1e-13 * a.abs()), "{case} fold {f}: scale {a} vs {b}");
+                assert!(
+                    close(*a, *b, 1e-13 * a.abs()),
+                    "{case} fold {f}: scale {a} vs {b}"
+                );
             }
         }
-        eprintln!("{case}: max |coef/intercept − sklearn| = {max_diff:e}");
-        assert!(max_diff < 1e-5, "{case}: max coefficient difference {max_diff}");
+        eprintln!("{case}: max |coef − sklearn| = {max_diff:e}, max |intercept − sklearn| = {max_idiff:e}");
+        assert!(
+            max_diff < 1e-5,
+            "{case}: max coefficient difference {max_diff}"
+        );
+    }
+
+    /// max |∇| of the unscaled objective C Σ loss + ‖W‖²/2 (C = 1) at (W, b), computed
+    /// independently of the optimiser (as `kkt_grad_max` in tools/reference_stats.py).
+    fn kkt_residual(
+        xs: &[f64],
+        y: &[usize],
+        coef: &[Vec<f64>],
+        intercept: &[f64],
+        classes: &[usize],
+    ) -> f64 {
+        let d = coef[0].len();
+        let n = y.len();
+        let model = LogReg {
+            n_classes: classes.len(),
+            n_features: d,
+            coef: coef.iter().flatten().copied().collect(),
+            intercept: intercept.to_vec(),
+            n_iter: 0,
+            grad_norm: 0.0,
+            converged: true,
+        };
+        let p = model.predict_proba(xs, n);
+        let k = classes.len();
+        let rows = coef.len();
+        let mut worst = 0.0f64;
+        for (row, w) in coef.iter().enumerate() {
+            let cls = if rows == 1 { 1 } else { row };
+            let mut gb = 0.0;
+            let mut g = w.clone();
+            for i in 0..n {
+                let t = if classes[cls] == y[i] { 1.0 } else { 0.0 };
+                let r = p[i * k + cls] - t;
+                gb += r;
+                for j in 0..d {
+                    g[j] += r * xs[i * d + j];
+                }
+            }
+            worst = g.iter().fold(worst.max(gb.abs()), |m, v| m.max(v.abs()));
+        }
+        worst
     }
 
     #[test]
@@ -893,9 +984,11 @@ pub(crate) mod fixture_support {
     }
 
     pub(crate) fn load(case: &str) -> Fixture {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/stats")
-            .join(case);
+        // MOE_XRAY_FIXTURES overrides the repository's fixtures folder (out-of-tree builds).
+        let root = std::env::var_os("MOE_XRAY_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
+        let dir = root.join("stats").join(case);
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();

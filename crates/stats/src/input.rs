@@ -179,12 +179,18 @@ pub fn build_input(
         input.prompt_ids.push(row.prompt_id);
         input.counts.extend_from_slice(&row.counts);
         if row.tokens_per_layer.len() == num_layers {
-            input.tokens_per_layer.extend_from_slice(&row.tokens_per_layer);
+            input
+                .tokens_per_layer
+                .extend_from_slice(&row.tokens_per_layer);
         } else {
             // Unknown token counts: derive them from unweighted totals (Σ_e A / k).
             for l in 0..num_layers {
-                let s: f64 = row.counts[l * num_experts..(l + 1) * num_experts].iter().sum();
-                input.tokens_per_layer.push((s / top_k as f64).round() as u64);
+                let s: f64 = row.counts[l * num_experts..(l + 1) * num_experts]
+                    .iter()
+                    .sum();
+                input
+                    .tokens_per_layer
+                    .push((s / top_k as f64).round() as u64);
             }
         }
     }
@@ -262,7 +268,10 @@ mod tests {
     fn missing_category_and_bad_shapes_are_errors() {
         let rows = vec![row("a", None, vec![1., 1.])];
         let err = build_input(1, 2, 1, false, rows).unwrap_err().to_string();
-        assert!(err.contains("no category") && err.contains("\"a\""), "{err}");
+        assert!(
+            err.contains("no category") && err.contains("\"a\""),
+            "{err}"
+        );
         let rows = vec![row("a", Some("x"), vec![1., 1., 1.])];
         assert!(build_input(1, 2, 1, false, rows).is_err());
         let rows = vec![row("a", Some("x"), vec![1., f64::NAN])];

@@ -180,7 +180,11 @@ impl GramAccumulator {
         }
         let big = self.cats.values().filter(|c| c.n >= 2).count();
         if big < 2 {
-            let desc: Vec<_> = self.cats.iter().map(|(c, a)| format!("{c}: {}", a.n)).collect();
+            let desc: Vec<_> = self
+                .cats
+                .iter()
+                .map(|(c, a)| format!("{c}: {}", a.n))
+                .collect();
             return Err(StatsError::InvalidInput(format!(
                 "need at least 2 categories with at least 2 prompts each (after dropping {} prompt(s)); found {{{}}}",
                 self.dropped.len(),
@@ -292,7 +296,11 @@ impl GramAccumulator {
             })
             .collect();
         Ok(GramSummary {
-            categories: names.iter().cloned().zip(accs.iter().map(|a| a.n as usize)).collect(),
+            categories: names
+                .iter()
+                .cloned()
+                .zip(accs.iter().map(|a| a.n as usize))
+                .collect(),
             prompt_ids: self.prompt_ids,
             dropped: self.dropped,
             similarity: SimilaritySummary {
@@ -348,7 +356,11 @@ mod tests {
                 let counts = (0..nl * ne)
                     .map(|f| {
                         let bias = if f % ne == cat * 3 { 6.0 } else { 0.0 };
-                        (rng.random_range(0..5u32) as f64 + bias).max(if f % ne == 0 { 1.0 } else { 0.0 })
+                        (rng.random_range(0..5u32) as f64 + bias).max(if f % ne == 0 {
+                            1.0
+                        } else {
+                            0.0
+                        })
                     })
                     .collect();
                 PromptRow {

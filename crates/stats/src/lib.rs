@@ -5,6 +5,7 @@
 
 pub mod analyze;
 pub mod baselines;
+pub mod bench;
 pub mod cv;
 pub mod error;
 pub mod input;

@@ -18,12 +18,23 @@ pub enum SignConvention {
 
 /// PCA result with the explained-variance ratios of the first `min(max_components, N−1)`
 /// components and the first two component scores of every prompt.
-pub fn pca(x: &[f64], n: usize, d: usize, max_components: usize, sign: SignConvention) -> Result<PcaResult> {
+pub fn pca(
+    x: &[f64],
+    n: usize,
+    d: usize,
+    max_components: usize,
+    sign: SignConvention,
+) -> Result<PcaResult> {
     if x.len() != n * d {
-        return Err(StatsError::Dimension(format!("pca: {} values for a {n}x{d} matrix", x.len())));
+        return Err(StatsError::Dimension(format!(
+            "pca: {} values for a {n}x{d} matrix",
+            x.len()
+        )));
     }
     if n < 2 {
-        return Err(StatsError::InvalidInput("pca needs at least 2 prompts".into()));
+        return Err(StatsError::InvalidInput(
+            "pca needs at least 2 prompts".into(),
+        ));
     }
     // Centre the columns.
     let mut xc = x.to_vec();
@@ -98,8 +109,8 @@ mod tests {
             -2.0, 0.1, 0.0, //
             -1.0, -0.1, 0.0, //
             0.0, 0.0, 0.0, //
-            1.0, 0.1, 0.0, //
-            2.0, -0.1, 0.0,
+            1.0, -0.1, 0.0, //
+            2.0, 0.1, 0.0,
         ];
         let r = pca(&x, 5, 3, 10, SignConvention::ComponentBased).unwrap();
         assert_eq!(r.explained_variance_ratio.len(), 4);

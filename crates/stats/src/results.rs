@@ -124,10 +124,10 @@ pub struct Bootstrap {
     pub seed: u64,
     pub confidence: f64,
     /// Percentile CI `[2.5 %, 97.5 %]` of Cohen's d (stratified bootstrap of prompts).
-    pub cohens_d_ci: [f64; 2],
+    pub cohens_d_ci95: [f64; 2],
     /// Percentile CI of the out-of-fold classifier accuracy (absent when the classifier was skipped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accuracy_ci: Option<[f64; 2]>,
+    pub accuracy_ci95: Option<[f64; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

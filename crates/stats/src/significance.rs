@@ -22,7 +22,12 @@ pub fn p_value(observed: f64, perms: &[f64]) -> f64 {
 
 /// Shuffle the category labels among prompts `reps` times (stream `LABEL_PERMUTATION`, one per
 /// repetition) and compare within−across and d with the observed labels.
-pub fn label_permutation(sim: &[f64], labels: &[usize], reps: usize, seed: u64) -> LabelPermutation {
+pub fn label_permutation(
+    sim: &[f64],
+    labels: &[usize],
+    reps: usize,
+    seed: u64,
+) -> LabelPermutation {
     let (w, a, d) = within_across_fast(sim, labels);
     let perms: Vec<(f64, f64)> = (0..reps)
         .into_par_iter()
@@ -133,7 +138,11 @@ mod tests {
         for i in 0..n {
             for j in 0..n {
                 let base = if labels[i] == labels[j] { 0.8 } else { 0.5 };
-                sim[i * n + j] = if i == j { 1.0 } else { base + 0.01 * (((i * j) % 7) as f64) };
+                sim[i * n + j] = if i == j {
+                    1.0
+                } else {
+                    base + 0.01 * (((i * j) % 7) as f64)
+                };
             }
         }
         (sim, labels)

@@ -14,7 +14,13 @@ pub fn gram(v: &[f64], n: usize, d: usize) -> Vec<f64> {
 }
 
 /// Per-layer cosine matrix `C_l[i,j] = cos(s_i[l], s_j[l])` from embeddings `v` (N×(L·E)).
-pub fn layer_gram(v: &[f64], n: usize, num_layers: usize, num_experts: usize, l: usize) -> Vec<f64> {
+pub fn layer_gram(
+    v: &[f64],
+    n: usize,
+    num_layers: usize,
+    num_experts: usize,
+    l: usize,
+) -> Vec<f64> {
     let d = num_layers * num_experts;
     let vt = DMatrixView::from_slice(v, d, n);
     let block = vt.rows(l * num_experts, num_experts);

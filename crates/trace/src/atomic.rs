@@ -35,7 +35,8 @@ pub fn write_atomic_with(
         w.flush().map_err(io)?;
     }
     tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| TraceError::io(path, e.error))?;
+    tmp.persist(path)
+        .map_err(|e| TraceError::io(path, e.error))?;
     sync_dir(&dir);
     Ok(())
 }

@@ -217,9 +217,7 @@ impl<'a> State<'a> {
         }
         let manifest_path = manifest.as_ref().map(|(_, p)| p.display().to_string());
         let manifest = manifest.map(|(m, _)| m);
-        let num_layers = opts
-            .num_layers
-            .or(manifest.as_ref().map(|m| m.num_layers));
+        let num_layers = opts.num_layers.or(manifest.as_ref().map(|m| m.num_layers));
         let num_experts = opts
             .num_experts
             .or(manifest.as_ref().map(|m| m.num_experts));
@@ -734,11 +732,7 @@ pub fn for_each_prompt_counts(
     Ok((l, e))
 }
 
-fn emit(
-    st: &State,
-    mut acc: Acc,
-    f: &mut impl FnMut(PromptCounts) -> Result<()>,
-) -> Result<()> {
+fn emit(st: &State, mut acc: Acc, f: &mut impl FnMut(PromptCounts) -> Result<()>) -> Result<()> {
     st.resolve_category(&mut acc)?;
     let (l, e, _) = st.dims()?;
     f(acc.finish(l, e))
@@ -749,6 +743,9 @@ fn first_form(path: &Path) -> Result<TraceForm> {
     match r.next() {
         Some(Ok((_, item))) => Ok(item.form()),
         Some(Err(e)) => Err(e),
-        None => Err(TraceError::invalid_file(path, "empty file (no trace lines)")),
+        None => Err(TraceError::invalid_file(
+            path,
+            "empty file (no trace lines)",
+        )),
     }
 }

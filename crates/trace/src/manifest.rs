@@ -55,15 +55,17 @@ impl Manifest {
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
             TraceError::invalid(path, e.line().max(1), format!("invalid manifest: {e}"))
         })?;
-        m.validate().map_err(|msg| TraceError::invalid_file(path, msg))?;
+        m.validate()
+            .map_err(|msg| TraceError::invalid_file(path, msg))?;
         Ok(m)
     }
 
     /// Writes the manifest atomically (pretty-printed JSON with a trailing newline).
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let mut s = serde_json::to_string_pretty(self)
-            .map_err(|e| TraceError::invalid_file(path, format!("cannot serialise manifest: {e}")))?;
+        let mut s = serde_json::to_string_pretty(self).map_err(|e| {
+            TraceError::invalid_file(path, format!("cannot serialise manifest: {e}"))
+        })?;
         s.push('\n');
         crate::atomic::write_atomic(path, s)
     }
@@ -145,10 +147,7 @@ mod tests {
             ("", "empty manifest"),
             ("{\"num_layers\": 2}", "num_experts"),
             ("{not json", "invalid manifest"),
-            (
-                r#"{"num_layers":2,"num_experts":4,"top_k":5}"#,
-                "top_k = 5",
-            ),
+            (r#"{"num_layers":2,"num_experts":4,"top_k":5}"#, "top_k = 5"),
             (
                 r#"{"num_layers":0,"num_experts":4,"top_k":1}"#,
                 "num_layers",

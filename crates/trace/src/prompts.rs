@@ -41,17 +41,15 @@ pub fn read_prompts(path: impl AsRef<Path>) -> Result<Vec<Prompt>> {
         read_jsonl(path)?
     };
     if prompts.is_empty() {
-        return Err(TraceError::invalid_file(path, "empty prompt file (no prompts)"));
+        return Err(TraceError::invalid_file(
+            path,
+            "empty prompt file (no prompts)",
+        ));
     }
     Ok(prompts)
 }
 
-fn check(
-    path: &Path,
-    line: usize,
-    raw: RawPrompt,
-    seen: &mut HashSet<String>,
-) -> Result<Prompt> {
+fn check(path: &Path, line: usize, raw: RawPrompt, seen: &mut HashSet<String>) -> Result<Prompt> {
     let err = |m: String| TraceError::invalid(path, line, m);
     let id = match raw.id {
         None | Some(serde_json::Value::Null) => return Err(err("missing field `id`".into())),
@@ -120,7 +118,10 @@ fn read_csv(path: &Path) -> Result<Vec<Prompt>> {
         .map_err(|e| TraceError::invalid(path, 1, format!("invalid CSV header: {e}")))?
         .clone();
     if headers.is_empty() || (headers.len() == 1 && headers[0].trim().is_empty()) {
-        return Err(TraceError::invalid_file(path, "empty prompt file (no CSV header)"));
+        return Err(TraceError::invalid_file(
+            path,
+            "empty prompt file (no CSV header)",
+        ));
     }
     for need in ["id", "category", "text"] {
         if !headers.iter().any(|h| h.trim() == need) {
@@ -187,11 +188,7 @@ mod tests {
             "p.jsonl",
             "{\"id\":\"a\",\"category\":\"code\",\"text\":\"x, y\"}\n\n{\"text\":\"z\",\"id\":\"b\",\"category\":\"math\"}\n",
         );
-        let c = write(
-            &d,
-            "p.csv",
-            "category,id,text\nmath,b,z\ncode,a,\"x, y\"\n",
-        );
+        let c = write(&d, "p.csv", "category,id,text\nmath,b,z\ncode,a,\"x, y\"\n");
         let pj = read_prompts(&j).unwrap();
         let pc = read_prompts(&c).unwrap();
         assert_eq!(pj.len(), 2);
@@ -243,7 +240,10 @@ mod tests {
             let msg = read_prompts(&p).unwrap_err().to_string();
             let needle = needle.replace("p:2", &format!("{name}:2"));
             assert!(msg.contains(name), "{name}: {msg}");
-            assert!(msg.contains(&needle), "{name}: expected {needle:?} in {msg}");
+            assert!(
+                msg.contains(&needle),
+                "{name}: expected {needle:?} in {msg}"
+            );
         }
     }
 }

@@ -212,7 +212,10 @@ impl TraceReader {
         let io = |e| TraceError::io(&path, e);
         let mut file = std::fs::File::open(&path).map_err(io)?;
         if file.metadata().map_err(io)?.is_dir() {
-            return Err(TraceError::invalid_file(&path, "is a directory, not a trace file"));
+            return Err(TraceError::invalid_file(
+                &path,
+                "is a directory, not a trace file",
+            ));
         }
         let mut head = [0u8; 4];
         let mut got = 0;
@@ -224,7 +227,10 @@ impl TraceReader {
             got += n;
         }
         if got == 0 {
-            return Err(TraceError::invalid_file(&path, "empty file (no trace lines)"));
+            return Err(TraceError::invalid_file(
+                &path,
+                "empty file (no trace lines)",
+            ));
         }
         let by_ext = Compression::from_path(&path);
         let compression = match Compression::from_magic(&head[..got]) {
@@ -354,12 +360,10 @@ impl TraceReader {
     fn index(&self, name: &str, v: Option<i64>) -> Result<u32> {
         match v {
             None => Err(self.err(format!("missing field `{name}`"))),
-            Some(x) if x < 0 => Err(self.err(format!(
-                "negative {name} {x} (indices count from 0)"
-            ))),
-            Some(x) if x > u32::MAX as i64 => {
-                Err(self.err(format!("{name} {x} is out of range")))
+            Some(x) if x < 0 => {
+                Err(self.err(format!("negative {name} {x} (indices count from 0)")))
             }
+            Some(x) if x > u32::MAX as i64 => Err(self.err(format!("{name} {x} is out of range"))),
             Some(x) => Ok(x as u32),
         }
     }
@@ -615,27 +619,25 @@ impl TraceReader {
 
     fn check_layer(&self, layer: u32) -> Result<()> {
         match self.num_layers {
-            Some(l) if layer as usize >= l => Err(self.err(format!(
-                "layer {layer} is out of range (num_layers = {l})"
-            ))),
+            Some(l) if layer as usize >= l => {
+                Err(self.err(format!("layer {layer} is out of range (num_layers = {l})")))
+            }
             _ => Ok(()),
         }
     }
 
     fn check_expert(&self, e: u32) -> Result<()> {
         match self.num_experts {
-            Some(n) if e as usize >= n => Err(self.err(format!(
-                "expert {e} is out of range (num_experts = {n})"
-            ))),
+            Some(n) if e as usize >= n => {
+                Err(self.err(format!("expert {e} is out of range (num_experts = {n})")))
+            }
             _ => Ok(()),
         }
     }
 
     fn check_weight(&self, name: &str, w: f64) -> Result<f32> {
         if !w.is_finite() || !(0.0..=1.0 + 1e-6).contains(&w) {
-            return Err(self.err(format!(
-                "`{name}` value {w} is not a probability in [0, 1]"
-            )));
+            return Err(self.err(format!("`{name}` value {w} is not a probability in [0, 1]")));
         }
         Ok(w as f32)
     }
@@ -664,7 +666,9 @@ impl Iterator for TraceReader {
 
 /// Reads all items of a file (convenience for small files and tests).
 pub fn read_all(path: impl AsRef<Path>) -> Result<Vec<TraceItem>> {
-    TraceReader::open(path)?.map(|r| r.map(|(_, i)| i)).collect()
+    TraceReader::open(path)?
+        .map(|r| r.map(|(_, i)| i))
+        .collect()
 }
 
 /// Set of prompt ids in first-appearance order (helper for callers that need only the ids).

@@ -257,7 +257,10 @@ fn resume_prompts(
                 return Err(TraceError::invalid(
                     path,
                     line,
-                    format!("cannot resume: prompt '{}' is written twice", first.prompt_id),
+                    format!(
+                        "cannot resume: prompt '{}' is written twice",
+                        first.prompt_id
+                    ),
                 ));
             }
             done.push(first.prompt_id.clone());
@@ -346,8 +349,7 @@ impl EventsWriter {
             return Ok((Self::create(path)?, Vec::new()));
         };
         // Plain events files cannot prove the last block complete: it is redone.
-        let (keep, done) =
-            resume_prompts(path, &units, Compression::from_path(path), |_| false)?;
+        let (keep, done) = resume_prompts(path, &units, Compression::from_path(path), |_| false)?;
         let mut w = Self::new(BlockFile::reopen_at(path, keep)?);
         w.prompts_written = done.len();
         Ok((w, done))
@@ -425,7 +427,9 @@ impl RoutingSink for EventsWriter {
 
     fn end_prompt(&mut self, prompt_id: &str) -> Result<()> {
         let (_, buf) = self.pending.remove(prompt_id).ok_or_else(|| {
-            TraceError::Sink(format!("end_prompt for prompt '{prompt_id}' that was not begun"))
+            TraceError::Sink(format!(
+                "end_prompt for prompt '{prompt_id}' that was not begun"
+            ))
         })?;
         if !buf.is_empty() {
             self.out.append(&buf)?;
@@ -576,7 +580,9 @@ impl RoutingSink for CountsWriter {
 
     fn end_prompt(&mut self, prompt_id: &str) -> Result<()> {
         let acc = self.pending.remove(prompt_id).ok_or_else(|| {
-            TraceError::Sink(format!("end_prompt for prompt '{prompt_id}' that was not begun"))
+            TraceError::Sink(format!(
+                "end_prompt for prompt '{prompt_id}' that was not begun"
+            ))
         })?;
         let mut buf = Vec::new();
         for (t, (tok, counts, weighted, has_w)) in acc.per_type.into_iter().enumerate() {
@@ -643,9 +649,8 @@ impl<T: Serialize> JsonlAppender<T> {
         for u in &units {
             for l in lines_of(&u.data) {
                 line += 1;
-                let item: T = serde_json::from_slice(l).map_err(|e| {
-                    TraceError::invalid(path, line, format!("cannot resume: {e}"))
-                })?;
+                let item: T = serde_json::from_slice(l)
+                    .map_err(|e| TraceError::invalid(path, line, format!("cannot resume: {e}")))?;
                 items.push(item);
             }
             keep = u.end;

@@ -1,8 +1,433 @@
-//! `moe-xray analyze` (not built yet).
+//! `moe-xray analyze`: routing traces → results.json, signatures.csv, prompt_similarity.csv and a
+//! short human summary (definitions in docs/statistics.md).
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use anyhow::{bail, Context, Result};
+use moe_xray_stats::analyze::{
+    AnalyzeOptions, Collector, Outputs, PathChoice, DEFAULT_GRAM_THRESHOLD,
+};
+use moe_xray_stats::input::PromptRow;
+use moe_xray_stats::results::{AnalysisResults, Section};
+use moe_xray_trace::counts::{for_each_prompt_counts, AggregateOptions};
+use moe_xray_trace::{read_manifest_beside, read_prompts, write_atomic, TokenType, TraceError};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`analyze` is not available in this build yet")
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Trace files (JSONL records, flat events or counts lines; .gz / .zst accepted).
+    #[arg(required = true, value_name = "TRACES")]
+    pub traces: Vec<PathBuf>,
+    /// Prompt file (JSONL or CSV with id, category, text) giving each prompt's category.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// Model directory: L, E and k are read from its config.json.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Number of MoE layers L (overrides manifest / config).
+    #[arg(long)]
+    pub num_layers: Option<usize>,
+    /// Number of experts per layer E.
+    #[arg(long)]
+    pub num_experts: Option<usize>,
+    /// Experts selected per token k.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Token types to count: prompt, generation or prompt,generation.
+    #[arg(long, value_delimiter = ',', default_value = "prompt,generation")]
+    pub token_types: Vec<String>,
+    /// Sum router weights instead of counting selections.
+    #[arg(long)]
+    pub weighted: bool,
+    /// Repetitions of each null baseline.
+    #[arg(long, default_value_t = 1000)]
+    pub reps: usize,
+    /// Label permutations of the similarity test (default: --reps).
+    #[arg(long)]
+    pub perm_reps: Option<usize>,
+    /// Bootstrap resamples (default: --reps).
+    #[arg(long)]
+    pub boot_reps: Option<usize>,
+    /// Label permutations of the classifier test.
+    #[arg(long, default_value_t = 200)]
+    pub classifier_perm_reps: usize,
+    /// Seed of every random stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fold assignment CSV (`prompt_id,fold`) for the classifier.
+    #[arg(long, value_name = "FILE")]
+    pub folds: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long, default_value = "analysis")]
+    pub out: PathBuf,
+    /// Print results.json to stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Force the all-pairs path.
+    #[arg(long, conflicts_with = "gram")]
+    pub exact_pairs: bool,
+    /// Force the streaming Gram-sums path.
+    #[arg(long)]
+    pub gram: bool,
+    /// Above this many prompts the Gram-sums path is used automatically.
+    #[arg(long, default_value_t = DEFAULT_GRAM_THRESHOLD)]
+    pub gram_threshold: usize,
+    /// Skip t-SNE.
+    #[arg(long)]
+    pub no_tsne: bool,
+    /// Skip the classifier and its tests.
+    #[arg(long)]
+    pub no_classifier: bool,
+}
+
+/// L, E, k from a Hugging Face config.json.
+pub fn model_dims(dir: &Path) -> Result<(usize, usize, usize)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let get = |k: &str| -> Result<usize> {
+        v.get(k)
+            .and_then(|x| x.as_u64())
+            .map(|x| x as usize)
+            .with_context(|| format!("{}: missing or invalid integer field {k:?}", path.display()))
+    };
+    Ok((
+        get("num_hidden_layers")?,
+        get("num_experts")?,
+        get("num_experts_per_tok")?,
+    ))
+}
+
+fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
+    let mut out = Vec::new();
+    for n in names {
+        let t = match n.trim() {
+            "prompt" => TokenType::Prompt,
+            "generation" => TokenType::Generation,
+            other => bail!("--token-types: unknown token type {other:?} (use prompt, generation or prompt,generation)"),
+        };
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        bail!("--token-types: empty list");
+    }
+    Ok(out)
+}
+
+/// Run the analysis and return the outputs (no files written).
+pub fn compute(args: &Args) -> Result<Outputs> {
+    let types = token_types(&args.token_types)?;
+    let (mut nl, mut ne, mut k) = (args.num_layers, args.num_experts, args.top_k);
+    if let Some(dir) = &args.model {
+        let (l, e, kk) = model_dims(dir)?;
+        nl = nl.or(Some(l));
+        ne = ne.or(Some(e));
+        k = k.or(Some(kk));
+    }
+    let manifest = read_manifest_beside(&args.traces[0])?;
+    if let Some(m) = &manifest {
+        k = k.or(Some(m.top_k));
+    }
+    let categories = match &args.prompts {
+        Some(p) => Some(
+            read_prompts(p)?
+                .into_iter()
+                .map(|p| (p.id, p.category))
+                .collect::<HashMap<_, _>>(),
+        ),
+        None => None,
+    };
+    let agg = AggregateOptions {
+        token_types: types.clone(),
+        weighted: args.weighted,
+        num_layers: nl,
+        num_experts: ne,
+        top_k: k,
+        categories,
+    };
+    let choice = if args.exact_pairs {
+        PathChoice::ExactPairs
+    } else if args.gram {
+        PathChoice::GramSums
+    } else {
+        PathChoice::Auto {
+            threshold: args.gram_threshold,
+        }
+    };
+    let mut collector: Option<Collector> = None;
+    let mut stats_err: Option<moe_xray_stats::StatsError> = None;
+    let first = args.traces[0].clone();
+    let dims = for_each_prompt_counts(&args.traces, &agg, |p| {
+        let c = collector.get_or_insert_with(|| {
+            Collector::new(
+                p.tokens_per_layer.len(),
+                p.counts.len() / p.tokens_per_layer.len().max(1),
+                choice,
+            )
+        });
+        c.push(PromptRow {
+            prompt_id: p.prompt_id,
+            category: p.category,
+            counts: p.counts,
+            tokens_per_layer: p.tokens_per_layer,
+        })
+        .map_err(|e| {
+            let msg = e.to_string();
+            stats_err = Some(e);
+            TraceError::InvalidFile {
+                path: first.clone(),
+                message: msg,
+            }
+        })
+    });
+    if let Some(e) = stats_err {
+        return Err(e.into());
+    }
+    let (l, e) = dims?;
+    let collector = collector.unwrap_or_else(|| Collector::new(l, e, choice));
+    let opts = AnalyzeOptions {
+        reps: args.reps,
+        perm_reps: args.perm_reps.unwrap_or(args.reps),
+        boot_reps: args.boot_reps.unwrap_or(args.reps),
+        classifier_perm_reps: args.classifier_perm_reps,
+        seed: args.seed,
+        folds: None,
+        folds_file: args.folds.clone(),
+        token_types: types.iter().map(|t| t.as_str().to_string()).collect(),
+        weighted: args.weighted,
+        traces: args
+            .traces
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        manifest: manifest
+            .map(|m| serde_json::to_value(m).unwrap_or_default())
+            .unwrap_or_else(|| serde_json::json!({})),
+        path: choice,
+        skip_tsne: args.no_tsne,
+        skip_classifier: args.no_classifier,
+        ..AnalyzeOptions::default()
+    };
+    let trace_desc = args
+        .traces
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    collector
+        .finish(k, &opts)
+        .with_context(|| format!("analysing {trace_desc}"))
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `signatures.csv`: prompt_id, category, then one column per (layer, expert), `l{l}_e{e}`.
+pub fn signatures_csv(r: &AnalysisResults, sig: &[f64], categories: &[String]) -> String {
+    let d = r.num_layers * r.num_experts;
+    let mut s = String::from("prompt_id,category");
+    for l in 0..r.num_layers {
+        for e in 0..r.num_experts {
+            let _ = write!(s, ",l{l}_e{e}");
+        }
+    }
+    s.push('\n');
+    for (i, id) in r.prompt_ids.iter().enumerate() {
+        s.push_str(&csv_field(id));
+        s.push(',');
+        s.push_str(&csv_field(&categories[i]));
+        for x in &sig[i * d..(i + 1) * d] {
+            let _ = write!(s, ",{x}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// `prompt_similarity.csv`: N×N matrix with a header row and a first column of prompt ids.
+pub fn similarity_csv(r: &AnalysisResults, sim: &[f64]) -> String {
+    let n = r.prompt_ids.len();
+    let mut s = String::from("prompt_id");
+    for id in &r.prompt_ids {
+        s.push(',');
+        s.push_str(&csv_field(id));
+    }
+    s.push('\n');
+    for (i, id) in r.prompt_ids.iter().enumerate() {
+        s.push_str(&csv_field(id));
+        for x in &sim[i * n..(i + 1) * n] {
+            let _ = write!(s, ",{x}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Write the output files into `out` (each temp + rename; all content computed first).
+pub fn write_outputs(out: &Path, outputs: &Outputs) -> Result<()> {
+    let r = outputs.results();
+    let json = serde_json::to_string_pretty(r)? + "\n";
+    let csvs = match outputs {
+        Outputs::Exact(e) => Some((
+            signatures_csv(r, &e.signatures, &e.prompt_categories),
+            similarity_csv(r, &e.similarity),
+        )),
+        Outputs::Gram(_) => None,
+    };
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create directory", out.display()))?;
+    if let Some((sig, sim)) = csvs {
+        write_atomic(out.join("signatures.csv"), sig)?;
+        write_atomic(out.join("prompt_similarity.csv"), sim)?;
+    }
+    write_atomic(out.join("results.json"), json)?;
+    Ok(())
+}
+
+fn fmt_ci(s: &Section<moe_xray_stats::results::Bootstrap>) -> String {
+    match s {
+        Section::Done(b) => format!(
+            "95% CI [{:.3}, {:.3}]",
+            b.cohens_d_ci95[0], b.cohens_d_ci95[1]
+        ),
+        Section::Skipped { skipped } => format!("CI skipped: {skipped}"),
+    }
+}
+
+/// The short human summary.
+pub fn summary(r: &AnalysisResults, out: &Path) -> String {
+    let mut s = String::new();
+    let cats: Vec<String> = r
+        .categories
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.n))
+        .collect();
+    let _ = writeln!(
+        s,
+        "{} prompts, {} layers x {} experts (top-{}), categories: {}; path: {}",
+        r.num_prompts,
+        r.num_layers,
+        r.num_experts,
+        r.top_k,
+        cats.join(", "),
+        r.path
+    );
+    if !r.dropped_prompts.is_empty() {
+        let _ = writeln!(
+            s,
+            "dropped {} prompt(s) (see dropped_prompts)",
+            r.dropped_prompts.len()
+        );
+    }
+    let sim = &r.similarity;
+    let _ = writeln!(
+        s,
+        "within-category similarity  {:.4} ± {:.4} (n={} pairs)",
+        sim.within.mean, sim.within.std, sim.within.n
+    );
+    let _ = writeln!(
+        s,
+        "across-category similarity  {:.4} ± {:.4} (n={} pairs)",
+        sim.across.mean, sim.across.std, sim.across.n
+    );
+    let mut d_line = format!(
+        "Cohen's d = {:.3}, {}",
+        sim.cohens_d,
+        fmt_ci(&r.significance.bootstrap)
+    );
+    if let Section::Done(p) = &r.significance.label_permutation {
+        let _ = write!(
+            d_line,
+            "; label permutation p = {:.4} (within−across), {:.4} (d), {} perms",
+            p.p_within_minus_across, p.p_cohens_d, p.reps
+        );
+    }
+    let _ = writeln!(s, "{d_line}");
+    for (name, b) in [
+        ("permutation", &r.baselines.permutation),
+        ("load-balance (uniform)", &r.baselines.load_balance_uniform),
+        (
+            "load-balance (marginal)",
+            &r.baselines.load_balance_marginal,
+        ),
+    ] {
+        if let Section::Done(b) = b {
+            let _ = writeln!(
+                s,
+                "baseline {name:<24} {:.4} ± {:.4} (pair sd {:.4}, {} reps)",
+                b.mean, b.std, b.pair_std, b.reps
+            );
+        }
+    }
+    if let Some(best) = r
+        .per_layer
+        .iter()
+        .filter(|l| l.cohens_d.is_finite())
+        .max_by(|a, b| a.cohens_d.total_cmp(&b.cohens_d))
+    {
+        let _ = writeln!(
+            s,
+            "strongest layer: {} (d = {:.3})",
+            best.layer, best.cohens_d
+        );
+    }
+    if let Section::Done(lr) = &r.logreg_5fold {
+        let g = |k: &str| lr.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+        let mut line = format!(
+            "logistic regression: accuracy {:.1}% ± {:.1}% (fold sd), macro-F1 {:.3}, chance {:.1}%",
+            100.0 * g("accuracy_mean"),
+            100.0 * g("accuracy_std"),
+            g("macro_f1_oof"),
+            100.0 * g("chance")
+        );
+        if let Section::Done(b) = &r.significance.bootstrap {
+            if let Some(ci) = b.accuracy_ci95 {
+                let _ = write!(
+                    line,
+                    ", 95% CI [{:.1}%, {:.1}%]",
+                    100.0 * ci[0],
+                    100.0 * ci[1]
+                );
+            }
+        }
+        if let Section::Done(p) = &r.significance.classifier_permutation {
+            if let Some(pv) = p.get("p").and_then(|x| x.as_f64()) {
+                let _ = write!(line, ", permutation p = {pv:.4}");
+            }
+        }
+        let _ = writeln!(s, "{line}");
+    } else if let Section::Skipped { skipped } = &r.logreg_5fold {
+        let _ = writeln!(s, "logistic regression skipped: {skipped}");
+    }
+    if let Section::Done(p) = &r.pca {
+        let top: Vec<String> = p
+            .explained_variance_ratio
+            .iter()
+            .take(2)
+            .map(|x| format!("{:.1}%", 100.0 * x))
+            .collect();
+        let _ = writeln!(s, "PCA: first components explain {}", top.join(", "));
+    }
+    let _ = writeln!(s, "wrote {}", out.join("results.json").display());
+    s
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let outputs = compute(&args)?;
+    write_outputs(&args.out, &outputs)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(outputs.results())?);
+    } else {
+        print!("{}", summary(outputs.results(), &args.out));
+    }
+    Ok(())
 }

@@ -1,0 +1,229 @@
+//! Renders the report and every figure in headless Chromium, as a person would see them: checks
+//! the DOM (every figure's <svg> is there) and that screenshots are not blank.
+//!
+//! Chromium is looked up at /usr/bin/chromium or as `chromium` on PATH. When it is missing the
+//! test fails if the environment variable CI is set (CI installs it, see .ci/run) and otherwise
+//! prints a skip message and returns. Set MOE_XRAY_REPORT_SCREENSHOT=path.png to keep the full
+//! report screenshot (docs/report-screenshot.png is made this way).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn find_chromium() -> Option<PathBuf> {
+    let fixed = Path::new("/usr/bin/chromium");
+    if fixed.is_file() {
+        return Some(fixed.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("chromium"))
+            .find(|p| p.is_file())
+    })
+}
+
+fn chromium_or_skip() -> Option<PathBuf> {
+    match find_chromium() {
+        Some(p) => Some(p),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("chromium not found (/usr/bin/chromium or on PATH) but CI is set: install it (apt-get install chromium)")
+        }
+        None => {
+            eprintln!("SKIP browser test: chromium not found (/usr/bin/chromium or on PATH); install it with `apt-get install chromium`");
+            None
+        }
+    }
+}
+
+/// Runs chromium headless with `args` on `url`; returns stdout. Kills it after 120 s.
+fn run_chromium(bin: &Path, profile: &Path, args: &[String], url: &str) -> String {
+    let out_path = profile.join(format!("stdout-{}.txt", args.len()));
+    let out_file = std::fs::File::create(&out_path).unwrap();
+    let mut child = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+        ])
+        .arg(format!("--user-data-dir={}", profile.join("profile").display()))
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(out_file)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium starts");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "chromium exited with {status}");
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::read_to_string(&out_path).unwrap_or_default()
+}
+
+struct Image {
+    width: usize,
+    height: usize,
+    rgb: Vec<[u8; 3]>,
+}
+
+fn decode_png(path: &Path) -> Image {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let ch = match info.color_type {
+        png::ColorType::Rgba => 4,
+        png::ColorType::Rgb => 3,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Grayscale => 1,
+        png::ColorType::Indexed => panic!("unexpanded palette"),
+    };
+    let (w, h) = (info.width as usize, info.height as usize);
+    let mut rgb = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let row = &buf[y * info.line_size..y * info.line_size + w * ch];
+        for px in row.chunks(ch) {
+            rgb.push(if ch >= 3 {
+                [px[0], px[1], px[2]]
+            } else {
+                [px[0], px[0], px[0]]
+            });
+        }
+    }
+    Image {
+        width: w,
+        height: h,
+        rgb,
+    }
+}
+
+/// (share of pixels that are not near-white, number of distinct colours quantised to 4 bits).
+fn region_stats(img: &Image, x0: usize, y0: usize, x1: usize, y1: usize) -> (f64, usize) {
+    let mut ink = 0usize;
+    let mut total = 0usize;
+    let mut colours = BTreeSet::new();
+    for y in y0..y1.min(img.height) {
+        for x in x0..x1.min(img.width) {
+            let p = img.rgb[y * img.width + x];
+            total += 1;
+            if p.iter().any(|c| *c < 235) {
+                ink += 1;
+            }
+            colours.insert((p[0] >> 4, p[1] >> 4, p[2] >> 4));
+        }
+    }
+    (ink as f64 / total.max(1) as f64, colours.len())
+}
+
+fn has_colour_near(img: &Image, rgb: [u8; 3], min_pixels: usize) -> bool {
+    img.rgb
+        .iter()
+        .filter(|p| {
+            p.iter()
+                .zip(rgb)
+                .all(|(a, b)| (*a as i32 - b as i32).abs() <= 12)
+        })
+        .count()
+        >= min_pixels
+}
+
+#[test]
+fn report_renders_in_headless_chromium() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = common::input();
+    let report = moe_xray_report::write_report(dir.path().join("out"), &input).unwrap();
+    let url = format!("file://{}", report.display());
+
+    // 1. DOM: every figure's <svg> is in the parsed document, the <script> prompt is text.
+    let dom = run_chromium(&bin, dir.path(), &["--dump-dom".to_string()], &url);
+    assert!(dom.contains("<main>"), "DOM dump looks wrong: {}", &dom[..dom.len().min(300)]);
+    let figs = moe_xray_report::render_figures(&input.results_with_categories(), input.usage.as_ref());
+    assert_eq!(figs.len(), 7);
+    for f in &figs {
+        let needle = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{}\"", f.id);
+        assert!(dom.contains(&needle), "figure {} missing from the DOM", f.id);
+    }
+    assert!(!dom.contains("<script>alert"), "the prompt's <script> became an element");
+    assert!(dom.contains("&lt;script&gt;alert("), "escaped prompt text missing in the DOM");
+    assert!(dom.contains("random-weight") == false, "real-model fixture must not get the synthetic warning");
+
+    // 2. Full-page screenshot (1200 × 3000): not blank, the figures' colours are painted.
+    let shot = dir.path().join("report.png");
+    run_chromium(
+        &bin,
+        dir.path(),
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1200,3000".to_string(),
+        ],
+        &url,
+    );
+    let img = decode_png(&shot);
+    assert_eq!((img.width, img.height), (1200, 3000));
+    let (ink, colours) = region_stats(&img, 0, 0, img.width, img.height);
+    eprintln!("report screenshot: {:.1} % non-white pixels, {colours} colours", ink * 100.0);
+    assert!(ink > 0.05, "screenshot nearly blank ({ink})");
+    assert!(colours > 50, "too few colours ({colours})");
+    // the page's central column has content all the way down to the figures
+    for band in 0..3 {
+        let (ink, _) = region_stats(&img, 100, band * 1000, 1100, band * 1000 + 1000);
+        assert!(ink > 0.02, "band {band} of the screenshot is blank ({ink})");
+    }
+    // Okabe–Ito blue (within bar, scatter points) and viridis ends (heatmap cells) are painted
+    assert!(has_colour_near(&img, [0x00, 0x72, 0xB2], 200), "no Okabe–Ito blue in the screenshot");
+    assert!(has_colour_near(&img, [0x44, 0x01, 0x54], 50) || has_colour_near(&img, [0xfd, 0xe7, 0x25], 50),
+        "no heatmap colours in the screenshot");
+    if let Some(keep) = std::env::var_os("MOE_XRAY_REPORT_SCREENSHOT") {
+        std::fs::copy(&shot, &keep).unwrap();
+        eprintln!("kept screenshot at {}", PathBuf::from(keep).display());
+    }
+
+    // 3. Each figure file on its own: the plot region is painted with several colours.
+    for f in &figs {
+        let svg_path = dir.path().join("out").join("figures").join(format!("{}.svg", f.id));
+        let h: f64 = f.svg.split("viewBox=\"0 0 640.00 ").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        let png_path = dir.path().join(format!("{}.png", f.id));
+        run_chromium(
+            &bin,
+            dir.path(),
+            &[
+                format!("--screenshot={}", png_path.display()),
+                format!("--window-size=640,{}", h.ceil() as usize),
+            ],
+            &format!("file://{}", svg_path.display()),
+        );
+        let img = decode_png(&png_path);
+        // plot region: below the title, inside the margins
+        let (ink, colours) = region_stats(&img, 40, 40, 600, img.height - 20);
+        eprintln!("{}: {:.1} % ink, {colours} colours", f.id, ink * 100.0);
+        assert!(ink > 0.04, "{}: figure region is (nearly) blank: {ink}", f.id);
+        assert!(colours >= 6, "{}: only {colours} colours", f.id);
+        // the title row is drawn
+        let (title_ink, _) = region_stats(&img, 0, 5, 640, 30);
+        assert!(title_ink > 0.01, "{}: no title", f.id);
+    }
+}

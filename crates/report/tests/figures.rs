@@ -1,0 +1,243 @@
+//! Snapshot-style structure tests of the SVG figures.
+
+mod common;
+
+use moe_xray_report::{render_figures, Figure};
+
+fn parse(svg: &str) -> roxmltree::Document<'_> {
+    roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("SVG is not well-formed XML: {e}"))
+}
+
+fn count(doc: &roxmltree::Document<'_>, tag: &str, class: Option<&str>) -> usize {
+    doc.descendants()
+        .filter(|n| n.has_tag_name(tag))
+        .filter(|n| class.is_none_or(|c| n.attribute("class") == Some(c)))
+        .count()
+}
+
+fn texts(doc: &roxmltree::Document<'_>) -> Vec<String> {
+    doc.descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .map(|n| n.text().unwrap_or("").to_string())
+        .collect()
+}
+
+fn all() -> Vec<Figure> {
+    let mut r = common::results();
+    let map = common::prompts()
+        .into_iter()
+        .map(|p| (p.id, p.category))
+        .collect();
+    r.fill_prompt_categories(&map);
+    render_figures(&r, Some(&common::usage()))
+}
+
+fn fig<'a>(figs: &'a [Figure], id: &str) -> &'a Figure {
+    figs.iter()
+        .find(|f| f.id == id)
+        .unwrap_or_else(|| panic!("no figure {id}"))
+}
+
+#[test]
+fn seven_figures_with_valid_svg_root() {
+    let figs = all();
+    let ids: Vec<&str> = figs.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "fig1-category-similarity",
+            "fig2-baselines",
+            "fig3-layer-cohens-d",
+            "fig4-pca",
+            "fig5-tsne",
+            "fig6-confusion",
+            "fig7-expert-usage"
+        ]
+    );
+    for f in &figs {
+        assert!(f.available, "{} should be available", f.id);
+        let doc = parse(&f.svg);
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg");
+        assert_eq!(root.attribute("id"), Some(f.id.as_str()));
+        assert_eq!(root.attribute("width"), Some("640.00"));
+        let vb = root.attribute("viewBox").unwrap();
+        assert!(vb.starts_with("0 0 640.00 "), "{vb}");
+        let h: f64 = vb.split(' ').nth(3).unwrap().parse().unwrap();
+        assert!((100.0..1200.0).contains(&h), "{}: height {h}", f.id);
+        assert_eq!(root.attribute("height").unwrap().parse::<f64>().unwrap(), h);
+        // accessible title = figure title, caption in desc
+        let title = doc.descendants().find(|n| n.has_tag_name("title")).unwrap();
+        assert_eq!(title.text(), Some(f.title.as_str()));
+        assert!(f.caption.len() > 80, "{} caption too short", f.id);
+        // visible title text
+        assert!(texts(&doc).iter().any(|t| t == &f.title), "{}", f.id);
+    }
+}
+
+#[test]
+fn category_heatmap_has_values_in_cells_and_labels() {
+    let figs = all();
+    let doc = parse(&fig(&figs, "fig1-category-similarity").svg);
+    let cells = doc
+        .descendants()
+        .find(|n| n.attribute("class") == Some("cells"))
+        .unwrap();
+    assert_eq!(cells.children().filter(|n| n.has_tag_name("rect")).count(), 16);
+    assert_eq!(count(&doc, "text", Some("cell-value")), 16);
+    let t = texts(&doc);
+    let r = common::results();
+    let v = r.category_similarity_matrix.values[1][2];
+    assert!(t.contains(&format!("{v:.3}")), "cell value {v:.3} printed");
+    for c in ["code", "factual", "math", "story"] {
+        assert_eq!(t.iter().filter(|x| *x == c).count(), 2, "{c} row+col label");
+    }
+    assert!(t.contains(&"mean sim".to_string()), "colour bar label");
+    assert!(doc.descendants().any(|n| n.has_tag_name("linearGradient")));
+}
+
+#[test]
+fn baseline_bars_with_error_bars_and_values() {
+    let figs = all();
+    let doc = parse(&fig(&figs, "fig2-baselines").svg);
+    assert_eq!(count(&doc, "rect", Some("bar")), 5);
+    let t = texts(&doc);
+    for v in ["0.741", "0.603", "0.190", "0.152", "0.311"] {
+        assert!(t.contains(&v.to_string()), "bar value {v}");
+    }
+    for l in ["within", "across", "permutation", "(uniform)", "(marginal)"] {
+        assert!(t.contains(&l.to_string()), "bar label {l}");
+    }
+    assert!(t.contains(&"mean routing similarity".to_string()));
+    // 3 lines per error bar (stem + 2 caps)
+    let bars = doc
+        .descendants()
+        .find(|n| n.attribute("class") == Some("bars"))
+        .unwrap();
+    assert_eq!(bars.children().filter(|n| n.has_tag_name("line")).count(), 15);
+}
+
+#[test]
+fn layer_d_line_has_one_marker_per_layer_and_legend() {
+    let figs = all();
+    let doc = parse(&fig(&figs, "fig3-layer-cohens-d").svg);
+    assert_eq!(count(&doc, "circle", Some("layer-point")), 16);
+    let line = doc
+        .descendants()
+        .find(|n| n.attribute("class") == Some("layer-line"))
+        .unwrap();
+    assert_eq!(line.attribute("points").unwrap().split(' ').count(), 16);
+    let t = texts(&doc);
+    assert!(t.contains(&"MoE layer".to_string()));
+    assert!(t.contains(&"Cohen's d".to_string()));
+    assert!(t.contains(&"per-layer d".to_string()));
+    assert!(t.contains(&"all layers (d = 2.31)".to_string()));
+    assert_eq!(count(&doc, "line", Some("overall-d")), 1);
+}
+
+#[test]
+fn scatter_plots_have_all_points_legend_and_variance_labels() {
+    let figs = all();
+    for id in ["fig4-pca", "fig5-tsne"] {
+        let doc = parse(&fig(&figs, id).svg);
+        let points = doc
+            .descendants()
+            .filter(|n| n.attribute("class") == Some("point"))
+            .count();
+        assert_eq!(points, 80, "{id}");
+        // four categories → four marker shapes / colours
+        let fills: std::collections::BTreeSet<&str> = doc
+            .descendants()
+            .filter(|n| n.attribute("class") == Some("point"))
+            .map(|n| n.attribute("fill").unwrap())
+            .collect();
+        assert_eq!(fills.len(), 4, "{id}");
+        let t = texts(&doc);
+        for c in ["code (n = 20)", "math (n = 20)", "story (n = 20)", "factual (n = 20)"] {
+            assert!(t.contains(&c.to_string()), "{id} legend {c}");
+        }
+        assert!(t.contains(&"category".to_string()));
+    }
+    let t = texts(&parse(&fig(&figs, "fig4-pca").svg));
+    assert!(t.contains(&"PC1 (18.4 % of variance)".to_string()), "{t:?}");
+    assert!(t.contains(&"PC2 (9.2 % of variance)".to_string()));
+}
+
+#[test]
+fn confusion_matrix_shows_counts_and_row_shares() {
+    let figs = all();
+    let doc = parse(&fig(&figs, "fig6-confusion").svg);
+    assert_eq!(count(&doc, "text", Some("cell-value")), 16);
+    let t = texts(&doc);
+    assert!(t.contains(&"17 (85%)".to_string()), "{t:?}");
+    assert!(t.contains(&"19 (95%)".to_string()));
+    assert!(t.contains(&"predicted category".to_string()));
+    assert!(t.contains(&"true category".to_string()));
+}
+
+#[test]
+fn usage_heatmap_has_one_panel_per_category_with_l_by_e_cells() {
+    let figs = all();
+    let doc = parse(&fig(&figs, "fig7-expert-usage").svg);
+    let panels: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("usage-panel"))
+        .collect();
+    assert_eq!(panels.len(), 4);
+    for p in &panels {
+        assert_eq!(p.children().filter(|n| n.has_tag_name("rect")).count(), 16 * 64);
+    }
+    let t = texts(&doc);
+    assert!(t.contains(&"expert".to_string()) && t.contains(&"layer".to_string()));
+    assert!(t.contains(&"share".to_string()));
+}
+
+#[test]
+fn rendering_is_byte_deterministic() {
+    let a = all();
+    let b = all();
+    assert_eq!(a, b);
+    let html_a = moe_xray_report::render_report(&common::input());
+    let html_b = moe_xray_report::render_report(&common::input());
+    assert_eq!(html_a, html_b);
+}
+
+#[test]
+fn skipped_sections_become_labelled_placeholders() {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::data_dir().join("results.json")).unwrap())
+            .unwrap();
+    v["tsne"] = serde_json::json!({"skipped": "fewer than 4 prompts"});
+    v["logreg_5fold"] = serde_json::json!({"skipped": "class 'math' has 2 prompts < 5 folds"});
+    v.as_object_mut().unwrap().remove("pca");
+    let r = moe_xray_report::Results::from_json_str(&v.to_string(), std::path::Path::new("x.json"))
+        .unwrap();
+    let figs = render_figures(&r, None);
+    assert_eq!(figs.len(), 7);
+    let by = |id: &str| figs.iter().find(|f| f.id == id).unwrap();
+    assert!(!by("fig5-tsne").available);
+    assert!(by("fig5-tsne").svg.contains("skipped: fewer than 4 prompts"));
+    assert!(!by("fig6-confusion").available);
+    assert!(by("fig6-confusion").caption.contains("class &#39;math&#39;") == false);
+    assert!(by("fig6-confusion").caption.contains("class 'math' has 2 prompts"));
+    assert!(by("fig6-confusion").svg.contains("class &#39;math&#39; has 2 prompts"));
+    assert!(!by("fig4-pca").available);
+    assert!(by("fig4-pca").svg.contains("not in results.json"));
+    assert!(!by("fig7-expert-usage").available);
+    assert!(by("fig1-category-similarity").available);
+    for f in &figs {
+        parse(&f.svg);
+    }
+}
+
+#[test]
+fn bad_results_json_error_names_file_and_line() {
+    let err = moe_xray_report::Results::from_json_str(
+        "{\n \"similarity\": [1,\n",
+        std::path::Path::new("runs/x/results.json"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("runs/x/results.json:"), "{err}");
+    assert!(err.contains(":2:") || err.contains(":3:"), "{err}");
+}
