@@ -69,9 +69,7 @@ struct Moments {
 impl Moments {
     fn push(&mut self, x: f64) {
         self.n += 1;
-        if self.n == 1 {
-            self.min = x;
-        } else if x < self.min {
+        if self.n == 1 || x < self.min {
             self.min = x;
         }
         let d = x - self.mean;
@@ -402,6 +400,29 @@ impl HealthAccumulator {
     }
 }
 
+impl HealthReport {
+    /// Compact summary (scalars only: dimensions, inputs and the overall block) for the HTML
+    /// report's health table.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "cold_fraction": self.cold_fraction,
+            "token_records": self.inputs.token_records,
+            "counts_lines": self.inputs.counts_lines,
+            "coactivation_available": self.available.coactivation,
+            "router_distribution_available": self.available.router_distribution,
+        });
+        if let (Some(obj), Ok(serde_json::Value::Object(o))) =
+            (v.as_object_mut(), serde_json::to_value(&self.overall))
+        {
+            obj.extend(o);
+        }
+        v
+    }
+}
+
 /// Entropy (nats) of the full router distribution (renormalised to sum 1 in f64) and the top-k
 /// margin `p_(k) − p_(k+1)` of the sorted probabilities (`None` when `k = 0` or `k ≥ E`).
 pub fn router_entropy_and_margin(
@@ -636,6 +657,10 @@ mod tests {
         assert_eq!(r.notes.len(), 2);
         assert!(r.notes[0].contains("co-activation"));
         assert_eq!(r.layers[1].normalized_entropy, 1.0);
+        let sum = r.summary();
+        assert_eq!(sum["dead_experts"], 0);
+        assert_eq!(sum["coactivation_available"], false);
+        assert!(sum.get("layers").is_none());
         assert!(acc
             .add_counts("p", None, TokenType::Prompt, &[1], 1)
             .is_err());

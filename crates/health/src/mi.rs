@@ -138,7 +138,7 @@ pub fn pca_scores(rows: &[Vec<f64>], m: usize) -> Vec<Vec<f64>> {
     let mut scores = vec![Vec::with_capacity(m); n];
     for &c in order.iter().take(m) {
         let lam = eig.eigenvalues[c];
-        if !(lam > 1e-12 * top.max(1e-300)) {
+        if lam.is_nan() || lam <= 1e-12 * top.max(1e-300) {
             break;
         }
         let s = lam.sqrt();
@@ -256,13 +256,16 @@ pub fn mutual_information(
     })
 }
 
+/// Signatures, their labels, and the `(prompt_id, reason)` of the prompts left out.
+pub type LabelledSignatures = (Vec<Vec<f64>>, Vec<String>, Vec<(String, String)>);
+
 /// Signatures of DESIGN.md (`s[l,e] = A[l,e] / Σ_e A[l,e]`, layer-major) of prompts with a
 /// category; prompts without category or with an empty layer are returned in the second list.
 pub fn signatures_with_labels(
     prompts: &[PromptLoad],
     num_layers: usize,
     num_experts: usize,
-) -> (Vec<Vec<f64>>, Vec<String>, Vec<(String, String)>) {
+) -> LabelledSignatures {
     let mut sigs = Vec::new();
     let mut labels = Vec::new();
     let mut dropped = Vec::new();

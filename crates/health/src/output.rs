@@ -47,7 +47,7 @@ pub fn health_table(r: &HealthReport) -> String {
         let _ = write!(s, " {:>9} {:>8}", "router_H", "margin");
     }
     if r.available.coactivation {
-        let _ = write!(s, "  {}", "top pair (lift)");
+        let _ = write!(s, "  top pair (lift)");
     }
     s.push('\n');
     for l in &r.layers {

@@ -17,6 +17,16 @@ pub const OKABE_ITO: [&str; 8] = [
 const ORANGE: (f64, f64, f64) = (230.0, 159.0, 0.0);
 const BLUE: (f64, f64, f64) = (0.0, 114.0, 178.0);
 const MID: (f64, f64, f64) = (247.0, 247.0, 247.0);
+/// SVG element id of the load heatmap.
+pub const LOAD_ID: &str = "health-load";
+/// SVG element id of the per-layer JS bars.
+pub const JS_ID: &str = "compare-js";
+
+/// SVG element id of the co-activation heatmap of `layer`.
+pub fn coactivation_id(layer: usize) -> String {
+    format!("health-coactivation-layer{layer}")
+}
+
 const FONT: &str = "font-family=\"Helvetica, Arial, sans-serif\"";
 
 fn esc(s: &str) -> String {
@@ -43,10 +53,11 @@ fn diverging(v: f64) -> String {
     )
 }
 
-fn header(out: &mut String, w: f64, h: f64, title: &str) {
+fn header(out: &mut String, id: &str, w: f64, h: f64, title: &str) {
     let _ = write!(
         out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" {FONT} font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"#FFFFFF\"/>\n<text x=\"{:.1}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{}\" width=\"{w:.0}\" height=\"{h:.0}\" viewBox=\"0 0 {w:.0} {h:.0}\" {FONT} font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"#FFFFFF\"/>\n<text x=\"{:.1}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        esc(id),
         w / 2.0,
         esc(title)
     );
@@ -89,6 +100,7 @@ pub fn load_heatmap(report: &HealthReport) -> String {
     let mut out = String::new();
     header(
         &mut out,
+        LOAD_ID,
         w.max(320.0),
         h,
         "Expert load by layer (share relative to uniform)",
@@ -157,6 +169,7 @@ pub fn coactivation_heatmap(report: &HealthReport, coact: &[u64], layer: usize) 
     let mut out = String::new();
     header(
         &mut out,
+        &coactivation_id(layer),
         w,
         h,
         &format!("Expert co-activation, layer {layer} (log2 lift)"),
@@ -215,7 +228,7 @@ pub fn js_bars(report: &CompareReport) -> String {
     let w = (left + bar * nl as f64 + 30.0).max(360.0);
     let h = top + plot_h + 50.0;
     let mut ymax = report.max_js_bits.max(report.fail_above.unwrap_or(0.0)) * 1.1;
-    if !(ymax > 0.0) {
+    if ymax.is_nan() || ymax <= 0.0 {
         ymax = 0.01;
     }
     let ymax = ymax.min(1.0);
@@ -223,6 +236,7 @@ pub fn js_bars(report: &CompareReport) -> String {
     let mut out = String::new();
     header(
         &mut out,
+        JS_ID,
         w,
         h,
         "Jensen–Shannon divergence of expert load per layer (bits)",
@@ -289,6 +303,75 @@ pub fn js_bars(report: &CompareReport) -> String {
     out
 }
 
+/// A figure ready for the HTML report (same fields as `moe_xray_report::Figure`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthFigure {
+    /// Stable id (also the SVG element id).
+    pub id: String,
+    pub title: String,
+    pub caption: String,
+    pub svg: String,
+    /// False when the data was missing (the caption says why and the SVG is a short notice).
+    pub available: bool,
+}
+
+fn notice(id: &str, text: &str) -> String {
+    let mut out = String::new();
+    header(&mut out, id, 480.0, 60.0, "");
+    let _ = writeln!(
+        out,
+        "<text x=\"240\" y=\"36\" text-anchor=\"middle\">{}</text>\n</svg>",
+        esc(text)
+    );
+    out
+}
+
+/// The health figures for the HTML report: the load heatmap and the co-activation heatmap of
+/// `layer` (unavailable, with the reason, for counts-mode input).
+pub fn report_figures(
+    acc: &crate::health::HealthAccumulator,
+    report: &HealthReport,
+    layer: usize,
+) -> Vec<HealthFigure> {
+    let mut figs = vec![HealthFigure {
+        id: LOAD_ID.to_string(),
+        title: "Expert load by layer".to_string(),
+        caption: format!(
+            "Share of selections of each expert (columns) at each layer (rows) relative to the uniform share 1/{}: blue above, orange below (log2 scale clipped at 4x), black = dead expert (never selected). Mean normalised load entropy {:.4}, {} dead and {} cold (layer, expert) pairs.",
+            report.num_experts,
+            report.overall.mean_normalized_entropy,
+            report.overall.dead_experts,
+            report.overall.cold_experts
+        ),
+        svg: load_heatmap(report),
+        available: true,
+    }];
+    let id = coactivation_id(layer);
+    let co = acc
+        .coactivation(layer)
+        .and_then(|c| coactivation_heatmap(report, c, layer));
+    figs.push(match co {
+        Some(svg) => HealthFigure {
+            id,
+            title: format!("Expert co-activation at layer {layer}"),
+            caption: "log2 lift of each expert pair: tokens selecting both experts over the count expected if they were selected independently at their observed rates (blue = together more often, orange = less often; diagonal grey).".to_string(),
+            svg,
+            available: true,
+        },
+        None => {
+            let why = "co-activation needs per-token traces (records or flat events), not counts";
+            HealthFigure {
+                svg: notice(&id, why),
+                id,
+                title: format!("Expert co-activation at layer {layer}"),
+                caption: why.to_string(),
+                available: false,
+            }
+        }
+    });
+    figs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +405,10 @@ mod tests {
         let c = coactivation_heatmap(&r, acc.coactivation(0).unwrap(), 0).unwrap();
         assert!(c.contains("layer 0"));
         assert!(coactivation_heatmap(&r, acc.coactivation(0).unwrap(), 5).is_none());
+        assert!(a.contains("id=\"health-load\""));
+        let figs = report_figures(&acc, &r, 1);
+        assert_eq!(figs.len(), 2);
+        assert!(figs.iter().all(|f| f.available && f.svg.contains(&f.id)));
         assert_eq!(diverging(0.0), "#F7F7F7");
         assert_eq!(diverging(1.0), "#0072B2");
         assert_eq!(diverging(-1.0), "#E69F00");

@@ -92,7 +92,9 @@ impl OlmoeConfig {
             intermediate_size: r.usize_req("intermediate_size")?,
             num_hidden_layers: r.usize_req("num_hidden_layers")?,
             num_attention_heads,
-            num_key_value_heads: r.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads),
+            num_key_value_heads: r
+                .usize_opt("num_key_value_heads")?
+                .unwrap_or(num_attention_heads),
             max_position_embeddings: r.usize_opt("max_position_embeddings")?.unwrap_or(4096),
             rms_norm_eps: r.f64_opt("rms_norm_eps")?.unwrap_or(1e-5),
             rope_theta,
@@ -141,7 +143,10 @@ impl OlmoeConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return bad(format!(
@@ -156,7 +161,10 @@ impl OlmoeConfig {
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta {} must be positive", self.rope_theta));
@@ -174,7 +182,9 @@ fn token_ids(v: Option<&Value>, path: &Path, key: &str) -> Result<Vec<u32>> {
     let one = |x: &Value| -> Result<u32> {
         x.as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| ModelError::invalid(path, format!("`{key}` must be a token id, found {x}")))
+            .ok_or_else(|| {
+                ModelError::invalid(path, format!("`{key}` must be a token id, found {x}"))
+            })
     };
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -209,8 +219,9 @@ impl Reader<'_> {
         }
     }
     fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| ModelError::invalid(self.path, format!("missing required field `{key}`")))
+        self.usize_opt(key)?.ok_or_else(|| {
+            ModelError::invalid(self.path, format!("missing required field `{key}`"))
+        })
     }
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.obj.get(key) {

@@ -287,7 +287,9 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let logits = [0.0f32, (3.0f32).ln()];
         let n = 4000;
-        let ones = (0..n).filter(|_| sample(&logits, &s, &mut rng) == 1).count();
+        let ones = (0..n)
+            .filter(|_| sample(&logits, &s, &mut rng) == 1)
+            .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.03, "{frac}");
     }

@@ -16,12 +16,35 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+pub use candle_core::DType;
+use candle_core::{Device, Tensor, D};
 use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 
 use crate::config::OlmoeConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::WeightStore;
+
+/// Parses a `--dtype` value (`f32`, `bf16`, `f16`).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(ModelError::InvalidArgument(format!(
+            "unsupported dtype `{other}` (f32, bf16, f16)"
+        ))),
+    }
+}
+
+/// Short name of a compute dtype ("f32", "bf16", "f16").
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -179,7 +202,12 @@ impl Olmoe {
             let experts = if store.contains(&fused_key) {
                 Experts::Fused {
                     gate_up: store.load(&fused_key, &[e, 2 * i, h], None, dev)?,
-                    down: store.load(&format!("{p}.mlp.experts.down_proj"), &[e, h, i], None, dev)?,
+                    down: store.load(
+                        &format!("{p}.mlp.experts.down_proj"),
+                        &[e, h, i],
+                        None,
+                        dev,
+                    )?,
                 }
             } else {
                 let mut v = Vec::with_capacity(e);
@@ -435,10 +463,17 @@ impl Olmoe {
                 let past = total - t;
                 let mask: Vec<f32> = (0..t)
                     .flat_map(|i| {
-                        (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+                        (0..total).map(move |j| {
+                            if j <= past + i {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
                     })
                     .collect();
-                let mask = Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)?;
+                let mask =
+                    Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)?;
                 scores = scores.broadcast_add(&mask)?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?

@@ -90,49 +90,261 @@ pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% 
 
 /// Math words of the planted class 0.
 pub const MATH_WORDS: &[&str] = &[
-    "solve", "equation", "equations", "sum", "calculate", "compute", "integral", "derivative",
-    "probability", "percent", "percentage", "number", "numbers", "prime", "triangle", "area", "divide",
-    "divided", "multiply", "times", "plus", "minus", "square", "root", "fraction", "ratio", "average",
-    "median", "factor", "digits", "remainder", "algebra", "geometry", "angle", "radius", "formula",
-    "total", "product", "equals", "math", "integer", "integers", "polynomial", "matrix", "vector",
+    "solve",
+    "equation",
+    "equations",
+    "sum",
+    "calculate",
+    "compute",
+    "integral",
+    "derivative",
+    "probability",
+    "percent",
+    "percentage",
+    "number",
+    "numbers",
+    "prime",
+    "triangle",
+    "area",
+    "divide",
+    "divided",
+    "multiply",
+    "times",
+    "plus",
+    "minus",
+    "square",
+    "root",
+    "fraction",
+    "ratio",
+    "average",
+    "median",
+    "factor",
+    "digits",
+    "remainder",
+    "algebra",
+    "geometry",
+    "angle",
+    "radius",
+    "formula",
+    "total",
+    "product",
+    "equals",
+    "math",
+    "integer",
+    "integers",
+    "polynomial",
+    "matrix",
+    "vector",
 ];
 /// Programming words of the planted class 1.
 pub const CODE_WORDS: &[&str] = &[
-    "def", "return", "import", "from", "class", "fn", "let", "const", "var", "int", "void", "struct",
-    "impl", "pub", "self", "print", "printf", "println", "elif", "else", "while", "lambda", "async",
-    "await", "try", "except", "null", "none", "true", "false", "function", "include", "std", "len",
-    "range", "python", "javascript", "typescript", "rust", "java", "sql", "code", "program", "script",
-    "method", "array", "list", "string", "variable", "loop", "compile", "compiler", "bug", "error",
-    "implement", "query", "api", "json", "regex", "recursion", "recursive", "algorithm", "debug",
-    "syntax", "parse", "parser", "http", "server", "database", "test", "tests", "git", "bash", "shell",
-    "html", "css", "args", "str", "bool", "dict", "tuple", "append", "file", "input", "output",
+    "def",
+    "return",
+    "import",
+    "from",
+    "class",
+    "fn",
+    "let",
+    "const",
+    "var",
+    "int",
+    "void",
+    "struct",
+    "impl",
+    "pub",
+    "self",
+    "print",
+    "printf",
+    "println",
+    "elif",
+    "else",
+    "while",
+    "lambda",
+    "async",
+    "await",
+    "try",
+    "except",
+    "null",
+    "none",
+    "true",
+    "false",
+    "function",
+    "include",
+    "std",
+    "len",
+    "range",
+    "python",
+    "javascript",
+    "typescript",
+    "rust",
+    "java",
+    "sql",
+    "code",
+    "program",
+    "script",
+    "method",
+    "array",
+    "list",
+    "string",
+    "variable",
+    "loop",
+    "compile",
+    "compiler",
+    "bug",
+    "error",
+    "implement",
+    "query",
+    "api",
+    "json",
+    "regex",
+    "recursion",
+    "recursive",
+    "algorithm",
+    "debug",
+    "syntax",
+    "parse",
+    "parser",
+    "http",
+    "server",
+    "database",
+    "test",
+    "tests",
+    "git",
+    "bash",
+    "shell",
+    "html",
+    "css",
+    "args",
+    "str",
+    "bool",
+    "dict",
+    "tuple",
+    "append",
+    "file",
+    "input",
+    "output",
 ];
 /// Question and factual words of the planted class 2.
 pub const QUESTION_WORDS: &[&str] = &[
-    "what", "why", "how", "who", "whom", "whose", "where", "when", "which", "explain", "describe",
-    "does", "did", "is", "are", "was", "were", "can", "could", "would", "should", "capital", "history",
-    "country", "century", "invented", "discovered", "population", "planet", "largest", "located",
-    "famous", "known", "difference", "cause", "causes", "fact", "facts", "science", "world",
+    "what",
+    "why",
+    "how",
+    "who",
+    "whom",
+    "whose",
+    "where",
+    "when",
+    "which",
+    "explain",
+    "describe",
+    "does",
+    "did",
+    "is",
+    "are",
+    "was",
+    "were",
+    "can",
+    "could",
+    "would",
+    "should",
+    "capital",
+    "history",
+    "country",
+    "century",
+    "invented",
+    "discovered",
+    "population",
+    "planet",
+    "largest",
+    "located",
+    "famous",
+    "known",
+    "difference",
+    "cause",
+    "causes",
+    "fact",
+    "facts",
+    "science",
+    "world",
 ];
 /// Story words of the planted class 3.
 pub const NARRATIVE_WORDS: &[&str] = &[
-    "once", "upon", "she", "he", "her", "his", "him", "they", "them", "said", "forest", "king", "queen",
-    "dragon", "night", "village", "old", "little", "girl", "boy", "princess", "castle", "story", "tale",
-    "dark", "morning", "home", "mother", "father", "friend", "heart", "door", "ran", "felt", "knew",
-    "storm", "sea", "river", "moon", "stars", "dream", "magic", "wolf", "fox", "lighthouse", "keeper",
-    "garden", "journey", "adventure", "wind", "rain", "tree", "cat", "bird", "alone", "forever",
-    "suddenly", "finally", "ago", "far", "away", "smiled", "whispered", "walked", "looked",
+    "once",
+    "upon",
+    "she",
+    "he",
+    "her",
+    "his",
+    "him",
+    "they",
+    "them",
+    "said",
+    "forest",
+    "king",
+    "queen",
+    "dragon",
+    "night",
+    "village",
+    "old",
+    "little",
+    "girl",
+    "boy",
+    "princess",
+    "castle",
+    "story",
+    "tale",
+    "dark",
+    "morning",
+    "home",
+    "mother",
+    "father",
+    "friend",
+    "heart",
+    "door",
+    "ran",
+    "felt",
+    "knew",
+    "storm",
+    "sea",
+    "river",
+    "moon",
+    "stars",
+    "dream",
+    "magic",
+    "wolf",
+    "fox",
+    "lighthouse",
+    "keeper",
+    "garden",
+    "journey",
+    "adventure",
+    "wind",
+    "rain",
+    "tree",
+    "cat",
+    "bird",
+    "alone",
+    "forever",
+    "suddenly",
+    "finally",
+    "ago",
+    "far",
+    "away",
+    "smiled",
+    "whispered",
+    "walked",
+    "looked",
 ];
 
 /// Words whose merges the project's small byte-level tokenizer learns, in this order.
 pub const TINY_TOKENIZER_WORDS: &[&str] = &[
-    "the", "and", "to", "of", "a", "in", "is", "what", "def", "once", "sum", "how", "return", "she",
-    "solve", "why", "print", "he", "number", "who", "self", "said", "equation", "where", "import",
-    "story", "compute", "when", "class", "night", "which", "function", "forest", "upon", "explain",
-    "code", "time", "capital", "python", "that", "it", "with", "for", "on", "as", "at", "by", "this",
-    "be", "not", "or", "an", "you", "me", "my", "we", "your", "there", "their", "one", "two", "if",
-    "else", "while", "list", "string", "write", "tell", "about", "==", "()", "):", "    ", "\n", "10",
-    "12", "100",
+    "the", "and", "to", "of", "a", "in", "is", "what", "def", "once", "sum", "how", "return",
+    "she", "solve", "why", "print", "he", "number", "who", "self", "said", "equation", "where",
+    "import", "story", "compute", "when", "class", "night", "which", "function", "forest", "upon",
+    "explain", "code", "time", "capital", "python", "that", "it", "with", "for", "on", "as", "at",
+    "by", "this", "be", "not", "or", "an", "you", "me", "my", "we", "your", "there", "their",
+    "one", "two", "if", "else", "while", "list", "string", "write", "tell", "about", "==", "()",
+    "):", "    ", "\n", "10", "12", "100",
 ];
 
 /// Element type of the written tensors.
@@ -284,19 +496,19 @@ impl SynthSpec {
                 self.vocab_size
             ));
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "--hidden {} is not divisible by --heads {}",
                 self.hidden_size, self.num_heads
             ));
         }
-        if (self.hidden_size / self.num_heads) % 2 != 0 {
+        if !(self.hidden_size / self.num_heads).is_multiple_of(2) {
             return bad(format!(
                 "head dimension {} (hidden/heads) must be even for rotary embeddings",
                 self.hidden_size / self.num_heads
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "--heads {} is not divisible by --kv-heads {}",
                 self.num_heads, self.num_kv_heads
@@ -354,38 +566,100 @@ impl SynthSpec {
         let hf = h as f64;
         let resid = 1.0 / (2.0 * self.num_layers as f64).sqrt();
         let mut v = vec![
-            TensorPlan::new("model.embed_tokens.weight", vec![self.vocab_size, h], Init::Embedding { std: 1.0 }),
-            TensorPlan::new("lm_head.weight", vec![self.vocab_size, h], Init::Normal { std: 1.0 / hf.sqrt() }),
+            TensorPlan::new(
+                "model.embed_tokens.weight",
+                vec![self.vocab_size, h],
+                Init::Embedding { std: 1.0 },
+            ),
+            TensorPlan::new(
+                "lm_head.weight",
+                vec![self.vocab_size, h],
+                Init::Normal {
+                    std: 1.0 / hf.sqrt(),
+                },
+            ),
             TensorPlan::new("model.norm.weight", vec![h], Init::Ones),
         ];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
-            v.push(TensorPlan::new(format!("{p}.input_layernorm.weight"), vec![h], Init::Ones));
-            v.push(TensorPlan::new(format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Ones));
+            v.push(TensorPlan::new(
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                Init::Ones,
+            ));
+            v.push(TensorPlan::new(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                Init::Ones,
+            ));
             let a = format!("{p}.self_attn");
-            v.push(TensorPlan::new(format!("{a}.q_proj.weight"), vec![q, h], Init::Normal { std: 1.0 / hf.sqrt() }));
-            v.push(TensorPlan::new(format!("{a}.k_proj.weight"), vec![kv, h], Init::Normal { std: 1.0 / hf.sqrt() }));
-            v.push(TensorPlan::new(format!("{a}.v_proj.weight"), vec![kv, h], Init::Normal { std: 1.0 / hf.sqrt() }));
+            v.push(TensorPlan::new(
+                format!("{a}.q_proj.weight"),
+                vec![q, h],
+                Init::Normal {
+                    std: 1.0 / hf.sqrt(),
+                },
+            ));
+            v.push(TensorPlan::new(
+                format!("{a}.k_proj.weight"),
+                vec![kv, h],
+                Init::Normal {
+                    std: 1.0 / hf.sqrt(),
+                },
+            ));
+            v.push(TensorPlan::new(
+                format!("{a}.v_proj.weight"),
+                vec![kv, h],
+                Init::Normal {
+                    std: 1.0 / hf.sqrt(),
+                },
+            ));
             v.push(TensorPlan::new(
                 format!("{a}.o_proj.weight"),
                 vec![h, q],
-                Init::Normal { std: resid / (q as f64).sqrt() },
+                Init::Normal {
+                    std: resid / (q as f64).sqrt(),
+                },
             ));
-            v.push(TensorPlan::new(format!("{a}.q_norm.weight"), vec![q], Init::Ones));
-            v.push(TensorPlan::new(format!("{a}.k_norm.weight"), vec![kv], Init::Ones));
+            v.push(TensorPlan::new(
+                format!("{a}.q_norm.weight"),
+                vec![q],
+                Init::Ones,
+            ));
+            v.push(TensorPlan::new(
+                format!("{a}.k_norm.weight"),
+                vec![kv],
+                Init::Ones,
+            ));
             v.push(TensorPlan::new(
                 format!("{p}.mlp.gate.weight"),
                 vec![self.num_experts, h],
-                Init::Router { std: ROUTER_LOGIT_STD / hf.sqrt() },
+                Init::Router {
+                    std: ROUTER_LOGIT_STD / hf.sqrt(),
+                },
             ));
             for e in 0..self.num_experts {
                 let x = format!("{p}.mlp.experts.{e}");
-                v.push(TensorPlan::new(format!("{x}.gate_proj.weight"), vec![i, h], Init::Normal { std: 1.0 / hf.sqrt() }));
-                v.push(TensorPlan::new(format!("{x}.up_proj.weight"), vec![i, h], Init::Normal { std: 1.0 / hf.sqrt() }));
+                v.push(TensorPlan::new(
+                    format!("{x}.gate_proj.weight"),
+                    vec![i, h],
+                    Init::Normal {
+                        std: 1.0 / hf.sqrt(),
+                    },
+                ));
+                v.push(TensorPlan::new(
+                    format!("{x}.up_proj.weight"),
+                    vec![i, h],
+                    Init::Normal {
+                        std: 1.0 / hf.sqrt(),
+                    },
+                ));
                 v.push(TensorPlan::new(
                     format!("{x}.down_proj.weight"),
                     vec![h, i],
-                    Init::Normal { std: resid / (i as f64).sqrt() },
+                    Init::Normal {
+                        std: resid / (i as f64).sqrt(),
+                    },
                 ));
             }
         }
@@ -466,7 +740,9 @@ pub fn token_class(token: &str) -> Option<TokenClass> {
         return Some(TokenClass::Question);
     }
     let alpha = lower.chars().all(|c| c.is_ascii_alphabetic());
-    if NARRATIVE_WORDS.contains(&lower.as_str()) || (alpha && lower.len() >= 5 && lower.ends_with("ed")) {
+    if NARRATIVE_WORDS.contains(&lower.as_str())
+        || (alpha && lower.len() >= 5 && lower.ends_with("ed"))
+    {
         return Some(TokenClass::Narrative);
     }
     None
@@ -477,7 +753,8 @@ fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -491,7 +768,10 @@ fn bytes_to_unicode() -> [char; 256] {
 
 /// Decode a byte-level token string into its text (lossy for partial UTF-8 sequences).
 fn decode_byte_level(token: &str, inverse: &BTreeMap<char, u8>) -> String {
-    let bytes: Vec<u8> = token.chars().filter_map(|c| inverse.get(&c).copied()).collect();
+    let bytes: Vec<u8> = token
+        .chars()
+        .filter_map(|c| inverse.get(&c).copied())
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -505,9 +785,14 @@ struct TokenizerOut {
 
 fn olmo_tokenizer() -> Result<TokenizerOut> {
     let path = PathBuf::from("<embedded olmo tokenizer>");
-    let v: Value = serde_json::from_slice(OLMO_TOKENIZER_JSON).map_err(|e| ModelError::invalid(&path, e.to_string()))?;
+    let v: Value = serde_json::from_slice(OLMO_TOKENIZER_JSON)
+        .map_err(|e| ModelError::invalid(&path, e.to_string()))?;
     let table = bytes_to_unicode();
-    let inverse: BTreeMap<char, u8> = table.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+    let inverse: BTreeMap<char, u8> = table
+        .iter()
+        .enumerate()
+        .map(|(b, c)| (*c, b as u8))
+        .collect();
     let mut decoded = vec![None; OLMO_TOKENIZER_VOCAB];
     if let Some(vocab) = v.pointer("/model/vocab").and_then(Value::as_object) {
         for (tok, id) in vocab {
@@ -548,7 +833,10 @@ fn tiny_tokenizer(vocab_size: usize) -> Result<TokenizerOut> {
     let mut merges: Vec<String> = Vec::new();
     'words: for w in TINY_TOKENIZER_WORDS {
         for variant in [w.to_string(), format!(" {w}")] {
-            let chars: Vec<String> = variant.bytes().map(|b| table[b as usize].to_string()).collect();
+            let chars: Vec<String> = variant
+                .bytes()
+                .map(|b| table[b as usize].to_string())
+                .collect();
             let mut cur = chars[0].clone();
             for ch in &chars[1..] {
                 let new = format!("{cur}{ch}");
@@ -564,11 +852,21 @@ fn tiny_tokenizer(vocab_size: usize) -> Result<TokenizerOut> {
             }
         }
     }
-    let inverse: BTreeMap<char, u8> = table.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+    let inverse: BTreeMap<char, u8> = table
+        .iter()
+        .enumerate()
+        .map(|(b, c)| (*c, b as u8))
+        .collect();
     let decoded: Vec<Option<String>> = by_id
         .iter()
         .enumerate()
-        .map(|(i, t)| if i < 2 { None } else { Some(decode_byte_level(t, &inverse)) })
+        .map(|(i, t)| {
+            if i < 2 {
+                None
+            } else {
+                Some(decode_byte_level(t, &inverse))
+            }
+        })
         .collect();
     let mut model_vocab = serde_json::Map::new();
     // the specials are in the model vocabulary too (as the tokenizers trainer writes them), so that
@@ -596,7 +894,8 @@ fn tiny_tokenizer(vocab_size: usize) -> Result<TokenizerOut> {
             "vocab": Value::Object(model_vocab), "merges": merges,
         }
     });
-    let mut json = serde_json::to_vec_pretty(&doc).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+    let mut json =
+        serde_json::to_vec_pretty(&doc).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
     json.push(b'\n');
     Ok(TokenizerOut {
         json,
@@ -611,7 +910,10 @@ fn class_directions(seed: u64, hidden: usize) -> Vec<Vec<f64>> {
     fill_normals(seed, u64::MAX, 0, &mut raw);
     let mut dirs: Vec<Vec<f64>> = Vec::new();
     for c in 0..4 {
-        let mut v: Vec<f64> = raw[c * hidden..(c + 1) * hidden].iter().map(|&x| x as f64).collect();
+        let mut v: Vec<f64> = raw[c * hidden..(c + 1) * hidden]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
         for d in &dirs {
             let dot: f64 = v.iter().zip(d).map(|(a, b)| a * b).sum();
             v.iter_mut().zip(d).for_each(|(a, b)| *a -= dot * b);
@@ -628,7 +930,7 @@ fn class_directions(seed: u64, hidden: usize) -> Vec<Vec<f64>> {
 /// Hand-written Box–Muller because it consumes a fixed number of random words per value, which the
 /// random access by `set_word_pos` needs (rand_distr's ziggurat consumes a variable number).
 fn fill_normals(seed: u64, stream: u64, start: u64, out: &mut [f32]) {
-    debug_assert!(start % 2 == 0);
+    debug_assert!(start.is_multiple_of(2));
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);
     // each pair of values uses two u64 = four u32 words
@@ -666,7 +968,9 @@ fn convert(values: &[f32], dtype: SynthDtype, out: &mut Vec<u8>) {
     out.clear();
     out.reserve(values.len() * dtype.size());
     match dtype {
-        SynthDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        SynthDtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         SynthDtype::Bf16 => values
             .iter()
             .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
@@ -677,7 +981,14 @@ fn convert(values: &[f32], dtype: SynthDtype, out: &mut Vec<u8>) {
 }
 
 /// Generate elements `start..start+buf.len()` of tensor `t` (stream `stream`).
-fn generate_chunk(spec: &SynthSpec, t: &TensorPlan, stream: u64, start: usize, buf: &mut [f32], plant: Option<&Planting>) {
+fn generate_chunk(
+    spec: &SynthSpec,
+    t: &TensorPlan,
+    stream: u64,
+    start: usize,
+    buf: &mut [f32],
+    plant: Option<&Planting>,
+) {
     if t.init == Init::Ones {
         buf.iter_mut().for_each(|x| *x = 1.0);
         return;
@@ -726,8 +1037,9 @@ fn safetensors_header(spec: &SynthSpec, tensors: &[&TensorPlan]) -> Result<Vec<u
     }
     // sorted keys regardless of serde_json's `preserve_order` feature
     let sorted: BTreeMap<String, Value> = map.into_iter().collect();
-    let mut header = serde_json::to_vec(&sorted).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
-    while header.len() % 8 != 0 {
+    let mut header =
+        serde_json::to_vec(&sorted).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
@@ -747,7 +1059,7 @@ fn split_shards(plan: &[TensorPlan], n: usize) -> Vec<Vec<usize>> {
         // move on when this group reached its share, but keep one tensor for every later group
         if !groups[g].is_empty()
             && g + 1 < n
-            && (acc * n >= total * (g + 1) || remaining_tensors <= remaining_groups - 1)
+            && (acc * n >= total * (g + 1) || remaining_tensors < remaining_groups)
         {
             g += 1;
         }
@@ -762,7 +1074,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(v).map_err(|e| ModelError::invalid(path, e.to_string()))?;
+    let mut s =
+        serde_json::to_string_pretty(v).map_err(|e| ModelError::invalid(path, e.to_string()))?;
     s.push('\n');
     fs::write(path, s).map_err(io_err(path))
 }
@@ -821,7 +1134,10 @@ pub fn write_checkpoint(spec: &SynthSpec, out: &Path) -> Result<SynthSummary> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "synth".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "synth".into());
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
@@ -868,7 +1184,8 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
             dirs: class_directions(spec.seed, spec.hidden_size),
             classes,
             embed_scale: PLANT_EMBED * h.sqrt(),
-            router_scale: PLANT_LOGIT / (PLANT_EMBED / (1.0 + PLANT_EMBED * PLANT_EMBED).sqrt() * h.sqrt()),
+            router_scale: PLANT_LOGIT
+                / (PLANT_EMBED / (1.0 + PLANT_EMBED * PLANT_EMBED).sqrt() * h.sqrt()),
         })
     } else {
         None
@@ -899,7 +1216,14 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
             let mut start = 0;
             while start < total {
                 let len = CHUNK.min(total - start);
-                generate_chunk(spec, t, ti as u64, start, &mut fbuf[..len], planting.as_ref());
+                generate_chunk(
+                    spec,
+                    t,
+                    ti as u64,
+                    start,
+                    &mut fbuf[..len],
+                    planting.as_ref(),
+                );
                 convert(&fbuf[..len], spec.dtype, &mut bytes);
                 w.write_all(&bytes).map_err(io_err(&path))?;
                 start += len;
@@ -907,7 +1231,9 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
             weight_bytes += (total * spec.dtype.size()) as u64;
             weight_map.insert(t.name.clone(), json!(fname));
         }
-        let file = w.into_inner().map_err(|e| ModelError::io(&path, e.into_error()))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| ModelError::io(&path, e.into_error()))?;
         file.sync_all().map_err(io_err(&path))?;
         files.push(fname);
     }
@@ -940,7 +1266,15 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
             "chat_template": CHAT_TEMPLATE,
         }),
     )?;
-    files.extend(["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"].map(String::from));
+    files.extend(
+        [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .map(String::from),
+    );
     if spec.uses_olmo_tokenizer() {
         let lp = dir.join("TOKENIZER_LICENSE");
         let text = format!(
@@ -988,7 +1322,11 @@ mod tests {
         fill_normals(7, 3, 5000, &mut part);
         assert_eq!(&whole[5000..5100], &part[..]);
         let mean: f64 = whole.iter().map(|&x| x as f64).sum::<f64>() / whole.len() as f64;
-        let var: f64 = whole.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / whole.len() as f64;
+        let var: f64 = whole
+            .iter()
+            .map(|&x| (x as f64 - mean).powi(2))
+            .sum::<f64>()
+            / whole.len() as f64;
         assert!(mean.abs() < 0.05, "mean {mean}");
         assert!((var - 1.0).abs() < 0.05, "var {var}");
         let mut other = vec![0f32; 100];

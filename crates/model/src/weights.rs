@@ -42,7 +42,10 @@ impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")
             .field("dir", &self.dir)
-            .field("files", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.entries.len())
             .finish()
     }
@@ -55,7 +58,9 @@ fn candle_dtype(d: Dtype, path: &Path, name: &str) -> Result<DType> {
         Dtype::BF16 => Ok(DType::BF16),
         other => Err(ModelError::Safetensors {
             path: path.to_path_buf(),
-            message: format!("tensor `{name}` has unsupported dtype {other:?} (bf16, f16, f32 only)"),
+            message: format!(
+                "tensor `{name}` has unsupported dtype {other:?} (bf16, f16, f32 only)"
+            ),
         }),
     }
 }
@@ -79,7 +84,10 @@ impl WeightStore {
             let mut wm = BTreeMap::new();
             for (k, f) in map {
                 let f = f.as_str().ok_or_else(|| {
-                    ModelError::invalid(&index_path, format!("weight_map[`{k}`] is not a file name"))
+                    ModelError::invalid(
+                        &index_path,
+                        format!("weight_map[`{k}`] is not a file name"),
+                    )
                 })?;
                 if f.contains('/') || f.contains('\\') || f == ".." {
                     return Err(ModelError::invalid(
@@ -159,7 +167,10 @@ impl WeightStore {
             if let Some(name) = wm.keys().find(|k| !entries.contains_key(*k)) {
                 return Err(ModelError::invalid(
                     &index_path,
-                    format!("tensor `{name}` is listed in the index but absent from {}", wm[name]),
+                    format!(
+                        "tensor `{name}` is listed in the index but absent from {}",
+                        wm[name]
+                    ),
                 ));
             }
         }

@@ -20,7 +20,8 @@ fn load_err(dir: &Path) -> String {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(v.as_object_mut().unwrap());
     std::fs::write(&p, v.to_string()).unwrap();
 }
@@ -33,7 +34,10 @@ fn missing_model_type_lists_supported() {
         m.remove("model_type");
     });
     let e = load_err(d.path());
-    assert!(e.contains("no `model_type`") && e.contains("supported model types: olmoe"), "{e}");
+    assert!(
+        e.contains("no `model_type`") && e.contains("supported model types: olmoe"),
+        "{e}"
+    );
     assert!(e.contains("config.json"), "{e}");
 }
 
@@ -45,7 +49,10 @@ fn unknown_model_type_lists_supported() {
         m.insert("model_type".into(), "mixtral".into());
     });
     let e = load_err(d.path());
-    assert!(e.contains("\"mixtral\"") && e.contains("supported model types: olmoe"), "{e}");
+    assert!(
+        e.contains("\"mixtral\"") && e.contains("supported model types: olmoe"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -53,7 +60,10 @@ fn unknown_rope_scaling_is_rejected_and_5x_form_is_read() {
     let d = tempfile::tempdir().unwrap();
     write_model(d.path(), &Spec::default());
     edit_config(d.path(), |m| {
-        m.insert("rope_scaling".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        m.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        );
     });
     let e = load_err(d.path());
     assert!(e.contains("yarn") && e.contains("unsupported"), "{e}");
@@ -66,7 +76,9 @@ fn unknown_rope_scaling_is_rejected_and_5x_form_is_read() {
     assert_eq!(c.eos_token_id, vec![3, 4]);
     assert!(!c.norm_topk_prob && !c.tie_word_embeddings && c.clip_qkv.is_none());
     let bad = text.replace("\"hidden_size\":8", "\"hidden_size\":\"8\"");
-    let e = OlmoeConfig::from_json_str(&bad, Path::new("c.json")).unwrap_err().to_string();
+    let e = OlmoeConfig::from_json_str(&bad, Path::new("c.json"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hidden_size") && e.contains("c.json"), "{e}");
 }
 
@@ -74,11 +86,21 @@ fn unknown_rope_scaling_is_rejected_and_5x_form_is_read() {
 fn missing_tensor_is_named() {
     let d = tempfile::tempdir().unwrap();
     let s = Spec::default();
-    std::fs::write(d.path().join("config.json"), common::config_json(&s).to_string()).unwrap();
-    let ts: Vec<_> = common::tensors(&s).into_iter().filter(|t| t.0 != "model.layers.1.mlp.experts.3.up_proj.weight").collect();
+    std::fs::write(
+        d.path().join("config.json"),
+        common::config_json(&s).to_string(),
+    )
+    .unwrap();
+    let ts: Vec<_> = common::tensors(&s)
+        .into_iter()
+        .filter(|t| t.0 != "model.layers.1.mlp.experts.3.up_proj.weight")
+        .collect();
     common::write_safetensors(&d.path().join("model.safetensors"), &ts, false);
     let e = load_err(d.path());
-    assert!(e.contains("missing tensor `model.layers.1.mlp.experts.3.up_proj.weight`"), "{e}");
+    assert!(
+        e.contains("missing tensor `model.layers.1.mlp.experts.3.up_proj.weight`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -90,7 +112,10 @@ fn shape_mismatch_names_tensor_expected_and_found() {
         m.insert("intermediate_size".into(), 12.into());
     });
     let e = load_err(d.path());
-    assert!(e.contains("shape mismatch") && e.contains("expected [12, 32], found [16, 32]"), "{e}");
+    assert!(
+        e.contains("shape mismatch") && e.contains("expected [12, 32], found [16, 32]"),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -102,7 +127,10 @@ fn truncated_and_lying_safetensors_are_errors() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("invalid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("invalid safetensors"),
+        "{e}"
+    );
     // Header length larger than the file.
     let mut lying = bytes.clone();
     lying[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -121,19 +149,36 @@ fn truncated_and_lying_safetensors_are_errors() {
 fn sharded_index_pointing_to_wrong_file_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     write_model(d.path(), &Spec::default());
-    std::fs::rename(d.path().join("model.safetensors"), d.path().join("model-00001-of-00001.safetensors")).unwrap();
-    let names: Vec<String> = common::tensors(&Spec::default()).into_iter().map(|t| t.0).collect();
+    std::fs::rename(
+        d.path().join("model.safetensors"),
+        d.path().join("model-00001-of-00001.safetensors"),
+    )
+    .unwrap();
+    let names: Vec<String> = common::tensors(&Spec::default())
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
     let mut wm = serde_json::Map::new();
     for n in &names {
         wm.insert(n.clone(), "model-00001-of-00001.safetensors".into());
     }
     let idx = d.path().join("model.safetensors.index.json");
-    std::fs::write(&idx, serde_json::json!({"metadata": {}, "weight_map": wm}).to_string()).unwrap();
+    std::fs::write(
+        &idx,
+        serde_json::json!({"metadata": {}, "weight_map": wm}).to_string(),
+    )
+    .unwrap();
     Olmoe::load(d.path(), &LoadOptions::default()).unwrap();
-    wm.insert("model.extra.weight".into(), "model-00001-of-00001.safetensors".into());
+    wm.insert(
+        "model.extra.weight".into(),
+        "model-00001-of-00001.safetensors".into(),
+    );
     std::fs::write(&idx, serde_json::json!({"weight_map": wm}).to_string()).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.extra.weight") && e.contains("index"), "{e}");
+    assert!(
+        e.contains("model.extra.weight") && e.contains("index"),
+        "{e}"
+    );
     wm.remove("model.extra.weight");
     wm.insert(names[0].clone(), "model-00002-of-00002.safetensors".into());
     std::fs::write(&idx, serde_json::json!({"weight_map": wm}).to_string()).unwrap();
@@ -146,21 +191,63 @@ fn token_out_of_range_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     write_model(d.path(), &Spec::default());
     let m = Olmoe::load(d.path(), &LoadOptions::default()).unwrap();
-    let p = vec![PromptInput { id: "bad".into(), category: None, tokens: vec![1, 96], index: 0 }];
+    let p = vec![PromptInput {
+        id: "bad".into(),
+        category: None,
+        tokens: vec![1, 96],
+        index: 0,
+    }];
     let mut sink = Collect::default();
-    let e = generate_all(&m, &p, 1, &GenerateOptions::default(), &mut sink, &mut |_| Ok(())).unwrap_err();
-    assert!(matches!(e, ModelError::TokenOutOfRange { token: 96, vocab_size: 96, .. }), "{e}");
+    let e = generate_all(
+        &m,
+        &p,
+        1,
+        &GenerateOptions::default(),
+        &mut sink,
+        &mut |_| Ok(()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::TokenOutOfRange {
+                token: 96,
+                vocab_size: 96,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("`bad`"));
-    assert!(sink.records.is_empty() && sink.begun.is_empty(), "nothing may be recorded");
-    let empty = vec![PromptInput { id: "e".into(), category: None, tokens: vec![], index: 0 }];
-    assert!(generate_all(&m, &empty, 1, &GenerateOptions::default(), &mut sink, &mut |_| Ok(())).is_err());
+    assert!(
+        sink.records.is_empty() && sink.begun.is_empty(),
+        "nothing may be recorded"
+    );
+    let empty = vec![PromptInput {
+        id: "e".into(),
+        category: None,
+        tokens: vec![],
+        index: 0,
+    }];
+    assert!(generate_all(
+        &m,
+        &empty,
+        1,
+        &GenerateOptions::default(),
+        &mut sink,
+        &mut |_| Ok(())
+    )
+    .is_err());
 }
 
 #[test]
 fn missing_or_broken_tokenizer_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     let e = Tokenizer::from_dir(d.path()).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("cannot read"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("cannot read"),
+        "{e}"
+    );
     std::fs::write(d.path().join("tokenizer.json"), "{not json").unwrap();
     let e = Tokenizer::from_dir(d.path()).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");

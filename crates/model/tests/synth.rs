@@ -17,7 +17,10 @@ fn read_all(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
-        m.insert(e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap());
+        m.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            std::fs::read(e.path()).unwrap(),
+        );
     }
     m
 }
@@ -31,7 +34,14 @@ fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
             let bytes = std::fs::read(&p).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
             for (name, view) in st.tensors() {
-                out.insert(name, (format!("{:?}", view.dtype()), view.shape().to_vec(), view.data().to_vec()));
+                out.insert(
+                    name,
+                    (
+                        format!("{:?}", view.dtype()),
+                        view.shape().to_vec(),
+                        view.data().to_vec(),
+                    ),
+                );
             }
         }
     }
@@ -40,9 +50,21 @@ fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
 
 fn f32_tensor(t: &(String, Vec<usize>, Vec<u8>)) -> Vec<f32> {
     match t.0.as_str() {
-        "F32" => t.2.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        "BF16" => t.2.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        "F16" => t.2.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "F32" => {
+            t.2.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+        "BF16" => {
+            t.2.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        }
+        "F16" => {
+            t.2.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        }
         d => panic!("dtype {d}"),
     }
 }
@@ -71,7 +93,10 @@ fn synth_is_byte_reproducible_and_seed_dependent() {
     synth::write_checkpoint(&spec, &c).unwrap();
     assert_ne!(read_all(&c)["model.safetensors"], fa["model.safetensors"]);
     // no temporary directories are left behind
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 3, "{left:?}");
 }
 
@@ -96,12 +121,16 @@ fn synth_sharding_does_not_change_tensor_bytes() {
     }
     assert!(!files.contains_key("model.safetensors"));
     assert_eq!(tensors(&one), tensors(&three));
-    let idx: serde_json::Value = serde_json::from_slice(&files["model.safetensors.index.json"]).unwrap();
+    let idx: serde_json::Value =
+        serde_json::from_slice(&files["model.safetensors.index.json"]).unwrap();
     let map = idx["weight_map"].as_object().unwrap();
     let t = tensors(&three);
     assert_eq!(map.len(), t.len());
     let total: usize = t.values().map(|x| x.2.len()).sum();
-    assert_eq!(idx["metadata"]["total_size"].as_u64().unwrap() as usize, total);
+    assert_eq!(
+        idx["metadata"]["total_size"].as_u64().unwrap() as usize,
+        total
+    );
     // every tensor is in the file the index names
     for (name, file) in map {
         let bytes = &files[file.as_str().unwrap()];
@@ -145,19 +174,31 @@ fn synth_layout_shapes_and_dtypes_match_hf() {
         want.insert(format!("{p}.self_attn.k_norm.weight"), vec![2 * hd]);
         want.insert(format!("{p}.mlp.gate.weight"), vec![5, 48]);
         for e in 0..5 {
-            want.insert(format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![20, 48]);
+            want.insert(
+                format!("{p}.mlp.experts.{e}.gate_proj.weight"),
+                vec![20, 48],
+            );
             want.insert(format!("{p}.mlp.experts.{e}.up_proj.weight"), vec![20, 48]);
-            want.insert(format!("{p}.mlp.experts.{e}.down_proj.weight"), vec![48, 20]);
+            want.insert(
+                format!("{p}.mlp.experts.{e}.down_proj.weight"),
+                vec![48, 20],
+            );
         }
     }
-    let got: BTreeMap<String, Vec<usize>> = t.iter().map(|(k, v)| (k.clone(), v.1.clone())).collect();
+    let got: BTreeMap<String, Vec<usize>> =
+        t.iter().map(|(k, v)| (k.clone(), v.1.clone())).collect();
     assert_eq!(got, want);
     assert!(t.values().all(|v| v.0 == "F16"));
-    let n: u64 = want.values().map(|s| s.iter().product::<usize>() as u64).sum();
+    let n: u64 = want
+        .values()
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum();
     assert_eq!(summary.num_parameters, n);
     assert_eq!(summary.weight_bytes, 2 * n);
     // norms are exactly one, random tensors have the documented scale
-    assert!(f32_tensor(&t["model.norm.weight"]).iter().all(|&x| x == 1.0));
+    assert!(f32_tensor(&t["model.norm.weight"])
+        .iter()
+        .all(|&x| x == 1.0));
     let emb = f32_tensor(&t["model.embed_tokens.weight"]);
     let sd = (emb.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / emb.len() as f64).sqrt();
     assert!((sd - 1.0).abs() < 0.05, "embedding std {sd}");
@@ -180,7 +221,8 @@ fn synth_config_and_side_files_parse() {
     spec.norm_topk_prob = true;
     spec.dtype = SynthDtype::Bf16;
     synth::write_checkpoint(&spec, &dir).unwrap();
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "olmoe");
     assert_eq!(cfg["architectures"][0], "OlmoeForCausalLM");
     assert_eq!(cfg["hidden_size"], 64);
@@ -196,23 +238,36 @@ fn synth_config_and_side_files_parse() {
     // the project's config reader accepts it
     let c = OlmoeConfig::from_dir(&dir).unwrap();
     assert_eq!(
-        (c.hidden_size, c.num_hidden_layers, c.num_experts, c.num_experts_per_tok, c.num_key_value_heads),
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_experts,
+            c.num_experts_per_tok,
+            c.num_key_value_heads
+        ),
         (64, 2, 8, 2, 2)
     );
     assert!(c.norm_topk_prob);
     assert_eq!(c.eos_token_id, vec![0]);
     let g: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("generation_config.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("generation_config.json")).unwrap())
+            .unwrap();
     assert_eq!(g["eos_token_id"], 0);
     let tc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json")).unwrap()).unwrap();
-    assert!(tc["chat_template"].as_str().unwrap().contains("<|assistant|>"));
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|assistant|>"));
     // the tokenizer loads with the tokenizers crate; ids stay in the vocabulary and round-trip
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let text = "def f(x):\n    return x * 2  # what? Once upon a time, 12 + 30 = 42.";
     let enc = tok.encode(text, false).unwrap();
     assert!(enc.get_ids().iter().all(|&i| (i as usize) < 512));
-    assert!(enc.get_ids().len() < text.len(), "merges should shorten the byte sequence");
+    assert!(
+        enc.get_ids().len() < text.len(),
+        "merges should shorten the byte sequence"
+    );
     assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
     assert_eq!(tok.token_to_id("<|padding|>"), Some(1));
@@ -230,10 +285,22 @@ fn synth_loads_with_the_weight_store() {
     let ws = WeightStore::open(&dir).unwrap();
     assert_eq!(ws.dominant_dtype(), DType::BF16);
     let t = ws
-        .load("model.layers.1.mlp.experts.7.down_proj.weight", &[64, 32], Some(DType::F32), &Device::Cpu)
+        .load(
+            "model.layers.1.mlp.experts.7.down_proj.weight",
+            &[64, 32],
+            Some(DType::F32),
+            &Device::Cpu,
+        )
         .unwrap();
     assert_eq!(t.dims(), &[64, 32]);
-    let r = ws.load("model.layers.0.mlp.gate.weight", &[8, 64], None, &Device::Cpu).unwrap();
+    let r = ws
+        .load(
+            "model.layers.0.mlp.gate.weight",
+            &[8, 64],
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
     assert_eq!(r.dtype(), DType::BF16);
     assert!(ws.contains("lm_head.weight"));
 }
@@ -250,13 +317,22 @@ fn synth_small_preset_uses_the_olmo_tokenizer() {
     spec.planted = true;
     let s = synth::write_checkpoint(&spec, &dir).unwrap();
     assert!(s.tokenizer.starts_with("olmo"));
-    assert_eq!(std::fs::read(dir.join("tokenizer.json")).unwrap(), synth::OLMO_TOKENIZER_JSON);
-    assert!(std::fs::read_to_string(dir.join("TOKENIZER_LICENSE")).unwrap().contains("Apache License"));
+    assert_eq!(
+        std::fs::read(dir.join("tokenizer.json")).unwrap(),
+        synth::OLMO_TOKENIZER_JSON
+    );
+    assert!(std::fs::read_to_string(dir.join("TOKENIZER_LICENSE"))
+        .unwrap()
+        .contains("Apache License"));
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(50279));
     let counts = s.planted_class_counts.unwrap();
-    assert!(counts.iter().all(|&c| c > 50), "every class has vocabulary entries: {counts:?}");
-    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert!(
+        counts.iter().all(|&c| c > 50),
+        "every class has vocabulary entries: {counts:?}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["eos_token_id"], 50279);
     assert_eq!(cfg["vocab_size"], 50304);
 }
@@ -275,7 +351,14 @@ fn layer0_topk(dir: &Path, k: usize) -> Vec<Vec<usize>> {
             let mut logits: Vec<(f64, usize)> = (0..e)
                 .map(|j| {
                     let w = &gate[j * h..(j + 1) * h];
-                    (row.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / rms, j)
+                    (
+                        row.iter()
+                            .zip(w)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            / rms,
+                        j,
+                    )
                 })
                 .collect();
             logits.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -315,7 +398,9 @@ fn synth_planted_router_follows_token_classes() {
     let (mut in_group, mut total) = (0usize, 0usize);
     let mut classes_seen = [0usize; 4];
     for (id, experts) in picks.iter().enumerate() {
-        let Some(s) = tok.decode(&[id as u32], false).ok() else { continue };
+        let Some(s) = tok.decode(&[id as u32], false).ok() else {
+            continue;
+        };
         if let Some(c) = token_class(&s) {
             classes_seen[c as usize] += 1;
             in_group += experts.iter().filter(|&&e| e % 4 == c as usize).count();
@@ -325,7 +410,10 @@ fn synth_planted_router_follows_token_classes() {
     assert!(classes_seen.iter().all(|&n| n > 0), "{classes_seen:?}");
     let frac = in_group as f64 / total as f64;
     // chance is 1/4; the planted boost of 4 nats makes nearly all picks come from the class group
-    assert!(frac > 0.8, "fraction of picks in the token's class group: {frac}");
+    assert!(
+        frac > 0.8,
+        "fraction of picks in the token's class group: {frac}"
+    );
     assert_eq!(token_class(" return"), Some(TokenClass::Code));
 }
 
@@ -335,23 +423,39 @@ fn synth_rejects_bad_specs_without_writing() {
     let dir = tmp.path().join("m");
     let mut spec = tiny();
     spec.num_heads = 5; // 64 % 5 != 0
-    let e = synth::write_checkpoint(&spec, &dir).unwrap_err().to_string();
+    let e = synth::write_checkpoint(&spec, &dir)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--heads"), "{e}");
     assert!(!dir.exists());
     let mut spec = tiny();
     spec.top_k = 9;
-    assert!(synth::write_checkpoint(&spec, &dir).unwrap_err().to_string().contains("--top-k"));
+    assert!(synth::write_checkpoint(&spec, &dir)
+        .unwrap_err()
+        .to_string()
+        .contains("--top-k"));
     let mut spec = tiny();
     spec.vocab_size = 100;
-    assert!(synth::write_checkpoint(&spec, &dir).unwrap_err().to_string().contains("--vocab"));
-    assert!(SynthSpec::preset("huge").unwrap_err().to_string().contains("olmoe-1b-7b"));
+    assert!(synth::write_checkpoint(&spec, &dir)
+        .unwrap_err()
+        .to_string()
+        .contains("--vocab"));
+    assert!(SynthSpec::preset("huge")
+        .unwrap_err()
+        .to_string()
+        .contains("olmoe-1b-7b"));
     assert!(SynthDtype::parse("f64").is_err());
     // an existing directory that is not a synthetic checkpoint is never overwritten
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("notes.txt"), "mine").unwrap();
-    let e = synth::write_checkpoint(&tiny(), &dir).unwrap_err().to_string();
+    let e = synth::write_checkpoint(&tiny(), &dir)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a synthetic checkpoint"), "{e}");
-    assert_eq!(std::fs::read_to_string(dir.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "mine"
+    );
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
 
@@ -359,7 +463,15 @@ fn synth_rejects_bad_specs_without_writing() {
 fn synth_olmoe_preset_has_the_published_shape() {
     let s = SynthSpec::preset("olmoe-1b-7b").unwrap();
     assert_eq!(
-        (s.hidden_size, s.intermediate_size, s.num_heads, s.num_layers, s.num_experts, s.top_k, s.vocab_size),
+        (
+            s.hidden_size,
+            s.intermediate_size,
+            s.num_heads,
+            s.num_layers,
+            s.num_experts,
+            s.top_k,
+            s.vocab_size
+        ),
         (2048, 1024, 16, 16, 64, 8, 50304)
     );
     assert_eq!(s.dtype, SynthDtype::Bf16);

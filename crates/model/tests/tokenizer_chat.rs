@@ -20,7 +20,12 @@ fn olmo_tokenizer_round_trip_and_special_ids() {
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(50279));
     assert_eq!(tok.token_to_id("<|padding|>"), Some(1));
     assert_eq!(tok.vocab_size(), 50280);
-    for text in ["Hello, world!", "def fibonacci(n):\n    return n", "Ünïcödé ✓ 日本語 — 12345", "  leading spaces"] {
+    for text in [
+        "Hello, world!",
+        "def fibonacci(n):\n    return n",
+        "Ünïcödé ✓ 日本語 — 12345",
+        "  leading spaces",
+    ] {
         let ids = tok.encode(text, false).unwrap();
         assert!(!ids.is_empty());
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
@@ -36,14 +41,32 @@ const TULU: &str = "{{ bos_token }}{% for message in messages %}{% if message['r
 #[test]
 fn tulu_template_renders_generation_prompt() {
     let t = ChatTemplate::new(TULU, "<|endoftext|>", "<|endoftext|>").unwrap();
-    assert_eq!(t.render_user("Hi").unwrap(), "<|endoftext|><|user|>\nHi\n<|assistant|>\n");
+    assert_eq!(
+        t.render_user("Hi").unwrap(),
+        "<|endoftext|><|user|>\nHi\n<|assistant|>\n"
+    );
     let msgs = vec![
-        Message { role: "user".into(), content: "a".into() },
-        Message { role: "assistant".into(), content: "b".into() },
+        Message {
+            role: "user".into(),
+            content: "a".into(),
+        },
+        Message {
+            role: "assistant".into(),
+            content: "b".into(),
+        },
     ];
-    assert_eq!(t.render(&msgs, false).unwrap(), "<|endoftext|><|user|>\na\n<|assistant|>\nb<|endoftext|>");
-    let bad = ChatTemplate::new("{% if %}", "", "").unwrap_err().to_string();
+    assert_eq!(
+        t.render(&msgs, false).unwrap(),
+        "<|endoftext|><|user|>\na\n<|assistant|>\nb<|endoftext|>"
+    );
+    let bad = ChatTemplate::new("{% if %}", "", "")
+        .unwrap_err()
+        .to_string();
     assert!(bad.contains("chat template"), "{bad}");
     let raising = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
-    assert!(raising.render_user("x").unwrap_err().to_string().contains("no system role"));
+    assert!(raising
+        .render_user("x")
+        .unwrap_err()
+        .to_string()
+        .contains("no system role"));
 }

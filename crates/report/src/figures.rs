@@ -2,8 +2,8 @@
 
 use crate::results::{Baseline, Results};
 use crate::svg::{
-    category_style, colorbar, esc, legend, legend_width, nice_ticks, num, text_on_viridis, text_width, truncate,
-    viridis, Anchor, Axes, LegendItem, LegendKind, Svg, OKABE_ITO,
+    category_style, colorbar, esc, legend, legend_width, nice_ticks, num, text_on_viridis,
+    text_width, truncate, viridis, Anchor, Axes, LegendItem, LegendKind, Svg, OKABE_ITO,
 };
 use crate::{CategoryUsage, Figure};
 
@@ -860,7 +860,10 @@ fn fig_usage(r: &Results, usage: Option<&CategoryUsage>) -> Figure {
             Anchor::Start,
             r#"font-weight="bold" class="panel-title""#,
         );
-        s.raw(&format!(r#"<g class="usage-panel" data-category="{}">"#, esc(name)));
+        s.raw(&format!(
+            r#"<g class="usage-panel" data-category="{}">"#,
+            esc(name)
+        ));
         for li in 0..l {
             for ei in 0..e {
                 let v = vals[li * e + ei];

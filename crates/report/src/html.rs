@@ -123,12 +123,7 @@ fn kv_table(class: &str, v: &Value) -> String {
         r#"<table class="{class}"><thead><tr><th>field</th><th>value</th></tr></thead><tbody>"#
     );
     for (k, val) in rows {
-        let _ = write!(
-            s,
-            "<tr><td>{}</td><td>{}</td></tr>",
-            esc(&k),
-            esc(&val)
-        );
+        let _ = write!(s, "<tr><td>{}</td><td>{}</td></tr>", esc(&k), esc(&val));
     }
     s.push_str("</tbody></table>");
     s
@@ -405,7 +400,9 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
             );
         }
         None => {
-            s.push_str(r#"<section id="interpretation" class="interpretation"><h2>Interpretation</h2>"#);
+            s.push_str(
+                r#"<section id="interpretation" class="interpretation"><h2>Interpretation</h2>"#,
+            );
             let ci_excludes_zero = ci.map(|(a, b)| a > 0.0 || b < 0.0);
             let above_baselines = [
                 r.baselines.permutation.get(),
@@ -442,7 +439,11 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
                      categories also differ in vocabulary and format, so similar routing can \
                      reflect shared tokens rather than task; the prompt set is small and from \
                      one source; one model and one run.",
-                    if above_baselines { "above" } else { "not above" }
+                    if above_baselines {
+                        "above"
+                    } else {
+                        "not above"
+                    }
                 ))
             );
         }
@@ -589,10 +590,7 @@ pub fn render_report(input: &ReportInput) -> String {
                 .collect(),
         ),
     );
-    settings.insert(
-        "tool_version".into(),
-        Value::String(r.tool_version.clone()),
-    );
+    settings.insert("tool_version".into(), Value::String(r.tool_version.clone()));
     settings.insert("schema_version".into(), Value::from(r.schema_version));
     s.push_str(&kv_table("settings", &Value::Object(settings)));
     s.push_str("<h3>Significance tests (all recorded fields)</h3>\n");

@@ -217,17 +217,16 @@ pub fn write_report(dir: impl AsRef<Path>, input: &ReportInput) -> Result<PathBu
         figs.extend(h.figures.iter().cloned());
     }
     for f in &figs {
-        let safe: String = f
-            .id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let safe: String =
+            f.id.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
         write_atomic(&fig_dir.join(format!("{safe}.svg")), f.svg.as_bytes())?;
     }
     let html = render_report(input);

@@ -155,7 +155,7 @@ pub struct Logreg {
 }
 
 /// An optional section: present, skipped with a reason, or absent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Section<T> {
     /// Skipped by the analysis (`{"skipped": "reason"}`).
@@ -166,13 +166,8 @@ pub enum Section<T> {
     /// Computed.
     Present(T),
     /// Missing or `null`.
+    #[default]
     Absent,
-}
-
-impl<T> Default for Section<T> {
-    fn default() -> Self {
-        Section::Absent
-    }
 }
 
 impl<T> Section<T> {

@@ -351,7 +351,14 @@ impl Svg {
     /// Figure title centred at the top.
     pub fn title(&mut self, s: &str) {
         let w = self.width;
-        self.text(w / 2.0, 22.0, s, 15.0, Anchor::Middle, r#"font-weight="bold""#);
+        self.text(
+            w / 2.0,
+            22.0,
+            s,
+            15.0,
+            Anchor::Middle,
+            r#"font-weight="bold""#,
+        );
     }
 
     /// Finishes the document. `title` and `desc` become the accessible name and description.
@@ -602,7 +609,11 @@ pub fn legend(svg: &mut Svg, x: f64, y: f64, title: &str, items: &[LegendItem]) 
                     cy,
                     &it.color,
                     2.0,
-                    if dashed { r#"stroke-dasharray="5 3""# } else { "" },
+                    if dashed {
+                        r#"stroke-dasharray="5 3""#
+                    } else {
+                        ""
+                    },
                 );
                 if marker {
                     svg.marker(Shape::Circle, x + 16.0, cy, 4.0, &it.color, "");
@@ -653,7 +664,10 @@ pub fn colorbar(
     );
     let (ticks, dec) = nice_ticks(lo, hi, 4);
     let span = if hi > lo { hi - lo } else { 1.0 };
-    for t in ticks.iter().filter(|t| **t >= lo - 1e-12 && **t <= hi + 1e-12) {
+    for t in ticks
+        .iter()
+        .filter(|t| **t >= lo - 1e-12 && **t <= hi + 1e-12)
+    {
         let ty = y + h - (t - lo) / span * h;
         svg.line(x + w, ty, x + w + 4.0, ty, "#555555", 1.0);
         svg.text(

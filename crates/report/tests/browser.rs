@@ -55,7 +55,10 @@ fn run_chromium(bin: &Path, profile: &Path, args: &[String], url: &str) -> Strin
             "--hide-scrollbars",
             "--force-device-scale-factor=1",
         ])
-        .arg(format!("--user-data-dir={}", profile.join("profile").display()))
+        .arg(format!(
+            "--user-data-dir={}",
+            profile.join("profile").display()
+        ))
         .args(args)
         .arg(url)
         .stdin(Stdio::null())
@@ -118,6 +121,24 @@ fn decode_png(path: &Path) -> Image {
     }
 }
 
+/// Share of pixels in the region that are saturated colours (max − min channel > 60): data
+/// marks (bars, points, heatmap cells, lines), never axes, grid or text, which are grey.
+fn coloured_share(img: &Image, x0: usize, y0: usize, x1: usize, y1: usize) -> f64 {
+    let mut n = 0usize;
+    let mut total = 0usize;
+    for y in y0..y1.min(img.height) {
+        for x in x0..x1.min(img.width) {
+            let p = img.rgb[y * img.width + x];
+            total += 1;
+            let (mx, mn) = (*p.iter().max().unwrap(), *p.iter().min().unwrap());
+            if mx - mn > 60 {
+                n += 1;
+            }
+        }
+    }
+    n as f64 / total.max(1) as f64
+}
+
 /// (share of pixels that are not near-white, number of distinct colours quantised to 4 bits).
 fn region_stats(img: &Image, x0: usize, y0: usize, x1: usize, y1: usize) -> (f64, usize) {
     let mut ink = 0usize;
@@ -160,16 +181,34 @@ fn report_renders_in_headless_chromium() {
 
     // 1. DOM: every figure's <svg> is in the parsed document, the <script> prompt is text.
     let dom = run_chromium(&bin, dir.path(), &["--dump-dom".to_string()], &url);
-    assert!(dom.contains("<main>"), "DOM dump looks wrong: {}", &dom[..dom.len().min(300)]);
-    let figs = moe_xray_report::render_figures(&input.results_with_categories(), input.usage.as_ref());
+    assert!(
+        dom.contains("<main>"),
+        "DOM dump looks wrong: {}",
+        &dom[..dom.len().min(300)]
+    );
+    let figs =
+        moe_xray_report::render_figures(&input.results_with_categories(), input.usage.as_ref());
     assert_eq!(figs.len(), 7);
     for f in &figs {
         let needle = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{}\"", f.id);
-        assert!(dom.contains(&needle), "figure {} missing from the DOM", f.id);
+        assert!(
+            dom.contains(&needle),
+            "figure {} missing from the DOM",
+            f.id
+        );
     }
-    assert!(!dom.contains("<script>alert"), "the prompt's <script> became an element");
-    assert!(dom.contains("&lt;script&gt;alert("), "escaped prompt text missing in the DOM");
-    assert!(dom.contains("random-weight") == false, "real-model fixture must not get the synthetic warning");
+    assert!(
+        !dom.contains("<script>alert"),
+        "the prompt's <script> became an element"
+    );
+    assert!(
+        dom.contains("&lt;script&gt;alert("),
+        "escaped prompt text missing in the DOM"
+    );
+    assert!(
+        !dom.contains("random-weight"),
+        "real-model fixture must not get the synthetic warning"
+    );
 
     // 2. Full-page screenshot (1200 × 3000): not blank, the figures' colours are painted.
     let shot = dir.path().join("report.png");
@@ -185,7 +224,10 @@ fn report_renders_in_headless_chromium() {
     let img = decode_png(&shot);
     assert_eq!((img.width, img.height), (1200, 3000));
     let (ink, colours) = region_stats(&img, 0, 0, img.width, img.height);
-    eprintln!("report screenshot: {:.1} % non-white pixels, {colours} colours", ink * 100.0);
+    eprintln!(
+        "report screenshot: {:.1} % non-white pixels, {colours} colours",
+        ink * 100.0
+    );
     assert!(ink > 0.05, "screenshot nearly blank ({ink})");
     assert!(colours > 50, "too few colours ({colours})");
     // the page's central column has content all the way down to the figures
@@ -194,9 +236,15 @@ fn report_renders_in_headless_chromium() {
         assert!(ink > 0.02, "band {band} of the screenshot is blank ({ink})");
     }
     // Okabe–Ito blue (within bar, scatter points) and viridis ends (heatmap cells) are painted
-    assert!(has_colour_near(&img, [0x00, 0x72, 0xB2], 200), "no Okabe–Ito blue in the screenshot");
-    assert!(has_colour_near(&img, [0x44, 0x01, 0x54], 50) || has_colour_near(&img, [0xfd, 0xe7, 0x25], 50),
-        "no heatmap colours in the screenshot");
+    assert!(
+        has_colour_near(&img, [0x00, 0x72, 0xB2], 200),
+        "no Okabe–Ito blue in the screenshot"
+    );
+    assert!(
+        has_colour_near(&img, [0x44, 0x01, 0x54], 50)
+            || has_colour_near(&img, [0xfd, 0xe7, 0x25], 50),
+        "no heatmap colours in the screenshot"
+    );
     if let Some(keep) = std::env::var_os("MOE_XRAY_REPORT_SCREENSHOT") {
         std::fs::copy(&shot, &keep).unwrap();
         eprintln!("kept screenshot at {}", PathBuf::from(keep).display());
@@ -204,8 +252,21 @@ fn report_renders_in_headless_chromium() {
 
     // 3. Each figure file on its own: the plot region is painted with several colours.
     for f in &figs {
-        let svg_path = dir.path().join("out").join("figures").join(format!("{}.svg", f.id));
-        let h: f64 = f.svg.split("viewBox=\"0 0 640.00 ").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        let svg_path = dir
+            .path()
+            .join("out")
+            .join("figures")
+            .join(format!("{}.svg", f.id));
+        let h: f64 = f
+            .svg
+            .split("viewBox=\"0 0 640.00 ")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         let png_path = dir.path().join(format!("{}.png", f.id));
         run_chromium(
             &bin,
@@ -218,9 +279,21 @@ fn report_renders_in_headless_chromium() {
         );
         let img = decode_png(&png_path);
         // plot region: below the title, inside the margins
+        assert_eq!(img.width, 640);
         let (ink, colours) = region_stats(&img, 40, 40, 600, img.height - 20);
-        eprintln!("{}: {:.1} % ink, {colours} colours", f.id, ink * 100.0);
-        assert!(ink > 0.04, "{}: figure region is (nearly) blank: {ink}", f.id);
+        let data = coloured_share(&img, 40, 40, 600, img.height - 20);
+        eprintln!(
+            "{}: {:.1} % ink, {:.2} % data colour, {colours} colours",
+            f.id,
+            ink * 100.0,
+            data * 100.0
+        );
+        assert!(
+            ink > 0.03,
+            "{}: figure region is (nearly) blank: {ink}",
+            f.id
+        );
+        assert!(data > 0.004, "{}: no data marks painted: {data}", f.id);
         assert!(colours >= 6, "{}: only {colours} colours", f.id);
         // the title row is drawn
         let (title_ink, _) = region_stats(&img, 0, 5, 640, 30);

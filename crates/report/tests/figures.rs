@@ -83,7 +83,10 @@ fn category_heatmap_has_values_in_cells_and_labels() {
         .descendants()
         .find(|n| n.attribute("class") == Some("cells"))
         .unwrap();
-    assert_eq!(cells.children().filter(|n| n.has_tag_name("rect")).count(), 16);
+    assert_eq!(
+        cells.children().filter(|n| n.has_tag_name("rect")).count(),
+        16
+    );
     assert_eq!(count(&doc, "text", Some("cell-value")), 16);
     let t = texts(&doc);
     let r = common::results();
@@ -114,7 +117,10 @@ fn baseline_bars_with_error_bars_and_values() {
         .descendants()
         .find(|n| n.attribute("class") == Some("bars"))
         .unwrap();
-    assert_eq!(bars.children().filter(|n| n.has_tag_name("line")).count(), 15);
+    assert_eq!(
+        bars.children().filter(|n| n.has_tag_name("line")).count(),
+        15
+    );
 }
 
 #[test]
@@ -153,7 +159,12 @@ fn scatter_plots_have_all_points_legend_and_variance_labels() {
             .collect();
         assert_eq!(fills.len(), 4, "{id}");
         let t = texts(&doc);
-        for c in ["code (n = 20)", "math (n = 20)", "story (n = 20)", "factual (n = 20)"] {
+        for c in [
+            "code (n = 20)",
+            "math (n = 20)",
+            "story (n = 20)",
+            "factual (n = 20)",
+        ] {
             assert!(t.contains(&c.to_string()), "{id} legend {c}");
         }
         assert!(t.contains(&"category".to_string()));
@@ -185,7 +196,10 @@ fn usage_heatmap_has_one_panel_per_category_with_l_by_e_cells() {
         .collect();
     assert_eq!(panels.len(), 4);
     for p in &panels {
-        assert_eq!(p.children().filter(|n| n.has_tag_name("rect")).count(), 16 * 64);
+        assert_eq!(
+            p.children().filter(|n| n.has_tag_name("rect")).count(),
+            16 * 64
+        );
     }
     let t = texts(&doc);
     assert!(t.contains(&"expert".to_string()) && t.contains(&"layer".to_string()));
@@ -204,9 +218,10 @@ fn rendering_is_byte_deterministic() {
 
 #[test]
 fn skipped_sections_become_labelled_placeholders() {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::data_dir().join("results.json")).unwrap())
-            .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::data_dir().join("results.json")).unwrap(),
+    )
+    .unwrap();
     v["tsne"] = serde_json::json!({"skipped": "fewer than 4 prompts"});
     v["logreg_5fold"] = serde_json::json!({"skipped": "class 'math' has 2 prompts < 5 folds"});
     v.as_object_mut().unwrap().remove("pca");
@@ -216,11 +231,19 @@ fn skipped_sections_become_labelled_placeholders() {
     assert_eq!(figs.len(), 7);
     let by = |id: &str| figs.iter().find(|f| f.id == id).unwrap();
     assert!(!by("fig5-tsne").available);
-    assert!(by("fig5-tsne").svg.contains("skipped: fewer than 4 prompts"));
+    assert!(by("fig5-tsne")
+        .svg
+        .contains("skipped: fewer than 4 prompts"));
     assert!(!by("fig6-confusion").available);
-    assert!(by("fig6-confusion").caption.contains("class &#39;math&#39;") == false);
-    assert!(by("fig6-confusion").caption.contains("class 'math' has 2 prompts"));
-    assert!(by("fig6-confusion").svg.contains("class &#39;math&#39; has 2 prompts"));
+    assert!(!by("fig6-confusion")
+        .caption
+        .contains("class &#39;math&#39;"));
+    assert!(by("fig6-confusion")
+        .caption
+        .contains("class 'math' has 2 prompts"));
+    assert!(by("fig6-confusion")
+        .svg
+        .contains("class &#39;math&#39; has 2 prompts"));
     assert!(!by("fig4-pca").available);
     assert!(by("fig4-pca").svg.contains("not in results.json"));
     assert!(!by("fig7-expert-usage").available);

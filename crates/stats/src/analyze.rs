@@ -505,3 +505,118 @@ fn infer_top_k(rows: &[PromptRow], nl: usize, ne: usize, weighted: bool) -> Resu
     }
     k.ok_or_else(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::similarity::mean_std;
+
+    /// Three prompts, L = 2 layers, E = 2 experts, categories a, a, b:
+    /// p0: layer0 (1,0), layer1 (1,1); p1: (1,1), (1,0); p2: (0,1), (1,1).
+    /// By hand: sim(0,1) = ½(cos((1,0),(1,1)) + cos((1,1),(1,0))) = ½(1/√2 + 1/√2) = 1/√2;
+    /// sim(0,2) = ½(0 + 1) = 0.5; sim(1,2) = ½(1/√2 + 1/√2) = 1/√2.
+    /// within: n = 1, mean 1/√2; across: n = 2, mean (0.5 + 1/√2)/2 = 0.603553,
+    /// std (ddof 1) = (1/√2 − 0.5)/√2 = 0.146447. Category matrix (a,a) = 1/√2, (a,b) = 0.603553.
+    /// Layer 0 cosines: (0,1) 1/√2, (0,2) 0, (1,2) 1/√2 -> within 1/√2, across 1/(2√2);
+    /// layer 1: (0,1) 1/√2, (0,2) 1, (1,2) 1/√2 -> within 1/√2, across (1 + 1/√2)/2.
+    #[test]
+    fn three_prompt_hand_example() {
+        let counts = [1., 0., 1., 1., 1., 1., 1., 0., 0., 1., 1., 1.];
+        let labels = [0, 0, 1];
+        let sig = signatures(&counts, 2, 2);
+        assert_eq!(&sig[..4], &[1.0, 0.0, 0.5, 0.5]);
+        let v = embeddings(&counts, 2, 2);
+        let sim = gram(&v, 3, 4);
+        let r = std::f64::consts::FRAC_1_SQRT_2;
+        let tol = 1e-15;
+        assert!((sim[1] - r).abs() < tol && (sim[2] - 0.5).abs() < tol && (sim[5] - r).abs() < tol);
+        assert!((sim[0] - 1.0).abs() < tol);
+        let s = summarize(&sim, &labels);
+        assert_eq!((s.within.n, s.across.n), (1, 2));
+        assert!((s.within.mean - r).abs() < tol);
+        assert!((s.across.mean - 0.603_553_390_593_273_8).abs() < 1e-15);
+        assert!((s.across.std - 0.146_446_609_406_726_24).abs() < 1e-15);
+        let cm = category_matrix(&sim, &labels, &["a".into(), "b".into()]);
+        assert!((cm.values[0][0] - r).abs() < tol);
+        assert!((cm.values[0][1] - 0.603_553_390_593_273_8).abs() < tol);
+        assert_eq!(cm.values[0][1], cm.values[1][0]);
+        assert!(cm.values[1][1].is_nan()); // no pair inside b
+        let pl = per_layer(&v, &labels, 2, 2);
+        assert!((pl[0].within_mean - r).abs() < tol && (pl[0].across_mean - r / 2.0).abs() < tol);
+        assert!((pl[1].within_mean - r).abs() < tol);
+        assert!((pl[1].across_mean - (1.0 + r) / 2.0).abs() < tol);
+        let m = mean_std([0.5, r].into_iter());
+        assert_eq!(m.n, 2);
+    }
+
+    fn small_input() -> AnalysisInput {
+        let rows = crate::bench::synthetic_rows(&crate::bench::SynthShape {
+            prompts: 16,
+            categories: 2,
+            layers: 3,
+            experts: 8,
+            top_k: 2,
+            tokens: 12,
+            seed: 3,
+        });
+        build_input(3, 8, 2, false, rows).unwrap()
+    }
+
+    #[test]
+    fn results_are_identical_for_one_and_two_threads() {
+        let input = small_input();
+        let opts = AnalyzeOptions {
+            reps: 40,
+            perm_reps: 40,
+            boot_reps: 40,
+            classifier_perm_reps: 5,
+            folds: Some(((0..16).map(|i| (i / 2) % 2).collect(), 2)),
+            ..AnalyzeOptions::default()
+        };
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| serde_json::to_string(&analyze(&input, &opts).unwrap()).unwrap())
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        let v: serde_json::Value = serde_json::from_str(&one).unwrap();
+        assert_eq!(v["path"], "exact_pairs");
+        assert!(v["baselines"]["permutation"]["mean"].as_f64().unwrap() > 0.0);
+        assert!(v["logreg_5fold"]["fold_accuracies"].as_array().is_some(), "{}", v["logreg_5fold"]);
+    }
+
+    #[test]
+    fn collector_paths_agree_and_auto_switches() {
+        let rows = crate::bench::synthetic_rows(&crate::bench::SynthShape {
+            prompts: 30,
+            categories: 3,
+            layers: 2,
+            experts: 8,
+            top_k: 2,
+            tokens: 10,
+            seed: 1,
+        });
+        let opts = AnalyzeOptions {
+            reps: 0,
+            perm_reps: 0,
+            boot_reps: 0,
+            skip_tsne: true,
+            skip_classifier: true,
+            ..AnalyzeOptions::default()
+        };
+        let mut exact = Collector::new(2, 8, PathChoice::ExactPairs);
+        let mut auto = Collector::new(2, 8, PathChoice::Auto { threshold: 10 });
+        for r in rows {
+            exact.push(r.clone()).unwrap();
+            auto.push(r).unwrap();
+        }
+        let e = exact.finish(None, &opts).unwrap();
+        let a = auto.finish(None, &opts).unwrap();
+        let (e, a) = (e.results(), a.results());
+        assert_eq!(e.path, PATH_EXACT);
+        assert_eq!(a.path, PATH_GRAM);
+        assert_eq!(e.top_k, 2); // inferred from counts / tokens
+        assert!((e.similarity.cohens_d - a.similarity.cohens_d).abs() < 1e-9);
+        assert!(a.pca.done().is_none());
+    }
+}

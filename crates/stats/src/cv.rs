@@ -752,6 +752,34 @@ mod tests {
     }
 
     #[test]
+    fn permutation_and_bootstrap_do_not_depend_on_thread_count() {
+        // Overlapping classes, so the permutation null has spread.
+        let (mut x, y) = separable(8, 3, 6);
+        for (k, v) in x.iter_mut().enumerate() {
+            *v += ((k * 37) % 13) as f64 * 0.4;
+        }
+        let folds = stratified_kfold(&y, 4, 5);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let p = classifier_permutation_test(&x, 24, 6, &y, 3, &folds, 4, 40, 11).unwrap();
+                let correct: Vec<bool> = (0..24).map(|i| i % 3 != 0).collect();
+                (p, accuracy_bootstrap_ci(&correct, 300, 2).unwrap())
+            })
+        };
+        let (a, b) = (run(1), run(3));
+        assert_eq!(a, b);
+        let CvOutcome::Done(p) = &a.0 else {
+            panic!("skipped")
+        };
+        assert!(p.p_value > 0.0 && p.p_value <= 1.0);
+        assert!(a.1.lo <= 2.0 / 3.0 && 2.0 / 3.0 <= a.1.hi && a.1.lo < a.1.hi);
+    }
+
+    #[test]
     fn skips_instead_of_failing() {
         let (x, mut y) = separable(10, 2, 4);
         y[0] = 2; // class 2 has a single prompt

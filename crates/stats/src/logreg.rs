@@ -5,8 +5,8 @@
 //! * K ≥ 3 classes (multinomial, scikit-learn's symmetric parametrisation with K weight
 //!   vectors, `HalfMultinomialLoss`):
 //!   `F(W, b) = (1/n) Σ_i −log softmax(W x_i + b)_{y_i} + ‖W‖²_F / (2 C n)`.
-//! * K = 2 classes: scikit-learn (every version with `solver="lbfgs"`, and 1.8+ always) fits the
-//!   *binary* model with one weight vector for the positive class `classes_[1]`
+//! * K = 2 classes: scikit-learn 1.9.1 (and the default `multi_class="auto"` of older versions)
+//!   fits the *binary* model with one weight vector for the positive class `classes_[1]`
 //!   (`HalfBinomialLoss`): `F(w, b) = (1/n) Σ_i [log(1 + e^{s_i}) − y_i s_i] + ‖w‖² / (2 C n)`,
 //!   `s_i = w·x_i + b`. We do the same, so [`LogReg::coef`] has **one** row when K = 2 (as
 //!   `coef_`), and K rows otherwise. (The symmetric 2-class multinomial would be the binary model
@@ -23,8 +23,8 @@
 //! Xᵀ = Q R (Q: d × n orthonormal, used when d > n) we solve the identical problem for
 //! U = W Q on the features z_i = Qᵀ x_i (rows of Rᵀ) and map back W = U Qᵀ. L-BFGS is invariant
 //! under this orthogonal change of basis, so this changes only the cost (n·n·K instead of n·d·K
-//! per evaluation), not the minimiser. [`Design`] keeps Q and Z so that refits with other labels
-//! (permutation tests) reuse them.
+//! per evaluation; Z = Rᵀ is lower triangular, which halves it again), not the minimiser.
+//! [`Design`] keeps Q and Z so that refits with other labels (permutation tests) reuse them.
 //!
 //! **Optimiser.** Hand-written L-BFGS (memory 10) with a strong-Wolfe line search (Nocedal &
 //! Wright, *Numerical Optimization*, algorithms 3.5/3.6, cubic interpolation, c1 = 1e-4,

@@ -28,7 +28,11 @@
 //! sums / BLAS dot vs our sequential sums), the PCA init (exact symmetric eigen-decomposition of
 //! the Gram matrix instead of scikit-learn's default PCA solver) and the input distances (summed
 //! directly instead of through `‖x‖² − 2x·y + ‖y‖²`); they only matter at the level of rounding,
-//! but can still move the end point of the chaotic optimisation (see the fixture tests). There is no randomness: with PCA
+//! but can still move the end point of the chaotic optimisation. Measured against
+//! `tools/reference_stats.py` (scikit-learn 1.9.1): the KL divergence agrees to ~1e-14 relative
+//! on the planted, null and weighted_small fixtures (same trajectory, same `n_iter`); on
+//! paper_shape (80 × 1024, where scikit-learn's PCA init comes from its randomized solver) it is
+//! 0.4010 vs 0.4027 (0.43 %). Before matching these dtypes the difference was up to 19 %. There is no randomness: with PCA
 //! initialisation the exact method is deterministic (scikit-learn's `random_state` only seeds its
 //! PCA solver, whose result is the exact SVD up to rounding). Time O(N²·iterations), memory O(N²).
 

@@ -69,6 +69,13 @@ pub struct CountsTable {
     pub dims_inferred: bool,
 }
 
+/// Largest layer index + 1 accepted (a guard against absurd indices allocating memory).
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Largest expert index + 1 accepted.
+pub const MAX_EXPERTS: usize = 1 << 12;
+/// Largest token position + 1 accepted (the duplicate detector is a bitset over positions).
+pub const MAX_POSITIONS: usize = 1 << 20;
+
 fn tt_index(t: TokenType) -> usize {
     match t {
         TokenType::Prompt => 0,
@@ -106,8 +113,8 @@ struct Acc {
     tokens_per_layer: Vec<u64>,
     /// records: [token type][layer] -> bit per position.
     rec_seen: [Vec<Bits>; 2],
-    /// events: [token type][layer][position] -> bit per expert.
-    ev_seen: [Vec<Vec<Bits>>; 2],
+    /// events: [token type][layer] -> position -> bit per expert.
+    ev_seen: [Vec<HashMap<u32, Bits>>; 2],
     /// counts lines: bit per token type.
     counts_seen: u8,
     first_path: usize,
@@ -339,6 +346,41 @@ impl<'a> State<'a> {
 
     fn apply(&mut self, acc: &mut Acc, pi: usize, line: usize, item: &TraceItem) -> Result<()> {
         self.note_form(pi, line, item.form())?;
+        let (layer, position, max_expert) = match item {
+            TraceItem::Record(r) => (r.layer, r.position, r.experts.iter().max().copied()),
+            TraceItem::Event(e) => (e.layer, e.position, Some(e.expert)),
+            TraceItem::Counts(_) => (0, 0, None),
+        };
+        if layer as usize >= MAX_LAYERS {
+            return Err(self.err(
+                pi,
+                line,
+                format!(
+                    "layer {layer} exceeds the supported maximum {}",
+                    MAX_LAYERS - 1
+                ),
+            ));
+        }
+        if position as usize >= MAX_POSITIONS {
+            return Err(self.err(
+                pi,
+                line,
+                format!(
+                    "position {position} exceeds the supported maximum {}",
+                    MAX_POSITIONS - 1
+                ),
+            ));
+        }
+        if let Some(e) = max_expert.filter(|&e| e as usize >= MAX_EXPERTS) {
+            return Err(self.err(
+                pi,
+                line,
+                format!(
+                    "expert {e} exceeds the supported maximum {}",
+                    MAX_EXPERTS - 1
+                ),
+            ));
+        }
         self.check_category(acc, pi, line, item.category())?;
         match item {
             TraceItem::Record(r) => self.apply_record(acc, pi, line, r),
@@ -405,15 +447,12 @@ impl<'a> State<'a> {
     fn apply_event(&mut self, acc: &mut Acc, pi: usize, line: usize, ev: &FlatEvent) -> Result<()> {
         let t = tt_index(ev.token_type);
         let layer = ev.layer as usize;
-        let pos = ev.position as usize;
+        let pos = ev.position;
         let seen = &mut acc.ev_seen[t];
         if seen.len() <= layer {
-            seen.resize_with(layer + 1, Vec::new);
+            seen.resize_with(layer + 1, HashMap::new);
         }
-        if seen[layer].len() <= pos {
-            seen[layer].resize_with(pos + 1, Bits::default);
-        }
-        let slot = &mut seen[layer][pos];
+        let slot = seen[layer].entry(pos).or_default();
         let new_token = slot.0.iter().all(|w| *w == 0);
         if slot.set(ev.expert as usize) {
             return Err(self.err(
@@ -472,7 +511,9 @@ impl<'a> State<'a> {
     fn finish_events(&mut self, acc: &Acc) -> Result<()> {
         for (t, per_layer) in acc.ev_seen.iter().enumerate() {
             for (layer, per_pos) in per_layer.iter().enumerate() {
-                for (pos, bits) in per_pos.iter().enumerate() {
+                let mut slots: Vec<(&u32, &Bits)> = per_pos.iter().collect();
+                slots.sort_unstable_by_key(|(p, _)| **p);
+                for (pos, bits) in slots {
                     let n = bits.count() as usize;
                     if n == 0 {
                         continue;
@@ -540,10 +581,13 @@ impl<'a> State<'a> {
             }
         }
         // Every token selects exactly k experts at every layer.
-        if c.tokens > 0 {
+        if let Some(tokens) = std::num::NonZeroU64::new(c.tokens) {
             for li in 0..l {
-                let s: u64 = c.counts[li * e..(li + 1) * e].iter().sum();
-                if s % c.tokens != 0 {
+                let s: u64 = c.counts[li * e..(li + 1) * e]
+                    .iter()
+                    .fold(0u64, |a, &x| a.saturating_add(x));
+                let k = s / tokens;
+                if k * tokens.get() != s {
                     return Err(self.err(
                         pi,
                         line,
@@ -553,7 +597,7 @@ impl<'a> State<'a> {
                         ),
                     ));
                 }
-                self.check_top_k(pi, line, (s / c.tokens) as usize)?;
+                self.check_top_k(pi, line, k as usize)?;
             }
         } else if c.counts.iter().any(|&x| x != 0) {
             return Err(self.err(pi, line, "non-zero counts with tokens = 0"));

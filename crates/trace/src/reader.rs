@@ -583,7 +583,9 @@ impl TraceReader {
             counts.push(c as u64);
         }
         for l in 0..nl {
-            let s: u64 = counts[l * ne..(l + 1) * ne].iter().sum();
+            let s: u64 = counts[l * ne..(l + 1) * ne]
+                .iter()
+                .fold(0u64, |a, &x| a.saturating_add(x));
             if s > tokens.saturating_mul(ne as u64) {
                 return Err(self.err(format!(
                     "layer {l}: {s} selections for {tokens} tokens exceeds num_experts per token"

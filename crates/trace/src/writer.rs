@@ -443,11 +443,14 @@ impl RoutingSink for EventsWriter {
     }
 }
 
+/// (decisions per layer, counts L*E, weighted L*E, whether all decisions had weights)
+type TypeCounts = (Vec<u64>, Vec<u64>, Vec<f64>, bool);
+
 #[derive(Default)]
 struct CountsAcc {
     category: Option<String>,
-    /// [token type] -> (decisions per layer, counts L*E, weighted L*E, all decisions had weights)
-    per_type: [(Vec<u64>, Vec<u64>, Vec<f64>, bool); 2],
+    /// Indexed by token type (prompt, generation).
+    per_type: [TypeCounts; 2],
 }
 
 /// Capture sink of `--mode counts`: one line per (prompt, token type) with L×E counts (and
@@ -585,7 +588,10 @@ impl RoutingSink for CountsWriter {
             ))
         })?;
         let mut buf = Vec::new();
-        for (t, (tok, counts, weighted, has_w)) in acc.per_type.into_iter().enumerate() {
+        // weighted counts are written when every decision of the prompt carried weights
+        let any = acc.per_type.iter().any(|p| p.0[0] > 0);
+        let all_w = any && acc.per_type.iter().all(|p| p.3);
+        for (t, (tok, counts, weighted, _)) in acc.per_type.into_iter().enumerate() {
             let tokens = tok[0];
             if let Some(l) = tok.iter().position(|&n| n != tokens) {
                 return Err(TraceError::Sink(format!(
@@ -605,7 +611,7 @@ impl RoutingSink for CountsWriter {
                 num_experts: self.num_experts,
                 tokens,
                 counts,
-                weighted_counts: (has_w && tokens > 0).then_some(weighted),
+                weighted_counts: all_w.then_some(weighted),
             };
             serde_json::to_writer(&mut buf, &line)
                 .map_err(|e| TraceError::Sink(format!("cannot serialise counts: {e}")))?;

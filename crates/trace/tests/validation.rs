@@ -501,3 +501,32 @@ fn three_forms_give_the_same_counts() {
     assert_eq!(dims, (2, 4));
     assert_eq!(streamed, tr.prompts);
 }
+
+#[test]
+fn absurd_indices_are_refused_without_allocating() {
+    let o = AggregateOptions::default();
+    assert_err(
+        "l.jsonl",
+        &rec("a", 4_000_000_000, 0, "[1,2]"),
+        &o,
+        "l.jsonl:1: layer 4000000000 exceeds the supported maximum",
+    );
+    assert_err(
+        "p.jsonl",
+        &rec("a", 0, 4_000_000_000, "[1,2]"),
+        &o,
+        "p.jsonl:1: position 4000000000 exceeds",
+    );
+    assert_err(
+        "e.jsonl",
+        &rec("a", 0, 0, "[1,4000000000]"),
+        &o,
+        "e.jsonl:1: expert 4000000000 exceeds",
+    );
+    assert_err(
+        "o.jsonl",
+        &rec("a", 0, 0, "[1,5000000000]"),
+        &o,
+        "o.jsonl:1: expert 5000000000 is out of range",
+    );
+}

@@ -101,24 +101,66 @@ pub fn tensors(s: &Spec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let mut out = Vec::new();
     let mut rand = |n: usize, scale: f32| -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+        (0..n)
+            .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+            .collect()
     };
     let h = s.hidden;
     let hd = h / s.heads;
     let kv = s.kv_heads * hd;
-    out.push(("model.embed_tokens.weight".into(), vec![s.vocab, h], rand(s.vocab * h, 1.0)));
+    out.push((
+        "model.embed_tokens.weight".into(),
+        vec![s.vocab, h],
+        rand(s.vocab * h, 1.0),
+    ));
     for l in 0..s.layers {
         let p = format!("model.layers.{l}");
         let sc = 1.0 / (h as f32).sqrt();
-        out.push((format!("{p}.input_layernorm.weight"), vec![h], rand(h, 0.2).iter().map(|x| 1.0 + x).collect()));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], rand(h, 0.2).iter().map(|x| 1.0 + x).collect()));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![h, h], rand(h * h, sc)));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h], rand(kv * h, sc)));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h], rand(kv * h, sc)));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h], rand(h * h, sc)));
-        out.push((format!("{p}.self_attn.q_norm.weight"), vec![h], rand(h, 0.2).iter().map(|x| 1.0 + x).collect()));
-        out.push((format!("{p}.self_attn.k_norm.weight"), vec![kv], rand(kv, 0.2).iter().map(|x| 1.0 + x).collect()));
-        out.push((format!("{p}.mlp.gate.weight"), vec![s.experts, h], rand(s.experts * h, 1.0)));
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            rand(h, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            rand(h, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ));
+        out.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![h, h],
+            rand(h * h, sc),
+        ));
+        out.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, h],
+            rand(kv * h, sc),
+        ));
+        out.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, h],
+            rand(kv * h, sc),
+        ));
+        out.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, h],
+            rand(h * h, sc),
+        ));
+        out.push((
+            format!("{p}.self_attn.q_norm.weight"),
+            vec![h],
+            rand(h, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ));
+        out.push((
+            format!("{p}.self_attn.k_norm.weight"),
+            vec![kv],
+            rand(kv, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ));
+        out.push((
+            format!("{p}.mlp.gate.weight"),
+            vec![s.experts, h],
+            rand(s.experts * h, 1.0),
+        ));
         let mut gates = Vec::new();
         let mut ups = Vec::new();
         let mut downs = Vec::new();
@@ -135,20 +177,44 @@ pub fn tensors(s: &Spec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                 gu.extend_from_slice(&ups[e]);
                 dn.extend_from_slice(&downs[e]);
             }
-            out.push((format!("{p}.mlp.experts.gate_up_proj"), vec![s.experts, 2 * s.inter, h], gu));
-            out.push((format!("{p}.mlp.experts.down_proj"), vec![s.experts, h, s.inter], dn));
+            out.push((
+                format!("{p}.mlp.experts.gate_up_proj"),
+                vec![s.experts, 2 * s.inter, h],
+                gu,
+            ));
+            out.push((
+                format!("{p}.mlp.experts.down_proj"),
+                vec![s.experts, h, s.inter],
+                dn,
+            ));
         } else {
             for e in 0..s.experts {
                 let q = format!("{p}.mlp.experts.{e}");
-                out.push((format!("{q}.gate_proj.weight"), vec![s.inter, h], gates[e].clone()));
-                out.push((format!("{q}.up_proj.weight"), vec![s.inter, h], ups[e].clone()));
-                out.push((format!("{q}.down_proj.weight"), vec![h, s.inter], downs[e].clone()));
+                out.push((
+                    format!("{q}.gate_proj.weight"),
+                    vec![s.inter, h],
+                    gates[e].clone(),
+                ));
+                out.push((
+                    format!("{q}.up_proj.weight"),
+                    vec![s.inter, h],
+                    ups[e].clone(),
+                ));
+                out.push((
+                    format!("{q}.down_proj.weight"),
+                    vec![h, s.inter],
+                    downs[e].clone(),
+                ));
             }
         }
     }
     out.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
     if !s.tie {
-        out.push(("lm_head.weight".into(), vec![s.vocab, h], rand(s.vocab * h, 1.0 / (h as f32).sqrt())));
+        out.push((
+            "lm_head.weight".into(),
+            vec![s.vocab, h],
+            rand(s.vocab * h, 1.0 / (h as f32).sqrt()),
+        ));
     }
     out
 }
@@ -158,7 +224,9 @@ pub fn write_safetensors(path: &Path, ts: &[(String, Vec<usize>, Vec<f32>)], bf1
         .iter()
         .map(|(n, shape, v)| {
             let data: Vec<u8> = if bf16 {
-                v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()
+                v.iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect()
             } else {
                 v.iter().flat_map(|x| x.to_le_bytes()).collect()
             };
@@ -179,7 +247,11 @@ pub fn write_safetensors(path: &Path, ts: &[(String, Vec<usize>, Vec<f32>)], bf1
 /// Writes a complete tiny checkpoint into `dir`.
 pub fn write_model(dir: &Path, s: &Spec) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config_json(s)).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config_json(s)).unwrap(),
+    )
+    .unwrap();
     write_safetensors(&dir.join("model.safetensors"), &tensors(s), s.bf16);
 }
 

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use moe_xray_report::{CategoryUsage, PromptRow, ReportInput, Results};
 
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("data")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
 }
 
 pub fn results() -> Results {
@@ -61,7 +63,8 @@ pub fn input() -> ReportInput {
         results: results(),
         usage: Some(usage()),
         prompts: prompts(),
-        command: "moe-xray run --model allenai/OLMoE-1B-7B-0924 --prompts paper80 --out runs/olmoe".into(),
+        command: "moe-xray run --model allenai/OLMoE-1B-7B-0924 --prompts paper80 --out runs/olmoe"
+            .into(),
         ..Default::default()
     }
 }
