@@ -10,6 +10,13 @@
 //! 4. Bias correction: the labels are permuted `perms` times (seeded ChaCha8Rng, stream r for
 //!    permutation r); `mi_corrected = mi_plugin − mean(mi_perm)`;
 //!    `p = (1 + #{mi_perm ≥ mi_plugin}) / (1 + perms)`.
+//!
+//! A second, classifier-based estimate is reported alongside: a leave-one-out k-nearest-neighbour
+//! predictor (cosine similarity of the signatures, `knn` neighbours, ties by prompt order) gives
+//! `q(t|x_i) = (#{neighbours with label t} + 1) / (knn + C)`; since the cross-entropy of any
+//! predictor bounds the conditional entropy from above, `I ≥ H(T) − CE` with
+//! `CE = mean_i −log2 q(t_i|x_i)` (in expectation over held-out predictions). Its p-value uses the
+//! same label permutations.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -32,11 +39,14 @@ pub struct MiOptions {
     /// Label permutations for the bias correction and the p-value (default 1000).
     pub perms: usize,
     pub seed: u64,
+    /// Neighbours of the leave-one-out k-NN lower bound (default 5; capped at N − 1).
+    pub knn: usize,
 }
 
 impl Default for MiOptions {
     fn default() -> Self {
         MiOptions {
+            knn: 5,
             components: 2,
             bins: 3,
             perms: 1000,
@@ -64,8 +74,52 @@ pub struct MiReport {
     /// `mi_corrected / H(T)`.
     pub normalized: f64,
     pub p_value: f64,
+    /// Classifier lower bound `H(T) − CE` of leave-one-out k-NN predictions (bits; may be < 0).
+    pub knn_lower_bound_bits: f64,
+    /// Neighbours used by the k-NN bound.
+    pub knn: usize,
+    /// `(1 + #{bound_perm ≥ bound}) / (1 + perms)`.
+    pub knn_p_value: f64,
     pub perms: usize,
     pub seed: u64,
+}
+
+/// Indices of the `k` most cosine-similar other rows of each row (ties by index).
+fn neighbours(rows: &[Vec<f64>], k: usize) -> Vec<Vec<usize>> {
+    let norms: Vec<f64> = rows
+        .iter()
+        .map(|r| r.iter().map(|x| x * x).sum::<f64>().sqrt())
+        .collect();
+    let n = rows.len();
+    (0..n)
+        .map(|i| {
+            let mut sims: Vec<(f64, usize)> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    let dot: f64 = rows[i].iter().zip(&rows[j]).map(|(a, b)| a * b).sum();
+                    let d = norms[i] * norms[j];
+                    (if d > 0.0 { dot / d } else { 0.0 }, j)
+                })
+                .collect();
+            sims.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            sims.into_iter().take(k).map(|(_, j)| j).collect()
+        })
+        .collect()
+}
+
+/// `H(T) − CE` in bits of the Laplace-smoothed leave-one-out k-NN predictions.
+fn knn_bound(nb: &[Vec<usize>], y: &[usize], classes: usize, h: f64) -> f64 {
+    let mut ce = 0.0;
+    let mut counts = vec![0usize; classes];
+    for (i, nbrs) in nb.iter().enumerate() {
+        counts.iter_mut().for_each(|c| *c = 0);
+        for &j in nbrs {
+            counts[y[j]] += 1;
+        }
+        let q = (counts[y[i]] as f64 + 1.0) / (nbrs.len() + classes) as f64;
+        ce -= q.log2();
+    }
+    h - ce / y.len() as f64
 }
 
 /// Plug-in MI in bits between two discrete label vectors.
@@ -221,6 +275,11 @@ pub fn mutual_information(
         }
     }
     let observed = plugin_mi_bits(&cell, &y);
+    let h = entropy_bits(&y);
+    let knn = opts.knn.clamp(1, n - 1);
+    let nb = neighbours(signatures, knn);
+    let bound = knn_bound(&nb, &y, names.len(), h);
+    let mut bound_ge = 0usize;
     let mut perm_y = y.clone();
     let mut null = Vec::with_capacity(opts.perms);
     for r in 0..opts.perms {
@@ -229,6 +288,9 @@ pub fn mutual_information(
         perm_y.copy_from_slice(&y);
         perm_y.shuffle(&mut rng);
         null.push(plugin_mi_bits(&cell, &perm_y));
+        if knn_bound(&nb, &perm_y, names.len(), h) >= bound - 1e-12 {
+            bound_ge += 1;
+        }
     }
     let bias = if null.is_empty() {
         0.0
@@ -236,7 +298,6 @@ pub fn mutual_information(
         null.iter().sum::<f64>() / null.len() as f64
     };
     let ge = null.iter().filter(|&&x| x >= observed - 1e-12).count();
-    let h = entropy_bits(&y);
     let corrected = observed - bias;
     Ok(MiReport {
         estimator: "plug-in MI over quantile-binned top PCA components, minus mean MI under label permutations".into(),
@@ -251,6 +312,9 @@ pub fn mutual_information(
         mi_corrected_bits: corrected,
         normalized: corrected / h,
         p_value: (1.0 + ge as f64) / (1.0 + null.len() as f64),
+        knn_lower_bound_bits: bound,
+        knn,
+        knn_p_value: (1.0 + bound_ge as f64) / (1.0 + null.len() as f64),
         perms: opts.perms,
         seed: opts.seed,
     })
@@ -321,6 +385,9 @@ mod tests {
         let r = mutual_information(&s, &l, &opts).unwrap();
         assert!(r.mi_corrected_bits > 0.8, "{r:?}");
         assert!(r.p_value < 0.01);
+        assert!(r.knn_lower_bound_bits > 0.5, "{r:?}");
+        assert!(r.knn_lower_bound_bits <= r.label_entropy_bits);
+        assert!(r.knn_p_value < 0.01);
         assert!(r.mi_plugin_bits <= r.label_entropy_bits + 1e-12);
         assert_eq!(r, mutual_information(&s, &l, &opts).unwrap());
     }
@@ -336,6 +403,7 @@ mod tests {
         assert!(r.mi_corrected_bits.abs() < 0.15, "{r:?}");
         assert!(r.p_value > 0.01, "{r:?}");
         assert!(r.bias_bits > 0.0);
+        assert!(r.knn_lower_bound_bits < 0.1, "{r:?}");
     }
 
     #[test]

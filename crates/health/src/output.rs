@@ -186,7 +186,7 @@ pub fn pairs_csv(r: &HealthReport) -> Option<String> {
 /// Human-readable mutual-information summary.
 pub fn mi_text(m: &MiReport) -> String {
     format!(
-        "mutual information I(signature; task): {:.4} bits bias-corrected (plug-in {:.4} − permutation bias {:.4}; H(task) = {:.4} bits, normalised {:.3}), p = {:.4} ({} permutations), {} prompts, {} classes, {} PCA components x {} bins\n",
+        "mutual information I(signature; task): {:.4} bits bias-corrected (plug-in {:.4} − permutation bias {:.4}; H(task) = {:.4} bits, normalised {:.3}), p = {:.4} ({} permutations), {} prompts, {} classes, {} PCA components x {} bins\n  classifier lower bound (leave-one-out {}-NN): {:.4} bits, p = {:.4}\n",
         m.mi_corrected_bits,
         m.mi_plugin_bits,
         m.bias_bits,
@@ -197,7 +197,10 @@ pub fn mi_text(m: &MiReport) -> String {
         m.n,
         m.num_classes,
         m.components,
-        m.bins
+        m.bins,
+        m.knn,
+        m.knn_lower_bound_bits,
+        m.knn_p_value
     )
 }
 

@@ -199,3 +199,41 @@ fn compare_rejects_shape_mismatch_naming_both_runs() {
         "{msg}"
     );
 }
+
+#[test]
+fn flat_events_give_the_same_load_and_coactivation() {
+    // Convert run A's records to the flat event form (one line per selected expert).
+    let text = std::fs::read_to_string(fixtures().join("run_a/trace.jsonl")).unwrap();
+    let mut events = String::new();
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        for (rank, e) in r["experts"].as_array().unwrap().iter().enumerate() {
+            let ev = serde_json::json!({
+                "prompt_id": r["prompt_id"], "category": r["category"], "layer": r["layer"],
+                "position": r["position"], "token_type": r["token_type"], "expert": e,
+                "weight": r["weights"][rank],
+            });
+            events.push_str(&ev.to_string());
+            events.push('\n');
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("events.jsonl");
+    std::fs::write(&p, events).unwrap();
+    let run = resolve_run(&p).unwrap();
+    let acc = accumulate_run(&run, Some((3, 8)), HealthOptions::default()).unwrap();
+    let want = &expected()["health_a"];
+    let rep = acc.report();
+    assert!(rep.available.coactivation && !rep.available.router_distribution);
+    for l in 0..3 {
+        close(rep.layers[l].gini, &want[l]["gini"], 1e-12, "gini");
+        assert_eq!(rep.layers[l].tokens, want[l]["tokens"].as_u64().unwrap());
+        let wco: Vec<u64> = want[l]["coactivation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
+            .collect();
+        assert_eq!(acc.coactivation(l).unwrap(), wco.as_slice());
+    }
+}

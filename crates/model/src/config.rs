@@ -120,6 +120,8 @@ impl OlmoeConfig {
         Ok(cfg)
     }
 
+    // `%` instead of `is_multiple_of` keeps the workspace MSRV (1.85).
+    #[allow(clippy::manual_is_multiple_of)]
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(ModelError::invalid(path, m));
         for (name, v) in [

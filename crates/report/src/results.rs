@@ -534,3 +534,71 @@ fn ci_of(v: &serde_json::Value) -> Option<(f64, f64)> {
 fn first_ci(v: &serde_json::Value, keys: &[&str]) -> Option<(f64, f64)> {
     keys.iter().find_map(|k| v.get(*k).and_then(ci_of))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn synthetic_detection() {
+        assert_eq!(
+            synthetic_kind_of(&json!({"model": "allenai/OLMoE-1B-7B-0924"})),
+            None
+        );
+        assert_eq!(
+            synthetic_kind_of(&json!({"synthetic": true})),
+            Some(SyntheticKind::Random)
+        );
+        assert_eq!(synthetic_kind_of(&json!({"synthetic": false})), None);
+        assert_eq!(
+            synthetic_kind_of(&json!({"synthetic": "planted"})),
+            Some(SyntheticKind::Planted)
+        );
+        assert_eq!(
+            synthetic_kind_of(&json!({"synthetic": {"planted": true}})),
+            Some(SyntheticKind::Planted)
+        );
+        assert_eq!(
+            synthetic_kind_of(&json!({"model": "/tmp/demo/synthetic-olmoe"})),
+            Some(SyntheticKind::Random)
+        );
+        assert_eq!(
+            synthetic_kind_of(&json!({"model": "runs/synth-planted"})),
+            Some(SyntheticKind::Planted)
+        );
+    }
+
+    #[test]
+    fn sections_parse_present_skipped_absent_and_null() {
+        let r = Results::from_json_str(
+            r#"{"tsne": {"skipped": "too few"}, "pca": null,
+                "logreg_5fold": {"accuracy_mean": 0.5, "labels": ["a"]}}"#,
+            Path::new("r.json"),
+        )
+        .unwrap();
+        assert_eq!(r.tsne.why_missing().unwrap(), "skipped: too few");
+        assert_eq!(r.pca, Section::Absent);
+        assert_eq!(r.baselines.permutation, Section::Absent);
+        assert_eq!(r.logreg_5fold.get().unwrap().accuracy_mean, 0.5);
+    }
+
+    #[test]
+    fn significance_accessors_accept_key_variants() {
+        let mut r = Results {
+            significance: json!({
+                "label_permutation": {"p_within_minus_across": 0.01, "p_cohens_d": 0.02},
+                "bootstrap": {"cohens_d": {"ci_low": 1.0, "ci_high": 2.0}},
+                "classifier_permutation": {"p_value": 0.03}
+            }),
+            ..Default::default()
+        };
+        assert_eq!(r.p_within_minus_across(), Some(0.01));
+        assert_eq!(r.p_cohens_d(), Some(0.02));
+        assert_eq!(r.cohens_d_ci(), Some((1.0, 2.0)));
+        assert_eq!(r.p_classifier(), Some(0.03));
+        r.significance = json!({"bootstrap": {"skipped": "n too small"}});
+        assert_eq!(r.cohens_d_ci(), None);
+        assert_eq!(r.significance_skipped("bootstrap").unwrap(), "n too small");
+    }
+}

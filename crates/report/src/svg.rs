@@ -704,7 +704,11 @@ mod tests {
         assert_eq!(d, 1);
         let (t, d) = nice_ticks(-0.3, 2.7, 5);
         assert!(t[0] <= -0.3 && *t.last().unwrap() >= 2.7);
-        assert_eq!(d, 1);
+        assert_eq!((t, d), (vec![-1.0, 0.0, 1.0, 2.0, 3.0], 0));
+        let (t, d) = nice_ticks(0.0, 1.1, 5);
+        assert_eq!((t[1], d), (0.25, 2));
+        let (t, d) = nice_ticks(0.0, 0.012, 4);
+        assert_eq!((t[1], d), (0.005, 3));
     }
 
     #[test]

@@ -89,7 +89,9 @@ fn manifest_settings_and_command_are_shown() {
     input.command = "moe-xray run --out 'a&b' <x>".into();
     let html = render_report(&input);
     let m = section(&html, "manifest");
-    assert!(m.contains("<td>model</td><td>allenai/OLMoE-1B-7B-0924</td>"));
+    assert!(
+        m.contains("<td>model</td><td>example-olmoe (hand-made test fixture, not real data)</td>")
+    );
     assert!(m.contains("<td>generation.max_new_tokens</td><td>32</td>"));
     assert!(m.contains("<td>settings.seed</td><td>0</td>"));
     assert!(m.contains("<td>bootstrap.cohens_d_ci</td><td>[2.01, 2.63]</td>"));

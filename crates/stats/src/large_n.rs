@@ -208,11 +208,11 @@ impl GramAccumulator {
                 total += if p == q { x } else { 2.0 * x };
                 if p == q {
                     let (start, end) = self.bounds[p];
-                    for l in start / ne..end / ne {
+                    for (l, acc) in layer.iter_mut().enumerate().take(end / ne).skip(start / ne) {
                         let o = l * ne - start;
                         let ba = a.tiles[t].view((o, o), (ne, ne));
                         let bb = b.tiles[t].view((o, o), (ne, ne));
-                        layer[l] += ba.dot(&bb);
+                        *acc += ba.dot(&bb);
                     }
                 }
             }

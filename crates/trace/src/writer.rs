@@ -108,6 +108,7 @@ struct BlockFile {
     path: PathBuf,
     file: File,
     compression: Compression,
+    fsync: bool,
 }
 
 impl BlockFile {
@@ -134,6 +135,7 @@ impl BlockFile {
             path: path.to_path_buf(),
             file,
             compression: Compression::from_path(path),
+            fsync: true,
         })
     }
 
@@ -192,7 +194,9 @@ impl BlockFile {
         };
         self.file.write_all(&bytes).map_err(io)?;
         self.file.flush().map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        if self.fsync {
+            self.file.sync_data().map_err(io)?;
+        }
         Ok(())
     }
 }
@@ -364,6 +368,13 @@ impl EventsWriter {
         }
     }
 
+    /// Whether to fsync after every prompt (default true). Only turn it off for data that can be
+    /// regenerated (synthetic benchmarks): without fsync a machine crash may lose prompts.
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.out.fsync = fsync;
+        self
+    }
+
     /// Also record the full router distribution (`probs`) of every decision that carries it.
     pub fn with_probs(mut self, record_probs: bool) -> Self {
         self.record_probs = record_probs;
@@ -523,6 +534,13 @@ impl CountsWriter {
     pub fn prompts_written(&self) -> usize {
         self.prompts_written
     }
+
+    /// Whether to fsync after every prompt (default true). Only turn it off for data that can be
+    /// regenerated (synthetic benchmarks): without fsync a machine crash may lose prompts.
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.out.fsync = fsync;
+        self
+    }
 }
 
 impl RoutingSink for CountsWriter {
@@ -668,6 +686,13 @@ impl<T: Serialize> JsonlAppender<T> {
             },
             items,
         ))
+    }
+
+    /// Whether to fsync after every prompt (default true). Only turn it off for data that can be
+    /// regenerated (synthetic benchmarks): without fsync a machine crash may lose prompts.
+    pub fn with_fsync(mut self, fsync: bool) -> Self {
+        self.out.fsync = fsync;
+        self
     }
 
     /// Appends one item durably.

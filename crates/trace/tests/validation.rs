@@ -148,12 +148,12 @@ fn dims_from_manifest_beside_the_trace() {
         br#"{"model":"m","num_layers":2,"num_experts":4,"top_k":2}"#,
     );
     let p = write(&d, "t.jsonl", rec("a", 0, 0, "[5,1]").as_bytes());
-    let msg = aggregate_paths(&[p.clone()], &AggregateOptions::default())
+    let msg = aggregate_paths(std::slice::from_ref(&p), &AggregateOptions::default())
         .unwrap_err()
         .to_string();
     assert!(msg.contains("t.jsonl:1: expert 5 is out of range"), "{msg}");
     std::fs::write(&p, rec("a", 0, 0, "[3,1]") + &rec("a", 0, 1, "[3,1,2]")).unwrap();
-    let msg = aggregate_paths(&[p.clone()], &AggregateOptions::default())
+    let msg = aggregate_paths(std::slice::from_ref(&p), &AggregateOptions::default())
         .unwrap_err()
         .to_string();
     assert!(msg.contains("t.jsonl:2: mixed top-k"), "{msg}");
@@ -435,7 +435,7 @@ fn counts_filters_weights_and_zero_prompts() {
         + &mk("b", 0, 0, "generation", "[0,1]", "[0.5,0.25]")
         + &mk("b", 1, 0, "generation", "[0,1]", "[0.5,0.25]");
     let p = write(&d, "t.jsonl", c.as_bytes());
-    let all = aggregate_paths(&[p.clone()], &AggregateOptions::default()).unwrap();
+    let all = aggregate_paths(std::slice::from_ref(&p), &AggregateOptions::default()).unwrap();
     assert!(all.dims_inferred);
     assert_eq!(
         (all.num_layers, all.num_experts, all.top_k),
@@ -448,7 +448,7 @@ fn counts_filters_weights_and_zero_prompts() {
         token_types: vec![TokenType::Prompt],
         ..AggregateOptions::default()
     };
-    let t = aggregate_paths(&[p.clone()], &prompt_only).unwrap();
+    let t = aggregate_paths(std::slice::from_ref(&p), &prompt_only).unwrap();
     assert_eq!(t.prompts[0].counts, vec![1., 0., 1., 0., 1., 1.]);
     // prompt b has no prompt tokens: kept with zero counts
     assert_eq!(t.prompts[1].prompt_id, "b");

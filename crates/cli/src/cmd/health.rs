@@ -46,6 +46,9 @@ pub struct Args {
     /// Quantile bins per component for --mi.
     #[arg(long, default_value_t = 3)]
     pub mi_bins: usize,
+    /// Neighbours of the --mi leave-one-out k-NN lower bound.
+    #[arg(long, default_value_t = 5)]
+    pub mi_knn: usize,
     /// Label permutations for the --mi bias correction and p-value.
     #[arg(long, default_value_t = 1000)]
     pub perms: usize,
@@ -90,6 +93,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         keep_prompts: args.mi,
     };
     let run = resolve_traces(&args.traces)?;
+    if run.manifest.is_none() {
+        eprintln!(
+            "note: no manifest.json beside the traces: layers and experts are taken from the data (for records/events: highest index seen + 1)"
+        );
+    }
     let acc = accumulate_run(&run, None, opts)?;
     let report = acc.report();
     if args.layer >= report.num_layers {
@@ -118,6 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 bins: args.mi_bins,
                 perms: args.perms,
                 seed: args.seed,
+                knn: args.mi_knn,
             },
         )
         .context("--mi (mutual information needs prompt categories in the traces)")?;

@@ -128,3 +128,113 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn spec(argv: &[&str]) -> anyhow::Result<SynthSpec> {
+        let mut v = vec!["synth-model"];
+        v.extend_from_slice(argv);
+        spec_from_args(&Wrap::try_parse_from(v)?.args)
+    }
+
+    #[test]
+    fn presets_and_overrides() {
+        let s = spec(&["--out", "x", "--preset", "olmoe-1b-7b"]).unwrap();
+        assert_eq!(
+            (s.hidden_size, s.num_experts, s.top_k, s.shards),
+            (2048, 64, 8, 3)
+        );
+        assert_eq!(s.dtype, SynthDtype::Bf16);
+        let s = spec(&[
+            "--out",
+            "x",
+            "--layers",
+            "3",
+            "--experts",
+            "12",
+            "--top-k",
+            "3",
+            "--heads",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!((s.num_layers, s.num_experts, s.top_k), (3, 12, 3));
+        // --heads without --kv-heads means plain multi-head attention
+        assert_eq!((s.num_heads, s.num_kv_heads), (8, 8));
+        let s = spec(&[
+            "--out",
+            "x",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--dtype",
+            "f16",
+            "--seed",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!((s.num_kv_heads, s.dtype, s.seed), (2, SynthDtype::F16, 9));
+        let s = spec(&[
+            "--out",
+            "x",
+            "--planted",
+            "--shards",
+            "2",
+            "--norm-topk-prob",
+        ])
+        .unwrap();
+        assert!(s.planted && s.norm_topk_prob);
+        assert_eq!(s.shards, 2);
+    }
+
+    #[test]
+    fn invalid_arguments_are_errors() {
+        let e = spec(&["--out", "x", "--preset", "huge"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown preset"), "{e}");
+        let e = spec(&["--out", "x", "--dtype", "f64"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f64"), "{e}");
+        let e = spec(&["--out", "x", "--heads", "8", "--kv-heads", "3"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--kv-heads"), "{e}");
+        assert!(spec(&["--out", "x", "--experts", "0"]).is_err());
+    }
+
+    #[test]
+    fn run_writes_a_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("m");
+        let w = Wrap::try_parse_from([
+            "synth-model",
+            "--out",
+            out.to_str().unwrap(),
+            "--layers",
+            "1",
+        ])
+        .unwrap();
+        run(w.args).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+    }
+}

@@ -63,8 +63,7 @@ pub fn input() -> ReportInput {
         results: results(),
         usage: Some(usage()),
         prompts: prompts(),
-        command: "moe-xray run --model allenai/OLMoE-1B-7B-0924 --prompts paper80 --out runs/olmoe"
-            .into(),
+        command: "moe-xray run --model ./example-olmoe --prompts paper80 --out runs/example".into(),
         ..Default::default()
     }
 }

@@ -1,4 +1,4 @@
-# Hand-made, realistic-looking results.json fixture for the report tests (NOT real analysis output).
+# Run from this folder: python3 gen_fixture.py (stdlib only). Hand-made, realistic-looking results.json fixture for the report tests (NOT real analysis output).
 import json, math, random
 random.seed(7)
 cats = ["code", "factual", "math", "story"]
@@ -30,7 +30,7 @@ conf = [[17, 1, 2, 0], [0, 19, 0, 1], [2, 0, 18, 0], [0, 1, 0, 19]]
 res = {
   "schema_version": 1, "tool_version": "0.1.0",
   "input": {"traces": ["traces/trace.jsonl.zst"],
-            "manifest": {"model": "allenai/OLMoE-1B-7B-0924", "num_layers": L, "num_experts": E, "top_k": K,
+            "manifest": {"model": "example-olmoe (hand-made test fixture, not real data)", "num_layers": L, "num_experts": E, "top_k": K,
                          "dtype": "bf16", "generation": {"max_new_tokens": 32, "do_sample": False, "chat_template": False},
                          "prompt_set_hash": "sha256:3f1c0de2a9", "tool_version": "0.1.0", "capture_mode": "counts"}},
   "settings": {"token_types": ["prompt", "generation"], "weighted": False, "reps": 1000, "seed": 0},
