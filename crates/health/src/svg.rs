@@ -17,14 +17,14 @@ pub const OKABE_ITO: [&str; 8] = [
 const ORANGE: (f64, f64, f64) = (230.0, 159.0, 0.0);
 const BLUE: (f64, f64, f64) = (0.0, 114.0, 178.0);
 const MID: (f64, f64, f64) = (247.0, 247.0, 247.0);
-/// SVG element id of the load heatmap.
-pub const LOAD_ID: &str = "health-load";
+/// SVG element id of the load heatmap (= `health-` + the file stem written by `health --svg`).
+pub const LOAD_ID: &str = "health-load_heatmap";
 /// SVG element id of the per-layer JS bars.
 pub const JS_ID: &str = "compare-js";
 
 /// SVG element id of the co-activation heatmap of `layer`.
 pub fn coactivation_id(layer: usize) -> String {
-    format!("health-coactivation-layer{layer}")
+    format!("health-coactivation_layer{layer}")
 }
 
 const FONT: &str = "font-family=\"Helvetica, Arial, sans-serif\"";
@@ -405,7 +405,7 @@ mod tests {
         let c = coactivation_heatmap(&r, acc.coactivation(0).unwrap(), 0).unwrap();
         assert!(c.contains("layer 0"));
         assert!(coactivation_heatmap(&r, acc.coactivation(0).unwrap(), 5).is_none());
-        assert!(a.contains("id=\"health-load\""));
+        assert!(a.contains("id=\"health-load_heatmap\""));
         let figs = report_figures(&acc, &r, 1);
         assert_eq!(figs.len(), 2);
         assert!(figs.iter().all(|f| f.available && f.svg.contains(&f.id)));

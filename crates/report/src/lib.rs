@@ -8,6 +8,35 @@
 //! * [`write_report`] writes `figures/*.svg` and `report.html` into a folder (temp file + rename).
 //!
 //! Output bytes depend only on the inputs: no timestamps, fixed float formatting.
+//!
+//! ```no_run
+//! use moe_xray_report::{write_report, CategoryUsage, PromptRow, ReportInput, Results};
+//! # fn main() -> moe_xray_report::Result<()> {
+//! let results = Results::read("runs/x/results.json")?;
+//! // per-prompt signatures (L·E, layer-major) → per-category means for the usage figure
+//! let sig = vec![1.0 / 64.0; 16 * 64];
+//! let usage = CategoryUsage::from_signatures(16, 64, [("code", &sig[..])])?;
+//! let input = ReportInput {
+//!     results,
+//!     usage: Some(usage),
+//!     prompts: vec![PromptRow {
+//!         id: "code-01".into(),
+//!         category: "code".into(),
+//!         text: "Write a parser".into(),
+//!         generated: Some("fn parse() {}".into()),
+//!     }],
+//!     command: "moe-xray run --model DIR --out runs/x".into(),
+//!     ..Default::default()
+//! };
+//! let html = write_report("runs/x", &input)?; // runs/x/report.html + runs/x/figures/*.svg
+//! # let _ = html;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `results.json` has no per-prompt category list in the DESIGN.md schema; the report reads an
+//! optional `prompt_categories` array (parallel to `prompt_ids`) and otherwise takes the
+//! categories from the prompt table.
 
 mod figures;
 mod html;
