@@ -8,16 +8,30 @@ fn bin() -> Command {
 }
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/stats").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/stats")
+        .join(case)
 }
 
 fn run(args: &[&str], threads: &str) -> std::process::Output {
-    bin().env("RAYON_NUM_THREADS", threads).args(args).output().unwrap()
+    bin()
+        .env("RAYON_NUM_THREADS", threads)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn small_args<'a>(trace: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "analyze", trace, "--out", out, "--reps", "50", "--classifier-perm-reps", "5", "--no-tsne",
+        "analyze",
+        trace,
+        "--out",
+        out,
+        "--reps",
+        "50",
+        "--classifier-perm-reps",
+        "5",
+        "--no-tsne",
     ]
 }
 
@@ -27,13 +41,20 @@ fn good_run_writes_all_outputs_and_summary() {
     let out = tmp.path().join("out");
     let trace = fixture("planted").join("trace.jsonl");
     let folds = fixture("planted").join("folds.csv");
-    let (t, o, f) = (trace.to_str().unwrap(), out.to_str().unwrap(), folds.to_str().unwrap());
+    let (t, o, f) = (
+        trace.to_str().unwrap(),
+        out.to_str().unwrap(),
+        folds.to_str().unwrap(),
+    );
     let mut args = small_args(t, o);
     args.extend(["--folds", f]);
     let r = run(&args, "2");
     let stdout = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    assert!(stdout.contains("within-category similarity  0.7622"), "{stdout}");
+    assert!(
+        stdout.contains("within-category similarity  0.7622"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Cohen's d = 1.376"), "{stdout}");
     assert!(stdout.contains("95% CI"), "{stdout}");
     let res: serde_json::Value =
@@ -43,7 +64,10 @@ fn good_run_writes_all_outputs_and_summary() {
     assert_eq!(res["num_prompts"], 40);
     assert_eq!(res["top_k"], 4);
     assert_eq!(res["input"]["manifest"]["model"], "synthetic-planted");
-    assert_eq!(res["logreg_5fold"]["fold_accuracies"], serde_json::json!([1.0, 0.875, 0.875, 1.0, 1.0]));
+    assert_eq!(
+        res["logreg_5fold"]["fold_accuracies"],
+        serde_json::json!([1.0, 0.875, 0.875, 1.0, 1.0])
+    );
     let sig = std::fs::read_to_string(out.join("signatures.csv")).unwrap();
     assert_eq!(sig.lines().count(), 41);
     assert!(sig.starts_with("prompt_id,category,l0_e0,l0_e1"));
@@ -77,7 +101,10 @@ fn json_output_and_thread_count_independence() {
             std::fs::read(out.join("prompt_similarity.csv")).unwrap(),
         ));
     }
-    assert!(outs[0] == outs[1], "outputs differ between RAYON_NUM_THREADS=1 and 2");
+    assert!(
+        outs[0] == outs[1],
+        "outputs differ between RAYON_NUM_THREADS=1 and 2"
+    );
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -101,7 +128,10 @@ fn expect_failure(args: &[&str], out: &Path, needles: &[&str]) {
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.join("results.json").exists(), "partial output written");
-    assert!(!out.join("signatures.csv").exists(), "partial output written");
+    assert!(
+        !out.join("signatures.csv").exists(),
+        "partial output written"
+    );
 }
 
 #[test]
@@ -120,13 +150,19 @@ fn bad_inputs_fail_cleanly_with_file_and_line() {
     expect_failure(&args, &out, &["bad.jsonl:2"]);
 
     // expert index out of range
-    let p = write(d, "range.jsonl", &format!("{good}{}", rec("a2", "a", 0, 0, "[7]")));
+    let p = write(
+        d,
+        "range.jsonl",
+        &format!("{good}{}", rec("a2", "a", 0, 0, "[7]")),
+    );
     let mut args = vec!["analyze", p.to_str().unwrap(), "--out", o];
     args.extend(dims);
     expect_failure(&args, &out, &["range.jsonl:2"]);
 
     // one category only
-    let text: String = (0..4).map(|i| rec(&format!("a{i}"), "a", 0, 0, "[1]")).collect();
+    let text: String = (0..4)
+        .map(|i| rec(&format!("a{i}"), "a", 0, 0, "[1]"))
+        .collect();
     let p = write(d, "onecat.jsonl", &text);
     let mut args = vec!["analyze", p.to_str().unwrap(), "--out", o];
     args.extend(dims);
@@ -140,7 +176,14 @@ fn bad_inputs_fail_cleanly_with_file_and_line() {
 
     // unknown token type on the command line
     let p = write(d, "ok.jsonl", &good);
-    let mut args = vec!["analyze", p.to_str().unwrap(), "--out", o, "--token-types", "answer"];
+    let mut args = vec![
+        "analyze",
+        p.to_str().unwrap(),
+        "--out",
+        o,
+        "--token-types",
+        "answer",
+    ];
     args.extend(dims);
     expect_failure(&args, &out, &["unknown token type"]);
 

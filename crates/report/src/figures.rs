@@ -126,7 +126,13 @@ fn heatmap(h: Heatmap<'_>) -> String {
                 &viridis(t),
                 r##"stroke="#ffffff" stroke-width="1""##,
             );
-            if let Some(txt) = h.text.get(r).and_then(|row| row.get(c)) {
+            if let Some(full) = h.text.get(r).and_then(|row| row.get(c)) {
+                // drop the "(…)" part, then the whole text, when it does not fit the cell
+                let short = full.split(" (").next().unwrap_or("");
+                let txt = [full.as_str(), short]
+                    .into_iter()
+                    .find(|t| text_width(t, font) <= cell - 4.0)
+                    .unwrap_or("");
                 if !txt.is_empty() {
                     s.text(
                         x + cell / 2.0,

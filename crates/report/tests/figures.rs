@@ -264,3 +264,27 @@ fn bad_results_json_error_names_file_and_line() {
     assert!(err.starts_with("runs/x/results.json:"), "{err}");
     assert!(err.contains(":2:") || err.contains(":3:"), "{err}");
 }
+
+#[test]
+fn heatmap_text_is_dropped_when_cells_are_too_small() {
+    let mut r = common::results();
+    let n = 24;
+    r.category_similarity_matrix.order = (0..n).map(|i| format!("category-{i:02}")).collect();
+    r.category_similarity_matrix.values = (0..n)
+        .map(|a| (0..n).map(|b| if a == b { 0.9 } else { 0.5 }).collect())
+        .collect();
+    let figs = render_figures(&r, None);
+    let doc = parse(&figs[0].svg);
+    let cells = doc
+        .descendants()
+        .find(|n| n.attribute("class") == Some("cells"))
+        .unwrap();
+    assert_eq!(
+        cells.children().filter(|n| n.has_tag_name("rect")).count(),
+        n * n
+    );
+    assert_eq!(count(&doc, "text", Some("cell-value")), 0);
+    // long labels are rotated and truncated
+    assert!(texts(&doc).contains(&"category-07".to_string()));
+    assert!(figs[0].svg.contains("rotate(-35"));
+}

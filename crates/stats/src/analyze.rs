@@ -574,7 +574,10 @@ mod tests {
             ..AnalyzeOptions::default()
         };
         let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| serde_json::to_string(&analyze(&input, &opts).unwrap()).unwrap())
         };
         let one = run(1);
@@ -582,7 +585,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&one).unwrap();
         assert_eq!(v["path"], "exact_pairs");
         assert!(v["baselines"]["permutation"]["mean"].as_f64().unwrap() > 0.0);
-        assert!(v["logreg_5fold"]["fold_accuracies"].as_array().is_some(), "{}", v["logreg_5fold"]);
+        assert!(
+            v["logreg_5fold"]["fold_accuracies"].as_array().is_some(),
+            "{}",
+            v["logreg_5fold"]
+        );
     }
 
     #[test]

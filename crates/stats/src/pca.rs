@@ -126,7 +126,11 @@ mod tests {
         assert!((r.coords[0][1] - 0.1).abs() < 1e-12);
         let u = pca(&x, 5, 3, 10, SignConvention::ScoreBased).unwrap();
         // score-based: the largest |score| of the first component is positive
-        let big = u.coords.iter().map(|c| c[0]).fold(0.0f64, |m, x| if x.abs() > m.abs() { x } else { m });
+        let big = u
+            .coords
+            .iter()
+            .map(|c| c[0])
+            .fold(0.0f64, |m, x| if x.abs() > m.abs() { x } else { m });
         assert!((big - 2.0).abs() < 1e-12, "{:?}", u.coords);
     }
 }

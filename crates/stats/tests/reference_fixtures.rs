@@ -12,7 +12,9 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/stats").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/stats")
+        .join(case)
 }
 
 fn close(what: &str, a: f64, b: f64, tol: f64) {
@@ -36,7 +38,8 @@ struct Case {
 
 fn run_case(c: &Case) {
     let d = dir(c.name);
-    let exp: Value = serde_json::from_str(&std::fs::read_to_string(d.join(c.expected)).unwrap()).unwrap();
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join(c.expected)).unwrap()).unwrap();
     let agg = AggregateOptions {
         token_types: c.token_types.clone(),
         weighted: c.weighted,
@@ -60,8 +63,17 @@ fn run_case(c: &Case) {
     let r = &out.results;
     let tag = format!("{}/{}", c.name, c.expected);
 
-    assert_eq!(r.num_prompts as u64, exp["num_prompts"].as_u64().unwrap(), "{tag}");
-    let ids: Vec<&str> = exp["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    assert_eq!(
+        r.num_prompts as u64,
+        exp["num_prompts"].as_u64().unwrap(),
+        "{tag}"
+    );
+    let ids: Vec<&str> = exp["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
     assert_eq!(r.prompt_ids, ids, "{tag}: prompt order");
     let dropped: Vec<&str> = exp["dropped_prompts"]
         .as_array()
@@ -69,23 +81,63 @@ fn run_case(c: &Case) {
         .iter()
         .map(|x| x["prompt_id"].as_str().unwrap())
         .collect();
-    let ours: Vec<&str> = r.dropped_prompts.iter().map(|x| x.prompt_id.as_str()).collect();
+    let ours: Vec<&str> = r
+        .dropped_prompts
+        .iter()
+        .map(|x| x.prompt_id.as_str())
+        .collect();
     assert_eq!(ours, dropped, "{tag}: dropped");
-    assert_eq!(r.similarity.within.n, exp["similarity"]["within"]["n"].as_u64().unwrap());
-    assert_eq!(r.similarity.across.n, exp["similarity"]["across"]["n"].as_u64().unwrap());
+    assert_eq!(
+        r.similarity.within.n,
+        exp["similarity"]["within"]["n"].as_u64().unwrap()
+    );
+    assert_eq!(
+        r.similarity.across.n,
+        exp["similarity"]["across"]["n"].as_u64().unwrap()
+    );
     let s = &exp["similarity"];
-    close(&format!("{tag} within.mean"), r.similarity.within.mean, f(&s["within"]["mean"]), 1e-9);
-    close(&format!("{tag} within.std"), r.similarity.within.std, f(&s["within"]["std"]), 1e-9);
-    close(&format!("{tag} across.mean"), r.similarity.across.mean, f(&s["across"]["mean"]), 1e-9);
-    close(&format!("{tag} across.std"), r.similarity.across.std, f(&s["across"]["std"]), 1e-9);
-    close(&format!("{tag} d"), r.similarity.cohens_d, f(&s["cohens_d"]), 1e-9);
+    close(
+        &format!("{tag} within.mean"),
+        r.similarity.within.mean,
+        f(&s["within"]["mean"]),
+        1e-9,
+    );
+    close(
+        &format!("{tag} within.std"),
+        r.similarity.within.std,
+        f(&s["within"]["std"]),
+        1e-9,
+    );
+    close(
+        &format!("{tag} across.mean"),
+        r.similarity.across.mean,
+        f(&s["across"]["mean"]),
+        1e-9,
+    );
+    close(
+        &format!("{tag} across.std"),
+        r.similarity.across.std,
+        f(&s["across"]["std"]),
+        1e-9,
+    );
+    close(
+        &format!("{tag} d"),
+        r.similarity.cohens_d,
+        f(&s["cohens_d"]),
+        1e-9,
+    );
 
     // Similarity matrix and signatures (when the fixture carries them).
     let n = r.num_prompts;
     if let Some(ps) = exp.get("prompt_similarity").and_then(|x| x.as_array()) {
         for i in 0..n {
             for j in 0..n {
-                close(&format!("{tag} sim[{i},{j}]"), out.similarity[i * n + j], f(&ps[i][j]), 1e-9);
+                close(
+                    &format!("{tag} sim[{i},{j}]"),
+                    out.similarity[i * n + j],
+                    f(&ps[i][j]),
+                    1e-9,
+                );
             }
         }
     }
@@ -93,55 +145,115 @@ fn run_case(c: &Case) {
         let dd = r.num_layers * r.num_experts;
         for i in 0..n {
             for k in 0..dd {
-                close(&format!("{tag} sig[{i},{k}]"), out.signatures[i * dd + k], f(&sg[i][k]), 1e-12);
+                close(
+                    &format!("{tag} sig[{i},{k}]"),
+                    out.signatures[i * dd + k],
+                    f(&sg[i][k]),
+                    1e-12,
+                );
             }
         }
     }
 
     let cm = &exp["category_similarity_matrix"];
-    let order: Vec<&str> = cm["order"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    let order: Vec<&str> = cm["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
     assert_eq!(r.category_similarity_matrix.order, order);
     for (a, row) in r.category_similarity_matrix.values.iter().enumerate() {
         for (b, x) in row.iter().enumerate() {
-            close(&format!("{tag} cat[{a},{b}]"), *x, f(&cm["values"][a][b]), 1e-9);
+            close(
+                &format!("{tag} cat[{a},{b}]"),
+                *x,
+                f(&cm["values"][a][b]),
+                1e-9,
+            );
         }
     }
     for (l, pl) in r.per_layer.iter().enumerate() {
         let e = &exp["per_layer"][l];
-        close(&format!("{tag} layer {l} within"), pl.within_mean, f(&e["within_mean"]), 1e-9);
-        close(&format!("{tag} layer {l} across"), pl.across_mean, f(&e["across_mean"]), 1e-9);
-        close(&format!("{tag} layer {l} d"), pl.cohens_d, f(&e["cohens_d"]), 1e-9);
+        close(
+            &format!("{tag} layer {l} within"),
+            pl.within_mean,
+            f(&e["within_mean"]),
+            1e-9,
+        );
+        close(
+            &format!("{tag} layer {l} across"),
+            pl.across_mean,
+            f(&e["across_mean"]),
+            1e-9,
+        );
+        close(
+            &format!("{tag} layer {l} d"),
+            pl.cohens_d,
+            f(&e["cohens_d"]),
+            1e-9,
+        );
     }
 
     // PCA: ratios to 1e-9, scores (with scikit-learn's sign) to 1e-7.
     let p = r.pca.done().expect("pca computed");
     let er = exp["pca"]["explained_variance_ratio"].as_array().unwrap();
-    assert_eq!(p.explained_variance_ratio.len(), er.len(), "{tag}: PCA components");
+    assert_eq!(
+        p.explained_variance_ratio.len(),
+        er.len(),
+        "{tag}: PCA components"
+    );
     for (k, x) in p.explained_variance_ratio.iter().enumerate() {
         close(&format!("{tag} pca ratio {k}"), *x, f(&er[k]), 1e-9);
     }
     let ec = exp["pca"]["coords"].as_array().unwrap();
     for i in 0..n {
         for k in 0..2 {
-            close(&format!("{tag} pca coord [{i},{k}]"), p.coords[i][k], f(&ec[i][k]), 1e-7);
+            close(
+                &format!("{tag} pca coord [{i},{k}]"),
+                p.coords[i][k],
+                f(&ec[i][k]),
+                1e-7,
+            );
         }
     }
 
     // Baselines: same null model, different random streams => compare statistically.
-    for name in ["permutation", "load_balance_uniform", "load_balance_marginal"] {
+    for name in [
+        "permutation",
+        "load_balance_uniform",
+        "load_balance_marginal",
+    ] {
         let ours = match name {
             "permutation" => &r.baselines.permutation,
             "load_balance_uniform" => &r.baselines.load_balance_uniform,
             _ => &r.baselines.load_balance_marginal,
         };
-        let Section::Done(b) = ours else { panic!("{tag} {name} skipped") };
+        let Section::Done(b) = ours else {
+            panic!("{tag} {name} skipped")
+        };
         let e = &exp["baselines"][name];
         let reps_e = f(&e["reps"]);
         let se = ((b.std * b.std) / reps as f64 + f(&e["std"]).powi(2) / reps_e).sqrt();
-        close(&format!("{tag} {name} mean"), b.mean, f(&e["mean"]), 5.0 * se + 1e-12);
+        close(
+            &format!("{tag} {name} mean"),
+            b.mean,
+            f(&e["mean"]),
+            5.0 * se + 1e-12,
+        );
         // The spread of m_r and the pair std agree to within 15 % (Monte Carlo estimates).
-        close(&format!("{tag} {name} std"), b.std, f(&e["std"]), 0.15 * f(&e["std"]) + 1e-12);
-        close(&format!("{tag} {name} pair_std"), b.pair_std, f(&e["pair_std"]), 0.05 * f(&e["pair_std"]) + 1e-12);
+        close(
+            &format!("{tag} {name} std"),
+            b.std,
+            f(&e["std"]),
+            0.15 * f(&e["std"]) + 1e-12,
+        );
+        close(
+            &format!("{tag} {name} pair_std"),
+            b.pair_std,
+            f(&e["pair_std"]),
+            0.05 * f(&e["pair_std"]) + 1e-12,
+        );
     }
 
     // Significance: planted structure gives the minimal p-value in both implementations; the
@@ -150,7 +262,12 @@ fn run_case(c: &Case) {
     let ep = f(&exp["significance"]["label_permutation"]["p_within_minus_across"]);
     // Monte Carlo p-values: within 5 binomial standard errors of our R_p permutations.
     let sd = (ep * (1.0 - ep) / lp.reps as f64).sqrt();
-    close(&format!("{tag} label-permutation p"), lp.p_within_minus_across, ep, 5.0 * sd + 2.0 / lp.reps as f64);
+    close(
+        &format!("{tag} label-permutation p"),
+        lp.p_within_minus_across,
+        ep,
+        5.0 * sd + 2.0 / lp.reps as f64,
+    );
     if let Some(eci) = exp["significance"]["bootstrap"]["cohens_d_ci95"].as_array() {
         let ci = r.significance.bootstrap.done().unwrap().cohens_d_ci95;
         let (lo, hi) = (f(&eci[0]), f(&eci[1]));
@@ -162,8 +279,16 @@ fn run_case(c: &Case) {
     if c.classifier {
         let lr = r.logreg_5fold.done().expect("classifier ran");
         let e = &exp["logreg_5fold"];
-        assert_eq!(lr["fold_accuracies"], e["fold_accuracies"], "{tag}: fold accuracies");
-        close(&format!("{tag} macro f1"), f(&lr["macro_f1_oof"]), f(&e["macro_f1_oof"]), 1e-12);
+        assert_eq!(
+            lr["fold_accuracies"], e["fold_accuracies"],
+            "{tag}: fold accuracies"
+        );
+        close(
+            &format!("{tag} macro f1"),
+            f(&lr["macro_f1_oof"]),
+            f(&e["macro_f1_oof"]),
+            1e-12,
+        );
         assert_eq!(lr["confusion"], e["confusion"], "{tag}: confusion");
     }
 }
@@ -204,10 +329,22 @@ fn paper_shape_matches_reference() {
 #[test]
 fn weighted_small_variants_match_reference() {
     for (expected, types, weighted) in [
-        ("expected.json", vec![TokenType::Prompt, TokenType::Generation], false),
-        ("expected_weighted.json", vec![TokenType::Prompt, TokenType::Generation], true),
+        (
+            "expected.json",
+            vec![TokenType::Prompt, TokenType::Generation],
+            false,
+        ),
+        (
+            "expected_weighted.json",
+            vec![TokenType::Prompt, TokenType::Generation],
+            true,
+        ),
         ("expected_prompt_only.json", vec![TokenType::Prompt], false),
-        ("expected_weighted_prompt_only.json", vec![TokenType::Prompt], true),
+        (
+            "expected_weighted_prompt_only.json",
+            vec![TokenType::Prompt],
+            true,
+        ),
     ] {
         run_case(&Case {
             name: "weighted_small",

@@ -140,6 +140,18 @@ impl Acc {
         row[expert] += v;
     }
 
+    /// Row of layer `layer`, at least `e` long.
+    fn row_mut(&mut self, layer: usize, e: usize) -> &mut [f64] {
+        if self.counts.len() <= layer {
+            self.counts.resize_with(layer + 1, Vec::new);
+        }
+        let row = &mut self.counts[layer];
+        if row.len() < e {
+            row.resize(e, 0.0);
+        }
+        &mut row[..e]
+    }
+
     fn add_tokens(&mut self, layer: usize, n: u64) {
         if self.tokens_per_layer.len() <= layer {
             self.tokens_per_layer.resize(layer + 1, 0);
@@ -613,15 +625,15 @@ impl<'a> State<'a> {
                     "weighted counts requested, but this counts line has no `weighted_counts`",
                 ));
             };
-            for li in 0..l {
-                for ei in 0..e {
-                    acc.add(li, ei, w[li * e + ei]);
+            for (li, src) in w.chunks_exact(e).enumerate() {
+                for (dst, &x) in acc.row_mut(li, e).iter_mut().zip(src) {
+                    *dst += x;
                 }
             }
         } else {
-            for li in 0..l {
-                for ei in 0..e {
-                    acc.add(li, ei, c.counts[li * e + ei] as f64);
+            for (li, src) in c.counts.chunks_exact(e).enumerate() {
+                for (dst, &x) in acc.row_mut(li, e).iter_mut().zip(src) {
+                    *dst += x as f64;
                 }
             }
         }

@@ -20,7 +20,7 @@ use moe_xray_report::{CategoryUsage, HealthSection, PromptRow, ReportInput, Synt
 use moe_xray_stats::analyze::Outputs;
 use moe_xray_trace::{read_prompts, write_atomic};
 
-use super::{analyze, health, trace};
+use super::{analyze, trace};
 
 /// The bundled paper80 prompt set (`prompts/paper80.jsonl`, documented in `prompts/README.md`).
 pub const PAPER80: &str = include_str!("../../../../prompts/paper80.jsonl");
@@ -193,22 +193,11 @@ pub fn execute(args: &Args, command: &str) -> Result<RunSummary> {
     let outputs = analyze::compute(&aargs).context("analyze step")?;
     analyze::write_outputs(out, &outputs)?;
 
-    // 3. health.
+    // 3. health (load balance, dead/cold experts, router entropy, co-activation, MI).
     if !args.quiet {
         eprintln!("[3/4] routing health");
     }
-    let health_dir = out.join("health");
-    let health_json = out.join("health.json");
-    let hargv = vec![
-        p(&trace_file),
-        "--json".into(),
-        p(&health_json),
-        "--svg".into(),
-        p(&health_dir),
-        "--csv".into(),
-        p(&health_dir),
-    ];
-    health::run(parse_args("health", &hargv)?).context("health step")?;
+    let health = health_step(&trace_file, out, args.seed)?;
 
     // 4. report.
     if !args.quiet {
@@ -242,7 +231,6 @@ pub fn execute(args: &Args, command: &str) -> Result<RunSummary> {
             generated: generated.get(&pr.id).cloned(),
         })
         .collect();
-    let health = read_health(&health_json, &health_dir)?;
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(traces.join("manifest.json"))
             .with_context(|| format!("reading {}", p(&traces.join("manifest.json"))))?,
@@ -280,52 +268,72 @@ fn read_generations(path: &Path) -> Result<HashMap<String, String>> {
     Ok(map)
 }
 
-fn read_health(json: &Path, dir: &Path) -> Result<HealthSection> {
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(json).with_context(|| format!("reading {}", p(json)))?,
+/// Routing health of the run's trace: `health.json` (with the mutual information between
+/// signatures and category), CSV tables under `health/`, and the report's health section.
+fn health_step(trace_file: &Path, out: &Path, seed: u64) -> Result<HealthSection> {
+    use moe_xray_health::{accumulate_run, mi, output, resolve_traces, svg, HealthOptions};
+    let run = resolve_traces(&[trace_file.to_path_buf()])?;
+    let opts = HealthOptions {
+        keep_prompts: true,
+        ..HealthOptions::default()
+    };
+    let acc = accumulate_run(&run, None, opts)?;
+    let report = acc.report();
+    let (sigs, labels, _dropped) =
+        mi::signatures_with_labels(acc.prompts(), report.num_layers, report.num_experts);
+    let mi = mi::mutual_information(
+        &sigs,
+        &labels,
+        &mi::MiOptions {
+            seed,
+            ..mi::MiOptions::default()
+        },
     )
-    .with_context(|| format!("parsing {}", p(json)))?;
-    let mut figures = Vec::new();
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", p(dir)))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|f| f.extension().is_some_and(|x| x == "svg"))
+    .ok();
+    let mut full = serde_json::to_value(&report)?;
+    let mut summary = report.summary();
+    if let Some(m) = &mi {
+        full["mutual_information"] = serde_json::to_value(m)?;
+        summary["mutual_information"] = serde_json::to_value(m)?;
+    }
+    write_atomic(
+        out.join("health.json"),
+        serde_json::to_string_pretty(&full)? + "\n",
+    )?;
+    let dir = out.join("health");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", p(&dir)))?;
+    write_atomic(dir.join("layers.csv"), output::layers_csv(&report))?;
+    write_atomic(dir.join("load.csv"), output::load_csv(&report))?;
+    if let Some(c) = output::coactivation_csv(&acc) {
+        write_atomic(dir.join("coactivation.csv"), c)?;
+    }
+    if let Some(c) = output::pairs_csv(&report) {
+        write_atomic(dir.join("pairs.csv"), c)?;
+    }
+    // The co-activation figure shows the deepest layer, where the paper finds the most task signal.
+    let layer = report.num_layers.saturating_sub(1);
+    let figures = svg::report_figures(&acc, &report, layer)
+        .into_iter()
+        .map(|f| moe_xray_report::Figure {
+            id: f.id,
+            title: f.title,
+            caption: f.caption,
+            svg: f.svg,
+            available: f.available,
+        })
         .collect();
-    names.sort();
-    for f in names {
-        let stem = f
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let svg = std::fs::read_to_string(&f).with_context(|| format!("reading {}", p(&f)))?;
-        let (title, caption) = if stem.starts_with("load") {
-            (
-                "Routing health: expert load per layer".to_string(),
-                "Share of all top-k selections that each expert receives at each layer, over every \
-                 traced token (prompt and generated). A uniform router gives 1/E everywhere; dark \
-                 columns are hot experts, blank cells dead ones. Definitions: docs/health.md."
-                    .to_string(),
-            )
-        } else {
-            (
-                format!("Routing health: {stem}"),
-                "How often two experts are selected for the same token at this layer (co-activation \
-                 counts; the diagonal is each expert's load). Definitions: docs/health.md."
-                    .to_string(),
-            )
-        };
-        figures.push(moe_xray_report::Figure {
-            id: format!("health-{stem}"),
-            title,
-            caption,
-            svg,
-            available: true,
-        });
+    let mut notes = vec![
+        "Definitions of every health statistic (normalised entropy, max/mean, Gini, Jain, dead and cold \
+         experts, router entropy and top-k margin, co-activation lift, mutual information): docs/health.md."
+            .to_string(),
+    ];
+    if let Some(m) = &mi {
+        notes.push(output::mi_text(m).trim().to_string());
     }
     Ok(HealthSection {
         summary: Some(summary),
         figures,
-        notes: vec![],
+        notes,
     })
 }
 
