@@ -9,7 +9,10 @@ pub fn gram(v: &[f64], n: usize, d: usize) -> Vec<f64> {
     assert_eq!(v.len(), n * d, "gram: matrix has the wrong length");
     // Row-major N×D is column-major D×N: columns are the prompts.
     let vt = DMatrixView::from_slice(v, d, n);
-    let g: DMatrix<f64> = vt.tr_mul(&vt);
+    // `transpose() * view` goes through nalgebra's gemm (matrixmultiply's blocked dgemm);
+    // `tr_mul` would be a naive dot-product loop.
+    let vn: DMatrix<f64> = vt.transpose();
+    let g: DMatrix<f64> = &vn * vt;
     g.as_slice().to_vec()
 }
 

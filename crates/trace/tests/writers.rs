@@ -364,3 +364,26 @@ fn jsonl_appender_round_trip_and_resume() {
         assert_eq!(got, items, "{ext}");
     }
 }
+
+#[test]
+fn without_fsync_the_content_is_the_same() {
+    let d = tempfile::tempdir().unwrap();
+    for ext in EXTS {
+        let a = d.path().join(format!("a.{ext}"));
+        let b = d.path().join(format!("b.{ext}"));
+        let mut wa = CountsWriter::create(&a, L as usize, E as usize).unwrap();
+        let mut wb = CountsWriter::create(&b, L as usize, E as usize)
+            .unwrap()
+            .with_fsync(false);
+        for i in 0..3 {
+            run_prompt(&mut wa, i);
+            run_prompt(&mut wb, i);
+        }
+        drop((wa, wb));
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{ext}"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use moe_xray_stats::analyze::{analyze_exact, analyze_gram, AnalyzeOptions};
+use moe_xray_stats::baselines::{run_baseline, Baseline};
 use moe_xray_stats::bench::{large_rows, synthetic_rows, threads, SynthShape};
 use moe_xray_stats::input::build_input;
 use moe_xray_stats::large_n::GramAccumulator;
@@ -20,6 +21,8 @@ pub enum What {
     Analyze(AnalyzeBench),
     /// Gram-sums path (within/across, per-layer d, category matrix) on many synthetic prompts.
     AnalyzeLarge(LargeBench),
+    /// OLMoE checkpoint: prefill / decode tokens/s, capture overhead (null vs trace sink), peak RSS.
+    Model(super::bench_model::ModelBench),
 }
 
 #[derive(clap::Args, Debug)]
@@ -132,6 +135,15 @@ fn run_analyze(b: AnalyzeBench) -> Result<()> {
     };
     stage("similarity+PCA only", &|| run(only(&|_| {})));
     stage("+ 3 baselines", &|| run(only(&|o| o.reps = b.reps)));
+    for which in [
+        Baseline::Permutation,
+        Baseline::LoadBalanceUniform,
+        Baseline::LoadBalanceMarginal,
+    ] {
+        stage(&format!("  baseline {which:?}"), &|| {
+            run_baseline(which, &input, b.reps, b.seed);
+        });
+    }
     stage("+ label perm + bootstrap d", &|| {
         run(only(&|o| {
             o.perm_reps = b.reps;
@@ -206,5 +218,6 @@ pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Analyze(b) => run_analyze(b),
         What::AnalyzeLarge(b) => run_large(b),
+        What::Model(b) => super::bench_model::run(b),
     }
 }
