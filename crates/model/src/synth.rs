@@ -81,7 +81,7 @@ pub const ROUTER_LOGIT_STD: f64 = 1.0;
 /// `--planted`: length of the class direction added to an embedding, in units of `sqrt(hidden)`.
 pub const PLANT_EMBED: f64 = 2.0;
 /// `--planted`: router logit added to the experts of a token's class group.
-pub const PLANT_LOGIT: f64 = 4.0;
+pub const PLANT_LOGIT: f64 = 8.0;
 /// Names of the planted token classes, indexed by class id.
 pub const CLASS_NAMES: [&str; 4] = ["math", "code", "question", "narrative"];
 
