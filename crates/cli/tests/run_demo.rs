@@ -14,6 +14,38 @@ fn results(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("results.json parses")
 }
 
+/// The structure of a JSON value: one line per leaf path with its type (arrays: their first
+/// element), sorted by key — a snapshot of the results.json schema that ignores the values.
+fn shape(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            for k in keys {
+                shape(&m[k], &join(k), out);
+            }
+        }
+        Value::Array(a) => {
+            out.push(format!("{path}: array"));
+            if let Some(first) = a.first() {
+                shape(first, &format!("{path}[]"), out);
+            }
+        }
+        Value::Null => out.push(format!("{path}: null")),
+        Value::Bool(_) => out.push(format!("{path}: bool")),
+        Value::Number(_) => out.push(format!("{path}: number")),
+        Value::String(_) => out.push(format!("{path}: string")),
+    }
+}
+
 fn demo(dir: &Path, planted: bool) -> String {
     let mut cmd = moe_xray();
     cmd.args([
@@ -58,6 +90,17 @@ fn demo_random_and_planted_and_rerun_reuses_traces() {
         assert!(report.contains(fig), "{fig} missing from report.html");
     }
     let r = results(&rdir);
+    // Snapshot of the results.json structure (the manifest's content is free-form).
+    let mut structure = r.clone();
+    structure["input"]["manifest"] = serde_json::json!({});
+    let mut lines = Vec::new();
+    shape(&structure, "", &mut lines);
+    let expected = include_str!("snapshots/results_shape.txt");
+    assert_eq!(
+        lines.join("\n") + "\n",
+        expected,
+        "results.json structure changed: update crates/cli/tests/snapshots/results_shape.txt"
+    );
     assert_eq!(r["num_prompts"], 80);
     assert_eq!(r["num_layers"], 16);
     assert_eq!(r["num_experts"], 64);
