@@ -50,12 +50,37 @@
 //!    `ed`.
 //!
 //! Four orthonormal directions `u_0..u_3` of the hidden space are drawn (Gram–Schmidt of normal vectors
-//! from stream `u64::MAX`). The embedding of a token of class `c` gets `+ PLANT_EMBED · sqrt(hidden) · u_c`
-//! (its class component is then about 90 % of its RMS-normalised length), and in every layer the router row
+//! from stream `u64::MAX`). The random part of every embedding row is projected off span(u_0..u_3) (so a
+//! token of no class has no class component at all), and the embedding of a token of class `c` gets
+//! `+ PLANT_EMBED · sqrt(hidden) · u_c` (its class component is then about 90 % of its RMS-normalised
+//! length), and in every layer the router row
 //! of expert `e` gets `+ γ · u_{e mod 4}` with `γ = PLANT_LOGIT / (PLANT_EMBED/sqrt(1+PLANT_EMBED²) ·
 //! sqrt(hidden))`: a class-`c` token adds about `PLANT_LOGIT` nats to the router logits of the experts
 //! `e ≡ c (mod 4)`. Prompts made of different token classes (code, math, narrative, questions) therefore
 //! route to different expert groups, which the study must detect. Tokens of no class route at random.
+//!
+//! **Prefix class mix.** A token's own class alone makes a weak control: the tokens a random model
+//! generates are of random class. So the attention of the first [`PLANT_MIX_LAYERS`] layer(s) is made to
+//! carry the class mix of the causal prefix into every position:
+//! - `self_attn.q_norm.weight` is all zeros, so q = 0 after the q RMSNorm (OLMoE normalises the projected
+//!   q and k), every attention score is 0 and each head averages v uniformly over positions `0..=t`;
+//! - rows `c = 0..4` of `self_attn.v_proj.weight` are replaced by `u_c / m` with
+//!   `m = PLANT_EMBED/sqrt(1+PLANT_EMBED²) · sqrt(hidden)` (the value of `u_c · RMSNorm(embedding)` for
+//!   a class-c token), so value coordinate c is ≈ 1 for a class-c token and 0 for any other token;
+//! - the `self_attn.o_proj.weight` column that reads value coordinate c (query head
+//!   `(c / head_dim) · heads/kv_heads`, offset `c mod head_dim`) is replaced by `PLANT_MIX · sqrt(hidden)
+//!   · u_c`.
+//!
+//! The attention output at position t is then ≈ `PLANT_MIX · sqrt(hidden) · Σ_c f_c(t) · u_c` (plus the
+//! small random contribution of the other value coordinates), where `f_c(t)` is the fraction of
+//! positions `0..=t` holding class-c tokens. With [`PLANT_MIX`] = 12 and a typical dominant-class fraction
+//! of 0.15 (measured on the paper80 prompts: code 0.15, math 0.27, factual 0.27, story 0.07; about 13 %
+//! of the OLMo vocabulary has a class, so generated tokens dilute it), this is about as long as a token's
+//! own class component (`PLANT_EMBED · sqrt(hidden)`), so from
+//! layer 1 on every token — generated ones included — adds router logit to the expert group of the
+//! prompt's dominant class, and the task signal grows after layer 0. Everything else in those layers
+//! (k_proj, the other v_proj rows and o_proj columns) stays random. Non-planted checkpoints are not
+//! affected by any of this.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -82,6 +107,11 @@ pub const ROUTER_LOGIT_STD: f64 = 1.0;
 pub const PLANT_EMBED: f64 = 2.0;
 /// `--planted`: router logit added to the experts of a token's class group.
 pub const PLANT_LOGIT: f64 = 8.0;
+/// `--planted`: length of the prefix-mix component written by the mixing layers' attention for a prefix
+/// made only of one class, in units of `sqrt(hidden)` (see the module docs).
+pub const PLANT_MIX: f64 = 12.0;
+/// `--planted`: number of leading layers whose attention is uniform and carries the prefix's class mix.
+pub const PLANT_MIX_LAYERS: usize = 1;
 /// Names of the planted token classes, indexed by class id.
 pub const CLASS_NAMES: [&str; 4] = ["math", "code", "question", "narrative"];
 
@@ -523,6 +553,11 @@ impl SynthSpec {
         if self.planted && (self.hidden_size < 4 || self.num_experts < 4) {
             return bad("--planted needs --hidden >= 4 and --experts >= 4".into());
         }
+        if self.planted && self.num_kv_heads * self.head_dim() < 4 {
+            return bad(
+                "--planted needs at least 4 value dimensions (kv-heads · hidden/heads >= 4)".into(),
+            );
+        }
         let n_tensors = self.tensor_plan().len();
         if self.shards > n_tensors {
             return bad(format!(
@@ -962,6 +997,56 @@ struct Planting {
     classes: Vec<Option<TokenClass>>,
     embed_scale: f64,
     router_scale: f64,
+    /// `v_proj` rows 0..4 of the mixing layers are `mix_read_scale · u_c`.
+    mix_read_scale: f64,
+    /// `o_proj` column `mix_columns[c]` of the mixing layers is `mix_write_scale · u_c`.
+    mix_write_scale: f64,
+    /// Attention-output coordinate (query head `(c / head_dim) · heads/kv_heads`, offset
+    /// `c % head_dim`) that carries value coordinate `c`, for c in 0..4.
+    mix_columns: [usize; 4],
+}
+
+/// Tensors of the `--planted` prefix-mixing layers (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MixRole {
+    QNorm,
+    VProj,
+    OProj,
+}
+
+impl Planting {
+    fn new(spec: &SynthSpec, classes: Vec<Option<TokenClass>>) -> Self {
+        let h = spec.hidden_size as f64;
+        // length of u_c · RMSNorm(embedding) for a class-c token
+        let member = PLANT_EMBED / (1.0 + PLANT_EMBED * PLANT_EMBED).sqrt() * h.sqrt();
+        let hd = spec.head_dim();
+        let group = spec.num_heads / spec.num_kv_heads;
+        Planting {
+            dirs: class_directions(spec.seed, spec.hidden_size),
+            classes,
+            embed_scale: PLANT_EMBED * h.sqrt(),
+            router_scale: PLANT_LOGIT / member,
+            mix_read_scale: 1.0 / member,
+            mix_write_scale: PLANT_MIX * h.sqrt(),
+            mix_columns: [0usize, 1, 2, 3].map(|c| (c / hd) * group * hd + c % hd),
+        }
+    }
+
+    /// The role of tensor `name` in the prefix-mixing construction (layers `< PLANT_MIX_LAYERS`).
+    fn mix_role(&self, name: &str) -> Option<MixRole> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        if layer >= PLANT_MIX_LAYERS {
+            return None;
+        }
+        match rest {
+            "self_attn.q_norm.weight" => Some(MixRole::QNorm),
+            "self_attn.v_proj.weight" => Some(MixRole::VProj),
+            "self_attn.o_proj.weight" => Some(MixRole::OProj),
+            _ => None,
+        }
+    }
 }
 
 fn convert(values: &[f32], dtype: SynthDtype, out: &mut Vec<u8>) {
@@ -989,8 +1074,15 @@ fn generate_chunk(
     buf: &mut [f32],
     plant: Option<&Planting>,
 ) {
+    let mix = plant.and_then(|p| p.mix_role(&t.name).map(|r| (p, r)));
     if t.init == Init::Ones {
-        buf.iter_mut().for_each(|x| *x = 1.0);
+        // `--planted`: q_norm of the mixing layers is zero, so q = 0 and attention is uniform
+        let one = if matches!(mix, Some((_, MixRole::QNorm))) {
+            0.0
+        } else {
+            1.0
+        };
+        buf.iter_mut().for_each(|x| *x = one);
         return;
     }
     let cols = t.shape.last().copied().unwrap_or(1);
@@ -1003,18 +1095,63 @@ fn generate_chunk(
             Init::Router { std } => (std, 2),
             Init::Ones => (1.0, 0),
         };
+        // `--planted` embeddings: the random part of each row is projected off span(u_0..u_3), so only
+        // class tokens have a class component. The row's dot products need the whole row, which may
+        // cross this sub-chunk: its normals are regenerated (random access, same values).
+        let mut row_dots: Option<(usize, [f64; 4])> = None;
+        let mut row_buf = if plant.is_some() && kind == 1 {
+            vec![0f32; cols]
+        } else {
+            Vec::new()
+        };
         for (o, x) in sub.iter_mut().enumerate() {
             let idx = s0 + o;
             let mut v = *x as f64 * std;
             if let Some(p) = plant {
                 let (row, col) = (idx / cols, idx % cols);
                 if kind == 1 {
+                    let dots = match row_dots {
+                        Some((r, d)) if r == row => d,
+                        _ => {
+                            fill_normals(spec.seed, stream, (row * cols) as u64, &mut row_buf);
+                            let mut d = [0f64; 4];
+                            for (dc, dir) in d.iter_mut().zip(&p.dirs) {
+                                *dc = row_buf
+                                    .iter()
+                                    .zip(dir)
+                                    .map(|(&z, &u)| z as f64 * std * u)
+                                    .sum();
+                            }
+                            row_dots = Some((row, d));
+                            d
+                        }
+                    };
+                    for (dc, dir) in dots.iter().zip(&p.dirs) {
+                        v -= dc * dir[col];
+                    }
                     if let Some(Some(c)) = p.classes.get(row) {
                         v += p.embed_scale * p.dirs[*c as usize][col];
                     }
                 } else if kind == 2 {
                     v += p.router_scale * p.dirs[row % 4][col];
                 }
+            }
+            // `--planted` prefix mix: v_proj rows 0..4 read the class memberships, o_proj writes them
+            // back along u_c (these rows / columns replace the random values)
+            match mix {
+                Some((p, MixRole::VProj)) => {
+                    let (row, col) = (idx / cols, idx % cols);
+                    if row < 4 {
+                        v = p.mix_read_scale * p.dirs[row][col];
+                    }
+                }
+                Some((p, MixRole::OProj)) => {
+                    let (row, col) = (idx / cols, idx % cols);
+                    if let Some(c) = p.mix_columns.iter().position(|&q| q == col) {
+                        v = p.mix_write_scale * p.dirs[c][row];
+                    }
+                }
+                _ => {}
             }
             *x = v as f32;
         }
@@ -1170,7 +1307,6 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
     let plan = spec.tensor_plan();
     let mut class_counts = None;
     let planting = if spec.planted {
-        let h = spec.hidden_size as f64;
         let mut classes = vec![None; spec.vocab_size];
         let mut counts = [0usize; 4];
         for (id, d) in tok.decoded.iter().enumerate().take(spec.vocab_size) {
@@ -1180,13 +1316,7 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
             }
         }
         class_counts = Some(counts);
-        Some(Planting {
-            dirs: class_directions(spec.seed, spec.hidden_size),
-            classes,
-            embed_scale: PLANT_EMBED * h.sqrt(),
-            router_scale: PLANT_LOGIT
-                / (PLANT_EMBED / (1.0 + PLANT_EMBED * PLANT_EMBED).sqrt() * h.sqrt()),
-        })
+        Some(Planting::new(spec, classes))
     } else {
         None
     };
@@ -1284,7 +1414,7 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
         fs::write(&lp, text).map_err(io_err(&lp))?;
         files.push("TOKENIZER_LICENSE".into());
     }
-    let info = json!({
+    let mut info = json!({
         "generator": concat!("moe-xray synth-model ", env!("CARGO_PKG_VERSION")),
         "seed": spec.seed,
         "dtype": spec.dtype.torch_name(),
@@ -1298,6 +1428,11 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
         "num_parameters": spec.num_parameters(),
         "note": "random weights: no language ability; see the moe-xray model crate docs (synth.rs)",
     });
+    if spec.planted {
+        // only in planted checkpoints, so that random checkpoints keep their earlier bytes
+        info["plant_mix"] = json!(PLANT_MIX);
+        info["plant_mix_layers"] = json!(PLANT_MIX_LAYERS);
+    }
     write_json(&dir.join("synth.json"), &info)?;
     files.push("synth.json".into());
     Ok(SynthSummary {
@@ -1361,6 +1496,106 @@ mod tests {
                 assert!((dot - want).abs() < 1e-9, "{i} {j} {dot}");
             }
         }
+    }
+
+    /// All values of tensor `name` as the writer generates them.
+    fn tensor(spec: &SynthSpec, name: &str, plant: Option<&Planting>) -> Vec<f64> {
+        let plan = spec.tensor_plan();
+        let i = plan.iter().position(|t| t.name == name).unwrap();
+        let mut buf = vec![0f32; plan[i].numel()];
+        generate_chunk(spec, &plan[i], i as u64, 0, &mut buf, plant);
+        buf.iter().map(|&x| x as f64).collect()
+    }
+
+    fn matvec(w: &[f64], x: &[f64]) -> Vec<f64> {
+        w.chunks(x.len())
+            .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+
+    #[test]
+    fn planted_layer0_attention_carries_the_prefix_class_mix() {
+        let mut spec = SynthSpec::preset("tiny").unwrap();
+        spec.planted = true;
+        spec.seed = 11;
+        let h = spec.hidden_size;
+        // ids 100..200 get class id % 4, the rest none
+        let classes: Vec<Option<TokenClass>> = (0..spec.vocab_size)
+            .map(|i| {
+                (100..200).contains(&i).then(|| {
+                    [
+                        TokenClass::Math,
+                        TokenClass::Code,
+                        TokenClass::Question,
+                        TokenClass::Narrative,
+                    ][i % 4]
+                })
+            })
+            .collect();
+        let p = Planting::new(&spec, classes.clone());
+        let emb = tensor(&spec, "model.embed_tokens.weight", Some(&p));
+        // class components: exactly PLANT_EMBED·sqrt(h) for a class token's own class, 0 otherwise
+        for tok in [5usize, 100, 101, 102, 103, 300] {
+            for (c, dir) in p.dirs.iter().enumerate() {
+                let dot: f64 = emb[tok * h..(tok + 1) * h]
+                    .iter()
+                    .zip(dir)
+                    .map(|(a, b)| a * b)
+                    .sum();
+                let want = if classes[tok].map(|k| k as usize) == Some(c) {
+                    PLANT_EMBED * (h as f64).sqrt()
+                } else {
+                    0.0
+                };
+                assert!((dot - want).abs() < 1e-3, "token {tok} class {c}: {dot}");
+            }
+        }
+        let qn = tensor(&spec, "model.layers.0.self_attn.q_norm.weight", Some(&p));
+        assert!(qn.iter().all(|&x| x == 0.0), "layer-0 q_norm is zero");
+        let qn1 = tensor(&spec, "model.layers.1.self_attn.q_norm.weight", Some(&p));
+        assert!(
+            qn1.iter().all(|&x| x == 1.0),
+            "later layers keep q_norm = 1"
+        );
+        let wv = tensor(&spec, "model.layers.0.self_attn.v_proj.weight", Some(&p));
+        let wo = tensor(&spec, "model.layers.0.self_attn.o_proj.weight", Some(&p));
+        // q = 0 makes attention uniform over the causal prefix (kv_heads == heads here, so the
+        // o_proj input is the prefix mean of v)
+        let tokens = [
+            100usize, 5, 104, 101, 6, 108, 7, 102, 112, 8, 9, 116, 103, 10,
+        ];
+        let mut sum_v = vec![0f64; wv.len() / h];
+        let mut counts = [0f64; 4];
+        let scale = PLANT_MIX * (h as f64).sqrt();
+        for (t, &tok) in tokens.iter().enumerate() {
+            let x = &emb[tok * h..(tok + 1) * h];
+            let rms = (x.iter().map(|a| a * a).sum::<f64>() / h as f64).sqrt();
+            let n: Vec<f64> = x.iter().map(|a| a / rms).collect();
+            matvec(&wv, &n)
+                .iter()
+                .zip(sum_v.iter_mut())
+                .for_each(|(v, s)| *s += v);
+            if let Some(c) = classes[tok] {
+                counts[c as usize] += 1.0;
+            }
+            let mean_v: Vec<f64> = sum_v.iter().map(|s| s / (t + 1) as f64).collect();
+            let out = matvec(&wo, &mean_v);
+            for (c, (dir, count)) in p.dirs.iter().zip(counts).enumerate() {
+                let got: f64 = out.iter().zip(dir).map(|(a, b)| a * b).sum();
+                let want = scale * count / (t + 1) as f64;
+                assert!(
+                    (got - want).abs() < 0.1 * scale,
+                    "position {t} class {c}: u_c component {got}, expected {want}"
+                );
+            }
+        }
+        // the random checkpoint is untouched by the construction
+        spec.planted = false;
+        let qn = tensor(&spec, "model.layers.0.self_attn.q_norm.weight", None);
+        assert!(qn.iter().all(|&x| x == 1.0));
+        let wv_random = tensor(&spec, "model.layers.0.self_attn.v_proj.weight", None);
+        assert_ne!(wv_random[..h], wv[..h]);
+        assert_eq!(wv_random[4 * h..], wv[4 * h..]);
     }
 
     #[test]

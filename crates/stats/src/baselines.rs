@@ -200,6 +200,21 @@ fn synth_counts(
                             layer.iter_mut().for_each(|x| *x += 1.0);
                             continue;
                         }
+                        if ne <= 64 {
+                            // Same rejection of repeats, with a bit mask as the taken-set.
+                            let mut mask = 0u64;
+                            let mut got = 0;
+                            while got < k {
+                                let e = sampler.next(&mut rng);
+                                let bit = 1u64 << e;
+                                if mask & bit == 0 {
+                                    mask |= bit;
+                                    got += 1;
+                                    layer[e] += 1.0;
+                                }
+                            }
+                            continue;
+                        }
                         // Rejection of repeats: exactly a uniform k-subset.
                         while picks.len() < k {
                             let e = sampler.next(&mut rng);

@@ -127,14 +127,7 @@ impl GramAccumulator {
         let (d, nl, ne) = (self.d, self.num_layers, self.num_experts);
         let mut v = row.counts;
         embed_in_place(&mut v, nl, ne);
-        let tiles: Vec<DMatrix<f64>> = self
-            .tile_pairs
-            .iter()
-            .map(|&(p, q)| {
-                let (a, b) = (self.bounds[p], self.bounds[q]);
-                DMatrix::zeros(a.1 - a.0, b.1 - b.0)
-            })
-            .collect();
+        let (bounds, tile_pairs) = (&self.bounds, &self.tile_pairs);
         let acc = self.cats.entry(cat).or_insert_with(|| CatAcc {
             n: 0,
             sum: vec![0.0; d],
@@ -142,7 +135,13 @@ impl GramAccumulator {
             norm4: 0.0,
             layer_norm2: vec![0.0; nl],
             layer_norm4: vec![0.0; nl],
-            tiles,
+            tiles: tile_pairs
+                .iter()
+                .map(|&(p, q)| {
+                    let (a, b) = (bounds[p], bounds[q]);
+                    DMatrix::zeros(a.1 - a.0, b.1 - b.0)
+                })
+                .collect(),
             buf: vec![0.0; BLOCK * d],
             buf_rows: 0,
         });
