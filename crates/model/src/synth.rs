@@ -73,12 +73,19 @@
 //!
 //! The attention output at position t is then ≈ `PLANT_MIX · sqrt(hidden) · Σ_c f_c(t) · u_c` (plus the
 //! small random contribution of the other value coordinates), where `f_c(t)` is the fraction of
-//! positions `0..=t` holding class-c tokens. With [`PLANT_MIX`] = 12 and a typical dominant-class fraction
-//! of 0.15 (measured on the paper80 prompts: code 0.15, math 0.27, factual 0.27, story 0.07; about 13 %
-//! of the OLMo vocabulary has a class, so generated tokens dilute it), this is about as long as a token's
-//! own class component (`PLANT_EMBED · sqrt(hidden)`), so from
-//! layer 1 on every token — generated ones included — adds router logit to the expert group of the
-//! prompt's dominant class, and the task signal grows after layer 0. Everything else in those layers
+//! positions `0..=t` holding class-c tokens. Through the router rows `γ · u_{e mod 4}` this adds about
+//! `PLANT_LOGIT · PLANT_MIX / (PLANT_EMBED/sqrt(1+PLANT_EMBED²)) · f_c(t) ≈ 22 · f_c(t)` nats (divided by
+//! the RMS of the residual stream, ≈ 1 for tokens of no class) to the logits of group c, i.e. ≈ 3 nats for
+//! a typical dominant-class fraction of 0.15 (measured on the paper80 prompts: mean fraction of the
+//! category's own class code 0.15, math 0.27, factual 0.27, story 0.07; about 13 % of the OLMo vocabulary
+//! has a class, so generated tokens dilute it), comparable to the 8 nats of a class token's own class.
+//! [`PLANT_MIX`] = 2.5 was chosen by measurement on `moe-xray demo --planted` (32 new tokens, 100 reps):
+//! 2.5 gave Cohen's d 1.03 / accuracy 77.5 %, 5 gave 0.92 / 70 %, 12 gave 0.93 / 80 % (larger values
+//! make routing winner-take-all by the prefix's dominant class, which the class rules do not always
+//! align with the prompt category). The attention block precedes the MoE block, so
+//! from layer 0's router on every token — generated ones and tokens of no class included — adds router
+//! logit to the expert groups of the prefix's classes in proportion to `f_c(t)` (through the same router
+//! rows `γ · u_{e mod 4}`). Everything else in those layers
 //! (k_proj, the other v_proj rows and o_proj columns) stays random. Non-planted checkpoints are not
 //! affected by any of this.
 
@@ -109,7 +116,7 @@ pub const PLANT_EMBED: f64 = 2.0;
 pub const PLANT_LOGIT: f64 = 8.0;
 /// `--planted`: length of the prefix-mix component written by the mixing layers' attention for a prefix
 /// made only of one class, in units of `sqrt(hidden)` (see the module docs).
-pub const PLANT_MIX: f64 = 12.0;
+pub const PLANT_MIX: f64 = 2.5;
 /// `--planted`: number of leading layers whose attention is uniform and carries the prefix's class mix.
 pub const PLANT_MIX_LAYERS: usize = 1;
 /// Names of the planted token classes, indexed by class id.
