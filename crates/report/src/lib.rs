@@ -44,7 +44,6 @@ pub mod results;
 mod svg;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 pub use figures::{render_figures, FIG_WIDTH};
@@ -217,18 +216,13 @@ impl ReportInput {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename (the trace
+/// crate's shared implementation).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e| ReportError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    tmp.write_all(bytes).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    moe_xray_trace::write_atomic(path, bytes).map_err(|e| match e {
+        moe_xray_trace::TraceError::Io { path, source } => ReportError::Io { path, source },
+        other => ReportError::Invalid(other.to_string()),
+    })
 }
 
 /// Writes `dir/figures/<id>.svg` for every figure (health figures included) and

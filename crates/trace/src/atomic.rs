@@ -34,6 +34,15 @@ pub fn write_atomic_with(
         fill(&mut w).map_err(io)?;
         w.flush().map_err(io)?;
     }
+    // tempfile creates 0600 files; outputs are ordinary files (0644 before the umask would apply),
+    // readable by the other users of a shared server like any file the tool writes directly.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
+    }
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path)
         .map_err(|e| TraceError::io(path, e.error))?;
@@ -85,5 +94,20 @@ mod tests {
         let p = dir.path().join("nope").join("x.json");
         let msg = write_atomic(&p, b"x").unwrap_err().to_string();
         assert!(msg.contains("x.json"), "{msg}");
+    }
+}
+
+#[cfg(all(test, unix))]
+mod permission_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn outputs_are_ordinary_readable_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.json");
+        super::write_atomic(&path, b"{}\n").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "mode {mode:o}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
     }
 }
