@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod cpu_kernels;
 pub mod error;
 pub mod generate;
 pub mod olmoe;

@@ -21,6 +21,7 @@ use candle_core::{Device, Tensor, D};
 use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 
 use crate::config::OlmoeConfig;
+use crate::cpu_kernels::{matmul_t, MoeAccumulator};
 use crate::error::{ModelError, Result};
 use crate::weights::WeightStore;
 
@@ -72,7 +73,7 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = matmul_t(x, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -372,25 +373,38 @@ impl Olmoe {
             }
             row += s.tokens.len();
         }
-        // Logits of the last token of each sequence that wants them.
-        let mut out = Vec::with_capacity(batch.len());
+        // Logits of the last token of each sequence that wants them: one lm_head matmul for the
+        // whole step (the final norm and the matmul are row-wise, so batching changes nothing).
+        let mut last_rows = Vec::new();
         let mut row = 0usize;
-        for s in batch.iter_mut() {
-            let n = s.tokens.len();
+        for s in batch.iter() {
             if s.want_logits {
-                let last = xs.narrow(0, row + n - 1, 1)?;
-                let h = self.norm.forward(&last)?;
-                let logits = h
-                    .matmul(&self.lm_head.t()?)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                out.push(Some(logits));
+                last_rows.push((row + s.tokens.len() - 1) as u32);
+            }
+            row += s.tokens.len();
+        }
+        let logits = if last_rows.is_empty() {
+            Vec::new()
+        } else {
+            let n = last_rows.len();
+            let idx = Tensor::from_vec(last_rows, n, &self.device)?;
+            let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
+            matmul_t(&h, &self.lm_head)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        let vocab = self.cfg.vocab_size;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut next = 0usize;
+        for s in batch.iter_mut() {
+            if s.want_logits {
+                out.push(Some(logits[next * vocab..(next + 1) * vocab].to_vec()));
+                next += 1;
             } else {
                 out.push(None);
             }
-            s.state.pos += n;
-            row += n;
+            s.state.pos += s.tokens.len();
         }
         Ok(out)
     }
@@ -509,7 +523,7 @@ impl Olmoe {
         let (n_tok, hidden) = h.dims2()?;
         let ne = self.cfg.num_experts;
         let k = self.cfg.num_experts_per_tok;
-        let logits = h.matmul(&layer.router.t()?)?.to_dtype(DType::F32)?;
+        let logits = matmul_t(h, &layer.router)?.to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -533,6 +547,25 @@ impl Olmoe {
                 groups[x as usize].1.push(cw);
             }
         }
+        if MoeAccumulator::supports(h) {
+            let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?;
+            for (e, (rows, ws)) in groups.iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let [wg, wu, wd] = self.expert_weights(layer, e)?;
+                acc.add_expert(rows, ws, &wg, &wu, &wd)?;
+            }
+            return Ok((
+                acc.finish(&self.device)?,
+                LayerRouting {
+                    experts,
+                    weights,
+                    probs: if wants_probs { probs } else { Vec::new() },
+                },
+            ));
+        }
+        // Other devices: the same computation with candle ops.
         let mut acc = Tensor::zeros((n_tok, hidden), self.dtype, &self.device)?;
         for (e, (rows, ws)) in groups.into_iter().enumerate() {
             if rows.is_empty() {
@@ -542,12 +575,12 @@ impl Olmoe {
             let idx = Tensor::from_vec(rows, n, &self.device)?;
             let xe = h.index_select(&idx, 0)?;
             let [wg, wu, wd] = self.expert_weights(layer, e)?;
-            let g = xe.matmul(&wg.t()?)?;
-            let u = xe.matmul(&wu.t()?)?;
+            let g = matmul_t(&xe, &wg)?;
+            let u = matmul_t(&xe, &wu)?;
             // silu evaluated in f32 and rounded once (torch's reduced-precision kernels do the
             // same; candle's bf16 silu would round every intermediate).
             let act = (candle_nn::ops::silu(&g.to_dtype(DType::F32)?)?.to_dtype(self.dtype)? * u)?;
-            let y = act.matmul(&wd.t()?)?;
+            let y = matmul_t(&act, &wd)?;
             let w = Tensor::from_vec(ws, (n, 1), &self.device)?.to_dtype(self.dtype)?;
             let y = y.broadcast_mul(&w)?;
             acc = acc.index_add(&idx, &y, 0)?;

@@ -1,15 +1,21 @@
 //! Null baselines of the pair similarity (see `docs/statistics.md`): `permutation`,
 //! `load_balance_uniform`, `load_balance_marginal`. Each repetition r draws a synthetic counts set
-//! for all N prompts from its own random stream ([`crate::sub_rng`]), and records the mean `m_r`
-//! and the std (ddof = 1) `q_r` of sim over all pairs i<j. Repetitions run in parallel (rayon) and
-//! are reduced in order, so results are identical for any thread count.
+//! for all N prompts from its own random stream ([`rep_rng`]), and records the mean `m_r` and the
+//! std (ddof = 1) `q_r` of sim over all pairs i<j. Repetitions run in parallel (rayon) and are
+//! reduced in order, so results are identical for any thread count.
+//!
+//! Per repetition, `sim(i,j) = (1/L) Σ_l G_l[i,j] / sqrt(G_l[i,i] G_l[j,j])` with the per-layer
+//! Gram matrices `G_l = C_l C_lᵀ` of the synthetic counts (N×E per layer). When the counts are
+//! integers whose per-layer dot products stay below 2^24 (always the case for the load-balancing
+//! baselines at realistic token counts), `G_l` is computed in f32 by the `gemm` crate and is
+//! *exact*: every partial sum is an integer below 2^24, so the result does not depend on the
+//! summation order, the SIMD kernel or the thread count. Otherwise (router-weighted counts, very
+//! long prompts) it is computed in f64.
 
 use crate::input::AnalysisInput;
 use crate::results::BaselineStats;
-use crate::signature::embed_in_place;
-use crate::similarity::{gram, mean_std};
+use crate::similarity::mean_std;
 use crate::{sub_rng, tags};
-use rand::seq::SliceRandom;
 use rand::RngCore;
 use rayon::prelude::*;
 
@@ -31,62 +37,115 @@ impl Baseline {
     }
 }
 
-/// Uniform expert indices in `[0, E)` from a random stream. For E a power of two the indices are
-/// bit fields of 64-bit words; otherwise Lemire's multiply-shift with rejection (exactly uniform).
-/// Hand-written because the generic `random_range` spends one 32-bit draw per index, which is the
-/// bottleneck of the load-balancing baselines.
-struct IndexSampler {
-    e: u32,
-    bits: u32,
-    mask: u64,
+/// xoshiro256++ (Blackman & Vigna, "Scrambled linear pseudorandom number generators", 2021),
+/// seeded with four words of the repetition's ChaCha8 stream ([`sub_rng`]). Hand-written (12
+/// lines, reference algorithm) because the baselines consume ~10⁵ words per repetition and ChaCha8
+/// costs several times more per word; rand's `SmallRng` does not promise a fixed algorithm and
+/// `rand_xoshiro` is not a dependency.
+pub struct Xoshiro256pp {
+    s: [u64; 4],
+}
+
+impl Xoshiro256pp {
+    /// From an explicit state (must not be all zero).
+    pub fn from_state(s: [u64; 4]) -> Self {
+        assert!(s != [0; 4], "xoshiro256++ state must not be all zero");
+        Xoshiro256pp { s }
+    }
+
+    /// The generator of repetition `rep` of computation `tag`: state = the first four `u64` of
+    /// `sub_rng(seed, tag, rep)`.
+    pub fn for_rep(seed: u64, tag: u64, rep: u64) -> Self {
+        let mut c = sub_rng(seed, tag, rep);
+        let mut s = [0u64; 4];
+        for x in &mut s {
+            *x = c.next_u64();
+        }
+        if s == [0; 4] {
+            s[0] = 1; // probability 2^-256; the all-zero state is a fixed point
+        }
+        Xoshiro256pp { s }
+    }
+
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+}
+
+/// The random generator of baseline repetition `rep`.
+fn rep_rng(which: Baseline, seed: u64, rep: u64) -> Xoshiro256pp {
+    Xoshiro256pp::for_rep(seed, which.tag(), rep)
+}
+
+/// Exactly uniform integers below a bound, from 16-bit slices of the generator's 64-bit words
+/// (four per word) with Lemire's multiply-shift rejection ("Fast random integer generation in an
+/// interval", 2019); bounds above 2^16 use whole words. Hand-written because a generic range
+/// sampler spends a whole 32- or 64-bit draw per index, which is the bottleneck of the
+/// load-balancing baselines.
+struct Below {
     buf: u64,
     left: u32,
 }
 
-impl IndexSampler {
-    fn new(e: usize) -> Self {
-        let e = e as u32;
-        let pow2 = e.is_power_of_two();
-        let bits = if pow2 { e.trailing_zeros() } else { 0 };
-        IndexSampler {
-            e,
-            bits,
-            mask: if pow2 { (1u64 << bits) - 1 } else { 0 },
-            buf: 0,
-            left: 0,
-        }
+impl Below {
+    fn new() -> Self {
+        Below { buf: 0, left: 0 }
     }
 
     #[inline]
-    fn next(&mut self, rng: &mut impl RngCore) -> usize {
-        if self.e.is_power_of_two() {
-            if self.bits == 0 {
-                return 0;
-            }
-            if self.left < self.bits {
-                self.buf = rng.next_u64();
-                self.left = 64;
-            }
-            let x = self.buf & self.mask;
-            self.buf >>= self.bits;
-            self.left -= self.bits;
-            x as usize
-        } else {
-            // Lemire (2019), "Fast random integer generation in an interval".
-            let threshold = self.e.wrapping_neg() % self.e;
+    fn next16(&mut self, rng: &mut Xoshiro256pp) -> u32 {
+        if self.left == 0 {
+            self.buf = rng.next_u64();
+            self.left = 4;
+        }
+        let x = self.buf as u16 as u32;
+        self.buf >>= 16;
+        self.left -= 1;
+        x
+    }
+
+    /// Uniform in `[0, range)`, `range ≥ 1`.
+    #[inline]
+    fn below(&mut self, rng: &mut Xoshiro256pp, range: usize) -> usize {
+        if range <= 1 << 16 {
+            let s = range as u32;
             loop {
-                let m = rng.next_u32() as u64 * self.e as u64;
-                if (m as u32) >= threshold {
-                    return (m >> 32) as usize;
+                let m = self.next16(rng) * s;
+                let lo = m & 0xffff;
+                // Reject the (2^16 mod s) smallest low parts; the division runs with
+                // probability s/2^16 only.
+                if lo >= s || lo >= ((1u32 << 16) - s) % s {
+                    return (m >> 16) as usize;
+                }
+            }
+        } else {
+            let s = range as u64;
+            loop {
+                let m = rng.next_u64() as u128 * s as u128;
+                let lo = m as u64;
+                if lo >= s || lo >= s.wrapping_neg() % s {
+                    return (m >> 64) as usize;
                 }
             }
         }
     }
 }
 
-/// Vose alias table over E experts, for draws proportional to a load vector.
+/// Vose alias table over E experts, for draws proportional to a load vector. Acceptance is an
+/// integer comparison of 32 random bits with `ceil(prob · 2^32)`, i.e. exactly the comparison
+/// `u < prob` of the 32-bit uniform `u = bits / 2^32` (bias below 2^-32).
 struct Alias {
-    prob: Vec<f64>,
+    thr: Vec<u64>,
     alias: Vec<usize>,
 }
 
@@ -112,37 +171,57 @@ impl Alias {
                 prob[i] = 1.0;
             }
         }
-        Alias { prob, alias }
+        let thr = prob
+            .iter()
+            .map(|&p| (p.clamp(0.0, 1.0) * 4_294_967_296.0).ceil() as u64)
+            .collect();
+        Alias { thr, alias }
     }
 
-    /// One draw (32-bit column choice and 32-bit acceptance; bias below 2^-32).
+    /// One draw from one 64-bit word (32-bit column choice, 32-bit acceptance).
     #[inline]
-    fn draw(&self, rng: &mut impl RngCore) -> usize {
-        let r = rng.next_u64();
-        let col = (((r >> 32) * self.prob.len() as u64) >> 32) as usize;
-        let u = (r & 0xffff_ffff) as f64 * (1.0 / 4_294_967_296.0);
-        if u < self.prob[col] {
-            col
-        } else {
-            self.alias[col]
-        }
+    fn draw(&self, r: u64) -> usize {
+        let col = (((r >> 32) * self.thr.len() as u64) >> 32) as usize;
+        // Both candidates first, then a select: the acceptance test is a coin flip, so a branch
+        // would be mispredicted often.
+        let other = self.alias[col];
+        let accept = (r & 0xffff_ffff) < self.thr[col];
+        [other, col][accept as usize]
     }
 }
 
-/// Per-repetition statistics `(m_r, q_r)`.
-fn rep_stats(counts: &mut [f64], n: usize, num_layers: usize, num_experts: usize) -> (f64, f64) {
-    let d = num_layers * num_experts;
-    for row in counts.chunks_mut(d) {
-        embed_in_place(row, num_layers, num_experts);
-    }
-    let g = gram(counts, n, d);
-    let s = mean_std(
-        (0..n)
-            .flat_map(|i| ((i + 1)..n).map(move |j| (i, j)))
-            .map(|(i, j)| g[i * n + j]),
-    );
-    (s.mean, s.std)
+/// Element type of the synthetic counts and their per-layer Gram matrices (f32 when exact).
+trait Elem: Copy + Send + Sync + 'static + std::ops::AddAssign {
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
 }
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Elem for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Largest integer below which f32 represents every integer (2^24).
+const F32_EXACT: f64 = 16_777_216.0;
 
 /// Tokens per (prompt, layer) for the load-balancing baselines: `round(Σ_e A / k)` for unweighted
 /// counts, the recorded per-layer token count in `--weighted` mode; at least 1.
@@ -164,109 +243,217 @@ pub fn tokens_per_layer(input: &AnalysisInput) -> Vec<u64> {
     t
 }
 
-/// Draw one synthetic counts set (N × L·E) for repetition `rep`.
-fn synth_counts(
+/// Everything a repetition needs that does not change between repetitions.
+struct Setup<'a> {
     which: Baseline,
-    input: &AnalysisInput,
-    tokens: &[u64],
-    pooled: &[f64],
+    input: &'a AnalysisInput,
+    tokens: &'a [u64],
+    pooled: &'a [f64],
+    /// Per-layer alias tables of the pooled load (`None`: at most k experts carry load).
+    tables: Vec<Option<Alias>>,
     seed: u64,
-    rep: u64,
-) -> Vec<f64> {
-    let (n, nl, ne, k) = (input.n(), input.num_layers, input.num_experts, input.top_k);
-    let d = nl * ne;
-    let mut rng = sub_rng(seed, which.tag(), rep);
-    match which {
-        Baseline::Permutation => {
-            let mut out = input.counts.clone();
-            for row in out.chunks_mut(d) {
-                for layer in row.chunks_mut(ne) {
-                    layer.shuffle(&mut rng);
-                }
-            }
-            out
-        }
-        Baseline::LoadBalanceUniform => {
-            let mut out = vec![0.0; n * d];
-            let mut sampler = IndexSampler::new(ne);
-            let mut chosen = vec![false; ne];
-            let mut picks = Vec::with_capacity(k);
-            for i in 0..n {
-                for l in 0..nl {
-                    let layer = &mut out[i * d + l * ne..i * d + (l + 1) * ne];
-                    for _ in 0..tokens[i * nl + l] {
-                        picks.clear();
-                        if k == ne {
-                            layer.iter_mut().for_each(|x| *x += 1.0);
-                            continue;
-                        }
-                        if ne <= 64 {
-                            // Same rejection of repeats, with a bit mask as the taken-set.
-                            let mut mask = 0u64;
-                            let mut got = 0;
-                            while got < k {
-                                let e = sampler.next(&mut rng);
-                                let bit = 1u64 << e;
-                                if mask & bit == 0 {
-                                    mask |= bit;
-                                    got += 1;
-                                    layer[e] += 1.0;
-                                }
-                            }
-                            continue;
-                        }
-                        // Rejection of repeats: exactly a uniform k-subset.
-                        while picks.len() < k {
-                            let e = sampler.next(&mut rng);
-                            if !chosen[e] {
-                                chosen[e] = true;
-                                picks.push(e);
-                            }
-                        }
-                        for &e in &picks {
-                            chosen[e] = false;
-                            layer[e] += 1.0;
-                        }
-                    }
-                }
-            }
-            out
-        }
-        Baseline::LoadBalanceMarginal => {
-            let mut out = vec![0.0; n * d];
-            let tables: Vec<Option<Alias>> = (0..nl)
+}
+
+impl<'a> Setup<'a> {
+    fn new(
+        which: Baseline,
+        input: &'a AnalysisInput,
+        tokens: &'a [u64],
+        pooled: &'a [f64],
+        seed: u64,
+    ) -> Self {
+        let (nl, ne, k) = (input.num_layers, input.num_experts, input.top_k);
+        let tables = if which == Baseline::LoadBalanceMarginal {
+            (0..nl)
                 .map(|l| {
                     let p = &pooled[l * ne..(l + 1) * ne];
                     let positive = p.iter().filter(|&&x| x > 0.0).count();
                     (positive > k).then(|| Alias::new(p))
                 })
-                .collect();
-            let mut chosen = vec![false; ne];
-            let mut picks = Vec::with_capacity(k);
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Setup {
+            which,
+            input,
+            tokens,
+            pooled,
+            tables,
+            seed,
+        }
+    }
+
+    /// Whether f32 per-layer Gram matrices are exact for every repetition (see module docs).
+    fn f32_exact(&self) -> bool {
+        let input = self.input;
+        let (n, nl, ne, k) = (input.n(), input.num_layers, input.num_experts, input.top_k);
+        match self.which {
+            Baseline::Permutation => {
+                // Σ_e a_e b_e ≤ max_e a_e · Σ_e b_e for non-negative integer counts.
+                let mut max_count: f64 = 0.0;
+                let mut max_sum: f64 = 0.0;
+                for i in 0..n {
+                    for layer in input.counts_row(i).chunks(ne) {
+                        if layer.iter().any(|&x| x < 0.0 || x.fract() != 0.0) {
+                            return false;
+                        }
+                        let s: f64 = layer.iter().sum();
+                        max_sum = max_sum.max(s);
+                        max_count = max_count.max(layer.iter().copied().fold(0.0, f64::max));
+                    }
+                }
+                nl > 0 && max_count * max_sum < F32_EXACT
+            }
+            // counts ≤ t per expert and Σ_e = k·t (at most k·t when fewer experts carry load).
+            _ => {
+                let t = self.tokens.iter().copied().max().unwrap_or(0) as f64;
+                k as f64 * t * t < F32_EXACT
+            }
+        }
+    }
+}
+
+/// Reusable buffers of one worker.
+struct Work<T> {
+    /// Synthetic counts, layer-major: `c[(l·N + i)·E + e]`.
+    c: Vec<T>,
+    /// One per-layer Gram matrix, N×N row-major.
+    g: Vec<T>,
+    /// `Σ_l G_l[i,j] r_il r_jl` for i<j (row-major N×N, upper part used).
+    acc: Vec<f64>,
+    /// `r_il = 1/sqrt(G_l[i,i])` (0 for an empty layer) of the current layer.
+    inv: Vec<f64>,
+    pairs: Vec<f64>,
+}
+
+impl<T: Elem> Work<T> {
+    fn new(n: usize, nl: usize, ne: usize) -> Self {
+        Work {
+            c: vec![T::ZERO; nl * n * ne],
+            g: vec![T::ZERO; n * n],
+            acc: vec![0.0; n * n],
+            inv: vec![0.0; n],
+            pairs: Vec::with_capacity(n * n.saturating_sub(1) / 2),
+        }
+    }
+}
+
+/// Taken-set of one token (bit set over the experts).
+#[inline]
+fn is_taken(taken: &[u64], e: usize) -> bool {
+    taken[e >> 6] & (1u64 << (e & 63)) != 0
+}
+
+/// Draw the synthetic counts of repetition `rep` into `c` (layer-major, see [`Work`]).
+fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
+    let input = s.input;
+    let (n, nl, ne, k) = (input.n(), input.num_layers, input.num_experts, input.top_k);
+    let d = nl * ne;
+    let mut rng = rep_rng(s.which, s.seed, rep);
+    let mut below = Below::new();
+    let at = |l: usize, i: usize| (l * n + i) * ne;
+    // Integer counts of one (prompt, layer), converted to T at the end. Consecutive tokens count
+    // into LANES separate arrays, so that increments of the same expert by neighbouring tokens do
+    // not wait on each other through memory.
+    const LANES: usize = 4;
+    let mut cnt = vec![0u32; LANES * ne];
+    let words = ne.div_ceil(64);
+    let mut taken = vec![0u64; words];
+    match s.which {
+        Baseline::Permutation => {
+            for i in 0..n {
+                let row = &input.counts[i * d..(i + 1) * d];
+                for l in 0..nl {
+                    let layer = &mut c[at(l, i)..at(l, i) + ne];
+                    for (x, &y) in layer.iter_mut().zip(&row[l * ne..(l + 1) * ne]) {
+                        *x = T::from_f64(y);
+                    }
+                    // Fisher–Yates: a uniform permutation of the expert axis.
+                    for m in (1..ne).rev() {
+                        let j = below.below(&mut rng, m + 1);
+                        layer.swap(m, j);
+                    }
+                }
+            }
+        }
+        Baseline::LoadBalanceUniform => {
             for i in 0..n {
                 for l in 0..nl {
-                    let p = &pooled[l * ne..(l + 1) * ne];
-                    let total: f64 = p.iter().sum();
-                    let layer = &mut out[i * d + l * ne..i * d + (l + 1) * ne];
-                    let Some(alias) = &tables[l] else {
-                        // Fewer than k (or exactly k) experts carry load: every token takes all of them.
-                        let t = tokens[i * nl + l] as f64;
-                        for (x, &w) in layer.iter_mut().zip(p) {
-                            if w > 0.0 {
-                                *x += t;
+                    let t = s.tokens[i * nl + l];
+                    let layer = &mut c[at(l, i)..at(l, i) + ne];
+                    if k >= ne {
+                        let tt = T::from_f64(t as f64);
+                        layer.iter_mut().for_each(|x| *x = tt);
+                        continue;
+                    }
+                    cnt.iter_mut().for_each(|x| *x = 0);
+                    for tok in 0..t {
+                        // Floyd's algorithm (Bentley & Floyd, CACM 1987): for j = E−k, …, E−1
+                        // draw u uniform in [0, j] and take u, or j if u is already taken. Every
+                        // k-subset is equally likely, with exactly k draws and no rejection loop.
+                        if ne <= 64 {
+                            let mut mask = 0u64;
+                            for j in (ne - k)..ne {
+                                let u = below.below(&mut rng, j + 1);
+                                let bu = 1u64 << u;
+                                mask |= if mask & bu != 0 { 1u64 << j } else { bu };
                             }
+                            let lane = &mut cnt[(tok as usize % LANES) * ne..];
+                            while mask != 0 {
+                                lane[mask.trailing_zeros() as usize] += 1;
+                                mask &= mask - 1;
+                            }
+                        } else {
+                            taken.iter_mut().for_each(|w| *w = 0);
+                            for j in (ne - k)..ne {
+                                let u = below.below(&mut rng, j + 1);
+                                let e = if is_taken(&taken, u) { j } else { u };
+                                taken[e >> 6] |= 1u64 << (e & 63);
+                                cnt[(tok as usize % LANES) * ne + e] += 1;
+                            }
+                        }
+                    }
+                    for (e, x) in layer.iter_mut().enumerate() {
+                        let y: u32 = (0..LANES).map(|q| cnt[q * ne + e]).sum();
+                        *x = T::from_f64(y as f64);
+                    }
+                }
+            }
+        }
+        Baseline::LoadBalanceMarginal => {
+            for l in 0..nl {
+                let p = &s.pooled[l * ne..(l + 1) * ne];
+                let total: f64 = p.iter().sum();
+                // Experts without load are never drawn: every token starts with them taken.
+                let mut zero = vec![0u64; words];
+                for (e, &w) in p.iter().enumerate() {
+                    if w <= 0.0 {
+                        zero[e >> 6] |= 1u64 << (e & 63);
+                    }
+                }
+                for i in 0..n {
+                    let t = s.tokens[i * nl + l];
+                    let layer = &mut c[at(l, i)..at(l, i) + ne];
+                    let Some(alias) = &s.tables[l] else {
+                        // At most k experts carry load: every token takes all of them.
+                        let tt = T::from_f64(t as f64);
+                        for (x, &w) in layer.iter_mut().zip(p) {
+                            *x = if w > 0.0 { tt } else { T::ZERO };
                         }
                         continue;
                     };
-                    for _ in 0..tokens[i * nl + l] {
-                        picks.clear();
+                    cnt.iter_mut().for_each(|x| *x = 0);
+                    for tok in 0..t {
+                        taken.copy_from_slice(&zero);
                         let mut remaining = total;
-                        while picks.len() < k {
+                        let mut got = 0;
+                        while got < k {
                             let e = if remaining > 0.25 * total {
                                 // Drawing from the full distribution and rejecting experts already
                                 // taken gives exactly the renormalised sequential draw.
-                                let e = alias.draw(&mut rng);
-                                if chosen[e] || p[e] <= 0.0 {
+                                let e = alias.draw(rng.next_u64());
+                                if is_taken(&taken, e) {
                                     continue;
                                 }
                                 e
@@ -276,7 +463,7 @@ fn synth_counts(
                                 let mut target = u * remaining;
                                 let mut pick = None;
                                 for (e, &w) in p.iter().enumerate() {
-                                    if chosen[e] || w <= 0.0 {
+                                    if is_taken(&taken, e) {
                                         continue;
                                     }
                                     pick = Some(e);
@@ -290,20 +477,97 @@ fn synth_counts(
                                     None => break,
                                 }
                             };
-                            chosen[e] = true;
+                            taken[e >> 6] |= 1u64 << (e & 63);
                             remaining -= p[e];
-                            picks.push(e);
+                            got += 1;
+                            cnt[(tok as usize % LANES) * ne + e] += 1;
                         }
-                        for &e in &picks {
-                            chosen[e] = false;
-                            layer[e] += 1.0;
-                        }
+                    }
+                    for (e, x) in layer.iter_mut().enumerate() {
+                        let y: u32 = (0..LANES).map(|q| cnt[q * ne + e]).sum();
+                        *x = T::from_f64(y as f64);
                     }
                 }
             }
-            out
         }
     }
+}
+
+/// `G = C Cᵀ` for the row-major N×E block `c`, into the row-major N×N `g` (gemm crate,
+/// single-threaded; repetitions are the parallel unit).
+fn layer_gram<T: Elem>(c: &[T], n: usize, ne: usize, g: &mut [T]) {
+    assert!(c.len() == n * ne && g.len() == n * n);
+    if n == 0 || ne == 0 {
+        return;
+    }
+    // SAFETY: dst is n×n with row stride n; lhs is c as n×ne (row stride ne); rhs is cᵀ, i.e.
+    // element (e, j) at j·ne + e; all in bounds by the assert above. With read_dst = false, gemm
+    // overwrites dst (dst := 1·lhs·rhs).
+    unsafe {
+        gemm::gemm(
+            n,
+            n,
+            ne,
+            g.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            c.as_ptr(),
+            1,
+            ne as isize,
+            c.as_ptr(),
+            ne as isize,
+            1,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Per-repetition statistics `(m_r, q_r)` of the counts in `w.c`.
+fn rep_stats<T: Elem>(w: &mut Work<T>, n: usize, nl: usize, ne: usize) -> (f64, f64) {
+    w.acc.iter_mut().for_each(|x| *x = 0.0);
+    for l in 0..nl {
+        layer_gram(&w.c[l * n * ne..(l + 1) * n * ne], n, ne, &mut w.g);
+        for i in 0..n {
+            let gii = w.g[i * n + i].to_f64();
+            w.inv[i] = if gii > 0.0 { 1.0 / gii.sqrt() } else { 0.0 };
+        }
+        for i in 0..n {
+            let ri = w.inv[i];
+            let grow = &w.g[i * n..(i + 1) * n];
+            let arow = &mut w.acc[i * n..(i + 1) * n];
+            for j in (i + 1)..n {
+                arow[j] += grow[j].to_f64() * ri * w.inv[j];
+            }
+        }
+    }
+    let inv_l = 1.0 / nl as f64;
+    w.pairs.clear();
+    for i in 0..n {
+        w.pairs
+            .extend(w.acc[i * n + i + 1..(i + 1) * n].iter().map(|x| x * inv_l));
+    }
+    let s = mean_std(w.pairs.iter().copied());
+    (s.mean, s.std)
+}
+
+fn run_reps<T: Elem>(s: &Setup, reps: usize) -> Vec<(f64, f64)> {
+    let (n, nl, ne) = (s.input.n(), s.input.num_layers, s.input.num_experts);
+    (0..reps)
+        .into_par_iter()
+        .map_init(
+            || Work::<T>::new(n, nl, ne),
+            |w, r| {
+                synth_counts(s, r as u64, &mut w.c);
+                rep_stats(w, n, nl, ne)
+            },
+        )
+        .collect()
 }
 
 /// Run one baseline for `reps` repetitions.
@@ -322,13 +586,12 @@ pub fn run_baseline(
             *p += x;
         }
     }
-    let per_rep: Vec<(f64, f64)> = (0..reps)
-        .into_par_iter()
-        .map(|r| {
-            let mut c = synth_counts(which, input, &tokens, &pooled, seed, r as u64);
-            rep_stats(&mut c, n, nl, ne)
-        })
-        .collect();
+    let setup = Setup::new(which, input, &tokens, &pooled, seed);
+    let per_rep = if setup.f32_exact() {
+        run_reps::<f32>(&setup, reps)
+    } else {
+        run_reps::<f64>(&setup, reps)
+    };
     let m = mean_std(per_rep.iter().map(|x| x.0));
     let q = mean_std(per_rep.iter().map(|x| x.1));
     BaselineStats {
@@ -344,6 +607,8 @@ pub fn run_baseline(
 mod tests {
     use super::*;
     use crate::input::{build_input, PromptRow};
+    use crate::signature::embeddings;
+    use crate::similarity::gram;
 
     fn toy(n: usize, nl: usize, ne: usize, k: usize) -> AnalysisInput {
         let rows = (0..n)
@@ -367,20 +632,69 @@ mod tests {
         build_input(nl, ne, k, false, rows).unwrap()
     }
 
+    /// Synthetic counts of one repetition, back in row-major N × (L·E).
+    fn synth(
+        which: Baseline,
+        inp: &AnalysisInput,
+        pooled: &[f64],
+        seed: u64,
+        rep: u64,
+    ) -> Vec<f64> {
+        let (n, nl, ne) = (inp.n(), inp.num_layers, inp.num_experts);
+        let tokens = tokens_per_layer(inp);
+        let s = Setup::new(which, inp, &tokens, pooled, seed);
+        let mut c = vec![0.0f64; n * nl * ne];
+        synth_counts(&s, rep, &mut c);
+        let mut out = vec![0.0; n * nl * ne];
+        for l in 0..nl {
+            for i in 0..n {
+                for e in 0..ne {
+                    out[i * nl * ne + l * ne + e] = c[(l * n + i) * ne + e];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn xoshiro_matches_reference_output() {
+        // First output of xoshiro256++ from state (1, 2, 3, 4): rotl(1 + 4, 23) + 1.
+        let mut r = Xoshiro256pp::from_state([1, 2, 3, 4]);
+        assert_eq!(r.next_u64(), 41_943_041);
+        assert_ne!(r.next_u64(), 41_943_041);
+    }
+
     #[test]
     fn uniform_baseline_preserves_token_totals() {
         let inp = toy(6, 2, 8, 2);
         let tokens = tokens_per_layer(&inp);
-        let c = synth_counts(Baseline::LoadBalanceUniform, &inp, &tokens, &[], 3, 0);
+        let c = synth(Baseline::LoadBalanceUniform, &inp, &[0.0; 16], 3, 0);
         for i in 0..6 {
             for l in 0..2 {
-                let s: f64 = c[i * 16 + l * 8..i * 16 + l * 8 + 8].iter().sum();
+                let layer = &c[i * 16 + l * 8..i * 16 + l * 8 + 8];
+                let s: f64 = layer.iter().sum();
                 assert_eq!(s, (tokens[i * 2 + l] * 2) as f64);
-                assert!(c[i * 16 + l * 8..i * 16 + l * 8 + 8]
-                    .iter()
-                    .all(|&x| x <= tokens[i * 2 + l] as f64));
+                assert!(layer.iter().all(|&x| x <= tokens[i * 2 + l] as f64));
             }
         }
+    }
+
+    #[test]
+    fn permutation_baseline_permutes_each_layer() {
+        let inp = toy(5, 3, 7, 3);
+        let c = synth(Baseline::Permutation, &inp, &[], 2, 1);
+        let mut moved = false;
+        for i in 0..5 {
+            for l in 0..3 {
+                let mut a = c[i * 21 + l * 7..i * 21 + l * 7 + 7].to_vec();
+                let mut b = inp.counts_row(i)[l * 7..l * 7 + 7].to_vec();
+                moved |= a != b;
+                a.sort_by(f64::total_cmp);
+                b.sort_by(f64::total_cmp);
+                assert_eq!(a, b);
+            }
+        }
+        assert!(moved);
     }
 
     #[test]
@@ -388,7 +702,7 @@ mod tests {
         let inp = toy(6, 1, 7, 3);
         let mut pooled = vec![5.0, 0.0, 1.0, 0.0, 2.0, 9.0, 0.5];
         let tokens = tokens_per_layer(&inp);
-        let c = synth_counts(Baseline::LoadBalanceMarginal, &inp, &tokens, &pooled, 1, 4);
+        let c = synth(Baseline::LoadBalanceMarginal, &inp, &pooled, 1, 4);
         for i in 0..6 {
             assert_eq!(c[i * 7 + 1], 0.0);
             assert_eq!(c[i * 7 + 3], 0.0);
@@ -397,7 +711,7 @@ mod tests {
         }
         // Fewer than k loaded experts: all of them, every token.
         pooled = vec![0.0, 1.0, 0.0, 0.0, 0.0, 2.0, 0.0];
-        let c = synth_counts(Baseline::LoadBalanceMarginal, &inp, &tokens, &pooled, 1, 4);
+        let c = synth(Baseline::LoadBalanceMarginal, &inp, &pooled, 1, 4);
         assert_eq!(c[1], tokens[0] as f64);
         assert_eq!(c[5], tokens[0] as f64);
         assert_eq!(c[0], 0.0);
@@ -407,29 +721,73 @@ mod tests {
     fn marginal_frequencies_follow_sequential_draws() {
         // Two draws without replacement from weights (3,1,1,1)/6: P(first picked at all) =
         // 1/2 + 3 * (1/6) * (3/5) = 0.8.
-        let rows = (0..2)
+        let rows = (0..4)
             .map(|i| PromptRow {
-                prompt_id: format!("p{i}"),
-                category: Some(format!("c{i}")),
-                counts: vec![3.0, 1.0, 1.0, 1.0],
-                tokens_per_layer: vec![],
-            })
-            .chain((2..4).map(|i| PromptRow {
                 prompt_id: format!("p{i}"),
                 category: Some(format!("c{}", i % 2)),
                 counts: vec![3.0, 1.0, 1.0, 1.0],
                 tokens_per_layer: vec![],
-            }))
+            })
             .collect();
         let mut inp = build_input(1, 4, 2, false, rows).unwrap();
         inp.counts.iter_mut().for_each(|x| *x *= 5000.0); // 15000 tokens per prompt
         let tokens = tokens_per_layer(&inp);
-        let pooled = vec![3.0, 1.0, 1.0, 1.0];
-        let c = synth_counts(Baseline::LoadBalanceMarginal, &inp, &tokens, &pooled, 9, 0);
+        let c = synth(
+            Baseline::LoadBalanceMarginal,
+            &inp,
+            &[3.0, 1.0, 1.0, 1.0],
+            9,
+            0,
+        );
         let t: f64 = tokens.iter().map(|&x| x as f64).sum();
         let f0: f64 = (0..4).map(|i| c[i * 4]).sum::<f64>() / t;
         // binomial sd ≈ sqrt(0.16/60000) ≈ 0.0016
         assert!((f0 - 0.8).abs() < 0.01, "{f0}");
+    }
+
+    #[test]
+    fn rep_stats_is_the_mean_and_std_of_pair_similarity() {
+        let inp = toy(7, 3, 9, 2);
+        let (n, nl, ne) = (inp.n(), inp.num_layers, inp.num_experts);
+        let counts = synth(Baseline::LoadBalanceUniform, &inp, &[], 5, 2);
+        let v = embeddings(&counts, nl, ne);
+        let g = gram(&v, n, nl * ne);
+        let want = mean_std(
+            (0..n)
+                .flat_map(|i| ((i + 1)..n).map(move |j| (i, j)))
+                .map(|(i, j)| g[i * n + j]),
+        );
+        let mut w = Work::<f32>::new(n, nl, ne);
+        for l in 0..nl {
+            for i in 0..n {
+                for e in 0..ne {
+                    w.c[(l * n + i) * ne + e] = counts[i * nl * ne + l * ne + e] as f32;
+                }
+            }
+        }
+        let (m, q) = rep_stats(&mut w, n, nl, ne);
+        assert!((m - want.mean).abs() < 1e-13, "{m} {}", want.mean);
+        assert!((q - want.std).abs() < 1e-13, "{q} {}", want.std);
+    }
+
+    #[test]
+    fn f32_and_f64_grams_agree_exactly_on_integer_counts() {
+        let inp = toy(9, 2, 16, 4);
+        let tokens = tokens_per_layer(&inp);
+        let pooled: Vec<f64> = (0..32).map(|i| 1.0 + (i % 5) as f64).collect();
+        for b in [
+            Baseline::Permutation,
+            Baseline::LoadBalanceUniform,
+            Baseline::LoadBalanceMarginal,
+        ] {
+            let s = Setup::new(b, &inp, &tokens, &pooled, 3);
+            assert!(s.f32_exact());
+            assert_eq!(run_reps::<f32>(&s, 6), run_reps::<f64>(&s, 6), "{b:?}");
+        }
+        let mut weighted = inp.clone();
+        weighted.counts[0] = 0.5;
+        let s = Setup::new(Baseline::Permutation, &weighted, &tokens, &pooled, 3);
+        assert!(!s.f32_exact());
     }
 
     #[test]
@@ -451,18 +809,67 @@ mod tests {
     }
 
     #[test]
-    fn index_sampler_is_uniform() {
-        for e in [8usize, 7] {
-            let mut s = IndexSampler::new(e);
-            let mut rng = sub_rng(0, 99, 0);
-            let mut h = vec![0usize; e];
+    fn baselines_do_not_depend_on_thread_count() {
+        let inp = toy(10, 2, 16, 3);
+        let on = |threads: usize, b: Baseline| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| run_baseline(b, &inp, 37, 11))
+        };
+        for b in [
+            Baseline::Permutation,
+            Baseline::LoadBalanceUniform,
+            Baseline::LoadBalanceMarginal,
+        ] {
+            assert_eq!(on(1, b), on(2, b), "{b:?}");
+            assert_eq!(on(1, b), on(3, b), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn below_is_uniform() {
+        for e in [8usize, 7, 63, 70_001] {
+            let mut s = Below::new();
+            let mut rng = Xoshiro256pp::for_rep(0, 99, 0);
+            let buckets = e.min(7);
+            let mut h = vec![0usize; buckets];
             for _ in 0..70000 {
-                h[s.next(&mut rng)] += 1;
+                let x = s.below(&mut rng, e);
+                assert!(x < e);
+                h[x * buckets / e] += 1;
             }
-            let expect = 70000.0 / e as f64;
-            for &x in &h {
-                assert!((x as f64 - expect).abs() < 5.0 * expect.sqrt(), "{h:?}");
+            for (b, &x) in h.iter().enumerate() {
+                let width = ((b + 1) * e).div_ceil(buckets) - (b * e).div_ceil(buckets);
+                let expect = 70000.0 * width as f64 / e as f64;
+                assert!(
+                    (x as f64 - expect).abs() < 5.0 * expect.sqrt(),
+                    "{e}: {h:?}"
+                );
             }
+        }
+    }
+
+    #[test]
+    fn floyd_subsets_are_uniform() {
+        // k = 2 of E = 4: each of the 6 pairs with probability 1/6.
+        let rows = (0..2)
+            .map(|i| PromptRow {
+                prompt_id: format!("p{i}"),
+                category: Some(format!("c{i}")),
+                counts: vec![12_000.0, 12_000.0, 0.0, 0.0],
+                tokens_per_layer: vec![],
+            })
+            .collect();
+        let inp = build_input(1, 4, 2, false, rows).unwrap();
+        let c = synth(Baseline::LoadBalanceUniform, &inp, &[], 4, 0);
+        // Each expert is in half of the 12000 tokens of each prompt.
+        for &x in &c {
+            assert!(
+                (x - 6000.0).abs() < 5.0 * (12_000.0f64 * 0.25).sqrt(),
+                "{c:?}"
+            );
         }
     }
 }
