@@ -159,9 +159,10 @@ pub fn xwt_with<T: Elem>(
 /// dominated decode steps (few tokens per expert) in the profile. Here each weight row is widened
 /// in registers as it is loaded (bf16: zero-extend and shift; f16: `vcvtph2ps`).
 ///
-/// Shape: blocks of 3 weight rows × 4 tokens, 12 accumulators of 8 lanes over the whole `k`, then
-/// a fixed-order horizontal sum and a scalar tail for `k % 8`. Every output element is computed
-/// the same way whatever `n`, the block it falls in or the thread count (deterministic).
+/// Shape: blocks of 3 weight rows × 4 tokens, 12 accumulators of 8 lanes over a k block of
+/// `KC`, then a fixed-order horizontal sum (plus a scalar tail for `k % 8` in the last block)
+/// added to the output in k-block order. Every output element is computed the same way whatever
+/// `n`, the block it falls in or the thread count (deterministic).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Elem, OutPtr};
@@ -176,6 +177,8 @@ mod avx2 {
     const TOKS: usize = 4;
     /// Weight rows per rayon task: 48 rows of 2048 bf16 = 192 KiB, well inside L2.
     const PANEL: usize = 48;
+    /// k block (multiple of 8).
+    const KC: usize = 1024;
 
     pub(super) fn xwt<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
         assert!(x.len() >= n * k && w.len() >= m * k, "xwt: operand sizes");
@@ -184,13 +187,25 @@ mod avx2 {
             return y;
         }
         let out = OutPtr(y.as_mut_ptr());
-        (0..m.div_ceil(PANEL)).into_par_iter().for_each(|p| {
-            let r0 = p * PANEL;
-            let r1 = (r0 + PANEL).min(m);
-            // SAFETY: AVX2 and FMA were detected; indices stay inside x, w and y (asserted sizes);
-            // this task writes only columns r0..r1.
-            unsafe { panel::<T>(x, n, k, w, m, r0, r1, out.get()) }
-        });
+        (0..m.div_ceil(PANEL))
+            .into_par_iter()
+            .for_each_init(Vec::<f32>::new, |buf, p| {
+                let r0 = p * PANEL;
+                let r1 = (r0 + PANEL).min(m);
+                // SAFETY: AVX2 and FMA were detected; indices stay inside x, w, buf and y
+                // (asserted sizes); this task writes only columns r0..r1.
+                unsafe {
+                    if n > TOKS {
+                        // Several token blocks will read this panel: widen it once (exactly, so
+                        // the results are the same as reading the weights directly).
+                        buf.resize((r1 - r0) * k, 0.0);
+                        T::widen(&w[r0 * k..r1 * k], buf);
+                        panel::<f32>(x, n, k, buf, m, r0, r1, 0, out.get())
+                    } else {
+                        panel::<T>(x, n, k, w, m, r0, r1, r0, out.get())
+                    }
+                }
+            });
         y
     }
 
@@ -204,56 +219,64 @@ mod avx2 {
         m: usize,
         r0: usize,
         r1: usize,
+        wr0: usize,
         y: *mut f32,
     ) {
-        // Tokens in chunks whose activations (≈ 192 KiB) stay in L2 next to the weight panel.
-        let chunk = ((48 * 1024 / k.max(1)).max(TOKS) / TOKS) * TOKS;
-        let mut c0 = 0;
-        while c0 < n {
-            let c1 = (c0 + chunk).min(n);
-            rows_by_tokens::<T>(x, c0, c1, k, w, m, r0, r1, y);
-            c0 = c1;
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn rows_by_tokens<T: Elem>(
-        x: &[f32],
-        c0: usize,
-        c1: usize,
-        k: usize,
-        w: &[T],
-        m: usize,
-        r0: usize,
-        r1: usize,
-        y: *mut f32,
-    ) {
-        let n = c1;
-        let mut r = r0;
-        while r < r1 {
-            let nr = (r1 - r).min(ROWS);
-            let mut t = c0;
+        // k in blocks of KC so that a block of 4 tokens' activations (4 × KC f32 = 16 KiB) stays
+        // in L1 while the weight panel (≤ 48 rows, bf16, ≤ 192 KiB) is re-read from L2 for every
+        // token block. Partial sums of the k blocks are added in order into y.
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + KC).min(k);
+            let mut t = 0;
             while t < n {
                 let nt = (n - t).min(TOKS);
-                match (nr, nt) {
-                    (3, 4) => block::<T, 3, 4>(x, k, w, m, r, t, y),
-                    (3, 3) => block::<T, 3, 3>(x, k, w, m, r, t, y),
-                    (3, 2) => block::<T, 3, 2>(x, k, w, m, r, t, y),
-                    (3, _) => block::<T, 3, 1>(x, k, w, m, r, t, y),
-                    (2, 4) => block::<T, 2, 4>(x, k, w, m, r, t, y),
-                    (2, 3) => block::<T, 2, 3>(x, k, w, m, r, t, y),
-                    (2, 2) => block::<T, 2, 2>(x, k, w, m, r, t, y),
-                    (2, _) => block::<T, 2, 1>(x, k, w, m, r, t, y),
-                    (_, 4) => block::<T, 1, 4>(x, k, w, m, r, t, y),
-                    (_, 3) => block::<T, 1, 3>(x, k, w, m, r, t, y),
-                    (_, 2) => block::<T, 1, 2>(x, k, w, m, r, t, y),
-                    (_, _) => block::<T, 1, 1>(x, k, w, m, r, t, y),
+                let mut r = r0;
+                while r < r1 {
+                    let nr = (r1 - r).min(ROWS);
+                    let b = Blk {
+                        k,
+                        m,
+                        r,
+                        wr: r - r0 + wr0,
+                        t,
+                        k0,
+                        k1,
+                    };
+                    match (nr, nt) {
+                        (3, 4) => block::<T, 3, 4>(x, w, y, b),
+                        (3, 3) => block::<T, 3, 3>(x, w, y, b),
+                        (3, 2) => block::<T, 3, 2>(x, w, y, b),
+                        (3, _) => block::<T, 3, 1>(x, w, y, b),
+                        (2, 4) => block::<T, 2, 4>(x, w, y, b),
+                        (2, 3) => block::<T, 2, 3>(x, w, y, b),
+                        (2, 2) => block::<T, 2, 2>(x, w, y, b),
+                        (2, _) => block::<T, 2, 1>(x, w, y, b),
+                        (_, 4) => block::<T, 1, 4>(x, w, y, b),
+                        (_, 3) => block::<T, 1, 3>(x, w, y, b),
+                        (_, 2) => block::<T, 1, 2>(x, w, y, b),
+                        (_, _) => block::<T, 1, 1>(x, w, y, b),
+                    }
+                    r += nr;
                 }
                 t += nt;
             }
-            r += nr;
+            k0 = k1;
         }
+    }
+
+    /// Where a register block sits: output columns from `r` (weight rows from `wr`), tokens
+    /// from `t`, the k range
+    /// `k0..k1` (KC-aligned; only the last one may end in a non-multiple of 8).
+    #[derive(Clone, Copy)]
+    struct Blk {
+        k: usize,
+        m: usize,
+        r: usize,
+        wr: usize,
+        t: usize,
+        k0: usize,
+        k1: usize,
     }
 
     #[inline(always)]
@@ -267,25 +290,30 @@ mod avx2 {
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block<T: Elem, const NR: usize, const NT: usize>(
         x: &[f32],
-        k: usize,
         w: &[T],
-        m: usize,
-        r: usize,
-        t: usize,
         y: *mut f32,
+        b: Blk,
     ) {
+        let Blk {
+            k,
+            m,
+            r,
+            wr,
+            t,
+            k0,
+            k1,
+        } = b;
         let mut acc = [[_mm256_setzero_ps(); NR]; NT];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
-        let k8 = k / 8 * 8;
-        let mut kk = 0;
+        let k8 = k0 + (k1 - k0) / 8 * 8;
+        let mut kk = k0;
         while kk < k8 {
             let mut wv = [_mm256_setzero_ps(); NR];
             for (i, v) in wv.iter_mut().enumerate() {
-                *v = T::load8(wp.add((r + i) * k + kk));
+                *v = T::load8(wp.add((wr + i) * k + kk));
             }
             for (j, a) in acc.iter_mut().enumerate() {
                 let xv = _mm256_loadu_ps(xp.add((t + j) * k + kk));
@@ -298,10 +326,11 @@ mod avx2 {
         for (j, a) in acc.iter().enumerate() {
             for (i, v) in a.iter().enumerate() {
                 let mut s = hsum(*v);
-                for q in k8..k {
-                    s += x[(t + j) * k + q] * w[(r + i) * k + q].to_f32();
+                for q in k8..k1 {
+                    s += x[(t + j) * k + q] * w[(wr + i) * k + q].to_f32();
                 }
-                *y.add((t + j) * m + r + i) = s;
+                let out = y.add((t + j) * m + r + i);
+                *out = if k0 == 0 { s } else { *out + s };
             }
         }
     }
@@ -581,30 +610,56 @@ impl MoeAccumulator {
                 wd.dims()
             );
         }
-        let mut xe = vec![0f32; n * h];
-        for (dst, &r) in xe.chunks_exact_mut(h).zip(rows) {
-            let r = r as usize;
-            dst.copy_from_slice(&self.x[r * h..(r + 1) * h]);
+        // Token rows of one expert are distinct and ascending (each token selects an expert at
+        // most once); the parallel scatter into `acc` below relies on it.
+        if rows.windows(2).any(|p| p[0] >= p[1]) || rows.len() != ws.len() {
+            candle_core::bail!("MoE cpu kernel: expert rows must be distinct and ascending");
         }
+        if let Some(&r) = rows.last() {
+            if r as usize * h + h > self.acc.len() {
+                candle_core::bail!("MoE cpu kernel: token row {r} out of range");
+            }
+        }
+        // Element-wise passes run on rayon's threads when large (prefill), else in one task.
+        let min_rows = |len: usize| (1usize << 15).div_ceil(len.max(1));
+        let mut xe = vec![0f32; n * h];
+        xe.par_chunks_mut(h)
+            .with_min_len(min_rows(h))
+            .zip(rows.par_iter())
+            .for_each(|(dst, &r)| {
+                let r = r as usize;
+                dst.copy_from_slice(&self.x[r * h..(r + 1) * h]);
+            });
         let g = with_slice::<T, _>(wg, |w| Ok(xwt(&xe, n, h, w, i)))?;
         let u = with_slice::<T, _>(wu, |w| Ok(xwt(&xe, n, h, w, i)))?;
         let mut act = vec![0f32; n * i];
-        {
-            for ((a, &g), &u) in act.iter_mut().zip(&g).zip(&u) {
-                let g = T::round(g);
-                // candle's f32 silu: v / (1 + exp(-v)).
-                let s = T::round(g / (1.0 + (-g).exp()));
-                *a = T::round(s * T::round(u));
-            }
-        }
+        act.par_chunks_mut(i)
+            .with_min_len(min_rows(i))
+            .zip(g.par_chunks(i))
+            .zip(u.par_chunks(i))
+            .for_each(|((a, g), u)| {
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    let g = T::round(g);
+                    // candle's f32 silu: v / (1 + exp(-v)).
+                    let s = T::round(g / (1.0 + (-g).exp()));
+                    *a = T::round(s * T::round(u));
+                }
+            });
         let y = with_slice::<T, _>(wd, |w| Ok(xwt(&act, n, i, w, h)))?;
-        for ((yr, &r), &w) in y.chunks_exact(h).zip(rows).zip(ws) {
-            let w = T::round(w);
-            let acc = &mut self.acc[r as usize * h..(r as usize + 1) * h];
-            for (a, &v) in acc.iter_mut().zip(yr) {
-                *a = T::round(*a + T::round(T::round(v) * w));
-            }
-        }
+        let acc = OutPtr(self.acc.as_mut_ptr());
+        y.par_chunks(h)
+            .with_min_len(min_rows(h))
+            .zip(rows.par_iter())
+            .zip(ws.par_iter())
+            .for_each(|((yr, &r), &w)| {
+                let w = T::round(w);
+                // SAFETY: rows are distinct and in range (checked above), so every task writes
+                // its own row of `acc`, which outlives the loop.
+                let a = unsafe { std::slice::from_raw_parts_mut(acc.get().add(r as usize * h), h) };
+                for (a, &v) in a.iter_mut().zip(yr) {
+                    *a = T::round(*a + T::round(T::round(v) * w));
+                }
+            });
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use std::path::Path;
 pub use candle_core::DType;
 use candle_core::{Device, Tensor, D};
 use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
+use rayon::prelude::*;
 
 use crate::config::OlmoeConfig;
 use crate::cpu_kernels::{matmul_t, MoeAccumulator};
@@ -432,70 +433,82 @@ impl Olmoe {
             v = v.clamp(-c, c)?;
         }
         let scale = (hd as f64).powf(-0.5) as f32;
-        let mut outs = Vec::with_capacity(batch.len());
+        // Sequences are independent here (each has its own KV cache), so they run on rayon's
+        // threads; every sequence's computation is the same whatever the thread count.
+        let mut offsets = Vec::with_capacity(batch.len());
         let mut row = 0usize;
-        for (s, (cos, sin)) in batch.iter_mut().zip(ropes) {
-            let t = s.tokens.len();
-            let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(x.narrow(0, row, t)?
-                    .reshape((t, n, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .unsqueeze(0)?)
-            };
-            let qs = candle_nn::rotary_emb::rope_slow(&heads(&q, nh)?, cos, sin)?;
-            let ks = candle_nn::rotary_emb::rope_slow(&heads(&k, nkv)?, cos, sin)?;
-            let vs = heads(&v, nkv)?;
-            let (ks, vs) = match (&s.state.k[l], &s.state.v[l]) {
-                (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &ks], 2)?, Tensor::cat(&[pv, &vs], 2)?),
-                _ => (ks, vs),
-            };
-            s.state.k[l] = Some(ks.clone());
-            s.state.v[l] = Some(vs.clone());
-            let total = ks.dim(2)?;
-            let rep = nh / nkv;
-            let expand = |x: Tensor| -> Result<Tensor> {
-                if rep == 1 {
-                    return Ok(x);
-                }
-                Ok(x.unsqueeze(2)?
-                    .expand((1, nkv, rep, total, hd))?
-                    .reshape((1, nh, total, hd))?)
-            };
-            let ks = expand(ks)?;
-            let vs = expand(vs)?;
-            // As transformers' eager attention: scores in the compute dtype, multiplied by
-            // `head_dim ** -0.5` (computed in f32 and rounded once, like torch's reduced-precision
-            // multiplication by a scalar), mask added, softmax in f32, cast back.
-            let scale_t = Tensor::new(scale, &self.device)?;
-            let mut scores = qs
-                .matmul(&ks.t()?)?
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&scale_t)?
-                .to_dtype(self.dtype)?;
-            if t > 1 {
-                let past = total - t;
-                let mask: Vec<f32> = (0..t)
-                    .flat_map(|i| {
-                        (0..total).map(move |j| {
-                            if j <= past + i {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        })
-                    })
-                    .collect();
-                let mask =
-                    Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)?;
-                scores = scores.broadcast_add(&mask)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(self.dtype)?;
-            let o = probs.matmul(&vs.contiguous()?)?; // [1, nh, t, hd]
-            outs.push(o.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?);
-            row += t;
+        for s in batch.iter() {
+            offsets.push(row);
+            row += s.tokens.len();
         }
+        let outs = batch
+            .par_iter_mut()
+            .zip(ropes.par_iter())
+            .zip(offsets.par_iter())
+            .map(|((s, (cos, sin)), &row)| -> Result<Tensor> {
+                let t = s.tokens.len();
+                let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+                    Ok(x.narrow(0, row, t)?
+                        .reshape((t, n, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .unsqueeze(0)?)
+                };
+                let qs = candle_nn::rotary_emb::rope_slow(&heads(&q, nh)?, cos, sin)?;
+                let ks = candle_nn::rotary_emb::rope_slow(&heads(&k, nkv)?, cos, sin)?;
+                let vs = heads(&v, nkv)?;
+                let (ks, vs) = match (&s.state.k[l], &s.state.v[l]) {
+                    (Some(pk), Some(pv)) => {
+                        (Tensor::cat(&[pk, &ks], 2)?, Tensor::cat(&[pv, &vs], 2)?)
+                    }
+                    _ => (ks, vs),
+                };
+                s.state.k[l] = Some(ks.clone());
+                s.state.v[l] = Some(vs.clone());
+                let total = ks.dim(2)?;
+                let rep = nh / nkv;
+                let expand = |x: Tensor| -> Result<Tensor> {
+                    if rep == 1 {
+                        return Ok(x);
+                    }
+                    Ok(x.unsqueeze(2)?
+                        .expand((1, nkv, rep, total, hd))?
+                        .reshape((1, nh, total, hd))?)
+                };
+                let ks = expand(ks)?;
+                let vs = expand(vs)?;
+                // As transformers' eager attention: scores in the compute dtype, multiplied by
+                // `head_dim ** -0.5` (computed in f32 and rounded once, like torch's reduced-precision
+                // multiplication by a scalar), mask added, softmax in f32, cast back.
+                let scale_t = Tensor::new(scale, &self.device)?;
+                let mut scores = qs
+                    .matmul(&ks.t()?)?
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&scale_t)?
+                    .to_dtype(self.dtype)?;
+                if t > 1 {
+                    let past = total - t;
+                    let mask: Vec<f32> = (0..t)
+                        .flat_map(|i| {
+                            (0..total).map(move |j| {
+                                if j <= past + i {
+                                    0.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            })
+                        })
+                        .collect();
+                    let mask =
+                        Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)?;
+                    scores = scores.broadcast_add(&mask)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                    .to_dtype(self.dtype)?;
+                let o = probs.matmul(&vs.contiguous()?)?; // [1, nh, t, hd]
+                Ok(o.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let o = Tensor::cat(&outs, 0)?;
         layer.o_proj.forward(&o)
     }

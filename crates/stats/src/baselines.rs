@@ -38,7 +38,7 @@ impl Baseline {
 }
 
 /// xoshiro256++ (Blackman & Vigna, "Scrambled linear pseudorandom number generators", 2021),
-/// seeded with four words of the repetition's ChaCha8 stream ([`sub_rng`]). Hand-written (12
+/// seeded from the repetition's ChaCha8 stream ([`sub_rng`], see [`RepRng`]). Hand-written (12
 /// lines, reference algorithm) because the baselines consume ~10⁵ words per repetition and ChaCha8
 /// costs several times more per word; rand's `SmallRng` does not promise a fixed algorithm and
 /// `rand_xoshiro` is not a dependency.
@@ -50,20 +50,6 @@ impl Xoshiro256pp {
     /// From an explicit state (must not be all zero).
     pub fn from_state(s: [u64; 4]) -> Self {
         assert!(s != [0; 4], "xoshiro256++ state must not be all zero");
-        Xoshiro256pp { s }
-    }
-
-    /// The generator of repetition `rep` of computation `tag`: state = the first four `u64` of
-    /// `sub_rng(seed, tag, rep)`.
-    pub fn for_rep(seed: u64, tag: u64, rep: u64) -> Self {
-        let mut c = sub_rng(seed, tag, rep);
-        let mut s = [0u64; 4];
-        for x in &mut s {
-            *x = c.next_u64();
-        }
-        if s == [0; 4] {
-            s[0] = 1; // probability 2^-256; the all-zero state is a fixed point
-        }
         Xoshiro256pp { s }
     }
 
@@ -82,9 +68,36 @@ impl Xoshiro256pp {
     }
 }
 
-/// The random generator of baseline repetition `rep`.
-fn rep_rng(which: Baseline, seed: u64, rep: u64) -> Xoshiro256pp {
-    Xoshiro256pp::for_rep(seed, which.tag(), rep)
+/// The random words of one baseline repetition: xoshiro256++ seeded with the first four words of
+/// `sub_rng(seed, tag, rep)`.
+pub struct RepRng {
+    gen: Xoshiro256pp,
+}
+
+impl RepRng {
+    pub fn new(seed: u64, tag: u64, rep: u64) -> Self {
+        let mut c = sub_rng(seed, tag, rep);
+        let mut s = [0u64; 4];
+        for x in &mut s {
+            *x = c.next_u64();
+        }
+        if s == [0; 4] {
+            s[0] = 1; // probability 2^-256; the all-zero state is a fixed point
+        }
+        RepRng {
+            gen: Xoshiro256pp { s },
+        }
+    }
+
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.gen.next_u64()
+    }
+}
+
+/// The random words of baseline repetition `rep`.
+fn rep_rng(which: Baseline, seed: u64, rep: u64) -> RepRng {
+    RepRng::new(seed, which.tag(), rep)
 }
 
 /// Exactly uniform integers below a bound, from 16-bit slices of the generator's 64-bit words
@@ -103,7 +116,7 @@ impl Below {
     }
 
     #[inline]
-    fn next16(&mut self, rng: &mut Xoshiro256pp) -> u32 {
+    fn next16(&mut self, rng: &mut RepRng) -> u32 {
         if self.left == 0 {
             self.buf = rng.next_u64();
             self.left = 4;
@@ -116,7 +129,7 @@ impl Below {
 
     /// Uniform in `[0, range)`, `range ≥ 1`.
     #[inline]
-    fn below(&mut self, rng: &mut Xoshiro256pp, range: usize) -> usize {
+    fn below(&mut self, rng: &mut RepRng, range: usize) -> usize {
         if range <= 1 << 16 {
             let s = range as u32;
             loop {
@@ -345,6 +358,34 @@ fn is_taken(taken: &[u64], e: usize) -> bool {
     taken[e >> 6] & (1u64 << (e & 63)) != 0
 }
 
+/// A uniform k-subset of `[0, E)`, E ≤ 64, as a bit mask, by Floyd's algorithm (Bentley & Floyd,
+/// CACM 1987): for j = E−k, …, E−1 draw u uniform in [0, j] and take u, or j if u is already
+/// taken. Every k-subset is equally likely, with exactly k draws and no rejection loop.
+#[inline]
+fn floyd_mask(below: &mut Below, rng: &mut RepRng, ne: usize, k: usize) -> u64 {
+    let mut mask = 0u64;
+    for j in (ne - k)..ne {
+        let u = below.below(rng, j + 1);
+        let bu = 1u64 << u;
+        mask |= if mask & bu != 0 { 1u64 << j } else { bu };
+    }
+    mask
+}
+
+/// Two independent [`floyd_mask`] subsets, their steps interleaved.
+#[inline]
+fn floyd_mask2(below: &mut Below, rng: &mut RepRng, ne: usize, k: usize) -> (u64, u64) {
+    let (mut ma, mut mb) = (0u64, 0u64);
+    for j in (ne - k)..ne {
+        let ua = below.below(rng, j + 1);
+        let ub = below.below(rng, j + 1);
+        let (ba, bb) = (1u64 << ua, 1u64 << ub);
+        ma |= if ma & ba != 0 { 1u64 << j } else { ba };
+        mb |= if mb & bb != 0 { 1u64 << j } else { bb };
+    }
+    (ma, mb)
+}
+
 /// Draw the synthetic counts of repetition `rep` into `c` (layer-major, see [`Work`]).
 fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
     let input = s.input;
@@ -388,23 +429,30 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
                         continue;
                     }
                     cnt.iter_mut().for_each(|x| *x = 0);
-                    for tok in 0..t {
-                        // Floyd's algorithm (Bentley & Floyd, CACM 1987): for j = E−k, …, E−1
-                        // draw u uniform in [0, j] and take u, or j if u is already taken. Every
-                        // k-subset is equally likely, with exactly k draws and no rejection loop.
-                        if ne <= 64 {
-                            let mut mask = 0u64;
-                            for j in (ne - k)..ne {
-                                let u = below.below(&mut rng, j + 1);
-                                let bu = 1u64 << u;
-                                mask |= if mask & bu != 0 { 1u64 << j } else { bu };
-                            }
-                            let lane = &mut cnt[(tok as usize % LANES) * ne..];
+                    // Floyd's algorithm (see `floyd_mask`): exactly a uniform k-subset per token.
+                    if ne <= 64 {
+                        // Two tokens at a time, so that their (serial) Floyd steps overlap.
+                        let add = |cnt: &mut [u32], lane: usize, mut mask: u64| {
+                            let lane = &mut cnt[lane * ne..(lane + 1) * ne];
                             while mask != 0 {
                                 lane[mask.trailing_zeros() as usize] += 1;
                                 mask &= mask - 1;
                             }
-                        } else {
+                        };
+                        let mut tok = 0;
+                        while tok + 1 < t {
+                            let (ma, mb) = floyd_mask2(&mut below, &mut rng, ne, k);
+                            let lane = (tok as usize) % LANES;
+                            add(&mut cnt, lane, ma);
+                            add(&mut cnt, lane + 1, mb);
+                            tok += 2;
+                        }
+                        if tok < t {
+                            let m = floyd_mask(&mut below, &mut rng, ne, k);
+                            add(&mut cnt, 0, m);
+                        }
+                    } else {
+                        for tok in 0..t {
                             taken.iter_mut().for_each(|w| *w = 0);
                             for j in (ne - k)..ne {
                                 let u = below.below(&mut rng, j + 1);
@@ -432,6 +480,13 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
                         zero[e >> 6] |= 1u64 << (e & 63);
                     }
                 }
+                // Fast path when the k−1 heaviest experts hold less than 74 % of the mass
+                // (margin against rounding of the `remaining` bookkeeping): the inverse-CDF branch
+                // can then never be reached.
+                let mut sorted = p.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let top: f64 = sorted.iter().take(k.saturating_sub(1)).sum();
+                let fast = (top < 0.74 * total).then_some(zero[0]);
                 for i in 0..n {
                     let t = s.tokens[i * nl + l];
                     let layer = &mut c[at(l, i)..at(l, i) + ne];
@@ -444,7 +499,28 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
                         continue;
                     };
                     cnt.iter_mut().for_each(|x| *x = 0);
+                    if let Some(zero_mask) = fast.filter(|_| ne <= 64) {
+                        // Even after k−1 picks more than a quarter of the mass is left, so every
+                        // pick is an alias draw with rejection (see below): no mass bookkeeping.
+                        for tok in 0..t {
+                            let lane = &mut cnt[(tok as usize % LANES) * ne..][..ne];
+                            let mut mask = zero_mask;
+                            let mut got = 0;
+                            while got < k {
+                                let e = alias.draw(rng.next_u64());
+                                let bit = 1u64 << e;
+                                if mask & bit == 0 {
+                                    mask |= bit;
+                                    got += 1;
+                                    lane[e] += 1;
+                                }
+                            }
+                        }
+                    }
                     for tok in 0..t {
+                        if fast.is_some() && ne <= 64 {
+                            break;
+                        }
                         taken.copy_from_slice(&zero);
                         let mut remaining = total;
                         let mut got = 0;
@@ -832,7 +908,7 @@ mod tests {
     fn below_is_uniform() {
         for e in [8usize, 7, 63, 70_001] {
             let mut s = Below::new();
-            let mut rng = Xoshiro256pp::for_rep(0, 99, 0);
+            let mut rng = RepRng::new(0, 99, 0);
             let buckets = e.min(7);
             let mut h = vec![0usize; buckets];
             for _ in 0..70000 {
@@ -853,23 +929,19 @@ mod tests {
 
     #[test]
     fn floyd_subsets_are_uniform() {
-        // k = 2 of E = 4: each of the 6 pairs with probability 1/6.
-        let rows = (0..2)
-            .map(|i| PromptRow {
-                prompt_id: format!("p{i}"),
-                category: Some(format!("c{i}")),
-                counts: vec![12_000.0, 12_000.0, 0.0, 0.0],
-                tokens_per_layer: vec![],
-            })
-            .collect();
-        let inp = build_input(1, 4, 2, false, rows).unwrap();
-        let c = synth(Baseline::LoadBalanceUniform, &inp, &[], 4, 0);
-        // Each expert is in half of the 12000 tokens of each prompt.
-        for &x in &c {
-            assert!(
-                (x - 6000.0).abs() < 5.0 * (12_000.0f64 * 0.25).sqrt(),
-                "{c:?}"
-            );
+        // k = 2 of E = 5: each of the 10 pairs with probability 1/10.
+        let mut below = Below::new();
+        let mut rng = RepRng::new(1, 2, 3);
+        let mut h = std::collections::BTreeMap::new();
+        for _ in 0..50_000 {
+            let m = floyd_mask(&mut below, &mut rng, 5, 2);
+            assert_eq!(m.count_ones(), 2);
+            assert!(m < 32);
+            *h.entry(m).or_insert(0usize) += 1;
+        }
+        assert_eq!(h.len(), 10);
+        for &x in h.values() {
+            assert!((x as f64 - 5000.0).abs() < 5.0 * 4500.0f64.sqrt(), "{h:?}");
         }
     }
 }

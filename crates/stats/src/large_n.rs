@@ -9,21 +9,21 @@
 //! - across A,B: `Σ sim = S_A·S_B`, `Σ sim² = ⟨M_A, M_B⟩_F`;
 //! - per layer l (cosines = L·(v_il·v_jl)): the same with the l-th blocks, scaled by L and L².
 //!
-//! `M_A` is accumulated in blocks of prompts (GEMM via nalgebra/matrixmultiply) on the upper
+//! `M_A` is accumulated in blocks of prompts (f64 GEMM of the `gemm` crate) on the upper
 //! triangle of layer-aligned tiles only (syrk-style), tiles in parallel; every tile sums its blocks
 //! in arrival order, so the result does not depend on the thread count.
 
 use crate::error::{Result, StatsError};
 use crate::input::{check_row, empty_layer, DroppedPrompt, PromptRow};
-use crate::results::{CategoryMatrix, LayerStats, PairStats, SimilaritySummary};
+use crate::results::{CategoryMatrix, LayerStats, SimilaritySummary};
 use crate::signature::embed_in_place;
-use crate::similarity::cohens_d;
-use nalgebra::{DMatrix, DMatrixView};
+use crate::similarity::{cohens_d, PairSums, WithinAcrossSums};
+use nalgebra::DMatrix;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// Prompts per GEMM block.
-pub const BLOCK: usize = 256;
+pub const BLOCK: usize = 1024;
 
 struct CatAcc {
     n: u64,
@@ -61,16 +61,6 @@ pub struct GramSummary {
     pub similarity: SimilaritySummary,
     pub category_matrix: CategoryMatrix,
     pub per_layer: Vec<LayerStats>,
-}
-
-fn stats_from_sums(n: f64, s: f64, ss: f64) -> PairStats {
-    let mean = s / n;
-    let var = (ss - s * mean) / (n - 1.0);
-    PairStats {
-        n: n as u64,
-        mean,
-        std: var.max(0.0).sqrt(),
-    }
 }
 
 impl GramAccumulator {
@@ -219,68 +209,61 @@ impl GramAccumulator {
         };
         let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
         // Pair sums: (n, Σsim, Σsim²) overall and per layer, for every category pair (a ≤ b).
-        let mut sums = vec![(0.0, 0.0, 0.0); c * c];
-        let mut lsums = vec![vec![(0.0, 0.0, 0.0); nl]; c * c];
+        let ps = |n: u64, sum: f64, sum_sq: f64| PairSums { n, sum, sum_sq };
+        let mut sums = vec![PairSums::default(); c * c];
+        let mut lsums = vec![vec![PairSums::default(); nl]; c * c];
         for a in 0..c {
             for b in a..c {
                 let (ma, mb) = (accs[a], accs[b]);
                 let (f, fl) = frob(ma, mb);
                 let s = dot(&ma.sum, &mb.sum);
                 if a == b {
-                    let n = ma.n as f64 * (ma.n as f64 - 1.0) / 2.0;
-                    sums[a * c + b] = (n, (s - ma.norm2) / 2.0, (f - ma.norm4) / 2.0);
+                    let n = ma.n * ma.n.saturating_sub(1) / 2;
+                    sums[a * c + b] = ps(n, (s - ma.norm2) / 2.0, (f - ma.norm4) / 2.0);
                     for l in 0..nl {
                         let sl = dot(&ma.sum[l * ne..(l + 1) * ne], &ma.sum[l * ne..(l + 1) * ne]);
-                        lsums[a * c + b][l] = (
+                        lsums[a * c + b][l] = ps(
                             n,
                             lf * (sl - ma.layer_norm2[l]) / 2.0,
                             lf * lf * (fl[l] - ma.layer_norm4[l]) / 2.0,
                         );
                     }
                 } else {
-                    let n = ma.n as f64 * mb.n as f64;
-                    sums[a * c + b] = (n, s, f);
+                    let n = ma.n * mb.n;
+                    sums[a * c + b] = ps(n, s, f);
                     for l in 0..nl {
                         let sl = dot(&ma.sum[l * ne..(l + 1) * ne], &mb.sum[l * ne..(l + 1) * ne]);
-                        lsums[a * c + b][l] = (n, lf * sl, lf * lf * fl[l]);
+                        lsums[a * c + b][l] = ps(n, lf * sl, lf * lf * fl[l]);
                     }
                 }
             }
         }
-        let add = |x: (f64, f64, f64), y: (f64, f64, f64)| (x.0 + y.0, x.1 + y.1, x.2 + y.2);
-        let mut w = (0.0, 0.0, 0.0);
-        let mut ac = (0.0, 0.0, 0.0);
-        let mut lw = vec![(0.0, 0.0, 0.0); nl];
-        let mut la = vec![(0.0, 0.0, 0.0); nl];
+        let mut total = WithinAcrossSums::default();
+        let mut layers = vec![WithinAcrossSums::default(); nl];
         for a in 0..c {
             for b in a..c {
-                let t = sums[a * c + b];
-                if a == b {
-                    w = add(w, t);
-                } else {
-                    ac = add(ac, t);
-                }
-                for l in 0..nl {
-                    let t = lsums[a * c + b][l];
-                    if a == b {
-                        lw[l] = add(lw[l], t);
-                    } else {
-                        la[l] = add(la[l], t);
-                    }
+                let pick = |x: &mut WithinAcrossSums, t: PairSums| {
+                    let side = if a == b { &mut x.within } else { &mut x.across };
+                    *side = side.merge(t);
+                };
+                pick(&mut total, sums[a * c + b]);
+                for (l, x) in layers.iter_mut().enumerate() {
+                    pick(x, lsums[a * c + b][l]);
                 }
             }
         }
-        let within = stats_from_sums(w.0, w.1, w.2);
-        let across = stats_from_sums(ac.0, ac.1, ac.2);
-        let per_layer = (0..nl)
-            .map(|l| {
-                let pw = stats_from_sums(lw[l].0, lw[l].1, lw[l].2);
-                let pa = stats_from_sums(la[l].0, la[l].1, la[l].2);
+        let within = total.within.stats();
+        let across = total.across.stats();
+        let per_layer = layers
+            .iter()
+            .enumerate()
+            .map(|(l, x)| {
+                let (within_mean, across_mean, cohens_d) = x.summary();
                 LayerStats {
                     layer: l,
-                    within_mean: pw.mean,
-                    across_mean: pa.mean,
-                    cohens_d: cohens_d(&pw, &pa),
+                    within_mean,
+                    across_mean,
+                    cohens_d,
                 }
             })
             .collect();
@@ -289,7 +272,7 @@ impl GramAccumulator {
                 (0..c)
                     .map(|b| {
                         let t = sums[a.min(b) * c + a.max(b)];
-                        t.1 / t.0
+                        t.sum / t.n as f64
                     })
                     .collect()
             })
@@ -316,23 +299,50 @@ impl GramAccumulator {
     }
 }
 
-/// `M += Bᵀ B` on the upper tiles for the buffered rows, tiles in parallel.
+/// `M += Bᵀ B` on the upper tiles for the buffered rows, tiles in parallel. Each tile is one f64
+/// GEMM of the `gemm` crate (runtime-selected AVX2/FMA or AVX-512 kernels, single-threaded per
+/// tile), so a tile's summation order depends only on its own blocks, never on the thread count.
 fn flush(acc: &mut CatAcc, d: usize, bounds: &[(usize, usize)], tile_pairs: &[(usize, usize)]) {
     let rows = acc.buf_rows;
     if rows == 0 {
         return;
     }
-    // Row-major rows×D is column-major D×rows: columns are prompts.
-    let x = DMatrixView::from_slice(&acc.buf[..rows * d], d, rows);
+    let buf = &acc.buf[..rows * d];
     acc.tiles
         .par_iter_mut()
         .zip(tile_pairs.par_iter())
         .for_each(|(tile, &(p, q))| {
             let (a0, a1) = bounds[p];
             let (b0, b1) = bounds[q];
-            let xa = x.rows(a0, a1 - a0);
-            let xb_t = x.rows(b0, b1 - b0).transpose();
-            tile.gemm(1.0, &xa, &xb_t, 1.0);
+            let (m, n) = (a1 - a0, b1 - b0);
+            assert!(tile.nrows() == m && tile.ncols() == n && b1 <= d && a1 <= d);
+            // SAFETY: dst is the column-major m×n tile (row stride 1, column stride m). lhs
+            // element (f, r) = buf[r·d + a0 + f] (feature f of prompt r): row stride 1, column
+            // stride d; rhs element (r, g) = buf[r·d + b0 + g]: row stride d, column stride 1.
+            // All indices stay below rows·d = buf.len() by the assert. dst := 1·dst + 1·lhs·rhs.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    rows,
+                    tile.as_mut_ptr(),
+                    m as isize,
+                    1,
+                    true,
+                    buf.as_ptr().add(a0),
+                    d as isize,
+                    1,
+                    buf.as_ptr().add(b0),
+                    1,
+                    d as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
         });
     acc.buf_rows = 0;
 }

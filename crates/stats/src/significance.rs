@@ -2,8 +2,8 @@
 //! `docs/statistics.md`). The classifier permutation test and the accuracy bootstrap live in
 //! `cv.rs`.
 
-use crate::results::{LabelPermutation, PairStats};
-use crate::similarity::{cohens_d, within_across_fast};
+use crate::results::LabelPermutation;
+use crate::similarity::{within_across_fast, WithinAcrossSums};
 use crate::{sub_rng, tags};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -74,34 +74,16 @@ pub fn percentile_ci(values: &[f64], q_lo: f64, q_hi: f64) -> [f64; 2] {
 /// copies of the same original prompt are excluded.
 pub fn resample_d(sim: &[f64], labels: &[usize], idx: &[usize]) -> f64 {
     let n = labels.len();
-    let (mut nw, mut sw, mut ssw, mut na, mut sa, mut ssa) = (0u64, 0.0, 0.0, 0u64, 0.0, 0.0);
+    let mut acc = WithinAcrossSums::default();
     for (a, &i) in idx.iter().enumerate() {
         let row = &sim[i * n..(i + 1) * n];
         for &j in &idx[a + 1..] {
-            if i == j {
-                continue;
-            }
-            let x = row[j];
-            if labels[i] == labels[j] {
-                nw += 1;
-                sw += x;
-                ssw += x * x;
-            } else {
-                na += 1;
-                sa += x;
-                ssa += x * x;
+            if i != j {
+                acc.add(labels[i] == labels[j], row[j]);
             }
         }
     }
-    let stats = |n: u64, s: f64, ss: f64| {
-        let m = s / n as f64;
-        PairStats {
-            n,
-            mean: m,
-            std: ((ss - s * m) / (n as f64 - 1.0)).max(0.0).sqrt(),
-        }
-    };
-    cohens_d(&stats(nw, sw, ssw), &stats(na, sa, ssa))
+    acc.summary().2
 }
 
 /// Stratified bootstrap of Cohen's d: `reps` resamples of prompts with replacement within each

@@ -83,39 +83,83 @@ pub fn summarize(sim: &[f64], labels: &[usize]) -> SimilaritySummary {
     }
 }
 
+/// One-pass sums `(n, Σx, Σx²)` of pair similarities, turned into [`PairStats`] by
+/// [`PairSums::stats`]. Shared by the fast paths (label permutation, bootstrap of d) and the
+/// Gram-sums path, which get the sums without visiting pairs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PairSums {
+    pub n: u64,
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
+impl PairSums {
+    #[inline]
+    pub fn add(&mut self, x: f64) {
+        self.n += 1;
+        self.sum += x;
+        self.sum_sq += x * x;
+    }
+
+    /// Component-wise sum of two sets of sums.
+    pub fn merge(self, o: PairSums) -> PairSums {
+        PairSums {
+            n: self.n + o.n,
+            sum: self.sum + o.sum,
+            sum_sq: self.sum_sq + o.sum_sq,
+        }
+    }
+
+    /// Mean and std (ddof = 1, `var = (Σx² − Σx·mean)/(n − 1)`, clamped at 0 against rounding).
+    pub fn stats(&self) -> PairStats {
+        let n = self.n as f64;
+        let mean = self.sum / n;
+        let var = (self.sum_sq - self.sum * mean) / (n - 1.0);
+        PairStats {
+            n: self.n,
+            mean,
+            std: var.max(0.0).sqrt(),
+        }
+    }
+}
+
+/// [`PairSums`] of within-category and across-category pairs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WithinAcrossSums {
+    pub within: PairSums,
+    pub across: PairSums,
+}
+
+impl WithinAcrossSums {
+    #[inline]
+    pub fn add(&mut self, same_category: bool, x: f64) {
+        if same_category {
+            self.within.add(x);
+        } else {
+            self.across.add(x);
+        }
+    }
+
+    /// `(within_mean, across_mean, cohens_d)`.
+    pub fn summary(&self) -> (f64, f64, f64) {
+        let (w, a) = (self.within.stats(), self.across.stats());
+        (w.mean, a.mean, cohens_d(&w, &a))
+    }
+}
+
 /// Only the means of within and across pairs (fast path for permutation tests): returns
 /// `(within_mean, across_mean, cohens_d)`.
 pub fn within_across_fast(sim: &[f64], labels: &[usize]) -> (f64, f64, f64) {
     let n = labels.len();
-    let (mut nw, mut sw, mut ssw, mut na, mut sa, mut ssa) = (0u64, 0.0, 0.0, 0u64, 0.0, 0.0);
+    let mut acc = WithinAcrossSums::default();
     for i in 0..n {
         let li = labels[i];
         let row = &sim[i * n..(i + 1) * n];
         for j in (i + 1)..n {
-            let x = row[j];
-            if labels[j] == li {
-                nw += 1;
-                sw += x;
-                ssw += x * x;
-            } else {
-                na += 1;
-                sa += x;
-                ssa += x * x;
-            }
+            acc.add(labels[j] == li, row[j]);
         }
     }
-    let stats = |n: u64, s: f64, ss: f64| {
-        let m = s / n as f64;
-        let var = (ss - s * m) / (n as f64 - 1.0);
-        PairStats {
-            n,
-            mean: m,
-            std: var.max(0.0).sqrt(),
-        }
-    };
-    let w = stats(nw, sw, ssw);
-    let a = stats(na, sa, ssa);
-    (w.mean, a.mean, cohens_d(&w, &a))
+    acc.summary()
 }
 
 /// Category×category mean similarity; `(A,A)` uses pairs i<j within A. Categories in `order`.
