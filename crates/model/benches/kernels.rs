@@ -4,14 +4,126 @@
 //!
 //! Shapes: k = 2048 → m = 1024 (an expert's gate / up), k = 1024 → m = 2048 (down), for token
 //! counts n typical of a decode step (1–16 tokens per expert) and of prefill (64–256).
+//!
+//! It first measures this machine's roofline: peak f32 FMA throughput (12 independent AVX2 FMA
+//! chains per thread) and streaming read bandwidth (AVX2 sum over 1 GiB), on 1 thread and on all
+//! threads; then the kernel on a 512 MiB bf16 weight (out of cache, as in a decode step) as
+//! effective weight GB/s.
 
 use std::time::Instant;
 
 use half::bf16;
 use moe_xray_model::cpu_kernels::{xwt_with, Kernel};
 
+/// Peak f32 GFLOP/s of one thread: 12 independent FMA chains of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+fn fma_peak_one_thread() -> f64 {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run(iters: usize) -> f32 {
+        let mut a = [_mm256_set1_ps(1.0); 12];
+        let x = _mm256_set1_ps(0.999_999);
+        let y = _mm256_set1_ps(1e-7);
+        for _ in 0..iters {
+            for v in a.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, x, y);
+            }
+        }
+        let mut s = [0f32; 8];
+        let mut t = _mm256_setzero_ps();
+        for v in a {
+            t = _mm256_add_ps(t, v);
+        }
+        _mm256_storeu_ps(s.as_mut_ptr(), t);
+        s.iter().sum()
+    }
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        return 0.0;
+    }
+    let iters = 50_000_000;
+    let t = Instant::now();
+    // SAFETY: AVX2 and FMA were detected.
+    std::hint::black_box(unsafe { run(iters) });
+    (iters * 12 * 8 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peak_one_thread() -> f64 {
+    0.0
+}
+
+/// Streaming read GB/s of `threads` threads over a 1 GiB buffer (best of 3).
+fn read_bandwidth(buf: &[f32], threads: usize) -> f64 {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool");
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = pool.install(|| {
+            buf.par_chunks(1 << 20)
+                .map(|c| {
+                    // Eight partial sums so the compiler vectorises (no FP reassociation needed).
+                    let mut p = [0f32; 8];
+                    for q in c.chunks_exact(8) {
+                        for (a, b) in p.iter_mut().zip(q) {
+                            *a += b;
+                        }
+                    }
+                    p.iter().sum::<f32>()
+                })
+                .sum()
+        });
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::mem::size_of_val(buf) as f64 / best / 1e9
+}
+
+fn roofline(threads_all: usize) {
+    println!("roofline of this machine");
+    let one = (0..3).map(|_| fma_peak_one_thread()).fold(0.0, f64::max);
+    let all: f64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads_all)
+            .map(|_| s.spawn(fma_peak_one_thread))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).sum()
+    });
+    println!(
+        "  peak f32 FMA: {one:.1} GFLOP/s on 1 thread, {all:.1} GFLOP/s on {threads_all} threads"
+    );
+    let buf = vec![1f32; 1 << 28];
+    let r1 = read_bandwidth(&buf, 1);
+    let ra = read_bandwidth(&buf, threads_all);
+    println!("  streaming read: {r1:.1} GB/s on 1 thread, {ra:.1} GB/s on {threads_all} threads");
+    drop(buf);
+    // The kernel on a weight far larger than the caches (decode-like: few tokens, every weight
+    // byte read once from memory).
+    let (k, m) = (2048usize, 131072usize);
+    let w: Vec<bf16> = (0..m * k)
+        .map(|i| bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) * 1e-4))
+        .collect();
+    for &n in &[1usize, 4, 10] {
+        let x: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 1e-2).collect();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            std::hint::black_box(xwt_with(Kernel::Auto, &x, n, k, &w, m));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "  kernel, 512 MiB bf16 weight, n = {n:>2}: {:.1} GB/s of weights, {:.1} GFLOP/s (all threads)",
+            (m * k * 2) as f64 / best / 1e9,
+            2.0 * (n * m * k) as f64 / best / 1e9
+        );
+    }
+}
+
 fn main() {
     let threads_all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    roofline(threads_all);
     println!("x·Wᵀ, bf16 weights, f32 activations; GFLOP/s = 2·n·k·m / time (best of 5)");
     println!(
         "{:>5} {:>5} {:>5} {:>8} {:>10} {:>10}",

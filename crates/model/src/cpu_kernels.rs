@@ -27,6 +27,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+
+use crate::weights::MappedTensor;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -179,6 +181,10 @@ mod avx2 {
     const PANEL: usize = 48;
     /// k block (multiple of 8).
     const KC: usize = 1024;
+    /// From this many tokens on, a weight panel is widened to f32 once instead of in registers by
+    /// every token block (fewer instructions per FMA; below it, the extra pass over memory costs
+    /// more than it saves: `cargo bench --bench kernels`).
+    const WIDEN_MIN_TOKENS: usize = 16;
 
     pub(super) fn xwt<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
         assert!(x.len() >= n * k && w.len() >= m * k, "xwt: operand sizes");
@@ -195,7 +201,7 @@ mod avx2 {
                 // SAFETY: AVX2 and FMA were detected; indices stay inside x, w, buf and y
                 // (asserted sizes); this task writes only columns r0..r1.
                 unsafe {
-                    if n > TOKS {
+                    if n > WIDEN_MIN_TOKENS {
                         // Several token blocks will read this panel: widen it once (exactly, so
                         // the results are the same as reading the weights directly).
                         buf.resize((r1 - r0) * k, 0.0);
@@ -397,6 +403,8 @@ where
 pub trait Elem: Copy + Send + Sync + 'static {
     /// Whether [`avx2`]'s kernel reads this type (bf16, f16).
     const AVX_LOADABLE: bool;
+    /// The candle dtype of this type.
+    const DTYPE: DType;
     /// One value as f32.
     fn to_f32(self) -> f32;
     /// Loads 8 consecutive values as f32 lanes.
@@ -418,6 +426,7 @@ pub trait Elem: Copy + Send + Sync + 'static {
 
 impl Elem for bf16 {
     const AVX_LOADABLE: bool = true;
+    const DTYPE: DType = DType::BF16;
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
@@ -450,6 +459,7 @@ impl Elem for bf16 {
 
 impl Elem for f16 {
     const AVX_LOADABLE: bool = true;
+    const DTYPE: DType = DType::F16;
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
@@ -480,6 +490,7 @@ impl Elem for f16 {
 
 impl Elem for f32 {
     const AVX_LOADABLE: bool = false;
+    const DTYPE: DType = DType::F32;
     fn to_f32(self) -> f32 {
         self
     }
@@ -520,6 +531,43 @@ fn with_slice<T: Elem, R>(
     match T::slice(cpu) {
         Some(v) => f(&v[a..b]),
         None => candle_core::bail!("cpu kernel: unexpected dtype {:?}", cpu.dtype()),
+    }
+}
+
+/// Where an expert weight matrix is read from: a candle tensor, or elements `offset..offset + len`
+/// of a tensor left in the memory-mapped checkpoint.
+pub(crate) enum WSrc<'a> {
+    Tensor(&'a Tensor),
+    Mapped(&'a MappedTensor, usize, usize),
+}
+
+/// Runs `f` on the elements of `src` (element type `T`).
+fn with_src<T: Elem, R>(
+    src: &WSrc<'_>,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match src {
+        WSrc::Tensor(t) => with_slice::<T, _>(t, f),
+        WSrc::Mapped(m, offset, len) => {
+            let bytes = m.bytes();
+            let size = std::mem::size_of::<T>();
+            if m.dtype != T::DTYPE
+                || bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0
+                || (offset + len) * size > bytes.len()
+            {
+                candle_core::bail!(
+                    "cpu kernel: mapped weight {:?} {:?} does not fit",
+                    m.dtype,
+                    m.shape
+                );
+            }
+            // SAFETY: dtype, alignment and length were checked; bf16 / f16 / f32 have no invalid
+            // bit patterns; the mapping is read-only and outlives the borrow.
+            let all = unsafe {
+                std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size)
+            };
+            f(&all[*offset..offset + len])
+        }
     }
 }
 
@@ -576,19 +624,18 @@ impl MoeAccumulator {
     }
 
     /// Adds one expert's contribution for the token rows `rows` with combination weights `ws`.
-    /// `wg`, `wu`: `[inter, hidden]`; `wd`: `[hidden, inter]`, all in the compute dtype.
+    /// `w = [gate, up, down]`: `[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]`, all in the
+    /// compute dtype.
     pub(crate) fn add_expert(
         &mut self,
         rows: &[u32],
         ws: &[f32],
-        wg: &Tensor,
-        wu: &Tensor,
-        wd: &Tensor,
+        w: [WSrc<'_>; 3],
     ) -> candle_core::Result<()> {
         match self.dtype {
-            DType::BF16 => self.add_expert_t::<bf16>(rows, ws, wg, wu, wd),
-            DType::F16 => self.add_expert_t::<f16>(rows, ws, wg, wu, wd),
-            DType::F32 => self.add_expert_t::<f32>(rows, ws, wg, wu, wd),
+            DType::BF16 => self.add_expert_t::<bf16>(rows, ws, w),
+            DType::F16 => self.add_expert_t::<f16>(rows, ws, w),
+            DType::F32 => self.add_expert_t::<f32>(rows, ws, w),
             d => candle_core::bail!("MoE cpu kernel: unsupported dtype {d:?}"),
         }
     }
@@ -597,17 +644,16 @@ impl MoeAccumulator {
         &mut self,
         rows: &[u32],
         ws: &[f32],
-        wg: &Tensor,
-        wu: &Tensor,
-        wd: &Tensor,
+        [wg, wu, wd]: [WSrc<'_>; 3],
     ) -> candle_core::Result<()> {
         let (h, i, n) = (self.hidden, self.inter, rows.len());
-        if wg.dims() != [i, h] || wu.dims() != [i, h] || wd.dims() != [h, i] {
+        let shape_ok = |src: &WSrc<'_>, r: usize, c: usize| match src {
+            WSrc::Tensor(t) => t.dims() == [r, c],
+            WSrc::Mapped(_, _, len) => *len == r * c,
+        };
+        if !(shape_ok(&wg, i, h) && shape_ok(&wu, i, h) && shape_ok(&wd, h, i)) {
             candle_core::bail!(
-                "expert weight shapes {:?} {:?} {:?} (expected [{i}, {h}], [{i}, {h}], [{h}, {i}])",
-                wg.dims(),
-                wu.dims(),
-                wd.dims()
+                "MoE cpu kernel: expert weight shapes do not match [{i}, {h}] / [{h}, {i}]"
             );
         }
         // Token rows of one expert are distinct and ascending (each token selects an expert at
@@ -630,8 +676,8 @@ impl MoeAccumulator {
                 let r = r as usize;
                 dst.copy_from_slice(&self.x[r * h..(r + 1) * h]);
             });
-        let g = with_slice::<T, _>(wg, |w| Ok(xwt(&xe, n, h, w, i)))?;
-        let u = with_slice::<T, _>(wu, |w| Ok(xwt(&xe, n, h, w, i)))?;
+        let g = with_src::<T, _>(&wg, |w| Ok(xwt(&xe, n, h, w, i)))?;
+        let u = with_src::<T, _>(&wu, |w| Ok(xwt(&xe, n, h, w, i)))?;
         let mut act = vec![0f32; n * i];
         act.par_chunks_mut(i)
             .with_min_len(min_rows(i))
@@ -645,7 +691,7 @@ impl MoeAccumulator {
                     *a = T::round(s * T::round(u));
                 }
             });
-        let y = with_slice::<T, _>(wd, |w| Ok(xwt(&act, n, i, w, h)))?;
+        let y = with_src::<T, _>(&wd, |w| Ok(xwt(&act, n, i, w, h)))?;
         let acc = OutPtr(self.acc.as_mut_ptr());
         y.par_chunks(h)
             .with_min_len(min_rows(h))

@@ -22,9 +22,9 @@ use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 use rayon::prelude::*;
 
 use crate::config::OlmoeConfig;
-use crate::cpu_kernels::{matmul_t, MoeAccumulator};
+use crate::cpu_kernels::{matmul_t, MoeAccumulator, WSrc};
 use crate::error::{ModelError, Result};
-use crate::weights::WeightStore;
+use crate::weights::{MappedTensor, WeightStore};
 
 /// Parses a `--dtype` value (`f32`, `bf16`, `f16`).
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -55,6 +55,10 @@ pub struct LoadOptions {
     /// with `torch_dtype` equal to the stored one).
     pub dtype: Option<DType>,
     pub device: Device,
+    /// On the CPU, leave expert weights stored in the compute dtype (bf16 / f16) in the
+    /// memory-mapped checkpoint and read them in place instead of copying them at load time
+    /// (default: true; results are identical either way).
+    pub map_experts: bool,
 }
 
 impl Default for LoadOptions {
@@ -62,6 +66,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: None,
             device: Device::Cpu,
+            map_experts: true,
         }
     }
 }
@@ -108,6 +113,13 @@ enum Experts {
     /// `mlp.experts.gate_up_proj` `[E, 2I, H]` and `mlp.experts.down_proj` `[E, H, I]`
     /// (transformers 5.x fused layout; gate rows first, then up rows).
     Fused { gate_up: Tensor, down: Tensor },
+    /// Per-expert layout left in the memory-mapped files (CPU, stored dtype = compute dtype).
+    PerExpertMapped(Vec<[MappedTensor; 3]>),
+    /// Fused layout left in the memory-mapped files.
+    FusedMapped {
+        gate_up: MappedTensor,
+        down: MappedTensor,
+    },
 }
 
 #[derive(Debug)]
@@ -201,27 +213,54 @@ impl Olmoe {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let fused_key = format!("{p}.mlp.experts.gate_up_proj");
+            let down_key = format!("{p}.mlp.experts.down_proj");
+            // On the CPU, experts stored in the compute dtype (bf16 / f16) stay in the mapping.
+            let map = |name: &str, shape: &[usize]| -> Result<Option<MappedTensor>> {
+                if dev.is_cpu() && opts.map_experts {
+                    store.map(name, shape, dtype)
+                } else {
+                    Ok(None)
+                }
+            };
             let experts = if store.contains(&fused_key) {
-                Experts::Fused {
-                    gate_up: store.load(&fused_key, &[e, 2 * i, h], None, dev)?,
-                    down: store.load(
-                        &format!("{p}.mlp.experts.down_proj"),
-                        &[e, h, i],
-                        None,
-                        dev,
-                    )?,
+                match (
+                    map(&fused_key, &[e, 2 * i, h])?,
+                    map(&down_key, &[e, h, i])?,
+                ) {
+                    (Some(gate_up), Some(down)) => Experts::FusedMapped { gate_up, down },
+                    _ => Experts::Fused {
+                        gate_up: store.load(&fused_key, &[e, 2 * i, h], None, dev)?,
+                        down: store.load(&down_key, &[e, h, i], None, dev)?,
+                    },
                 }
             } else {
-                let mut v = Vec::with_capacity(e);
+                let mut mapped = Vec::with_capacity(e);
                 for x in 0..e {
                     let q = format!("{p}.mlp.experts.{x}");
-                    v.push([
-                        store.load(&format!("{q}.gate_proj.weight"), &[i, h], None, dev)?,
-                        store.load(&format!("{q}.up_proj.weight"), &[i, h], None, dev)?,
-                        store.load(&format!("{q}.down_proj.weight"), &[h, i], None, dev)?,
-                    ]);
+                    let m = (
+                        map(&format!("{q}.gate_proj.weight"), &[i, h])?,
+                        map(&format!("{q}.up_proj.weight"), &[i, h])?,
+                        map(&format!("{q}.down_proj.weight"), &[h, i])?,
+                    );
+                    match m {
+                        (Some(g), Some(u), Some(d)) => mapped.push([g, u, d]),
+                        _ => break,
+                    }
                 }
-                Experts::PerExpert(v)
+                if mapped.len() == e {
+                    Experts::PerExpertMapped(mapped)
+                } else {
+                    let mut v = Vec::with_capacity(e);
+                    for x in 0..e {
+                        let q = format!("{p}.mlp.experts.{x}");
+                        v.push([
+                            store.load(&format!("{q}.gate_proj.weight"), &[i, h], None, dev)?,
+                            store.load(&format!("{q}.up_proj.weight"), &[i, h], None, dev)?,
+                            store.load(&format!("{q}.down_proj.weight"), &[h, i], None, dev)?,
+                        ]);
+                    }
+                    Experts::PerExpert(v)
+                }
             };
             layers.push(Layer {
                 input_norm: norm(&format!("{p}.input_layernorm.weight"), h)?,
@@ -266,6 +305,16 @@ impl Olmoe {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether the expert weights are read in place from the memory-mapped checkpoint.
+    pub fn experts_mapped(&self) -> bool {
+        self.layers.iter().all(|l| {
+            matches!(
+                l.experts,
+                Experts::PerExpertMapped(_) | Experts::FusedMapped { .. }
+            )
+        })
     }
 
     /// A fresh sequence state (empty KV cache).
@@ -521,6 +570,19 @@ impl Olmoe {
                 let gu = gate_up.get(e)?;
                 [gu.narrow(0, 0, i)?, gu.narrow(0, i, i)?, down.get(e)?]
             }
+            Experts::PerExpertMapped(v) => [
+                v[e][0].to_tensor(&self.device)?,
+                v[e][1].to_tensor(&self.device)?,
+                v[e][2].to_tensor(&self.device)?,
+            ],
+            Experts::FusedMapped { gate_up, down } => {
+                let gu = gate_up.to_tensor(&self.device)?.get(e)?;
+                [
+                    gu.narrow(0, 0, i)?,
+                    gu.narrow(0, i, i)?,
+                    down.to_tensor(&self.device)?.get(e)?,
+                ]
+            }
         };
         let conv = |w: Tensor| -> Result<Tensor> {
             Ok(if w.dtype() == self.dtype {
@@ -562,12 +624,45 @@ impl Olmoe {
         }
         if MoeAccumulator::supports(h) {
             let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?;
+            let (ii, hh) = (self.cfg.intermediate_size, hidden);
             for (e, (rows, ws)) in groups.iter().enumerate() {
                 if rows.is_empty() {
                     continue;
                 }
-                let [wg, wu, wd] = self.expert_weights(layer, e)?;
-                acc.add_expert(rows, ws, &wg, &wu, &wd)?;
+                match &layer.experts {
+                    Experts::PerExpertMapped(v) => {
+                        let [g, u, d] = &v[e];
+                        acc.add_expert(
+                            rows,
+                            ws,
+                            [
+                                WSrc::Mapped(g, 0, ii * hh),
+                                WSrc::Mapped(u, 0, ii * hh),
+                                WSrc::Mapped(d, 0, hh * ii),
+                            ],
+                        )?;
+                    }
+                    Experts::FusedMapped { gate_up, down } => {
+                        let o = e * 2 * ii * hh;
+                        acc.add_expert(
+                            rows,
+                            ws,
+                            [
+                                WSrc::Mapped(gate_up, o, ii * hh),
+                                WSrc::Mapped(gate_up, o + ii * hh, ii * hh),
+                                WSrc::Mapped(down, e * hh * ii, hh * ii),
+                            ],
+                        )?;
+                    }
+                    _ => {
+                        let [wg, wu, wd] = self.expert_weights(layer, e)?;
+                        acc.add_expert(
+                            rows,
+                            ws,
+                            [WSrc::Tensor(&wg), WSrc::Tensor(&wu), WSrc::Tensor(&wd)],
+                        )?;
+                    }
+                }
             }
             return Ok((
                 acc.finish(&self.device)?,

@@ -464,6 +464,43 @@ fn fused_and_per_expert_layouts_agree() {
 }
 
 #[test]
+fn mapped_and_copied_experts_agree_in_bf16_for_both_layouts() {
+    for fused in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(
+            dir.path(),
+            &Spec {
+                seed: 9,
+                bf16: true,
+                fused,
+                hidden: 48,
+                inter: 40,
+                ..Default::default()
+            },
+        );
+        let mapped = load(dir.path());
+        let copied = Olmoe::load(
+            dir.path(),
+            &LoadOptions {
+                map_experts: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(mapped.dtype(), candle_core::DType::BF16);
+        assert!(
+            mapped.experts_mapped(),
+            "fused={fused}: experts should stay in the mapping"
+        );
+        assert!(!copied.experts_mapped());
+        let (ca, ga) = run(&mapped, 2, &greedy(4), true);
+        let (cb, gb) = run(&copied, 2, &greedy(4), true);
+        assert_eq!(ga, gb, "fused={fused}");
+        assert_eq!(ca.records, cb.records, "fused={fused}");
+    }
+}
+
+#[test]
 fn hf_generate_compat_skips_only_the_last_token() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &Spec::default());

@@ -22,6 +22,9 @@ use nalgebra::DMatrix;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
+/// Features per tile side (rounded to whole layers).
+pub const TILE: usize = 256;
+
 /// Prompts per GEMM block.
 pub const BLOCK: usize = 1024;
 
@@ -66,8 +69,8 @@ pub struct GramSummary {
 impl GramAccumulator {
     pub fn new(num_layers: usize, num_experts: usize) -> Self {
         let d = num_layers * num_experts;
-        // Tiles of whole layers, about 128 features each.
-        let per_tile = (128 / num_experts.max(1)).max(1);
+        // Tiles of whole layers, about TILE features each.
+        let per_tile = (TILE / num_experts.max(1)).max(1);
         let mut bounds = Vec::new();
         let mut l = 0;
         while l < num_layers {
@@ -357,7 +360,19 @@ mod tests {
 
     #[test]
     fn gram_path_matches_exact_pairs() {
-        let (nl, ne, n) = (3, 10, 300);
+        check_against_exact(3, 10, 300);
+    }
+
+    #[test]
+    fn gram_path_matches_exact_pairs_with_several_tiles_and_blocks() {
+        // 5 layers × 64 experts: tiles [0, 256) and [256, 320), off-diagonal tile included;
+        // each of the 3 categories gets more prompts than one GEMM block, so blocks are flushed
+        // before `finish`.
+        const { assert!(5 * 64 > TILE) };
+        check_against_exact(5, 64, 3 * BLOCK + 100);
+    }
+
+    fn check_against_exact(nl: usize, ne: usize, n: usize) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let rows: Vec<PromptRow> = (0..n)
             .map(|i| {
