@@ -269,6 +269,16 @@ impl WeightStore {
         if entry.dtype != dtype || !matches!(dtype, DType::BF16 | DType::F16) || !aligned {
             return Ok(None);
         }
+        #[cfg(unix)]
+        {
+            // Ask the kernel to read the range ahead (the experts are all used in the first
+            // prefill step); failure only costs speed, hence ignored.
+            let _ = shard.mmap.advise_range(
+                memmap2::Advice::WillNeed,
+                entry.start,
+                entry.end - entry.start,
+            );
+        }
         Ok(Some(MappedTensor {
             mmap: shard.mmap.clone(),
             start: entry.start,

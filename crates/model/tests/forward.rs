@@ -501,6 +501,37 @@ fn mapped_and_copied_experts_agree_in_bf16_for_both_layouts() {
 }
 
 #[test]
+fn thread_count_does_not_change_results() {
+    for bf16 in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        write_model(
+            dir.path(),
+            &Spec {
+                seed: 11,
+                bf16,
+                hidden: 64,
+                inter: 40,
+                ..Default::default()
+            },
+        );
+        let model = load(dir.path());
+        let in_pool = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| run(&model, 3, &greedy(5), true))
+        };
+        let (c1, g1) = in_pool(1);
+        for threads in [2, 3] {
+            let (c, g) = in_pool(threads);
+            assert_eq!(g, g1, "bf16={bf16} threads={threads}");
+            assert_eq!(c.records, c1.records, "bf16={bf16} threads={threads}");
+        }
+    }
+}
+
+#[test]
 fn hf_generate_compat_skips_only_the_last_token() {
     let dir = tempfile::tempdir().unwrap();
     write_model(dir.path(), &Spec::default());
