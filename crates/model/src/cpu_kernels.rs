@@ -552,7 +552,7 @@ fn with_src<T: Elem, R>(
             let bytes = m.bytes();
             let size = std::mem::size_of::<T>();
             if m.dtype != T::DTYPE
-                || bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0
+                || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
                 || (offset + len) * size > bytes.len()
             {
                 candle_core::bail!(

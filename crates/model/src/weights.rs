@@ -265,7 +265,8 @@ impl WeightStore {
     ) -> Result<Option<MappedTensor>> {
         let entry = self.checked_entry(name, expected)?;
         let shard = &self.shards[entry.file];
-        let aligned = (shard.mmap.as_ptr() as usize + entry.start) % dtype.size_in_bytes() == 0;
+        let aligned =
+            (shard.mmap.as_ptr() as usize + entry.start).is_multiple_of(dtype.size_in_bytes());
         if entry.dtype != dtype || !matches!(dtype, DType::BF16 | DType::F16) || !aligned {
             return Ok(None);
         }
