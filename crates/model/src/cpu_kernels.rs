@@ -17,7 +17,9 @@
 //! Panels are split across rayon's threads by output column, so every output element is computed
 //! by one thread with the same accumulation order whatever the thread count (deterministic).
 //!
-//! `matmul_t` is a candle [`CustomOp2`]: on CUDA / Metal, and for f32, callers get candle's matmul.
+//! `matmul_t` is a candle [`CustomOp2`]: on CUDA / Metal callers get candle's matmul. f32 goes
+//! through the same kernel, which makes every token's result independent of the batch it is in
+//! (`gemm`'s summation order can depend on the matrix sizes).
 //!
 //! [`MoeAccumulator`] runs the SwiGLU experts of one layer on raw CPU slices with f32 work
 //! buffers, rounding to the compute dtype at exactly the points where transformers' bf16 ops
@@ -33,12 +35,13 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// `x [.., k] · w [m, k]ᵀ → [.., m]`, computed by [`MatmulT`] when both are bf16 (or both f16) on
-/// the CPU, by candle's matmul otherwise.
+/// `x [.., k] · w [m, k]ᵀ → [.., m]`, computed by [`MatmulT`] when both have the same dtype (bf16,
+/// f16 or f32) on the CPU, by candle's matmul otherwise. On the CPU each output row is computed the
+/// same way whatever the other rows are, so a token's result does not depend on its batch.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let fast = x.device().is_cpu()
         && x.dtype() == w.dtype()
-        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32)
         && w.rank() == 2;
     if fast {
         let x = x.contiguous()?;
@@ -95,6 +98,7 @@ impl CustomOp2 for MatmulT {
         let storage = match (s1, s2) {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => run(&x[xr], &w[wr], n, k, m),
             (CpuStorage::F16(x), CpuStorage::F16(w)) => run(&x[xr], &w[wr], n, k, m),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => run(&x[xr], &w[wr], n, k, m),
             _ => candle_core::bail!(
                 "matmul_t: unsupported dtypes {:?} / {:?}",
                 s1.dtype(),
@@ -127,7 +131,7 @@ pub fn xwt<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32
 /// Which implementation [`xwt_with`] uses (for benchmarks; the model always uses `Auto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX2 when the CPU has it and the weights are bf16 / f16, else `Gemm`.
+    /// AVX2 when the CPU has it, else `Gemm`.
     Auto,
     /// The hand-written AVX2 + FMA kernel (falls back to `Gemm` where unavailable).
     Avx2,
@@ -145,7 +149,7 @@ pub fn xwt_with<T: Elem>(
     m: usize,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Gemm && T::AVX_LOADABLE && avx2::available() {
+    if kernel != Kernel::Gemm && avx2::available() {
         return avx2::xwt(x, n, k, w, m);
     }
     let _ = kernel;
@@ -201,7 +205,7 @@ mod avx2 {
                 // SAFETY: AVX2 and FMA were detected; indices stay inside x, w, buf and y
                 // (asserted sizes); this task writes only columns r0..r1.
                 unsafe {
-                    if n > WIDEN_MIN_TOKENS {
+                    if n > WIDEN_MIN_TOKENS && T::DTYPE != candle_core::DType::F32 {
                         // Several token blocks will read this panel: widen it once (exactly, so
                         // the results are the same as reading the weights directly).
                         buf.resize((r1 - r0) * k, 0.0);
@@ -401,8 +405,6 @@ where
 
 /// Element types of the CPU kernels: bf16, f16 and f32.
 pub trait Elem: Copy + Send + Sync + 'static {
-    /// Whether [`avx2`]'s kernel reads this type (bf16, f16).
-    const AVX_LOADABLE: bool;
     /// The candle dtype of this type.
     const DTYPE: DType;
     /// One value as f32.
@@ -425,7 +427,6 @@ pub trait Elem: Copy + Send + Sync + 'static {
 }
 
 impl Elem for bf16 {
-    const AVX_LOADABLE: bool = true;
     const DTYPE: DType = DType::BF16;
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -458,7 +459,6 @@ impl Elem for bf16 {
 }
 
 impl Elem for f16 {
-    const AVX_LOADABLE: bool = true;
     const DTYPE: DType = DType::F16;
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -489,7 +489,6 @@ impl Elem for f16 {
 }
 
 impl Elem for f32 {
-    const AVX_LOADABLE: bool = false;
     const DTYPE: DType = DType::F32;
     fn to_f32(self) -> f32 {
         self
@@ -806,6 +805,27 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 0.05, "max abs diff {d}");
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_other_rows() {
+        for dtype in [DType::F32, DType::BF16] {
+            // 37 rows cover the widened-panel path (> 16 tokens) and ragged register blocks.
+            let x = random(37, 200, 7, dtype);
+            let w = random(50, 200, 8, dtype);
+            let all = matmul_t(&x, &w).unwrap().to_dtype(DType::F32).unwrap();
+            for r in [0usize, 5, 36] {
+                let one = matmul_t(&x.narrow(0, r, 1).unwrap(), &w)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                assert_eq!(
+                    all.get(r).unwrap().to_vec1::<f32>().unwrap(),
+                    one.get(0).unwrap().to_vec1::<f32>().unwrap(),
+                    "{dtype:?} row {r}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -42,8 +42,8 @@ pub struct Args {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// Prompts run together.
-    #[arg(long, default_value_t = 8)]
+    /// Prompts run together (results do not depend on it; see `trace --batch-size`).
+    #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Compute threads (default: all cores).
     #[arg(long)]

@@ -67,8 +67,11 @@ pub struct Args {
     pub record_probs: bool,
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// Prompts run together (ragged batching: results do not depend on it).
-    #[arg(long, default_value_t = 8)]
+    /// Prompts run together (ragged batching: results do not depend on it). Larger batches
+    /// read each expert's weights once for more tokens (on the full OLMoE shape a decode step is
+    /// bound by reading the experts from memory); a prompt's trace is written when its batch
+    /// finishes, so `--resume` after a crash redoes at most one batch.
+    #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Compute threads (default: all cores). Results do not depend on it.
     #[arg(long)]
