@@ -55,7 +55,8 @@ echo "== transformers (tools/bench_hf.py, router hooks on)"
 "$HF_PYTHON" - "$OUT/moe-xray-$MODE.json" "$OUT/hf-$MODE.json" <<'EOF'
 import json, sys
 mx = json.load(open(sys.argv[1]))
-hf = json.load(open(sys.argv[2]))
+hf_all = json.load(open(sys.argv[2]))
+hf = hf_all["passes"][0]
 null = next(p for p in mx["passes"] if p["sink"] == "null")
 cap = next((p for p in mx["passes"] if p["sink"] != "null"), null)
 print()
@@ -65,8 +66,8 @@ for key, label in [("prefill_tokens_per_second", "prefill tok/s"),
                    ("tokens_per_second", "processed tok/s (wall)")]:
     print(f"{label:24}{cap[key]:>22.2f}{hf[key]:>24.2f}{cap[key] / hf[key]:>7.2f}x")
 print(f"{'wall s (excl. load)':24}{cap['wall_seconds']:>22.1f}{hf['wall_seconds']:>24.1f}")
-print(f"{'load s':24}{mx['load_seconds']:>22.1f}{hf['load_seconds']:>24.1f}")
-print(f"{'peak RSS GB':24}{mx['peak_rss_bytes'] / 1e9:>22.2f}{hf['peak_rss_bytes'] / 1e9:>24.2f}")
+print(f"{'load s':24}{mx['load_seconds']:>22.1f}{hf_all['load_seconds']:>24.1f}")
+print(f"{'peak RSS GB':24}{mx['peak_rss_bytes'] / 1e9:>22.2f}{hf_all['peak_rss_bytes'] / 1e9:>24.2f}")
 print(f"tokens: moe-xray {cap['prefill_tokens']} + {cap['decode_tokens']}, "
       f"transformers {hf['prefill_tokens']} + {hf['decode_tokens']}")
 if mx.get("capture_overhead") is not None:

@@ -515,7 +515,7 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
                 let mut sorted = p.to_vec();
                 sorted.sort_by(|a, b| b.total_cmp(a));
                 let top: f64 = sorted.iter().take(k.saturating_sub(1)).sum();
-                let fast = (top < 0.74 * total).then_some(zero[0]);
+                let fast = (top < 0.74 * total).then(|| zero[0]);
                 for i in 0..n {
                     let t = s.tokens[i * nl + l];
                     let layer = &mut c[at(l, i)..at(l, i) + ne];
@@ -528,7 +528,8 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
                         continue;
                     };
                     cnt.iter_mut().for_each(|x| *x = 0);
-                    if let Some(zero_mask) = fast.filter(|_| ne <= 64) {
+                    let fast_mask = fast.filter(|_| ne <= 64);
+                    if let Some(zero_mask) = fast_mask {
                         // Even after k−1 picks more than a quarter of the mass is left, so every
                         // pick is an alias draw with rejection (see below): no mass bookkeeping.
                         for tok in 0..t {
@@ -546,10 +547,9 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
                             }
                         }
                     }
-                    for tok in 0..t {
-                        if fast.is_some() && ne <= 64 {
-                            break;
-                        }
+                    // General path (E > 64, or heavy experts): taken-set words and the mass left.
+                    let slow_tokens = if fast_mask.is_some() { 0 } else { t };
+                    for tok in 0..slow_tokens {
                         taken.copy_from_slice(&zero);
                         let mut remaining = total;
                         let mut got = 0;

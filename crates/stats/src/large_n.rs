@@ -10,7 +10,8 @@
 //! - per layer l (cosines = L·(v_il·v_jl)): the same with the l-th blocks, scaled by L and L².
 //!
 //! `M_A` is accumulated in blocks of prompts (f64 GEMM of the `gemm` crate) on the upper
-//! triangle of layer-aligned tiles only (syrk-style), tiles in parallel; every tile sums its blocks
+//! triangle of layer-aligned tiles only (syrk-style; diagonal tiles as 3 of their 4 quarters),
+//! tiles in parallel; every tile sums its blocks
 //! in arrival order, so the result does not depend on the thread count.
 
 use crate::error::{Result, StatsError};
@@ -35,11 +36,14 @@ struct CatAcc {
     norm4: f64,
     layer_norm2: Vec<f64>,
     layer_norm4: Vec<f64>,
-    /// Upper-triangular tiles `(p, q)`, p ≤ q, in `tile_pairs` order.
+    /// Upper-triangular tiles of `M_A`, in `rects` order.
     tiles: Vec<DMatrix<f64>>,
     buf: Vec<f64>,
     buf_rows: usize,
 }
+
+/// Row and column feature ranges of one tile.
+type Rect = ((usize, usize), (usize, usize));
 
 /// Streaming accumulator of the Gram sums (see module docs).
 pub struct GramAccumulator {
@@ -47,8 +51,10 @@ pub struct GramAccumulator {
     num_experts: usize,
     d: usize,
     /// Tile boundaries in feature space (aligned with layers).
-    bounds: Vec<(usize, usize)>,
-    tile_pairs: Vec<(usize, usize)>,
+    /// Feature ranges `(rows, cols)` of the tiles: the upper triangle of `M_A` in layer-aligned
+    /// rectangles. Diagonal tiles (rows = cols) are halved once more, so that only 3 of their 4
+    /// quarters are computed.
+    rects: Vec<Rect>,
     cats: BTreeMap<String, CatAcc>,
     prompt_ids: Vec<String>,
     dropped: Vec<DroppedPrompt>,
@@ -79,13 +85,32 @@ impl GramAccumulator {
             l = l2;
         }
         let t = bounds.len();
-        let tile_pairs = (0..t).flat_map(|p| (p..t).map(move |q| (p, q))).collect();
+        let halves = |(s, e): (usize, usize)| {
+            let layers = (e - s) / num_experts.max(1);
+            if layers >= 2 {
+                let m = s + (layers / 2) * num_experts;
+                vec![(s, m), (m, e)]
+            } else {
+                vec![(s, e)]
+            }
+        };
+        let mut rects = Vec::new();
+        for p in 0..t {
+            let h = halves(bounds[p]);
+            for i in 0..h.len() {
+                for j in i..h.len() {
+                    rects.push((h[i], h[j]));
+                }
+            }
+            for q in (p + 1)..t {
+                rects.push((bounds[p], bounds[q]));
+            }
+        }
         GramAccumulator {
             num_layers,
             num_experts,
             d,
-            bounds,
-            tile_pairs,
+            rects,
             cats: BTreeMap::new(),
             prompt_ids: Vec::new(),
             dropped: Vec::new(),
@@ -120,7 +145,7 @@ impl GramAccumulator {
         let (d, nl, ne) = (self.d, self.num_layers, self.num_experts);
         let mut v = row.counts;
         embed_in_place(&mut v, nl, ne);
-        let (bounds, tile_pairs) = (&self.bounds, &self.tile_pairs);
+        let rects = &self.rects;
         let acc = self.cats.entry(cat).or_insert_with(|| CatAcc {
             n: 0,
             sum: vec![0.0; d],
@@ -128,12 +153,9 @@ impl GramAccumulator {
             norm4: 0.0,
             layer_norm2: vec![0.0; nl],
             layer_norm4: vec![0.0; nl],
-            tiles: tile_pairs
+            tiles: rects
                 .iter()
-                .map(|&(p, q)| {
-                    let (a, b) = (bounds[p], bounds[q]);
-                    DMatrix::zeros(a.1 - a.0, b.1 - b.0)
-                })
+                .map(|&(a, b)| DMatrix::zeros(a.1 - a.0, b.1 - b.0))
                 .collect(),
             buf: vec![0.0; BLOCK * d],
             buf_rows: 0,
@@ -156,7 +178,7 @@ impl GramAccumulator {
         acc.buf_rows += 1;
         self.prompt_ids.push(row.prompt_id);
         if acc.buf_rows == BLOCK {
-            flush(acc, d, &self.bounds, &self.tile_pairs);
+            flush(acc, d, &self.rects);
         }
         Ok(())
     }
@@ -185,7 +207,7 @@ impl GramAccumulator {
         }
         let (d, nl, ne) = (self.d, self.num_layers, self.num_experts);
         for acc in self.cats.values_mut() {
-            flush(acc, d, &self.bounds, &self.tile_pairs);
+            flush(acc, d, &self.rects);
         }
         let names: Vec<String> = self.cats.keys().cloned().collect();
         let accs: Vec<&CatAcc> = self.cats.values().collect();
@@ -195,11 +217,12 @@ impl GramAccumulator {
         let frob = |a: &CatAcc, b: &CatAcc| -> (f64, Vec<f64>) {
             let mut total = 0.0;
             let mut layer = vec![0.0; nl];
-            for (t, &(p, q)) in self.tile_pairs.iter().enumerate() {
+            for (t, &(rows, cols)) in self.rects.iter().enumerate() {
                 let x = a.tiles[t].dot(&b.tiles[t]);
-                total += if p == q { x } else { 2.0 * x };
-                if p == q {
-                    let (start, end) = self.bounds[p];
+                let diagonal = rows == cols;
+                total += if diagonal { x } else { 2.0 * x };
+                if diagonal {
+                    let (start, end) = rows;
                     for (l, acc) in layer.iter_mut().enumerate().take(end / ne).skip(start / ne) {
                         let o = l * ne - start;
                         let ba = a.tiles[t].view((o, o), (ne, ne));
@@ -305,7 +328,7 @@ impl GramAccumulator {
 /// `M += Bᵀ B` on the upper tiles for the buffered rows, tiles in parallel. Each tile is one f64
 /// GEMM of the `gemm` crate (runtime-selected AVX2/FMA or AVX-512 kernels, single-threaded per
 /// tile), so a tile's summation order depends only on its own blocks, never on the thread count.
-fn flush(acc: &mut CatAcc, d: usize, bounds: &[(usize, usize)], tile_pairs: &[(usize, usize)]) {
+fn flush(acc: &mut CatAcc, d: usize, rects: &[Rect]) {
     let rows = acc.buf_rows;
     if rows == 0 {
         return;
@@ -313,10 +336,8 @@ fn flush(acc: &mut CatAcc, d: usize, bounds: &[(usize, usize)], tile_pairs: &[(u
     let buf = &acc.buf[..rows * d];
     acc.tiles
         .par_iter_mut()
-        .zip(tile_pairs.par_iter())
-        .for_each(|(tile, &(p, q))| {
-            let (a0, a1) = bounds[p];
-            let (b0, b1) = bounds[q];
+        .zip(rects.par_iter())
+        .for_each(|(tile, &((a0, a1), (b0, b1)))| {
             let (m, n) = (a1 - a0, b1 - b0);
             assert!(tile.nrows() == m && tile.ncols() == n && b1 <= d && a1 <= d);
             // SAFETY: dst is the column-major m×n tile (row stride 1, column stride m). lhs
