@@ -10,7 +10,9 @@
 #
 # MODEL_DIR (default target/olmoe-1b-7b) is written with `moe-xray synth-model --preset olmoe-1b-7b`
 # if it has no config.json (13.8 GB, streamed, ~3-7 min). Environment: THREADS (default 2), BATCH
-# (prompts per batch, both sides; default 8 for short, 80 for paper), HF_PYTHON (default
+# (moe-xray's prompts per ragged batch; default 8 for short, 80 for paper), HF_BATCH (transformers'
+# left-padded batch; default 8: at this shape transformers already peaks at ~23.4 GB of the 24 GB with
+# batch 8, and padding wastes more compute the larger its batch), HF_PYTHON (default
 # /work/venvs/hf/bin/python: a virtualenv with tools/requirements-hf.txt; without it only the
 # moe-xray side runs), OUT (results directory, default target/bench-side-by-side).
 #
@@ -25,6 +27,7 @@ MODE=${1:-short}
 MODEL=${2:-target/olmoe-1b-7b}
 THREADS=${THREADS:-2}
 HF_PYTHON=${HF_PYTHON:-/work/venvs/hf/bin/python}
+HF_BATCH=${HF_BATCH:-8}
 OUT=${OUT:-target/bench-side-by-side}
 case "$MODE" in
   short) N=8; NEW=8; BATCH=${BATCH:-8} ;;
@@ -48,9 +51,9 @@ if [ ! -x "$HF_PYTHON" ]; then
   echo "no transformers environment at $HF_PYTHON (set HF_PYTHON); moe-xray side only" >&2
   exit 0
 fi
-echo "== transformers (tools/bench_hf.py, router hooks on)"
+echo "== transformers (tools/bench_hf.py, router hooks on, batch $HF_BATCH)"
 "$HF_PYTHON" tools/bench_hf.py --model "$MODEL" -n "$N" --max-new-tokens "$NEW" \
-  --batch-size "$BATCH" --threads "$THREADS" --json "$OUT/hf-$MODE.json"
+  --batch-size "$HF_BATCH" --threads "$THREADS" --json "$OUT/hf-$MODE.json"
 
 "$HF_PYTHON" - "$OUT/moe-xray-$MODE.json" "$OUT/hf-$MODE.json" <<'EOF'
 import json, sys

@@ -99,6 +99,12 @@ fn bench_model_counts_match_trace() {
         assert!(p["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
     }
     assert!(v["capture_overhead"].as_f64().is_some());
+    // The writer's own time is measured directly: positive, and a part of its pass's wall time.
+    let cap = &v["passes"][1];
+    let busy = cap["sink_seconds"].as_f64().unwrap();
+    assert!(busy > 0.0 && busy < cap["wall_seconds"].as_f64().unwrap());
+    let share = v["capture_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "capture share {share}");
     assert!(v["peak_rss_bytes"].as_u64().unwrap() >= v["rss_after_load_bytes"].as_u64().unwrap());
     // the capture pass's trace was written under --scratch and removed afterwards
     assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);

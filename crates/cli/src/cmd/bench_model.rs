@@ -18,16 +18,18 @@
 //! function does not expose per-step timings; it uses the same public `Olmoe::forward` API.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use moe_xray_model::olmoe::{dtype_name, parse_dtype, LoadOptions, Olmoe, StepSeq};
+use moe_xray_model::config::OlmoeConfig;
+use moe_xray_model::olmoe::{dtype_name, Olmoe, StepSeq};
 use moe_xray_model::tokenizer::Tokenizer;
 use moe_xray_trace::sink::NullSink;
 use moe_xray_trace::{read_prompts, CountsWriter, EventsWriter, Prompt, RoutingSink, TokenType};
 use serde::Serialize;
 
 use super::run::PAPER80;
+use super::trace::{encode_prompts, load_model, set_threads};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capture {
@@ -90,6 +92,9 @@ pub struct PassResult {
     pub tokens_per_second: f64,
     /// Routing decisions ((token, layer) pairs) handed to the sink.
     pub routing_decisions: u64,
+    /// Seconds spent inside the sink's calls (formatting, writing, fsync): the capture's own cost,
+    /// measured directly and so not subject to the run-to-run noise of comparing two passes.
+    pub sink_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,24 +114,37 @@ struct Summary {
     passes: Vec<PassResult>,
     /// (capture wall − null wall) / null wall; `None` without a capture pass.
     capture_overhead: Option<f64>,
+    /// Capture pass: seconds inside the trace writer / its wall seconds; `None` without one.
+    capture_share: Option<f64>,
 }
 
-/// Counts the decisions passing through to the wrapped sink.
+/// Counts the decisions passing through to the wrapped sink and times the sink's own work.
 struct Counting<'a> {
     inner: &'a mut dyn RoutingSink,
     n: u64,
+    /// Time spent inside the wrapped sink's calls.
+    busy: Duration,
+}
+
+impl Counting<'_> {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut dyn RoutingSink) -> T) -> T {
+        let t = Instant::now();
+        let out = f(&mut *self.inner);
+        self.busy += t.elapsed();
+        out
+    }
 }
 
 impl RoutingSink for Counting<'_> {
     fn begin_prompt(&mut self, id: &str, category: Option<&str>) -> moe_xray_trace::Result<()> {
-        self.inner.begin_prompt(id, category)
+        self.timed(|s| s.begin_prompt(id, category))
     }
     fn record(&mut self, d: &moe_xray_trace::RoutingDecision<'_>) -> moe_xray_trace::Result<()> {
         self.n += 1;
-        self.inner.record(d)
+        self.timed(|s| s.record(d))
     }
     fn end_prompt(&mut self, id: &str) -> moe_xray_trace::Result<()> {
-        self.inner.end_prompt(id)
+        self.timed(|s| s.end_prompt(id))
     }
     fn wants_probs(&self) -> bool {
         self.inner.wants_probs()
@@ -186,7 +204,11 @@ pub fn run_pass(
             prompt: t.clone(),
         })
         .collect();
-    let mut sink = Counting { inner: sink, n: 0 };
+    let mut sink = Counting {
+        inner: sink,
+        n: 0,
+        busy: Duration::ZERO,
+    };
     let mut r = PassResult {
         sink: sink_name.to_string(),
         prompts: seqs.len(),
@@ -259,6 +281,7 @@ pub fn run_pass(
     r.decode_tokens_per_second = rate(r.decode_tokens, r.decode_seconds);
     r.tokens_per_second = rate(r.prefill_tokens + r.decode_tokens, r.wall_seconds);
     r.routing_decisions = sink.n;
+    r.sink_seconds = sink.busy.as_secs_f64();
     Ok(r)
 }
 
@@ -288,13 +311,7 @@ fn gb(b: Option<u64>) -> String {
 }
 
 pub fn run(b: ModelBench) -> Result<()> {
-    if let Some(t) = b.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle's CPU kernels read RAYON_NUM_THREADS; set before any tensor work.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    set_threads(b.threads)?;
     if b.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -311,28 +328,15 @@ pub fn run(b: ModelBench) -> Result<()> {
         prompts.truncate(b.num_prompts);
     }
     let tokenizer = Tokenizer::from_dir(&b.model)?;
-    let dtype = b.dtype.as_deref().map(parse_dtype).transpose()?;
-    let t = Instant::now();
-    let model = Olmoe::load(
-        &b.model,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading {}", b.model.display()))?;
-    let load_seconds = t.elapsed().as_secs_f64();
+    let vocab = OlmoeConfig::from_dir(&b.model)?.vocab_size;
+    let inputs = encode_prompts(&prompts, &b.prompts, &tokenizer, None, vocab)?;
+    let (model, load_seconds) = load_model(&b.model, b.dtype.as_deref())?;
     let rss_after_load = proc_status_bytes("VmRSS");
     let cfg = model.config().clone();
-    let mut seqs = Vec::with_capacity(prompts.len());
-    for p in &prompts {
-        let toks = tokenizer.encode(&p.text, true)?;
-        if toks.is_empty() {
-            bail!("{}: prompt `{}` encodes to no tokens", b.prompts, p.id);
-        }
-        model.check_tokens(&p.id, &toks)?;
-        seqs.push((p.id.clone(), p.category.clone(), toks));
-    }
+    let seqs: Vec<(String, String, Vec<u32>)> = inputs
+        .into_iter()
+        .map(|p| (p.id, p.category.unwrap_or_default(), p.tokens))
+        .collect();
 
     let mut passes = vec![run_pass(
         &model,
@@ -386,6 +390,9 @@ pub fn run(b: ModelBench) -> Result<()> {
     let capture_overhead = passes
         .get(1)
         .map(|c| (c.wall_seconds - passes[0].wall_seconds) / passes[0].wall_seconds.max(1e-12));
+    let capture_share = passes
+        .get(1)
+        .map(|c| c.sink_seconds / c.wall_seconds.max(1e-12));
     let threads = b.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -406,6 +413,7 @@ pub fn run(b: ModelBench) -> Result<()> {
         peak_rss_bytes: proc_status_bytes("VmHWM"),
         passes,
         capture_overhead,
+        capture_share,
     };
     if b.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -461,6 +469,14 @@ pub fn run(b: ModelBench) -> Result<()> {
             "capture overhead ({} vs null, wall): {:+.2} %",
             summary.passes[1].sink,
             o * 100.0
+        );
+    }
+    if let (Some(share), Some(c)) = (capture_share, summary.passes.get(1)) {
+        println!(
+            "time inside the {} writer: {:.3} s = {:.2} % of that pass's wall time (measured directly)",
+            c.sink,
+            c.sink_seconds,
+            share * 100.0
         );
     }
     Ok(())

@@ -151,13 +151,7 @@ fn trace_file_name(mode: Mode, compress: Option<Compress>) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(t) = args.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle's CPU kernels read RAYON_NUM_THREADS; set before any tensor work.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    set_threads(args.threads)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -186,46 +180,14 @@ pub fn run(args: Args) -> Result<()> {
         hf_generate_compat: args.hf_generate_compat,
     };
     check_options(&opts)?;
-    let mut inputs = Vec::with_capacity(prompts.len());
-    for (i, p) in prompts.iter().enumerate() {
-        let tokens = match &template {
-            // The template writes the special tokens itself.
-            Some(t) => tokenizer.encode(&t.render_user(&p.text)?, false)?,
-            None => tokenizer.encode(&p.text, true)?,
-        };
-        if tokens.is_empty() {
-            bail!(
-                "{}: prompt `{}` encodes to no tokens",
-                args.prompts.display(),
-                p.id
-            );
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!(
-                "prompt `{}`: token id {t} out of range (model vocab_size {}); does {} belong to this model?",
-                p.id,
-                cfg.vocab_size,
-                tokenizer.path().display()
-            );
-        }
-        inputs.push(PromptInput {
-            id: p.id.clone(),
-            category: Some(p.category.clone()),
-            tokens,
-            index: i as u64,
-        });
-    }
-    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
-    let load_start = Instant::now();
-    let model = Olmoe::load(
-        &args.model,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading {}", args.model.display()))?;
-    let load_secs = load_start.elapsed().as_secs_f64();
+    let inputs = encode_prompts(
+        &prompts,
+        &args.prompts.display().to_string(),
+        &tokenizer,
+        template.as_ref(),
+        cfg.vocab_size,
+    )?;
+    let (model, load_secs) = load_model(&args.model, args.dtype.as_deref())?;
 
     // ---- outputs ----
     let out = &args.out;
@@ -416,6 +378,69 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Applies `--threads`: the size of rayon's global pool, which the model's kernels (and candle,
+/// through `RAYON_NUM_THREADS`) use. Must run before any tensor work.
+pub(crate) fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    Ok(())
+}
+
+/// Tokenises the prompts (through the chat template when given, which writes the special tokens
+/// itself), rejecting prompts that encode to nothing and token ids outside the model's vocabulary.
+/// `source` names the prompt file in errors.
+pub(crate) fn encode_prompts(
+    prompts: &[moe_xray_trace::Prompt],
+    source: &str,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    vocab_size: usize,
+) -> Result<Vec<PromptInput>> {
+    let mut inputs = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let tokens = match template {
+            Some(t) => tokenizer.encode(&t.render_user(&p.text)?, false)?,
+            None => tokenizer.encode(&p.text, true)?,
+        };
+        if tokens.is_empty() {
+            bail!("{source}: prompt `{}` encodes to no tokens", p.id);
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            bail!(
+                "prompt `{}`: token id {t} out of range (model vocab_size {vocab_size}); does {} belong to this model?",
+                p.id,
+                tokenizer.path().display()
+            );
+        }
+        inputs.push(PromptInput {
+            id: p.id.clone(),
+            category: Some(p.category.clone()),
+            tokens,
+            index: i as u64,
+        });
+    }
+    Ok(inputs)
+}
+
+/// Loads the checkpoint with the `--dtype` option; returns the model and the load time in seconds.
+pub(crate) fn load_model(dir: &Path, dtype: Option<&str>) -> Result<(Olmoe, f64)> {
+    let dtype = dtype.map(parse_dtype).transpose()?;
+    let t = Instant::now();
+    let model = Olmoe::load(
+        dir,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", dir.display()))?;
+    Ok((model, t.elapsed().as_secs_f64()))
 }
 
 fn display(p: &Path) -> String {
