@@ -75,4 +75,7 @@ print(f"tokens: moe-xray {cap['prefill_tokens']} + {cap['decode_tokens']}, "
       f"transformers {hf['prefill_tokens']} + {hf['decode_tokens']}")
 if mx.get("capture_overhead") is not None:
     print(f"moe-xray capture overhead ({cap['sink']} vs null, wall): {100 * mx['capture_overhead']:+.2f} %")
+if mx.get("capture_share") is not None:
+    print(f"moe-xray time inside the {cap['sink']} writer: {cap['sink_seconds']:.3f} s = "
+          f"{100 * mx['capture_share']:.2f} % of that pass (measured directly)")
 EOF
