@@ -92,7 +92,7 @@ impl CustomOp2 for MatmulT {
         fn run<T: Elem>(x: &[T], w: &[T], n: usize, k: usize, m: usize) -> CpuStorage {
             let mut xf = vec![0f32; x.len()];
             T::widen(x, &mut xf);
-            T::storage(&xwt(&xf, n, k, w, m))
+            T::to_cpu_storage_owned(T::narrow(&xwt(&xf, n, k, w, m)))
         }
         let (xr, wr) = (xs..xe, ws..ws + m * k);
         let storage = match (s1, s2) {
@@ -404,9 +404,7 @@ where
 }
 
 /// Element types of the CPU kernels: bf16, f16 and f32.
-pub trait Elem: Copy + Send + Sync + 'static {
-    /// The candle dtype of this type.
-    const DTYPE: DType;
+pub trait Elem: candle_core::WithDType {
     /// One value as f32.
     fn to_f32(self) -> f32;
     /// Loads 8 consecutive values as f32 lanes.
@@ -420,14 +418,11 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn widen(src: &[Self], dst: &mut [f32]);
     /// Rounds an f32 to this type and back (identity for f32).
     fn round(x: f32) -> f32;
-    /// This type's slice inside a CPU storage, if the storage holds this type.
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
-    /// Narrows f32 values (already representable) into a CPU storage of this type.
-    fn storage(v: &[f32]) -> CpuStorage;
+    /// Narrows f32 values to this type (round to nearest even).
+    fn narrow(src: &[f32]) -> Vec<Self>;
 }
 
 impl Elem for bf16 {
-    const DTYPE: DType = DType::BF16;
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
@@ -445,21 +440,14 @@ impl Elem for bf16 {
     fn round(x: f32) -> f32 {
         bf16::from_f32(x).to_f32()
     }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::BF16(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: &[f32]) -> CpuStorage {
-        let mut o = vec![bf16::ZERO; v.len()];
-        o.convert_from_f32_slice(v);
-        CpuStorage::BF16(o)
+    fn narrow(src: &[f32]) -> Vec<Self> {
+        let mut o = vec![bf16::ZERO; src.len()];
+        o.convert_from_f32_slice(src);
+        o
     }
 }
 
 impl Elem for f16 {
-    const DTYPE: DType = DType::F16;
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
@@ -475,21 +463,14 @@ impl Elem for f16 {
     fn round(x: f32) -> f32 {
         f16::from_f32(x).to_f32()
     }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F16(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: &[f32]) -> CpuStorage {
-        let mut o = vec![f16::ZERO; v.len()];
-        o.convert_from_f32_slice(v);
-        CpuStorage::F16(o)
+    fn narrow(src: &[f32]) -> Vec<Self> {
+        let mut o = vec![f16::ZERO; src.len()];
+        o.convert_from_f32_slice(src);
+        o
     }
 }
 
 impl Elem for f32 {
-    const DTYPE: DType = DType::F32;
     fn to_f32(self) -> f32 {
         self
     }
@@ -504,14 +485,8 @@ impl Elem for f32 {
     fn round(x: f32) -> f32 {
         x
     }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: &[f32]) -> CpuStorage {
-        CpuStorage::F32(v.to_vec())
+    fn narrow(src: &[f32]) -> Vec<Self> {
+        src.to_vec()
     }
 }
 
@@ -527,10 +502,7 @@ fn with_slice<T: Elem, R>(
     let Some((a, b)) = layout.contiguous_offsets() else {
         candle_core::bail!("cpu kernel: tensor is not contiguous");
     };
-    match T::slice(cpu) {
-        Some(v) => f(&v[a..b]),
-        None => candle_core::bail!("cpu kernel: unexpected dtype {:?}", cpu.dtype()),
-    }
+    f(&T::cpu_storage_as_slice(cpu)?[a..b])
 }
 
 /// Where an expert weight matrix is read from: a candle tensor, or elements `offset..offset + len`
@@ -596,23 +568,11 @@ impl MoeAccumulator {
     /// Starts a layer's MoE block for the input `h` `[n_tok, hidden]`.
     pub(crate) fn new(h: &Tensor, inter: usize) -> candle_core::Result<Self> {
         let (n, hidden) = h.dims2()?;
-        let h = h.contiguous()?;
-        let mut x = vec![0f32; n * hidden];
-        match h.dtype() {
-            DType::BF16 => with_slice::<bf16, _>(&h, |s| {
-                bf16::widen(s, &mut x);
-                Ok(())
-            })?,
-            DType::F16 => with_slice::<f16, _>(&h, |s| {
-                f16::widen(s, &mut x);
-                Ok(())
-            })?,
-            DType::F32 => with_slice::<f32, _>(&h, |s| {
-                f32::widen(s, &mut x);
-                Ok(())
-            })?,
-            d => candle_core::bail!("MoE cpu kernel: unsupported dtype {d:?}"),
+        if !matches!(h.dtype(), DType::BF16 | DType::F16 | DType::F32) {
+            candle_core::bail!("MoE cpu kernel: unsupported dtype {:?}", h.dtype());
         }
+        // Widening to f32 is exact.
+        let x = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Ok(MoeAccumulator {
             dtype: h.dtype(),
             hidden,
@@ -711,19 +671,8 @@ impl MoeAccumulator {
     /// The block's output `[n_tok, hidden]` in the compute dtype.
     pub(crate) fn finish(self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
         let shape = (self.acc.len() / self.hidden.max(1), self.hidden);
-        match self.dtype {
-            DType::BF16 => {
-                let mut o = vec![bf16::ZERO; self.acc.len()];
-                o.convert_from_f32_slice(&self.acc);
-                Tensor::from_vec(o, shape, device)
-            }
-            DType::F16 => {
-                let mut o = vec![f16::ZERO; self.acc.len()];
-                o.convert_from_f32_slice(&self.acc);
-                Tensor::from_vec(o, shape, device)
-            }
-            _ => Tensor::from_vec(self.acc, shape, device),
-        }
+        // Every value is representable in the compute dtype, so narrowing only changes the type.
+        Tensor::from_vec(self.acc, shape, device)?.to_dtype(self.dtype)
     }
 }
 

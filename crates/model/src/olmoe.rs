@@ -234,15 +234,18 @@ impl Olmoe {
                     },
                 }
             } else {
+                let names = |x: usize| {
+                    let q = format!("{p}.mlp.experts.{x}");
+                    [
+                        (format!("{q}.gate_proj.weight"), [i, h]),
+                        (format!("{q}.up_proj.weight"), [i, h]),
+                        (format!("{q}.down_proj.weight"), [h, i]),
+                    ]
+                };
                 let mut mapped = Vec::with_capacity(e);
                 for x in 0..e {
-                    let q = format!("{p}.mlp.experts.{x}");
-                    let m = (
-                        map(&format!("{q}.gate_proj.weight"), &[i, h])?,
-                        map(&format!("{q}.up_proj.weight"), &[i, h])?,
-                        map(&format!("{q}.down_proj.weight"), &[h, i])?,
-                    );
-                    match m {
+                    let [g, u, d] = names(x);
+                    match (map(&g.0, &g.1)?, map(&u.0, &u.1)?, map(&d.0, &d.1)?) {
                         (Some(g), Some(u), Some(d)) => mapped.push([g, u, d]),
                         _ => break,
                     }
@@ -252,11 +255,11 @@ impl Olmoe {
                 } else {
                     let mut v = Vec::with_capacity(e);
                     for x in 0..e {
-                        let q = format!("{p}.mlp.experts.{x}");
+                        let [g, u, d] = names(x);
                         v.push([
-                            store.load(&format!("{q}.gate_proj.weight"), &[i, h], None, dev)?,
-                            store.load(&format!("{q}.up_proj.weight"), &[i, h], None, dev)?,
-                            store.load(&format!("{q}.down_proj.weight"), &[h, i], None, dev)?,
+                            store.load(&g.0, &g.1, None, dev)?,
+                            store.load(&u.0, &u.1, None, dev)?,
+                            store.load(&d.0, &d.1, None, dev)?,
                         ]);
                     }
                     Experts::PerExpert(v)
