@@ -312,19 +312,8 @@ fn kv_cache_decoding_equals_full_recompute() {
             .chain(&g.generated)
             .copied()
             .collect();
-        let mut st = model.new_sequence(&g.prompt_id);
         let mut full = Collect::default();
-        model
-            .forward(
-                &mut [StepSeq {
-                    state: &mut st,
-                    tokens: &all,
-                    token_type: TokenType::Prompt,
-                    want_logits: false,
-                }],
-                &mut full,
-            )
-            .unwrap();
+        common::forward_once(&model, &g.prompt_id, &all, &mut full);
         let inc_map = inc.by_key();
         for r in &full.records {
             let o = &inc_map[&(g.prompt_id.clone(), r.position, r.layer)];

@@ -15,9 +15,8 @@ use common::Collect;
 use moe_xray_model::chat::{ChatTemplate, Message};
 use moe_xray_model::config::{eos_token_ids, GenerationDefaults, OlmoeConfig};
 use moe_xray_model::generate::{generate_all, GenerateOptions, PromptInput};
-use moe_xray_model::olmoe::{LoadOptions, Olmoe, StepSeq};
+use moe_xray_model::olmoe::{LoadOptions, Olmoe};
 use moe_xray_model::tokenizer::Tokenizer;
-use moe_xray_trace::TokenType;
 use serde_json::Value;
 
 const F32_MODELS: &[&str] = &[
@@ -245,18 +244,7 @@ fn bf16_model_matches_transformers_up_to_near_ties() {
     let mut sink = Collect::default();
     for g in expected_generations(&dir) {
         let all: Vec<u32> = g.prompt_ids.iter().chain(&g.generated).copied().collect();
-        let mut st = model.new_sequence(&g.id);
-        model
-            .forward(
-                &mut [StepSeq {
-                    state: &mut st,
-                    tokens: &all,
-                    token_type: TokenType::Prompt,
-                    want_logits: false,
-                }],
-                &mut sink,
-            )
-            .unwrap();
+        common::forward_once(&model, &g.id, &all, &mut sink);
     }
     assert_eq!(sink.records.len(), want.len());
     let mut same = 0usize;

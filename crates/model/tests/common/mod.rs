@@ -255,6 +255,28 @@ pub fn write_model(dir: &Path, s: &Spec) {
     write_safetensors(&dir.join("model.safetensors"), &tensors(s), s.bf16);
 }
 
+/// Runs `tokens` through a fresh sequence `id` in one forward step without a cache (teacher
+/// forcing), reporting every routing decision to `sink`.
+pub fn forward_once(
+    model: &moe_xray_model::olmoe::Olmoe,
+    id: &str,
+    tokens: &[u32],
+    sink: &mut dyn RoutingSink,
+) {
+    let mut st = model.new_sequence(id);
+    model
+        .forward(
+            &mut [moe_xray_model::olmoe::StepSeq {
+                state: &mut st,
+                tokens,
+                token_type: moe_xray_trace::TokenType::Prompt,
+                want_logits: false,
+            }],
+            sink,
+        )
+        .unwrap();
+}
+
 /// Keeps every decision as an owned record.
 #[derive(Default)]
 pub struct Collect {
