@@ -1,0 +1,749 @@
+//! Exact samplers of the load-balancing baselines for E ≤ 64 experts, four tokens at a time.
+//!
+//! A token's selection is a 64-bit mask of its k distinct experts. Tokens are drawn in groups of
+//! four *lanes*, lane j from its own xoshiro256++ stream ([`Rng4`]); the per-expert counts of a
+//! (prompt, layer) are the column sums of its token masks, kept bit-sliced ([`Sliced`]).
+//!
+//! * **Uniform k-subset** ([`Draw::Uniform`]): expert indices are b-bit fields of the random
+//!   words (b = ⌈log₂ E⌉, fields ≥ E skipped), taken until k distinct experts are set. The set of
+//!   the first k distinct values of an i.i.d. uniform sequence is a uniform k-subset (by
+//!   symmetry). The first min(k, ⌊64/b⌋) fields of a lane's first word are ORed
+//!   unconditionally (they cannot overshoot k); every later field is ORed only while fewer than k
+//!   bits are set.
+//! * **Sequential draw without replacement** ([`Draw::Alias`]): each pick is drawn from the full
+//!   distribution with Vose's alias method ([`AliasTable`]) and rejected when already taken,
+//!   which is exactly the renormalised sequential draw (numpy's `choice(replace=False, p=…)`).
+//!   Two picks per 64-bit word (one per 32-bit half); the first k unconditionally, later ones only
+//!   while fewer than k are set.
+//! * When some lane of a group still has fewer than k experts after its words, **all four**
+//!   lanes advance by one word (lanes already complete ignore theirs). So the random words a
+//!   lane consumes depend on its group, not on how the group is computed.
+//!
+//! On x86-64 with AVX2 the group runs in SIMD registers (gathers for the alias table); elsewhere
+//! a scalar loop does exactly the same operations (test `avx2_and_scalar_samplers_agree`).
+//! Everything is integer arithmetic, so the counts are identical either way. Hand-written
+//! because no maintained crate samples k-subsets as bit masks or counts them bit-sliced.
+
+use crate::sub_rng;
+use rand::RngCore;
+
+/// Four xoshiro256++ streams (Blackman & Vigna 2021), stored word-major: `s[w][lane]`.
+pub(crate) struct Rng4 {
+    s: [[u64; 4]; 4],
+}
+
+impl Rng4 {
+    /// Lane j is seeded with words 4 + 4j .. 8 + 4j of `sub_rng(seed, tag, rep)` (words 0..4
+    /// seed the repetition's scalar stream, see `baselines::RepRng`).
+    pub(crate) fn new(seed: u64, tag: u64, rep: u64) -> Self {
+        let mut c = sub_rng(seed, tag, rep);
+        for _ in 0..4 {
+            c.next_u64();
+        }
+        let mut s = [[0u64; 4]; 4];
+        for lane in 0..4 {
+            for w in &mut s {
+                w[lane] = c.next_u64();
+            }
+            if (0..4).all(|w| s[w][lane] == 0) {
+                s[0][lane] = 1; // probability 2^-256; the all-zero state is a fixed point
+            }
+        }
+        Rng4 { s }
+    }
+
+    /// The next word of every lane.
+    #[inline(always)]
+    fn next(&mut self) -> [u64; 4] {
+        let mut out = [0u64; 4];
+        for (lane, o) in out.iter_mut().enumerate() {
+            let [s0, s1, s2, s3] = [
+                self.s[0][lane],
+                self.s[1][lane],
+                self.s[2][lane],
+                self.s[3][lane],
+            ];
+            *o = s0.wrapping_add(s3).rotate_left(23).wrapping_add(s0);
+            let t = s1 << 17;
+            let s2 = s2 ^ s0;
+            let s3 = s3 ^ s1;
+            let s1 = s1 ^ s2;
+            let s0 = s0 ^ s3;
+            let s2 = s2 ^ t;
+            let s3 = s3.rotate_left(45);
+            self.s[0][lane] = s0;
+            self.s[1][lane] = s1;
+            self.s[2][lane] = s2;
+            self.s[3][lane] = s3;
+        }
+        out
+    }
+}
+
+/// Uniform draws from `[0, E)`, 2 ≤ E ≤ 64: b-bit fields of random words.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fields {
+    /// b = ⌈log₂ E⌉.
+    bits: u32,
+    /// Fields per 64-bit word.
+    per_word: usize,
+    /// Bits of the experts `0..E`.
+    valid: u64,
+}
+
+impl Fields {
+    pub(crate) fn new(ne: usize) -> Self {
+        assert!((2..=64).contains(&ne));
+        let bits = ne.next_power_of_two().trailing_zeros();
+        Fields {
+            bits,
+            per_word: (64 / bits) as usize,
+            valid: if ne == 64 { u64::MAX } else { (1u64 << ne) - 1 },
+        }
+    }
+}
+
+/// Vose alias table over E ≤ 64 experts, padded with zero-weight columns to E' = 2^b. A draw
+/// takes 32 random bits: the top b choose a column exactly uniformly, the low s = 32 − b are
+/// compared with the column's threshold `ceil(prob · 2^s)` (so probabilities are exact to
+/// 2^-s, 1.5e-8 for E = 64). Entry = threshold | alias << s; a column with prob = 1 is its own
+/// alias (threshold capped at 2^s − 1). Zero-weight experts and padding are never drawn.
+#[derive(Debug, Clone)]
+pub(crate) struct AliasTable {
+    /// s = 32 − b.
+    shift: u32,
+    entries: Vec<u32>,
+}
+
+impl AliasTable {
+    /// Table for non-negative weights with a positive sum (at most 2^31 of them).
+    pub(crate) fn new(w: &[f64]) -> Self {
+        assert!(!w.is_empty() && w.len() <= 1 << 31);
+        let padded = w.len().next_power_of_two().max(2);
+        let shift = 32 - padded.trailing_zeros();
+        let w: Vec<f64> = (0..padded)
+            .map(|i| w.get(i).copied().unwrap_or(0.0))
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut prob: Vec<f64> = w.iter().map(|x| x * padded as f64 / total).collect();
+        let mut alias: Vec<usize> = (0..padded).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..padded).partition(|&i| prob[i] < 1.0);
+        while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+            alias[s] = l;
+            prob[l] -= 1.0 - prob[s];
+            if prob[l] < 1.0 {
+                large.pop();
+                small.push(l);
+            }
+        }
+        // Leftovers are 1 up to rounding. A zero-weight leftover (possible only through rounding)
+        // must never be returned: it always takes the heaviest expert instead.
+        let heaviest = (0..padded).fold(0, |m, i| if w[i] > w[m] { i } else { m });
+        for i in large.into_iter().chain(small) {
+            if w[i] > 0.0 {
+                prob[i] = 1.0;
+            } else {
+                prob[i] = 0.0;
+                alias[i] = heaviest;
+            }
+        }
+        let scale = (1u64 << shift) as f64;
+        let entries = (0..padded)
+            .map(|c| {
+                let thr = (prob[c].clamp(0.0, 1.0) * scale).ceil() as u64;
+                let (thr, a) = if thr >= 1u64 << shift {
+                    ((1u64 << shift) - 1, c)
+                } else {
+                    (thr, alias[c])
+                };
+                (thr | (a as u64) << shift) as u32
+            })
+            .collect();
+        AliasTable { shift, entries }
+    }
+
+    /// One draw from 32 random bits.
+    #[inline(always)]
+    pub(crate) fn draw(&self, h: u32) -> u32 {
+        let col = ((h as u64) >> self.shift) as usize;
+        let low = (1u32 << self.shift) - 1;
+        let e = self.entries[col];
+        if (h & low) < (e & low) {
+            col as u32
+        } else {
+            e >> self.shift
+        }
+    }
+}
+
+/// How one token picks its k experts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Draw<'a> {
+    /// A uniform k-subset (E ≤ 64, k < E).
+    Uniform(Fields),
+    /// Sequentially without replacement from the table's distribution (more than k experts
+    /// carry weight).
+    Alias(&'a AliasTable),
+}
+
+/// All ones while fewer than `k` bits of `mask` are set, else zero.
+#[inline(always)]
+fn need(mask: u64, k: usize) -> u64 {
+    ((mask.count_ones() as usize) < k) as u64 * u64::MAX
+}
+
+/// The next group of four token masks (scalar reference of [`avx2`]).
+#[inline(always)]
+fn group_scalar(rng: &mut Rng4, d: Draw, k: usize) -> [u64; 4] {
+    let mut m = [0u64; 4];
+    match d {
+        Draw::Uniform(f) => {
+            let fm = (1u64 << f.bits) - 1;
+            let field = |r: u64, q: usize| (1u64 << ((r >> (q as u32 * f.bits)) & fm)) & f.valid;
+            let first = k.min(f.per_word);
+            let r = rng.next();
+            for (mj, &rj) in m.iter_mut().zip(&r) {
+                for q in 0..first {
+                    *mj |= field(rj, q);
+                }
+                for q in first..f.per_word {
+                    *mj |= field(rj, q) & need(*mj, k);
+                }
+            }
+            while m.iter().any(|&x| (x.count_ones() as usize) < k) {
+                let r = rng.next();
+                for (mj, &rj) in m.iter_mut().zip(&r) {
+                    for q in 0..f.per_word {
+                        *mj |= field(rj, q) & need(*mj, k);
+                    }
+                }
+            }
+        }
+        Draw::Alias(a) => {
+            let bit = |h: u64| 1u64 << a.draw(h as u32);
+            for _ in 0..k / 2 {
+                let r = rng.next();
+                for (mj, &rj) in m.iter_mut().zip(&r) {
+                    *mj |= bit(rj) | bit(rj >> 32);
+                }
+            }
+            if k % 2 == 1 {
+                let r = rng.next();
+                for (mj, &rj) in m.iter_mut().zip(&r) {
+                    *mj |= bit(rj);
+                    *mj |= bit(rj >> 32) & need(*mj, k);
+                }
+            }
+            while m.iter().any(|&x| (x.count_ones() as usize) < k) {
+                let r = rng.next();
+                for (mj, &rj) in m.iter_mut().zip(&r) {
+                    *mj |= bit(rj) & need(*mj, k);
+                    *mj |= bit(rj >> 32) & need(*mj, k);
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Per-expert counts of up to 64 experts kept bit-sliced ("vertical counters"): bit e of plane
+/// p is bit p of expert e's count. Eight masks are added at once through a carry-save adder tree
+/// (the Harley–Seal scheme, see Muła, Kurz & Lemire, "Faster population counts using AVX2
+/// instructions", Computer Journal 2018): ~6 bit operations per token instead of k increments.
+struct Sliced {
+    planes: [u64; MAX_PLANES],
+    /// Planes in use: the bit length of the largest possible count (at least 3).
+    n: usize,
+}
+
+/// Tokens per chunk: counts of one chunk stay below 2^22, so [`MAX_PLANES`] always suffice.
+const CHUNK: u64 = 1 << 22;
+const MAX_PLANES: usize = 24;
+
+/// Carry-save adder: `a + b + c = 2·hi + lo` bitwise.
+#[inline(always)]
+fn csa(a: u64, b: u64, c: u64) -> (u64, u64) {
+    let u = a ^ b;
+    ((a & b) | (u & c), u ^ c)
+}
+
+impl Sliced {
+    /// Counters for at most `max_count` ≤ [`CHUNK`] additions.
+    fn new(max_count: u64) -> Self {
+        Sliced {
+            planes: [0; MAX_PLANES],
+            n: ((64 - max_count.leading_zeros()) as usize).clamp(3, MAX_PLANES),
+        }
+    }
+
+    /// Add the bits of `c` at weight 2^from.
+    #[inline(always)]
+    fn ripple(&mut self, mut c: u64, from: usize) {
+        for p in &mut self.planes[from..self.n] {
+            let t = *p & c;
+            *p ^= c;
+            c = t;
+        }
+    }
+
+    #[inline(always)]
+    fn add8(&mut self, m: &[u64; 8]) {
+        let [ones, twos, fours] = [self.planes[0], self.planes[1], self.planes[2]];
+        let (ta, ones) = csa(ones, m[0], m[1]);
+        let (tb, ones) = csa(ones, m[2], m[3]);
+        let (fa, twos) = csa(twos, ta, tb);
+        let (ta, ones) = csa(ones, m[4], m[5]);
+        let (tb, ones) = csa(ones, m[6], m[7]);
+        let (fb, twos) = csa(twos, ta, tb);
+        let (eights, fours) = csa(fours, fa, fb);
+        self.planes[0] = ones;
+        self.planes[1] = twos;
+        self.planes[2] = fours;
+        self.ripple(eights, 3);
+    }
+
+    /// Add another bit-sliced counter (its planes `0..n`) at weight 1.
+    #[inline(always)]
+    fn add_planes(&mut self, other: &[u64]) {
+        let mut carry = 0u64;
+        for p in 0..self.n {
+            let a = self.planes[p];
+            let b = other.get(p).copied().unwrap_or(0);
+            let (hi, lo) = csa(a, b, carry);
+            self.planes[p] = lo;
+            carry = hi;
+        }
+    }
+
+    /// Add the counts of experts `0..out.len()` to `out`.
+    #[inline(always)]
+    fn add_counts_to(&self, out: &mut [u64]) {
+        let mut c = [0u32; 64];
+        for (p, &w) in self.planes[..self.n].iter().enumerate() {
+            for (e, x) in c.iter_mut().enumerate() {
+                *x |= (((w >> e) & 1) as u32) << p;
+            }
+        }
+        for (o, &x) in out.iter_mut().zip(&c) {
+            *o += x as u64;
+        }
+    }
+}
+
+/// Scalar version of [`count_tokens`].
+fn count_scalar(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [u64]) {
+    out.iter_mut().for_each(|x| *x = 0);
+    let mut done = 0;
+    while done < t {
+        let tc = (t - done).min(CHUNK);
+        count_chunk_scalar(rng, tc, d, k, out);
+        done += tc;
+    }
+}
+
+fn count_chunk_scalar(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [u64]) {
+    let mut sc = Sliced::new(t);
+    let mut buf = [0u64; 8];
+    let mut filled = 0;
+    let mut left = t;
+    while left > 0 {
+        let g = group_scalar(rng, d, k);
+        let take = left.min(4) as usize;
+        for &m in &g[..take] {
+            buf[filled] = m;
+            filled += 1;
+            if filled == 8 {
+                sc.add8(&buf);
+                filled = 0;
+            }
+        }
+        left -= take as u64;
+    }
+    for &m in &buf[..filled] {
+        sc.ripple(m, 0);
+    }
+    sc.add_counts_to(out);
+}
+
+/// Draw `t` tokens (groups of four from `rng`, the surplus lanes of the last group discarded)
+/// and write the per-expert counts to `out` (`out.len()` = E ≤ 64). `k` ≥ 1 experts per token,
+/// fewer than the experts that can be drawn. Tokens are counted in chunks of [`CHUNK`] (a
+/// multiple of four, so chunking does not change which words a token uses).
+pub(crate) fn count_tokens(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        out.iter_mut().for_each(|x| *x = 0);
+        let mut done = 0;
+        while done < t {
+            let tc = (t - done).min(CHUNK);
+            // SAFETY: AVX2 was detected at run time.
+            unsafe { avx2::count_chunk(rng, tc, d, k, out) };
+            done += tc;
+        }
+        return;
+    }
+    count_scalar(rng, t, d, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{AliasTable, Draw, Fields, Rng4, Sliced, MAX_PLANES};
+    use std::arch::x86_64::*;
+
+    /// xoshiro256++ on four lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn next(s: &mut [__m256i; 4]) -> __m256i {
+        let x = _mm256_add_epi64(s[0], s[3]);
+        let rot = _mm256_or_si256(_mm256_slli_epi64(x, 23), _mm256_srli_epi64(x, 41));
+        let out = _mm256_add_epi64(rot, s[0]);
+        let t = _mm256_slli_epi64(s[1], 17);
+        s[2] = _mm256_xor_si256(s[2], s[0]);
+        s[3] = _mm256_xor_si256(s[3], s[1]);
+        s[1] = _mm256_xor_si256(s[1], s[2]);
+        s[0] = _mm256_xor_si256(s[0], s[3]);
+        s[2] = _mm256_xor_si256(s[2], t);
+        s[3] = _mm256_or_si256(_mm256_slli_epi64(s[3], 45), _mm256_srli_epi64(s[3], 19));
+        out
+    }
+
+    /// Set bits per 64-bit lane (nibble table, Muła et al.).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn popcnt(x: __m256i) -> __m256i {
+        let lut = _mm256_setr_epi8(
+            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2,
+            3, 3, 4,
+        );
+        let low = _mm256_set1_epi8(0x0f);
+        let lo = _mm256_and_si256(x, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+        let c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+        _mm256_sad_epu8(c, _mm256_setzero_si256())
+    }
+
+    /// All ones in the lanes with fewer than k bits set.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn need(m: __m256i, kv: __m256i) -> __m256i {
+        _mm256_cmpgt_epi64(kv, popcnt(m))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn any(v: __m256i) -> bool {
+        _mm256_movemask_epi8(v) != 0
+    }
+
+    /// One-hot masks of the low b bits of every lane, restricted to the experts `0..E`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn onehot(r: __m256i, f: Fields) -> __m256i {
+        let fm = _mm256_set1_epi64x(((1u64 << f.bits) - 1) as i64);
+        let x = _mm256_and_si256(r, fm);
+        _mm256_and_si256(
+            _mm256_sllv_epi64(_mm256_set1_epi64x(1), x),
+            _mm256_set1_epi64x(f.valid as i64),
+        )
+    }
+
+    /// Eight alias draws (two per lane) as one-hot masks of the low and high halves.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn draw8(r: __m256i, a: &AliasTable) -> (__m256i, __m256i) {
+        let one = _mm256_set1_epi64x(1);
+        let sh = _mm_cvtsi32_si128(a.shift as i32);
+        let low = _mm256_set1_epi32(((1u32 << a.shift) - 1) as i32);
+        let col = _mm256_srl_epi32(r, sh);
+        let e = _mm256_i32gather_epi32::<4>(a.entries.as_ptr() as *const i32, col);
+        let accept = _mm256_cmpgt_epi32(_mm256_and_si256(e, low), _mm256_and_si256(r, low));
+        let x = _mm256_blendv_epi8(_mm256_srl_epi32(e, sh), col, accept);
+        (
+            _mm256_sllv_epi64(one, _mm256_and_si256(x, _mm256_set1_epi64x(0xffff_ffff))),
+            _mm256_sllv_epi64(one, _mm256_srli_epi64(x, 32)),
+        )
+    }
+
+    /// Uniform draws, see [`super::group_scalar`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn group_uniform(s: &mut [__m256i; 4], f: Fields, k: usize) -> __m256i {
+        let kv = _mm256_set1_epi64x(k as i64);
+        let first = k.min(f.per_word);
+        let bsh = _mm_cvtsi32_si128(f.bits as i32);
+        let mut r = next(s);
+        let mut m = _mm256_setzero_si256();
+        for _ in 0..first {
+            m = _mm256_or_si256(m, onehot(r, f));
+            r = _mm256_srl_epi64(r, bsh);
+        }
+        // Gating field q on "fewer than k set before it" keeps exactly the shortest ungated
+        // prefix OR with k bits set (or the whole OR): the prefixes' popcounts are independent,
+        // so they run in parallel instead of as one chain.
+        let mut prefix = m;
+        let mut sel = _mm256_setzero_si256();
+        let mut done = _mm256_setzero_si256();
+        for q in first..=f.per_word {
+            let ok = _mm256_andnot_si256(done, _mm256_cmpgt_epi64(popcnt(prefix), kv1(k)));
+            sel = _mm256_or_si256(sel, _mm256_and_si256(ok, prefix));
+            done = _mm256_or_si256(done, ok);
+            if q < f.per_word {
+                prefix = _mm256_or_si256(prefix, onehot(r, f));
+                r = _mm256_srl_epi64(r, bsh);
+            }
+        }
+        // Lanes that did not reach k: the whole OR.
+        m = _mm256_or_si256(sel, _mm256_andnot_si256(done, prefix));
+        while any(need(m, kv)) {
+            let mut r = next(s);
+            for _ in 0..f.per_word {
+                m = _mm256_or_si256(m, _mm256_and_si256(onehot(r, f), need(m, kv)));
+                r = _mm256_srl_epi64(r, bsh);
+            }
+        }
+        m
+    }
+
+    /// k − 1 in every lane (`popcnt > k − 1` ⇔ at least k set).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn kv1(k: usize) -> __m256i {
+        _mm256_set1_epi64x(k as i64 - 1)
+    }
+
+    /// Alias draws, see [`super::group_scalar`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn group_alias(s: &mut [__m256i; 4], a: &AliasTable, k: usize) -> __m256i {
+        let kv = _mm256_set1_epi64x(k as i64);
+        let mut m = _mm256_setzero_si256();
+        for _ in 0..k / 2 {
+            let (x, y) = draw8(next(s), a);
+            m = _mm256_or_si256(m, _mm256_or_si256(x, y));
+        }
+        if k % 2 == 1 {
+            let (x, y) = draw8(next(s), a);
+            m = _mm256_or_si256(m, x);
+            m = _mm256_or_si256(m, _mm256_and_si256(y, need(m, kv)));
+        }
+        while any(need(m, kv)) {
+            let (x, y) = draw8(next(s), a);
+            m = _mm256_or_si256(m, _mm256_and_si256(x, need(m, kv)));
+            m = _mm256_or_si256(m, _mm256_and_si256(y, need(m, kv)));
+        }
+        m
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn group(s: &mut [__m256i; 4], d: Draw, k: usize) -> __m256i {
+        match d {
+            Draw::Uniform(f) => group_uniform(s, f, k),
+            Draw::Alias(a) => group_alias(s, a, k),
+        }
+    }
+
+    /// Carry-save adder on four lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn csa(a: __m256i, b: __m256i, c: __m256i) -> (__m256i, __m256i) {
+        let u = _mm256_xor_si256(a, b);
+        (
+            _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u, c)),
+            _mm256_xor_si256(u, c),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn ripple(planes: &mut [__m256i], mut c: __m256i, from: usize) {
+        for p in &mut planes[from..] {
+            let t = _mm256_and_si256(*p, c);
+            *p = _mm256_xor_si256(*p, c);
+            c = t;
+        }
+    }
+
+    /// [`super::count_tokens`] with the groups in AVX2 registers: per-lane bit-sliced counters
+    /// (eight groups through the carry-save tree at a time), summed over the lanes at the end.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn count_chunk(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [u64]) {
+        let mut s = [
+            _mm256_loadu_si256(rng.s[0].as_ptr() as *const __m256i),
+            _mm256_loadu_si256(rng.s[1].as_ptr() as *const __m256i),
+            _mm256_loadu_si256(rng.s[2].as_ptr() as *const __m256i),
+            _mm256_loadu_si256(rng.s[3].as_ptr() as *const __m256i),
+        ];
+        // Each lane counts at most ⌈t/4⌉ tokens.
+        let per_lane = t.div_ceil(4);
+        let n = ((64 - per_lane.leading_zeros()) as usize).clamp(3, MAX_PLANES);
+        let mut planes = [_mm256_setzero_si256(); MAX_PLANES];
+        let planes = &mut planes[..n];
+        let full = t / 4;
+        let mut g = 0;
+        while g + 8 <= full {
+            let mut m = [_mm256_setzero_si256(); 8];
+            for x in &mut m {
+                *x = group(&mut s, d, k);
+            }
+            let (ta, ones) = csa(planes[0], m[0], m[1]);
+            let (tb, ones) = csa(ones, m[2], m[3]);
+            let (fa, twos) = csa(planes[1], ta, tb);
+            let (ta, ones) = csa(ones, m[4], m[5]);
+            let (tb, ones) = csa(ones, m[6], m[7]);
+            let (fb, twos) = csa(twos, ta, tb);
+            let (eights, fours) = csa(planes[2], fa, fb);
+            planes[0] = ones;
+            planes[1] = twos;
+            planes[2] = fours;
+            ripple(planes, eights, 3);
+            g += 8;
+        }
+        while g < full {
+            let m = group(&mut s, d, k);
+            ripple(planes, m, 0);
+            g += 1;
+        }
+        let rest = (t % 4) as usize;
+        if rest > 0 {
+            let m = group(&mut s, d, k);
+            let keep: [i64; 4] = std::array::from_fn(|j| if j < rest { -1 } else { 0 });
+            let keep = _mm256_loadu_si256(keep.as_ptr() as *const __m256i);
+            ripple(planes, _mm256_and_si256(m, keep), 0);
+        }
+        for (w, v) in rng.s.iter_mut().zip(&s) {
+            _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, *v);
+        }
+        // Sum the four lanes' counters.
+        let mut lanes = [[0u64; 4]; MAX_PLANES];
+        for (l, v) in lanes.iter_mut().zip(planes.iter()) {
+            _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, *v);
+        }
+        let mut total = Sliced::new(t);
+        for lane in 0..4 {
+            let mut x = [0u64; MAX_PLANES];
+            for (xp, l) in x.iter_mut().zip(&lanes[..n]) {
+                *xp = l[lane];
+            }
+            total.add_planes(&x[..n]);
+        }
+        total.add_counts_to(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uniform(ne: usize) -> Draw<'static> {
+        Draw::Uniform(Fields::new(ne))
+    }
+
+    #[test]
+    fn uniform_subsets_are_uniform() {
+        // k = 2 of E = 5: each of the 10 pairs with probability 1/10 (one token per group lane).
+        let mut rng = Rng4::new(1, 2, 3);
+        let mut h = std::collections::BTreeMap::new();
+        for _ in 0..12_500 {
+            for m in group_scalar(&mut rng, uniform(5), 2) {
+                assert_eq!(m.count_ones(), 2);
+                assert!(m < 32);
+                *h.entry(m).or_insert(0usize) += 1;
+            }
+        }
+        assert_eq!(h.len(), 10);
+        for &x in h.values() {
+            assert!((x as f64 - 5000.0).abs() < 5.0 * 4500.0f64.sqrt(), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn alias_draws_follow_the_weights_and_skip_zero_weights() {
+        let w = [5.0, 0.0, 1.0, 0.0, 2.0, 9.0, 0.5];
+        let a = AliasTable::new(&w);
+        let mut rng = Rng4::new(0, 1, 2);
+        let mut h = [0usize; 8];
+        let n = 400_000;
+        for _ in 0..n / 8 {
+            let r = rng.next();
+            for x in r {
+                h[a.draw(x as u32) as usize] += 1;
+                h[a.draw((x >> 32) as u32) as usize] += 1;
+            }
+        }
+        let total: f64 = w.iter().sum();
+        for (e, &c) in h.iter().enumerate() {
+            let p = w.get(e).copied().unwrap_or(0.0) / total;
+            let sd = (n as f64 * p * (1.0 - p)).sqrt().max(1.0);
+            assert!((c as f64 - n as f64 * p).abs() < 5.0 * sd, "{e}: {h:?}");
+        }
+        assert_eq!(h[1] + h[3] + h[7], 0);
+    }
+
+    #[test]
+    fn sequential_draws_without_replacement() {
+        // Two draws without replacement from weights (3,1,1,1)/6: P(expert 0 picked) =
+        // 1/2 + 3 · (1/6) · (3/5) = 0.8.
+        let a = AliasTable::new(&[3.0, 1.0, 1.0, 1.0]);
+        let mut rng = Rng4::new(9, 9, 9);
+        let mut out = [0u64; 4];
+        count_scalar(&mut rng, 60_000, Draw::Alias(&a), 2, &mut out);
+        assert_eq!(out.iter().sum::<u64>(), 120_000);
+        let f0 = out[0] as f64 / 60_000.0;
+        assert!((f0 - 0.8).abs() < 0.01, "{f0}");
+    }
+
+    #[test]
+    fn counts_are_column_sums_of_the_masks() {
+        for t in [1u64, 3, 4, 7, 8, 31, 32, 33, 100, 257] {
+            let mut a = Rng4::new(5, 6, t);
+            let mut b = Rng4::new(5, 6, t);
+            let mut want = [0u64; 64];
+            let mut left = t;
+            while left > 0 {
+                let g = group_scalar(&mut a, uniform(64), 8);
+                for &m in &g[..left.min(4) as usize] {
+                    for (e, w) in want.iter_mut().enumerate() {
+                        *w += (m >> e) & 1;
+                    }
+                }
+                left -= left.min(4);
+            }
+            let mut got = [0u64; 64];
+            count_scalar(&mut b, t, uniform(64), 8, &mut got);
+            assert_eq!(got, want, "t = {t}");
+            assert_eq!(a.s, b.s);
+        }
+    }
+
+    #[test]
+    fn avx2_and_scalar_samplers_agree() {
+        let table = AliasTable::new(&(0..60).map(|e| 1.0 + (e % 7) as f64).collect::<Vec<_>>());
+        let skewed = AliasTable::new(&[50.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 3.0, 2.0]);
+        let cases: Vec<(Draw, usize, usize)> = vec![
+            (uniform(64), 8, 64),
+            (uniform(60), 4, 60),
+            (uniform(5), 2, 5),
+            (uniform(64), 12, 64),
+            (uniform(2), 1, 2),
+            (Draw::Alias(&table), 8, 60),
+            (Draw::Alias(&table), 7, 60),
+            (Draw::Alias(&skewed), 3, 9),
+        ];
+        for (d, k, ne) in cases {
+            for t in [1u64, 2, 5, 8, 31, 32, 33, 64, 65, 250] {
+                let mut a = Rng4::new(3, 4, t);
+                let mut b = Rng4::new(3, 4, t);
+                let mut x = vec![0u64; ne];
+                let mut y = vec![0u64; ne];
+                count_scalar(&mut a, t, d, k, &mut x);
+                count_tokens(&mut b, t, d, k, &mut y);
+                assert_eq!(x, y, "{d:?} k={k} t={t}");
+                assert_eq!(a.s, b.s, "{d:?} k={k} t={t}");
+                assert_eq!(x.iter().sum::<u64>(), t * k as u64);
+                assert!(x.iter().all(|&c| c <= t));
+            }
+        }
+    }
+}
