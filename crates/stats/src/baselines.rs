@@ -293,6 +293,8 @@ impl<'a> Setup<'a> {
 struct Work<T> {
     /// Synthetic counts, layer-major: `c[(l·N + i)·E + e]`.
     c: Vec<T>,
+    /// The observed counts in the same layout (permutation baseline only, else empty).
+    base: Vec<T>,
     /// One per-layer Gram matrix, N×N row-major (upper triangle and diagonal used).
     g: Vec<f64>,
     /// `Σ_l G_l[i,j] r_il r_jl` for i<j (row-major N×N, upper part used).
@@ -303,15 +305,38 @@ struct Work<T> {
 }
 
 impl<T: Elem> Work<T> {
-    fn new(n: usize, nl: usize, ne: usize) -> Self {
+    fn new(n: usize, nl: usize, ne: usize, base: Vec<T>) -> Self {
         Work {
             c: vec![T::ZERO; nl * n * ne],
+            base,
             g: vec![0.0; n * n],
             acc: vec![0.0; n * n],
             inv: vec![0.0; n],
             pairs: Vec::with_capacity(n * n.saturating_sub(1) / 2),
         }
     }
+}
+
+/// The observed counts in the layer-major layout of [`Work::c`] (permutation baseline only).
+fn observed<T: Elem>(s: &Setup) -> Vec<T> {
+    if s.which != Baseline::Permutation {
+        return Vec::new();
+    }
+    let input = s.input;
+    let (n, nl, ne) = (input.n(), input.num_layers, input.num_experts);
+    let mut c = vec![T::ZERO; nl * n * ne];
+    for i in 0..n {
+        let row = input.counts_row(i);
+        for l in 0..nl {
+            for (x, &y) in c[(l * n + i) * ne..(l * n + i + 1) * ne]
+                .iter_mut()
+                .zip(&row[l * ne..(l + 1) * ne])
+            {
+                *x = T::from_f64(y);
+            }
+        }
+    }
+    c
 }
 
 /// Taken-set of one token (bit set over the experts).
@@ -321,10 +346,9 @@ fn is_taken(taken: &[u64], e: usize) -> bool {
 }
 
 /// Draw the synthetic counts of repetition `rep` into `c` (layer-major, see [`Work`]).
-fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
+fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
     let input = s.input;
     let (n, nl, ne, k) = (input.n(), input.num_layers, input.num_experts, input.top_k);
-    let d = nl * ne;
     let mut rng = rep_rng(s.which, s.seed, rep);
     let mut rng4 = Rng4::new(s.seed, s.which.tag(), rep);
     let mut below = Below::new();
@@ -339,13 +363,11 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T]) {
     let mut c64 = [0u64; 64];
     match s.which {
         Baseline::Permutation => {
+            // The observed counts, already in the layout and type of `c`.
+            c.copy_from_slice(base);
             for i in 0..n {
-                let row = &input.counts[i * d..(i + 1) * d];
                 for l in 0..nl {
                     let layer = &mut c[at(l, i)..at(l, i) + ne];
-                    for (x, &y) in layer.iter_mut().zip(&row[l * ne..(l + 1) * ne]) {
-                        *x = T::from_f64(y);
-                    }
                     // Fisher–Yates: a uniform permutation of the expert axis.
                     for m in (1..ne).rev() {
                         let j = below.below(&mut rng, m + 1);
@@ -549,9 +571,9 @@ fn run_reps<T: Elem>(s: &Setup, reps: usize) -> Vec<(f64, f64)> {
     (0..reps)
         .into_par_iter()
         .map_init(
-            || Work::<T>::new(n, nl, ne),
+            || Work::<T>::new(n, nl, ne, observed(s)),
             |w, r| {
-                synth_counts(s, r as u64, &mut w.c);
+                synth_counts(s, r as u64, &mut w.c, &w.base);
                 rep_stats(w, n, nl, ne)
             },
         )
@@ -632,7 +654,8 @@ mod tests {
         let tokens = tokens_per_layer(inp);
         let s = Setup::new(which, inp, &tokens, pooled, seed);
         let mut c = vec![0.0f64; n * nl * ne];
-        synth_counts(&s, rep, &mut c);
+        let base = observed::<f64>(&s);
+        synth_counts(&s, rep, &mut c, &base);
         let mut out = vec![0.0; n * nl * ne];
         for l in 0..nl {
             for i in 0..n {
@@ -745,7 +768,7 @@ mod tests {
                 .flat_map(|i| ((i + 1)..n).map(move |j| (i, j)))
                 .map(|(i, j)| g[i * n + j]),
         );
-        let mut w = Work::<i16>::new(n, nl, ne);
+        let mut w = Work::<i16>::new(n, nl, ne, Vec::new());
         for l in 0..nl {
             for i in 0..n {
                 for e in 0..ne {
