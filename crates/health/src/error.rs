@@ -1,33 +1,19 @@
 //! Errors of the health crate.
 
+use moe_xray_trace::TraceError;
 use std::path::PathBuf;
 
 /// Result alias of the health crate.
 pub type Result<T, E = HealthError> = std::result::Result<T, E>;
 
-/// Every error names the file (and line, when there is one) or the input that is wrong.
+/// Every error names the file (and line, when there is one) or the input that is wrong. File and
+/// line errors are the trace crate's ([`TraceError`]'s `Io`, `Invalid`, `InvalidFile`), so both
+/// crates report them the same way.
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
-    /// An error of the trace crate (reading, writing).
+    /// An error reading or writing a file: the trace crate's file/line errors.
     #[error(transparent)]
-    Trace(#[from] moe_xray_trace::TraceError),
-    /// An I/O error on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Invalid content at a line of a file (lines count from 1).
-    #[error("{path}:{line}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
-    /// Invalid content of a whole file or directory.
-    #[error("{path}: {message}")]
-    InvalidFile { path: PathBuf, message: String },
+    Trace(#[from] TraceError),
     /// Two inputs that must agree do not (e.g. runs with different layer/expert counts).
     #[error("{0}")]
     Mismatch(String),
@@ -37,27 +23,20 @@ pub enum HealthError {
 }
 
 impl HealthError {
+    /// An I/O error on `path`.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        HealthError::Io {
-            path: path.into(),
-            source,
-        }
+        TraceError::io(path, source).into()
     }
+    /// Invalid content at line `line` (from 1) of `path`.
     pub(crate) fn invalid(
         path: impl Into<PathBuf>,
         line: usize,
         message: impl Into<String>,
     ) -> Self {
-        HealthError::Invalid {
-            path: path.into(),
-            line,
-            message: message.into(),
-        }
+        TraceError::invalid(path, line, message).into()
     }
+    /// Invalid content of a whole file or directory.
     pub(crate) fn invalid_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        HealthError::InvalidFile {
-            path: path.into(),
-            message: message.into(),
-        }
+        TraceError::invalid_file(path, message).into()
     }
 }
