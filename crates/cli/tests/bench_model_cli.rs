@@ -23,34 +23,53 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn bench_model_counts_match_trace() {
-    let model = fixtures().join("olmoe-tiny-gqa-f32");
-    let prompts = fixtures().join("prompts.jsonl");
-    let tmp = tempfile::tempdir().unwrap();
-    let scratch = tmp.path().join("scratch");
-    std::fs::create_dir_all(&scratch).unwrap();
-    let o = run(&[
+/// The committed fixture model and prompt file every run here uses.
+fn model_and_prompts() -> (PathBuf, PathBuf) {
+    (
+        fixtures().join("olmoe-tiny-gqa-f32"),
+        fixtures().join("prompts.jsonl"),
+    )
+}
+
+/// `moe-xray bench model --model M --prompts P` followed by `extra`.
+fn bench_model(model: &Path, prompts: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
         "bench",
         "model",
         "--model",
-        s(&model),
+        s(model),
         "--prompts",
-        s(&prompts),
-        "-n",
-        "5",
-        "--max-new-tokens",
-        "3",
-        "--batch-size",
-        "2",
-        "--threads",
-        "1",
-        "--capture",
-        "events",
-        "--scratch",
-        s(&scratch),
-        "--json",
-    ]);
+        s(prompts),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn bench_model_counts_match_trace() {
+    let (model, prompts) = model_and_prompts();
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let o = bench_model(
+        &model,
+        &prompts,
+        &[
+            "-n",
+            "5",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--capture",
+            "events",
+            "--scratch",
+            s(&scratch),
+            "--json",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
 
@@ -112,18 +131,8 @@ fn bench_model_counts_match_trace() {
 
 #[test]
 fn bench_model_rejects_too_many_prompts() {
-    let model = fixtures().join("olmoe-tiny-gqa-f32");
-    let prompts = fixtures().join("prompts.jsonl");
-    let o = run(&[
-        "bench",
-        "model",
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "-n",
-        "500",
-    ]);
+    let (model, prompts) = model_and_prompts();
+    let o = bench_model(&model, &prompts, &["-n", "500"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--num-prompts 500"), "{err}");

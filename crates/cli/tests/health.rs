@@ -22,6 +22,28 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `moe-xray compare A B --reps 0 --fail-above T`: the drift guard alone, no bootstrap.
+fn compare_guard(a: &Path, b: &Path, fail_above: &str) -> Output {
+    moe_xray(&[
+        "compare",
+        s(a),
+        s(b),
+        "--reps",
+        "0",
+        "--fail-above",
+        fail_above,
+    ])
+}
+
+/// Runs `moe-xray ARGS`, which must exit 1 with `needle` in its stderr; returns that stderr.
+fn fails_with(args: &[&str], needle: &str) -> String {
+    let out = moe_xray(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains(needle), "stderr `{e}` lacks `{needle}`");
+    e
+}
+
 fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
         .unwrap()
@@ -95,16 +117,15 @@ fn health_bad_inputs_fail_with_clear_errors() {
         "{\"prompt_id\":\"a\",\"layer\":0,\"position\":0,\"token_type\":\"prompt\",\"experts\":[1]}\nnot json\n",
     )
     .unwrap();
-    let out = moe_xray(&["health", s(&bad)]);
-    assert_eq!(out.status.code(), Some(1));
-    let e = stderr(&out);
-    assert!(e.contains("bad.jsonl:2"), "{e}");
-    let out = moe_xray(&["health", s(&dir.path().join("missing.jsonl"))]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("missing.jsonl"));
-    let out = moe_xray(&["health", s(&fixtures().join("run_a")), "--layer", "9"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("--layer 9"));
+    fails_with(&["health", s(&bad)], "bad.jsonl:2");
+    fails_with(
+        &["health", s(&dir.path().join("missing.jsonl"))],
+        "missing.jsonl",
+    );
+    fails_with(
+        &["health", s(&fixtures().join("run_a")), "--layer", "9"],
+        "--layer 9",
+    );
 }
 
 #[test]
@@ -130,43 +151,28 @@ fn compare_reports_js_and_guards() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("Jensen"));
 
     // guard: threshold below the max JS -> exit 3; above -> success
-    let out = moe_xray(&[
-        "compare",
-        s(&a),
-        s(&b),
-        "--reps",
-        "0",
-        "--fail-above",
-        "0.04",
-    ]);
+    let out = compare_guard(&a, &b, "0.04");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("exceeds --fail-above"));
-    let out = moe_xray(&[
-        "compare",
-        s(&a),
-        s(&b),
-        "--reps",
-        "0",
-        "--fail-above",
-        "0.06",
-    ]);
+    let out = compare_guard(&a, &b, "0.06");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     // a run compared with itself never trips the guard
-    let out = moe_xray(&["compare", s(&a), s(&a), "--reps", "0", "--fail-above", "0"]);
+    let out = compare_guard(&a, &a, "0");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[test]
 fn compare_mismatched_shapes_is_an_error() {
-    let out = moe_xray(&[
-        "compare",
-        s(&fixtures().join("run_a")),
-        s(&fixtures().join("run_e6")),
-        "--fail-above",
-        "0.5",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let e = stderr(&out);
+    let e = fails_with(
+        &[
+            "compare",
+            s(&fixtures().join("run_a")),
+            s(&fixtures().join("run_e6")),
+            "--fail-above",
+            "0.5",
+        ],
+        "same L and E",
+    );
     assert!(
         e.contains("8 experts") && e.contains("6 experts") && e.contains("same L and E"),
         "{e}"

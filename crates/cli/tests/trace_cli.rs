@@ -45,29 +45,69 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The fixture model `name`, the fixture prompt file and a fresh temporary directory.
+fn setup(name: &str) -> (PathBuf, PathBuf, tempfile::TempDir) {
+    (
+        fixtures().join(name),
+        fixtures().join("prompts.jsonl"),
+        tempfile::tempdir().unwrap(),
+    )
+}
+
+/// `--model M --prompts P --out O` followed by `extra`: the argument list every run here shares.
+fn trace_args(model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    [
+        "--model",
+        s(model),
+        "--prompts",
+        s(prompts),
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|x| x.to_string())
+    .collect()
+}
+
+/// `moe-xray trace` with [`trace_args`].
+fn trace_in(model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("trace")
+        .args(trace_args(model, prompts, out, extra))
+        .output()
+        .unwrap()
+}
+
+/// The identity of a trace record: (prompt_id, position, layer).
+fn record_key(v: &Value) -> (String, u64, u64) {
+    (
+        v["prompt_id"].as_str().unwrap().to_string(),
+        v["position"].as_u64().unwrap(),
+        v["layer"].as_u64().unwrap(),
+    )
+}
+
 #[test]
 fn trace_files_match_transformers_and_ignore_batch_and_threads() {
-    let model = fixtures().join("olmoe-tiny-gqa-f32");
-    let prompts = fixtures().join("prompts.jsonl");
-    let tmp = tempfile::tempdir().unwrap();
+    let (model, prompts, tmp) = setup("olmoe-tiny-gqa-f32");
     let mut traces = Vec::new();
     for (name, bs, th) in [("a", "1", "1"), ("b", "5", "2"), ("c", "5", "1")] {
         let out = tmp.path().join(name);
-        ok(&trace(&[
-            "--model",
-            s(&model),
-            "--prompts",
-            s(&prompts),
-            "--out",
-            s(&out),
-            "--max-new-tokens",
-            "12",
-            "--batch-size",
-            bs,
-            "--threads",
-            th,
-            "--quiet",
-        ]));
+        ok(&trace_in(
+            &model,
+            &prompts,
+            &out,
+            &[
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                bs,
+                "--threads",
+                th,
+                "--quiet",
+            ],
+        ));
         traces.push(std::fs::read_to_string(out.join("trace.jsonl")).unwrap());
     }
     // Same threads-independent bytes for the same batch size; same set of lines for any batch size.
@@ -78,14 +118,7 @@ fn trace_files_match_transformers_and_ignore_batch_and_threads() {
         t.lines()
             .map(|l| {
                 let v: Value = serde_json::from_str(l).unwrap();
-                (
-                    (
-                        v["prompt_id"].as_str().unwrap().to_string(),
-                        v["position"].as_u64().unwrap(),
-                        v["layer"].as_u64().unwrap(),
-                    ),
-                    v,
-                )
+                (record_key(&v), v)
             })
             .collect()
     };
@@ -100,25 +133,12 @@ fn trace_files_match_transformers_and_ignore_batch_and_threads() {
     let out = tmp.path().join("a");
     let want: HashMap<(String, u64, u64), Value> = jsonl(&model.join("expected_trace.jsonl"))
         .into_iter()
-        .map(|v| {
-            (
-                (
-                    v["prompt_id"].as_str().unwrap().to_string(),
-                    v["position"].as_u64().unwrap(),
-                    v["layer"].as_u64().unwrap(),
-                ),
-                v,
-            )
-        })
+        .map(|v| (record_key(&v), v))
         .collect();
     let got = jsonl(&out.join("trace.jsonl"));
     assert_eq!(got.len(), want.len());
     for r in &got {
-        let e = &want[&(
-            r["prompt_id"].as_str().unwrap().to_string(),
-            r["position"].as_u64().unwrap(),
-            r["layer"].as_u64().unwrap(),
-        )];
+        let e = &want[&record_key(r)];
         assert_eq!(r["experts"], e["experts"]);
         assert_eq!(r["token_id"], e["token_id"]);
         assert_eq!(r["category"], e["category"]);
@@ -155,45 +175,41 @@ fn trace_files_match_transformers_and_ignore_batch_and_threads() {
 
 #[test]
 fn counts_mode_probs_compression_and_hf_compat() {
-    let model = fixtures().join("olmoe-tiny-mha-f32");
-    let prompts = fixtures().join("prompts.jsonl");
-    let tmp = tempfile::tempdir().unwrap();
+    let (model, prompts, tmp) = setup("olmoe-tiny-mha-f32");
     let ev = tmp.path().join("ev");
-    ok(&trace(&[
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "--out",
-        s(&ev),
-        "--max-new-tokens",
-        "5",
-        "--ignore-eos",
-        "--record-probs",
-        "--quiet",
-    ]));
+    ok(&trace_in(
+        &model,
+        &prompts,
+        &ev,
+        &[
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--record-probs",
+            "--quiet",
+        ],
+    ));
     let records = jsonl(&ev.join("trace.jsonl"));
     assert!(records
         .iter()
         .all(|r| r["probs"].as_array().map(|p| p.len()) == Some(8)));
     let cnt = tmp.path().join("cnt");
-    let o = trace(&[
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "--out",
-        s(&cnt),
-        "--max-new-tokens",
-        "5",
-        "--ignore-eos",
-        "--mode",
-        "counts",
-        "--compress",
-        "gz",
-        "--json",
-        "--quiet",
-    ]);
+    let o = trace_in(
+        &model,
+        &prompts,
+        &cnt,
+        &[
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--mode",
+            "counts",
+            "--compress",
+            "gz",
+            "--json",
+            "--quiet",
+        ],
+    );
     ok(&o);
     let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["generated_tokens"], 8 * 5);
@@ -223,19 +239,18 @@ fn counts_mode_probs_compression_and_hf_compat() {
     assert_eq!(n, 16);
     // --hf-generate-compat: one generated token per prompt fewer is routed.
     let compat = tmp.path().join("compat");
-    ok(&trace(&[
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "--out",
-        s(&compat),
-        "--max-new-tokens",
-        "5",
-        "--ignore-eos",
-        "--hf-generate-compat",
-        "--quiet",
-    ]));
+    ok(&trace_in(
+        &model,
+        &prompts,
+        &compat,
+        &[
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--hf-generate-compat",
+            "--quiet",
+        ],
+    ));
     let gen_records = |p: &Path| {
         jsonl(p)
             .iter()
@@ -268,27 +283,13 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn bad_inputs_fail_cleanly_and_write_nothing() {
-    let good = fixtures().join("olmoe-tiny-mha-f32");
-    let prompts = fixtures().join("prompts.jsonl");
-    let tmp = tempfile::tempdir().unwrap();
+    let (good, prompts, tmp) = setup("olmoe-tiny-mha-f32");
     let out = tmp.path().join("out");
     let model = tmp.path().join("m");
-    let base = |m: &Path, p: &Path| vec![s(m).to_string(), s(p).to_string()];
     let run = |m: &Path, p: &Path, needle: &str| {
-        let v = base(m, p);
-        assert_fails_cleanly(
-            &[
-                "--model",
-                &v[0],
-                "--prompts",
-                &v[1],
-                "--out",
-                s(&out),
-                "--quiet",
-            ],
-            &out,
-            needle,
-        );
+        let args = trace_args(m, p, &out, &["--quiet"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_fails_cleanly(&args, &out, needle);
     };
     // Missing / unknown model_type.
     copy_dir(&good, &model);
@@ -334,37 +335,23 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
     .unwrap();
     run(&model, &bad, "bad.jsonl:2");
     // And the restored model works.
-    ok(&trace(&[
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "--out",
-        s(&out),
-        "--max-new-tokens",
-        "2",
-        "--quiet",
-    ]));
+    ok(&trace_in(
+        &model,
+        &prompts,
+        &out,
+        &["--max-new-tokens", "2", "--quiet"],
+    ));
     // A second run into the same directory without --resume is refused.
-    let o = trace(&[
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "--out",
-        s(&out),
-        "--quiet",
-    ]);
+    let o = trace_in(&model, &prompts, &out, &["--quiet"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
 
 #[test]
 fn resume_after_kill_loses_and_duplicates_nothing() {
-    let model = fixtures().join("olmoe-tiny-gqa-f32");
-    let tmp = tempfile::tempdir().unwrap();
+    let (model, fixture_prompts, tmp) = setup("olmoe-tiny-gqa-f32");
     // Many prompts so that the run takes a while.
-    let base = jsonl(&fixtures().join("prompts.jsonl"));
+    let base = jsonl(&fixture_prompts);
     let mut lines = String::new();
     for i in 0..40 {
         for p in &base {
@@ -378,27 +365,23 @@ fn resume_after_kill_loses_and_duplicates_nothing() {
     std::fs::write(&prompts, lines).unwrap();
     let n_prompts = base.len() * 40;
     let args = |out: &Path| -> Vec<String> {
-        [
-            "--model",
-            s(&model),
-            "--prompts",
-            s(&prompts),
-            "--out",
-            s(out),
-            "--max-new-tokens",
-            "16",
-            "--ignore-eos",
-            "--batch-size",
-            "2",
-            "--threads",
-            "1",
-            "--quiet",
-            "--compress",
-            "zst",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+        trace_args(
+            &model,
+            &prompts,
+            out,
+            &[
+                "--max-new-tokens",
+                "16",
+                "--ignore-eos",
+                "--batch-size",
+                "2",
+                "--threads",
+                "1",
+                "--quiet",
+                "--compress",
+                "zst",
+            ],
+        )
     };
     // Reference: uninterrupted run.
     let full = tmp.path().join("full");

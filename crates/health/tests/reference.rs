@@ -28,6 +28,27 @@ fn close(got: f64, want: &Value, tol: f64, what: &str) {
     );
 }
 
+/// [`close`] for each `(got, key in want, tolerance)`, labelled by the key.
+fn close_fields(want: &Value, cases: &[(f64, &str, f64)]) {
+    for &(got, key, tol) in cases {
+        close(got, &want[key], tol, key);
+    }
+}
+
+/// A JSON matrix of counts, flattened row-major.
+fn flat_u64(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
+        .collect()
+}
+
+/// The run data of the fixture run `name` with the default options.
+fn run_data(name: &str) -> moe_xray_health::compare::RunData {
+    read_run_data(&fixtures().join(name), &HealthOptions::default()).unwrap()
+}
+
 fn acc(run: &str, opts: HealthOptions) -> HealthAccumulator {
     let r = resolve_run(&fixtures().join(run)).unwrap();
     accumulate_run(&r, None, opts).unwrap()
@@ -46,16 +67,6 @@ fn check_layers(acc: &HealthAccumulator, want: &Value, router: bool) {
             .collect();
         assert_eq!(g.load, loads, "layer {l} load");
         assert_eq!(g.tokens, w["tokens"].as_u64().unwrap());
-        close(g.entropy_nats, &w["entropy_nats"], 1e-12, "entropy");
-        close(
-            g.normalized_entropy,
-            &w["normalized_entropy"],
-            1e-12,
-            "normalized entropy",
-        );
-        close(g.gini, &w["gini"], 1e-12, "gini");
-        close(g.jain, &w["jain"], 1e-12, "jain");
-        close(g.max_mean_ratio, &w["max_mean_ratio"], 1e-12, "max/mean");
         let dead: Vec<usize> = w["dead_experts"]
             .as_array()
             .unwrap()
@@ -63,34 +74,29 @@ fn check_layers(acc: &HealthAccumulator, want: &Value, router: bool) {
             .map(|x| x.as_u64().unwrap() as usize)
             .collect();
         assert_eq!(g.dead_experts, dead);
+        let mut fields = vec![
+            (g.entropy_nats, "entropy_nats", 1e-12),
+            (g.normalized_entropy, "normalized_entropy", 1e-12),
+            (g.gini, "gini", 1e-12),
+            (g.jain, "jain", 1e-12),
+            (g.max_mean_ratio, "max_mean_ratio", 1e-12),
+        ];
         if router {
             let r = g.router.as_ref().expect("router stats");
-            close(
-                r.entropy_mean,
-                &w["router_entropy_mean"],
-                1e-12,
-                "router entropy mean",
-            );
-            close(
-                r.entropy_std,
-                &w["router_entropy_std"],
-                1e-9,
-                "router entropy std",
-            );
-            close(r.margin_mean, &w["margin_mean"], 1e-12, "margin mean");
-            close(r.margin_std, &w["margin_std"], 1e-9, "margin std");
-            close(r.margin_min, &w["margin_min"], 1e-12, "margin min");
+            fields.extend([
+                (r.entropy_mean, "router_entropy_mean", 1e-12),
+                (r.entropy_std, "router_entropy_std", 1e-9),
+                (r.margin_mean, "margin_mean", 1e-12),
+                (r.margin_std, "margin_std", 1e-9),
+                (r.margin_min, "margin_min", 1e-12),
+            ]);
             let co = acc.coactivation(l).unwrap();
-            let wco: Vec<u64> = w["coactivation"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
-                .collect();
+            let wco = flat_u64(&w["coactivation"]);
             assert_eq!(co, wco.as_slice(), "layer {l} co-activation");
         } else {
             assert!(g.router.is_none() && g.top_pairs.is_none());
         }
+        close_fields(w, &fields);
     }
 }
 
@@ -137,9 +143,7 @@ fn counts_mode_gives_same_load_metrics_without_per_token_data() {
 #[test]
 fn compare_matches_reference() {
     let e = &expected()["compare"];
-    let opts = HealthOptions::default();
-    let a = read_run_data(&fixtures().join("run_a"), &opts).unwrap();
-    let b = read_run_data(&fixtures().join("run_b"), &opts).unwrap();
+    let (a, b) = (run_data("run_a"), run_data("run_b"));
     let r = compare_runs(
         &a,
         &b,
@@ -151,11 +155,18 @@ fn compare_matches_reference() {
     )
     .unwrap();
     for (g, w) in r.per_layer.iter().zip(e["per_layer"].as_array().unwrap()) {
-        close(g.js_bits, &w["js_bits"], 1e-12, "js bits");
-        close(g.js_nats, &w["js_nats"], 1e-12, "js nats");
+        close_fields(
+            w,
+            &[(g.js_bits, "js_bits", 1e-12), (g.js_nats, "js_nats", 1e-12)],
+        );
     }
-    close(r.mean_js_bits, &e["mean_js_bits"], 1e-12, "mean js");
-    close(r.max_js_bits, &e["max_js_bits"], 1e-12, "max js");
+    close_fields(
+        e,
+        &[
+            (r.mean_js_bits, "mean_js_bits", 1e-12),
+            (r.max_js_bits, "max_js_bits", 1e-12),
+        ],
+    );
     assert_eq!(r.exceeded, Some(true));
     assert_eq!(
         r.shared_prompts as u64,
@@ -188,9 +199,7 @@ fn compare_matches_reference() {
 
 #[test]
 fn compare_rejects_shape_mismatch_naming_both_runs() {
-    let opts = HealthOptions::default();
-    let a = read_run_data(&fixtures().join("run_a"), &opts).unwrap();
-    let b = read_run_data(&fixtures().join("run_e6"), &opts).unwrap();
+    let (a, b) = (run_data("run_a"), run_data("run_e6"));
     let msg = compare_runs(&a, &b, &CompareOptions::default())
         .unwrap_err()
         .to_string();
@@ -228,12 +237,7 @@ fn flat_events_give_the_same_load_and_coactivation() {
     for l in 0..3 {
         close(rep.layers[l].gini, &want[l]["gini"], 1e-12, "gini");
         assert_eq!(rep.layers[l].tokens, want[l]["tokens"].as_u64().unwrap());
-        let wco: Vec<u64> = want[l]["coactivation"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
-            .collect();
+        let wco = flat_u64(&want[l]["coactivation"]);
         assert_eq!(acc.coactivation(l).unwrap(), wco.as_slice());
     }
 }

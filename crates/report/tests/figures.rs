@@ -22,6 +22,23 @@ fn texts(doc: &roxmltree::Document<'_>) -> Vec<String> {
         .collect()
 }
 
+/// How many `tag` children the first element of class `class` has.
+fn children_of_class(doc: &roxmltree::Document<'_>, class: &str, tag: &str) -> usize {
+    doc.descendants()
+        .find(|n| n.attribute("class") == Some(class))
+        .unwrap_or_else(|| panic!("no element of class {class}"))
+        .children()
+        .filter(|n| n.has_tag_name(tag))
+        .count()
+}
+
+/// Asserts that every string of `want` is one of the text elements `t`.
+fn has_texts(t: &[String], want: &[&str]) {
+    for w in want {
+        assert!(t.iter().any(|x| x == w), "no text {w:?} in {t:?}");
+    }
+}
+
 fn all() -> Vec<Figure> {
     let mut r = common::results();
     let map = common::prompts()
@@ -32,10 +49,16 @@ fn all() -> Vec<Figure> {
     render_figures(&r, Some(&common::usage()))
 }
 
-fn fig<'a>(figs: &'a [Figure], id: &str) -> &'a Figure {
-    figs.iter()
+/// The parsed SVG of the fixture's figure `id` (the figures are rendered once, by [`all`], for
+/// the tests that only read them).
+fn figure_doc(id: &str) -> roxmltree::Document<'static> {
+    static FIGURES: std::sync::OnceLock<Vec<Figure>> = std::sync::OnceLock::new();
+    let f = FIGURES
+        .get_or_init(all)
+        .iter()
         .find(|f| f.id == id)
-        .unwrap_or_else(|| panic!("no figure {id}"))
+        .unwrap_or_else(|| panic!("no figure {id}"));
+    parse(&f.svg)
 }
 
 #[test]
@@ -77,16 +100,8 @@ fn seven_figures_with_valid_svg_root() {
 
 #[test]
 fn category_heatmap_has_values_in_cells_and_labels() {
-    let figs = all();
-    let doc = parse(&fig(&figs, "fig1-category-similarity").svg);
-    let cells = doc
-        .descendants()
-        .find(|n| n.attribute("class") == Some("cells"))
-        .unwrap();
-    assert_eq!(
-        cells.children().filter(|n| n.has_tag_name("rect")).count(),
-        16
-    );
+    let doc = figure_doc("fig1-category-similarity");
+    assert_eq!(children_of_class(&doc, "cells", "rect"), 16);
     assert_eq!(count(&doc, "text", Some("cell-value")), 16);
     let t = texts(&doc);
     let r = common::results();
@@ -95,38 +110,29 @@ fn category_heatmap_has_values_in_cells_and_labels() {
     for c in ["code", "factual", "math", "story"] {
         assert_eq!(t.iter().filter(|x| *x == c).count(), 2, "{c} row+col label");
     }
-    assert!(t.contains(&"mean sim".to_string()), "colour bar label");
+    has_texts(&t, &["mean sim"]); // colour bar label
     assert!(doc.descendants().any(|n| n.has_tag_name("linearGradient")));
 }
 
 #[test]
 fn baseline_bars_with_error_bars_and_values() {
-    let figs = all();
-    let doc = parse(&fig(&figs, "fig2-baselines").svg);
+    let doc = figure_doc("fig2-baselines");
     assert_eq!(count(&doc, "rect", Some("bar")), 5);
     let t = texts(&doc);
-    for v in ["0.741", "0.603", "0.190", "0.152", "0.311"] {
-        assert!(t.contains(&v.to_string()), "bar value {v}");
-    }
-    for l in ["within", "across", "permutation", "(uniform)", "(marginal)"] {
-        assert!(t.contains(&l.to_string()), "bar label {l}");
-    }
-    assert!(t.contains(&"mean routing similarity".to_string()));
-    // 3 lines per error bar (stem + 2 caps)
-    let bars = doc
-        .descendants()
-        .find(|n| n.attribute("class") == Some("bars"))
-        .unwrap();
-    assert_eq!(
-        bars.children().filter(|n| n.has_tag_name("line")).count(),
-        15
+    // bar values, bar labels, axis label
+    has_texts(&t, &["0.741", "0.603", "0.190", "0.152", "0.311"]);
+    has_texts(
+        &t,
+        &["within", "across", "permutation", "(uniform)", "(marginal)"],
     );
+    has_texts(&t, &["mean routing similarity"]);
+    // 3 lines per error bar (stem + 2 caps)
+    assert_eq!(children_of_class(&doc, "bars", "line"), 15);
 }
 
 #[test]
 fn layer_d_line_has_one_marker_per_layer_and_legend() {
-    let figs = all();
-    let doc = parse(&fig(&figs, "fig3-layer-cohens-d").svg);
+    let doc = figure_doc("fig3-layer-cohens-d");
     assert_eq!(count(&doc, "circle", Some("layer-point")), 16);
     let line = doc
         .descendants()
@@ -134,18 +140,22 @@ fn layer_d_line_has_one_marker_per_layer_and_legend() {
         .unwrap();
     assert_eq!(line.attribute("points").unwrap().split(' ').count(), 16);
     let t = texts(&doc);
-    assert!(t.contains(&"MoE layer".to_string()));
-    assert!(t.contains(&"Cohen's d".to_string()));
-    assert!(t.contains(&"per-layer d".to_string()));
-    assert!(t.contains(&"all layers (d = 2.31)".to_string()));
+    has_texts(
+        &t,
+        &[
+            "MoE layer",
+            "Cohen's d",
+            "per-layer d",
+            "all layers (d = 2.31)",
+        ],
+    );
     assert_eq!(count(&doc, "line", Some("overall-d")), 1);
 }
 
 #[test]
 fn scatter_plots_have_all_points_legend_and_variance_labels() {
-    let figs = all();
     for id in ["fig4-pca", "fig5-tsne"] {
-        let doc = parse(&fig(&figs, id).svg);
+        let doc = figure_doc(id);
         let points = doc
             .descendants()
             .filter(|n| n.attribute("class") == Some("point"))
@@ -159,37 +169,41 @@ fn scatter_plots_have_all_points_legend_and_variance_labels() {
             .collect();
         assert_eq!(fills.len(), 4, "{id}");
         let t = texts(&doc);
-        for c in [
-            "code (n = 20)",
-            "math (n = 20)",
-            "story (n = 20)",
-            "factual (n = 20)",
-        ] {
-            assert!(t.contains(&c.to_string()), "{id} legend {c}");
-        }
-        assert!(t.contains(&"category".to_string()));
+        // legend entries and title
+        has_texts(
+            &t,
+            &[
+                "code (n = 20)",
+                "math (n = 20)",
+                "story (n = 20)",
+                "factual (n = 20)",
+                "category",
+            ],
+        );
     }
-    let t = texts(&parse(&fig(&figs, "fig4-pca").svg));
-    assert!(t.contains(&"PC1 (18.4 % of variance)".to_string()), "{t:?}");
-    assert!(t.contains(&"PC2 (9.2 % of variance)".to_string()));
+    let t = texts(&figure_doc("fig4-pca"));
+    has_texts(&t, &["PC1 (18.4 % of variance)", "PC2 (9.2 % of variance)"]);
 }
 
 #[test]
 fn confusion_matrix_shows_counts_and_row_shares() {
-    let figs = all();
-    let doc = parse(&fig(&figs, "fig6-confusion").svg);
+    let doc = figure_doc("fig6-confusion");
     assert_eq!(count(&doc, "text", Some("cell-value")), 16);
     let t = texts(&doc);
-    assert!(t.contains(&"17 (85%)".to_string()), "{t:?}");
-    assert!(t.contains(&"19 (95%)".to_string()));
-    assert!(t.contains(&"predicted category".to_string()));
-    assert!(t.contains(&"true category".to_string()));
+    has_texts(
+        &t,
+        &[
+            "17 (85%)",
+            "19 (95%)",
+            "predicted category",
+            "true category",
+        ],
+    );
 }
 
 #[test]
 fn usage_heatmap_has_one_panel_per_category_with_l_by_e_cells() {
-    let figs = all();
-    let doc = parse(&fig(&figs, "fig7-expert-usage").svg);
+    let doc = figure_doc("fig7-expert-usage");
     let panels: Vec<_> = doc
         .descendants()
         .filter(|n| n.attribute("class") == Some("usage-panel"))
@@ -202,8 +216,7 @@ fn usage_heatmap_has_one_panel_per_category_with_l_by_e_cells() {
         );
     }
     let t = texts(&doc);
-    assert!(t.contains(&"expert".to_string()) && t.contains(&"layer".to_string()));
-    assert!(t.contains(&"share".to_string()));
+    has_texts(&t, &["expert", "layer", "share"]);
 }
 
 #[test]
@@ -275,16 +288,9 @@ fn heatmap_text_is_dropped_when_cells_are_too_small() {
         .collect();
     let figs = render_figures(&r, None);
     let doc = parse(&figs[0].svg);
-    let cells = doc
-        .descendants()
-        .find(|n| n.attribute("class") == Some("cells"))
-        .unwrap();
-    assert_eq!(
-        cells.children().filter(|n| n.has_tag_name("rect")).count(),
-        n * n
-    );
+    assert_eq!(children_of_class(&doc, "cells", "rect"), n * n);
     assert_eq!(count(&doc, "text", Some("cell-value")), 0);
     // long labels are rotated and truncated
-    assert!(texts(&doc).contains(&"category-07".to_string()));
+    has_texts(&texts(&doc), &["category-07"]);
     assert!(figs[0].svg.contains("rotate(-35"));
 }

@@ -28,6 +28,40 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// [`close`] for each `(label, rust value, reference value)`, labels prefixed by `tag`.
+fn close_all(tag: &str, cases: &[(&str, f64, &Value)], tol: f64) {
+    for &(what, ours, want) in cases {
+        close(&format!("{tag} {what}"), ours, f(want), tol);
+    }
+}
+
+/// [`close`] for every cell of an `rows x cols` matrix: `ours(i, j)` against `want[i][j]`.
+fn close_matrix(
+    what: &str,
+    (rows, cols): (usize, usize),
+    ours: impl Fn(usize, usize) -> f64,
+    want: &[Value],
+    tol: f64,
+) {
+    for i in 0..rows {
+        for j in 0..cols {
+            close(&format!("{what}[{i},{j}]"), ours(i, j), f(&want[i][j]), tol);
+        }
+    }
+}
+
+/// A JSON array of strings (`key` = None) or of objects' `key` string fields.
+fn strs<'a>(v: &'a Value, key: Option<&str>) -> Vec<&'a str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| match key {
+            Some(k) => x[k].as_str().unwrap(),
+            None => x.as_str().unwrap(),
+        })
+        .collect()
+}
+
 struct Case {
     name: &'static str,
     expected: &'static str,
@@ -68,19 +102,9 @@ fn run_case(c: &Case) {
         exp["num_prompts"].as_u64().unwrap(),
         "{tag}"
     );
-    let ids: Vec<&str> = exp["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap())
-        .collect();
+    let ids = strs(&exp["prompt_ids"], None);
     assert_eq!(r.prompt_ids, ids, "{tag}: prompt order");
-    let dropped: Vec<&str> = exp["dropped_prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["prompt_id"].as_str().unwrap())
-        .collect();
+    let dropped = strs(&exp["dropped_prompts"], Some("prompt_id"));
     let ours: Vec<&str> = r
         .dropped_prompts
         .iter()
@@ -96,72 +120,33 @@ fn run_case(c: &Case) {
         exp["similarity"]["across"]["n"].as_u64().unwrap()
     );
     let s = &exp["similarity"];
-    close(
-        &format!("{tag} within.mean"),
-        r.similarity.within.mean,
-        f(&s["within"]["mean"]),
-        1e-9,
-    );
-    close(
-        &format!("{tag} within.std"),
-        r.similarity.within.std,
-        f(&s["within"]["std"]),
-        1e-9,
-    );
-    close(
-        &format!("{tag} across.mean"),
-        r.similarity.across.mean,
-        f(&s["across"]["mean"]),
-        1e-9,
-    );
-    close(
-        &format!("{tag} across.std"),
-        r.similarity.across.std,
-        f(&s["across"]["std"]),
-        1e-9,
-    );
-    close(
-        &format!("{tag} d"),
-        r.similarity.cohens_d,
-        f(&s["cohens_d"]),
+    let sim = &r.similarity;
+    close_all(
+        &tag,
+        &[
+            ("within.mean", sim.within.mean, &s["within"]["mean"]),
+            ("within.std", sim.within.std, &s["within"]["std"]),
+            ("across.mean", sim.across.mean, &s["across"]["mean"]),
+            ("across.std", sim.across.std, &s["across"]["std"]),
+            ("d", sim.cohens_d, &s["cohens_d"]),
+        ],
         1e-9,
     );
 
     // Similarity matrix and signatures (when the fixture carries them).
     let n = r.num_prompts;
     if let Some(ps) = exp.get("prompt_similarity").and_then(|x| x.as_array()) {
-        for i in 0..n {
-            for j in 0..n {
-                close(
-                    &format!("{tag} sim[{i},{j}]"),
-                    out.similarity[i * n + j],
-                    f(&ps[i][j]),
-                    1e-9,
-                );
-            }
-        }
+        let sim = |i, j| out.similarity[i * n + j];
+        close_matrix(&format!("{tag} sim"), (n, n), sim, ps, 1e-9);
     }
     if let Some(sg) = exp.get("signatures").and_then(|x| x.as_array()) {
         let dd = r.num_layers * r.num_experts;
-        for i in 0..n {
-            for k in 0..dd {
-                close(
-                    &format!("{tag} sig[{i},{k}]"),
-                    out.signatures[i * dd + k],
-                    f(&sg[i][k]),
-                    1e-12,
-                );
-            }
-        }
+        let sig = |i, k| out.signatures[i * dd + k];
+        close_matrix(&format!("{tag} sig"), (n, dd), sig, sg, 1e-12);
     }
 
     let cm = &exp["category_similarity_matrix"];
-    let order: Vec<&str> = cm["order"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap())
-        .collect();
+    let order = strs(&cm["order"], None);
     assert_eq!(r.category_similarity_matrix.order, order);
     for (a, row) in r.category_similarity_matrix.values.iter().enumerate() {
         for (b, x) in row.iter().enumerate() {
@@ -175,22 +160,13 @@ fn run_case(c: &Case) {
     }
     for (l, pl) in r.per_layer.iter().enumerate() {
         let e = &exp["per_layer"][l];
-        close(
-            &format!("{tag} layer {l} within"),
-            pl.within_mean,
-            f(&e["within_mean"]),
-            1e-9,
-        );
-        close(
-            &format!("{tag} layer {l} across"),
-            pl.across_mean,
-            f(&e["across_mean"]),
-            1e-9,
-        );
-        close(
-            &format!("{tag} layer {l} d"),
-            pl.cohens_d,
-            f(&e["cohens_d"]),
+        close_all(
+            &format!("{tag} layer {l}"),
+            &[
+                ("within", pl.within_mean, &e["within_mean"]),
+                ("across", pl.across_mean, &e["across_mean"]),
+                ("d", pl.cohens_d, &e["cohens_d"]),
+            ],
             1e-9,
         );
     }
@@ -207,16 +183,8 @@ fn run_case(c: &Case) {
         close(&format!("{tag} pca ratio {k}"), *x, f(&er[k]), 1e-9);
     }
     let ec = exp["pca"]["coords"].as_array().unwrap();
-    for i in 0..n {
-        for k in 0..2 {
-            close(
-                &format!("{tag} pca coord [{i},{k}]"),
-                p.coords[i][k],
-                f(&ec[i][k]),
-                1e-7,
-            );
-        }
-    }
+    let coord = |i: usize, k: usize| p.coords[i][k];
+    close_matrix(&format!("{tag} pca coord "), (n, 2), coord, ec, 1e-7);
 
     // Baselines: same null model, different random streams => compare statistically.
     for name in [

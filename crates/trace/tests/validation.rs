@@ -38,11 +38,46 @@ fn assert_err(name: &str, content: &str, opts: &AggregateOptions, needle: &str) 
     );
 }
 
+/// [`assert_err`] for each `(file name, content, expected text)` case, all under `opts`.
+fn assert_errs(opts: &AggregateOptions, cases: &[(&str, &str, &str)]) {
+    for &(name, content, needle) in cases {
+        assert_err(name, content, opts, needle);
+    }
+}
+
+/// The error message of aggregating `paths`, which must fail.
+fn agg_err(paths: &[PathBuf], opts: &AggregateOptions) -> String {
+    aggregate_paths(paths, opts).unwrap_err().to_string()
+}
+
+/// A flat routing-event line (one expert of one token).
+fn event(pid: &str, layer: i64, pos: i64, expert: i64) -> String {
+    format!(
+        "{{\"prompt_id\":\"{pid}\",\"layer\":{layer},\"position\":{pos},\"expert\":{expert},\"token_type\":\"prompt\"}}\n"
+    )
+}
+
 fn dims(l: usize, e: usize) -> AggregateOptions {
     AggregateOptions {
         num_layers: Some(l),
         num_experts: Some(e),
         ..AggregateOptions::default()
+    }
+}
+
+/// `dims(2, 4)` that also expects `k` experts per token.
+fn top_k(k: usize) -> AggregateOptions {
+    AggregateOptions {
+        top_k: Some(k),
+        ..dims(2, 4)
+    }
+}
+
+/// `base` with weighted counts requested.
+fn weighted(base: AggregateOptions) -> AggregateOptions {
+    AggregateOptions {
+        weighted: true,
+        ..base
     }
 }
 
@@ -80,40 +115,49 @@ fn unknown_token_type() {
 
 #[test]
 fn negative_indices() {
-    let o = dims(2, 4);
-    assert_err(
-        "a.jsonl",
-        &rec("a", -1, 0, "[1,2]"),
-        &o,
-        "a.jsonl:1: negative layer -1",
+    assert_errs(
+        &dims(2, 4),
+        &[
+            (
+                "a.jsonl",
+                &rec("a", -1, 0, "[1,2]"),
+                "a.jsonl:1: negative layer -1",
+            ),
+            (
+                "b.jsonl",
+                &rec("a", 0, -5, "[1,2]"),
+                "b.jsonl:1: negative position -5",
+            ),
+            (
+                "c.jsonl",
+                &rec("a", 0, 0, "[1,-2]"),
+                "c.jsonl:1: negative expert -2",
+            ),
+            (
+                "d.jsonl",
+                &event("a", 0, 0, -1),
+                "d.jsonl:1: negative expert -1",
+            ),
+        ],
     );
-    assert_err(
-        "b.jsonl",
-        &rec("a", 0, -5, "[1,2]"),
-        &o,
-        "b.jsonl:1: negative position -5",
-    );
-    assert_err(
-        "c.jsonl",
-        &rec("a", 0, 0, "[1,-2]"),
-        &o,
-        "c.jsonl:1: negative expert -2",
-    );
-    let ev = "{\"prompt_id\":\"a\",\"layer\":0,\"position\":0,\"expert\":-1,\"token_type\":\"prompt\"}\n";
-    assert_err("d.jsonl", ev, &o, "d.jsonl:1: negative expert -1");
 }
 
 #[test]
 fn empty_files() {
     let o = AggregateOptions::default();
-    assert_err("e.jsonl", "", &o, "empty file");
-    assert_err("w.jsonl", "\n  \n\n", &o, "empty file");
+    assert_errs(
+        &o,
+        &[
+            ("e.jsonl", "", "empty file"),
+            ("w.jsonl", "\n  \n\n", "empty file"),
+        ],
+    );
     // an empty gzip stream is empty too
     let d = tempfile::tempdir().unwrap();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut enc, b"").unwrap();
     let p = write(&d, "z.jsonl.gz", &enc.finish().unwrap());
-    let msg = aggregate_paths(&[p], &o).unwrap_err().to_string();
+    let msg = agg_err(&[p], &o);
     assert!(
         msg.contains("z.jsonl.gz") && msg.contains("empty file"),
         "{msg}"
@@ -122,20 +166,20 @@ fn empty_files() {
 
 #[test]
 fn expert_and_layer_out_of_range() {
-    let o = dims(2, 4);
-    let c = rec("a", 0, 0, "[1,2]") + &rec("a", 1, 0, "[4,2]");
-    assert_err(
-        "t.jsonl",
-        &c,
-        &o,
-        "t.jsonl:2: expert 4 is out of range (num_experts = 4)",
-    );
-    let c = rec("a", 0, 0, "[1,2]") + &rec("a", 2, 0, "[0,2]");
-    assert_err(
-        "l.jsonl",
-        &c,
-        &o,
-        "l.jsonl:2: layer 2 is out of range (num_layers = 2)",
+    assert_errs(
+        &dims(2, 4),
+        &[
+            (
+                "t.jsonl",
+                &(rec("a", 0, 0, "[1,2]") + &rec("a", 1, 0, "[4,2]")),
+                "t.jsonl:2: expert 4 is out of range (num_experts = 4)",
+            ),
+            (
+                "l.jsonl",
+                &(rec("a", 0, 0, "[1,2]") + &rec("a", 2, 0, "[0,2]")),
+                "l.jsonl:2: layer 2 is out of range (num_layers = 2)",
+            ),
+        ],
     );
 }
 
@@ -148,14 +192,10 @@ fn dims_from_manifest_beside_the_trace() {
         br#"{"model":"m","num_layers":2,"num_experts":4,"top_k":2}"#,
     );
     let p = write(&d, "t.jsonl", rec("a", 0, 0, "[5,1]").as_bytes());
-    let msg = aggregate_paths(std::slice::from_ref(&p), &AggregateOptions::default())
-        .unwrap_err()
-        .to_string();
+    let msg = agg_err(std::slice::from_ref(&p), &AggregateOptions::default());
     assert!(msg.contains("t.jsonl:1: expert 5 is out of range"), "{msg}");
     std::fs::write(&p, rec("a", 0, 0, "[3,1]") + &rec("a", 0, 1, "[3,1,2]")).unwrap();
-    let msg = aggregate_paths(std::slice::from_ref(&p), &AggregateOptions::default())
-        .unwrap_err()
-        .to_string();
+    let msg = agg_err(std::slice::from_ref(&p), &AggregateOptions::default());
     assert!(msg.contains("t.jsonl:2: mixed top-k"), "{msg}");
     std::fs::write(&p, rec("a", 0, 0, "[3,1]")).unwrap();
     let t = aggregate_paths(&[p], &AggregateOptions::default()).unwrap();
@@ -166,33 +206,32 @@ fn dims_from_manifest_beside_the_trace() {
 
 #[test]
 fn duplicate_experts_and_weight_lengths() {
-    let o = dims(2, 4);
-    assert_err(
-        "t.jsonl",
-        &rec("a", 0, 0, "[1,1]"),
-        &o,
-        "t.jsonl:1: duplicate expert 1",
-    );
-    let c = rec("a", 0, 0, "[1,2]").replace("}\n", ",\"weights\":[0.5]}\n");
-    assert_err(
-        "w.jsonl",
-        &c,
-        &o,
-        "w.jsonl:1: `weights` has 1 entries but `experts` has 2",
-    );
-    let c = rec("a", 0, 0, "[1,2]").replace("}\n", ",\"probs\":[0.5,0.5]}\n");
-    assert_err(
-        "p.jsonl",
-        &c,
-        &o,
-        "p.jsonl:1: `probs` has 2 entries but num_experts is 4",
-    );
-    let c = rec("a", 0, 0, "[1,2]").replace("}\n", ",\"weights\":[1.5,0.1]}\n");
-    assert_err(
-        "x.jsonl",
-        &c,
-        &o,
-        "x.jsonl:1: `weights` value 1.5 is not a probability",
+    // rec("a", 0, 0, "[1,2]") with `field` appended
+    let with = |field: &str| rec("a", 0, 0, "[1,2]").replace("}\n", &format!(",{field}}}\n"));
+    assert_errs(
+        &dims(2, 4),
+        &[
+            (
+                "t.jsonl",
+                &rec("a", 0, 0, "[1,1]"),
+                "t.jsonl:1: duplicate expert 1",
+            ),
+            (
+                "w.jsonl",
+                &with("\"weights\":[0.5]"),
+                "w.jsonl:1: `weights` has 1 entries but `experts` has 2",
+            ),
+            (
+                "p.jsonl",
+                &with("\"probs\":[0.5,0.5]"),
+                "p.jsonl:1: `probs` has 2 entries but num_experts is 4",
+            ),
+            (
+                "x.jsonl",
+                &with("\"weights\":[1.5,0.1]"),
+                "x.jsonl:1: `weights` value 1.5 is not a probability",
+            ),
+        ],
     );
 }
 
@@ -204,22 +243,16 @@ fn mixed_top_k() {
     let d = tempfile::tempdir().unwrap();
     let p1 = write(&d, "one.jsonl", rec("a", 0, 0, "[1,2]").as_bytes());
     let p2 = write(&d, "two.jsonl", rec("b", 0, 0, "[1]").as_bytes());
-    let msg = aggregate_paths(&[p1, p2], &dims(2, 4))
-        .unwrap_err()
-        .to_string();
+    let msg = agg_err(&[p1, p2], &dims(2, 4));
     assert!(
         msg.contains("two.jsonl:1: mixed top-k") && msg.contains("one.jsonl:1"),
         "{msg}"
     );
     // against the given top_k
-    let o = AggregateOptions {
-        top_k: Some(3),
-        ..dims(2, 4)
-    };
     assert_err(
         "k.jsonl",
         &rec("a", 0, 0, "[1,2]"),
-        &o,
+        &top_k(3),
         "k.jsonl:1: mixed top-k",
     );
 }
@@ -238,10 +271,7 @@ fn duplicate_records_and_events() {
     let c2 = rec("a", 0, 0, "[1,2]") + &rec("a", 0, 0, "[0,3]").replace("prompt\"", "generation\"");
     let p = write(&d, "ok.jsonl", c2.as_bytes());
     assert!(aggregate_paths(&[p], &dims(2, 4)).is_ok());
-    let ev = |e: u32| {
-        format!("{{\"prompt_id\":\"a\",\"layer\":0,\"position\":3,\"expert\":{e},\"token_type\":\"prompt\"}}\n")
-    };
-    let c = ev(1) + &ev(2) + &ev(1);
+    let c = event("a", 0, 3, 1) + &event("a", 0, 3, 2) + &event("a", 0, 3, 1);
     assert_err(
         "e.jsonl",
         &c,
@@ -252,16 +282,9 @@ fn duplicate_records_and_events() {
 
 #[test]
 fn flat_events_mixed_top_k() {
-    let ev = |pos: u32, e: u32| {
-        format!("{{\"prompt_id\":\"a\",\"layer\":0,\"position\":{pos},\"expert\":{e},\"token_type\":\"prompt\"}}\n")
-    };
-    let c = ev(0, 1) + &ev(0, 2) + &ev(1, 1);
+    let c = event("a", 0, 0, 1) + &event("a", 0, 0, 2) + &event("a", 0, 1, 1);
     assert_err("e.jsonl", &c, &dims(2, 4), "mixed top-k: prompt 'a', layer 0, position 1 (prompt) has 1 routing events but 2 are expected");
-    let o = AggregateOptions {
-        top_k: Some(1),
-        ..dims(2, 4)
-    };
-    assert_err("f.jsonl", &c, &o, "f.jsonl:2: mixed top-k");
+    assert_err("f.jsonl", &c, &top_k(1), "f.jsonl:2: mixed top-k");
 }
 
 #[test]
@@ -291,46 +314,36 @@ fn category_conflicts() {
 
 #[test]
 fn mixed_line_forms() {
-    let ev =
-        "{\"prompt_id\":\"a\",\"layer\":1,\"position\":0,\"expert\":1,\"token_type\":\"prompt\"}\n";
-    let c = rec("a", 0, 0, "[1,2]") + ev;
-    assert_err(
-        "t.jsonl",
-        &c,
-        &dims(2, 4),
-        "t.jsonl:2: mixed line forms in one file",
-    );
     let both = "{\"prompt_id\":\"a\",\"layer\":1,\"position\":0,\"expert\":1,\"experts\":[1],\"token_type\":\"prompt\"}\n";
-    assert_err(
-        "b.jsonl",
-        both,
+    assert_errs(
         &dims(2, 4),
-        "b.jsonl:1: line mixes line forms",
-    );
-    assert_err(
-        "n.jsonl",
-        "{\"prompt_id\":\"a\"}\n",
-        &dims(2, 4),
-        "n.jsonl:1: line is neither",
-    );
-    assert_err(
-        "m.jsonl",
-        &rec("a", 0, 0, "[1,2]").replace("\"prompt_id\":\"a\",", ""),
-        &dims(2, 4),
-        "m.jsonl:1: missing field `prompt_id`",
+        &[
+            (
+                "t.jsonl",
+                &(rec("a", 0, 0, "[1,2]") + &event("a", 1, 0, 1)),
+                "t.jsonl:2: mixed line forms in one file",
+            ),
+            ("b.jsonl", both, "b.jsonl:1: line mixes line forms"),
+            (
+                "n.jsonl",
+                "{\"prompt_id\":\"a\"}\n",
+                "n.jsonl:1: line is neither",
+            ),
+            (
+                "m.jsonl",
+                &rec("a", 0, 0, "[1,2]").replace("\"prompt_id\":\"a\",", ""),
+                "m.jsonl:1: missing field `prompt_id`",
+            ),
+        ],
     );
 }
 
 #[test]
 fn weighted_needs_weights() {
-    let o = AggregateOptions {
-        weighted: true,
-        ..dims(2, 4)
-    };
     assert_err(
         "t.jsonl",
         &rec("a", 0, 0, "[1,2]"),
-        &o,
+        &weighted(dims(2, 4)),
         "t.jsonl:1: weighted counts need router weights",
     );
 }
@@ -341,26 +354,30 @@ fn counts_line_errors() {
         format!("{{\"prompt_id\":\"{pid}\",\"token_type\":\"{tt}\",\"num_layers\":2,\"num_experts\":2,\"tokens\":{tokens},\"counts\":{counts}}}\n")
     };
     let o = AggregateOptions::default();
-    assert_err(
-        "c.jsonl",
-        &cl("a", "prompt", "[1,1,1]", 1),
+    assert_errs(
         &o,
-        "c.jsonl:1: `counts` has 3 entries but num_layers * num_experts = 4",
-    );
-    let c = cl("a", "prompt", "[1,1,1,1]", 1) + &cl("a", "prompt", "[1,1,1,1]", 1);
-    assert_err(
-        "d.jsonl",
-        &c,
-        &o,
-        "d.jsonl:2: duplicate counts line: prompt 'a', token_type prompt",
-    );
-    let c = cl("a", "prompt", "[1,1,1,1]", 1) + &cl("b", "prompt", "[2,0,1,0]", 1);
-    assert_err("k.jsonl", &c, &o, "k.jsonl:2: mixed top-k");
-    assert_err(
-        "n.jsonl",
-        &cl("a", "prompt", "[1,-1,1,1]", 1),
-        &o,
-        "n.jsonl:1: negative count -1",
+        &[
+            (
+                "c.jsonl",
+                &cl("a", "prompt", "[1,1,1]", 1),
+                "c.jsonl:1: `counts` has 3 entries but num_layers * num_experts = 4",
+            ),
+            (
+                "d.jsonl",
+                &(cl("a", "prompt", "[1,1,1,1]", 1) + &cl("a", "prompt", "[1,1,1,1]", 1)),
+                "d.jsonl:2: duplicate counts line: prompt 'a', token_type prompt",
+            ),
+            (
+                "k.jsonl",
+                &(cl("a", "prompt", "[1,1,1,1]", 1) + &cl("b", "prompt", "[2,0,1,0]", 1)),
+                "k.jsonl:2: mixed top-k",
+            ),
+            (
+                "n.jsonl",
+                &cl("a", "prompt", "[1,-1,1,1]", 1),
+                "n.jsonl:1: negative count -1",
+            ),
+        ],
     );
     assert_err(
         "x.jsonl",
@@ -368,14 +385,10 @@ fn counts_line_errors() {
         &dims(3, 2),
         "x.jsonl:1: num_layers 2 differs from the expected 3",
     );
-    let w = AggregateOptions {
-        weighted: true,
-        ..AggregateOptions::default()
-    };
     assert_err(
         "w.jsonl",
         &cl("a", "prompt", "[1,1,1,1]", 1),
-        &w,
+        &weighted(AggregateOptions::default()),
         "w.jsonl:1: weighted counts requested",
     );
     // streaming: a prompt that reappears after another one
@@ -393,17 +406,13 @@ fn counts_line_errors() {
 #[test]
 fn compression_mismatch_and_corruption() {
     let o = dims(2, 4);
-    assert_err(
-        "t.jsonl.gz",
-        &rec("a", 0, 0, "[1,2]"),
+    let plain = rec("a", 0, 0, "[1,2]");
+    assert_errs(
         &o,
-        "file name says gzip",
-    );
-    assert_err(
-        "t.jsonl.zst",
-        &rec("a", 0, 0, "[1,2]"),
-        &o,
-        "file name says zstd",
+        &[
+            ("t.jsonl.gz", &plain, "file name says gzip"),
+            ("t.jsonl.zst", &plain, "file name says zstd"),
+        ],
     );
     let d = tempfile::tempdir().unwrap();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -411,14 +420,14 @@ fn compression_mismatch_and_corruption() {
     std::io::Write::write_all(&mut enc, body.as_bytes()).unwrap();
     let gz = enc.finish().unwrap();
     let p = write(&d, "cut.jsonl.gz", &gz[..gz.len() / 2]);
-    let msg = aggregate_paths(&[p], &o).unwrap_err().to_string();
+    let msg = agg_err(&[p], &o);
     assert!(
         msg.contains("cut.jsonl.gz:") && msg.contains("corrupt or truncated"),
         "{msg}"
     );
     let z = zstd::encode_all(body.as_bytes(), 3).unwrap();
     let p = write(&d, "cut.jsonl.zst", &z[..z.len() - 3]);
-    let msg = aggregate_paths(&[p], &o).unwrap_err().to_string();
+    let msg = agg_err(&[p], &o);
     assert!(msg.contains("cut.jsonl.zst:"), "{msg}");
 }
 
@@ -504,29 +513,13 @@ fn three_forms_give_the_same_counts() {
 
 #[test]
 fn absurd_indices_are_refused_without_allocating() {
-    let o = AggregateOptions::default();
-    assert_err(
-        "l.jsonl",
-        &rec("a", 4_000_000_000, 0, "[1,2]"),
-        &o,
-        "l.jsonl:1: layer 4000000000 exceeds the supported maximum",
-    );
-    assert_err(
-        "p.jsonl",
-        &rec("a", 0, 4_000_000_000, "[1,2]"),
-        &o,
-        "p.jsonl:1: position 4000000000 exceeds",
-    );
-    assert_err(
-        "e.jsonl",
-        &rec("a", 0, 0, "[1,4000000000]"),
-        &o,
-        "e.jsonl:1: expert 4000000000 exceeds",
-    );
-    assert_err(
-        "o.jsonl",
-        &rec("a", 0, 0, "[1,5000000000]"),
-        &o,
-        "o.jsonl:1: expert 5000000000 is out of range",
-    );
+    // One case a line: (file name, content, expected text).
+    #[rustfmt::skip]
+    let cases: [(&str, &str, &str); 4] = [
+        ("l.jsonl", &rec("a", 4_000_000_000, 0, "[1,2]"), "l.jsonl:1: layer 4000000000 exceeds the supported maximum"),
+        ("p.jsonl", &rec("a", 0, 4_000_000_000, "[1,2]"), "p.jsonl:1: position 4000000000 exceeds"),
+        ("e.jsonl", &rec("a", 0, 0, "[1,4000000000]"), "e.jsonl:1: expert 4000000000 exceeds"),
+        ("o.jsonl", &rec("a", 0, 0, "[1,5000000000]"), "o.jsonl:1: expert 5000000000 is out of range"),
+    ];
+    assert_errs(&AggregateOptions::default(), &cases);
 }
