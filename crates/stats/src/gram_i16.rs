@@ -111,14 +111,18 @@ mod tests {
     fn matches_the_scalar_definition() {
         for (n, ne) in [(1, 1), (5, 7), (9, 16), (13, 64), (80, 64), (6, 33)] {
             let c: Vec<i16> = (0..n * ne).map(|x| ((x * 37 + 11) % 97) as i16).collect();
+            // The dispatched kernel (AVX2 where available) and the scalar fallback.
             let mut g = vec![-1.0; n * n];
             gram_upper(&c, n, ne, &mut g);
+            let mut gs = vec![-1.0; n * n];
+            scalar(&c, n, ne, &mut gs);
             for i in 0..n {
                 for j in i..n {
                     let want: i64 = (0..ne)
                         .map(|e| c[i * ne + e] as i64 * c[j * ne + e] as i64)
                         .sum();
                     assert_eq!(g[i * n + j], want as f64, "{n}x{ne} ({i},{j})");
+                    assert_eq!(gs[i * n + j], want as f64, "scalar {n}x{ne} ({i},{j})");
                 }
             }
         }

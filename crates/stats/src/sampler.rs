@@ -718,6 +718,25 @@ mod tests {
     }
 
     #[test]
+    fn counts_span_chunks() {
+        // More tokens than one chunk of bit-sliced counters: totals and agreement still hold.
+        let t = CHUNK + 6;
+        let mut a = Rng4::new(8, 8, 8);
+        let mut b = Rng4::new(8, 8, 8);
+        let mut x = vec![0u64; 8];
+        let mut y = vec![0u64; 8];
+        count_scalar(&mut a, t, uniform(8), 2, &mut x);
+        count_tokens(&mut b, t, uniform(8), 2, &mut y);
+        assert_eq!(x, y);
+        assert_eq!(x.iter().sum::<u64>(), 2 * t);
+        // Each expert is picked with probability 2/8 per token.
+        for &c in &x {
+            let sd = (t as f64 * 0.25 * 0.75).sqrt();
+            assert!((c as f64 - t as f64 / 4.0).abs() < 5.0 * sd, "{x:?}");
+        }
+    }
+
+    #[test]
     fn avx2_and_scalar_samplers_agree() {
         let table = AliasTable::new(&(0..60).map(|e| 1.0 + (e % 7) as f64).collect::<Vec<_>>());
         let skewed = AliasTable::new(&[50.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 3.0, 2.0]);
