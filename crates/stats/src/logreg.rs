@@ -1065,8 +1065,9 @@ unsafe fn exp_nonpos_slice_avx(v: &mut [f64]) {
 /// results in the subnormal range are rounded once.
 #[inline(always)]
 fn exp_nonpos(x: f64) -> f64 {
-    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52: adding it rounds to an integer
-                                                // fdlibm's ln2_hi (trailing zero bits, so kf · LN2_HI is exact) and ln2_lo.
+    // 1.5 · 2^52: adding it rounds to an integer.
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    // fdlibm's ln2_hi (trailing zero bits, so kf · LN2_HI is exact) and ln2_lo.
     const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
     const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
     const C: [f64; 14] = [
