@@ -293,8 +293,6 @@ impl<'a> Setup<'a> {
 struct Work<T> {
     /// Synthetic counts, layer-major: `c[(l·N + i)·E + e]`.
     c: Vec<T>,
-    /// The observed counts in the same layout (permutation baseline only, else empty).
-    base: Vec<T>,
     /// One per-layer Gram matrix, N×N row-major (upper triangle and diagonal used).
     g: Vec<f64>,
     /// `Σ_l G_l[i,j] r_il r_jl` for i<j (row-major N×N, upper part used).
@@ -305,10 +303,9 @@ struct Work<T> {
 }
 
 impl<T: Elem> Work<T> {
-    fn new(n: usize, nl: usize, ne: usize, base: Vec<T>) -> Self {
+    fn new(n: usize, nl: usize, ne: usize) -> Self {
         Work {
             c: vec![T::ZERO; nl * n * ne],
-            base,
             g: vec![0.0; n * n],
             acc: vec![0.0; n * n],
             inv: vec![0.0; n],
@@ -360,7 +357,14 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
     let mut cnt = vec![0u32; LANES * ne];
     let words = ne.div_ceil(64);
     let mut taken = vec![0u64; words];
+    // E ≤ 64: `t` tokens drawn by `sampler` (its four-lane stream), counts written to `layer`.
     let mut c64 = [0u64; 64];
+    let mut count_into = |layer: &mut [T], d: Draw, t: u64| {
+        count_tokens(&mut rng4, t, d, k, &mut c64[..ne]);
+        for (x, &y) in layer.iter_mut().zip(&c64) {
+            *x = T::from_count(y);
+        }
+    };
     match s.which {
         Baseline::Permutation => {
             // The observed counts, already in the layout and type of `c`.
@@ -387,11 +391,7 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
                         continue;
                     }
                     if ne <= 64 {
-                        let d = Draw::Uniform(Fields::new(ne));
-                        count_tokens(&mut rng4, t, d, k, &mut c64[..ne]);
-                        for (x, &y) in layer.iter_mut().zip(&c64) {
-                            *x = T::from_count(y);
-                        }
+                        count_into(layer, Draw::Uniform(Fields::new(ne)), t);
                         continue;
                     }
                     // E > 64: Floyd's algorithm (Bentley & Floyd, CACM 1987) on taken-set words:
@@ -446,10 +446,7 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
                     if fast && ne <= 64 {
                         // Even after k−1 picks more than a quarter of the mass is left, so every
                         // pick is an alias draw with rejection: no mass bookkeeping needed.
-                        count_tokens(&mut rng4, t, Draw::Alias(alias), k, &mut c64[..ne]);
-                        for (x, &y) in layer.iter_mut().zip(&c64) {
-                            *x = T::from_count(y);
-                        }
+                        count_into(layer, Draw::Alias(alias), t);
                         continue;
                     }
                     cnt.iter_mut().for_each(|x| *x = 0);
@@ -568,12 +565,14 @@ fn rep_stats<T: Elem>(w: &mut Work<T>, n: usize, nl: usize, ne: usize) -> (f64, 
 
 fn run_reps<T: Elem>(s: &Setup, reps: usize) -> Vec<(f64, f64)> {
     let (n, nl, ne) = (s.input.n(), s.input.num_layers, s.input.num_experts);
+    // Converted once and shared by all workers.
+    let base = observed::<T>(s);
     (0..reps)
         .into_par_iter()
         .map_init(
-            || Work::<T>::new(n, nl, ne, observed(s)),
+            || Work::<T>::new(n, nl, ne),
             |w, r| {
-                synth_counts(s, r as u64, &mut w.c, &w.base);
+                synth_counts(s, r as u64, &mut w.c, &base);
                 rep_stats(w, n, nl, ne)
             },
         )
@@ -768,7 +767,7 @@ mod tests {
                 .flat_map(|i| ((i + 1)..n).map(move |j| (i, j)))
                 .map(|(i, j)| g[i * n + j]),
         );
-        let mut w = Work::<i16>::new(n, nl, ne, Vec::new());
+        let mut w = Work::<i16>::new(n, nl, ne);
         for l in 0..nl {
             for i in 0..n {
                 for e in 0..ne {

@@ -303,15 +303,15 @@ impl Sliced {
         self.ripple(eights, 3);
     }
 
-    /// Add another bit-sliced counter (its planes `0..n`) at weight 1.
+    /// Add another bit-sliced counter (its planes from the lowest; missing ones are zero) at
+    /// weight 1.
     #[inline(always)]
-    fn add_planes(&mut self, other: &[u64]) {
+    fn add_planes(&mut self, other: impl Iterator<Item = u64>) {
+        let mut other = other.fuse();
         let mut carry = 0u64;
-        for p in 0..self.n {
-            let a = self.planes[p];
-            let b = other.get(p).copied().unwrap_or(0);
-            let (hi, lo) = csa(a, b, carry);
-            self.planes[p] = lo;
+        for p in &mut self.planes[..self.n] {
+            let (hi, lo) = csa(*p, other.next().unwrap_or(0), carry);
+            *p = lo;
             carry = hi;
         }
     }
@@ -622,11 +622,7 @@ mod avx2 {
         }
         let mut total = Sliced::new(t);
         for lane in 0..4 {
-            let mut x = [0u64; MAX_PLANES];
-            for (xp, l) in x.iter_mut().zip(&lanes[..n]) {
-                *xp = l[lane];
-            }
-            total.add_planes(&x[..n]);
+            total.add_planes(lanes[..n].iter().map(|l| l[lane]));
         }
         total.add_counts_to(out);
     }
