@@ -301,8 +301,20 @@ fn classifier(
             )
         }
     };
-    let cvres = cv::logreg_cv(sig, n, d, &input.labels, &input.categories, &folds, n_folds)
-        .map_err(|e| StatsError::Other(e.to_string()))?;
+    let perm_seed = sub_rng(opts.seed, tags::CLASSIFIER_PERMUTATION, 0).next_u64();
+    // The permutation test reuses the CV's prepared folds and observed fits.
+    let (cvres, perm) = cv::logreg_cv_with_permutation(
+        sig,
+        n,
+        d,
+        &input.labels,
+        &input.categories,
+        &folds,
+        n_folds,
+        opts.classifier_perm_reps,
+        perm_seed,
+    )
+    .map_err(|e| StatsError::Other(e.to_string()))?;
     let res = match cvres {
         cv::CvOutcome::Done(r) => r,
         cv::CvOutcome::Skipped { reason } => {
@@ -324,19 +336,6 @@ fn classifier(
     let boot_seed = sub_rng(opts.seed, tags::ACCURACY_BOOTSTRAP, 0).next_u64();
     let acc_ci =
         cv::accuracy_bootstrap_ci(&res.correct, opts.boot_reps, boot_seed).map(|b| [b.lo, b.hi]);
-    let perm_seed = sub_rng(opts.seed, tags::CLASSIFIER_PERMUTATION, 0).next_u64();
-    let perm = cv::classifier_permutation_test(
-        sig,
-        n,
-        d,
-        &input.labels,
-        input.categories.len(),
-        &folds,
-        n_folds,
-        opts.classifier_perm_reps,
-        perm_seed,
-    )
-    .map_err(|e| StatsError::Other(e.to_string()))?;
     let perm = match perm {
         cv::CvOutcome::Done(p) => Section::Done(serde_json::json!({
             "p": p.p_value,

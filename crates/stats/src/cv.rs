@@ -539,9 +539,58 @@ pub fn logreg_cv(
         return Ok(CvOutcome::Skipped { reason });
     }
     let prep = PreparedFolds::new(x, d, folds, n_folds)?;
+    Ok(fit_cv(&prep, labels, label_names))
+}
+
+/// [`logreg_cv`] and [`classifier_permutation_test`] on the same folds: the folds are prepared
+/// and the observed labels fitted once, and the permutation test's observed statistic is the
+/// CV's `accuracy_mean` (the same fits, so the same number).
+#[allow(clippy::too_many_arguments)]
+pub fn logreg_cv_with_permutation(
+    x: &[f64],
+    n: usize,
+    d: usize,
+    labels: &[usize],
+    label_names: &[String],
+    folds: &[usize],
+    n_folds: usize,
+    reps: usize,
+    seed: u64,
+) -> Result<(CvOutcome<LogRegCvResult>, CvOutcome<ClassifierPermutation>), CvError> {
+    fn skipped<T>(reason: &str) -> CvOutcome<T> {
+        CvOutcome::Skipped {
+            reason: reason.to_string(),
+        }
+    }
+    if let Some(reason) = check_inputs(x, n, d, labels, label_names.len(), folds, n_folds)? {
+        return Ok((skipped(&reason), skipped(&reason)));
+    }
+    let prep = PreparedFolds::new(x, d, folds, n_folds)?;
+    let cv = fit_cv(&prep, labels, label_names);
+    let perm = match &cv {
+        CvOutcome::Done(_) if reps == 0 => skipped("0 repetitions requested"),
+        CvOutcome::Done(r) => CvOutcome::Done(permutation_null(
+            &prep,
+            labels,
+            r.accuracy_mean,
+            reps,
+            seed,
+        )?),
+        CvOutcome::Skipped { reason } => skipped(reason),
+    };
+    Ok((cv, perm))
+}
+
+/// The cross-validated fit of [`logreg_cv`] on prepared folds.
+fn fit_cv(
+    prep: &PreparedFolds,
+    labels: &[usize],
+    label_names: &[String],
+) -> CvOutcome<LogRegCvResult> {
+    let (n, k) = (labels.len(), label_names.len());
     let (pred, models) = match prep.run(labels, &LogRegOptions::default(), false, true, false) {
         Ok(r) => r,
-        Err(reason) => return Ok(CvOutcome::Skipped { reason }),
+        Err(reason) => return CvOutcome::Skipped { reason },
     };
     let fold_accuracies = prep.fold_accuracies(labels, &pred);
     let accuracy_mean = mean(&fold_accuracies);
@@ -559,7 +608,7 @@ pub fn logreg_cv(
     let counts: Vec<u64> = confusion.iter().map(|r| r.iter().sum()).collect();
     let chance = *counts.iter().max().unwrap_or(&0) as f64 / n as f64;
     let correct = (0..n).map(|i| pred[i] == labels[i]).collect();
-    Ok(CvOutcome::Done(LogRegCvResult {
+    CvOutcome::Done(LogRegCvResult {
         fold_accuracies,
         accuracy_mean,
         accuracy_std,
@@ -570,7 +619,7 @@ pub fn logreg_cv(
         fold_coefs: models,
         oof_predictions: pred,
         correct,
-    }))
+    })
 }
 
 /// Macro-averaged F1 over all classes of a confusion matrix (rows true, cols predicted), with
@@ -643,6 +692,20 @@ pub fn classifier_permutation_test(
         Ok((pred, _)) => mean(&prep.fold_accuracies(labels, &pred)),
         Err(reason) => return Ok(CvOutcome::Skipped { reason }),
     };
+    Ok(CvOutcome::Done(permutation_null(
+        &prep, labels, observed, reps, seed,
+    )?))
+}
+
+/// The permutation null of the mean fold accuracy on prepared folds, `observed` being the
+/// accuracy with the true labels (see module docs).
+fn permutation_null(
+    prep: &PreparedFolds,
+    labels: &[usize],
+    observed: f64,
+    reps: usize,
+    seed: u64,
+) -> Result<ClassifierPermutation, CvError> {
     let perm_opts = LogRegOptions {
         gtol: PERMUTATION_GTOL,
         ..LogRegOptions::default()
@@ -662,13 +725,13 @@ pub fn classifier_permutation_test(
         .collect::<Result<_, String>>()
         .map_err(CvError::FoldFit)?;
     let ge = null.iter().filter(|&&a| a >= observed).count();
-    Ok(CvOutcome::Done(ClassifierPermutation {
+    Ok(ClassifierPermutation {
         observed,
         p_value: (1 + ge) as f64 / (1 + reps) as f64,
         null_mean: mean(&null),
         reps,
         seed,
-    }))
+    })
 }
 
 /// Percentile bootstrap interval of an accuracy.
@@ -803,6 +866,10 @@ mod tests {
         assert_eq!(p.observed, 1.0);
         assert_eq!(p.p_value, 1.0 / 20.0);
         assert!(p.null_mean < 0.6);
+        // The combined call prepares and fits once and gives the same two results.
+        let (r2, p2) = logreg_cv_with_permutation(&x, n, 12, &y, &names, &folds, 5, 19, 3).unwrap();
+        assert_eq!(r2, CvOutcome::Done(r.clone()));
+        assert_eq!(p2, CvOutcome::Done(p));
         let json = serde_json::to_value(CvOutcome::Done(r)).unwrap();
         assert!(json.get("fold_coefs").is_none());
         assert_eq!(json["labels"][3], "d");
