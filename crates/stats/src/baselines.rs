@@ -16,7 +16,7 @@
 use crate::gram_i16::gram_upper;
 use crate::input::AnalysisInput;
 use crate::results::BaselineStats;
-use crate::sampler::{count_tokens, AliasTable, Draw, Fields, Rng4};
+use crate::sampler::{count_tokens, count_tokens_i16, AliasTable, Draw, Fields, Rng4};
 use crate::similarity::mean_std;
 use crate::{sub_rng, tags};
 use rand::RngCore;
@@ -45,6 +45,7 @@ impl Baseline {
 /// lines, reference algorithm) because the baselines consume ~10⁵ words per repetition and ChaCha8
 /// costs several times more per word; rand's `SmallRng` does not promise a fixed algorithm and
 /// `rand_xoshiro` is not a dependency.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Xoshiro256pp {
     s: [u64; 4],
 }
@@ -162,10 +163,10 @@ impl Below {
 trait Elem: Copy + Send + Sync + 'static {
     const ZERO: Self;
     fn from_f64(x: f64) -> Self;
-    /// A count (callers guarantee it is representable).
-    fn from_count(x: u64) -> Self;
     /// Upper triangle (with the diagonal) of `G = C Cᵀ` for the row-major N×E block `c`, as f64.
     fn layer_gram(c: &[Self], n: usize, ne: usize, g: &mut [f64]);
+    /// Counts of `t` tokens drawn by [`count_tokens`] (E ≤ 64) into `layer`.
+    fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]);
 }
 
 impl Elem for i16 {
@@ -173,11 +174,11 @@ impl Elem for i16 {
     fn from_f64(x: f64) -> Self {
         x as i16
     }
-    fn from_count(x: u64) -> Self {
-        x as i16
-    }
     fn layer_gram(c: &[Self], n: usize, ne: usize, g: &mut [f64]) {
         gram_upper(c, n, ne, g);
+    }
+    fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]) {
+        count_tokens_i16(rng, t, d, k, layer);
     }
 }
 
@@ -186,11 +187,15 @@ impl Elem for f64 {
     fn from_f64(x: f64) -> Self {
         x
     }
-    fn from_count(x: u64) -> Self {
-        x as f64
-    }
     fn layer_gram(c: &[Self], n: usize, ne: usize, g: &mut [f64]) {
         f64_gram(c, n, ne, g);
+    }
+    fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]) {
+        let mut c = [0u64; 64];
+        count_tokens(rng, t, d, k, &mut c[..layer.len()]);
+        for (x, &y) in layer.iter_mut().zip(&c) {
+            *x = y as f64;
+        }
     }
 }
 
@@ -358,15 +363,18 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
     let words = ne.div_ceil(64);
     let mut taken = vec![0u64; words];
     // E ≤ 64: `t` tokens drawn by `sampler` (its four-lane stream), counts written to `layer`.
-    let mut c64 = [0u64; 64];
-    let mut count_into = |layer: &mut [T], d: Draw, t: u64| {
-        count_tokens(&mut rng4, t, d, k, &mut c64[..ne]);
-        for (x, &y) in layer.iter_mut().zip(&c64) {
-            *x = T::from_count(y);
-        }
-    };
+    let mut count_into =
+        |layer: &mut [T], d: Draw, t: u64| T::draw_counts(&mut rng4, t, d, k, layer);
     match s.which {
         Baseline::Permutation => {
+            if crate::shuffle::uses_sort(ne) {
+                // 33 ≤ E ≤ 64: every block (memory order) sorted by random keys, ties redrawn —
+                // exactly uniform, SIMD (see `shuffle.rs`); its four xoshiro lanes are seeded
+                // like `rng4`, which this baseline does not use.
+                let mut lanes = crate::shuffle::Lanes::new(s.seed, s.which.tag(), rep);
+                crate::shuffle::permute_blocks(&mut lanes, base, c, ne);
+                return;
+            }
             // The observed counts, already in the layout and type of `c`.
             c.copy_from_slice(base);
             for i in 0..n {

@@ -15,6 +15,7 @@ pub mod logreg;
 pub mod pca;
 pub mod results;
 mod sampler;
+mod shuffle;
 pub mod signature;
 pub mod significance;
 pub mod similarity;

@@ -24,17 +24,22 @@
 //! Everything is integer arithmetic, so the counts are identical either way. Hand-written
 //! because no maintained crate samples k-subsets as bit masks or counts them bit-sliced.
 
+use crate::baselines::Xoshiro256pp;
 use crate::sub_rng;
 use rand::RngCore;
 
-/// Four xoshiro256++ streams (Blackman & Vigna 2021), stored word-major: `s[w][lane]`.
+/// Four xoshiro256++ streams (Blackman & Vigna 2021), stored word-major: `s[w][lane]`, and a
+/// fifth, scalar one (`tie`) that resolves the rare ties of byte alias draws
+/// ([`AliasTable::draw8`]).
 pub(crate) struct Rng4 {
-    s: [[u64; 4]; 4],
+    pub(crate) s: [[u64; 4]; 4],
+    tie: Xoshiro256pp,
 }
 
 impl Rng4 {
     /// Lane j is seeded with words 4 + 4j .. 8 + 4j of `sub_rng(seed, tag, rep)` (words 0..4
-    /// seed the repetition's scalar stream, see `baselines::RepRng`).
+    /// seed the repetition's scalar stream, see `baselines::RepRng`), the tie stream with words
+    /// 20..24.
     pub(crate) fn new(seed: u64, tag: u64, rep: u64) -> Self {
         let mut c = sub_rng(seed, tag, rep);
         for _ in 0..4 {
@@ -49,12 +54,22 @@ impl Rng4 {
                 s[0][lane] = 1; // probability 2^-256; the all-zero state is a fixed point
             }
         }
-        Rng4 { s }
+        let mut tie = [0u64; 4];
+        for x in &mut tie {
+            *x = c.next_u64();
+        }
+        if tie == [0; 4] {
+            tie[0] = 1;
+        }
+        Rng4 {
+            s,
+            tie: Xoshiro256pp::from_state(tie),
+        }
     }
 
     /// The next word of every lane.
     #[inline(always)]
-    fn next(&mut self) -> [u64; 4] {
+    pub(crate) fn next(&mut self) -> [u64; 4] {
         let mut out = [0u64; 4];
         for (lane, o) in out.iter_mut().enumerate() {
             let [s0, s1, s2, s3] = [
@@ -108,11 +123,27 @@ impl Fields {
 /// compared with the column's threshold `ceil(prob · 2^s)` (so probabilities are exact to
 /// 2^-s, 1.5e-8 for E = 64). Entry = threshold | alias << s; a column with prob = 1 is its own
 /// alias (threshold capped at 2^s − 1). Zero-weight experts and padding are never drawn.
+///
+/// For E' ≤ 64 the table also draws from two random bytes ([`AliasTable::draw8`]): the low b
+/// bits of one choose the column, the other is the top 8 bits of the s-bit uniform, compared with
+/// the top 8 bits of the threshold; only when they are equal (probability 1/256 per draw) do
+/// s − 8 more bits from the tie stream decide against the threshold's low s − 8 bits. The
+/// outcome is the same function of an s-bit uniform as in [`AliasTable::draw`], so the
+/// probabilities are the same, exact to 2^-s.
 #[derive(Debug, Clone)]
 pub(crate) struct AliasTable {
     /// s = 32 − b.
     shift: u32,
     entries: Vec<u32>,
+    /// Byte draws (E' ≤ 64, else empty): per column its alias, the threshold's top 8 bits and
+    /// its low s − 8 bits.
+    alias8: Vec<u8>,
+    thr8: Vec<u8>,
+    rest: Vec<u32>,
+    /// `alias8` and `thr8` (zero-padded to 64) as four 16-byte tables each XORed with the
+    /// previous one (see `avx2::lookup8`).
+    lut_alias: [[u8; 16]; 4],
+    lut_thr: [[u8; 16]; 4],
 }
 
 impl AliasTable {
@@ -159,8 +190,59 @@ impl AliasTable {
                 };
                 (thr | (a as u64) << shift) as u32
             })
-            .collect();
-        AliasTable { shift, entries }
+            .collect::<Vec<u32>>();
+        let low = (1u32 << shift) - 1;
+        let rbits = shift - 8;
+        let mut t = AliasTable {
+            shift,
+            entries,
+            alias8: Vec::new(),
+            thr8: Vec::new(),
+            rest: Vec::new(),
+            lut_alias: [[0; 16]; 4],
+            lut_thr: [[0; 16]; 4],
+        };
+        if padded <= 64 {
+            t.alias8 = t.entries.iter().map(|&e| (e >> shift) as u8).collect();
+            t.thr8 = t
+                .entries
+                .iter()
+                .map(|&e| ((e & low) >> rbits) as u8)
+                .collect();
+            t.rest = t.entries.iter().map(|&e| e & ((1 << rbits) - 1)).collect();
+            let chain = |v: &[u8]| {
+                let mut bytes = [0u8; 64];
+                bytes[..v.len()].copy_from_slice(v);
+                std::array::from_fn(|k| {
+                    std::array::from_fn(|i| {
+                        bytes[16 * k + i] ^ if k == 0 { 0 } else { bytes[16 * (k - 1) + i] }
+                    })
+                })
+            };
+            t.lut_alias = chain(&t.alias8);
+            t.lut_thr = chain(&t.thr8);
+        }
+        t
+    }
+
+    /// One draw from two random bytes (tables with at most 64 columns): the low b bits of `c`
+    /// choose the column, `u` is the top byte of the uniform; `tie` supplies the rest when `u`
+    /// equals the threshold's top byte (see the type's docs).
+    #[inline(always)]
+    pub(crate) fn draw8(&self, c: u8, u: u8, tie: &mut Xoshiro256pp) -> u32 {
+        let col = (c as usize) & (self.alias8.len() - 1);
+        let accept = match u.cmp(&self.thr8[col]) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => {
+                (tie.next_u64() as u32 & ((1 << (self.shift - 8)) - 1)) < self.rest[col]
+            }
+        };
+        if accept {
+            col as u32
+        } else {
+            self.alias8[col] as u32
+        }
     }
 
     /// One draw from 32 random bits.
@@ -221,26 +303,40 @@ fn group_scalar(rng: &mut Rng4, d: Draw, k: usize) -> [u64; 4] {
             }
         }
         Draw::Alias(a) => {
-            let bit = |h: u64| 1u64 << a.draw(h as u32);
-            for _ in 0..k / 2 {
-                let r = rng.next();
-                for (mj, &rj) in m.iter_mut().zip(&r) {
-                    *mj |= bit(rj) | bit(rj >> 32);
+            // Eight draws per lane from two words (column bytes, acceptance bytes) while at
+            // least eight unconditional draws are left, then four per word (column bytes 0..4,
+            // acceptance bytes 4..8). Ties are resolved lane by lane, draw by draw.
+            let mut d = 0;
+            while d + 8 <= k {
+                let (r1, r2) = (rng.next(), rng.next());
+                for (mj, (&c, &u)) in m.iter_mut().zip(r1.iter().zip(&r2)) {
+                    for q in 0..8 {
+                        *mj |= 1u64
+                            << a.draw8((c >> (8 * q)) as u8, (u >> (8 * q)) as u8, &mut rng.tie);
+                    }
                 }
+                d += 8;
             }
-            if k % 2 == 1 {
+            while d < k || m.iter().any(|&x| (x.count_ones() as usize) < k) {
                 let r = rng.next();
-                for (mj, &rj) in m.iter_mut().zip(&r) {
-                    *mj |= bit(rj);
-                    *mj |= bit(rj >> 32) & need(*mj, k);
+                let mut ex = [[0u32; 4]; 4];
+                for (exj, &rj) in ex.iter_mut().zip(&r) {
+                    for (q, x) in exj.iter_mut().enumerate() {
+                        *x = a.draw8(
+                            (rj >> (8 * q)) as u8,
+                            (rj >> (32 + 8 * q)) as u8,
+                            &mut rng.tie,
+                        );
+                    }
                 }
-            }
-            while m.iter().any(|&x| (x.count_ones() as usize) < k) {
-                let r = rng.next();
-                for (mj, &rj) in m.iter_mut().zip(&r) {
-                    *mj |= bit(rj) & need(*mj, k);
-                    *mj |= bit(rj >> 32) & need(*mj, k);
+                for (mj, exj) in m.iter_mut().zip(&ex) {
+                    for (q, &x) in exj.iter().enumerate() {
+                        if d + q < k || (mj.count_ones() as usize) < k {
+                            *mj |= 1u64 << x;
+                        }
+                    }
                 }
+                d += 4;
             }
         }
     }
@@ -386,15 +482,31 @@ pub(crate) fn count_tokens(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut 
     count_scalar(rng, t, d, k, out)
 }
 
+/// [`count_tokens`] into i16 counts (callers guarantee `t` ≤ 32767): the same draws and counts,
+/// with a faster AVX2 path for fewer than 256 tokens.
+pub(crate) fn count_tokens_i16(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if t < 256 && out.len() <= 64 && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected at run time.
+        unsafe { avx2::count_small_i16(rng, t, d, k, out) };
+        return;
+    }
+    let mut c = [0u64; 64];
+    count_tokens(rng, t, d, k, &mut c[..out.len()]);
+    for (o, &x) in out.iter_mut().zip(&c) {
+        *o = x as i16;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{AliasTable, Draw, Fields, Rng4, Sliced, MAX_PLANES};
+pub(crate) mod avx2 {
+    use super::{AliasTable, Draw, Fields, Rng4, Sliced, Xoshiro256pp, MAX_PLANES};
     use std::arch::x86_64::*;
 
     /// xoshiro256++ on four lanes.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn next(s: &mut [__m256i; 4]) -> __m256i {
+    pub(crate) unsafe fn next(s: &mut [__m256i; 4]) -> __m256i {
         let x = _mm256_add_epi64(s[0], s[3]);
         let rot = _mm256_or_si256(_mm256_slli_epi64(x, 23), _mm256_srli_epi64(x, 41));
         let out = _mm256_add_epi64(rot, s[0]);
@@ -423,124 +535,212 @@ mod avx2 {
         _mm256_sad_epu8(c, _mm256_setzero_si256())
     }
 
-    /// All ones in the lanes with fewer than k bits set.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn need(m: __m256i, kv: __m256i) -> __m256i {
-        _mm256_cmpgt_epi64(kv, popcnt(m))
-    }
-
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn any(v: __m256i) -> bool {
         _mm256_movemask_epi8(v) != 0
     }
 
-    /// One-hot masks of the low b bits of every lane, restricted to the experts `0..E`.
+    /// One-hot masks of the low b bits of every lane, restricted to the experts `0..E` (a no-op
+    /// unless `MASKED`, i.e. E < 2^b).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn onehot(r: __m256i, f: Fields) -> __m256i {
+    unsafe fn onehot<const MASKED: bool>(r: __m256i, f: Fields) -> __m256i {
         let fm = _mm256_set1_epi64x(((1u64 << f.bits) - 1) as i64);
-        let x = _mm256_and_si256(r, fm);
-        _mm256_and_si256(
-            _mm256_sllv_epi64(_mm256_set1_epi64x(1), x),
-            _mm256_set1_epi64x(f.valid as i64),
-        )
+        let x = _mm256_sllv_epi64(_mm256_set1_epi64x(1), _mm256_and_si256(r, fm));
+        if MASKED {
+            _mm256_and_si256(x, _mm256_set1_epi64x(f.valid as i64))
+        } else {
+            x
+        }
     }
 
-    /// Eight alias draws (two per lane) as one-hot masks of the low and high halves.
+    /// Byte alias draws ([`AliasTable::draw8`]): column bytes `rc`, acceptance bytes `ru`;
+    /// expert indices in the bytes selected by `valid` (a `movemask` bit mask), the others
+    /// undefined. The 64-entry byte tables are looked up with byte shuffles: four 16-byte tables
+    /// XOR-chained, so that the XOR of `shuffle(lut[t], col − 16t)` over t is table[col] (an
+    /// index below 16t is negative and selects zero). Ties are resolved in byte order, i.e. lane
+    /// by lane and draw by draw, exactly as the scalar loop does.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn draw8(r: __m256i, a: &AliasTable) -> (__m256i, __m256i) {
-        let one = _mm256_set1_epi64x(1);
-        let sh = _mm_cvtsi32_si128(a.shift as i32);
-        let low = _mm256_set1_epi32(((1u32 << a.shift) - 1) as i32);
-        let col = _mm256_srl_epi32(r, sh);
-        let e = _mm256_i32gather_epi32::<4>(a.entries.as_ptr() as *const i32, col);
-        let accept = _mm256_cmpgt_epi32(_mm256_and_si256(e, low), _mm256_and_si256(r, low));
-        let x = _mm256_blendv_epi8(_mm256_srl_epi32(e, sh), col, accept);
-        (
-            _mm256_sllv_epi64(one, _mm256_and_si256(x, _mm256_set1_epi64x(0xffff_ffff))),
-            _mm256_sllv_epi64(one, _mm256_srli_epi64(x, 32)),
-        )
+    unsafe fn lookup8(
+        rc: __m256i,
+        ru: __m256i,
+        valid: u32,
+        a: &AliasTable,
+        tie: &mut Xoshiro256pp,
+    ) -> __m256i {
+        let col = _mm256_and_si256(rc, _mm256_set1_epi8((a.alias8.len() - 1) as i8));
+        let sixteen = _mm256_set1_epi8(16);
+        let table = |t: &[u8; 16]| {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i))
+        };
+        let mut idx = col;
+        let mut alias = _mm256_shuffle_epi8(table(&a.lut_alias[0]), idx);
+        let mut thr = _mm256_shuffle_epi8(table(&a.lut_thr[0]), idx);
+        for t in 1..4 {
+            idx = _mm256_sub_epi8(idx, sixteen);
+            alias = _mm256_xor_si256(alias, _mm256_shuffle_epi8(table(&a.lut_alias[t]), idx));
+            thr = _mm256_xor_si256(thr, _mm256_shuffle_epi8(table(&a.lut_thr[t]), idx));
+        }
+        // u ≥ thr (unsigned): the alias, unless it is a tie.
+        let reject = _mm256_cmpeq_epi8(_mm256_max_epu8(ru, thr), ru);
+        let ex = _mm256_blendv_epi8(col, alias, reject);
+        let tied = _mm256_movemask_epi8(_mm256_cmpeq_epi8(ru, thr)) as u32 & valid;
+        if tied != 0 {
+            return resolve_ties(ex, col, tied, a, tie);
+        }
+        ex
+    }
+
+    /// The rare slow path of [`lookup8`] (kept out of line so that the fast path inlines): the
+    /// bytes set in `tied` take the tie stream's next word.
+    #[cold]
+    #[inline(never)]
+    #[target_feature(enable = "avx2")]
+    unsafe fn resolve_ties(
+        ex: __m256i,
+        col: __m256i,
+        tied: u32,
+        a: &AliasTable,
+        tie: &mut Xoshiro256pp,
+    ) -> __m256i {
+        let mut e = [0u8; 32];
+        let mut c = [0u8; 32];
+        _mm256_storeu_si256(e.as_mut_ptr() as *mut __m256i, ex);
+        _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, col);
+        let rmask = (1u32 << (a.shift - 8)) - 1;
+        // The set bits in increasing order.
+        let mut bits = tied;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let ci = c[i] as usize;
+            e[i] = if (tie.next_u64() as u32 & rmask) < a.rest[ci] {
+                c[i]
+            } else {
+                a.alias8[ci]
+            };
+        }
+        _mm256_loadu_si256(e.as_ptr() as *const __m256i)
+    }
+
+    /// One-hot mask of draw q (byte q of every lane).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn onehot8(ex: __m256i, q: u32) -> __m256i {
+        let x = _mm256_and_si256(
+            _mm256_srl_epi64(ex, _mm_cvtsi32_si128(8 * q as i32)),
+            _mm256_set1_epi64x(0xff),
+        );
+        _mm256_sllv_epi64(_mm256_set1_epi64x(1), x)
+    }
+
+    /// OR the one-hot (or empty) mask `oh` into the lanes of `m` whose count `c` (= bits set in
+    /// `m`) is below k, keeping `c` exact: a chain of cheap operations instead of a popcount.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn gated(m: &mut __m256i, c: &mut __m256i, oh: __m256i, kv: __m256i) {
+        let need = _mm256_cmpgt_epi64(kv, *c);
+        let stale = _mm256_cmpeq_epi64(_mm256_andnot_si256(*m, oh), _mm256_setzero_si256());
+        *m = _mm256_or_si256(*m, _mm256_and_si256(oh, need));
+        // −1 in the lanes that gained a bit.
+        *c = _mm256_sub_epi64(*c, _mm256_andnot_si256(stale, need));
     }
 
     /// Uniform draws, see [`super::group_scalar`].
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group_uniform(s: &mut [__m256i; 4], f: Fields, k: usize) -> __m256i {
+    unsafe fn group_uniform<const MASKED: bool>(
+        s: &mut [__m256i; 4],
+        f: Fields,
+        k: usize,
+    ) -> __m256i {
         let kv = _mm256_set1_epi64x(k as i64);
         let first = k.min(f.per_word);
         let bsh = _mm_cvtsi32_si128(f.bits as i32);
         let mut r = next(s);
         let mut m = _mm256_setzero_si256();
         for _ in 0..first {
-            m = _mm256_or_si256(m, onehot(r, f));
+            m = _mm256_or_si256(m, onehot::<MASKED>(r, f));
             r = _mm256_srl_epi64(r, bsh);
         }
-        // Gating field q on "fewer than k set before it" keeps exactly the shortest ungated
-        // prefix OR with k bits set (or the whole OR): the prefixes' popcounts are independent,
-        // so they run in parallel instead of as one chain.
-        let mut prefix = m;
-        let mut sel = _mm256_setzero_si256();
-        let mut done = _mm256_setzero_si256();
-        for q in first..=f.per_word {
-            let ok = _mm256_andnot_si256(done, _mm256_cmpgt_epi64(popcnt(prefix), kv1(k)));
-            sel = _mm256_or_si256(sel, _mm256_and_si256(ok, prefix));
-            done = _mm256_or_si256(done, ok);
-            if q < f.per_word {
-                prefix = _mm256_or_si256(prefix, onehot(r, f));
-                r = _mm256_srl_epi64(r, bsh);
-            }
+        let mut c = popcnt(m);
+        for _ in first..f.per_word {
+            gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
+            r = _mm256_srl_epi64(r, bsh);
         }
-        // Lanes that did not reach k: the whole OR.
-        m = _mm256_or_si256(sel, _mm256_andnot_si256(done, prefix));
-        while any(need(m, kv)) {
+        while any(_mm256_cmpgt_epi64(kv, c)) {
             let mut r = next(s);
             for _ in 0..f.per_word {
-                m = _mm256_or_si256(m, _mm256_and_si256(onehot(r, f), need(m, kv)));
+                gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
                 r = _mm256_srl_epi64(r, bsh);
             }
         }
         m
-    }
-
-    /// k − 1 in every lane (`popcnt > k − 1` ⇔ at least k set).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn kv1(k: usize) -> __m256i {
-        _mm256_set1_epi64x(k as i64 - 1)
     }
 
     /// Alias draws, see [`super::group_scalar`].
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group_alias(s: &mut [__m256i; 4], a: &AliasTable, k: usize) -> __m256i {
+    unsafe fn group_alias(
+        s: &mut [__m256i; 4],
+        a: &AliasTable,
+        k: usize,
+        tie: &mut Xoshiro256pp,
+    ) -> __m256i {
         let kv = _mm256_set1_epi64x(k as i64);
         let mut m = _mm256_setzero_si256();
-        for _ in 0..k / 2 {
-            let (x, y) = draw8(next(s), a);
-            m = _mm256_or_si256(m, _mm256_or_si256(x, y));
+        for _ in 0..k / 8 {
+            let rc = next(s);
+            let ru = next(s);
+            let ex = lookup8(rc, ru, u32::MAX, a, tie);
+            for q in 0..8 {
+                m = _mm256_or_si256(m, onehot8(ex, q));
+            }
         }
-        if k % 2 == 1 {
-            let (x, y) = draw8(next(s), a);
-            m = _mm256_or_si256(m, x);
-            m = _mm256_or_si256(m, _mm256_and_si256(y, need(m, kv)));
+        // Four draws per word: column bytes 0..4, acceptance bytes 4..8 of each lane.
+        let four = |s: &mut [__m256i; 4], tie: &mut Xoshiro256pp| {
+            let r = next(s);
+            lookup8(r, _mm256_srli_epi64::<32>(r), 0x0f0f_0f0f, a, tie)
+        };
+        let mut d = k / 8 * 8;
+        while d + 4 <= k {
+            let ex = four(s, tie);
+            for q in 0..4 {
+                m = _mm256_or_si256(m, onehot8(ex, q));
+            }
+            d += 4;
         }
-        while any(need(m, kv)) {
-            let (x, y) = draw8(next(s), a);
-            m = _mm256_or_si256(m, _mm256_and_si256(x, need(m, kv)));
-            m = _mm256_or_si256(m, _mm256_and_si256(y, need(m, kv)));
+        let rem = (k - d) as u32;
+        let partial = (rem > 0).then(|| four(s, tie));
+        if let Some(ex) = partial {
+            for q in 0..rem {
+                m = _mm256_or_si256(m, onehot8(ex, q));
+            }
+        }
+        let mut c = popcnt(m);
+        if let Some(ex) = partial {
+            for q in rem..4 {
+                gated(&mut m, &mut c, onehot8(ex, q), kv);
+            }
+        }
+        while any(_mm256_cmpgt_epi64(kv, c)) {
+            let ex = four(s, tie);
+            for q in 0..4 {
+                gated(&mut m, &mut c, onehot8(ex, q), kv);
+            }
         }
         m
     }
 
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group(s: &mut [__m256i; 4], d: Draw, k: usize) -> __m256i {
+    unsafe fn group(s: &mut [__m256i; 4], d: Draw, k: usize, tie: &mut Xoshiro256pp) -> __m256i {
         match d {
-            Draw::Uniform(f) => group_uniform(s, f, k),
-            Draw::Alias(a) => group_alias(s, a, k),
+            Draw::Uniform(f) if f.valid == u64::MAX => group_uniform::<false>(s, f, k),
+            Draw::Uniform(f) => group_uniform::<true>(s, f, k),
+            Draw::Alias(a) => group_alias(s, a, k, tie),
         }
     }
 
@@ -565,27 +765,31 @@ mod avx2 {
         }
     }
 
-    /// [`super::count_tokens`] with the groups in AVX2 registers: per-lane bit-sliced counters
-    /// (eight groups through the carry-save tree at a time), summed over the lanes at the end.
+    /// The per-lane bit-sliced counters of `t` tokens (groups in AVX2 registers, eight groups
+    /// through the carry-save tree at a time); `n` ≤ P planes are used.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn count_chunk(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [u64]) {
+    unsafe fn lane_planes<const P: usize>(
+        rng: &mut Rng4,
+        t: u64,
+        d: Draw,
+        k: usize,
+        n: usize,
+    ) -> [__m256i; P] {
         let mut s = [
             _mm256_loadu_si256(rng.s[0].as_ptr() as *const __m256i),
             _mm256_loadu_si256(rng.s[1].as_ptr() as *const __m256i),
             _mm256_loadu_si256(rng.s[2].as_ptr() as *const __m256i),
             _mm256_loadu_si256(rng.s[3].as_ptr() as *const __m256i),
         ];
-        // Each lane counts at most ⌈t/4⌉ tokens.
-        let per_lane = t.div_ceil(4);
-        let n = ((64 - per_lane.leading_zeros()) as usize).clamp(3, MAX_PLANES);
-        let mut planes = [_mm256_setzero_si256(); MAX_PLANES];
-        let planes = &mut planes[..n];
+        let mut all = [_mm256_setzero_si256(); P];
+        let planes = &mut all[..n];
         let full = t / 4;
         let mut g = 0;
         while g + 8 <= full {
             let mut m = [_mm256_setzero_si256(); 8];
             for x in &mut m {
-                *x = group(&mut s, d, k);
+                *x = group(&mut s, d, k, &mut rng.tie);
             }
             let (ta, ones) = csa(planes[0], m[0], m[1]);
             let (tb, ones) = csa(ones, m[2], m[3]);
@@ -601,13 +805,13 @@ mod avx2 {
             g += 8;
         }
         while g < full {
-            let m = group(&mut s, d, k);
+            let m = group(&mut s, d, k, &mut rng.tie);
             ripple(planes, m, 0);
             g += 1;
         }
         let rest = (t % 4) as usize;
         if rest > 0 {
-            let m = group(&mut s, d, k);
+            let m = group(&mut s, d, k, &mut rng.tie);
             let keep: [i64; 4] = std::array::from_fn(|j| if j < rest { -1 } else { 0 });
             let keep = _mm256_loadu_si256(keep.as_ptr() as *const __m256i);
             ripple(planes, _mm256_and_si256(m, keep), 0);
@@ -615,9 +819,22 @@ mod avx2 {
         for (w, v) in rng.s.iter_mut().zip(&s) {
             _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, *v);
         }
+        all
+    }
+
+    /// Planes needed for the per-lane counters of `t` tokens (each lane counts at most ⌈t/4⌉).
+    fn lane_plane_count(t: u64) -> usize {
+        ((64 - t.div_ceil(4).leading_zeros()) as usize).clamp(3, MAX_PLANES)
+    }
+
+    /// [`super::count_tokens`] for one chunk: per-lane counters summed over the lanes at the end.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn count_chunk(rng: &mut Rng4, t: u64, d: Draw, k: usize, out: &mut [u64]) {
+        let n = lane_plane_count(t);
+        let planes = lane_planes::<MAX_PLANES>(rng, t, d, k, n);
         // Sum the four lanes' counters.
         let mut lanes = [[0u64; 4]; MAX_PLANES];
-        for (l, v) in lanes.iter_mut().zip(planes.iter()) {
+        for (l, v) in lanes.iter_mut().zip(&planes[..n]) {
             _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, *v);
         }
         let mut total = Sliced::new(t);
@@ -625,6 +842,112 @@ mod avx2 {
             total.add_planes(lanes[..n].iter().map(|l| l[lane]));
         }
         total.add_counts_to(out);
+    }
+
+    /// Bit-sliced `x + y` of two counters with `n` planes (n + 1 planes out; `out.len()` ≥ n + 1).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_sliced(x: &[__m256i], y: &[__m256i], out: &mut [__m256i]) {
+        let mut carry = _mm256_setzero_si256();
+        for (o, (&a, &b)) in out.iter_mut().zip(x.iter().zip(y)) {
+            (carry, *o) = csa(a, b, carry);
+        }
+        out[x.len()] = carry;
+    }
+
+    /// [`super::count_tokens_i16`] for t < 256 tokens: at most seven lane planes, the four lanes
+    /// summed bit-sliced in registers (lanes 2, 3 onto 0, 1, then 1 onto 0), the eight total
+    /// planes spread to bytes and widened to i16.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn count_small_i16(
+        rng: &mut Rng4,
+        t: u64,
+        d: Draw,
+        k: usize,
+        out: &mut [i16],
+    ) {
+        debug_assert!(t < 256 && out.len() <= 64);
+        let n = lane_plane_count(t);
+        let p = lane_planes::<7>(rng, t, d, k, n);
+        let mut h = [_mm256_setzero_si256(); 8];
+        let swapped: [__m256i; 7] =
+            std::array::from_fn(|i| _mm256_permute2x128_si256::<1>(p[i], p[i]));
+        add_sliced(&p[..n], &swapped[..n], &mut h[..n + 1]);
+        let mut q = [_mm256_setzero_si256(); 9];
+        let swapped: [__m256i; 8] = std::array::from_fn(|i| _mm256_shuffle_epi32::<0x4e>(h[i]));
+        add_sliced(&h[..n + 1], &swapped[..n + 1], &mut q[..n + 2]);
+        // Counts < 256 need at most eight planes; lane 0 holds the total.
+        let mut totals = [0u64; 8];
+        for (x, v) in totals.iter_mut().zip(&q) {
+            *x = _mm256_extract_epi64::<0>(*v) as u64;
+        }
+        let bytes = byte_counts(&totals[..(n + 2).min(8)]);
+        let mut c = [0i16; 64];
+        for (i, chunk) in c.chunks_exact_mut(16).enumerate() {
+            let b = _mm_loadu_si128(bytes.as_ptr().add(16 * i) as *const __m128i);
+            _mm256_storeu_si256(chunk.as_mut_ptr() as *mut __m256i, _mm256_cvtepu8_epi16(b));
+        }
+        out.copy_from_slice(&c[..out.len()]);
+    }
+
+    /// Counts below 256 from at most eight planes: each plane's 64 bits are spread to 64 bytes
+    /// (byte shuffle, bit select, compare) and ORed in at weight 2^p.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn byte_counts(planes: &[u64]) -> [u8; 64] {
+        let spread = |b: i8| {
+            _mm256_setr_epi8(
+                b,
+                b,
+                b,
+                b,
+                b,
+                b,
+                b,
+                b,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 3,
+            )
+        };
+        let (lo, hi) = (spread(0), spread(4));
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let (mut c0, mut c1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for (p, &w) in planes.iter().enumerate() {
+            let v = _mm256_set1_epi64x(w as i64);
+            let weight = _mm256_set1_epi8((1u8 << p) as i8);
+            let on = |idx| {
+                let x = _mm256_and_si256(_mm256_shuffle_epi8(v, idx), bits);
+                _mm256_and_si256(_mm256_cmpeq_epi8(x, bits), weight)
+            };
+            c0 = _mm256_or_si256(c0, on(lo));
+            c1 = _mm256_or_si256(c1, on(hi));
+        }
+        let mut c = [0u8; 64];
+        _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, c0);
+        _mm256_storeu_si256(c.as_mut_ptr().add(32) as *mut __m256i, c1);
+        c
     }
 }
 
@@ -691,6 +1014,36 @@ mod tests {
             assert!((c as f64 - n as f64 * p).abs() < 5.0 * sd, "{e}: {h:?}");
         }
         assert_eq!(h[1] + h[3] + h[7], 0);
+    }
+
+    #[test]
+    fn draw8_is_draw_of_the_same_32_bits() {
+        // Column byte c, acceptance byte u, and on a tie the low s − 8 bits v of the next tie
+        // word: the 32-bit draw of (c mod 2^b) : u : v.
+        for w in [
+            vec![5.0, 0.0, 1.0, 0.0, 2.0, 9.0, 0.5],
+            (0..64).map(|e| 1.0 + (e % 5) as f64 * 0.37).collect(),
+            vec![1.0, 3.0],
+            (0..33).map(|e| (e * e) as f64).collect(),
+        ] {
+            let a = AliasTable::new(&w);
+            let (b, s) = (32 - a.shift, a.shift);
+            let mut tie = Xoshiro256pp::from_state([1, 2, 3, 4]);
+            let mut ties = 0;
+            for c in 0..=u8::MAX {
+                for u in 0..=u8::MAX {
+                    let v = tie.clone().next_u64() as u32 & ((1 << (s - 8)) - 1);
+                    let before = tie.clone();
+                    let got = a.draw8(c, u, &mut tie);
+                    ties += (tie != before) as usize;
+                    let col = c as u32 & ((1 << b) - 1);
+                    let h = col << s | (u as u32) << (s - 8) | v;
+                    assert_eq!(got, a.draw(h), "{w:?} c={c} u={u}");
+                }
+            }
+            // Exactly one acceptance byte per column byte ties with the threshold.
+            assert_eq!(ties, 256, "{w:?}");
+        }
     }
 
     #[test]
@@ -772,6 +1125,7 @@ mod tests {
                 count_tokens(&mut b, t, d, k, &mut y);
                 assert_eq!(x, y, "{d:?} k={k} t={t}");
                 assert_eq!(a.s, b.s, "{d:?} k={k} t={t}");
+                assert_eq!(a.tie, b.tie, "{d:?} k={k} t={t}");
                 assert_eq!(x.iter().sum::<u64>(), t * k as u64);
                 assert!(x.iter().all(|&c| c <= t));
             }
