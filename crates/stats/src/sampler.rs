@@ -141,9 +141,9 @@ pub(crate) struct AliasTable {
     thr8: Vec<u8>,
     rest: Vec<u32>,
     /// `alias8` and `thr8` (zero-padded to 64) as four 16-byte tables each XORed with the
-    /// previous one (see `avx2::lookup8`).
-    lut_alias: [[u8; 16]; 4],
-    lut_thr: [[u8; 16]; 4],
+    /// previous one (see `avx2::lookup8`), each stored twice (one copy per 128-bit lane).
+    lut_alias: [[u8; 32]; 4],
+    lut_thr: [[u8; 32]; 4],
 }
 
 impl AliasTable {
@@ -199,8 +199,8 @@ impl AliasTable {
             alias8: Vec::new(),
             thr8: Vec::new(),
             rest: Vec::new(),
-            lut_alias: [[0; 16]; 4],
-            lut_thr: [[0; 16]; 4],
+            lut_alias: [[0; 32]; 4],
+            lut_thr: [[0; 32]; 4],
         };
         if padded <= 64 {
             t.alias8 = t.entries.iter().map(|&e| (e >> shift) as u8).collect();
@@ -215,6 +215,7 @@ impl AliasTable {
                 bytes[..v.len()].copy_from_slice(v);
                 std::array::from_fn(|k| {
                     std::array::from_fn(|i| {
+                        let i = i % 16;
                         bytes[16 * k + i] ^ if k == 0 { 0 } else { bytes[16 * (k - 1) + i] }
                     })
                 })
@@ -572,9 +573,7 @@ pub(crate) mod avx2 {
     ) -> __m256i {
         let col = _mm256_and_si256(rc, _mm256_set1_epi8((a.alias8.len() - 1) as i8));
         let sixteen = _mm256_set1_epi8(16);
-        let table = |t: &[u8; 16]| {
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i))
-        };
+        let table = |t: &[u8; 32]| _mm256_loadu_si256(t.as_ptr() as *const __m256i);
         let mut idx = col;
         let mut alias = _mm256_shuffle_epi8(table(&a.lut_alias[0]), idx);
         let mut thr = _mm256_shuffle_epi8(table(&a.lut_thr[0]), idx);
@@ -648,99 +647,147 @@ pub(crate) mod avx2 {
         *c = _mm256_sub_epi64(*c, _mm256_andnot_si256(stale, need));
     }
 
-    /// Uniform draws, see [`super::group_scalar`].
+    /// `groups` groups of uniform draws (see [`super::group_scalar`]) into `acc`, the last one
+    /// restricted to the lanes in `keep`. The loop over groups is in the same function as the
+    /// draws, so that constants stay in registers.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group_uniform<const MASKED: bool>(
+    unsafe fn uniform_groups<const MASKED: bool>(
         s: &mut [__m256i; 4],
         f: Fields,
         k: usize,
-    ) -> __m256i {
+        groups: u64,
+        keep: __m256i,
+        acc: &mut Acc,
+    ) {
         let kv = _mm256_set1_epi64x(k as i64);
         let first = k.min(f.per_word);
         let bsh = _mm_cvtsi32_si128(f.bits as i32);
-        let mut r = next(s);
-        let mut m = _mm256_setzero_si256();
-        for _ in 0..first {
-            m = _mm256_or_si256(m, onehot::<MASKED>(r, f));
-            r = _mm256_srl_epi64(r, bsh);
-        }
-        let mut c = popcnt(m);
-        for _ in first..f.per_word {
-            gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
-            r = _mm256_srl_epi64(r, bsh);
-        }
-        while any(_mm256_cmpgt_epi64(kv, c)) {
+        for g in 0..groups {
             let mut r = next(s);
-            for _ in 0..f.per_word {
+            let mut m = _mm256_setzero_si256();
+            for _ in 0..first {
+                m = _mm256_or_si256(m, onehot::<MASKED>(r, f));
+                r = _mm256_srl_epi64(r, bsh);
+            }
+            let mut c = popcnt(m);
+            for _ in first..f.per_word {
                 gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
                 r = _mm256_srl_epi64(r, bsh);
             }
+            while any(_mm256_cmpgt_epi64(kv, c)) {
+                let mut r = next(s);
+                for _ in 0..f.per_word {
+                    gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
+                    r = _mm256_srl_epi64(r, bsh);
+                }
+            }
+            if g + 1 == groups {
+                m = _mm256_and_si256(m, keep);
+            }
+            acc.push(m);
         }
-        m
     }
 
-    /// Alias draws, see [`super::group_scalar`].
+    /// `groups` groups of alias draws (see [`super::group_scalar`]) into `acc`, as
+    /// [`uniform_groups`].
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn group_alias(
+    unsafe fn alias_groups(
         s: &mut [__m256i; 4],
         a: &AliasTable,
         k: usize,
         tie: &mut Xoshiro256pp,
-    ) -> __m256i {
+        groups: u64,
+        keep: __m256i,
+        acc: &mut Acc,
+    ) {
         let kv = _mm256_set1_epi64x(k as i64);
-        let mut m = _mm256_setzero_si256();
-        for _ in 0..k / 8 {
-            let rc = next(s);
-            let ru = next(s);
-            let ex = lookup8(rc, ru, u32::MAX, a, tie);
-            for q in 0..8 {
-                m = _mm256_or_si256(m, onehot8(ex, q));
-            }
-        }
         // Four draws per word: column bytes 0..4, acceptance bytes 4..8 of each lane.
         let four = |s: &mut [__m256i; 4], tie: &mut Xoshiro256pp| {
             let r = next(s);
             lookup8(r, _mm256_srli_epi64::<32>(r), 0x0f0f_0f0f, a, tie)
         };
-        let mut d = k / 8 * 8;
-        while d + 4 <= k {
-            let ex = four(s, tie);
-            for q in 0..4 {
-                m = _mm256_or_si256(m, onehot8(ex, q));
+        let rem = (k % 4) as u32;
+        for g in 0..groups {
+            let mut m = _mm256_setzero_si256();
+            for _ in 0..k / 8 {
+                let rc = next(s);
+                let ru = next(s);
+                let ex = lookup8(rc, ru, u32::MAX, a, tie);
+                for q in 0..8 {
+                    m = _mm256_or_si256(m, onehot8(ex, q));
+                }
             }
-            d += 4;
-        }
-        let rem = (k - d) as u32;
-        let partial = (rem > 0).then(|| four(s, tie));
-        if let Some(ex) = partial {
-            for q in 0..rem {
-                m = _mm256_or_si256(m, onehot8(ex, q));
+            for _ in 0..(k % 8) / 4 {
+                let ex = four(s, tie);
+                for q in 0..4 {
+                    m = _mm256_or_si256(m, onehot8(ex, q));
+                }
             }
-        }
-        let mut c = popcnt(m);
-        if let Some(ex) = partial {
-            for q in rem..4 {
-                gated(&mut m, &mut c, onehot8(ex, q), kv);
+            let partial = (rem > 0).then(|| four(s, tie));
+            if let Some(ex) = partial {
+                for q in 0..rem {
+                    m = _mm256_or_si256(m, onehot8(ex, q));
+                }
             }
-        }
-        while any(_mm256_cmpgt_epi64(kv, c)) {
-            let ex = four(s, tie);
-            for q in 0..4 {
-                gated(&mut m, &mut c, onehot8(ex, q), kv);
+            let mut c = popcnt(m);
+            if let Some(ex) = partial {
+                for q in rem..4 {
+                    gated(&mut m, &mut c, onehot8(ex, q), kv);
+                }
             }
+            while any(_mm256_cmpgt_epi64(kv, c)) {
+                let ex = four(s, tie);
+                for q in 0..4 {
+                    gated(&mut m, &mut c, onehot8(ex, q), kv);
+                }
+            }
+            if g + 1 == groups {
+                m = _mm256_and_si256(m, keep);
+            }
+            acc.push(m);
         }
-        m
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn group(s: &mut [__m256i; 4], d: Draw, k: usize, tie: &mut Xoshiro256pp) -> __m256i {
-        match d {
-            Draw::Uniform(f) if f.valid == u64::MAX => group_uniform::<false>(s, f, k),
-            Draw::Uniform(f) => group_uniform::<true>(s, f, k),
-            Draw::Alias(a) => group_alias(s, a, k, tie),
+    /// Per-lane bit-sliced counters fed one group of masks at a time; eight groups go through
+    /// the carry-save tree together, the rest ([`Acc::finish`]) are added one by one.
+    struct Acc<'a> {
+        planes: &'a mut [__m256i],
+        buf: [__m256i; 8],
+        filled: usize,
+    }
+
+    impl Acc<'_> {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn push(&mut self, m: __m256i) {
+            self.buf[self.filled] = m;
+            self.filled += 1;
+            if self.filled == 8 {
+                self.filled = 0;
+                let (m, planes) = (&self.buf, &mut *self.planes);
+                let (ta, ones) = csa(planes[0], m[0], m[1]);
+                let (tb, ones) = csa(ones, m[2], m[3]);
+                let (fa, twos) = csa(planes[1], ta, tb);
+                let (ta, ones) = csa(ones, m[4], m[5]);
+                let (tb, ones) = csa(ones, m[6], m[7]);
+                let (fb, twos) = csa(twos, ta, tb);
+                let (eights, fours) = csa(planes[2], fa, fb);
+                planes[0] = ones;
+                planes[1] = twos;
+                planes[2] = fours;
+                ripple(planes, eights, 3);
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn finish(&mut self) {
+            for i in 0..self.filled {
+                ripple(self.planes, self.buf[i], 0);
+            }
+            self.filled = 0;
         }
     }
 
@@ -783,39 +830,24 @@ pub(crate) mod avx2 {
             _mm256_loadu_si256(rng.s[3].as_ptr() as *const __m256i),
         ];
         let mut all = [_mm256_setzero_si256(); P];
-        let planes = &mut all[..n];
-        let full = t / 4;
-        let mut g = 0;
-        while g + 8 <= full {
-            let mut m = [_mm256_setzero_si256(); 8];
-            for x in &mut m {
-                *x = group(&mut s, d, k, &mut rng.tie);
-            }
-            let (ta, ones) = csa(planes[0], m[0], m[1]);
-            let (tb, ones) = csa(ones, m[2], m[3]);
-            let (fa, twos) = csa(planes[1], ta, tb);
-            let (ta, ones) = csa(ones, m[4], m[5]);
-            let (tb, ones) = csa(ones, m[6], m[7]);
-            let (fb, twos) = csa(twos, ta, tb);
-            let (eights, fours) = csa(planes[2], fa, fb);
-            planes[0] = ones;
-            planes[1] = twos;
-            planes[2] = fours;
-            ripple(planes, eights, 3);
-            g += 8;
-        }
-        while g < full {
-            let m = group(&mut s, d, k, &mut rng.tie);
-            ripple(planes, m, 0);
-            g += 1;
-        }
+        let mut acc = Acc {
+            planes: &mut all[..n],
+            buf: [_mm256_setzero_si256(); 8],
+            filled: 0,
+        };
+        // Groups of four tokens; the surplus lanes of the last group are discarded.
+        let groups = t.div_ceil(4);
         let rest = (t % 4) as usize;
-        if rest > 0 {
-            let m = group(&mut s, d, k, &mut rng.tie);
-            let keep: [i64; 4] = std::array::from_fn(|j| if j < rest { -1 } else { 0 });
-            let keep = _mm256_loadu_si256(keep.as_ptr() as *const __m256i);
-            ripple(planes, _mm256_and_si256(m, keep), 0);
+        let keep: [i64; 4] = std::array::from_fn(|j| if rest == 0 || j < rest { -1 } else { 0 });
+        let keep = _mm256_loadu_si256(keep.as_ptr() as *const __m256i);
+        match d {
+            Draw::Uniform(f) if f.valid == u64::MAX => {
+                uniform_groups::<false>(&mut s, f, k, groups, keep, &mut acc)
+            }
+            Draw::Uniform(f) => uniform_groups::<true>(&mut s, f, k, groups, keep, &mut acc),
+            Draw::Alias(a) => alias_groups(&mut s, a, k, &mut rng.tie, groups, keep, &mut acc),
         }
+        acc.finish();
         for (w, v) in rng.s.iter_mut().zip(&s) {
             _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, *v);
         }
