@@ -165,39 +165,52 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
             Section::Done(run_baseline(b, input, reps, seed))
         }
     };
-    let baselines = Baselines {
+    let baselines = || Baselines {
         permutation: baseline(Baseline::Permutation),
         load_balance_uniform: baseline(Baseline::LoadBalanceUniform),
         load_balance_marginal: baseline(Baseline::LoadBalanceMarginal),
     };
-    let label_perm = if opts.perm_reps == 0 {
-        Section::skipped("0 repetitions requested")
-    } else {
-        Section::Done(label_permutation(&sim, &input.labels, opts.perm_reps, seed))
+    let significance = || {
+        let label_perm = if opts.perm_reps == 0 {
+            Section::skipped("0 repetitions requested")
+        } else {
+            Section::Done(label_permutation(&sim, &input.labels, opts.perm_reps, seed))
+        };
+        let d_ci =
+            (opts.boot_reps > 0).then(|| bootstrap_d(&sim, &input.labels, opts.boot_reps, seed));
+        (label_perm, d_ci)
     };
-    let d_ci = (opts.boot_reps > 0).then(|| bootstrap_d(&sim, &input.labels, opts.boot_reps, seed));
-
-    let pca_res = match pca(&sig, n, d, PCA_COMPONENTS, opts.pca_sign) {
-        Ok(p) => Section::Done(p),
-        Err(e) => Section::skipped(e.to_string()),
-    };
-
-    let tsne_res = if opts.skip_tsne {
-        Section::skipped("disabled (--no-tsne)")
-    } else {
-        let perplexity = tsne::default_perplexity(n);
-        match tsne::tsne(&sig, n, d, perplexity) {
-            Ok(t) => Section::Done(serde_json::json!({
-                "coords": t.coords,
-                "kl_divergence": t.kl_divergence,
-                "perplexity": t.perplexity,
-                "n_iter": t.n_iter,
-            })),
+    let projections = || {
+        let pca_res = match pca(&sig, n, d, PCA_COMPONENTS, opts.pca_sign) {
+            Ok(p) => Section::Done(p),
             Err(e) => Section::skipped(e.to_string()),
-        }
+        };
+        let tsne_res = if opts.skip_tsne {
+            Section::skipped("disabled (--no-tsne)")
+        } else {
+            let perplexity = tsne::default_perplexity(n);
+            match tsne::tsne(&sig, n, d, perplexity) {
+                Ok(t) => Section::Done(serde_json::json!({
+                    "coords": t.coords,
+                    "kl_divergence": t.kl_divergence,
+                    "perplexity": t.perplexity,
+                    "n_iter": t.n_iter,
+                })),
+                Err(e) => Section::skipped(e.to_string()),
+            }
+        };
+        (pca_res, tsne_res)
     };
-
-    let (logreg, acc_ci, clf_perm) = classifier(input, &sig, opts)?;
+    // The sections are independent and each is deterministic, so they run concurrently (the
+    // serial t-SNE and the classifier's serial parts fill the cores between the baselines'
+    // parallel repetitions); the results do not depend on the schedule.
+    let (baselines, ((label_perm, d_ci), ((pca_res, tsne_res), clf))) =
+        rayon::join(baselines, || {
+            rayon::join(significance, || {
+                rayon::join(projections, || classifier(input, &sig, opts))
+            })
+        });
+    let (logreg, acc_ci, clf_perm) = clf?;
     let bootstrap = match d_ci {
         None => Section::skipped("0 repetitions requested"),
         Some(ci) => Section::Done(Bootstrap {
