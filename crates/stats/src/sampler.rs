@@ -13,14 +13,17 @@
 //! * **Sequential draw without replacement** ([`Draw::Alias`]): each pick is drawn from the full
 //!   distribution with Vose's alias method ([`AliasTable`]) and rejected when already taken,
 //!   which is exactly the renormalised sequential draw (numpy's `choice(replace=False, p=…)`).
-//!   Two picks per 64-bit word (one per 32-bit half); the first k unconditionally, later ones only
-//!   while fewer than k are set.
+//!   Byte draws ([`AliasTable::draw8`]): eight picks per lane from two words while at least
+//!   eight unconditional picks are left, then four per word; the first k unconditionally, later
+//!   ones only while fewer than k are set. Ties of the acceptance byte (1/256) are decided by a
+//!   fifth, scalar stream.
 //! * When some lane of a group still has fewer than k experts after its words, **all four**
 //!   lanes advance by one word (lanes already complete ignore theirs). So the random words a
 //!   lane consumes depend on its group, not on how the group is computed.
 //!
-//! On x86-64 with AVX2 the group runs in SIMD registers (gathers for the alias table); elsewhere
-//! a scalar loop does exactly the same operations (test `avx2_and_scalar_samplers_agree`).
+//! On x86-64 with AVX2 the group runs in SIMD registers (byte shuffles for the alias table);
+//! elsewhere a scalar loop does exactly the same operations (test
+//! `avx2_and_scalar_samplers_agree`).
 //! Everything is integer arithmetic, so the counts are identical either way. Hand-written
 //! because no maintained crate samples k-subsets as bit masks or counts them bit-sliced.
 
