@@ -769,19 +769,27 @@ pub(crate) mod avx2 {
             self.filled += 1;
             if self.filled == 8 {
                 self.filled = 0;
-                let (m, planes) = (&self.buf, &mut *self.planes);
-                let (ta, ones) = csa(planes[0], m[0], m[1]);
-                let (tb, ones) = csa(ones, m[2], m[3]);
-                let (fa, twos) = csa(planes[1], ta, tb);
-                let (ta, ones) = csa(ones, m[4], m[5]);
-                let (tb, ones) = csa(ones, m[6], m[7]);
-                let (fb, twos) = csa(twos, ta, tb);
-                let (eights, fours) = csa(planes[2], fa, fb);
-                planes[0] = ones;
-                planes[1] = twos;
-                planes[2] = fours;
-                ripple(planes, eights, 3);
+                self.add8();
             }
+        }
+
+        /// The eight buffered groups through the carry-save tree (out of line: once per eight
+        /// groups, and it keeps [`Acc::push`] small enough to inline).
+        #[inline(never)]
+        #[target_feature(enable = "avx2")]
+        unsafe fn add8(&mut self) {
+            let (m, planes) = (&self.buf, &mut *self.planes);
+            let (ta, ones) = csa(planes[0], m[0], m[1]);
+            let (tb, ones) = csa(ones, m[2], m[3]);
+            let (fa, twos) = csa(planes[1], ta, tb);
+            let (ta, ones) = csa(ones, m[4], m[5]);
+            let (tb, ones) = csa(ones, m[6], m[7]);
+            let (fb, twos) = csa(twos, ta, tb);
+            let (eights, fours) = csa(planes[2], fa, fb);
+            planes[0] = ones;
+            planes[1] = twos;
+            planes[2] = fours;
+            ripple(planes, eights, 3);
         }
 
         #[inline]
