@@ -655,7 +655,7 @@ pub(crate) mod avx2 {
     /// draws, so that constants stay in registers.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn uniform_groups<const MASKED: bool>(
+    unsafe fn uniform_groups<const MASKED: bool, const B: i32>(
         s: &mut [__m256i; 4],
         f: Fields,
         k: usize,
@@ -663,26 +663,32 @@ pub(crate) mod avx2 {
         keep: __m256i,
         acc: &mut Acc,
     ) {
+        debug_assert_eq!(f.bits as i32, B);
+        // Fields per word, a constant so that the loops over fields unroll.
+        let per_word = 64 / B as usize;
         let kv = _mm256_set1_epi64x(k as i64);
-        let first = k.min(f.per_word);
-        let bsh = _mm_cvtsi32_si128(f.bits as i32);
+        let first = k.min(per_word);
         for g in 0..groups {
             let mut r = next(s);
             let mut m = _mm256_setzero_si256();
-            for _ in 0..first {
-                m = _mm256_or_si256(m, onehot::<MASKED>(r, f));
-                r = _mm256_srl_epi64(r, bsh);
-            }
-            let mut c = popcnt(m);
-            for _ in first..f.per_word {
-                gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
-                r = _mm256_srl_epi64(r, bsh);
+            let mut c = _mm256_setzero_si256();
+            for q in 0..per_word {
+                let oh = onehot::<MASKED>(r, f);
+                if q < first {
+                    m = _mm256_or_si256(m, oh);
+                    if q + 1 == first {
+                        c = popcnt(m);
+                    }
+                } else {
+                    gated(&mut m, &mut c, oh, kv);
+                }
+                r = _mm256_srli_epi64::<B>(r);
             }
             while any(_mm256_cmpgt_epi64(kv, c)) {
                 let mut r = next(s);
-                for _ in 0..f.per_word {
+                for _ in 0..per_word {
                     gated(&mut m, &mut c, onehot::<MASKED>(r, f), kv);
-                    r = _mm256_srl_epi64(r, bsh);
+                    r = _mm256_srli_epi64::<B>(r);
                 }
             }
             if g + 1 == groups {
@@ -852,10 +858,25 @@ pub(crate) mod avx2 {
         let keep: [i64; 4] = std::array::from_fn(|j| if rest == 0 || j < rest { -1 } else { 0 });
         let keep = _mm256_loadu_si256(keep.as_ptr() as *const __m256i);
         match d {
-            Draw::Uniform(f) if f.valid == u64::MAX => {
-                uniform_groups::<false>(&mut s, f, k, groups, keep, &mut acc)
+            Draw::Uniform(f) => {
+                let full = f.valid == u64::MAX;
+                let sa = &mut s;
+                let ac = &mut acc;
+                // Monomorphised on b (loops over the fields unroll) and on whether fields ≥ E exist.
+                match (f.bits, full) {
+                    (6, true) => uniform_groups::<false, 6>(sa, f, k, groups, keep, ac),
+                    (6, false) => uniform_groups::<true, 6>(sa, f, k, groups, keep, ac),
+                    (5, true) => uniform_groups::<false, 5>(sa, f, k, groups, keep, ac),
+                    (5, false) => uniform_groups::<true, 5>(sa, f, k, groups, keep, ac),
+                    (4, true) => uniform_groups::<false, 4>(sa, f, k, groups, keep, ac),
+                    (4, false) => uniform_groups::<true, 4>(sa, f, k, groups, keep, ac),
+                    (3, true) => uniform_groups::<false, 3>(sa, f, k, groups, keep, ac),
+                    (3, false) => uniform_groups::<true, 3>(sa, f, k, groups, keep, ac),
+                    (2, true) => uniform_groups::<false, 2>(sa, f, k, groups, keep, ac),
+                    (2, false) => uniform_groups::<true, 2>(sa, f, k, groups, keep, ac),
+                    _ => uniform_groups::<false, 1>(sa, f, k, groups, keep, ac),
+                }
             }
-            Draw::Uniform(f) => uniform_groups::<true>(&mut s, f, k, groups, keep, &mut acc),
             Draw::Alias(a) => alias_groups(&mut s, a, k, &mut rng.tie, groups, keep, &mut acc),
         }
         acc.finish();
@@ -1154,6 +1175,14 @@ mod tests {
             (uniform(5), 2, 5),
             (uniform(64), 12, 64),
             (uniform(2), 1, 2),
+            // Every field width b = 1…6, with and without fields ≥ E.
+            (uniform(4), 1, 4),
+            (uniform(3), 2, 3),
+            (uniform(16), 3, 16),
+            (uniform(12), 4, 12),
+            (uniform(32), 5, 32),
+            (uniform(20), 3, 20),
+            (uniform(8), 7, 8),
             (Draw::Alias(&table), 8, 60),
             (Draw::Alias(&table), 7, 60),
             (Draw::Alias(&skewed), 3, 9),
