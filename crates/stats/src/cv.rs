@@ -305,35 +305,28 @@ struct PreparedFolds {
 
 impl PreparedFolds {
     fn new(x: &[f64], d: usize, folds: &[usize], n_folds: usize) -> Result<Self, CvError> {
-        let mut train = vec![Vec::new(); n_folds];
-        let mut test = vec![Vec::new(); n_folds];
-        for (i, &f) in folds.iter().enumerate() {
-            for (g, tr) in train.iter_mut().enumerate() {
-                if g != f {
-                    tr.push(i);
-                }
-            }
-            test[f].push(i);
-        }
+        let (train, test) = fold_rows(folds, n_folds);
         // Folds are prepared in parallel (each independently, so the result does not depend on
         // the thread count).
-        type Prepared = Result<(Design, Vec<f64>, Vec<f64>), FitError>;
-        let prepared: Vec<Prepared> = (0..n_folds)
+        let prepared: Vec<Result<FoldData, FitError>> = (0..n_folds)
             .into_par_iter()
-            .map(|f| {
-                let xtr = gather(x, d, &train[f]);
-                let scaler = StandardScaler::fit(&xtr, train[f].len(), d);
-                let design = Design::new(&scaler.transform(&xtr), train[f].len(), d)?;
-                let xte = scaler.transform(&gather(x, d, &test[f]));
-                let zte = design.project(&xte, test[f].len());
-                Ok((design, xte, zte))
-            })
+            .map(|f| FoldData::new(x, d, &train[f], &test[f]))
             .collect();
+        Self::assemble(n_folds, train, test, prepared)
+    }
+
+    /// The prepared folds from their parts (the first preparation error, in fold order).
+    fn assemble(
+        n_folds: usize,
+        train: Vec<Vec<usize>>,
+        test: Vec<Vec<usize>>,
+        prepared: Vec<Result<FoldData, FitError>>,
+    ) -> Result<Self, CvError> {
         let mut designs = Vec::with_capacity(n_folds);
         let mut test_x = Vec::with_capacity(n_folds);
         let mut test_z = Vec::with_capacity(n_folds);
         for fold in prepared {
-            let (design, xte, zte) = fold?;
+            let FoldData { design, xte, zte } = fold?;
             designs.push(design);
             test_x.push(xte);
             test_z.push(zte);
@@ -438,6 +431,78 @@ impl PreparedFolds {
                 ok as f64 / t.len() as f64
             })
             .collect()
+    }
+}
+
+/// Training and test rows of every fold (in increasing row order).
+fn fold_rows(folds: &[usize], n_folds: usize) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    let mut train = vec![Vec::new(); n_folds];
+    let mut test = vec![Vec::new(); n_folds];
+    for (i, &f) in folds.iter().enumerate() {
+        for (g, tr) in train.iter_mut().enumerate() {
+            if g != f {
+                tr.push(i);
+            }
+        }
+        test[f].push(i);
+    }
+    (train, test)
+}
+
+/// One fold prepared for fitting: the design of its scaled training rows, its scaled test rows
+/// and their reduced coordinates.
+struct FoldData {
+    design: Design,
+    xte: Vec<f64>,
+    zte: Vec<f64>,
+}
+
+impl FoldData {
+    fn new(x: &[f64], d: usize, train: &[usize], test: &[usize]) -> Result<Self, FitError> {
+        let xtr = gather(x, d, train);
+        let scaler = StandardScaler::fit(&xtr, train.len(), d);
+        let design = Design::new(&scaler.transform(&xtr), train.len(), d)?;
+        let xte = scaler.transform(&gather(x, d, test));
+        let zte = design.project(&xte, test.len());
+        Ok(Self { design, xte, zte })
+    }
+
+    /// Number of correctly predicted test rows of a permuted refit (labels `perm`), in reduced
+    /// coordinates; a training set with one class predicts that class (as
+    /// [`PreparedFolds::run_fold`] with `constant_fallback` and `reduced`).
+    fn permuted_hits(
+        &self,
+        f: usize,
+        train: &[usize],
+        test: &[usize],
+        perm: &[usize],
+        opts: &LogRegOptions,
+    ) -> Result<usize, String> {
+        let ytr: Vec<usize> = train.iter().map(|&i| perm[i]).collect();
+        let mut classes = ytr.clone();
+        classes.sort_unstable();
+        classes.dedup();
+        let hits = |pred: &mut dyn Iterator<Item = usize>| {
+            test.iter()
+                .zip(pred)
+                .filter(|&(&i, p)| perm[i] == p)
+                .count()
+        };
+        if classes.len() < 2 {
+            let c = classes.first().copied().unwrap_or(0);
+            return Ok(hits(&mut std::iter::repeat(c)));
+        }
+        let mut remap = vec![usize::MAX; classes.last().map_or(0, |m| m + 1)];
+        for (j, &c) in classes.iter().enumerate() {
+            remap[c] = j;
+        }
+        let yloc: Vec<usize> = ytr.iter().map(|&c| remap[c]).collect();
+        let model = self
+            .design
+            .fit_reduced(&yloc, classes.len(), opts)
+            .map_err(|e| format!("fold {f}: {e}"))?;
+        let p = model.predict(&self.zte, test.len());
+        Ok(hits(&mut p.iter().map(|&pl| classes[pl])))
     }
 }
 
@@ -565,17 +630,66 @@ pub fn logreg_cv_with_permutation(
     if let Some(reason) = check_inputs(x, n, d, labels, label_names.len(), folds, n_folds)? {
         return Ok((skipped(&reason), skipped(&reason)));
     }
-    let prep = PreparedFolds::new(x, d, folds, n_folds)?;
+    if reps == 0 {
+        let prep = PreparedFolds::new(x, d, folds, n_folds)?;
+        let cv = fit_cv(&prep, labels, label_names);
+        let perm = match &cv {
+            CvOutcome::Done(_) => skipped("0 repetitions requested"),
+            CvOutcome::Skipped { reason } => skipped(reason),
+        };
+        return Ok((cv, perm));
+    }
+    // Each fold is prepared and its permuted refits are started in the same parallel task, so
+    // the refits of a prepared fold keep every thread busy while slower preparations finish
+    // (five folds on two threads would otherwise leave one idle). Every refit is sequential
+    // and the hit counts are combined in (repetition, fold) order afterwards, so nothing
+    // depends on the thread count; the numbers are those of `permutation_null`.
+    let (train, test) = fold_rows(folds, n_folds);
+    let perms = permuted_labels(labels, reps, seed);
+    let perm_opts = permutation_options();
+    type FoldWork = Result<(FoldData, Vec<Result<usize, String>>), FitError>;
+    let work: Vec<FoldWork> = (0..n_folds)
+        .into_par_iter()
+        .map(|f| {
+            let fd = FoldData::new(x, d, &train[f], &test[f])?;
+            let hits = perms
+                .par_iter()
+                .map(|p| fd.permuted_hits(f, &train[f], &test[f], p, &perm_opts))
+                .collect();
+            Ok((fd, hits))
+        })
+        .collect();
+    let mut prepared = Vec::with_capacity(n_folds);
+    let mut hits = Vec::with_capacity(n_folds);
+    for w in work {
+        match w {
+            Ok((fd, h)) => {
+                prepared.push(Ok(fd));
+                hits.push(h);
+            }
+            Err(e) => prepared.push(Err(e)),
+        }
+    }
+    let prep = PreparedFolds::assemble(n_folds, train, test, prepared)?;
     let cv = fit_cv(&prep, labels, label_names);
     let perm = match &cv {
-        CvOutcome::Done(_) if reps == 0 => skipped("0 repetitions requested"),
-        CvOutcome::Done(r) => CvOutcome::Done(permutation_null(
-            &prep,
-            labels,
-            r.accuracy_mean,
-            reps,
-            seed,
-        )?),
+        CvOutcome::Done(r) => {
+            let null = (0..reps)
+                .map(|rep| {
+                    let acc = hits
+                        .iter()
+                        .zip(&prep.test)
+                        .map(|(h, t)| {
+                            let ok = h[rep].clone()?;
+                            Ok(ok as f64 / t.len() as f64)
+                        })
+                        .collect::<Result<Vec<f64>, String>>()?;
+                    Ok(mean(&acc))
+                })
+                .collect::<Result<Vec<f64>, String>>()
+                .map_err(CvError::FoldFit)?;
+            CvOutcome::Done(summarise_null(r.accuracy_mean, &null, reps, seed))
+        }
         CvOutcome::Skipped { reason } => skipped(reason),
     };
     Ok((cv, perm))
@@ -706,32 +820,51 @@ fn permutation_null(
     reps: usize,
     seed: u64,
 ) -> Result<ClassifierPermutation, CvError> {
-    let perm_opts = LogRegOptions {
+    let perm_opts = permutation_options();
+    let null: Vec<f64> = permuted_labels(labels, reps, seed)
+        .par_iter()
+        .map(|perm| match prep.run(perm, &perm_opts, true, false, true) {
+            Ok((pred, _)) => Ok(mean(&prep.fold_accuracies(perm, &pred))),
+            Err(e) => Err(e),
+        })
+        .collect::<Result<_, String>>()
+        .map_err(CvError::FoldFit)?;
+    Ok(summarise_null(observed, &null, reps, seed))
+}
+
+/// Options of the permuted refits (gradient tolerance [`PERMUTATION_GTOL`]).
+fn permutation_options() -> LogRegOptions {
+    LogRegOptions {
         gtol: PERMUTATION_GTOL,
         ..LogRegOptions::default()
-    };
-    let null: Vec<f64> = (0..reps)
+    }
+}
+
+/// The permuted labels of every repetition: repetition r shuffles `labels` (Fisher–Yates) with
+/// `ChaCha8Rng` seeded with `seed`, stream r.
+fn permuted_labels(labels: &[usize], reps: usize, seed: u64) -> Vec<Vec<usize>> {
+    (0..reps)
         .into_par_iter()
         .map(|r| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(r as u64);
             let mut perm = labels.to_vec();
             perm.shuffle(&mut rng);
-            match prep.run(&perm, &perm_opts, true, false, true) {
-                Ok((pred, _)) => Ok(mean(&prep.fold_accuracies(&perm, &pred))),
-                Err(e) => Err(e),
-            }
+            perm
         })
-        .collect::<Result<_, String>>()
-        .map_err(CvError::FoldFit)?;
+        .collect()
+}
+
+/// p-value and null mean of the permuted mean fold accuracies `null` (repetition order).
+fn summarise_null(observed: f64, null: &[f64], reps: usize, seed: u64) -> ClassifierPermutation {
     let ge = null.iter().filter(|&&a| a >= observed).count();
-    Ok(ClassifierPermutation {
+    ClassifierPermutation {
         observed,
         p_value: (1 + ge) as f64 / (1 + reps) as f64,
-        null_mean: mean(&null),
+        null_mean: mean(null),
         reps,
         seed,
-    })
+    }
 }
 
 /// Percentile bootstrap interval of an accuracy.
@@ -901,6 +1034,51 @@ mod tests {
         };
         assert!(p.p_value > 0.0 && p.p_value <= 1.0);
         assert!(a.1.lo <= 2.0 / 3.0 && 2.0 / 3.0 <= a.1.hi && a.1.lo < a.1.hi);
+    }
+
+    #[test]
+    fn fused_cv_and_permutation_equal_the_separate_computations() {
+        // `logreg_cv_with_permutation` prepares the folds and runs the permuted refits fold by
+        // fold; it must give exactly `logreg_cv` and `classifier_permutation_test`, for any
+        // thread count. The second case has classes of 3 and 6 prompts and 3 folds of 3, so
+        // some permuted training folds have a single class (constant prediction; checked).
+        let (mut x, y) = separable(8, 3, 6);
+        for (k, v) in x.iter_mut().enumerate() {
+            *v += ((k * 37) % 13) as f64 * 0.4;
+        }
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let folds = stratified_kfold(&y, 4, 5);
+        let y2: Vec<usize> = (0..9).map(|i| usize::from(i >= 3)).collect();
+        let folds2: Vec<usize> = (0..9).map(|i| i % 3).collect();
+        let x2: Vec<f64> = (0..9 * 6).map(|k| ((k * 29) % 11) as f64 * 0.3).collect();
+        let single_class_fold = permuted_labels(&y2, 200, 3)
+            .iter()
+            .any(|p| (0..3).any(|f| (0..9).filter(|&i| folds2[i] != f).all(|i| p[i] == 1)));
+        assert!(single_class_fold);
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (cv, perm) =
+                    logreg_cv_with_permutation(&x, 24, 6, &y, &names, &folds, 4, 40, 11).unwrap();
+                assert_eq!(cv, logreg_cv(&x, 24, 6, &y, &names, &folds, 4).unwrap());
+                let sep = classifier_permutation_test(&x, 24, 6, &y, 3, &folds, 4, 40, 11);
+                assert_eq!(perm, sep.unwrap());
+                assert!(perm.done().is_some());
+                let (cv2, perm2) =
+                    logreg_cv_with_permutation(&x2, 9, 6, &y2, &names[..2], &folds2, 3, 200, 3)
+                        .unwrap();
+                assert_eq!(
+                    cv2,
+                    logreg_cv(&x2, 9, 6, &y2, &names[..2], &folds2, 3).unwrap()
+                );
+                let sep2 = classifier_permutation_test(&x2, 9, 6, &y2, 2, &folds2, 3, 200, 3);
+                assert_eq!(perm2, sep2.unwrap());
+                assert!(cv2.done().is_some() && perm2.done().is_some());
+            });
+        }
     }
 
     #[test]

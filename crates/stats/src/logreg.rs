@@ -585,30 +585,16 @@ impl Objective<'_> {
         } else {
             // Softmax with one exp per class: e_k = exp(l_k − max), p_k = e_k / Σ e. First the
             // shifted logits of all rows, then their exponentials in one vectorisable pass.
-            for (((si, ri), &y), ly) in self
-                .scores
-                .chunks_exact(k)
-                .zip(self.res.chunks_exact_mut(k))
-                .zip(self.labels)
-                .zip(&mut self.ly)
-            {
-                let mut m = f64::NEG_INFINITY;
-                for ((l, s), b) in ri.iter_mut().zip(si).zip(beta) {
-                    *l = s + self.sb * b;
-                    m = m.max(*l);
-                }
-                ri.iter_mut().for_each(|l| *l -= m);
-                *ly = ri[y];
-            }
-            exp_nonpos_slice(&mut self.res);
-            for ((ri, &y), &ly) in self.res.chunks_exact_mut(k).zip(self.labels).zip(&self.ly) {
-                let sum: f64 = ri.iter().sum();
-                loss += sum.ln() - ly;
-                for (j, (l, g)) in ri.iter_mut().zip(gb.iter_mut()).enumerate() {
-                    *l = *l / sum - if j == y { 1.0 } else { 0.0 };
-                    *g += *l;
-                }
-            }
+            // Specialised for k ≤ 8 (same operations in the same order as the general loop).
+            loss = match k {
+                3 => self.softmax_k::<3>(beta, gb),
+                4 => self.softmax_k::<4>(beta, gb),
+                5 => self.softmax_k::<5>(beta, gb),
+                6 => self.softmax_k::<6>(beta, gb),
+                7 => self.softmax_k::<7>(beta, gb),
+                8 => self.softmax_k::<8>(beta, gb),
+                _ => self.softmax_dyn(beta, gb),
+            };
         }
         // Weight gradient: Zsᵀ R (r × rows).
         self.zst.matmul(k, &self.res, gv);
@@ -624,6 +610,91 @@ impl Objective<'_> {
         }
         gb.iter_mut().for_each(|g| *g *= inv_n * self.sb);
         loss * inv_n + 0.5 * pen
+    }
+}
+
+impl Objective<'_> {
+    /// The multinomial part of [`Objective::eval`] for any k: residuals P − Y into `res`,
+    /// intercept gradient sums into `gb` (zeroed by the caller), returns Σ_i −log p_{i,y_i}.
+    #[inline(always)]
+    fn softmax_dyn(&mut self, beta: &[f64], gb: &mut [f64]) -> f64 {
+        let k = self.rows;
+        let mut loss = 0.0;
+        for (((si, ri), &y), ly) in self
+            .scores
+            .chunks_exact(k)
+            .zip(self.res.chunks_exact_mut(k))
+            .zip(self.labels)
+            .zip(&mut self.ly)
+        {
+            let mut m = f64::NEG_INFINITY;
+            for ((l, s), b) in ri.iter_mut().zip(si).zip(beta) {
+                *l = s + self.sb * b;
+                m = m.max(*l);
+            }
+            ri.iter_mut().for_each(|l| *l -= m);
+            *ly = ri[y];
+        }
+        exp_nonpos_slice(&mut self.res);
+        for ((ri, &y), &ly) in self.res.chunks_exact_mut(k).zip(self.labels).zip(&self.ly) {
+            let sum: f64 = ri.iter().sum();
+            loss += sum.ln() - ly;
+            for (j, (l, g)) in ri.iter_mut().zip(gb.iter_mut()).enumerate() {
+                *l = *l / sum - if j == y { 1.0 } else { 0.0 };
+                *g += *l;
+            }
+        }
+        loss
+    }
+
+    /// [`Objective::softmax_dyn`] for a fixed K: each row's logits are formed in registers
+    /// and stored once (no reloading of just-stored scalars, which stalled store forwarding),
+    /// the intercept gradient is accumulated in registers. Bit-identical to the general loop.
+    #[inline(always)]
+    fn softmax_k<const K: usize>(&mut self, beta: &[f64], gb: &mut [f64]) -> f64 {
+        let mut sbb = [0.0f64; K];
+        for (o, b) in sbb.iter_mut().zip(beta) {
+            *o = self.sb * b;
+        }
+        for (((si, ri), &y), ly) in self
+            .scores
+            .chunks_exact(K)
+            .zip(self.res.chunks_exact_mut(K))
+            .zip(self.labels)
+            .zip(&mut self.ly)
+        {
+            let si: &[f64; K] = si.try_into().expect("chunk of K");
+            let mut l = [0.0f64; K];
+            let mut m = f64::NEG_INFINITY;
+            for q in 0..K {
+                l[q] = si[q] + sbb[q];
+                m = m.max(l[q]);
+            }
+            for v in l.iter_mut() {
+                *v -= m;
+            }
+            *ly = l[y];
+            ri.copy_from_slice(&l);
+        }
+        exp_nonpos_slice(&mut self.res);
+        let mut loss = 0.0;
+        let mut g = [0.0f64; K];
+        for ((ri, &y), &ly) in self.res.chunks_exact_mut(K).zip(self.labels).zip(&self.ly) {
+            let ri: &mut [f64; K] = ri.try_into().expect("chunk of K");
+            // Σ e from −0.0 as `Iterator::sum` (the same sum: −0.0 + x = x).
+            let mut sum = -0.0;
+            for e in ri.iter() {
+                sum += e;
+            }
+            loss += sum.ln() - ly;
+            for q in 0..K {
+                let v = ri[q] / sum - if q == y { 1.0 } else { 0.0 };
+                ri[q] = v;
+                g[q] += v;
+            }
+        }
+        gb.copy_from_slice(&g);
+        loss
     }
 }
 
@@ -820,8 +891,9 @@ fn lbfgs(
     let mut g = vec![0.0; dim];
     let mut f = obj.eval(&x, &mut g);
     let tol = gtol * gnorm(&g).max(1.0);
-    // Correction pairs (s, y, 1/sᵀy), oldest first; `spare` recycles their buffers.
-    let mut hist: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> =
+    // Correction pairs (s, y, 1/sᵀy, sᵀy, yᵀy), oldest first; `spare` recycles their buffers.
+    #[allow(clippy::type_complexity)]
+    let mut hist: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64, f64, f64)> =
         std::collections::VecDeque::with_capacity(m);
     let mut spare: Option<(Vec<f64>, Vec<f64>)> = None;
     let mut pool: Vec<Point> = Vec::new();
@@ -832,20 +904,21 @@ fn lbfgs(
         if gnorm(&g) <= tol {
             break;
         }
-        // Two-loop recursion: dir = −H g.
+        // Two-loop recursion: dir = −H g (γ = sᵀy / yᵀy of the newest pair was computed when
+        // the pair was stored).
         dir.copy_from_slice(&g);
         let h = hist.len();
-        for (j, (s, y, rho)) in hist.iter().enumerate().rev() {
+        for (j, (s, y, rho, _, _)) in hist.iter().enumerate().rev() {
             let a = rho * dot(s, &dir);
             alpha_buf[j] = a;
             axpy(-a, y, &mut dir);
         }
         let gamma = match hist.back() {
-            Some((s, y, _)) => dot(s, y) / dot(y, y),
+            Some(&(_, _, _, sy, yy)) => sy / yy,
             None => 1.0,
         };
         dir.iter_mut().for_each(|v| *v *= gamma);
-        for (j, (s, y, rho)) in hist.iter().enumerate() {
+        for (j, (s, y, rho, _, _)) in hist.iter().enumerate() {
             let beta = rho * dot(y, &dir);
             axpy(alpha_buf[j] - beta, s, &mut dir);
         }
@@ -885,11 +958,12 @@ fn lbfgs(
             *yv = gn - go;
         }
         let sy = dot(&s, &y);
-        if sy > f64::EPSILON * dot(&y, &y) && sy > 0.0 {
+        let yy = dot(&y, &y);
+        if sy > f64::EPSILON * yy && sy > 0.0 {
             if hist.len() == m {
-                spare = hist.pop_front().map(|(s, y, _)| (s, y));
+                spare = hist.pop_front().map(|(s, y, ..)| (s, y));
             }
-            hist.push_back((s, y, 1.0 / sy));
+            hist.push_back((s, y, 1.0 / sy, sy, yy));
         } else {
             spare = Some((s, y));
         }
@@ -1411,6 +1485,49 @@ mod tests {
         let m = fit(&x, n, d, &y, k, &LogRegOptions::default()).unwrap();
         assert!(m.converged, "grad {}", m.grad_norm);
         assert!(m.n_iter <= 40, "{} iterations", m.n_iter);
+    }
+
+    #[test]
+    fn specialised_softmax_is_bit_identical_to_the_general_loop() {
+        for k in 3..=8 {
+            let (n, d) = (37, 11);
+            let (x, labels) = data(n, d, k, 40 + k as u64);
+            let design = Design::new(&x, n, d).unwrap();
+            let sc = Scaled::new(&design, k, 1.0 / n as f64);
+            let make = || Objective {
+                zs: &sc.zs,
+                zst: &sc.zst,
+                labels: &labels,
+                n,
+                r: design.r,
+                rows: k,
+                pen: &sc.pen,
+                sb: sc.sb,
+                scores: (0..n * k)
+                    .map(|i| ((i * 7919) % 23) as f64 * 0.9 - 9.0)
+                    .collect(),
+                res: vec![0.0; n * k],
+                ly: vec![0.0; n],
+            };
+            let beta: Vec<f64> = (0..k).map(|q| 0.3 * q as f64 - 0.7).collect();
+            let (mut a, mut b) = (make(), make());
+            let (mut ga, mut gb) = (vec![0.0; k], vec![0.0; k]);
+            let la = a.softmax_dyn(&beta, &mut ga);
+            let lb = match k {
+                3 => b.softmax_k::<3>(&beta, &mut gb),
+                4 => b.softmax_k::<4>(&beta, &mut gb),
+                5 => b.softmax_k::<5>(&beta, &mut gb),
+                6 => b.softmax_k::<6>(&beta, &mut gb),
+                7 => b.softmax_k::<7>(&beta, &mut gb),
+                _ => b.softmax_k::<8>(&beta, &mut gb),
+            };
+            assert_eq!(la.to_bits(), lb.to_bits(), "k={k}");
+            assert!(la.is_finite() && la > 0.0);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ga), bits(&gb), "k={k}");
+            assert_eq!(bits(&a.res), bits(&b.res), "k={k}");
+            assert_eq!(bits(&a.ly), bits(&b.ly), "k={k}");
+        }
     }
 
     #[test]
