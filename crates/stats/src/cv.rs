@@ -297,10 +297,7 @@ struct PreparedFolds {
     n_folds: usize,
     train: Vec<Vec<usize>>,
     test: Vec<Vec<usize>>,
-    designs: Vec<Design>,
-    test_x: Vec<Vec<f64>>,
-    /// Test rows in the reduced coordinates of their fold's design ([`Design::project`]).
-    test_z: Vec<Vec<f64>>,
+    folds: Vec<FoldData>,
 }
 
 impl PreparedFolds {
@@ -322,22 +319,11 @@ impl PreparedFolds {
         test: Vec<Vec<usize>>,
         prepared: Vec<Result<FoldData, FitError>>,
     ) -> Result<Self, CvError> {
-        let mut designs = Vec::with_capacity(n_folds);
-        let mut test_x = Vec::with_capacity(n_folds);
-        let mut test_z = Vec::with_capacity(n_folds);
-        for fold in prepared {
-            let FoldData { design, xte, zte } = fold?;
-            designs.push(design);
-            test_x.push(xte);
-            test_z.push(zte);
-        }
         Ok(Self {
             n_folds,
             train,
             test,
-            designs,
-            test_x,
-            test_z,
+            folds: prepared.into_iter().collect::<Result<_, _>>()?,
         })
     }
 
@@ -382,10 +368,7 @@ impl PreparedFolds {
         keep_models: bool,
         reduced: bool,
     ) -> FoldOutcome {
-        let ytr: Vec<usize> = self.train[f].iter().map(|&i| labels[i]).collect();
-        let mut classes = ytr.clone();
-        classes.sort_unstable();
-        classes.dedup();
+        let (classes, yloc) = training_classes(labels, &self.train[f]);
         let n_test = self.test[f].len();
         if classes.len() < 2 {
             if !constant_fallback {
@@ -394,22 +377,18 @@ impl PreparedFolds {
             let c = classes.first().copied().unwrap_or(0);
             return Ok((vec![c; n_test], None));
         }
-        let mut remap = vec![usize::MAX; classes.last().map_or(0, |m| m + 1)];
-        for (j, &c) in classes.iter().enumerate() {
-            remap[c] = j;
-        }
-        let yloc: Vec<usize> = ytr.iter().map(|&c| remap[c]).collect();
+        let fold = &self.folds[f];
         if reduced && !keep_models {
-            let model = self.designs[f]
-                .fit_reduced(&yloc, classes.len(), opts)
-                .map_err(|e| format!("fold {f}: {e}"))?;
-            let p = model.predict(&self.test_z[f], n_test);
-            return Ok((p.iter().map(|&pl| classes[pl]).collect(), None));
+            return Ok((
+                fold.predict_reduced(f, &classes, &yloc, n_test, opts)?,
+                None,
+            ));
         }
-        let model: LogReg = self.designs[f]
+        let model: LogReg = fold
+            .design
             .fit(&yloc, classes.len(), opts)
             .map_err(|e| format!("fold {f}: {e}"))?;
-        let p = model.predict(&self.test_x[f], n_test);
+        let p = model.predict(&fold.xte, n_test);
         let pred = p.iter().map(|&pl| classes[pl]).collect();
         let kept = keep_models.then(|| FoldModel {
             coef: (0..model.coef_rows())
@@ -468,7 +447,7 @@ impl FoldData {
     }
 
     /// Number of correctly predicted test rows of a permuted refit (labels `perm`), in reduced
-    /// coordinates; a training set with one class predicts that class (as
+    /// coordinates; a training set with one class predicts that class (the hits of
     /// [`PreparedFolds::run_fold`] with `constant_fallback` and `reduced`).
     fn permuted_hits(
         &self,
@@ -478,10 +457,7 @@ impl FoldData {
         perm: &[usize],
         opts: &LogRegOptions,
     ) -> Result<usize, String> {
-        let ytr: Vec<usize> = train.iter().map(|&i| perm[i]).collect();
-        let mut classes = ytr.clone();
-        classes.sort_unstable();
-        classes.dedup();
+        let (classes, yloc) = training_classes(perm, train);
         let hits = |pred: &mut dyn Iterator<Item = usize>| {
             test.iter()
                 .zip(pred)
@@ -492,18 +468,42 @@ impl FoldData {
             let c = classes.first().copied().unwrap_or(0);
             return Ok(hits(&mut std::iter::repeat(c)));
         }
-        let mut remap = vec![usize::MAX; classes.last().map_or(0, |m| m + 1)];
-        for (j, &c) in classes.iter().enumerate() {
-            remap[c] = j;
-        }
-        let yloc: Vec<usize> = ytr.iter().map(|&c| remap[c]).collect();
+        let pred = self.predict_reduced(f, &classes, &yloc, test.len(), opts)?;
+        Ok(hits(&mut pred.into_iter()))
+    }
+
+    /// Predicted labels (from `classes`) of the `n_test` test rows of a fit to `yloc` (training
+    /// labels as indices into `classes`, at least two) in reduced coordinates.
+    fn predict_reduced(
+        &self,
+        f: usize,
+        classes: &[usize],
+        yloc: &[usize],
+        n_test: usize,
+        opts: &LogRegOptions,
+    ) -> Result<Vec<usize>, String> {
         let model = self
             .design
-            .fit_reduced(&yloc, classes.len(), opts)
+            .fit_reduced(yloc, classes.len(), opts)
             .map_err(|e| format!("fold {f}: {e}"))?;
-        let p = model.predict(&self.zte, test.len());
-        Ok(hits(&mut p.iter().map(|&pl| classes[pl])))
+        let p = model.predict(&self.zte, n_test);
+        Ok(p.iter().map(|&pl| classes[pl]).collect())
     }
+}
+
+/// The classes among the training labels `labels[train]` (sorted) and those labels as indices
+/// into them.
+fn training_classes(labels: &[usize], train: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let ytr: Vec<usize> = train.iter().map(|&i| labels[i]).collect();
+    let mut classes = ytr.clone();
+    classes.sort_unstable();
+    classes.dedup();
+    let mut remap = vec![usize::MAX; classes.last().map_or(0, |m| m + 1)];
+    for (j, &c) in classes.iter().enumerate() {
+        remap[c] = j;
+    }
+    let yloc = ytr.iter().map(|&c| remap[c]).collect();
+    (classes, yloc)
 }
 
 fn gather(x: &[f64], d: usize, rows: &[usize]) -> Vec<f64> {
