@@ -368,11 +368,9 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
     match s.which {
         Baseline::Permutation => {
             if crate::shuffle::uses_sort(ne) {
-                // 33 ≤ E ≤ 64: every block (memory order) sorted by random keys, ties redrawn —
-                // exactly uniform, SIMD (see `shuffle.rs`); its four xoshiro lanes are seeded
-                // like `rng4`, which this baseline does not use.
-                let mut lanes = crate::shuffle::Lanes::new(s.seed, s.which.tag(), rep);
-                crate::shuffle::permute_blocks(&mut lanes, base, c, ne);
+                // 33 ≤ E ≤ 64: every block (memory order) sorted by random keys from the four
+                // lanes of `rng4`, ties redrawn — exactly uniform, SIMD (see `shuffle.rs`).
+                crate::shuffle::permute_blocks(&mut rng4, base, c, ne);
                 return;
             }
             // The observed counts, already in the layout and type of `c`.

@@ -15,7 +15,7 @@
 //! itself. The i16 and the index payload give the same permutation for the same random words.
 //!
 //! **Random words.** Block by block in memory order, every attempt takes four words of each lane
-//! of [`Lanes`] (four calls of `next()`, 1024 bits): the 32-bit half h ∈ {0, 1} of word j of call
+//! of [`Rng4`] (four calls of `next()`, 1024 bits): the 32-bit half h ∈ {0, 1} of word j of call
 //! q holds the random parts of the values p = 16q + 2j + h (its low 16 bits) and
 //! p = 16q + 8 + 2j + h (its high 16 bits). Values p ≥ E (padding to 64) get the key `u32::MAX`,
 //! which sorts last, and take no part in the tie test.
@@ -33,9 +33,7 @@
 
 use std::any::TypeId;
 
-/// The four xoshiro256++ lanes of the load-balancing samplers (`sampler::Rng4`), stepped in one
-/// AVX2 register by the kernel below.
-pub(crate) use crate::sampler::Rng4 as Lanes;
+use crate::sampler::Rng4;
 
 /// Smallest block length that is shuffled by sorting (shorter blocks: Fisher–Yates is cheaper).
 pub(crate) const SORT_MIN: usize = 33;
@@ -53,7 +51,7 @@ const PAD: u32 = u32::MAX;
 /// Writes to `dst` the blocks of `ne` consecutive values of `src`, each permuted uniformly and
 /// independently (see the module docs). `src.len() == dst.len()`, a multiple of `ne`.
 pub(crate) fn permute_blocks<T: Copy + 'static>(
-    rng: &mut Lanes,
+    rng: &mut Rng4,
     src: &[T],
     dst: &mut [T],
     ne: usize,
@@ -86,7 +84,7 @@ fn as_i16_mut<T: 'static>(x: &mut [T]) -> Option<&mut [i16]> {
 }
 
 fn permute_blocks_with<T: Copy + 'static>(
-    rng: &mut Lanes,
+    rng: &mut Rng4,
     src: &[T],
     dst: &mut [T],
     ne: usize,
@@ -154,7 +152,7 @@ impl Sorter {
     /// real keys in positions `0..ne`), drawing until the random parts of the `ne` real keys
     /// are distinct.
     #[inline]
-    fn sort(&mut self, rng: &mut Lanes, payload: &[u16; SORT_MAX], out: &mut [u32; SORT_MAX]) {
+    fn sort(&mut self, rng: &mut Rng4, payload: &[u16; SORT_MAX], out: &mut [u32; SORT_MAX]) {
         #[cfg(target_arch = "x86_64")]
         if let Some(c) = &self.avx2 {
             // SAFETY: `Consts` exist only when AVX2 was detected.
@@ -166,7 +164,7 @@ impl Sorter {
 }
 
 /// The keys of one attempt, in the order p = 0..64 (see the module docs).
-fn draw_keys(rng: &mut Lanes, payload: &[u16; SORT_MAX], ne: usize, keys: &mut [u32; SORT_MAX]) {
+fn draw_keys(rng: &mut Rng4, payload: &[u16; SORT_MAX], ne: usize, keys: &mut [u32; SORT_MAX]) {
     for q in 0..4 {
         let r = rng.next();
         for h in 0..2 {
@@ -205,7 +203,7 @@ fn has_tie(sorted: &[u32], ne: usize) -> bool {
     sorted[..ne].windows(2).any(|w| (w[0] ^ w[1]) >> 16 == 0)
 }
 
-fn sort_scalar(rng: &mut Lanes, payload: &[u16; SORT_MAX], ne: usize, out: &mut [u32; SORT_MAX]) {
+fn sort_scalar(rng: &mut Rng4, payload: &[u16; SORT_MAX], ne: usize, out: &mut [u32; SORT_MAX]) {
     loop {
         draw_keys(rng, payload, ne, out);
         out[..ne].sort_unstable();
@@ -221,7 +219,7 @@ fn sort_scalar(rng: &mut Lanes, payload: &[u16; SORT_MAX], ne: usize, out: &mut 
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Lanes, PAD, SORT_MAX};
+    use super::{Rng4, PAD, SORT_MAX};
     use std::arch::x86_64::*;
 
     /// Per-E constants: padding keys by register (initial layout, value p = 8·reg + lane), and
@@ -384,7 +382,7 @@ mod avx2 {
     /// See [`super::Sorter::sort`]; same random words and result as the scalar fallback.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn sort(
-        rng: &mut Lanes,
+        rng: &mut Rng4,
         payload: &[u16; SORT_MAX],
         c: &Consts,
         out: &mut [u32; SORT_MAX],
@@ -407,7 +405,7 @@ mod avx2 {
     /// `dst`: the same result as [`sort`] followed by taking the low halves of the keys.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn shuffle_i16_64(
-        rng: &mut Lanes,
+        rng: &mut Rng4,
         src: &[i16; SORT_MAX],
         c: &Consts,
         dst: &mut [i16; SORT_MAX],
@@ -484,7 +482,7 @@ mod avx2 {
     /// tie: lane a of register b holds the key of rank 8a + b.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn sort_regs(rng: &mut Lanes, low: &[__m256i; 8], c: &Consts) -> [__m256i; 8] {
+    fn sort_regs(rng: &mut Rng4, low: &[__m256i; 8], c: &Consts) -> [__m256i; 8] {
         // SAFETY: 4 × 4 u64 of `rng.s`.
         let mut st: [__m256i; 4] = std::array::from_fn(|w| unsafe {
             _mm256_loadu_si256(rng.s[w].as_ptr() as *const __m256i)
@@ -528,7 +526,7 @@ mod tests {
     use super::*;
 
     fn shuffle<T: Copy + 'static>(src: &[T], ne: usize, rep: u64, avx2: bool) -> Vec<T> {
-        let mut rng = Lanes::new(5, 77, rep);
+        let mut rng = Rng4::new(5, 77, rep);
         let mut dst = src.to_vec();
         permute_blocks_with(&mut rng, src, &mut dst, ne, avx2);
         dst
@@ -539,7 +537,7 @@ mod tests {
         // Through the AVX2 network when available: in rank order, strictly increasing random
         // parts (ties were redrawn), every index exactly once, padding last.
         for ne in [64, 60, 33] {
-            let mut rng = Lanes::new(1, 2, ne as u64);
+            let mut rng = Rng4::new(1, 2, ne as u64);
             let mut sorter = Sorter::new(ne, avx2_available());
             let payload: [u16; SORT_MAX] = std::array::from_fn(|p| p as u16);
             let mut out = [0u32; SORT_MAX];
@@ -571,7 +569,7 @@ mod tests {
         if !avx2_available() {
             return;
         }
-        let mut rng = Lanes::new(7, 7, 7);
+        let mut rng = Rng4::new(7, 7, 7);
         for case in 0..5000usize {
             let range = [2u64, 3, 5, 64, 1 << 32][case % 5];
             let mut keys = [0u32; SORT_MAX];
@@ -628,8 +626,8 @@ mod tests {
         for ne in [33, 47, 60, 64] {
             let src: Vec<i16> = (0..ne * 50).map(|x| (x % 300) as i16).collect();
             for rep in 0..20 {
-                let mut a = Lanes::new(9, 1, rep);
-                let mut b = Lanes::new(9, 1, rep);
+                let mut a = Rng4::new(9, 1, rep);
+                let mut b = Rng4::new(9, 1, rep);
                 let mut x = src.clone();
                 let mut y = src.clone();
                 permute_blocks_with(&mut a, &src, &mut x, ne, false);
@@ -714,7 +712,7 @@ mod tests {
         // A stream whose first keys tie (≈ 3 % of blocks of 64) and whose second do not: both
         // paths return the second attempt's keys and leave the stream after it.
         let payload: [u16; SORT_MAX] = std::array::from_fn(|p| p as u16);
-        let attempt = |rng: &mut Lanes| {
+        let attempt = |rng: &mut Rng4| {
             let mut k = [0u32; SORT_MAX];
             draw_keys(rng, &payload, 64, &mut k);
             k.sort_unstable();
@@ -722,16 +720,16 @@ mod tests {
         };
         let rep = (0..10_000)
             .find(|&rep| {
-                let mut rng = Lanes::new(0, 0, rep);
+                let mut rng = Rng4::new(0, 0, rep);
                 has_tie(&attempt(&mut rng), 64) && !has_tie(&attempt(&mut rng), 64)
             })
             .expect("a tie within 10 000 blocks");
-        let mut rng = Lanes::new(0, 0, rep);
+        let mut rng = Rng4::new(0, 0, rep);
         attempt(&mut rng);
         let want = attempt(&mut rng);
         let after = rng.next();
         for avx2 in [false, avx2_available()] {
-            let mut rng = Lanes::new(0, 0, rep);
+            let mut rng = Rng4::new(0, 0, rep);
             let mut out = [0u32; SORT_MAX];
             Sorter::new(64, avx2).sort(&mut rng, &payload, &mut out);
             for (p, &x) in out.iter().enumerate() {
