@@ -231,6 +231,10 @@ struct Setup<'a> {
     pooled: &'a [f64],
     /// Per-layer alias tables of the pooled load (`None`: at most k experts carry load).
     tables: Vec<Option<AliasTable>>,
+    /// Per layer: the k−1 heaviest experts hold less than 74 % of the pooled load (margin
+    /// against rounding of the `remaining` bookkeeping), so the marginal sampler's inverse-CDF
+    /// branch can never be reached and every pick is an alias draw with rejection.
+    fast: Vec<bool>,
     seed: u64,
 }
 
@@ -254,12 +258,24 @@ impl<'a> Setup<'a> {
         } else {
             Vec::new()
         };
+        let marginal = which == Baseline::LoadBalanceMarginal;
+        let fast = (0..if marginal { nl } else { 0 })
+            .map(|l| {
+                let p = &pooled[l * ne..(l + 1) * ne];
+                let total: f64 = p.iter().sum();
+                let mut sorted = p.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let top: f64 = sorted.iter().take(k.saturating_sub(1)).sum();
+                top < 0.74 * total
+            })
+            .collect();
         Setup {
             which,
             input,
             tokens,
             pooled,
             tables,
+            fast,
             seed,
         }
     }
@@ -431,13 +447,7 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
                         zero[e >> 6] |= 1u64 << (e & 63);
                     }
                 }
-                // Fast path when the k−1 heaviest experts hold less than 74 % of the mass
-                // (margin against rounding of the `remaining` bookkeeping): the inverse-CDF branch
-                // can then never be reached.
-                let mut sorted = p.to_vec();
-                sorted.sort_by(|a, b| b.total_cmp(a));
-                let top: f64 = sorted.iter().take(k.saturating_sub(1)).sum();
-                let fast = top < 0.74 * total;
+                let fast = s.fast[l];
                 for i in 0..n {
                     let t = s.tokens[i * nl + l];
                     let layer = &mut c[at(l, i)..at(l, i) + ne];

@@ -590,52 +590,77 @@ pub(crate) mod avx2 {
         let ex = _mm256_blendv_epi8(col, alias, reject);
         let tied = _mm256_movemask_epi8(_mm256_cmpeq_epi8(ru, thr)) as u32 & valid;
         if tied != 0 {
-            return resolve_ties(ex, col, tied, a, tie);
+            // The tied bytes that take their column instead of the alias.
+            let take = resolve_ties(col, tied, a, tie);
+            return _mm256_blendv_epi8(ex, col, byte_mask(take));
         }
         ex
     }
 
+    /// The bytes of a 32-bit mask spread to byte lanes: byte i all ones iff bit i is set.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn byte_mask(m: u32) -> __m256i {
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let x = _mm256_and_si256(
+            _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), spread),
+            bits,
+        );
+        _mm256_cmpeq_epi8(x, bits)
+    }
+
     /// The rare slow path of [`lookup8`] (kept out of line so that the fast path inlines): the
-    /// bytes set in `tied` take the tie stream's next word.
+    /// bytes set in `tied`, in increasing order, each take the tie stream's next word; returns
+    /// the mask of those that take their column (the others keep the alias). The result comes
+    /// back in a register and is blended in by the caller, so no vector is rebuilt through
+    /// memory byte by byte (that store-forwarding stall cost more than the ties themselves).
     #[cold]
     #[inline(never)]
     #[target_feature(enable = "avx2")]
-    unsafe fn resolve_ties(
-        ex: __m256i,
-        col: __m256i,
-        tied: u32,
-        a: &AliasTable,
-        tie: &mut Xoshiro256pp,
-    ) -> __m256i {
-        let mut e = [0u8; 32];
+    unsafe fn resolve_ties(col: __m256i, tied: u32, a: &AliasTable, tie: &mut Xoshiro256pp) -> u32 {
         let mut c = [0u8; 32];
-        _mm256_storeu_si256(e.as_mut_ptr() as *mut __m256i, ex);
         _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, col);
         let rmask = (1u32 << (a.shift - 8)) - 1;
-        // The set bits in increasing order.
+        let mut take = 0u32;
         let mut bits = tied;
         while bits != 0 {
-            let i = bits.trailing_zeros() as usize;
+            let i = bits.trailing_zeros();
             bits &= bits - 1;
-            let ci = c[i] as usize;
-            e[i] = if (tie.next_u64() as u32 & rmask) < a.rest[ci] {
-                c[i]
-            } else {
-                a.alias8[ci]
-            };
+            let ci = c[i as usize] as usize;
+            take |= (((tie.next_u64() as u32 & rmask) < a.rest[ci]) as u32) << i;
         }
-        _mm256_loadu_si256(e.as_ptr() as *const __m256i)
+        take
     }
 
     /// One-hot mask of draw q (byte q of every lane).
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn onehot8(ex: __m256i, q: u32) -> __m256i {
-        let x = _mm256_and_si256(
-            _mm256_srl_epi64(ex, _mm_cvtsi32_si128(8 * q as i32)),
-            _mm256_set1_epi64x(0xff),
-        );
+        // Byte q of each 64-bit lane moved to its low byte, the other bytes zeroed (a control
+        // byte with the top bit set selects zero): one shuffle instead of a shift and a mask.
+        let (lo, hi) = (q as i64, q as i64 + 8);
+        let ctl = _mm256_setr_epi64x(lo | !0xff, hi | !0xff, lo | !0xff, hi | !0xff);
+        let x = _mm256_shuffle_epi8(ex, ctl);
         _mm256_sllv_epi64(_mm256_set1_epi64x(1), x)
+    }
+
+    /// `v` unchanged, but opaque to the optimiser. Without it LLVM narrows the 64-bit lane masks
+    /// of [`gated`] to 32 bits and widens them back (about ten extra instructions per gated
+    /// draw); an empty `asm!` block emits no instruction.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn opaque(mut v: __m256i) -> __m256i {
+        // An empty template: no instruction, no memory or stack access.
+        std::arch::asm!(
+            "/* {0} */",
+            inout(ymm_reg) v,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        v
     }
 
     /// OR the one-hot (or empty) mask `oh` into the lanes of `m` whose count `c` (= bits set in
@@ -643,7 +668,7 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn gated(m: &mut __m256i, c: &mut __m256i, oh: __m256i, kv: __m256i) {
-        let need = _mm256_cmpgt_epi64(kv, *c);
+        let need = opaque(_mm256_cmpgt_epi64(kv, *c));
         let stale = _mm256_cmpeq_epi64(_mm256_andnot_si256(*m, oh), _mm256_setzero_si256());
         *m = _mm256_or_si256(*m, _mm256_and_si256(oh, need));
         // −1 in the lanes that gained a bit.
@@ -655,8 +680,8 @@ pub(crate) mod avx2 {
     /// draws, so that constants stay in registers.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn uniform_groups<const MASKED: bool, const B: i32>(
-        s: &mut [__m256i; 4],
+    unsafe fn uniform_groups<const MASKED: bool, const B: i32, const K: usize>(
+        state: &mut [__m256i; 4],
         f: Fields,
         k: usize,
         groups: u64,
@@ -664,10 +689,17 @@ pub(crate) mod avx2 {
         acc: &mut Acc,
     ) {
         debug_assert_eq!(f.bits as i32, B);
+        debug_assert!(K == 0 || K == k);
+        let k = if K > 0 { K } else { k };
         // Fields per word, a constant so that the loops over fields unroll.
         let per_word = 64 / B as usize;
         let kv = _mm256_set1_epi64x(k as i64);
         let first = k.min(per_word);
+        // The generator state and the buffer fill count are locals (in registers), written
+        // back once at the end.
+        let mut st = *state;
+        let s = &mut st;
+        let mut filled = acc.filled;
         for g in 0..groups {
             let mut r = next(s);
             let mut m = _mm256_setzero_si256();
@@ -694,16 +726,18 @@ pub(crate) mod avx2 {
             if g + 1 == groups {
                 m = _mm256_and_si256(m, keep);
             }
-            acc.push(m);
+            acc.push(&mut filled, m);
         }
+        acc.filled = filled;
+        *state = st;
     }
 
     /// `groups` groups of alias draws (see [`super::group_scalar`]) into `acc`, as
     /// [`uniform_groups`].
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn alias_groups(
-        s: &mut [__m256i; 4],
+    unsafe fn alias_groups<const K: usize>(
+        state: &mut [__m256i; 4],
         a: &AliasTable,
         k: usize,
         tie: &mut Xoshiro256pp,
@@ -711,6 +745,8 @@ pub(crate) mod avx2 {
         keep: __m256i,
         acc: &mut Acc,
     ) {
+        debug_assert!(K == 0 || K == k);
+        let k = if K > 0 { K } else { k };
         let kv = _mm256_set1_epi64x(k as i64);
         // Four draws per word: column bytes 0..4, acceptance bytes 4..8 of each lane.
         let four = |s: &mut [__m256i; 4], tie: &mut Xoshiro256pp| {
@@ -718,6 +754,10 @@ pub(crate) mod avx2 {
             lookup8(r, _mm256_srli_epi64::<32>(r), 0x0f0f_0f0f, a, tie)
         };
         let rem = (k % 4) as u32;
+        // Locals in registers, written back at the end (see `uniform_groups`).
+        let mut st = *state;
+        let s = &mut st;
+        let mut filled = acc.filled;
         for g in 0..groups {
             let mut m = _mm256_setzero_si256();
             for _ in 0..k / 8 {
@@ -748,15 +788,22 @@ pub(crate) mod avx2 {
             }
             while any(_mm256_cmpgt_epi64(kv, c)) {
                 let ex = four(s, tie);
-                for q in 0..4 {
-                    gated(&mut m, &mut c, onehot8(ex, q), kv);
+                gated(&mut m, &mut c, onehot8(ex, 0), kv);
+                gated(&mut m, &mut c, onehot8(ex, 1), kv);
+                // Usually every lane is complete after two more picks; the last two are then
+                // no-ops and are skipped (the same counts and random words either way).
+                if any(_mm256_cmpgt_epi64(kv, c)) {
+                    gated(&mut m, &mut c, onehot8(ex, 2), kv);
+                    gated(&mut m, &mut c, onehot8(ex, 3), kv);
                 }
             }
             if g + 1 == groups {
                 m = _mm256_and_si256(m, keep);
             }
-            acc.push(m);
+            acc.push(&mut filled, m);
         }
+        acc.filled = filled;
+        *state = st;
     }
 
     /// Per-lane bit-sliced counters fed one group of masks at a time; eight groups go through
@@ -770,11 +817,13 @@ pub(crate) mod avx2 {
     impl Acc<'_> {
         #[inline]
         #[target_feature(enable = "avx2")]
-        unsafe fn push(&mut self, m: __m256i) {
-            self.buf[self.filled] = m;
-            self.filled += 1;
-            if self.filled == 8 {
-                self.filled = 0;
+        /// Buffer one group; `filled` is the caller's local copy of `self.filled` (so that it
+        /// stays in a register; the caller writes it back).
+        unsafe fn push(&mut self, filled: &mut usize, m: __m256i) {
+            self.buf[*filled] = m;
+            *filled += 1;
+            if *filled == 8 {
+                *filled = 0;
                 self.add8();
             }
         }
@@ -829,6 +878,34 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// [`uniform_groups`] monomorphised on b (loops over the fields unroll), on whether fields
+    /// ≥ E exist, and on k (`K`, 0: at run time).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn uniform_dispatch<const K: usize>(
+        s: &mut [__m256i; 4],
+        f: Fields,
+        k: usize,
+        groups: u64,
+        keep: __m256i,
+        acc: &mut Acc,
+    ) {
+        let full = f.valid == u64::MAX;
+        match (f.bits, full) {
+            (6, true) => uniform_groups::<false, 6, K>(s, f, k, groups, keep, acc),
+            (6, false) => uniform_groups::<true, 6, K>(s, f, k, groups, keep, acc),
+            (5, true) => uniform_groups::<false, 5, K>(s, f, k, groups, keep, acc),
+            (5, false) => uniform_groups::<true, 5, K>(s, f, k, groups, keep, acc),
+            (4, true) => uniform_groups::<false, 4, K>(s, f, k, groups, keep, acc),
+            (4, false) => uniform_groups::<true, 4, K>(s, f, k, groups, keep, acc),
+            (3, true) => uniform_groups::<false, 3, K>(s, f, k, groups, keep, acc),
+            (3, false) => uniform_groups::<true, 3, K>(s, f, k, groups, keep, acc),
+            (2, true) => uniform_groups::<false, 2, K>(s, f, k, groups, keep, acc),
+            (2, false) => uniform_groups::<true, 2, K>(s, f, k, groups, keep, acc),
+            _ => uniform_groups::<false, 1, K>(s, f, k, groups, keep, acc),
+        }
+    }
+
     /// The per-lane bit-sliced counters of `t` tokens (groups in AVX2 registers, eight groups
     /// through the carry-save tree at a time); `n` ≤ P planes are used.
     #[inline]
@@ -857,27 +934,17 @@ pub(crate) mod avx2 {
         let rest = (t % 4) as usize;
         let keep: [i64; 4] = std::array::from_fn(|j| if rest == 0 || j < rest { -1 } else { 0 });
         let keep = _mm256_loadu_si256(keep.as_ptr() as *const __m256i);
-        match d {
-            Draw::Uniform(f) => {
-                let full = f.valid == u64::MAX;
-                let sa = &mut s;
-                let ac = &mut acc;
-                // Monomorphised on b (loops over the fields unroll) and on whether fields ≥ E exist.
-                match (f.bits, full) {
-                    (6, true) => uniform_groups::<false, 6>(sa, f, k, groups, keep, ac),
-                    (6, false) => uniform_groups::<true, 6>(sa, f, k, groups, keep, ac),
-                    (5, true) => uniform_groups::<false, 5>(sa, f, k, groups, keep, ac),
-                    (5, false) => uniform_groups::<true, 5>(sa, f, k, groups, keep, ac),
-                    (4, true) => uniform_groups::<false, 4>(sa, f, k, groups, keep, ac),
-                    (4, false) => uniform_groups::<true, 4>(sa, f, k, groups, keep, ac),
-                    (3, true) => uniform_groups::<false, 3>(sa, f, k, groups, keep, ac),
-                    (3, false) => uniform_groups::<true, 3>(sa, f, k, groups, keep, ac),
-                    (2, true) => uniform_groups::<false, 2>(sa, f, k, groups, keep, ac),
-                    (2, false) => uniform_groups::<true, 2>(sa, f, k, groups, keep, ac),
-                    _ => uniform_groups::<false, 1>(sa, f, k, groups, keep, ac),
-                }
+        // k = 8 (OLMoE, most MoE models) is compiled separately so that every k-dependent loop
+        // bound is a constant; other k take the same code with k at run time (K = 0).
+        match (d, k) {
+            (Draw::Uniform(f), 8) => uniform_dispatch::<8>(&mut s, f, k, groups, keep, &mut acc),
+            (Draw::Uniform(f), _) => uniform_dispatch::<0>(&mut s, f, k, groups, keep, &mut acc),
+            (Draw::Alias(a), 8) => {
+                alias_groups::<8>(&mut s, a, k, &mut rng.tie, groups, keep, &mut acc)
             }
-            Draw::Alias(a) => alias_groups(&mut s, a, k, &mut rng.tie, groups, keep, &mut acc),
+            (Draw::Alias(a), _) => {
+                alias_groups::<0>(&mut s, a, k, &mut rng.tie, groups, keep, &mut acc)
+            }
         }
         acc.finish();
         for (w, v) in rng.s.iter_mut().zip(&s) {
@@ -908,20 +975,10 @@ pub(crate) mod avx2 {
         total.add_counts_to(out);
     }
 
-    /// Bit-sliced `x + y` of two counters with `n` planes (n + 1 planes out; `out.len()` ≥ n + 1).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_sliced(x: &[__m256i], y: &[__m256i], out: &mut [__m256i]) {
-        let mut carry = _mm256_setzero_si256();
-        for (o, (&a, &b)) in out.iter_mut().zip(x.iter().zip(y)) {
-            (carry, *o) = csa(a, b, carry);
-        }
-        out[x.len()] = carry;
-    }
-
     /// [`super::count_tokens_i16`] for t < 256 tokens: at most seven lane planes, the four lanes
     /// summed bit-sliced in registers (lanes 2, 3 onto 0, 1, then 1 onto 0), the eight total
-    /// planes spread to bytes and widened to i16.
+    /// planes spread to bytes and widened to i16. Every loop has a constant trip count (planes
+    /// beyond the n in use are zero and add nothing), so the whole reduction stays in registers.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn count_small_i16(
         rng: &mut Rng4,
@@ -933,32 +990,50 @@ pub(crate) mod avx2 {
         debug_assert!(t < 256 && out.len() <= 64);
         let n = lane_plane_count(t);
         let p = lane_planes::<7>(rng, t, d, k, n);
-        let mut h = [_mm256_setzero_si256(); 8];
-        let swapped: [__m256i; 7] =
-            std::array::from_fn(|i| _mm256_permute2x128_si256::<1>(p[i], p[i]));
-        add_sliced(&p[..n], &swapped[..n], &mut h[..n + 1]);
-        let mut q = [_mm256_setzero_si256(); 9];
-        let swapped: [__m256i; 8] = std::array::from_fn(|i| _mm256_shuffle_epi32::<0x4e>(h[i]));
-        add_sliced(&h[..n + 1], &swapped[..n + 1], &mut q[..n + 2]);
-        // Counts < 256 need at most eight planes; lane 0 holds the total.
-        let mut totals = [0u64; 8];
-        for (x, v) in totals.iter_mut().zip(&q) {
-            *x = _mm256_extract_epi64::<0>(*v) as u64;
+        let zero = _mm256_setzero_si256();
+        // Lanes 2, 3 onto lanes 0, 1: eight planes.
+        let mut h = [zero; 8];
+        let mut carry = zero;
+        for i in 0..7 {
+            let sw = _mm256_permute2x128_si256::<1>(p[i], p[i]);
+            (carry, h[i]) = csa(p[i], sw, carry);
         }
-        let bytes = byte_counts(&totals[..(n + 2).min(8)]);
-        let mut c = [0i16; 64];
-        for (i, chunk) in c.chunks_exact_mut(16).enumerate() {
-            let b = _mm_loadu_si128(bytes.as_ptr().add(16 * i) as *const __m128i);
-            _mm256_storeu_si256(chunk.as_mut_ptr() as *mut __m256i, _mm256_cvtepu8_epi16(b));
+        h[7] = carry;
+        // Lane 1 onto lane 0; counts < 256 need only the first eight planes (the ninth, the
+        // final carry, is zero).
+        let mut q = [zero; 8];
+        carry = zero;
+        for i in 0..8 {
+            let sw = _mm256_shuffle_epi32::<0x4e>(h[i]);
+            (carry, q[i]) = csa(h[i], sw, carry);
         }
-        out.copy_from_slice(&c[..out.len()]);
+        let (c0, c1) = byte_counts(&q);
+        let widen = |x: __m128i| _mm256_cvtepu8_epi16(x);
+        let c = [
+            widen(_mm256_castsi256_si128(c0)),
+            widen(_mm256_extracti128_si256::<1>(c0)),
+            widen(_mm256_castsi256_si128(c1)),
+            widen(_mm256_extracti128_si256::<1>(c1)),
+        ];
+        if out.len() == 64 {
+            for (i, v) in c.iter().enumerate() {
+                _mm256_storeu_si256(out.as_mut_ptr().add(16 * i) as *mut __m256i, *v);
+            }
+        } else {
+            let mut all = [0i16; 64];
+            for (i, v) in c.iter().enumerate() {
+                _mm256_storeu_si256(all.as_mut_ptr().add(16 * i) as *mut __m256i, *v);
+            }
+            out.copy_from_slice(&all[..out.len()]);
+        }
     }
 
-    /// Counts below 256 from at most eight planes: each plane's 64 bits are spread to 64 bytes
-    /// (byte shuffle, bit select, compare) and ORed in at weight 2^p.
+    /// Counts below 256 from the eight planes in lane 0 of `planes`: each plane's 64 bits are
+    /// spread to 64 bytes (qword broadcast, byte shuffle, bit select, compare) and added in at
+    /// weight 2^p. Returns the bytes of experts 0..32 and 32..64.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn byte_counts(planes: &[u64]) -> [u8; 64] {
+    unsafe fn byte_counts(planes: &[__m256i; 8]) -> (__m256i, __m256i) {
         let spread = |b: i8| {
             _mm256_setr_epi8(
                 b,
@@ -998,20 +1073,17 @@ pub(crate) mod avx2 {
         let (lo, hi) = (spread(0), spread(4));
         let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let (mut c0, mut c1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for (p, &w) in planes.iter().enumerate() {
-            let v = _mm256_set1_epi64x(w as i64);
-            let weight = _mm256_set1_epi8((1u8 << p) as i8);
+        // Horner's scheme from the top plane: c ← 2c + bit (a set bit compares to −1).
+        for &w in planes.iter().rev() {
+            let v = _mm256_permute4x64_epi64::<0>(w);
             let on = |idx| {
                 let x = _mm256_and_si256(_mm256_shuffle_epi8(v, idx), bits);
-                _mm256_and_si256(_mm256_cmpeq_epi8(x, bits), weight)
+                _mm256_cmpeq_epi8(x, bits)
             };
-            c0 = _mm256_or_si256(c0, on(lo));
-            c1 = _mm256_or_si256(c1, on(hi));
+            c0 = _mm256_sub_epi8(_mm256_add_epi8(c0, c0), on(lo));
+            c1 = _mm256_sub_epi8(_mm256_add_epi8(c1, c1), on(hi));
         }
-        let mut c = [0u8; 64];
-        _mm256_storeu_si256(c.as_mut_ptr() as *mut __m256i, c0);
-        _mm256_storeu_si256(c.as_mut_ptr().add(32) as *mut __m256i, c1);
-        c
+        (c0, c1)
     }
 }
 
@@ -1171,6 +1243,7 @@ mod tests {
         let skewed = AliasTable::new(&[50.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 3.0, 2.0]);
         let cases: Vec<(Draw, usize, usize)> = vec![
             (uniform(64), 8, 64),
+            (uniform(40), 8, 40),
             (uniform(60), 4, 60),
             (uniform(5), 2, 5),
             (uniform(64), 12, 64),
@@ -1200,6 +1273,14 @@ mod tests {
                 assert_eq!(a.tie, b.tie, "{d:?} k={k} t={t}");
                 assert_eq!(x.iter().sum::<u64>(), t * k as u64);
                 assert!(x.iter().all(|&c| c <= t));
+                // The i16 entry point (bit-sliced lane sums in registers for t < 256).
+                let mut c = Rng4::new(3, 4, t);
+                let mut z = vec![0i16; ne];
+                count_tokens_i16(&mut c, t, d, k, &mut z);
+                let x16: Vec<i16> = x.iter().map(|&v| v as i16).collect();
+                assert_eq!(z, x16, "i16 {d:?} k={k} t={t}");
+                assert_eq!(c.s, a.s, "i16 {d:?} k={k} t={t}");
+                assert_eq!(c.tie, a.tie, "i16 {d:?} k={k} t={t}");
             }
         }
     }
