@@ -13,7 +13,7 @@
 //! long prompts) it is computed in f64 by the `gemm` crate. For E ≤ 64 experts the
 //! load-balancing draws come from [`crate::sampler`] (bit-mask k-subsets, four token lanes).
 
-use crate::gram_i16::gram_upper;
+use crate::gram_i16::{accumulate_normalised, gram_upper};
 use crate::input::AnalysisInput;
 use crate::results::BaselineStats;
 use crate::sampler::{count_tokens, count_tokens_i16, AliasTable, Draw, Fields, Rng4};
@@ -167,6 +167,18 @@ trait Elem: Copy + Send + Sync + 'static {
     fn layer_gram(c: &[Self], n: usize, ne: usize, g: &mut [f64]);
     /// Counts of `t` tokens drawn by [`count_tokens`] (E ≤ 64) into `layer`.
     fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]);
+    /// [`layer_gram`](Elem::layer_gram), the `inv` loop of [`rep_stats`] and
+    /// [`accumulate_layer`] in one pass, with the same values; `false` (nothing written) when
+    /// no fused kernel applies.
+    fn accumulate_fused(
+        _c: &[Self],
+        _n: usize,
+        _ne: usize,
+        _inv: &mut [f64],
+        _acc: &mut [f64],
+    ) -> bool {
+        false
+    }
 }
 
 impl Elem for i16 {
@@ -179,6 +191,9 @@ impl Elem for i16 {
     }
     fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]) {
         count_tokens_i16(rng, t, d, k, layer);
+    }
+    fn accumulate_fused(c: &[Self], n: usize, ne: usize, inv: &mut [f64], acc: &mut [f64]) -> bool {
+        accumulate_normalised(c, n, ne, inv, acc)
     }
 }
 
@@ -555,7 +570,11 @@ fn f64_gram(c: &[f64], n: usize, ne: usize, g: &mut [f64]) {
 fn rep_stats<T: Elem>(w: &mut Work<T>, n: usize, nl: usize, ne: usize) -> (f64, f64) {
     w.acc.iter_mut().for_each(|x| *x = 0.0);
     for l in 0..nl {
-        T::layer_gram(&w.c[l * n * ne..(l + 1) * n * ne], n, ne, &mut w.g);
+        let layer = &w.c[l * n * ne..(l + 1) * n * ne];
+        if T::accumulate_fused(layer, n, ne, &mut w.inv, &mut w.acc) {
+            continue;
+        }
+        T::layer_gram(layer, n, ne, &mut w.g);
         for i in 0..n {
             let gii = w.g[i * n + i];
             w.inv[i] = if gii > 0.0 { 1.0 / gii.sqrt() } else { 0.0 };

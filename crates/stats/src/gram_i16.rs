@@ -35,9 +35,6 @@ pub(crate) fn gram_upper(c: &[i16], n: usize, ne: usize, g: &mut [f64]) {
     assert!(c.len() >= n * ne && g.len() >= n * n);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
-        thread_local! {
-            static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         // SAFETY: AVX2 was detected at run time; bounds are checked above.
         let done = PACKED.with(|b| unsafe { avx2_u8(c, n, ne, g, &mut b.borrow_mut()) });
         if !done {
@@ -47,6 +44,35 @@ pub(crate) fn gram_upper(c: &[i16], n: usize, ne: usize, g: &mut [f64]) {
         return;
     }
     scalar(c, n, ne, g);
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Per-thread buffer of the packed u8 rows.
+    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// For the counts `c` (N×E, row-major) of one layer: `inv[i] = 1/√G[i,i]` (0 when the row is
+/// empty) and `acc[i·n + j] += (G[i,j]·inv[i])·inv[j]` for every i < j, where `G = C Cᵀ` is
+/// exact — the same f64 operations, value for value, as [`gram_upper`] followed by
+/// `baselines::accumulate_layer`, without writing G (the normalisation is applied to each
+/// block of dot products as it comes out of the kernel). Entries of `acc` on and below the
+/// diagonal may change (callers read only i < j). Returns `false`, writing nothing, unless the
+/// u8 AVX2 path applies (every entry in `0..=63`, n ≥ 4).
+pub(crate) fn accumulate_normalised(
+    c: &[i16],
+    n: usize,
+    ne: usize,
+    inv: &mut [f64],
+    acc: &mut [f64],
+) -> bool {
+    assert!(c.len() >= n * ne && inv.len() >= n && acc.len() >= n * n);
+    #[cfg(target_arch = "x86_64")]
+    if n >= 4 && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected at run time; bounds are checked above.
+        return PACKED.with(|b| unsafe { avx2_u8_acc(c, n, ne, inv, acc, &mut b.borrow_mut()) });
+    }
+    false
 }
 
 #[inline(always)]
@@ -94,11 +120,11 @@ fn cover(n: usize, mut block: impl FnMut(usize, usize), mut single: impl FnMut(u
     }
 }
 
-/// The u8 path (see module docs). Packs `c` into `buf` and returns `false` without touching `g`
-/// when an entry is outside `0..=U8_MAX`.
+/// Packs the rows of `c` into `buf` as u8, each zero-padded to `stride` (a multiple of 64)
+/// bytes, and returns `(stride, max entry)`; `None` when an entry is outside `0..=U8_MAX`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn avx2_u8(c: &[i16], n: usize, ne: usize, g: &mut [f64], buf: &mut Vec<u8>) -> bool {
+unsafe fn pack_u8(c: &[i16], n: usize, ne: usize, buf: &mut Vec<u8>) -> Option<(usize, u16)> {
     use std::arch::x86_64::*;
     // Rows padded with zeros to whole pairs of 32-byte chunks.
     let stride = ne.div_ceil(64) * 64;
@@ -133,12 +159,24 @@ unsafe fn avx2_u8(c: &[i16], n: usize, ne: usize, g: &mut [f64], buf: &mut Vec<u
         }
         let over = _mm256_subs_epu16(vmax, limit);
         if _mm256_testz_si256(over, over) == 0 || smax > U8_MAX {
-            return false;
+            return None;
         }
     }
     let mut lanes = [0u16; 16];
     _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, vmax);
     let max = lanes.iter().fold(smax, |m, &x| m.max(x));
+    Some((stride, max))
+}
+
+/// The u8 path (see module docs). Packs `c` into `buf` and returns `false` without touching `g`
+/// when an entry is outside `0..=U8_MAX`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_u8(c: &[i16], n: usize, ne: usize, g: &mut [f64], buf: &mut Vec<u8>) -> bool {
+    use std::arch::x86_64::*;
+    let Some((stride, max)) = pack_u8(c, n, ne, buf) else {
+        return false;
+    };
     // Chunk pairs per row; see the module docs for the i16 bounds.
     let npairs = stride / 64;
     let bp = buf.as_ptr();
@@ -175,6 +213,103 @@ unsafe fn avx2_u8(c: &[i16], n: usize, ne: usize, g: &mut [f64], buf: &mut Vec<u
         ),
     }
     true
+}
+
+/// [`accumulate_normalised`] on the u8 path: the diagonal first (every `inv` is needed before
+/// any block is normalised), then the blocks of [`u8_block`] in the order of [`cover`], each
+/// converted, scaled and added to `acc` in place. A pair's last, left-shifted block masks the
+/// lanes that the previous block already added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_u8_acc(
+    c: &[i16],
+    n: usize,
+    ne: usize,
+    inv: &mut [f64],
+    acc: &mut [f64],
+    buf: &mut Vec<u8>,
+) -> bool {
+    use std::arch::x86_64::*;
+    debug_assert!(n >= 4);
+    let Some((stride, max)) = pack_u8(c, n, ne, buf) else {
+        return false;
+    };
+    let npairs = stride / 64;
+    let bp = buf.as_ptr();
+    // Squared norms: each 64-byte chunk's two vpmaddubsw results (≤ 2·63² per i16 lane each)
+    // summed in i16 (≤ 4·63²), widened to i32 with vpmaddwd.
+    let ones = _mm256_set1_epi16(1);
+    for (i, r) in inv.iter_mut().enumerate().take(n) {
+        let row = bp.add(i * stride);
+        let mut s = _mm256_setzero_si256();
+        for pair in 0..npairs {
+            let x0 = _mm256_loadu_si256(row.add(pair * 64) as *const __m256i);
+            let x1 = _mm256_loadu_si256(row.add(pair * 64 + 32) as *const __m256i);
+            let h = _mm256_add_epi16(_mm256_maddubs_epi16(x0, x0), _mm256_maddubs_epi16(x1, x1));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(h, ones));
+        }
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s);
+        let gii = lanes.iter().sum::<i32>() as f64;
+        *r = if gii > 0.0 { 1.0 / gii.sqrt() } else { 0.0 };
+    }
+    let ip = inv.as_ptr();
+    let ap = acc.as_mut_ptr();
+    // Lane masks keeping lanes q ≥ skip (skip = 0..=3).
+    let keep = |skip: usize| {
+        let m: [i64; 4] = std::array::from_fn(|q| if q >= skip { -1 } else { 0 });
+        _mm256_castsi256_pd(_mm256_loadu_si256(m.as_ptr() as *const __m256i))
+    };
+    let add_block = |i: usize, j: usize, skip: usize, (s0, s1): (__m128i, __m128i)| {
+        // In bounds: j + 4 ≤ n and i + 1 < n.
+        let rj = _mm256_loadu_pd(ip.add(j));
+        for (row, s) in [(i, s0), (i + 1, s1)] {
+            let ri = _mm256_set1_pd(*ip.add(row));
+            let mut t = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(s), ri), rj);
+            if skip > 0 {
+                t = _mm256_and_pd(t, keep(skip));
+            }
+            let a = ap.add(row * n + j);
+            _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), t));
+        }
+    };
+    match (max <= U8_MAX_FOLD3, npairs) {
+        (true, 1) => cover_pairs(n, |i, j, skip| {
+            add_block(i, j, skip, u8_block::<true>(bp, stride, i, j, 1))
+        }),
+        (false, 1) => cover_pairs(n, |i, j, skip| {
+            add_block(i, j, skip, u8_block::<false>(bp, stride, i, j, 1))
+        }),
+        (true, m) => cover_pairs(n, |i, j, skip| {
+            add_block(i, j, skip, u8_block::<true>(bp, stride, i, j, m))
+        }),
+        (false, m) => cover_pairs(n, |i, j, skip| {
+            add_block(i, j, skip, u8_block::<false>(bp, stride, i, j, m))
+        }),
+    }
+    true
+}
+
+/// The blocks of [`avx2_u8_acc`] (n ≥ 4): row pairs (i, i+1), columns from i in blocks of four
+/// (`block(i, j, skip)`); a pair's last partial block is shifted to end at column n and skips
+/// the `skip` lanes that the previous block of the pair already covered (when the pair has no
+/// previous block, the lanes left of i are below the diagonal and need no skipping). An odd
+/// last row has no column j > i.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn cover_pairs(n: usize, mut block: impl FnMut(usize, usize, usize)) {
+    let mut i = 0;
+    while i + 2 <= n {
+        let mut j = i;
+        while j + 4 <= n {
+            block(i, j, 0);
+            j += 4;
+        }
+        if j < n {
+            block(i, n - 4, if j > i { j - (n - 4) } else { 0 });
+        }
+        i += 2;
+    }
 }
 
 /// Dot products of packed rows `i`, `i+1` with rows `j..j+4` (`stride` bytes apart, `npairs`
@@ -325,6 +460,75 @@ mod tests {
             *x = hi;
         }
         c
+    }
+
+    #[test]
+    fn fused_accumulation_equals_gram_then_normalise() {
+        for (s, &(n, ne)) in [
+            (4, 4),
+            (5, 7),
+            (6, 64),
+            (7, 33),
+            (9, 16),
+            (13, 64),
+            (80, 64),
+            (81, 97),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for hi in [0, 1, 40, 45, 46, 63, 64] {
+                let mut c = counts(n, ne, hi, s as u64);
+                if hi > 1 {
+                    // An empty row: its inv is 0.
+                    c[ne..2 * ne].iter_mut().for_each(|x| *x = 0);
+                }
+                // Reference: the exact Gram, then the two loops of `baselines::rep_stats`,
+                // applied twice (two layers) to a non-zero starting acc.
+                let mut g = vec![0.0; n * n];
+                scalar(&c, n, ne, &mut g);
+                let want_inv: Vec<f64> = (0..n)
+                    .map(|i| {
+                        let gii = g[i * n + i];
+                        if gii > 0.0 {
+                            1.0 / gii.sqrt()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let start: Vec<f64> = (0..n * n).map(|x| (x % 11) as f64 * 0.125).collect();
+                let mut want = start.clone();
+                for _ in 0..2 {
+                    for i in 0..n {
+                        for j in i + 1..n {
+                            want[i * n + j] += g[i * n + j] * want_inv[i] * want_inv[j];
+                        }
+                    }
+                }
+                let mut inv = vec![-1.0; n];
+                let mut acc = start.clone();
+                let took = (0..2)
+                    .map(|_| accumulate_normalised(&c, n, ne, &mut inv, &mut acc))
+                    .collect::<Vec<_>>();
+                let what = format!("{n}x{ne} 0..={hi}");
+                #[cfg(target_arch = "x86_64")]
+                let expect = hi <= U8_MAX as i16 && std::is_x86_feature_detected!("avx2");
+                #[cfg(not(target_arch = "x86_64"))]
+                let expect = false;
+                assert_eq!(took, vec![expect; 2], "{what}");
+                if !expect {
+                    assert_eq!(acc, start, "{what}: refused but wrote acc");
+                    continue;
+                }
+                assert_eq!(inv, want_inv, "{what}");
+                for i in 0..n {
+                    for j in i + 1..n {
+                        assert_eq!(acc[i * n + j], want[i * n + j], "{what} ({i},{j})");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
