@@ -15,8 +15,14 @@
 //!   per instruction, i32 sums).
 //! - otherwise: a scalar loop.
 //!
-//! Both AVX2 kernels work on blocks of two rows × four columns; a row pair's last partial block is
-//! shifted left, so blocks may also fill entries below the diagonal (callers ignore them).
+//! Both AVX2 kernels of [`gram_upper`] work on blocks of two rows × four columns; a row pair's last
+//! partial block is shifted left, so blocks may also fill entries below the diagonal (callers
+//! ignore them). The fused [`accumulate_normalised`] works on blocks of three rows ([`GROUP`]) ×
+//! four columns with the rows held in registers across a row group's column blocks and the column
+//! operand of `vpmaddubsw` read from memory (77 instructions per block at ne ≤ 64, 6.4 per entry,
+//! against 8.3 for the former 2 × 4 blocks with both operands loaded); each entry's `vpmaddubsw`
+//! results are summed and folded exactly as above, so the same i16 bounds hold.
+//!
 //! Hand-written because the `gemm` crate has no integer kernels and no symmetric (syrk) product,
 //! and a generic f32 GEMM spends most of its time on packing at these sizes (80 × 64 per layer).
 
@@ -215,10 +221,8 @@ unsafe fn avx2_u8(c: &[i16], n: usize, ne: usize, g: &mut [f64], buf: &mut Vec<u
     true
 }
 
-/// [`accumulate_normalised`] on the u8 path: the diagonal first (every `inv` is needed before
-/// any block is normalised), then the blocks of [`u8_block`] in the order of [`cover`], each
-/// converted, scaled and added to `acc` in place. A pair's last, left-shifted block masks the
-/// lanes that the previous block already added.
+/// [`accumulate_normalised`] on the u8 path: packs `c` and runs [`acc_blocks`] (specialised
+/// for the fold depth and for one chunk pair per row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_u8_acc(
@@ -229,93 +233,298 @@ unsafe fn avx2_u8_acc(
     acc: &mut [f64],
     buf: &mut Vec<u8>,
 ) -> bool {
-    use std::arch::x86_64::*;
     debug_assert!(n >= 4);
     let Some((stride, max)) = pack_u8(c, n, ne, buf) else {
         return false;
     };
+    let buf = &buf[..n * stride];
+    let inv = &mut inv[..n];
     let npairs = stride / 64;
+    // ≤ 64 experts (the common case) gets a constant stride and trip count.
+    match (max <= U8_MAX_FOLD3, npairs) {
+        (true, 1) => acc_blocks::<true, true>(buf, stride, n, inv, acc),
+        (false, 1) => acc_blocks::<false, true>(buf, stride, n, inv, acc),
+        (true, _) => acc_blocks::<true, false>(buf, stride, n, inv, acc),
+        (false, _) => acc_blocks::<false, false>(buf, stride, n, inv, acc),
+    }
+    true
+}
+
+/// Rows per block of [`acc_blocks`]. With one chunk pair per row, three rows take six ymm
+/// registers for a group's whole column loop, plus the three broadcast `inv[row]`,
+/// `inv[j..j+4]`, the `vpmaddwd` ones and four temporaries: 15 of the 16. With four rows LLVM
+/// spills and shuffles registers (114 instructions per 4 × 4 block, against 77 per 3 × 4).
+/// Whole call at 80 × 64 (cachegrind): two rows 24.7k, three 24.0k, four 24.9k instructions.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 3;
+
+/// Lane masks keeping lanes q ≥ skip, indexed by skip.
+#[cfg(target_arch = "x86_64")]
+const KEEP: [[i64; 4]; 4] = [
+    [-1, -1, -1, -1],
+    [0, -1, -1, -1],
+    [0, 0, -1, -1],
+    [0, 0, 0, -1],
+];
+
+/// The work of [`avx2_u8_acc`] (n ≥ 4, rows packed `stride` bytes apart in `buf`; `ONE`: the
+/// stride is 64): the diagonal first (every `inv` is needed before any block is normalised),
+/// then row groups `i..i+GROUP` while they fit and, when `n mod GROUP ≥ 2`, one row pair (a
+/// single last row has no column j > i), each group covering its columns from i + 1 in blocks of
+/// four ([`rows_block`]); every block is converted, scaled and added to `acc` in place.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn acc_blocks<const FOLD3: bool, const ONE: bool>(
+    buf: &[u8],
+    stride: usize,
+    n: usize,
+    inv: &mut [f64],
+    acc: &mut [f64],
+) {
+    use std::arch::x86_64::*;
+    let stride = if ONE { 64 } else { stride };
+    let npairs = stride / 64;
+    assert!(n >= 4 && buf.len() >= n * stride && inv.len() >= n && acc.len() >= n * n);
     let bp = buf.as_ptr();
-    // Squared norms: each 64-byte chunk's two vpmaddubsw results (≤ 2·63² per i16 lane each)
-    // summed in i16 (≤ 4·63²), widened to i32 with vpmaddwd.
+    // Squared norms (exact i32), four rows at a time: lane sums by two vphaddd levels, then
+    // 1/√G[i,i] with vsqrtpd and vdivpd (correctly rounded, as the scalar sqrt and division),
+    // masked to 0 where G[i,i] = 0.
     let ones = _mm256_set1_epi16(1);
-    for (i, r) in inv.iter_mut().enumerate().take(n) {
-        let row = bp.add(i * stride);
-        let mut s = _mm256_setzero_si256();
-        for pair in 0..npairs {
-            let x0 = _mm256_loadu_si256(row.add(pair * 64) as *const __m256i);
-            let x1 = _mm256_loadu_si256(row.add(pair * 64 + 32) as *const __m256i);
-            let h = _mm256_add_epi16(_mm256_maddubs_epi16(x0, x0), _mm256_maddubs_epi16(x1, x1));
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(h, ones));
-        }
+    let mut i = 0;
+    while i + 4 <= n {
+        let s: [__m256i; 4] = std::array::from_fn(|r| row_norm(bp, stride, npairs, i + r, ones));
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+        let g = _mm256_cvtepi32_pd(halves(h));
+        let r = _mm256_div_pd(_mm256_set1_pd(1.0), _mm256_sqrt_pd(g));
+        let r = _mm256_and_pd(r, _mm256_cmp_pd::<_CMP_GT_OQ>(g, _mm256_setzero_pd()));
+        _mm256_storeu_pd(inv.as_mut_ptr().add(i), r);
+        i += 4;
+    }
+    for (i, r) in inv.iter_mut().enumerate().take(n).skip(i) {
         let mut lanes = [0i32; 8];
+        let s = row_norm(bp, stride, npairs, i, ones);
         _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s);
         let gii = lanes.iter().sum::<i32>() as f64;
         *r = if gii > 0.0 { 1.0 / gii.sqrt() } else { 0.0 };
     }
     let ip = inv.as_ptr();
     let ap = acc.as_mut_ptr();
-    // Lane masks keeping lanes q ≥ skip (skip = 0..=3).
-    let keep = |skip: usize| {
-        let m: [i64; 4] = std::array::from_fn(|q| if q >= skip { -1 } else { 0 });
-        _mm256_castsi256_pd(_mm256_loadu_si256(m.as_ptr() as *const __m256i))
-    };
-    let add_block = |i: usize, j: usize, skip: usize, (s0, s1): (__m128i, __m128i)| {
-        // In bounds: j + 4 ≤ n and i + 1 < n.
+    // acc[row·n + j + q] += (s[q]·inv[row])·inv[j + q] for the lanes q ≥ skip (ri = inv[row]
+    // in every lane).
+    let add_row = |row: usize, ri: __m256d, j: usize, skip: usize, s: __m128i| {
+        // In bounds: row < n and j + 4 ≤ n.
         let rj = _mm256_loadu_pd(ip.add(j));
-        for (row, s) in [(i, s0), (i + 1, s1)] {
-            let ri = _mm256_set1_pd(*ip.add(row));
-            let mut t = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(s), ri), rj);
-            if skip > 0 {
-                t = _mm256_and_pd(t, keep(skip));
-            }
-            let a = ap.add(row * n + j);
-            _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), t));
+        let mut t = _mm256_mul_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(s), ri), rj);
+        if skip > 0 {
+            let keep = _mm256_loadu_si256(KEEP[skip].as_ptr() as *const __m256i);
+            t = _mm256_and_pd(t, _mm256_castsi256_pd(keep));
         }
+        let a = ap.add(row * n + j);
+        _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), t));
     };
-    match (max <= U8_MAX_FOLD3, npairs) {
-        (true, 1) => cover_pairs(n, |i, j, skip| {
-            add_block(i, j, skip, u8_block::<true>(bp, stride, i, j, 1))
-        }),
-        (false, 1) => cover_pairs(n, |i, j, skip| {
-            add_block(i, j, skip, u8_block::<false>(bp, stride, i, j, 1))
-        }),
-        (true, m) => cover_pairs(n, |i, j, skip| {
-            add_block(i, j, skip, u8_block::<true>(bp, stride, i, j, m))
-        }),
-        (false, m) => cover_pairs(n, |i, j, skip| {
-            add_block(i, j, skip, u8_block::<false>(bp, stride, i, j, m))
-        }),
+    // A row group from row i covers its columns from i + 1 (no entry it needs lies left of
+    // that) in blocks of four: (j, skip = 0) for j = i+1, i+5, … while j + 4 ≤ n, then, if
+    // columns remain, one block shifted left to end at column n, (n − 4, skip = j − (n − 4)),
+    // whose first `skip` lanes are masked: the previous block of the group already added them
+    // or, when there is none (j = i + 1), they are on or below the diagonal. (Macros rather
+    // than closures around `rows_block`: a closure does not inherit the target features, so
+    // the kernel would not be inlined into it.)
+    macro_rules! cover_cols {
+        ($i:expr, $block:ident) => {{
+            let mut j = $i;
+            while j + 4 <= n {
+                $block!(j, 0);
+                j += 4;
+            }
+            if j < n {
+                $block!(n - 4, j - (n - 4));
+            }
+        }};
     }
-    true
+    let mut i = 0;
+    while i + GROUP <= n {
+        let ri: [__m256d; GROUP] = std::array::from_fn(|r| _mm256_set1_pd(*ip.add(i + r)));
+        macro_rules! group {
+            ($j:expr, $skip:expr) => {{
+                let (j, skip) = ($j, $skip);
+                let s = rows_block::<GROUP, FOLD3, ONE>(bp, stride, npairs, i, j);
+                for r in 0..GROUP {
+                    add_row(i + r, ri[r], j, skip, s[r]);
+                }
+            }};
+        }
+        cover_cols!(i + 1, group);
+        i += GROUP;
+    }
+    if i + 2 <= n {
+        let ri: [__m256d; 2] = std::array::from_fn(|r| _mm256_set1_pd(*ip.add(i + r)));
+        macro_rules! pair {
+            ($j:expr, $skip:expr) => {{
+                let (j, skip) = ($j, $skip);
+                let s = rows_block::<2, FOLD3, ONE>(bp, stride, npairs, i, j);
+                add_row(i, ri[0], j, skip, s[0]);
+                add_row(i + 1, ri[1], j, skip, s[1]);
+            }};
+        }
+        cover_cols!(i + 1, pair);
+    }
 }
 
-/// The blocks of [`avx2_u8_acc`] (n ≥ 4): row pairs (i, i+1), columns from i in blocks of four
-/// (`block(i, j, skip)`); a pair's last partial block is shifted to end at column n and skips
-/// the `skip` lanes that the previous block of the pair already covered (when the pair has no
-/// previous block, the lanes left of i are below the diagonal and need no skipping). An odd
-/// last row has no column j > i.
+/// The squared norm of packed row i, spread over eight i32 lanes: each 64-byte chunk's two
+/// `vpmaddubsw` results (≤ 2·63² per i16 lane each) summed in i16 (≤ 4·63²), widened to i32
+/// with `vpmaddwd(·, 1)`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn cover_pairs(n: usize, mut block: impl FnMut(usize, usize, usize)) {
-    let mut i = 0;
-    while i + 2 <= n {
-        let mut j = i;
-        while j + 4 <= n {
-            block(i, j, 0);
-            j += 4;
-        }
-        if j < n {
-            block(i, n - 4, if j > i { j - (n - 4) } else { 0 });
-        }
-        i += 2;
+unsafe fn row_norm(
+    bp: *const u8,
+    stride: usize,
+    npairs: usize,
+    i: usize,
+    ones: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let row = bp.add(i * stride);
+    let mut s = _mm256_setzero_si256();
+    for pair in 0..npairs {
+        let x0 = _mm256_loadu_si256(row.add(pair * 64) as *const __m256i);
+        let x1 = _mm256_loadu_si256(row.add(pair * 64 + 32) as *const __m256i);
+        let h = _mm256_add_epi16(_mm256_maddubs_epi16(x0, x0), _mm256_maddubs_epi16(x1, x1));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(h, ones));
     }
+    s
+}
+
+/// Lanes `[q0, q1, q2, q3]` (per 128-bit half, in i32) of the four columns' i16 sums `a[q]`
+/// (each lane ≤ 4·max², one chunk pair): with `FOLD3`, vphaddw → [4 lanes of q0, 4 of q1] (and
+/// q2, q3), vphaddw → [2 lanes of each q], vpmaddwd(1); otherwise vphaddw → [4 lanes of q,
+/// 4 lanes of q+1], vpmaddwd(1) → [q, q, q+1, q+1] in i32, vphaddd. See the module docs for
+/// the bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fold<const FOLD3: bool>(
+    a: &[std::arch::x86_64::__m256i; 4],
+    ones: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    if FOLD3 {
+        let h = _mm256_hadd_epi16(_mm256_hadd_epi16(a[0], a[1]), _mm256_hadd_epi16(a[2], a[3]));
+        _mm256_madd_epi16(h, ones)
+    } else {
+        let w = |a: __m256i, b: __m256i| _mm256_madd_epi16(_mm256_hadd_epi16(a, b), ones);
+        _mm256_hadd_epi32(w(a[0], a[1]), w(a[2], a[3]))
+    }
+}
+
+/// The sum of the two 128-bit halves of `h` (i32 lanes).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn halves(h: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+}
+
+/// `vpmaddubsw` of the ymm value `$x` (unsigned bytes) with the 32 bytes at the memory operand
+/// `$addr` (signed bytes; the packed counts are ≤ 63, so signedness does not matter), written
+/// in inline asm so that the load stays folded into the instruction: with the intrinsic plus
+/// `_mm256_loadu_si256`, the compiler loads each column chunk once into a register for all
+/// rows of [`rows_block`], which with the row chunks held in registers needs more than 16 ymm
+/// registers. `pure, readonly`: no side effects, reads memory only.
+#[cfg(target_arch = "x86_64")]
+macro_rules! maddubs_mem {
+    ($x:expr, $addr:literal, $($reg:tt)*) => {{
+        let r: std::arch::x86_64::__m256i;
+        std::arch::asm!(
+            concat!("vpmaddubsw {r}, {x}, ymmword ptr ", $addr),
+            r = lateout(ymm_reg) r,
+            x = in(ymm_reg) $x,
+            $($reg)*
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        r
+    }};
+}
+
+/// Dot products of packed rows `i..i+R` with rows `j..j+4` (`stride` bytes apart, `npairs`
+/// pairs of 32-byte chunks): lane q of result r is the dot product of row i+r with row j+q.
+/// Row by row, a chunk pair's eight `vpmaddubsw` take the row's two chunks from registers and
+/// the column chunks from memory ([`maddubs_mem`]); the results are summed and folded exactly
+/// as in [`u8_block`] (same i16 bounds, see the module docs). When `npairs` is 1 and this is
+/// inlined into the column loop, the row chunks are loop-invariant and stay in registers.
+/// `ONE`: `stride` is 64, so every column is addressed from one register with a constant
+/// offset.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn rows_block<const R: usize, const FOLD3: bool, const ONE: bool>(
+    bp: *const u8,
+    stride: usize,
+    npairs: usize,
+    i: usize,
+    j: usize,
+) -> [std::arch::x86_64::__m128i; R] {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    // Columns j, j+1, j+2 are addressed from c0, column j+3 from c3.
+    let c0 = bp.add(j * stride);
+    let c3 = c0.add(3 * stride);
+    let mut h = [_mm256_setzero_si256(); R];
+    for pair in 0..npairs {
+        let (p, p3) = (c0.add(pair * 64), c3.add(pair * 64));
+        for (r, h) in h.iter_mut().enumerate() {
+            let row = bp.add((i + r) * stride + pair * 64);
+            let x0 = _mm256_loadu_si256(row as *const __m256i);
+            let x1 = _mm256_loadu_si256(row.add(32) as *const __m256i);
+            // With the stride known (64), all four columns are addressed from p.
+            let a = if ONE {
+                [
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p}]", p = in(reg) p,),
+                        maddubs_mem!(x1, "[{p} + 32]", p = in(reg) p,),
+                    ),
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p} + 64]", p = in(reg) p,),
+                        maddubs_mem!(x1, "[{p} + 96]", p = in(reg) p,),
+                    ),
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p} + 128]", p = in(reg) p,),
+                        maddubs_mem!(x1, "[{p} + 160]", p = in(reg) p,),
+                    ),
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p} + 192]", p = in(reg) p,),
+                        maddubs_mem!(x1, "[{p} + 224]", p = in(reg) p,),
+                    ),
+                ]
+            } else {
+                [
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p}]", p = in(reg) p,),
+                        maddubs_mem!(x1, "[{p} + 32]", p = in(reg) p,),
+                    ),
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p} + {s}]", p = in(reg) p, s = in(reg) stride,),
+                        maddubs_mem!(x1, "[{p} + {s} + 32]", p = in(reg) p, s = in(reg) stride,),
+                    ),
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p} + 2*{s}]", p = in(reg) p, s = in(reg) stride,),
+                        maddubs_mem!(x1, "[{p} + 2*{s} + 32]", p = in(reg) p, s = in(reg) stride,),
+                    ),
+                    _mm256_add_epi16(
+                        maddubs_mem!(x0, "[{p}]", p = in(reg) p3,),
+                        maddubs_mem!(x1, "[{p} + 32]", p = in(reg) p3,),
+                    ),
+                ]
+            };
+            *h = _mm256_add_epi32(*h, fold::<FOLD3>(&a, ones));
+        }
+    }
+    h.map(|h| halves(h))
 }
 
 /// Dot products of packed rows `i`, `i+1` with rows `j..j+4` (`stride` bytes apart, `npairs`
 /// pairs of 32-byte chunks): lane q of the first (second) result is the dot product of row i
 /// (i+1) with row j+q. Each pair's `vpmaddubsw` results are summed in i16 and folded with one
-/// (two if `FOLD3`) `vphaddw` levels before widening; see the bounds in the module docs.
+/// (two if `FOLD3`) `vphaddw` levels before widening ([`fold`]); see the bounds in the module
+/// docs.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn u8_block<const FOLD3: bool>(
@@ -345,27 +554,10 @@ unsafe fn u8_block<const FOLD3: bool>(
                 a1[q] = _mm256_add_epi16(a1[q], _mm256_maddubs_epi16(x1, y));
             }
         }
-        if FOLD3 {
-            // Per 128-bit half: vphaddw → [4 lanes of q0, 4 of q1] (and q2, q3), vphaddw →
-            // [2 lanes of each q], vpmaddwd(1) → [q0, q1, q2, q3] in i32.
-            let f = |a: &[__m256i; 4]| {
-                let h =
-                    _mm256_hadd_epi16(_mm256_hadd_epi16(a[0], a[1]), _mm256_hadd_epi16(a[2], a[3]));
-                _mm256_madd_epi16(h, ones)
-            };
-            h0 = _mm256_add_epi32(h0, f(&a0));
-            h1 = _mm256_add_epi32(h1, f(&a1));
-        } else {
-            // Per 128-bit half: vphaddw → [4 lanes of q, 4 lanes of q+1], vpmaddwd(1) →
-            // [q, q, q+1, q+1] in i32, vphaddd → [q0, q1, q2, q3].
-            let w = |a: __m256i, b: __m256i| _mm256_madd_epi16(_mm256_hadd_epi16(a, b), ones);
-            h0 = _mm256_add_epi32(h0, _mm256_hadd_epi32(w(a0[0], a0[1]), w(a0[2], a0[3])));
-            h1 = _mm256_add_epi32(h1, _mm256_hadd_epi32(w(a1[0], a1[1]), w(a1[2], a1[3])));
-        }
+        h0 = _mm256_add_epi32(h0, fold::<FOLD3>(&a0, ones));
+        h1 = _mm256_add_epi32(h1, fold::<FOLD3>(&a1, ones));
     }
-    let lo =
-        |h: __m256i| _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-    (lo(h0), lo(h1))
+    (halves(h0), halves(h1))
 }
 
 /// The i16 path: two rows × four columns per block, eight `vpmaddwd` accumulators, horizontal
@@ -464,21 +656,34 @@ mod tests {
 
     #[test]
     fn fused_accumulation_equals_gram_then_normalise() {
-        for (s, &(n, ne)) in [
-            (4, 4),
-            (5, 7),
-            (6, 64),
-            (7, 33),
-            (9, 16),
-            (13, 64),
-            (80, 64),
-            (81, 97),
-        ]
-        .iter()
-        .enumerate()
-        {
-            for hi in [0, 1, 40, 45, 46, 63, 64] {
-                let mut c = counts(n, ne, hi, s as u64);
+        // Every n mod 3 (row groups plus a leftover row pair or row) with every column offset
+        // of the last, shifted block; one or two chunk pairs per row, full or padded.
+        let mut shapes: Vec<(usize, usize)> = Vec::new();
+        for n in (4..=13).chain([80, 81]) {
+            for ne in [4, 7, 16, 33, 64, 97, 128] {
+                shapes.push((n, ne));
+            }
+        }
+        for (s, &(n, ne)) in shapes.iter().enumerate() {
+            // The u8 path's thresholds; `all`: every entry at the bound (the largest i16
+            // sums).
+            for (hi, all) in [
+                (0, false),
+                (1, false),
+                (40, false),
+                (45, false),
+                (45, true),
+                (46, false),
+                (46, true),
+                (63, false),
+                (63, true),
+                (64, false),
+            ] {
+                let mut c = if all {
+                    vec![hi; n * ne]
+                } else {
+                    counts(n, ne, hi, s as u64)
+                };
                 if hi > 1 {
                     // An empty row: its inv is 0.
                     c[ne..2 * ne].iter_mut().for_each(|x| *x = 0);
@@ -511,7 +716,7 @@ mod tests {
                 let took = (0..2)
                     .map(|_| accumulate_normalised(&c, n, ne, &mut inv, &mut acc))
                     .collect::<Vec<_>>();
-                let what = format!("{n}x{ne} 0..={hi}");
+                let what = format!("{n}x{ne} 0..={hi} all {all}");
                 #[cfg(target_arch = "x86_64")]
                 let expect = hi <= U8_MAX as i16 && std::is_x86_feature_detected!("avx2");
                 #[cfg(not(target_arch = "x86_64"))]
