@@ -17,11 +17,12 @@
 //!
 //! Both AVX2 kernels of [`gram_upper`] work on blocks of two rows × four columns; a row pair's last
 //! partial block is shifted left, so blocks may also fill entries below the diagonal (callers
-//! ignore them). The fused [`accumulate_normalised`] works on blocks of three rows ([`GROUP`]) ×
-//! four columns with the rows held in registers across a row group's column blocks and the column
-//! operand of `vpmaddubsw` read from memory (77 instructions per block at ne ≤ 64, 6.4 per entry,
-//! against 8.3 for the former 2 × 4 blocks with both operands loaded); each entry's `vpmaddubsw`
-//! results are summed and folded exactly as above, so the same i16 bounds hold.
+//! ignore them). The u8 blocks are those of the fused [`accumulate_normalised`] (`rows_block`),
+//! which works on blocks of three rows ([`GROUP`]) × four columns with the rows held in registers
+//! across a row group's column blocks and the column operand of `vpmaddubsw` read from memory (77
+//! instructions per block at ne ≤ 64, 6.4 per entry, against 8.3 for 2 × 4 blocks with both
+//! operands loaded); each entry's `vpmaddubsw` results are summed and folded exactly as above, so
+//! the same i16 bounds hold.
 //!
 //! Hand-written because the `gemm` crate has no integer kernels and no symmetric (syrk) product,
 //! and a generic f32 GEMM spends most of its time on packing at these sizes (80 × 64 per layer).
@@ -190,31 +191,32 @@ unsafe fn avx2_u8(c: &[i16], n: usize, ne: usize, g: &mut [f64], buf: &mut Vec<u
     let single = |i: usize, j: usize| {
         *gp.add(i * n + j) = dot(&c[i * ne..(i + 1) * ne], &c[j * ne..(j + 1) * ne]) as f64
     };
-    let store = |i: usize, j: usize, (s0, s1): (__m128i, __m128i)| {
+    let store = |i: usize, j: usize, [s0, s1]: [__m128i; 2]| {
         // In bounds: j + 4 ≤ n and i + 1 < n.
         _mm256_storeu_pd(gp.add(i * n + j), _mm256_cvtepi32_pd(s0));
         _mm256_storeu_pd(gp.add((i + 1) * n + j), _mm256_cvtepi32_pd(s1));
     };
-    // ≤ 64 experts (the common case) gets a constant trip count.
+    // The two-row blocks of the fused kernel's `rows_block`; ≤ 64 experts (the common case) gets
+    // a constant stride and trip count.
     match (max <= U8_MAX_FOLD3, npairs) {
         (true, 1) => cover(
             n,
-            |i, j| store(i, j, u8_block::<true>(bp, stride, i, j, 1)),
+            |i, j| store(i, j, rows_block::<2, true, true>(bp, stride, 1, i, j)),
             single,
         ),
         (false, 1) => cover(
             n,
-            |i, j| store(i, j, u8_block::<false>(bp, stride, i, j, 1)),
+            |i, j| store(i, j, rows_block::<2, false, true>(bp, stride, 1, i, j)),
             single,
         ),
         (true, m) => cover(
             n,
-            |i, j| store(i, j, u8_block::<true>(bp, stride, i, j, m)),
+            |i, j| store(i, j, rows_block::<2, true, false>(bp, stride, m, i, j)),
             single,
         ),
         (false, m) => cover(
             n,
-            |i, j| store(i, j, u8_block::<false>(bp, stride, i, j, m)),
+            |i, j| store(i, j, rows_block::<2, false, false>(bp, stride, m, i, j)),
             single,
         ),
     }
@@ -448,7 +450,7 @@ macro_rules! maddubs_mem {
 /// pairs of 32-byte chunks): lane q of result r is the dot product of row i+r with row j+q.
 /// Row by row, a chunk pair's eight `vpmaddubsw` take the row's two chunks from registers and
 /// the column chunks from memory ([`maddubs_mem`]); the results are summed and folded exactly
-/// as in [`u8_block`] (same i16 bounds, see the module docs). When `npairs` is 1 and this is
+/// by [`fold`] (same i16 bounds, see the module docs). When `npairs` is 1 and this is
 /// inlined into the column loop, the row chunks are loop-invariant and stay in registers.
 /// `ONE`: `stride` is 64, so every column is addressed from one register with a constant
 /// offset.
@@ -518,46 +520,6 @@ unsafe fn rows_block<const R: usize, const FOLD3: bool, const ONE: bool>(
         }
     }
     h.map(|h| halves(h))
-}
-
-/// Dot products of packed rows `i`, `i+1` with rows `j..j+4` (`stride` bytes apart, `npairs`
-/// pairs of 32-byte chunks): lane q of the first (second) result is the dot product of row i
-/// (i+1) with row j+q. Each pair's `vpmaddubsw` results are summed in i16 and folded with one
-/// (two if `FOLD3`) `vphaddw` levels before widening ([`fold`]); see the bounds in the module
-/// docs.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn u8_block<const FOLD3: bool>(
-    bp: *const u8,
-    stride: usize,
-    i: usize,
-    j: usize,
-    npairs: usize,
-) -> (std::arch::x86_64::__m128i, std::arch::x86_64::__m128i) {
-    use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let r0 = bp.add(i * stride);
-    let r1 = bp.add((i + 1) * stride);
-    let cols: [*const u8; 4] = std::array::from_fn(|q| bp.add((j + q) * stride));
-    // Lane q of each 128-bit half of h0 (h1) is a partial dot of row i (i+1) with j+q.
-    let mut h0 = _mm256_setzero_si256();
-    let mut h1 = _mm256_setzero_si256();
-    for pair in 0..npairs {
-        let mut a0 = [_mm256_setzero_si256(); 4];
-        let mut a1 = [_mm256_setzero_si256(); 4];
-        for o in [pair * 64, pair * 64 + 32] {
-            let x0 = _mm256_loadu_si256(r0.add(o) as *const __m256i);
-            let x1 = _mm256_loadu_si256(r1.add(o) as *const __m256i);
-            for q in 0..4 {
-                let y = _mm256_loadu_si256(cols[q].add(o) as *const __m256i);
-                a0[q] = _mm256_add_epi16(a0[q], _mm256_maddubs_epi16(x0, y));
-                a1[q] = _mm256_add_epi16(a1[q], _mm256_maddubs_epi16(x1, y));
-            }
-        }
-        h0 = _mm256_add_epi32(h0, fold::<FOLD3>(&a0, ones));
-        h1 = _mm256_add_epi32(h1, fold::<FOLD3>(&a1, ones));
-    }
-    (halves(h0), halves(h1))
 }
 
 /// The i16 path: two rows × four columns per block, eight `vpmaddwd` accumulators, horizontal
