@@ -601,16 +601,51 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn byte_mask(m: u32) -> __m256i {
-        let spread = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
+        spread_bits::<0>(_mm256_set1_epi32(m as i32))
+    }
+
+    /// The 32 bits of bytes `B..B + 4` of each 128-bit half of `v` (both halves must hold the
+    /// same bytes) spread to byte lanes: byte i of the result is all ones iff bit i of those 32
+    /// bits is set (byte shuffle, bit select, compare).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn spread_bits<const B: i8>(v: __m256i) -> __m256i {
+        let idx = _mm256_setr_epi8(
+            B,
+            B,
+            B,
+            B,
+            B,
+            B,
+            B,
+            B,
+            B + 1,
+            B + 1,
+            B + 1,
+            B + 1,
+            B + 1,
+            B + 1,
+            B + 1,
+            B + 1,
+            B + 2,
+            B + 2,
+            B + 2,
+            B + 2,
+            B + 2,
+            B + 2,
+            B + 2,
+            B + 2,
+            B + 3,
+            B + 3,
+            B + 3,
+            B + 3,
+            B + 3,
+            B + 3,
+            B + 3,
+            B + 3,
         );
         let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let x = _mm256_and_si256(
-            _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), spread),
-            bits,
-        );
-        _mm256_cmpeq_epi8(x, bits)
+        _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, idx), bits), bits)
     }
 
     /// The rare slow path of [`lookup8`] (kept out of line so that the fast path inlines): the
@@ -1029,59 +1064,17 @@ pub(crate) mod avx2 {
     }
 
     /// Counts below 256 from the eight planes in lane 0 of `planes`: each plane's 64 bits are
-    /// spread to 64 bytes (qword broadcast, byte shuffle, bit select, compare) and added in at
-    /// weight 2^p. Returns the bytes of experts 0..32 and 32..64.
+    /// spread to 64 bytes (qword broadcast, [`spread_bits`]) and added in at weight 2^p.
+    /// Returns the bytes of experts 0..32 and 32..64.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn byte_counts(planes: &[__m256i; 8]) -> (__m256i, __m256i) {
-        let spread = |b: i8| {
-            _mm256_setr_epi8(
-                b,
-                b,
-                b,
-                b,
-                b,
-                b,
-                b,
-                b,
-                b + 1,
-                b + 1,
-                b + 1,
-                b + 1,
-                b + 1,
-                b + 1,
-                b + 1,
-                b + 1,
-                b + 2,
-                b + 2,
-                b + 2,
-                b + 2,
-                b + 2,
-                b + 2,
-                b + 2,
-                b + 2,
-                b + 3,
-                b + 3,
-                b + 3,
-                b + 3,
-                b + 3,
-                b + 3,
-                b + 3,
-                b + 3,
-            )
-        };
-        let (lo, hi) = (spread(0), spread(4));
-        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let (mut c0, mut c1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         // Horner's scheme from the top plane: c ← 2c + bit (a set bit compares to −1).
         for &w in planes.iter().rev() {
             let v = _mm256_permute4x64_epi64::<0>(w);
-            let on = |idx| {
-                let x = _mm256_and_si256(_mm256_shuffle_epi8(v, idx), bits);
-                _mm256_cmpeq_epi8(x, bits)
-            };
-            c0 = _mm256_sub_epi8(_mm256_add_epi8(c0, c0), on(lo));
-            c1 = _mm256_sub_epi8(_mm256_add_epi8(c1, c1), on(hi));
+            c0 = _mm256_sub_epi8(_mm256_add_epi8(c0, c0), spread_bits::<0>(v));
+            c1 = _mm256_sub_epi8(_mm256_add_epi8(c1, c1), spread_bits::<4>(v));
         }
         (c0, c1)
     }
