@@ -1,9 +1,13 @@
 //! The `moe-xray` command-line tool. Only this binary uses `anyhow`; the library crates have
 //! `thiserror` errors.
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod outdir;
+mod progress;
 
 #[derive(Parser, Debug)]
 #[command(name = "moe-xray", version, about, propagate_version = true)]
@@ -30,11 +34,17 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Benchmark model execution with routing capture.
     Bench(cmd::bench::Args),
+    /// Import routing recorded by serving engines (vLLM, SGLang) as a moe-xray trace.
+    Import(cmd::import::Args),
+    /// Internal: renders chat templates in a memory- and time-limited child process (started by
+    /// `trace` and `run`; see `moe_xray_model::chat`).
+    #[command(name = "__render-chat-template", hide = true)]
+    RenderChatTemplate,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = outdir::check_rayon_env().and_then(|()| match cli.command {
         Command::Analyze(a) => cmd::analyze::run(a),
         Command::Trace(a) => cmd::trace::run(a),
         Command::SynthModel(a) => cmd::synth_model::run(a),
@@ -43,9 +53,16 @@ fn main() {
         Command::Health(a) => cmd::health::run(a),
         Command::Compare(a) => cmd::compare::run(a),
         Command::Bench(a) => cmd::bench::run(a),
-    };
+        Command::Import(a) => cmd::import::run(a),
+        Command::RenderChatTemplate => moe_xray_model::chat::serve_render_request(
+            std::io::stdin().lock(),
+            std::io::stdout().lock(),
+        )
+        .map_err(Into::into),
+    });
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // Each cause once: library errors print their OS error and also return it as source().
+        eprintln!("error: {}", outdir::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -1,16 +1,11 @@
 //! Integration tests of `moe-xray analyze` (the binary).
 
+use moe_xray_test_support::fixture;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_moe-xray"))
-}
-
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/stats")
-        .join(case)
 }
 
 fn run(args: &[&str], threads: &str) -> std::process::Output {
@@ -39,8 +34,8 @@ fn small_args<'a>(trace: &'a str, out: &'a str) -> Vec<&'a str> {
 fn good_run_writes_all_outputs_and_summary() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let trace = fixture("planted").join("trace.jsonl");
-    let folds = fixture("planted").join("folds.csv");
+    let trace = fixture("stats/planted").join("trace.jsonl");
+    let folds = fixture("stats/planted").join("folds.csv");
     let (t, o, f) = (
         trace.to_str().unwrap(),
         out.to_str().unwrap(),
@@ -84,7 +79,7 @@ fn good_run_writes_all_outputs_and_summary() {
 #[test]
 fn json_output_and_thread_count_independence() {
     let tmp = tempfile::tempdir().unwrap();
-    let trace = fixture("null").join("trace.jsonl");
+    let trace = fixture("stats/null").join("trace.jsonl");
     let t = trace.to_str().unwrap();
     let mut outs = Vec::new();
     for threads in ["1", "2"] {
@@ -242,4 +237,40 @@ fn dims_from_model_config_and_dropped_prompts() {
     assert_eq!(res["num_prompts"], 4);
     assert_eq!(res["dropped_prompts"][0]["prompt_id"], "p4");
     assert!(String::from_utf8_lossy(&r.stdout).contains("dropped 1 prompt"));
+}
+
+#[test]
+fn quiet_prints_nothing_and_changes_no_output_and_inferred_dims_are_warned() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A copy of fixtures/stats/null's trace without its manifest: L and E are inferred from the
+    // records, with a warning on stderr.
+    let trace = tmp.path().join("trace.jsonl");
+    std::fs::copy(fixture("stats/null").join("trace.jsonl"), &trace).unwrap();
+    let t = trace.to_str().unwrap();
+    let mut outs = Vec::new();
+    for quiet in [false, true] {
+        let out = tmp.path().join(format!("out{quiet}"));
+        let o = out.to_str().unwrap().to_string();
+        let mut args = small_args(t, &o);
+        if quiet {
+            args.push("--quiet");
+        }
+        let r = run(&args, "2");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(
+            r.stdout.is_empty(),
+            quiet,
+            "{}",
+            String::from_utf8_lossy(&r.stdout)
+        );
+        let e = String::from_utf8_lossy(&r.stderr);
+        assert!(e.contains("WARNING") && e.contains("INFERRED"), "{e}");
+        assert!(e.contains("--num-experts E"), "{e}");
+        let files: Vec<Vec<u8>> = ["results.json", "signatures.csv", "prompt_similarity.csv"]
+            .iter()
+            .map(|f| std::fs::read(out.join(f)).unwrap())
+            .collect();
+        outs.push(files);
+    }
+    assert!(outs[0] == outs[1], "--quiet changed an output file");
 }

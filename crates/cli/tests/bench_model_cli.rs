@@ -2,6 +2,7 @@
 //! passes agrees with what `moe-xray trace` processes, the scratch trace is removed, and bad
 //! arguments fail with a clear message.
 
+use moe_xray_test_support::fixture;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -9,10 +10,6 @@ use serde_json::Value;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-xray"))
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf")
 }
 
 fn run(args: &[&str]) -> Output {
@@ -26,8 +23,8 @@ fn s(p: &Path) -> &str {
 /// The committed fixture model and prompt file every run here uses.
 fn model_and_prompts() -> (PathBuf, PathBuf) {
     (
-        fixtures().join("olmoe-tiny-gqa-f32"),
-        fixtures().join("prompts.jsonl"),
+        fixture("hf").join("olmoe-tiny-gqa-f32"),
+        fixture("hf").join("prompts.jsonl"),
     )
 }
 

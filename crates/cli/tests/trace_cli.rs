@@ -2,6 +2,7 @@
 //! it writes, independence from batch size and thread count, bad inputs (clear error, non-zero
 //! exit, nothing written), and resume after a real `kill -9`.
 
+use moe_xray_test_support::fixture;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -11,10 +12,6 @@ use serde_json::Value;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-xray"))
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf")
 }
 
 fn trace(args: &[&str]) -> Output {
@@ -48,8 +45,8 @@ fn s(p: &Path) -> &str {
 /// The fixture model `name`, the fixture prompt file and a fresh temporary directory.
 fn setup(name: &str) -> (PathBuf, PathBuf, tempfile::TempDir) {
     (
-        fixtures().join(name),
-        fixtures().join("prompts.jsonl"),
+        fixture("hf").join(name),
+        fixture("hf").join("prompts.jsonl"),
         tempfile::tempdir().unwrap(),
     )
 }
@@ -320,7 +317,7 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
     run(&model, &prompts, "tokenizer.json");
     // Token ids out of range: a tokenizer with a larger vocabulary than the model.
     std::fs::copy(
-        fixtures().join("olmoe-tiny-bf16/tokenizer.json"),
+        fixture("hf").join("olmoe-tiny-bf16/tokenizer.json"),
         model.join("tokenizer.json"),
     )
     .unwrap();

@@ -12,6 +12,10 @@ use crate::health::PromptLoad;
 use crate::metrics::{js_divergence_bits, signature_similarity};
 use crate::{HealthError, Result};
 
+/// Largest number of permutations accepted (`compare --reps`, `health --mi --perms`); more would
+/// run for days, and the null values are held in memory.
+pub const MAX_PERMUTATIONS: usize = 10_000_000;
+
 /// One run as needed by the comparison: its dimensions and per-prompt counts.
 #[derive(Debug, Clone)]
 pub struct RunData {
@@ -170,12 +174,27 @@ pub fn compare_runs(a: &RunData, b: &RunData, opts: &CompareOptions) -> Result<C
         )));
     }
     let (nl, ne) = (a.num_layers, a.num_experts);
-    let le = nl * ne;
+    let le = moe_xray_trace::limits::check_dims(nl, ne, None)
+        .map_err(|m| HealthError::InvalidInput(format!("{}: {m}", a.label)))?;
+    if opts.reps > MAX_PERMUTATIONS {
+        return Err(HealthError::InvalidInput(format!(
+            "--reps {} exceeds the maximum {MAX_PERMUTATIONS}",
+            opts.reps
+        )));
+    }
     for r in [a, b] {
         if r.prompts.is_empty() {
             return Err(HealthError::InvalidInput(format!(
                 "{}: no prompts with selections of the chosen token types",
                 r.label
+            )));
+        }
+        if let Some(p) = r.prompts.iter().find(|p| p.counts.len() != le) {
+            return Err(HealthError::InvalidInput(format!(
+                "{}: prompt '{}' has {} counts, expected num_layers × num_experts = {le}",
+                r.label,
+                p.prompt_id,
+                p.counts.len()
             )));
         }
     }
@@ -325,7 +344,7 @@ pub fn permutation_test(
     let mut idx: Vec<usize> = (0..units.len()).collect();
     let mut sa = vec![0.0; le];
     let mut sb = vec![0.0; le];
-    let mut null = Vec::with_capacity(reps);
+    let mut null = Vec::with_capacity(reps.min(MAX_PERMUTATIONS));
     for r in 0..reps {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(r as u64);

@@ -9,7 +9,13 @@ use serde::Serialize;
 
 use crate::metrics;
 use crate::{HealthError, Result};
+use moe_xray_trace::limits::{check_dims, check_table};
+use moe_xray_trace::reader::first_duplicate;
 use moe_xray_trace::TokenType;
+
+/// Largest number of co-activation counters `L·E²` kept (2^26, 512 MiB); beyond it co-activation
+/// is not computed and the report says so (`notes`).
+pub const MAX_COACTIVATION_CELLS: usize = 1 << 26;
 
 /// Options of the health computation.
 #[derive(Debug, Clone)]
@@ -93,8 +99,10 @@ pub struct HealthAccumulator {
     opts: HealthOptions,
     load: Vec<f64>,
     tokens: Vec<u64>,
-    /// `L·E·E` co-activation counts (full symmetric matrices, diagonal = per-token load).
+    /// `L·E·E` co-activation counts (full symmetric matrices, diagonal = per-token load); empty
+    /// when `L·E²` exceeds [`MAX_COACTIVATION_CELLS`].
     coact: Vec<u64>,
+    coact_too_large: bool,
     per_token_records: u64,
     counts_lines: u64,
     entropy: Vec<Moments>,
@@ -107,26 +115,32 @@ pub struct HealthAccumulator {
 }
 
 impl HealthAccumulator {
+    /// Errors when the dimensions are zero or beyond `moe_xray_trace::limits` (nothing is
+    /// allocated before they are checked).
     pub fn new(num_layers: usize, num_experts: usize, opts: HealthOptions) -> Result<Self> {
         if num_layers == 0 || num_experts == 0 {
             return Err(HealthError::InvalidInput(format!(
                 "need at least one layer and one expert (got {num_layers} layers, {num_experts} experts)"
             )));
         }
+        let le = check_dims(num_layers, num_experts, None).map_err(HealthError::InvalidInput)?;
         if !(opts.cold_fraction >= 0.0 && opts.cold_fraction.is_finite()) {
             return Err(HealthError::InvalidInput(format!(
                 "--cold-fraction must be a finite non-negative number (got {})",
                 opts.cold_fraction
             )));
         }
-        let le = num_layers * num_experts;
+        let coact_cells = le
+            .checked_mul(num_experts)
+            .filter(|&c| c <= MAX_COACTIVATION_CELLS);
         Ok(HealthAccumulator {
             num_layers,
             num_experts,
             opts,
             load: vec![0.0; le],
             tokens: vec![0; num_layers],
-            coact: vec![0; le * num_experts],
+            coact: vec![0; coact_cells.unwrap_or(0)],
+            coact_too_large: coact_cells.is_none(),
             per_token_records: 0,
             counts_lines: 0,
             entropy: vec![Moments::default(); num_layers],
@@ -150,24 +164,32 @@ impl HealthAccumulator {
         self.opts.token_types.contains(&t)
     }
 
-    fn prompt_slot(&mut self, prompt_id: &str, category: Option<&str>) -> Option<usize> {
+    /// Index of the prompt's kept counts (`None` unless `keep_prompts`); errors when one more
+    /// prompt would exceed `moe_xray_trace::limits::MAX_TABLE_CELLS`.
+    fn prompt_slot(
+        &mut self,
+        prompt_id: &str,
+        category: Option<&str>,
+    ) -> std::result::Result<Option<usize>, String> {
         if !self.opts.keep_prompts {
-            return None;
+            return Ok(None);
         }
         if let Some(&i) = self.prompt_index.get(prompt_id) {
             if self.prompts[i].category.is_none() {
                 self.prompts[i].category = category.map(str::to_string);
             }
-            return Some(i);
+            return Ok(Some(i));
         }
         let i = self.prompts.len();
+        let le = self.load.len();
+        check_table(i + 1, le, 0)?;
         self.prompts.push(PromptLoad {
             prompt_id: prompt_id.to_string(),
             category: category.map(str::to_string),
-            counts: vec![0.0; self.num_layers * self.num_experts],
+            counts: vec![0.0; le],
         });
         self.prompt_index.insert(prompt_id.to_string(), i);
-        Some(i)
+        Ok(Some(i))
     }
 
     /// Adds one token at one layer. Errors (layer/expert out of range, repeated expert, wrong
@@ -177,13 +199,11 @@ impl HealthAccumulator {
         if t.layer >= l_n {
             return Err(format!("layer {} out of range (num_layers {l_n})", t.layer));
         }
-        for (a, &x) in t.experts.iter().enumerate() {
-            if x as usize >= e_n {
-                return Err(format!("expert {x} out of range (num_experts {e_n})"));
-            }
-            if t.experts[..a].contains(&x) {
-                return Err(format!("expert {x} selected twice for the same token"));
-            }
+        if let Some(&x) = t.experts.iter().find(|&&x| x as usize >= e_n) {
+            return Err(format!("expert {x} out of range (num_experts {e_n})"));
+        }
+        if let Some(x) = first_duplicate(t.experts) {
+            return Err(format!("expert {x} selected twice for the same token"));
         }
         if let Some(p) = t.probs {
             if p.len() != e_n {
@@ -202,20 +222,23 @@ impl HealthAccumulator {
             Some(k0) if k0 != k => self.top_k_varies = true,
             Some(_) => {}
         }
+        let slot = self.prompt_slot(t.prompt_id, t.category)?;
         self.per_token_records += 1;
-        self.tokens[t.layer] += 1;
+        self.tokens[t.layer] = self.tokens[t.layer].saturating_add(1);
         let base = t.layer * e_n;
         for &x in t.experts {
             self.load[base + x as usize] += 1.0;
         }
-        let cbase = t.layer * e_n * e_n;
-        for &i in t.experts {
-            let row = cbase + i as usize * e_n;
-            for &j in t.experts {
-                self.coact[row + j as usize] += 1;
+        if !self.coact_too_large {
+            let cbase = t.layer * e_n * e_n;
+            for &i in t.experts {
+                let row = cbase + i as usize * e_n;
+                for &j in t.experts {
+                    self.coact[row + j as usize] += 1;
+                }
             }
         }
-        if let Some(slot) = self.prompt_slot(t.prompt_id, t.category) {
+        if let Some(slot) = slot {
             let c = &mut self.prompts[slot].counts;
             for &x in t.experts {
                 c[base + x as usize] += 1.0;
@@ -252,14 +275,15 @@ impl HealthAccumulator {
         if !self.wants(token_type) {
             return Ok(());
         }
+        let slot = self.prompt_slot(prompt_id, category)?;
         self.counts_lines += 1;
         for (a, &c) in self.load.iter_mut().zip(counts) {
             *a += c as f64;
         }
         for t in &mut self.tokens {
-            *t += tokens;
+            *t = t.saturating_add(tokens);
         }
-        if let Some(slot) = self.prompt_slot(prompt_id, category) {
+        if let Some(slot) = slot {
             for (a, &c) in self.prompts[slot].counts.iter_mut().zip(counts) {
                 *a += c as f64;
             }
@@ -274,7 +298,7 @@ impl HealthAccumulator {
 
     /// Whether co-activation is available (only per-token input was seen).
     pub fn has_coactivation(&self) -> bool {
-        self.counts_lines == 0 && self.per_token_records > 0
+        self.counts_lines == 0 && self.per_token_records > 0 && !self.coact_too_large
     }
 
     /// The E×E co-activation matrix of `layer` (row-major), `None` when unavailable.
@@ -356,7 +380,12 @@ impl HealthAccumulator {
             });
         }
         let mut notes = Vec::new();
-        if !coact {
+        if self.coact_too_large {
+            notes.push(format!(
+                "co-activation not computed: num_layers × num_experts² = {} × {}² exceeds the limit of {MAX_COACTIVATION_CELLS} counters",
+                self.num_layers, e_n
+            ));
+        } else if !coact {
             notes.push(
                 "co-activation needs per-token input (routing records or flat events); counts-mode traces only give per-prompt totals"
                     .to_string(),

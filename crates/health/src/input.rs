@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moe_xray_trace::limits::check_dims;
 use moe_xray_trace::{read_manifest_beside, Manifest, TokenType, TraceItem, TraceReader};
 
 use crate::health::{HealthAccumulator, HealthOptions, TokenRouting};
@@ -17,31 +18,60 @@ pub struct RunInput {
     pub manifest: Option<Manifest>,
 }
 
+const TRACE_SUFFIXES: [&str; 4] = [".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd"];
+
+/// JSONL files that `moe-xray trace` and `moe-xray run` write beside the traces but that are not
+/// traces (the generated texts and the prompt set).
+const NOT_TRACES: [&str; 2] = ["generations", "prompts"];
+
+/// Sub-directory of a `moe-xray run` output directory that holds the traces.
+pub const RUN_TRACES_DIR: &str = "traces";
+
 fn is_trace_name(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    [".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd"]
-        .iter()
-        .any(|s| name.ends_with(s))
+    if name.starts_with('.') {
+        return false; // hidden files, e.g. the temporary files of atomic writes
+    }
+    TRACE_SUFFIXES.iter().any(|s| {
+        name.strip_suffix(s)
+            .is_some_and(|stem| !stem.is_empty() && !NOT_TRACES.contains(&stem))
+    })
 }
 
-/// Resolves one path: a trace file, or a run directory (all `*.jsonl[.gz|.zst]` files in it,
-/// sorted by name, plus its `manifest.json`).
+/// The trace files directly in `dir`, sorted by name.
+fn trace_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| HealthError::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| HealthError::io(dir, e))?;
+        let p = entry.path();
+        if p.is_file() && is_trace_name(&p) {
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// Resolves one path: a trace file, or a directory. A directory is either a trace directory
+/// (the output of `moe-xray trace`: every `*.jsonl[.gz|.zst]` file in it except
+/// `generations.jsonl` and `prompts.jsonl`, sorted by name, plus its `manifest.json`) or, when
+/// it holds no trace file itself, a run directory (the output of `moe-xray run`) whose
+/// `traces/` sub-directory is such a trace directory.
 pub fn resolve_run(path: &Path) -> Result<RunInput> {
     let mut paths = Vec::new();
+    let mut manifest_dir = path.to_path_buf();
     if path.is_dir() {
-        let rd = std::fs::read_dir(path).map_err(|e| HealthError::io(path, e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| HealthError::io(path, e))?;
-            let p = entry.path();
-            if p.is_file() && is_trace_name(&p) {
-                paths.push(p);
-            }
+        paths = trace_files_in(path)?;
+        let sub = path.join(RUN_TRACES_DIR);
+        if paths.is_empty() && sub.is_dir() {
+            paths = trace_files_in(&sub)?;
+            manifest_dir = sub;
         }
-        paths.sort();
         if paths.is_empty() {
             return Err(HealthError::invalid_file(
                 path,
-                "run directory contains no trace files (*.jsonl, *.jsonl.gz, *.jsonl.zst)",
+                "directory contains no trace files (*.jsonl, *.jsonl.gz, *.jsonl.zst other than generations.jsonl and prompts.jsonl), neither directly nor in a traces/ sub-directory",
             ));
         }
     } else if path.exists() {
@@ -49,7 +79,7 @@ pub fn resolve_run(path: &Path) -> Result<RunInput> {
     } else {
         return Err(HealthError::invalid_file(path, "no such file or directory"));
     }
-    let manifest = read_manifest_beside(path)?;
+    let manifest = read_manifest_beside(&manifest_dir)?;
     Ok(RunInput {
         label: path.display().to_string(),
         paths,
@@ -84,7 +114,8 @@ pub fn resolve_traces(paths: &[PathBuf]) -> Result<RunInput> {
 
 /// Dimensions (L, E) of a run: from the manifest when present, otherwise from a first streaming
 /// pass over the traces (counts lines carry them; for records/events: max layer + 1 and the
-/// larger of max expert + 1 and the `probs` length).
+/// larger of max expert + 1 and the `probs` length). Inferred dimensions are limited like the
+/// manifest's (`moe_xray_trace::limits`); an index beyond them is an error naming file and line.
 pub fn run_dims(run: &RunInput) -> Result<(usize, usize)> {
     if let Some(m) = &run.manifest {
         return Ok((m.num_layers, m.num_experts));
@@ -92,7 +123,7 @@ pub fn run_dims(run: &RunInput) -> Result<(usize, usize)> {
     let (mut nl, mut ne) = (0usize, 0usize);
     for p in &run.paths {
         for item in TraceReader::open(p)? {
-            let (_, item) = item?;
+            let (line, item) = item?;
             match item {
                 TraceItem::Counts(c) => {
                     nl = nl.max(c.num_layers);
@@ -111,6 +142,13 @@ pub fn run_dims(run: &RunInput) -> Result<(usize, usize)> {
                     nl = nl.max(e.layer as usize + 1);
                     ne = ne.max(e.expert as usize + 1);
                 }
+            }
+            if let Err(why) = check_dims(nl, ne, None) {
+                return Err(HealthError::invalid(
+                    p,
+                    line,
+                    format!("without a manifest.json the dimensions are inferred from the largest indices: {why}"),
+                ));
             }
         }
     }
@@ -204,6 +242,15 @@ pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
                     flush(acc, &pending, &experts)?;
                     experts.clear();
                     pending = Some((key, line));
+                } else if experts.len() >= acc.num_experts() {
+                    return Err(HealthError::invalid(
+                        path,
+                        line,
+                        format!(
+                            "more than num_experts = {} routing events for one token",
+                            acc.num_experts()
+                        ),
+                    ));
                 }
                 experts.push(e.expert);
             }

@@ -3,6 +3,9 @@
 //! runs (Jensen–Shannon divergence, signature shift, permutation test) and the mutual information
 //! between routing signatures and task. Definitions: `docs/health.md`.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod compare;
 pub mod error;
 pub mod health;
@@ -10,7 +13,6 @@ pub mod input;
 pub mod metrics;
 pub mod mi;
 pub mod output;
-pub mod svg;
 
 pub use compare::{compare_runs, CompareOptions, CompareReport};
 pub use error::{HealthError, Result};

@@ -189,7 +189,7 @@ pub fn pca_scores(rows: &[Vec<f64>], m: usize) -> Vec<Vec<f64>> {
             .then(a.cmp(&b))
     });
     let top = eig.eigenvalues[order[0]].max(0.0);
-    let mut scores = vec![Vec::with_capacity(m); n];
+    let mut scores = vec![Vec::with_capacity(m.min(n)); n];
     for &c in order.iter().take(m) {
         let lam = eig.eigenvalues[c];
         if lam.is_nan() || lam <= 1e-12 * top.max(1e-300) {
@@ -218,7 +218,8 @@ fn quantile_bins(values: &[f64], bins: usize) -> Vec<usize> {
     idx.sort_by(|&a, &b| values[a].total_cmp(&values[b]).then(a.cmp(&b)));
     let mut out = vec![0; n];
     for (rank, &i) in idx.iter().enumerate() {
-        out[i] = rank * bins / n;
+        // In u128: `rank · bins` must not overflow for a hostile `bins` (same value otherwise).
+        out[i] = (rank as u128 * bins as u128 / n as u128) as usize;
     }
     out
 }
@@ -253,6 +254,13 @@ pub fn mutual_information(
             "mutual information needs components ≥ 1 and bins ≥ 2".into(),
         ));
     }
+    if opts.perms > crate::compare::MAX_PERMUTATIONS {
+        return Err(HealthError::InvalidInput(format!(
+            "mutual information: --perms {} exceeds the maximum {}",
+            opts.perms,
+            crate::compare::MAX_PERMUTATIONS
+        )));
+    }
     let mut names: Vec<&String> = labels.iter().collect();
     names.sort();
     names.dedup();
@@ -267,6 +275,16 @@ pub fn mutual_information(
         .collect();
     let scores = pca_scores(signatures, opts.components);
     let used = scores[0].len();
+    // bins^used joint cells must be indexable (checked: hostile --mi-bins / --mi-components).
+    if (0..used)
+        .try_fold(1usize, |acc, _| acc.checked_mul(opts.bins))
+        .is_none()
+    {
+        return Err(HealthError::InvalidInput(format!(
+            "mutual information: {} bins ^ {used} components joint cells overflow; use fewer bins or components",
+            opts.bins
+        )));
+    }
     let mut cell = vec![0usize; n];
     for c in 0..used {
         let col: Vec<f64> = scores.iter().map(|r| r[c]).collect();

@@ -1,7 +1,7 @@
 //! Health and compare statistics against tools/reference_health.py (numpy/scipy) on the
 //! committed fixtures in fixtures/health/.
 
-use std::path::{Path, PathBuf};
+use moe_xray_test_support::fixture;
 
 use moe_xray_health::compare::{compare_runs, CompareOptions};
 use moe_xray_health::input::read_run_data;
@@ -9,12 +9,8 @@ use moe_xray_health::{accumulate_run, resolve_run, HealthAccumulator, HealthOpti
 use moe_xray_trace::TokenType;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/health")
-}
-
 fn expected() -> Value {
-    let s = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    let s = std::fs::read_to_string(fixture("health").join("expected.json")).unwrap();
     serde_json::from_str(&s).unwrap()
 }
 
@@ -46,11 +42,11 @@ fn flat_u64(v: &Value) -> Vec<u64> {
 
 /// The run data of the fixture run `name` with the default options.
 fn run_data(name: &str) -> moe_xray_health::compare::RunData {
-    read_run_data(&fixtures().join(name), &HealthOptions::default()).unwrap()
+    read_run_data(&fixture("health").join(name), &HealthOptions::default()).unwrap()
 }
 
 fn acc(run: &str, opts: HealthOptions) -> HealthAccumulator {
-    let r = resolve_run(&fixtures().join(run)).unwrap();
+    let r = resolve_run(&fixture("health").join(run)).unwrap();
     accumulate_run(&r, None, opts).unwrap()
 }
 
@@ -212,7 +208,7 @@ fn compare_rejects_shape_mismatch_naming_both_runs() {
 #[test]
 fn flat_events_give_the_same_load_and_coactivation() {
     // Convert run A's records to the flat event form (one line per selected expert).
-    let text = std::fs::read_to_string(fixtures().join("run_a/trace.jsonl")).unwrap();
+    let text = std::fs::read_to_string(fixture("health").join("run_a/trace.jsonl")).unwrap();
     let mut events = String::new();
     for line in text.lines() {
         let r: Value = serde_json::from_str(line).unwrap();

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{ModelError, Result};
+use crate::limits::{checked_product, config_limits, MAX_LAYER_EXPERTS};
 
 /// Model types this build can run.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["olmoe"];
@@ -138,6 +139,32 @@ impl OlmoeConfig {
                 return bad(format!("`{name}` must be positive"));
             }
         }
+        for (name, limit) in config_limits() {
+            let v = match name {
+                "vocab_size" => self.vocab_size,
+                "hidden_size" => self.hidden_size,
+                "intermediate_size" => self.intermediate_size,
+                "num_hidden_layers" => self.num_hidden_layers,
+                "num_attention_heads" => self.num_attention_heads,
+                "num_key_value_heads" => self.num_key_value_heads,
+                "num_experts" => self.num_experts,
+                _ => self.max_position_embeddings,
+            };
+            if v > limit {
+                return bad(format!(
+                    "`{name}` = {v} exceeds the limit of {limit} (see docs/trace-format.md, \"Limits\")"
+                ));
+            }
+        }
+        if self.num_hidden_layers.saturating_mul(self.num_experts) > MAX_LAYER_EXPERTS {
+            return bad(format!(
+                "`num_hidden_layers` × `num_experts` = {} × {} exceeds the limit of {MAX_LAYER_EXPERTS}",
+                self.num_hidden_layers, self.num_experts
+            ));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("`max_position_embeddings` must be positive".into());
+        }
         if self.hidden_size % self.num_attention_heads != 0 {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -176,7 +203,36 @@ impl OlmoeConfig {
                 return bad(format!("clip_qkv {c} must be positive"));
             }
         }
+        if self.parameter_count().is_none() {
+            return bad(format!(
+                "the sizes (vocab_size {}, hidden_size {}, intermediate_size {}, num_hidden_layers {}, \
+                 num_experts {}) multiply to more parameters than this machine can address",
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
+                self.num_experts
+            ));
+        }
         Ok(())
+    }
+
+    /// Number of parameters the configuration implies (checked arithmetic; `None` on overflow).
+    pub fn parameter_count(&self) -> Option<usize> {
+        let (h, i, e) = (self.hidden_size, self.intermediate_size, self.num_experts);
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim())?;
+        let embed = checked_product(&[self.vocab_size, h])?;
+        let attn = checked_product(&[h, h])?
+            .checked_mul(2)?
+            .checked_add(checked_product(&[kv, h])?.checked_mul(2)?)?;
+        let experts = checked_product(&[e, 3, i, h])?;
+        let layer = attn
+            .checked_add(experts)?
+            .checked_add(checked_product(&[e, h])?)?
+            .checked_add(checked_product(&[h, 4])?)?;
+        checked_product(&[layer, self.num_hidden_layers])?
+            .checked_add(checked_product(&[embed, 2])?)?
+            .checked_add(h)
     }
 }
 

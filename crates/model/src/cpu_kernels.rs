@@ -1,5 +1,7 @@
-//! CPU kernels for the two hot spots of the forward pass: `y = x · Wᵀ` for bf16 / f16 tensors
-//! (converting the weight panel by panel) and the whole MoE expert block ([`MoeAccumulator`]).
+//! CPU kernels for the two hot spots of the forward pass, plugged into candle: `y = x · Wᵀ` for
+//! bf16 / f16 / f32 tensors ([`matmul_t`], computed by `moe_xray_kernels::matmul`) and the whole
+//! MoE expert block ([`MoeAccumulator`]). The SIMD code and every `unsafe` block live in the
+//! `moe-xray-kernels` crate; this file is the candle glue and the expert block's rounding logic.
 //!
 //! Why hand-written: candle 0.11's CPU matmul has no bf16 / f16 kernel. It widens *both whole
 //! operands* to freshly allocated f32 vectors on every call, multiplies them with `gemm`'s f32
@@ -31,9 +33,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 
 use crate::weights::MappedTensor;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+pub use moe_xray_kernels::matmul::{xwt, xwt_with, Kernel};
+
+/// Element types of the CPU kernels (bf16, f16, f32) as candle sees them.
+pub trait Elem: moe_xray_kernels::matmul::Elem + candle_core::WithDType {}
+impl<T: moe_xray_kernels::matmul::Elem + candle_core::WithDType> Elem for T {}
 
 /// `x [.., k] · w [m, k]ᵀ → [.., m]`, computed by [`MatmulT`] when both have the same dtype (bf16,
 /// f16 or f32) on the CPU, by candle's matmul otherwise. On the CPU each output row is computed the
@@ -56,9 +63,6 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The custom op behind [`matmul_t`] (CPU only).
 pub(crate) struct MatmulT;
-
-/// Elements of one f32 weight panel: 128 Ki f32 = 512 KiB, half of this machine's L2 per core.
-const PANEL_ELEMS: usize = 128 * 1024;
 
 impl CustomOp2 for MatmulT {
     fn name(&self) -> &'static str {
@@ -87,7 +91,9 @@ impl CustomOp2 for MatmulT {
             candle_core::bail!("matmul_t: operands must be contiguous");
         };
         let mut out_dims = xd.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = m;
+        if let Some(last) = out_dims.last_mut() {
+            *last = m; // rank ≥ 1, checked above
+        }
         let shape = Shape::from(out_dims);
         fn run<T: Elem>(x: &[T], w: &[T], n: usize, k: usize, m: usize) -> CpuStorage {
             let mut xf = vec![0f32; x.len()];
@@ -106,387 +112,6 @@ impl CustomOp2 for MatmulT {
             ),
         };
         Ok((storage, shape))
-    }
-}
-
-/// A raw output pointer shared by the panel tasks; each task writes a disjoint set of columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks write disjoint column ranges of one buffer that outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `y [n, m] = x [n, k] · w [m, k]ᵀ` with f32 `x` and weights of type `T`: the AVX2 + FMA kernel
-/// below for bf16 / f16 weights where the CPU has it, else panels converted for `gemm`.
-pub fn xwt<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
-    xwt_with(Kernel::Auto, x, n, k, w, m)
-}
-
-/// Which implementation [`xwt_with`] uses (for benchmarks; the model always uses `Auto`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    /// AVX2 when the CPU has it, else `Gemm`.
-    Auto,
-    /// The hand-written AVX2 + FMA kernel (falls back to `Gemm` where unavailable).
-    Avx2,
-    /// Weight panels widened to f32 and multiplied by the `gemm` crate.
-    Gemm,
-}
-
-/// [`xwt`] with a chosen kernel.
-pub fn xwt_with<T: Elem>(
-    kernel: Kernel,
-    x: &[f32],
-    n: usize,
-    k: usize,
-    w: &[T],
-    m: usize,
-) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Gemm && avx2::available() {
-        return avx2::xwt(x, n, k, w, m);
-    }
-    let _ = kernel;
-    gemm_t(x, n, k, m, |rows, buf| {
-        T::widen(&w[rows.start * k..rows.end * k], buf)
-    })
-}
-
-/// A hand-written AVX2 + FMA kernel for `x · Wᵀ` that reads bf16 / f16 weights directly.
-///
-/// Why: `gemm`'s f32 kernel needs f32 operands, so bf16 weights had to be converted into a buffer
-/// and then packed again by `gemm` — two extra passes over every weight for each call, which
-/// dominated decode steps (few tokens per expert) in the profile. Here each weight row is widened
-/// in registers as it is loaded (bf16: zero-extend and shift; f16: `vcvtph2ps`).
-///
-/// Shape: blocks of 3 weight rows × 4 tokens, 12 accumulators of 8 lanes over a k block of
-/// `KC`, then a fixed-order horizontal sum (plus a scalar tail for `k % 8` in the last block)
-/// added to the output in k-block order. Every output element is computed the same way whatever
-/// `n`, the block it falls in or the thread count (deterministic).
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Elem, OutPtr};
-    use rayon::prelude::*;
-    use std::arch::x86_64::*;
-
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-
-    const ROWS: usize = 3;
-    const TOKS: usize = 4;
-    /// Weight rows per rayon task: 48 rows of 2048 bf16 = 192 KiB, well inside L2.
-    const PANEL: usize = 48;
-    /// k block (multiple of 8).
-    const KC: usize = 1024;
-    /// From this many tokens on, a weight panel is widened to f32 once instead of in registers by
-    /// every token block (fewer instructions per FMA; below it, the extra pass over memory costs
-    /// more than it saves: `cargo bench --bench kernels`).
-    const WIDEN_MIN_TOKENS: usize = 16;
-
-    pub(super) fn xwt<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
-        assert!(x.len() >= n * k && w.len() >= m * k, "xwt: operand sizes");
-        let mut y = vec![0f32; n * m];
-        if n == 0 || m == 0 {
-            return y;
-        }
-        let out = OutPtr(y.as_mut_ptr());
-        (0..m.div_ceil(PANEL))
-            .into_par_iter()
-            .for_each_init(Vec::<f32>::new, |buf, p| {
-                let r0 = p * PANEL;
-                let r1 = (r0 + PANEL).min(m);
-                // SAFETY: AVX2 and FMA were detected; indices stay inside x, w, buf and y
-                // (asserted sizes); this task writes only columns r0..r1.
-                unsafe {
-                    if n > WIDEN_MIN_TOKENS && T::DTYPE != candle_core::DType::F32 {
-                        // Several token blocks will read this panel: widen it once (exactly, so
-                        // the results are the same as reading the weights directly).
-                        buf.resize((r1 - r0) * k, 0.0);
-                        T::widen(&w[r0 * k..r1 * k], buf);
-                        panel::<f32>(x, n, k, buf, m, r0, r1, 0, out.get())
-                    } else {
-                        panel::<T>(x, n, k, w, m, r0, r1, r0, out.get())
-                    }
-                }
-            });
-        y
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn panel<T: Elem>(
-        x: &[f32],
-        n: usize,
-        k: usize,
-        w: &[T],
-        m: usize,
-        r0: usize,
-        r1: usize,
-        wr0: usize,
-        y: *mut f32,
-    ) {
-        // k in blocks of KC so that a block of 4 tokens' activations (4 × KC f32 = 16 KiB) stays
-        // in L1 while the weight panel (≤ 48 rows, bf16, ≤ 192 KiB) is re-read from L2 for every
-        // token block. Partial sums of the k blocks are added in order into y.
-        let mut k0 = 0;
-        while k0 < k {
-            let k1 = (k0 + KC).min(k);
-            let mut t = 0;
-            while t < n {
-                let nt = (n - t).min(TOKS);
-                let mut r = r0;
-                while r < r1 {
-                    let nr = (r1 - r).min(ROWS);
-                    let b = Blk {
-                        k,
-                        m,
-                        r,
-                        wr: r - r0 + wr0,
-                        t,
-                        k0,
-                        k1,
-                    };
-                    match (nr, nt) {
-                        (3, 4) => block::<T, 3, 4>(x, w, y, b),
-                        (3, 3) => block::<T, 3, 3>(x, w, y, b),
-                        (3, 2) => block::<T, 3, 2>(x, w, y, b),
-                        (3, _) => block::<T, 3, 1>(x, w, y, b),
-                        (2, 4) => block::<T, 2, 4>(x, w, y, b),
-                        (2, 3) => block::<T, 2, 3>(x, w, y, b),
-                        (2, 2) => block::<T, 2, 2>(x, w, y, b),
-                        (2, _) => block::<T, 2, 1>(x, w, y, b),
-                        (_, 4) => block::<T, 1, 4>(x, w, y, b),
-                        (_, 3) => block::<T, 1, 3>(x, w, y, b),
-                        (_, 2) => block::<T, 1, 2>(x, w, y, b),
-                        (_, _) => block::<T, 1, 1>(x, w, y, b),
-                    }
-                    r += nr;
-                }
-                t += nt;
-            }
-            k0 = k1;
-        }
-    }
-
-    /// Where a register block sits: output columns from `r` (weight rows from `wr`), tokens
-    /// from `t`, the k range
-    /// `k0..k1` (KC-aligned; only the last one may end in a non-multiple of 8).
-    #[derive(Clone, Copy)]
-    struct Blk {
-        k: usize,
-        m: usize,
-        r: usize,
-        wr: usize,
-        t: usize,
-        k0: usize,
-        k1: usize,
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
-    #[inline(always)]
-    unsafe fn block<T: Elem, const NR: usize, const NT: usize>(
-        x: &[f32],
-        w: &[T],
-        y: *mut f32,
-        b: Blk,
-    ) {
-        let Blk {
-            k,
-            m,
-            r,
-            wr,
-            t,
-            k0,
-            k1,
-        } = b;
-        let mut acc = [[_mm256_setzero_ps(); NR]; NT];
-        let wp = w.as_ptr();
-        let xp = x.as_ptr();
-        let k8 = k0 + (k1 - k0) / 8 * 8;
-        let mut kk = k0;
-        while kk < k8 {
-            let mut wv = [_mm256_setzero_ps(); NR];
-            for (i, v) in wv.iter_mut().enumerate() {
-                *v = T::load8(wp.add((wr + i) * k + kk));
-            }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add((t + j) * k + kk));
-                for (i, v) in wv.iter().enumerate() {
-                    a[i] = _mm256_fmadd_ps(xv, *v, a[i]);
-                }
-            }
-            kk += 8;
-        }
-        for (j, a) in acc.iter().enumerate() {
-            for (i, v) in a.iter().enumerate() {
-                let mut s = hsum(*v);
-                for q in k8..k1 {
-                    s += x[(t + j) * k + q] * w[(wr + i) * k + q].to_f32();
-                }
-                let out = y.add((t + j) * m + r + i);
-                *out = if k0 == 0 { s } else { *out + s };
-            }
-        }
-    }
-}
-
-/// `y [n, m] = x [n, k] · Wᵀ` where `load(rows, buf)` writes rows `rows` of W (each `k` long) as
-/// f32 into `buf`.
-fn gemm_t<F>(x: &[f32], n: usize, k: usize, m: usize, load: F) -> Vec<f32>
-where
-    F: Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
-{
-    let mut y = vec![0f32; n * m];
-    if n == 0 || m == 0 {
-        return y;
-    }
-    if k == 0 {
-        return y;
-    }
-    // Panel height: as many weight rows as fit PANEL_ELEMS, a multiple of 16, at least 16.
-    let panel = ((PANEL_ELEMS / k).max(16) / 16 * 16).min(m.next_multiple_of(16));
-    let n_panels = m.div_ceil(panel);
-    let out = OutPtr(y.as_mut_ptr());
-    let xp = x.as_ptr() as usize;
-    (0..n_panels).into_par_iter().for_each_init(
-        || vec![0f32; panel * k],
-        |buf, p| {
-            let r0 = p * panel;
-            let r1 = (r0 + panel).min(m);
-            let rows = r1 - r0;
-            let b = &mut buf[..rows * k];
-            load(r0..r1, b);
-            // SAFETY: dst covers columns r0..r1 of every row of y (row stride m), disjoint from
-            // the other tasks'; lhs is x [n, k] row-major; rhs is the panel viewed as a k × rows
-            // matrix (element (kk, j) at b[j * k + kk]).
-            unsafe {
-                gemm::gemm(
-                    n,
-                    rows,
-                    k,
-                    out.get().add(r0),
-                    1,
-                    m as isize,
-                    false,
-                    xp as *const f32,
-                    1,
-                    k as isize,
-                    b.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        },
-    );
-    y
-}
-
-/// Element types of the CPU kernels: bf16, f16 and f32.
-pub trait Elem: candle_core::WithDType {
-    /// One value as f32.
-    fn to_f32(self) -> f32;
-    /// Loads 8 consecutive values as f32 lanes.
-    ///
-    /// # Safety
-    /// `p` must point to 8 readable values and the CPU must have AVX2 (and F16C for f16).
-    #[cfg(target_arch = "x86_64")]
-    #[doc(hidden)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-    /// Widens `src` into `dst` (same length).
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// Rounds an f32 to this type and back (identity for f32).
-    fn round(x: f32) -> f32;
-    /// Narrows f32 values to this type (round to nearest even).
-    fn narrow(src: &[f32]) -> Vec<Self>;
-}
-
-impl Elem for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        // bf16 is the upper half of an f32: zero-extend to 32 bits and shift left by 16.
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst)
-    }
-    fn round(x: f32) -> f32 {
-        bf16::from_f32(x).to_f32()
-    }
-    fn narrow(src: &[f32]) -> Vec<Self> {
-        let mut o = vec![bf16::ZERO; src.len()];
-        o.convert_from_f32_slice(src);
-        o
-    }
-}
-
-impl Elem for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst)
-    }
-    fn round(x: f32) -> f32 {
-        f16::from_f32(x).to_f32()
-    }
-    fn narrow(src: &[f32]) -> Vec<Self> {
-        let mut o = vec![f16::ZERO; src.len()];
-        o.convert_from_f32_slice(src);
-        o
-    }
-}
-
-impl Elem for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
-    }
-    fn round(x: f32) -> f32 {
-        x
-    }
-    fn narrow(src: &[f32]) -> Vec<Self> {
-        src.to_vec()
     }
 }
 
@@ -520,24 +145,19 @@ fn with_src<T: Elem, R>(
     match src {
         WSrc::Tensor(t) => with_slice::<T, _>(t, f),
         WSrc::Mapped(m, offset, len) => {
-            let bytes = m.bytes();
-            let size = std::mem::size_of::<T>();
-            if m.dtype != T::DTYPE
-                || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
-                || (offset + len) * size > bytes.len()
-            {
+            // Whole values at an aligned address, of the right dtype, covering the range.
+            let all = (m.dtype == T::DTYPE)
+                .then(|| T::from_bytes(m.bytes()))
+                .flatten()
+                .and_then(|all| all.get(*offset..offset.checked_add(*len)?));
+            let Some(w) = all else {
                 candle_core::bail!(
                     "cpu kernel: mapped weight {:?} {:?} does not fit",
                     m.dtype,
                     m.shape
                 );
-            }
-            // SAFETY: dtype, alignment and length were checked; bf16 / f16 / f32 have no invalid
-            // bit patterns; the mapping is read-only and outlives the borrow.
-            let all = unsafe {
-                std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size)
             };
-            f(&all[*offset..offset + len])
+            f(w)
         }
     }
 }
@@ -651,16 +271,24 @@ impl MoeAccumulator {
                 }
             });
         let y = with_src::<T, _>(&wd, |w| Ok(xwt(&act, n, i, w, h)))?;
-        let acc = OutPtr(self.acc.as_mut_ptr());
+        // The rows of `acc` this expert adds to (distinct and ascending, checked above), as
+        // disjoint mutable slices.
+        let mut targets: Vec<&mut [f32]> = Vec::with_capacity(n);
+        let mut chunks = self.acc.chunks_exact_mut(h.max(1));
+        let mut next = 0usize;
+        for &r in rows {
+            let Some(row) = chunks.nth(r as usize - next) else {
+                candle_core::bail!("MoE cpu kernel: token row {r} out of range");
+            };
+            targets.push(row);
+            next = r as usize + 1;
+        }
         y.par_chunks(h)
             .with_min_len(min_rows(h))
-            .zip(rows.par_iter())
+            .zip(targets.into_par_iter())
             .zip(ws.par_iter())
-            .for_each(|((yr, &r), &w)| {
+            .for_each(|((yr, a), &w)| {
                 let w = T::round(w);
-                // SAFETY: rows are distinct and in range (checked above), so every task writes
-                // its own row of `acc`, which outlives the loop.
-                let a = unsafe { std::slice::from_raw_parts_mut(acc.get().add(r as usize * h), h) };
                 for (a, &v) in a.iter_mut().zip(yr) {
                     *a = T::round(*a + T::round(T::round(v) * w));
                 }

@@ -55,6 +55,32 @@ pub enum ModelError {
         token: u32,
         vocab_size: usize,
     },
+    /// A prompt does not fit the model's context (`max_position_embeddings`).
+    #[error(
+        "prompt `{prompt_id}` has {tokens} tokens; with max_new_tokens {max_new_tokens} it needs more \
+         positions than the model's max_position_embeddings {max_position_embeddings} (shorten it, \
+         lower --max-new-tokens, or cut it with --truncate-prompts left|right)"
+    )]
+    PromptTooLong {
+        prompt_id: String,
+        tokens: usize,
+        max_new_tokens: usize,
+        max_position_embeddings: usize,
+    },
+    /// The model produced NaN or infinite numbers (broken weights or overflowing activations).
+    #[error(
+        "non-finite {what} at {where_} for prompt `{prompt_id}` (position {position}): the \
+         checkpoint's weights or activations contain NaN or infinity; nothing of this prompt was \
+         written"
+    )]
+    NonFinite {
+        prompt_id: String,
+        /// "router logits" or "output logits".
+        what: &'static str,
+        /// "layer N" or "the final layer".
+        where_: String,
+        position: usize,
+    },
     /// Invalid arguments (generation settings, empty prompt, ...).
     #[error("{0}")]
     InvalidArgument(String),

@@ -8,6 +8,15 @@
 //! back through the model, so its routing is never observed. By default we run one extra forward
 //! step on it (its logits are discarded) so that every generated token has routing records;
 //! `hf_generate_compat` skips that step and then records exactly the tokens `generate()` routes.
+//!
+//! **Context length.** Every prompt must fit the model's context: prompt tokens + `max_new_tokens`
+//! ≤ `max_position_embeddings` ([`fit_context`] refuses or truncates; [`generate_batch`] refuses).
+//!
+//! **Chunked prefill.** A prompt is fed in chunks of at most [`GenerateOptions::prefill_chunk`]
+//! tokens against its KV cache, so attention memory is bounded by `chunk × context` per head, not
+//! by the square of the prompt length. Routing and logits are bit-identical to a one-shot prefill
+//! (the attention rows of a chunk are laid out over the whole prompt, see
+//! [`SeqState::set_prefill_span`]).
 
 use moe_xray_trace::{RoutingSink, TokenType};
 use rand::{Rng, SeedableRng};
@@ -15,6 +24,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
 use crate::olmoe::{Olmoe, SeqState, StepSeq};
+
+/// Default number of prompt tokens per prefill step ([`GenerateOptions::prefill_chunk`]).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// Sampling instead of greedy decoding.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,6 +46,8 @@ pub struct GenerateOptions {
     pub sampling: Option<Sampling>,
     /// Skip the extra forward step on the last generated token (like `generate()`).
     pub hf_generate_compat: bool,
+    /// Prompt tokens per prefill step (chunked prefill; results do not depend on it).
+    pub prefill_chunk: usize,
 }
 
 impl Default for GenerateOptions {
@@ -44,7 +58,75 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             sampling: None,
             hf_generate_compat: false,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
+    }
+}
+
+/// Which end of a too-long prompt to cut (`--truncate-prompts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncate {
+    /// Drop the first tokens (keep the end of the prompt).
+    Left,
+    /// Drop the last tokens (keep the beginning of the prompt).
+    Right,
+}
+
+impl Truncate {
+    pub fn name(self) -> &'static str {
+        match self {
+            Truncate::Left => "left",
+            Truncate::Right => "right",
+        }
+    }
+}
+
+/// Positions a prompt of `prompt_len` tokens needs with `max_new_tokens` new tokens, or `None` on
+/// overflow.
+fn positions_needed(prompt_len: usize, max_new_tokens: usize) -> Option<usize> {
+    prompt_len.checked_add(max_new_tokens)
+}
+
+fn too_long(id: &str, tokens: usize, max_new_tokens: usize, max_pos: usize) -> ModelError {
+    ModelError::PromptTooLong {
+        prompt_id: id.to_string(),
+        tokens,
+        max_new_tokens,
+        max_position_embeddings: max_pos,
+    }
+}
+
+/// Makes `tokens` fit the context: prompt + `max_new_tokens` ≤ `max_position_embeddings`. Without
+/// `truncate` a prompt that does not fit is an error naming it and its token count; with it the
+/// prompt is cut on that side. Returns the original token count when the prompt was truncated.
+pub fn fit_context(
+    prompt_id: &str,
+    tokens: &mut Vec<u32>,
+    max_new_tokens: usize,
+    max_position_embeddings: usize,
+    truncate: Option<Truncate>,
+) -> Result<Option<usize>> {
+    let n = tokens.len();
+    if positions_needed(n, max_new_tokens).is_some_and(|p| p <= max_position_embeddings) {
+        return Ok(None);
+    }
+    let budget = max_position_embeddings.saturating_sub(max_new_tokens);
+    match truncate {
+        Some(side) if budget > 0 => {
+            match side {
+                Truncate::Left => {
+                    tokens.drain(..n - budget);
+                }
+                Truncate::Right => tokens.truncate(budget),
+            }
+            Ok(Some(n))
+        }
+        _ => Err(too_long(
+            prompt_id,
+            n,
+            max_new_tokens,
+            max_position_embeddings,
+        )),
     }
 }
 
@@ -131,6 +213,11 @@ pub fn check_options(opts: &GenerateOptions) -> Result<()> {
             )));
         }
     }
+    if opts.prefill_chunk == 0 {
+        return Err(ModelError::InvalidArgument(
+            "prefill chunk must be at least 1 token".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -139,6 +226,8 @@ struct Active {
     state: SeqState,
     generated: Vec<u32>,
     next: Vec<u32>,
+    /// Tokens of `next` already fed (prefill chunks; 0 for decoding steps).
+    fed: usize,
     token_type: TokenType,
     /// The chunk in `next` is the final one (only its routing is wanted).
     last: bool,
@@ -164,15 +253,27 @@ pub fn generate_batch(
             )));
         }
         model.check_tokens(&p.id, &p.tokens)?;
+        let max_pos = model.config().max_position_embeddings;
+        if positions_needed(p.tokens.len(), opts.max_new_tokens).is_none_or(|n| n > max_pos) {
+            return Err(too_long(
+                &p.id,
+                p.tokens.len(),
+                opts.max_new_tokens,
+                max_pos,
+            ));
+        }
     }
     let mut active: Vec<Active> = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         sink.begin_prompt(&p.id, p.category.as_deref())?;
+        let mut state = model.new_sequence(&p.id);
+        state.set_prefill_span(p.tokens.len());
         active.push(Active {
             input: i,
-            state: model.new_sequence(&p.id),
+            state,
             generated: Vec::new(),
             next: p.tokens.clone(),
+            fed: 0,
             token_type: TokenType::Prompt,
             last: opts.max_new_tokens == 0,
             stopped_on_eos: false,
@@ -185,19 +286,32 @@ pub fn generate_batch(
     }
     while !active.is_empty() {
         let logits = {
+            let chunk = opts.prefill_chunk;
             let mut step: Vec<StepSeq<'_>> = active
                 .iter_mut()
-                .map(|a| StepSeq {
-                    want_logits: !a.last,
-                    state: &mut a.state,
-                    tokens: &a.next,
-                    token_type: a.token_type,
+                .map(|a| {
+                    let end = a.next.len().min(a.fed.saturating_add(chunk));
+                    let final_chunk = end == a.next.len();
+                    StepSeq {
+                        want_logits: !a.last && final_chunk,
+                        state: &mut a.state,
+                        tokens: &a.next[a.fed..end],
+                        token_type: a.token_type,
+                    }
                 })
                 .collect();
             model.forward(&mut step, sink)?
         };
         let mut still = Vec::with_capacity(active.len());
         for (mut a, lg) in active.into_iter().zip(logits) {
+            let end = a.next.len().min(a.fed.saturating_add(opts.prefill_chunk));
+            if end < a.next.len() {
+                // More prefill chunks to come.
+                a.fed = end;
+                still.push(a);
+                continue;
+            }
+            a.fed = 0;
             let done = match (a.last, lg) {
                 (true, _) | (false, None) => true,
                 (false, Some(lg)) => {

@@ -142,8 +142,21 @@ pub struct SeqState {
     pub prompt_id: String,
     /// Number of tokens already processed (= position of the next token).
     pub pos: usize,
+    /// Length of the prompt being prefilled (see [`SeqState::set_prefill_span`]).
+    prefill_span: usize,
     k: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
+}
+
+impl SeqState {
+    /// Declares that positions `0..span` are one prompt that may be fed in several chunks. While
+    /// a chunk lies inside the span, its attention rows are laid out over `span` keys (the keys
+    /// not yet computed are masked out and zero), exactly as in a one-shot prefill of the whole
+    /// prompt, so chunked prefill gives bit-identical scores, routing and logits. Memory per
+    /// chunk is `heads × chunk × span` scores instead of `heads × span²`.
+    pub fn set_prefill_span(&mut self, span: usize) {
+        self.prefill_span = span;
+    }
 }
 
 /// One sequence's tokens for one forward step.
@@ -161,6 +174,81 @@ struct LayerRouting {
     experts: Vec<u32>,
     weights: Vec<f32>,
     probs: Vec<f32>,
+    /// First token row whose router logits or probabilities are not finite (nothing routed).
+    non_finite_row: Option<usize>,
+}
+
+/// The error for a non-finite value at token `row` of a step (rows are the sequences' tokens,
+/// concatenated in batch order).
+fn non_finite(batch: &[StepSeq<'_>], row: usize, what: &'static str, where_: String) -> ModelError {
+    let mut start = 0usize;
+    for s in batch {
+        if row < start + s.tokens.len() {
+            return ModelError::NonFinite {
+                prompt_id: s.state.prompt_id.clone(),
+                what,
+                where_,
+                position: s.state.pos + (row - start),
+            };
+        }
+        start += s.tokens.len();
+    }
+    ModelError::NonFinite {
+        prompt_id: String::new(),
+        what,
+        where_,
+        position: row,
+    }
+}
+
+/// Checks the configuration's sizes against the checkpoint's tensors before anything is
+/// allocated, naming `config.json` and the field that disagrees.
+fn check_against_store(cfg: &OlmoeConfig, store: &WeightStore) -> Result<()> {
+    let path = store.dir().join("config.json");
+    let bad = |field: &str, value: usize, msg: String| {
+        Err(ModelError::invalid(
+            &path,
+            format!("`{field}` = {value} does not match the checkpoint: {msg}"),
+        ))
+    };
+    let embed = "model.embed_tokens.weight";
+    if let Some(e) = store.entry(embed) {
+        if e.shape.len() == 2 && e.shape[1] != cfg.hidden_size {
+            return bad(
+                "hidden_size",
+                cfg.hidden_size,
+                format!("`{embed}` has shape {:?}", e.shape),
+            );
+        }
+        if e.shape.len() == 2 && e.shape[0] != cfg.vocab_size {
+            return bad(
+                "vocab_size",
+                cfg.vocab_size,
+                format!("`{embed}` has shape {:?}", e.shape),
+            );
+        }
+    }
+    let last = format!(
+        "model.layers.{}.mlp.gate.weight",
+        cfg.num_hidden_layers.saturating_sub(1)
+    );
+    if !store.contains(&last) {
+        return bad(
+            "num_hidden_layers",
+            cfg.num_hidden_layers,
+            format!("the checkpoint has no tensor `{last}`"),
+        );
+    }
+    if let Some(e) = store.entry("model.layers.0.mlp.gate.weight") {
+        if e.shape.first() != Some(&cfg.num_experts) {
+            return bad(
+                "num_experts",
+                cfg.num_experts,
+                format!("`model.layers.0.mlp.gate.weight` has shape {:?}", e.shape),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// An OLMoE model ready to run.
@@ -185,6 +273,7 @@ impl Olmoe {
     }
 
     pub fn from_store(cfg: OlmoeConfig, store: &WeightStore, opts: &LoadOptions) -> Result<Self> {
+        check_against_store(&cfg, store)?;
         let dtype = opts.dtype.unwrap_or_else(|| store.dominant_dtype());
         let dev = &opts.device;
         let h = cfg.hidden_size;
@@ -325,6 +414,7 @@ impl Olmoe {
         SeqState {
             prompt_id: prompt_id.to_string(),
             pos: 0,
+            prefill_span: 0,
             k: vec![None; self.cfg.num_hidden_layers],
             v: vec![None; self.cfg.num_hidden_layers],
         }
@@ -397,8 +487,55 @@ impl Olmoe {
             let residual = xs.clone();
             let h = layer.post_norm.forward(&xs)?;
             let (moe, r) = self.moe(layer, &h, wants_probs)?;
+            if let Some(row) = r.non_finite_row {
+                return Err(non_finite(
+                    batch,
+                    row,
+                    "router logits",
+                    format!("layer {l}"),
+                ));
+            }
             routing.push(r);
             xs = (residual + moe)?;
+        }
+        // Logits of the last token of each sequence that wants them: one lm_head matmul for the
+        // whole step (the final norm and the matmul are row-wise, so batching changes nothing).
+        let mut last_rows = Vec::new();
+        let mut row = 0usize;
+        for s in batch.iter() {
+            if s.want_logits {
+                last_rows.push((row + s.tokens.len() - 1) as u32);
+            }
+            row += s.tokens.len();
+        }
+        let logits = if last_rows.is_empty() {
+            Vec::new()
+        } else {
+            let n = last_rows.len();
+            let idx = Tensor::from_vec(last_rows, n, &self.device)?;
+            let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
+            matmul_t(&h, &self.lm_head)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
+            let vocab = self.cfg.vocab_size.max(1);
+            let mut rows = Vec::new();
+            let mut row = 0usize;
+            for s in batch.iter() {
+                if s.want_logits {
+                    rows.push(row + s.tokens.len() - 1);
+                }
+                row += s.tokens.len();
+            }
+            let row = rows.get(bad / vocab).copied().unwrap_or(0);
+            return Err(non_finite(
+                batch,
+                row,
+                "output logits",
+                "the final layer".into(),
+            ));
         }
         // Report routing decisions: per sequence, per token, per layer.
         let k = self.cfg.num_experts_per_tok;
@@ -426,27 +563,6 @@ impl Olmoe {
             }
             row += s.tokens.len();
         }
-        // Logits of the last token of each sequence that wants them: one lm_head matmul for the
-        // whole step (the final norm and the matmul are row-wise, so batching changes nothing).
-        let mut last_rows = Vec::new();
-        let mut row = 0usize;
-        for s in batch.iter() {
-            if s.want_logits {
-                last_rows.push((row + s.tokens.len() - 1) as u32);
-            }
-            row += s.tokens.len();
-        }
-        let logits = if last_rows.is_empty() {
-            Vec::new()
-        } else {
-            let n = last_rows.len();
-            let idx = Tensor::from_vec(last_rows, n, &self.device)?;
-            let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
-            matmul_t(&h, &self.lm_head)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
-        };
         let vocab = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut next = 0usize;
@@ -517,7 +633,21 @@ impl Olmoe {
                 };
                 s.state.k[l] = Some(ks.clone());
                 s.state.v[l] = Some(vs.clone());
-                let total = ks.dim(2)?;
+                let cached = ks.dim(2)?;
+                // A prefill chunk inside the prompt span attends over `span` key slots (the
+                // future ones zero and masked), as the one-shot prefill does.
+                let span = s.state.prefill_span;
+                let chunked = s.state.pos + t <= span && t < span;
+                let (ks, vs, total) = if chunked && cached < span {
+                    let pad = Tensor::zeros((1, nkv, span - cached, hd), ks.dtype(), ks.device())?;
+                    (
+                        Tensor::cat(&[&ks, &pad], 2)?,
+                        Tensor::cat(&[&vs, &pad], 2)?,
+                        span,
+                    )
+                } else {
+                    (ks, vs, cached)
+                };
                 let rep = nh / nkv;
                 let expand = |x: Tensor| -> Result<Tensor> {
                     if rep == 1 {
@@ -532,18 +662,38 @@ impl Olmoe {
                 // As transformers' eager attention: scores in the compute dtype, multiplied by
                 // `head_dim ** -0.5` (computed in f32 and rounded once, like torch's reduced-precision
                 // multiplication by a scalar), mask added, softmax in f32, cast back.
+                // A chunk's queries are padded with zero rows so that candle's matmuls take the
+                // same kernel as in the one-shot prefill (gemm picks its kernel from the shape:
+                // a single row, or at most 16×16 outputs, use other reduction orders); the padded
+                // rows are dropped after attention.
+                let rows = if chunked {
+                    let mut m = t.max(2);
+                    if total * total > 256 {
+                        m = m.max(256 / total + 1);
+                    }
+                    m.min(total)
+                } else {
+                    t
+                };
+                let qs = if rows > t {
+                    let pad = Tensor::zeros((1, nh, rows - t, hd), qs.dtype(), qs.device())?;
+                    Tensor::cat(&[&qs, &pad], 2)?
+                } else {
+                    qs
+                };
                 let scale_t = Tensor::new(scale, &self.device)?;
                 let mut scores = qs
                     .matmul(&ks.t()?)?
                     .to_dtype(DType::F32)?
                     .broadcast_mul(&scale_t)?
                     .to_dtype(self.dtype)?;
-                if t > 1 {
-                    let past = total - t;
-                    let mask: Vec<f32> = (0..t)
+                if t > 1 || chunked {
+                    let past = cached - t;
+                    // Rows at and after `t` are padding (never masked, dropped below).
+                    let mask: Vec<f32> = (0..rows)
                         .flat_map(|i| {
                             (0..total).map(move |j| {
-                                if j <= past + i {
+                                if i >= t || j <= past + i {
                                     0.0
                                 } else {
                                     f32::NEG_INFINITY
@@ -551,13 +701,14 @@ impl Olmoe {
                             })
                         })
                         .collect();
-                    let mask =
-                        Tensor::from_vec(mask, (t, total), &self.device)?.to_dtype(self.dtype)?;
+                    let mask = Tensor::from_vec(mask, (rows, total), &self.device)?
+                        .to_dtype(self.dtype)?;
                     scores = scores.broadcast_add(&mask)?;
                 }
                 let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                     .to_dtype(self.dtype)?;
-                let o = probs.matmul(&vs.contiguous()?)?; // [1, nh, t, hd]
+                let o = probs.matmul(&vs.contiguous()?)?; // [1, nh, rows, hd]
+                let o = if rows > t { o.narrow(2, 0, t)? } else { o };
                 Ok(o.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -605,6 +756,26 @@ impl Olmoe {
         let probs = candle_nn::ops::softmax_last_dim(&logits)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        // NaN / infinite router logits give NaN probabilities (a -inf logit alone gives a finite
+        // 0, also refused): never route on them.
+        let non_finite_row = match probs.iter().position(|p| !p.is_finite()) {
+            Some(i) => Some(i / ne.max(1)),
+            None => logits
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| i / ne.max(1)),
+        };
+        if let Some(row) = non_finite_row {
+            let empty = LayerRouting {
+                experts: Vec::new(),
+                weights: Vec::new(),
+                probs: Vec::new(),
+                non_finite_row: Some(row),
+            };
+            return Ok((h.clone(), empty));
+        }
         let mut experts = Vec::with_capacity(n_tok * k);
         let mut weights = Vec::with_capacity(n_tok * k);
         // Per expert: (token row, combination weight).
@@ -673,6 +844,7 @@ impl Olmoe {
                     experts,
                     weights,
                     probs: if wants_probs { probs } else { Vec::new() },
+                    non_finite_row: None,
                 },
             ));
         }
@@ -702,6 +874,7 @@ impl Olmoe {
                 experts,
                 weights,
                 probs: if wants_probs { probs } else { Vec::new() },
+                non_finite_row: None,
             },
         ))
     }

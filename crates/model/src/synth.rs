@@ -527,6 +527,54 @@ impl SynthSpec {
                 return bad(format!("--{name} must be at least 1"));
             }
         }
+        // The same documented limits as a config.json read by `trace`, checked before the
+        // tensor plan (or anything else) is built from these sizes.
+        for (name, v, limit) in [
+            ("vocab", self.vocab_size, crate::limits::MAX_VOCAB_SIZE),
+            ("hidden", self.hidden_size, crate::limits::MAX_HIDDEN_SIZE),
+            (
+                "intermediate",
+                self.intermediate_size,
+                crate::limits::MAX_INTERMEDIATE_SIZE,
+            ),
+            ("layers", self.num_layers, crate::limits::MAX_LAYERS),
+            ("heads", self.num_heads, crate::limits::MAX_HEADS),
+            ("kv-heads", self.num_kv_heads, crate::limits::MAX_HEADS),
+            ("experts", self.num_experts, crate::limits::MAX_EXPERTS),
+        ] {
+            if v > limit {
+                return bad(format!("--{name} {v} exceeds the limit of {limit}"));
+            }
+        }
+        if self.max_position_embeddings == 0
+            || self.max_position_embeddings > crate::limits::MAX_POSITION_EMBEDDINGS
+        {
+            return bad(format!(
+                "max_position_embeddings {} must be between 1 and {}",
+                self.max_position_embeddings,
+                crate::limits::MAX_POSITION_EMBEDDINGS
+            ));
+        }
+        let params = crate::limits::checked_product(&[
+            self.num_layers,
+            self.num_experts,
+            3,
+            self.intermediate_size,
+            self.hidden_size,
+        ])
+        .and_then(|x| {
+            x.checked_add(crate::limits::checked_product(&[
+                2,
+                self.vocab_size,
+                self.hidden_size,
+            ])?)
+        })
+        .and_then(|x| x.checked_mul(self.dtype.size()));
+        if params.is_none() {
+            return bad(
+                "the sizes multiply to more parameters than this machine can address".into(),
+            );
+        }
         if self.vocab_size < 258 {
             return bad(format!(
                 "--vocab {} is too small: the byte-level tokenizer needs at least 258 entries",

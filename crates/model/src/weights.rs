@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
+use moe_xray_kernels::mmap::ReadOnlyMap as Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
@@ -145,9 +145,10 @@ impl WeightStore {
         let mut entries = HashMap::new();
         for (fi, path) in files.iter().enumerate() {
             let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-            // SAFETY: the file is mapped read-only; like every mmap-based loader we assume it is
-            // not truncated or rewritten by another process while the model is loaded.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+            // Read-only; like every mmap-based loader we require that the file is not truncated
+            // or rewritten while the model is loaded (see `moe_xray_kernels::mmap`).
+            let mmap = Mmap::map(&file).map_err(|e| ModelError::io(path, e))?;
+            crate::limits::check_safetensors_header(path, &mmap)?;
             let (header_len, meta) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Safetensors {
                     path: path.clone(),
@@ -274,11 +275,7 @@ impl WeightStore {
         {
             // Ask the kernel to read the range ahead (the experts are all used in the first
             // prefill step); failure only costs speed, hence ignored.
-            let _ = shard.mmap.advise_range(
-                memmap2::Advice::WillNeed,
-                entry.start,
-                entry.end - entry.start,
-            );
+            shard.mmap.will_need(entry.start..entry.end);
         }
         Ok(Some(MappedTensor {
             mmap: shard.mmap.clone(),
@@ -311,21 +308,6 @@ impl WeightStore {
     /// Drops the mapped pages of a tensor that has been copied out (they are re-read from the
     /// file if touched again), so that resident memory holds one copy of the model, not two.
     fn release(&self, entry: &TensorEntry) {
-        #[cfg(unix)]
-        {
-            let shard = &self.shards[entry.file];
-            // SAFETY: the mapping is private and read-only, so MADV_DONTNEED cannot lose data:
-            // dropped pages are faulted in again from the file on the next access. Failure is
-            // harmless (only memory use is affected), hence ignored.
-            let _ = unsafe {
-                shard.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    entry.start,
-                    entry.end - entry.start,
-                )
-            };
-        }
-        #[cfg(not(unix))]
-        let _ = entry;
+        self.shards[entry.file].mmap.release(entry.start..entry.end);
     }
 }

@@ -8,8 +8,9 @@
 
 mod common;
 
+use moe_xray_test_support::fixture;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::Collect;
 use moe_xray_model::chat::{ChatTemplate, Message};
@@ -24,10 +25,6 @@ const F32_MODELS: &[&str] = &[
     "olmoe-tiny-gqa-f32",
     "olmoe-tiny-fused-f32",
 ];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/hf")
-}
 
 fn jsonl(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -108,9 +105,9 @@ fn expected_generations(dir: &Path) -> Vec<Gen> {
 
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
-    let prompts = jsonl(&fixtures().join("prompts.jsonl"));
+    let prompts = jsonl(&fixture("hf").join("prompts.jsonl"));
     for name in F32_MODELS.iter().chain(&["olmoe-tiny-bf16"]) {
-        let dir = fixtures().join(name);
+        let dir = fixture("hf").join(name);
         let tok = Tokenizer::from_dir(&dir).unwrap();
         let want: HashMap<String, Vec<u32>> = jsonl(&dir.join("prompt_ids.jsonl"))
             .into_iter()
@@ -158,7 +155,12 @@ fn prompt_inputs(gens: &[Gen]) -> Vec<PromptInput> {
 
 /// Generates with the model's EOS and compares generated ids and the full trace.
 fn check_f32(name: &str, batch: usize) {
-    let dir = fixtures().join(name);
+    check_f32_chunked(name, batch, moe_xray_model::generate::DEFAULT_PREFILL_CHUNK);
+}
+
+/// As [`check_f32`], with prompts prefilled in chunks of `chunk` tokens.
+fn check_f32_chunked(name: &str, batch: usize, chunk: usize) {
+    let dir = fixture("hf").join(name);
     let cfg = OlmoeConfig::from_dir(&dir).unwrap();
     let gen_cfg = GenerationDefaults::from_dir(&dir).unwrap();
     let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
@@ -167,6 +169,7 @@ fn check_f32(name: &str, batch: usize) {
     let opts = GenerateOptions {
         max_new_tokens: gens[0].max_new_tokens,
         eos_token_ids: eos_token_ids(&cfg, gen_cfg.as_ref()),
+        prefill_chunk: chunk,
         ..Default::default()
     };
     let mut sink = Collect::default();
@@ -235,9 +238,18 @@ fn f32_models_match_transformers_exactly_batched() {
 }
 
 #[test]
+fn f32_models_match_transformers_with_chunked_prefill() {
+    for name in F32_MODELS {
+        check_f32_chunked(name, 1, 1);
+        check_f32_chunked(name, 4, 3);
+        check_f32_chunked(name, 16, 7);
+    }
+}
+
+#[test]
 fn bf16_model_matches_transformers_up_to_near_ties() {
     let name = "olmoe-tiny-bf16";
-    let dir = fixtures().join(name);
+    let dir = fixture("hf").join(name);
     let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(model.dtype(), candle_core::DType::BF16);
     let want = expected_trace(&dir);

@@ -1,6 +1,6 @@
 //! The study's figures as deterministic SVG (see `svg.rs` for why the SVG is hand-built).
 
-use crate::results::{Baseline, Results};
+use crate::results::{BaselineStats, Results};
 use crate::svg::{
     category_style, colorbar, esc, legend, legend_width, nice_ticks, num, text_on_viridis,
     text_width, truncate, viridis, Anchor, Axes, LegendItem, LegendKind, Svg, OKABE_ITO,
@@ -9,6 +9,10 @@ use crate::{CategoryUsage, Figure};
 
 /// Width of every figure in px (the report shows them at up to this width).
 pub const FIG_WIDTH: f64 = 640.0;
+
+/// Number of figures [`render_figures`] returns; the routing-health figures are numbered after
+/// them.
+pub(crate) const NUM_STUDY_FIGURES: usize = 7;
 
 /// All figures, in report order. Figures whose data is missing or skipped are returned with
 /// `available = false` and an SVG that says why, so the numbering never shifts.
@@ -49,7 +53,7 @@ fn placeholder(id: &str, title: &str, why: &str) -> String {
     s.finish(title, why)
 }
 
-fn unavailable(id: &str, title: &str, caption: &str, why: &str) -> Figure {
+pub(crate) fn unavailable(id: &str, title: &str, caption: &str, why: &str) -> Figure {
     figure(
         id,
         title,
@@ -291,10 +295,10 @@ fn fig_baselines(r: &Results) -> Figure {
     let id = "fig2-baselines";
     let title = "Figure 2. Within vs. across categories and null baselines";
     let b = &r.baselines;
-    let reps: Vec<u64> = [
-        b.permutation.get(),
-        b.load_balance_uniform.get(),
-        b.load_balance_marginal.get(),
+    let reps: Vec<usize> = [
+        b.permutation.done(),
+        b.load_balance_uniform.done(),
+        b.load_balance_marginal.done(),
     ]
     .iter()
     .flatten()
@@ -320,7 +324,7 @@ fn fig_baselines(r: &Results) -> Figure {
         color: &'static str,
         value: Option<(f64, f64)>,
     }
-    let base = |x: Option<&Baseline>| x.map(|b| (b.mean, b.pair_std));
+    let base = |x: Option<&BaselineStats>| x.map(|b| (b.mean, b.pair_std));
     let bars = [
         Bar {
             label: ["within", "category"],
@@ -330,17 +334,17 @@ fn fig_baselines(r: &Results) -> Figure {
         Bar {
             label: ["load-balance", "(uniform)"],
             color: "#999999",
-            value: base(b.load_balance_uniform.get()),
+            value: base(b.load_balance_uniform.done()),
         },
         Bar {
             label: ["load-balance", "(marginal)"],
             color: OKABE_ITO[5],
-            value: base(b.load_balance_marginal.get()),
+            value: base(b.load_balance_marginal.done()),
         },
         Bar {
             label: ["permutation", ""],
             color: OKABE_ITO[1],
-            value: base(b.permutation.get()),
+            value: base(b.permutation.done()),
         },
         Bar {
             label: ["across", "categories"],
@@ -564,21 +568,13 @@ fn scatter(
     id: &str,
     title: &str,
     desc: &str,
-    coords: &[Vec<f64>],
+    coords: &[[f64; 2]],
     cats: &[String],
     order: &[String],
     xlabel: &str,
     ylabel: &str,
 ) -> String {
-    let pts: Vec<(f64, f64)> = coords
-        .iter()
-        .map(|c| {
-            (
-                c.first().copied().unwrap_or(f64::NAN),
-                c.get(1).copied().unwrap_or(f64::NAN),
-            )
-        })
-        .collect();
+    let pts: Vec<(f64, f64)> = coords.iter().map(|&[x, y]| (x, y)).collect();
     let (x0, x1) = min_max(pts.iter().map(|p| p.0));
     let (y0, y1) = min_max(pts.iter().map(|p| p.1));
     let (px, py) = ((x1 - x0) * 0.06, (y1 - y0) * 0.06);
@@ -654,7 +650,7 @@ fn fig_pca(r: &Results, order: &[String]) -> Figure {
         not scaled; component signs as scikit-learn's PCA). Each point is one prompt, coloured \
         and shaped by its category; axis labels give the share of the total variance explained \
         by each component.";
-    let Some(p) = r.pca.get() else {
+    let Some(p) = r.pca.done() else {
         let why = r.pca.why_missing().unwrap_or_default();
         return unavailable(id, title, caption, &why);
     };
@@ -685,7 +681,7 @@ fn fig_pca(r: &Results, order: &[String]) -> Figure {
 fn fig_tsne(r: &Results, order: &[String]) -> Figure {
     let id = "fig5-tsne";
     let title = "Figure 5. t-SNE of routing signatures";
-    let Some(t) = r.tsne.get() else {
+    let Some(t) = r.tsne.done() else {
         let caption = "t-SNE embedding of the routing signatures.";
         let why = r.tsne.why_missing().unwrap_or_default();
         return unavailable(id, title, caption, &why);
@@ -716,7 +712,7 @@ fn fig_tsne(r: &Results, order: &[String]) -> Figure {
 fn fig_confusion(r: &Results) -> Figure {
     let id = "fig6-confusion";
     let title = "Figure 6. Classifier confusion matrix (out-of-fold)";
-    let Some(lr) = r.logreg_5fold.get() else {
+    let Some(lr) = r.logreg_5fold.done() else {
         let caption = "Confusion matrix of the category classifier.";
         let why = r.logreg_5fold.why_missing().unwrap_or_default();
         return unavailable(id, title, caption, &why);
@@ -745,9 +741,9 @@ fn fig_confusion(r: &Results) -> Figure {
         .confusion
         .iter()
         .map(|row| {
-            let t: f64 = row.iter().sum();
+            let t: f64 = row.iter().map(|&v| v as f64).sum();
             row.iter()
-                .map(|v| if t > 0.0 { v / t } else { 0.0 })
+                .map(|&v| if t > 0.0 { v as f64 / t } else { 0.0 })
                 .collect()
         })
         .collect();
@@ -758,7 +754,7 @@ fn fig_confusion(r: &Results) -> Figure {
         .map(|(row, sh)| {
             row.iter()
                 .zip(sh)
-                .map(|(v, p)| format!("{} ({}%)", num(*v, 0), num(p * 100.0, 0)))
+                .map(|(&v, p)| format!("{} ({}%)", num(v as f64, 0), num(p * 100.0, 0)))
                 .collect()
         })
         .collect();

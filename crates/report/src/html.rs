@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use crate::figures::render_figures;
-use crate::results::{Baseline, Results, Section, SyntheticKind};
+use crate::results::{BaselineStats, Results, Section, SyntheticKind};
 use crate::svg::{esc, num};
 use crate::{Figure, ReportInput};
 
@@ -29,6 +29,8 @@ td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.def { color: #444; font-size: 13px; }
 .headline th { width: 19%; }
 .headline td.num { white-space: normal; width: 41%; }
+.headline tr.group th { background: #e9eff4; color: #0b3d5c; font-size: 14px;
+  border-top: 2px solid #0072B2; }
 .interpretation { border: 3px solid #0072B2; background: #eef6fb; border-radius: 6px;
   padding: 12px 18px; margin: 18px 0; }
 .interpretation.synthetic { border-color: #D55E00; background: #fff3ec; }
@@ -67,7 +69,11 @@ fn json_scalar(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
+        // non-integers rounded like every number a reader sees (full precision: results.json)
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if !n.is_i64() && !n.is_u64() => crate::svg::short(x),
+            _ => n.to_string(),
+        },
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
@@ -139,8 +145,8 @@ fn model_name(input: &ReportInput) -> String {
         .to_string()
 }
 
-fn baseline_row(s: &mut String, name: &str, b: &Section<Baseline>, def: &str) {
-    let val = match b.get() {
+fn baseline_row(s: &mut String, name: &str, b: &Section<BaselineStats>, def: &str) {
+    let val = match b.done() {
         Some(b) => format!(
             "{} (spread of the mean over reps: {}; {} reps, seed {})",
             pm(b.mean, b.pair_std, 3),
@@ -153,7 +159,7 @@ fn baseline_row(s: &mut String, name: &str, b: &Section<Baseline>, def: &str) {
     row(s, name, &val, def);
 }
 
-fn row(s: &mut String, name: &str, value: &str, def: &str) {
+pub(crate) fn row(s: &mut String, name: &str, value: &str, def: &str) {
     let _ = write!(
         s,
         r#"<tr><th scope="row">{}</th><td class="num">{}</td><td class="def">{}</td></tr>"#,
@@ -186,7 +192,7 @@ fn headline(r: &Results) -> String {
             "{} layers × {} experts, top-k = {}; categories: {}",
             r.num_layers,
             r.num_experts,
-            r.top_k.map(|k| k.to_string()).unwrap_or_else(|| "?".into()),
+            r.top_k,
             r.categories
                 .iter()
                 .map(|c| format!("{} ({})", c.name, c.n))
@@ -267,7 +273,7 @@ fn headline(r: &Results) -> String {
         &r.baselines.permutation,
         "each prompt's expert counts permuted independently per layer",
     );
-    match r.logreg_5fold.get() {
+    match r.logreg_5fold.done() {
         Some(lr) => {
             let ci = r
                 .accuracy_ci()
@@ -306,7 +312,7 @@ fn headline(r: &Results) -> String {
             "multinomial logistic regression, 5-fold CV",
         ),
     }
-    if let Some(p) = r.pca.get() {
+    if let Some(p) = r.pca.done() {
         let ev: Vec<String> = p
             .explained_variance_ratio
             .iter()
@@ -320,7 +326,7 @@ fn headline(r: &Results) -> String {
             "share of total variance of the centred signature matrix",
         );
     }
-    if let Some(t) = r.tsne.get() {
+    if let Some(t) = r.tsne.done() {
         row(
             &mut s,
             "t-SNE",
@@ -340,7 +346,7 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
     let sim = &r.similarity;
     let d = sim.cohens_d;
     let ci = r.cohens_d_ci();
-    let acc = r.logreg_5fold.get().map(|l| (l.accuracy_mean, l.chance));
+    let acc = r.logreg_5fold.done().map(|l| (l.accuracy_mean, l.chance));
     let acc_txt = acc
         .map(|(a, c)| {
             format!(
@@ -405,9 +411,9 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
             );
             let ci_excludes_zero = ci.map(|(a, b)| a > 0.0 || b < 0.0);
             let above_baselines = [
-                r.baselines.permutation.get(),
-                r.baselines.load_balance_uniform.get(),
-                r.baselines.load_balance_marginal.get(),
+                r.baselines.permutation.done(),
+                r.baselines.load_balance_uniform.done(),
+                r.baselines.load_balance_marginal.done(),
             ]
             .iter()
             .flatten()
@@ -518,7 +524,7 @@ pub fn render_report(input: &ReportInput) -> String {
             r.categories.len(),
             r.num_layers,
             r.num_experts,
-            r.top_k.map(|k| k.to_string()).unwrap_or_else(|| "?".into())
+            r.top_k
         ))
     );
     // table of contents (plain anchors, no script)
@@ -552,9 +558,7 @@ pub fn render_report(input: &ReportInput) -> String {
         for n in &h.notes {
             let _ = writeln!(s, "<p>{}</p>", esc(n));
         }
-        if let Some(sum) = &h.summary {
-            s.push_str(&kv_table("health-summary", sum));
-        }
+        s.push_str(&crate::health_section::summary_table(h));
         for f in &h.figures {
             s.push_str(&figure_html(f));
         }
@@ -578,8 +582,11 @@ pub fn render_report(input: &ReportInput) -> String {
     s.push_str(&kv_table("manifest", input.manifest()));
     s.push_str("<h3>Analysis settings</h3>\n");
     let mut settings = serde_json::Map::new();
-    settings.insert("settings".into(), r.settings.clone());
-    settings.insert("path".into(), Value::String(r.path.clone()));
+    settings.insert(
+        "settings".into(),
+        serde_json::to_value(&r.settings).unwrap_or_default(),
+    );
+    settings.insert("path".into(), Value::String(r.path.to_string()));
     settings.insert(
         "traces".into(),
         Value::Array(
@@ -594,7 +601,8 @@ pub fn render_report(input: &ReportInput) -> String {
     settings.insert("schema_version".into(), Value::from(r.schema_version));
     s.push_str(&kv_table("settings", &Value::Object(settings)));
     s.push_str("<h3>Significance tests (all recorded fields)</h3>\n");
-    s.push_str(&kv_table("significance", &r.significance));
+    let significance = serde_json::to_value(&r.significance).unwrap_or_default();
+    s.push_str(&kv_table("significance", &significance));
     s.push_str("</section>\n");
 
     s.push_str("<section id=\"prompts\"><h2>Prompts and generations</h2>\n");

@@ -34,11 +34,16 @@
 //! # }
 //! ```
 //!
-//! `results.json` has no per-prompt category list in the DESIGN.md schema; the report reads an
-//! optional `prompt_categories` array (parallel to `prompt_ids`) and otherwise takes the
-//! categories from the prompt table.
+//! [`Results`] reads exactly the `results.json` schema, whose types are defined once in
+//! `moe_xray_stats::results` (JSON Schema: `docs/results.schema.json`); a file of another major
+//! `schema_version` is refused. `results.json` has no per-prompt category list; the report takes
+//! the categories from the prompt table ([`ReportInput::results_with_categories`]).
+
+#![forbid(unsafe_code)]
 
 mod figures;
+pub mod health_figures;
+mod health_section;
 mod html;
 pub mod results;
 mod svg;
@@ -50,6 +55,8 @@ pub use figures::{render_figures, FIG_WIDTH};
 pub use html::render_report;
 pub use results::{Results, SyntheticKind};
 pub use svg::esc as html_escape;
+/// The figures' shared palette (Okabe–Ito, report order) and font stack.
+pub use svg::{FONT as FIGURE_FONT, OKABE_ITO};
 
 /// Errors of this crate; each names the file concerned.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,14 @@ pub enum ReportError {
         /// 1-based line (0 when unknown).
         line: usize,
         /// What is wrong.
+        msg: String,
+    },
+    /// A `results.json` of a `schema_version` this build does not read.
+    #[error("{path}: {msg}")]
+    Schema {
+        /// File.
+        path: PathBuf,
+        /// The version found and the versions supported.
         msg: String,
     },
     /// Inputs are inconsistent.
@@ -156,13 +171,17 @@ pub struct PromptRow {
     pub generated: Option<String>,
 }
 
-/// Optional routing-health section (issue 7): a summary (free-form JSON, shown as a table),
-/// prebuilt SVG figures and explanatory paragraphs (plain text, escaped).
+/// Optional routing-health section (issue 7): the health numbers (shown grouped and rounded,
+/// like the headline table), prebuilt SVG figures and explanatory paragraphs (plain text,
+/// escaped). [`HealthSection::new`] builds it from a health accumulator.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HealthSection {
-    /// Summary numbers (e.g. the `moe-xray health --json` output).
-    pub summary: Option<serde_json::Value>,
-    /// Figures (SVG strings are inserted as they are: they must come from trusted code).
+    /// The `moe-xray health` report of the run (load balance, router confidence, co-activation).
+    pub report: Option<moe_xray_health::HealthReport>,
+    /// Mutual information between routing signature and category, when computed.
+    pub mutual_information: Option<moe_xray_health::MiReport>,
+    /// Figures (SVG strings are inserted as they are: they must come from trusted code, e.g.
+    /// [`health_figures`]).
     pub figures: Vec<Figure>,
     /// Paragraphs of plain text.
     pub notes: Vec<String>,

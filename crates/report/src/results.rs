@@ -1,305 +1,67 @@
-//! The parts of `results.json` (schema in `docs/DESIGN.md`) that the report reads.
+//! The report's view of `results.json`: exactly the schema of
+//! [`moe_xray_stats::results::AnalysisResults`] (defined once, in the stats crate; JSON Schema in
+//! `docs/results.schema.json`), plus the category of every prompt, which `results.json` does not
+//! carry and the report takes from its prompt table.
 //!
-//! These are the report's own, deliberately tolerant serde types: every section other than the
-//! core similarity numbers is optional (`#[serde(default)]`), sections that the analysis skipped
-//! (`{"skipped": "reason"}`) parse as [`Section::Skipped`], and unknown fields are ignored. The
-//! significance section is kept as raw JSON and read through accessor methods that accept the
-//! plausible key spellings, so a renamed key degrades to "n/a" instead of a parse error.
+//! A file of another major `schema_version` is refused with an error naming the file; a file
+//! that is not the schema (missing field, wrong type) is an error naming the file and line.
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+pub use moe_xray_stats::results::*;
 
 use crate::{ReportError, Result};
 
-/// `{n, mean, std}` over a set of prompt pairs (std with ddof = 1).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct PairStats {
-    /// Number of unordered pairs.
-    #[serde(default)]
-    pub n: u64,
-    /// Mean similarity.
-    #[serde(default)]
-    pub mean: f64,
-    /// Standard deviation over pairs (ddof = 1).
-    #[serde(default)]
-    pub std: f64,
-}
-
-/// `similarity` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Similarity {
-    /// Within-category pairs.
-    #[serde(default)]
-    pub within: PairStats,
-    /// Across-category pairs.
-    #[serde(default)]
-    pub across: PairStats,
-    /// Cohen's d with pooled std.
-    #[serde(default)]
-    pub cohens_d: f64,
-}
-
-/// `category_similarity_matrix` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CategoryMatrix {
-    /// Categories sorted by name.
-    #[serde(default)]
-    pub order: Vec<String>,
-    /// `values[a][b]` = mean similarity between prompts of categories a and b.
-    #[serde(default)]
-    pub values: Vec<Vec<f64>>,
-}
-
-/// One entry of `per_layer`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct LayerStats {
-    /// Layer index.
-    #[serde(default)]
-    pub layer: usize,
-    /// Mean within-category cosine at this layer.
-    #[serde(default)]
-    pub within_mean: f64,
-    /// Mean across-category cosine at this layer.
-    #[serde(default)]
-    pub across_mean: f64,
-    /// Cohen's d at this layer.
-    #[serde(default)]
-    pub cohens_d: f64,
-}
-
-/// One baseline (`baselines.*`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Baseline {
-    /// Mean over repetitions of the mean pair similarity.
-    #[serde(default)]
-    pub mean: f64,
-    /// Std over repetitions of the mean pair similarity (ddof = 1).
-    #[serde(default)]
-    pub std: f64,
-    /// Mean over repetitions of the pair std (ddof = 1).
-    #[serde(default)]
-    pub pair_std: f64,
-    /// Number of repetitions.
-    #[serde(default)]
-    pub reps: u64,
-    /// Seed.
-    #[serde(default)]
-    pub seed: u64,
-}
-
-/// `baselines` section; each baseline may be absent or skipped.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Baselines {
-    /// Expert axis permuted per prompt and layer.
-    #[serde(default)]
-    pub permutation: Section<Baseline>,
-    /// Uniform random top-k routing with the observed token counts.
-    #[serde(default)]
-    pub load_balance_uniform: Section<Baseline>,
-    /// Random top-k routing drawn from the pooled per-layer expert load.
-    #[serde(default)]
-    pub load_balance_marginal: Section<Baseline>,
-}
-
-/// `pca` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Pca {
-    /// Explained-variance ratio of the first components.
-    #[serde(default)]
-    pub explained_variance_ratio: Vec<f64>,
-    /// First two component scores per prompt (prompt_ids order).
-    #[serde(default)]
-    pub coords: Vec<Vec<f64>>,
-}
-
-/// `tsne` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Tsne {
-    /// 2-D embedding per prompt (prompt_ids order).
-    #[serde(default)]
-    pub coords: Vec<Vec<f64>>,
-    /// Final KL divergence.
-    #[serde(default)]
-    pub kl_divergence: f64,
-    /// Perplexity used.
-    #[serde(default)]
-    pub perplexity: f64,
-}
-
-/// `logreg_5fold` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Logreg {
-    /// Accuracy of each fold.
-    #[serde(default)]
-    pub fold_accuracies: Vec<f64>,
-    /// Mean fold accuracy.
-    #[serde(default)]
-    pub accuracy_mean: f64,
-    /// Std of fold accuracies (ddof = 0).
-    #[serde(default)]
-    pub accuracy_std: f64,
-    /// Macro-F1 of the out-of-fold predictions.
-    #[serde(default)]
-    pub macro_f1_oof: f64,
-    /// Confusion matrix, rows = true, columns = predicted, in `labels` order.
-    #[serde(default)]
-    pub confusion: Vec<Vec<f64>>,
-    /// Class labels.
-    #[serde(default)]
-    pub labels: Vec<String>,
-    /// Majority-class rate.
-    #[serde(default)]
-    pub chance: f64,
-}
-
-/// An optional section: present, skipped with a reason, or absent.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Section<T> {
-    /// Skipped by the analysis (`{"skipped": "reason"}`).
-    Skipped {
-        /// Why.
-        skipped: String,
-    },
-    /// Computed.
-    Present(T),
-    /// Missing or `null`.
-    #[default]
-    Absent,
-}
-
-impl<T> Section<T> {
-    /// The computed value, if any.
-    pub fn get(&self) -> Option<&T> {
-        match self {
-            Section::Present(v) => Some(v),
-            _ => None,
-        }
-    }
-
-    /// Why the section is not there (skip reason, or "not in results.json").
-    pub fn why_missing(&self) -> Option<String> {
-        match self {
-            Section::Present(_) => None,
-            Section::Skipped { skipped } => Some(format!("skipped: {skipped}")),
-            Section::Absent => Some("not in results.json".to_string()),
-        }
-    }
-}
-
-/// A category with its prompt count.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CategoryCount {
-    /// Category name.
-    #[serde(default)]
-    pub name: String,
-    /// Number of prompts (after dropping).
-    #[serde(default)]
-    pub n: u64,
-}
-
-/// A prompt excluded from the analysis.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DroppedPrompt {
-    /// Prompt id.
-    #[serde(default)]
-    pub prompt_id: String,
-    /// Why it was dropped.
-    #[serde(default)]
-    pub reason: String,
-}
-
-/// `input` section.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct InputSection {
-    /// Trace files analysed.
-    #[serde(default)]
-    pub traces: Vec<String>,
-    /// Capture manifest (free-form JSON).
-    #[serde(default)]
-    pub manifest: serde_json::Value,
-}
-
-/// The fields of `results.json` the report uses.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A parsed `results.json` ([`AnalysisResults`], reachable through `Deref`) and the category of
+/// each prompt in `prompt_ids` order.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Results {
-    /// Schema version.
-    #[serde(default)]
-    pub schema_version: u64,
-    /// moe-xray version that wrote the file.
-    #[serde(default)]
-    pub tool_version: String,
-    /// Inputs (trace paths, manifest).
-    #[serde(default)]
-    pub input: InputSection,
-    /// Analysis settings (free-form).
-    #[serde(default)]
-    pub settings: serde_json::Value,
-    /// N.
-    #[serde(default)]
-    pub num_prompts: usize,
-    /// L.
-    #[serde(default)]
-    pub num_layers: usize,
-    /// E.
-    #[serde(default)]
-    pub num_experts: usize,
-    /// k.
-    #[serde(default)]
-    pub top_k: Option<usize>,
-    /// Categories and their sizes.
-    #[serde(default)]
-    pub categories: Vec<CategoryCount>,
-    /// Prompt ids in analysis order (the order of the PCA / t-SNE coordinates).
-    #[serde(default)]
-    pub prompt_ids: Vec<String>,
-    /// Category of each prompt in `prompt_ids` order. Not part of the DESIGN.md schema; read when
-    /// present, otherwise filled by the report from its prompt table
-    /// ([`Results::fill_prompt_categories`]).
-    #[serde(default)]
+    /// The parsed file.
+    pub analysis: AnalysisResults,
+    /// Category of each prompt in `prompt_ids` order; filled from the prompt table by
+    /// [`Results::fill_prompt_categories`] ("unknown" for ids without a prompt row).
     pub prompt_categories: Vec<String>,
-    /// Prompts excluded from the analysis.
-    #[serde(default)]
-    pub dropped_prompts: Vec<DroppedPrompt>,
-    /// "exact_pairs" or "gram_sums".
-    #[serde(default)]
-    pub path: String,
-    /// Headline similarity numbers.
-    #[serde(default)]
-    pub similarity: Similarity,
-    /// Category × category mean similarity.
-    #[serde(default)]
-    pub category_similarity_matrix: CategoryMatrix,
-    /// Per-layer statistics.
-    #[serde(default)]
-    pub per_layer: Vec<LayerStats>,
-    /// Null-model baselines.
-    #[serde(default)]
-    pub baselines: Baselines,
-    /// Significance tests (raw JSON; see the accessor methods).
-    #[serde(default)]
-    pub significance: serde_json::Value,
-    /// PCA.
-    #[serde(default)]
-    pub pca: Section<Pca>,
-    /// t-SNE.
-    #[serde(default)]
-    pub tsne: Section<Tsne>,
-    /// Logistic-regression cross-validation.
-    #[serde(default)]
-    pub logreg_5fold: Section<Logreg>,
+}
+
+impl Deref for Results {
+    type Target = AnalysisResults;
+    fn deref(&self) -> &AnalysisResults {
+        &self.analysis
+    }
+}
+
+impl DerefMut for Results {
+    fn deref_mut(&mut self) -> &mut AnalysisResults {
+        &mut self.analysis
+    }
+}
+
+impl From<AnalysisResults> for Results {
+    fn from(analysis: AnalysisResults) -> Self {
+        Results {
+            analysis,
+            prompt_categories: Vec::new(),
+        }
+    }
 }
 
 impl Results {
     /// Parses `results.json` text; `origin` names the file in errors.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Results> {
-        serde_json::from_str(text).map_err(|e| ReportError::Parse {
-            path: origin.to_path_buf(),
-            line: e.line(),
-            msg: e.to_string(),
-        })
+        match AnalysisResults::from_json_str(text) {
+            Ok(a) => Ok(a.into()),
+            Err(ResultsReadError::Json(e)) => Err(ReportError::Parse {
+                path: origin.to_path_buf(),
+                line: e.line(),
+                msg: e.to_string(),
+            }),
+            Err(e @ ResultsReadError::UnsupportedVersion { .. }) => Err(ReportError::Schema {
+                path: origin.to_path_buf(),
+                msg: e.to_string(),
+            }),
+        }
     }
 
     /// Reads and parses a `results.json` file.
@@ -312,8 +74,8 @@ impl Results {
         Results::from_json_str(&text, path)
     }
 
-    /// Fills `prompt_categories` from a prompt id → category map when results.json did not carry
-    /// it (unknown ids get "unknown").
+    /// Fills `prompt_categories` from a prompt id → category map unless it already has one
+    /// entry per prompt (unknown ids get "unknown").
     pub fn fill_prompt_categories(&mut self, map: &BTreeMap<String, String>) {
         if self.prompt_categories.len() == self.prompt_ids.len() && !self.prompt_ids.is_empty() {
             return;
@@ -350,88 +112,49 @@ impl Results {
         synthetic_kind_of(&self.input.manifest)
     }
 
-    fn sig(&self, section: &str) -> Option<&serde_json::Value> {
-        self.significance.get(section).filter(|v| v.is_object())
-    }
-
     /// Label-permutation p-value of (within − across).
     pub fn p_within_minus_across(&self) -> Option<f64> {
-        let s = self.sig("label_permutation")?;
-        first_f64(s, &["p_within_minus_across", "p_diff", "p_value", "p"])
+        let s = self.significance.label_permutation.done()?;
+        Some(s.p_within_minus_across)
     }
 
     /// Label-permutation p-value of Cohen's d.
     pub fn p_cohens_d(&self) -> Option<f64> {
-        let s = self.sig("label_permutation")?;
-        first_f64(s, &["p_cohens_d", "p_d"])
+        let s = self.significance.label_permutation.done()?;
+        Some(s.p_cohens_d)
     }
 
     /// Number of label permutations.
-    pub fn label_permutation_reps(&self) -> Option<u64> {
-        let s = self.sig("label_permutation")?;
-        first_f64(s, &["reps", "permutations", "n"]).map(|v| v as u64)
+    pub fn label_permutation_reps(&self) -> Option<usize> {
+        let s = self.significance.label_permutation.done()?;
+        Some(s.reps)
     }
 
     /// Bootstrap 95 % CI of Cohen's d.
     pub fn cohens_d_ci(&self) -> Option<(f64, f64)> {
-        let s = self.sig("bootstrap")?;
-        first_ci(
-            s,
-            &[
-                "cohens_d_ci",
-                "cohens_d_ci95",
-                "ci_cohens_d",
-                "d_ci",
-                "cohens_d",
-                "ci",
-            ],
-        )
+        let [lo, hi] = self.significance.bootstrap.done()?.cohens_d_ci95;
+        Some((lo, hi))
     }
 
     /// Bootstrap 95 % CI of the classifier accuracy.
     pub fn accuracy_ci(&self) -> Option<(f64, f64)> {
-        let s = self.sig("bootstrap")?;
-        first_ci(
-            s,
-            &[
-                "accuracy_ci",
-                "accuracy_ci95",
-                "ci_accuracy",
-                "classifier_accuracy_ci",
-                "accuracy",
-            ],
-        )
-        .or_else(|| {
-            let c = self.sig("classifier_permutation")?;
-            first_ci(c, &["accuracy_ci", "accuracy_ci95", "ci_accuracy"])
-        })
+        let [lo, hi] = self.significance.bootstrap.done()?.accuracy_ci95?;
+        Some((lo, hi))
     }
 
     /// Number of bootstrap resamples.
-    pub fn bootstrap_reps(&self) -> Option<u64> {
-        let s = self.sig("bootstrap")?;
-        first_f64(s, &["reps", "resamples", "b", "n"]).map(|v| v as u64)
+    pub fn bootstrap_reps(&self) -> Option<usize> {
+        Some(self.significance.bootstrap.done()?.reps)
     }
 
     /// Classifier label-permutation p-value.
     pub fn p_classifier(&self) -> Option<f64> {
-        let s = self.sig("classifier_permutation")?;
-        first_f64(s, &["p_accuracy", "p_value", "p"])
+        Some(self.significance.classifier_permutation.done()?.p)
     }
 
     /// Number of classifier permutations.
-    pub fn classifier_permutation_reps(&self) -> Option<u64> {
-        let s = self.sig("classifier_permutation")?;
-        first_f64(s, &["reps", "permutations", "n"]).map(|v| v as u64)
-    }
-
-    /// Skip reason of a significance sub-section, if it says `{"skipped": ...}`.
-    pub fn significance_skipped(&self, section: &str) -> Option<String> {
-        self.significance
-            .get(section)?
-            .get("skipped")?
-            .as_str()
-            .map(str::to_string)
+    pub fn classifier_permutation_reps(&self) -> Option<usize> {
+        Some(self.significance.classifier_permutation.done()?.reps)
     }
 }
 
@@ -495,46 +218,6 @@ pub fn synthetic_kind_of(manifest: &serde_json::Value) -> Option<SyntheticKind> 
     None
 }
 
-fn first_f64(v: &serde_json::Value, keys: &[&str]) -> Option<f64> {
-    keys.iter().find_map(|k| v.get(*k).and_then(|x| x.as_f64()))
-}
-
-fn ci_of(v: &serde_json::Value) -> Option<(f64, f64)> {
-    if let Some(a) = v.as_array() {
-        if a.len() == 2 {
-            return Some((a[0].as_f64()?, a[1].as_f64()?));
-        }
-        return None;
-    }
-    if v.is_object() {
-        for (lo, hi) in [
-            ("lo", "hi"),
-            ("low", "high"),
-            ("ci_low", "ci_high"),
-            ("lower", "upper"),
-            ("ci_lower", "ci_upper"),
-            ("p2_5", "p97_5"),
-        ] {
-            if let (Some(a), Some(b)) = (
-                v.get(lo).and_then(|x| x.as_f64()),
-                v.get(hi).and_then(|x| x.as_f64()),
-            ) {
-                return Some((a, b));
-            }
-        }
-        for k in ["ci", "ci95"] {
-            if let Some(c) = v.get(k).and_then(ci_of) {
-                return Some(c);
-            }
-        }
-    }
-    None
-}
-
-fn first_ci(v: &serde_json::Value, keys: &[&str]) -> Option<(f64, f64)> {
-    keys.iter().find_map(|k| v.get(*k).and_then(ci_of))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,35 +253,40 @@ mod tests {
     }
 
     #[test]
-    fn sections_parse_present_skipped_absent_and_null() {
-        let r = Results::from_json_str(
-            r#"{"tsne": {"skipped": "too few"}, "pca": null,
-                "logreg_5fold": {"accuracy_mean": 0.5, "labels": ["a"]}}"#,
-            Path::new("r.json"),
-        )
-        .unwrap();
-        assert_eq!(r.tsne.why_missing().unwrap(), "skipped: too few");
-        assert_eq!(r.pca, Section::Absent);
-        assert_eq!(r.baselines.permutation, Section::Absent);
-        assert_eq!(r.logreg_5fold.get().unwrap().accuracy_mean, 0.5);
-    }
-
-    #[test]
-    fn significance_accessors_accept_key_variants() {
-        let mut r = Results {
-            significance: json!({
-                "label_permutation": {"p_within_minus_across": 0.01, "p_cohens_d": 0.02},
-                "bootstrap": {"cohens_d": {"ci_low": 1.0, "ci_high": 2.0}},
-                "classifier_permutation": {"p_value": 0.03}
-            }),
+    fn significance_accessors_read_the_typed_sections() {
+        let mut r = Results::default();
+        assert_eq!(r.p_within_minus_across(), None);
+        assert_eq!(r.cohens_d_ci(), None);
+        r.significance.label_permutation = Section::Done(LabelPermutation {
+            reps: 99,
+            p_within_minus_across: 0.01,
+            p_cohens_d: 0.02,
             ..Default::default()
-        };
+        });
+        r.significance.bootstrap = Section::Done(Bootstrap {
+            reps: 50,
+            cohens_d_ci95: [1.0, 2.0],
+            accuracy_ci95: None,
+            ..Default::default()
+        });
+        r.significance.classifier_permutation = Section::Done(ClassifierPermutation {
+            p: 0.03,
+            reps: 7,
+            ..Default::default()
+        });
         assert_eq!(r.p_within_minus_across(), Some(0.01));
         assert_eq!(r.p_cohens_d(), Some(0.02));
+        assert_eq!(r.label_permutation_reps(), Some(99));
         assert_eq!(r.cohens_d_ci(), Some((1.0, 2.0)));
+        assert_eq!(r.bootstrap_reps(), Some(50));
+        assert_eq!(r.accuracy_ci(), None);
         assert_eq!(r.p_classifier(), Some(0.03));
-        r.significance = json!({"bootstrap": {"skipped": "n too small"}});
+        assert_eq!(r.classifier_permutation_reps(), Some(7));
+        r.significance.bootstrap = Section::skipped("n too small");
         assert_eq!(r.cohens_d_ci(), None);
-        assert_eq!(r.significance_skipped("bootstrap").unwrap(), "n too small");
+        assert_eq!(
+            r.significance.bootstrap.why_missing().as_deref(),
+            Some("skipped: n too small")
+        );
     }
 }

@@ -4,7 +4,11 @@
 //! (values printed in heatmap cells with contrast-aware text colour, marker shapes per category,
 //! legends placed outside the plot area, small-multiple heatmaps), and we need byte-identical
 //! output with fixed float formatting and no font-metric dependency. SVG is plain XML, so a
-//! few hundred lines give full control over layout and determinism.
+//! few hundred lines give full control over layout and determinism. (Re-examined for issue 15;
+//! the reasons are recorded in docs/DESIGN.md, "Decisions".)
+//!
+//! This is the only SVG toolkit of the workspace: the study's figures (`figures.rs`) and the
+//! routing-health figures (`health_figures.rs`) share its palette, font stack and escaping.
 
 use std::fmt::Write as _;
 
@@ -103,6 +107,50 @@ pub fn num(x: f64, decimals: usize) -> String {
     }
 }
 
+/// `x` rounded to `digits` significant digits (at least 1): fixed notation for
+/// 1e-3 ≤ |x| < 1e6 (`0.00123`, `12.3`, `123000`), scientific otherwise (`1.23e-5`); "0" for
+/// zero, "n/a" for non-finite values, never "-0". Used for statistics shown to readers, whose
+/// magnitude is not known in advance (a fixed number of decimals would print 0.000 or 17 digits).
+pub fn sig(x: f64, digits: usize) -> String {
+    if !x.is_finite() {
+        return "n/a".into();
+    }
+    if x == 0.0 {
+        return "0".into();
+    }
+    let digits = digits.clamp(1, 17);
+    // Rust's exponent formatting rounds to `digits` significant digits; its exponent is the
+    // magnitude after rounding (0.99996 → 1.00e0).
+    let e_form = format!("{:.*e}", digits - 1, x);
+    let exp: i32 = e_form
+        .rsplit('e')
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    if !(-3..6).contains(&exp) {
+        return e_form;
+    }
+    num(x, (digits as i32 - 1 - exp).max(0) as usize)
+}
+
+/// [`sig`] with 4 significant digits and without trailing zeros, for numbers a user typed
+/// (`0.04`, not `0.04000`).
+pub fn short(x: f64) -> String {
+    let s = sig(x, 4);
+    let (mantissa, exp) = match s.split_once('e') {
+        Some((m, e)) => (m, format!("e{e}")),
+        None => (s.as_str(), String::new()),
+    };
+    if mantissa.contains('.') {
+        format!(
+            "{}{exp}",
+            mantissa.trim_end_matches('0').trim_end_matches('.')
+        )
+    } else {
+        s
+    }
+}
+
 /// Coordinates in SVG output: two decimals.
 fn c(x: f64) -> String {
     num(x, 2)
@@ -186,9 +234,38 @@ impl Svg {
 
     /// Filled rectangle.
     pub fn rect(&mut self, x: f64, y: f64, w: f64, h: f64, fill: &str, extra: &str) {
-        let _ = writeln!(
+        self.rect_inner(x, y, w, h, fill, extra, None);
+    }
+
+    /// Filled rectangle with a tooltip (`<title>` child, escaped).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rect_titled(
+        &mut self,
+        x: f64,
+        y: f64,
+        w: f64,
+        h: f64,
+        fill: &str,
+        extra: &str,
+        tooltip: &str,
+    ) {
+        self.rect_inner(x, y, w, h, fill, extra, Some(tooltip));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rect_inner(
+        &mut self,
+        x: f64,
+        y: f64,
+        w: f64,
+        h: f64,
+        fill: &str,
+        extra: &str,
+        tooltip: Option<&str>,
+    ) {
+        let _ = write!(
             self.body,
-            r#"<rect x="{}" y="{}" width="{}" height="{}" fill="{}"{}{}/>"#,
+            r#"<rect x="{}" y="{}" width="{}" height="{}" fill="{}"{}{}"#,
             c(x),
             c(y),
             c(w.max(0.0)),
@@ -197,6 +274,10 @@ impl Svg {
             if extra.is_empty() { "" } else { " " },
             extra
         );
+        let _ = match tooltip {
+            Some(t) => writeln!(self.body, "><title>{}</title></rect>", esc(t)),
+            None => writeln!(self.body, "/>"),
+        };
     }
 
     /// Straight line.
@@ -684,6 +765,90 @@ pub fn colorbar(
     svg.text(lx, ly, label, 11.0, Anchor::Middle, "");
 }
 
+/// Grey of cells that carry no comparison (e.g. the diagonal of a co-activation heatmap).
+pub const DIAGONAL_GREY: &str = "#bbbbbb";
+
+/// Centre of the diverging scale: light grey, so white (no data) stays distinguishable.
+const DIVERGING_MID: (u8, u8, u8) = (0xf7, 0xf7, 0xf7);
+
+fn hex_rgb(hex: &str) -> (u8, u8, u8) {
+    let b = hex.as_bytes();
+    let h = |i: usize| {
+        std::str::from_utf8(&b[i..i + 2])
+            .ok()
+            .and_then(|s| u8::from_str_radix(s, 16).ok())
+            .unwrap_or(0)
+    };
+    (h(1), h(3), h(5))
+}
+
+/// Diverging colour for `v` in [−1, 1] (clamped; NaN maps to the centre): Okabe–Ito orange
+/// (−1) → light grey (0) → Okabe–Ito blue (+1). Used for log ratios, where 0 means "as
+/// expected"; sequential quantities use [`viridis`].
+pub fn diverging(v: f64) -> String {
+    let v = if v.is_finite() {
+        v.clamp(-1.0, 1.0)
+    } else {
+        0.0
+    };
+    let (to, t) = if v < 0.0 {
+        (hex_rgb(OKABE_ITO[1]), -v)
+    } else {
+        (hex_rgb(OKABE_ITO[0]), v)
+    };
+    let mix = |a: u8, b: u8| (a as f64 + (b as f64 - a as f64) * t).round() as u8;
+    format!(
+        "#{:02x}{:02x}{:02x}",
+        mix(DIVERGING_MID.0, to.0),
+        mix(DIVERGING_MID.1, to.1),
+        mix(DIVERGING_MID.2, to.2)
+    )
+}
+
+/// Vertical [`diverging`] colour bar from −1 (bottom) to +1 (top), drawn like [`colorbar`];
+/// `ticks` are (position in [−1, 1], label) pairs.
+#[allow(clippy::too_many_arguments)]
+pub fn diverging_colorbar(
+    svg: &mut Svg,
+    id: &str,
+    x: f64,
+    y: f64,
+    w: f64,
+    h: f64,
+    ticks: &[(f64, String)],
+    label: &str,
+) {
+    let grad = format!("{id}-cbar");
+    let mut stops = String::new();
+    for i in 0..=10 {
+        let t = i as f64 / 10.0;
+        let _ = write!(
+            stops,
+            r#"<stop offset="{}" stop-color="{}"/>"#,
+            num(t, 1),
+            diverging(1.0 - 2.0 * t)
+        );
+    }
+    svg.raw(&format!(
+        r#"<defs><linearGradient id="{}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>"#,
+        esc(&grad)
+    ));
+    svg.rect(
+        x,
+        y,
+        w,
+        h,
+        &format!("url(#{})", esc(&grad)),
+        r##"stroke="#555555" stroke-width="0.8""##,
+    );
+    for (v, text) in ticks.iter().filter(|(v, _)| (-1.0..=1.0).contains(v)) {
+        let ty = y + h - (v + 1.0) / 2.0 * h;
+        svg.line(x + w, ty, x + w + 4.0, ty, "#555555", 1.0);
+        svg.text(x + w + 7.0, ty + 4.0, text, 11.0, Anchor::Start, "");
+    }
+    svg.text(x + w / 2.0, y - 8.0, label, 11.0, Anchor::Middle, "");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -721,5 +886,52 @@ mod tests {
     #[test]
     fn escaping() {
         assert_eq!(esc("<a & 'b'>"), "&lt;a &amp; &#39;b&#39;&gt;");
+        assert_eq!(esc("a'b\"<c>&"), "a&#39;b&quot;&lt;c&gt;&amp;");
+    }
+
+    #[test]
+    fn significant_digits() {
+        assert_eq!(sig(0.123456789, 3), "0.123");
+        assert_eq!(sig(12.3456, 3), "12.3");
+        assert_eq!(sig(123456.0, 3), "123456");
+        assert_eq!(sig(0.99996, 3), "1.00");
+        assert_eq!(sig(-0.0012345, 2), "-0.0012");
+        assert_eq!(sig(-0.00012345, 2), "-1.2e-4");
+        assert_eq!(sig(1.2345e-7, 3), "1.23e-7");
+        assert_eq!(sig(9.87654e9, 3), "9.88e9");
+        assert_eq!(sig(0.0, 3), "0");
+        assert_eq!(sig(-0.0, 3), "0");
+        assert_eq!(sig(f64::NAN, 3), "n/a");
+        assert_eq!(sig(0.5, 0), "0.5");
+    }
+
+    #[test]
+    fn short_numbers_lose_trailing_zeros() {
+        assert_eq!(short(0.04), "0.04");
+        assert_eq!(short(0.5), "0.5");
+        assert_eq!(short(1.0), "1");
+        assert_eq!(short(0.123456), "0.1235");
+        assert_eq!(short(1e-5), "1e-5");
+        assert_eq!(short(1.25e-7), "1.25e-7");
+        assert_eq!(short(120.0), "120");
+    }
+
+    #[test]
+    fn diverging_scale_runs_orange_grey_blue() {
+        assert_eq!(diverging(-1.0), "#e69f00");
+        assert_eq!(diverging(0.0), "#f7f7f7");
+        assert_eq!(diverging(1.0), "#0072b2");
+        assert_eq!(diverging(5.0), diverging(1.0));
+        assert_eq!(diverging(f64::NAN), diverging(0.0));
+    }
+
+    #[test]
+    fn tooltip_rects_are_escaped() {
+        let mut s = Svg::new("t", 10.0, 10.0);
+        s.rect_titled(0.0, 0.0, 1.0, 1.0, "#000000", "", "a<b");
+        s.rect(0.0, 0.0, 1.0, 1.0, "#000000", "");
+        let out = s.finish("", "");
+        assert!(out.contains(r##"fill="#000000"><title>a&lt;b</title></rect>"##));
+        assert!(out.contains(r##"fill="#000000"/>"##));
     }
 }

@@ -13,6 +13,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The routing-health section of `fixtures/health/run_a` (records with probs: every health
+/// figure available).
+fn health_section() -> moe_xray_report::HealthSection {
+    use moe_xray_health::{accumulate_run, resolve_run, HealthOptions};
+    let dir = moe_xray_test_support::fixture("health/run_a");
+    let run = resolve_run(&dir).unwrap();
+    let acc = accumulate_run(&run, None, HealthOptions::default()).unwrap();
+    moe_xray_report::HealthSection::new(&acc, acc.report(), None, 2)
+}
+
 fn find_chromium() -> Option<PathBuf> {
     let fixed = Path::new("/usr/bin/chromium");
     if fixed.is_file() {
@@ -175,7 +185,8 @@ fn report_renders_in_headless_chromium() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let input = common::input();
+    let mut input = common::input();
+    input.health = Some(health_section());
     let report = moe_xray_report::write_report(dir.path().join("out"), &input).unwrap();
     let url = format!("file://{}", report.display());
 
@@ -186,9 +197,14 @@ fn report_renders_in_headless_chromium() {
         "DOM dump looks wrong: {}",
         &dom[..dom.len().min(300)]
     );
-    let figs =
+    let mut figs =
         moe_xray_report::render_figures(&input.results_with_categories(), input.usage.as_ref());
     assert_eq!(figs.len(), 7);
+    // the routing-health figures are drawn with the same toolkit and checked the same way
+    let health_figs = &input.health.as_ref().unwrap().figures;
+    assert_eq!(health_figs.len(), 2);
+    assert!(health_figs.iter().all(|f| f.available));
+    figs.extend(health_figs.iter().cloned());
     for f in &figs {
         let needle = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{}\"", f.id);
         assert!(
@@ -208,6 +224,13 @@ fn report_renders_in_headless_chromium() {
     assert!(
         !dom.contains("random-weight"),
         "real-model fixture must not get the synthetic warning"
+    );
+
+    assert!(
+        dom.contains(
+            "<tr class=\"group\"><th colspan=\"3\" scope=\"rowgroup\">Load balance</th></tr>"
+        ),
+        "grouped health table missing from the DOM"
     );
 
     // 2. Full-page screenshot (1200 × 3000): not blank, the figures' colours are painted.

@@ -237,7 +237,7 @@ fn skipped_sections_become_labelled_placeholders() {
     .unwrap();
     v["tsne"] = serde_json::json!({"skipped": "fewer than 4 prompts"});
     v["logreg_5fold"] = serde_json::json!({"skipped": "class 'math' has 2 prompts < 5 folds"});
-    v.as_object_mut().unwrap().remove("pca");
+    v["pca"] = serde_json::json!({"skipped": "not computed on the gram_sums path"});
     let r = moe_xray_report::Results::from_json_str(&v.to_string(), std::path::Path::new("x.json"))
         .unwrap();
     let figs = render_figures(&r, None);
@@ -258,11 +258,56 @@ fn skipped_sections_become_labelled_placeholders() {
         .svg
         .contains("class &#39;math&#39; has 2 prompts"));
     assert!(!by("fig4-pca").available);
-    assert!(by("fig4-pca").svg.contains("not in results.json"));
+    assert!(by("fig4-pca")
+        .svg
+        .contains("skipped: not computed on the gram_sums path"));
     assert!(!by("fig7-expert-usage").available);
     assert!(by("fig1-category-similarity").available);
     for f in &figs {
         parse(&f.svg);
+    }
+}
+
+#[test]
+fn results_json_must_be_exactly_the_schema() {
+    let text = std::fs::read_to_string(common::data_dir().join("results.json")).unwrap();
+    let origin = std::path::Path::new("runs/x/results.json");
+    let parse = |t: &str| moe_xray_report::Results::from_json_str(t, origin);
+    // The committed fixture is the schema.
+    parse(&text).unwrap();
+    // A missing section is an error naming the file, the line and the field.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_object_mut().unwrap().remove("pca");
+    let err = parse(&serde_json::to_string_pretty(&v).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("runs/x/results.json:"), "{err}");
+    assert!(err.contains("missing field `pca`"), "{err}");
+    // Guessed spellings are not accepted: `cohens_d_ci` is not `cohens_d_ci95`.
+    let renamed = text.replacen("\"cohens_d_ci95\"", "\"cohens_d_ci\"", 1);
+    let err = parse(&renamed).unwrap_err().to_string();
+    assert!(err.contains("cohens_d_ci95"), "{err}");
+    // Another major schema_version is refused before its fields are read.
+    for (version, shown) in [("2", "2"), ("\"1\"", "\"1\""), ("null", "null")] {
+        let other = text.replacen(
+            "\"schema_version\": 1,",
+            &format!("\"schema_version\": {version},"),
+            1,
+        );
+        let err = parse(&other).unwrap_err();
+        assert!(
+            matches!(err, moe_xray_report::ReportError::Schema { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("runs/x/results.json: results.json schema_version "),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("schema_version {shown} is not supported")),
+            "{msg}"
+        );
     }
 }
 

@@ -94,7 +94,7 @@ fn manifest_settings_and_command_are_shown() {
     );
     assert!(m.contains("<td>generation.max_new_tokens</td><td>32</td>"));
     assert!(m.contains("<td>settings.seed</td><td>0</td>"));
-    assert!(m.contains("<td>bootstrap.cohens_d_ci</td><td>[2.01, 2.63]</td>"));
+    assert!(m.contains("<td>bootstrap.cohens_d_ci95</td><td>[2.01, 2.63]</td>"));
     let r = section(&html, "reproduce");
     assert!(r.contains("moe-xray run --out &#39;a&amp;b&#39; &lt;x&gt;"));
 }
@@ -140,7 +140,11 @@ fn synthetic_model_is_flagged_as_no_evidence() {
 fn no_separation_is_reported_honestly() {
     let mut input = common::input();
     input.results.similarity.cohens_d = 0.1;
-    input.results.significance["bootstrap"]["cohens_d_ci"] = serde_json::json!([-0.2, 0.4]);
+    let moe_xray_report::results::Section::Done(b) = &mut input.results.significance.bootstrap
+    else {
+        panic!("fixture has a bootstrap section")
+    };
+    b.cohens_d_ci95 = [-0.2, 0.4];
     let html = render_report(&input);
     assert!(section(&html, "interpretation").contains("No reliable category separation"));
 }
@@ -150,7 +154,8 @@ fn health_section_is_included_when_given() {
     let mut input = common::input();
     assert!(!render_report(&input).contains("id=\"health\""));
     input.health = Some(HealthSection {
-        summary: Some(serde_json::json!({"overall": {"dead_experts": 3, "gini": 0.21}})),
+        report: None,
+        mutual_information: None,
         figures: vec![Figure {
             id: "health-load".into(),
             title: "Figure 8. Expert load".into(),
@@ -162,7 +167,7 @@ fn health_section_is_included_when_given() {
     });
     let html = render_report(&input);
     let h = section(&html, "health");
-    assert!(h.contains("<td>overall.dead_experts</td><td>3</td>"));
+    assert!(h.contains("(no health summary recorded)"));
     assert!(h.contains("<figure id=\"figure-health-load\""));
     assert!(h.contains("Load &lt;share&gt; per expert."));
     assert!(h.contains("Dead experts &lt;never selected&gt;."));

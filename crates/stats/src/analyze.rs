@@ -13,7 +13,7 @@
 use crate::baselines::{run_baseline, Baseline};
 use crate::cv;
 use crate::error::{Result, StatsError};
-use crate::input::{build_input, AnalysisInput, PromptRow};
+use crate::input::{build_input, AnalysisInput, DroppedPrompt, PromptRow};
 use crate::large_n::{GramAccumulator, GramSummary};
 use crate::pca::{pca, SignConvention};
 use crate::results::*;
@@ -129,15 +129,64 @@ impl Outputs {
     }
 }
 
-fn settings(opts: &AnalyzeOptions) -> Settings {
-    Settings {
-        token_types: opts.token_types.clone(),
-        weighted: opts.weighted,
-        reps: opts.reps,
-        seed: opts.seed,
-        perm_reps: opts.perm_reps,
-        boot_reps: opts.boot_reps,
-        classifier_perm_reps: opts.classifier_perm_reps,
+/// The parts of `results.json` that both paths compute: the header (version, inputs, settings,
+/// dimensions, categories, prompts) and the pair statistics.
+struct Common {
+    num_layers: usize,
+    num_experts: usize,
+    top_k: usize,
+    categories: Vec<CategoryCount>,
+    prompt_ids: Vec<String>,
+    dropped_prompts: Vec<DroppedPrompt>,
+    path: AnalysisPath,
+    similarity: SimilaritySummary,
+    category_similarity_matrix: CategoryMatrix,
+    per_layer: Vec<LayerStats>,
+}
+
+/// The sections that need all prompts in memory (computed on the exact path only).
+struct AllPromptSections {
+    baselines: Baselines,
+    significance: Significance,
+    pca: Section<PcaResult>,
+    tsne: Section<TsneResult>,
+    logreg_5fold: Section<LogRegResult>,
+}
+
+/// Assembles `results.json`; the header is built here and only here.
+fn assemble(opts: &AnalyzeOptions, c: Common, s: AllPromptSections) -> AnalysisResults {
+    AnalysisResults {
+        schema_version: SCHEMA_VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        input: InputInfo {
+            traces: opts.traces.clone(),
+            manifest: opts.manifest.clone(),
+        },
+        settings: Settings {
+            token_types: opts.token_types.clone(),
+            weighted: opts.weighted,
+            reps: opts.reps,
+            seed: opts.seed,
+            perm_reps: opts.perm_reps,
+            boot_reps: opts.boot_reps,
+            classifier_perm_reps: opts.classifier_perm_reps,
+        },
+        num_prompts: c.prompt_ids.len(),
+        num_layers: c.num_layers,
+        num_experts: c.num_experts,
+        top_k: c.top_k,
+        categories: c.categories,
+        prompt_ids: c.prompt_ids,
+        dropped_prompts: c.dropped_prompts,
+        path: c.path,
+        similarity: c.similarity,
+        category_similarity_matrix: c.category_similarity_matrix,
+        per_layer: c.per_layer,
+        baselines: s.baselines,
+        significance: s.significance,
+        pca: s.pca,
+        tsne: s.tsne,
+        logreg_5fold: s.logreg_5fold,
     }
 }
 
@@ -190,12 +239,7 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
         } else {
             let perplexity = tsne::default_perplexity(n);
             match tsne::tsne(&sig, n, d, perplexity) {
-                Ok(t) => Section::Done(serde_json::json!({
-                    "coords": t.coords,
-                    "kl_divergence": t.kl_divergence,
-                    "perplexity": t.perplexity,
-                    "n_iter": t.n_iter,
-                })),
+                Ok(t) => Section::Done(t),
                 Err(e) => Section::skipped(e.to_string()),
             }
         };
@@ -222,15 +266,7 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
         }),
     };
     let sizes = input.category_sizes();
-    let results = AnalysisResults {
-        schema_version: SCHEMA_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        input: InputInfo {
-            traces: opts.traces.clone(),
-            manifest: opts.manifest.clone(),
-        },
-        settings: settings(opts),
-        num_prompts: n,
+    let common = Common {
         num_layers: nl,
         num_experts: ne,
         top_k: input.top_k,
@@ -245,10 +281,12 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
             .collect(),
         prompt_ids: input.prompt_ids.clone(),
         dropped_prompts: input.dropped.clone(),
-        path: PATH_EXACT.to_string(),
+        path: AnalysisPath::ExactPairs,
         similarity,
         category_similarity_matrix: cat_matrix,
         per_layer: layers,
+    };
+    let sections = AllPromptSections {
         baselines,
         significance: Significance {
             label_permutation: label_perm,
@@ -259,6 +297,7 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
         tsne: tsne_res,
         logreg_5fold: logreg,
     };
+    let results = assemble(opts, common, sections);
     Ok(ExactOutputs {
         results,
         signatures: sig,
@@ -272,9 +311,9 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
 }
 
 type ClassifierSections = (
-    Section<serde_json::Value>,
+    Section<LogRegResult>,
     Option<[f64; 2]>,
-    Section<serde_json::Value>,
+    Section<ClassifierPermutation>,
 );
 
 /// Cross-validated logistic regression, its accuracy bootstrap and its permutation test
@@ -285,8 +324,8 @@ fn classifier(
     opts: &AnalyzeOptions,
 ) -> Result<ClassifierSections> {
     if opts.skip_classifier {
-        let s = || Section::skipped("disabled (--no-classifier)");
-        return Ok((s(), None, s()));
+        let why = "disabled (--no-classifier)";
+        return Ok((Section::skipped(why), None, Section::skipped(why)));
     }
     let (n, d) = (input.n(), input.dim());
     let from_file = match (&opts.folds, &opts.folds_file) {
@@ -331,32 +370,40 @@ fn classifier(
     let res = match cvres {
         cv::CvOutcome::Done(r) => r,
         cv::CvOutcome::Skipped { reason } => {
-            let s = || Section::skipped(reason.clone());
-            return Ok((s(), None, s()));
+            return Ok((
+                Section::skipped(reason.clone()),
+                None,
+                Section::skipped(reason),
+            ));
         }
     };
-    let logreg = Section::Done(serde_json::json!({
-        "fold_accuracies": res.fold_accuracies,
-        "accuracy_mean": res.accuracy_mean,
-        "accuracy_std": res.accuracy_std,
-        "macro_f1_oof": res.macro_f1_oof,
-        "confusion": res.confusion,
-        "labels": res.labels,
-        "chance": res.chance,
-        "n_folds": n_folds,
-        "oof_predictions": res.oof_predictions.iter().map(|&p| input.categories[p].clone()).collect::<Vec<_>>(),
-    }));
     let boot_seed = sub_rng(opts.seed, tags::ACCURACY_BOOTSTRAP, 0).next_u64();
     let acc_ci =
         cv::accuracy_bootstrap_ci(&res.correct, opts.boot_reps, boot_seed).map(|b| [b.lo, b.hi]);
+    let oof_predictions = res
+        .oof_predictions
+        .iter()
+        .map(|&p| input.categories[p].clone())
+        .collect();
+    let logreg = Section::Done(LogRegResult {
+        accuracy_mean: res.accuracy_mean,
+        accuracy_std: res.accuracy_std,
+        chance: res.chance,
+        confusion: res.confusion,
+        fold_accuracies: res.fold_accuracies,
+        labels: res.labels,
+        macro_f1_oof: res.macro_f1_oof,
+        n_folds,
+        oof_predictions,
+    });
     let perm = match perm {
-        cv::CvOutcome::Done(p) => Section::Done(serde_json::json!({
-            "p": p.p_value,
-            "observed_accuracy": p.observed,
-            "null_mean": p.null_mean,
-            "reps": p.reps,
-            "seed": opts.seed,
-        })),
+        cv::CvOutcome::Done(p) => Section::Done(ClassifierPermutation {
+            null_mean: p.null_mean,
+            observed_accuracy: p.observed,
+            p: p.p_value,
+            reps: p.reps,
+            seed: opts.seed,
+        }),
         cv::CvOutcome::Skipped { reason } => Section::skipped(reason),
     };
     Ok((logreg, acc_ci, perm))
@@ -371,32 +418,23 @@ pub fn analyze_gram(
     opts: &AnalyzeOptions,
 ) -> AnalysisResults {
     let reason = "not computed on the gram_sums path (large N); use --exact-pairs for all sections";
-    AnalysisResults {
-        schema_version: SCHEMA_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        input: InputInfo {
-            traces: opts.traces.clone(),
-            manifest: opts.manifest.clone(),
-        },
-        settings: settings(opts),
-        num_prompts: g.prompt_ids.len(),
+    let common = Common {
         num_layers,
         num_experts,
         top_k: top_k.unwrap_or(0),
         categories: g
             .categories
-            .iter()
-            .map(|(c, n)| CategoryCount {
-                name: c.clone(),
-                n: *n,
-            })
+            .into_iter()
+            .map(|(name, n)| CategoryCount { name, n })
             .collect(),
         prompt_ids: g.prompt_ids,
         dropped_prompts: g.dropped,
-        path: PATH_GRAM.to_string(),
+        path: AnalysisPath::GramSums,
         similarity: g.similarity,
         category_similarity_matrix: g.category_matrix,
         per_layer: g.per_layer,
+    };
+    let sections = AllPromptSections {
         baselines: Baselines {
             permutation: Section::skipped(reason),
             load_balance_uniform: Section::skipped(reason),
@@ -410,7 +448,8 @@ pub fn analyze_gram(
         pca: Section::skipped(reason),
         tsne: Section::skipped(reason),
         logreg_5fold: Section::skipped(reason),
-    }
+    };
+    assemble(opts, common, sections)
 }
 
 /// Streams prompts and chooses the path: rows are buffered until the threshold is exceeded, then
@@ -632,8 +671,8 @@ mod tests {
         let e = exact.finish(None, &opts).unwrap();
         let a = auto.finish(None, &opts).unwrap();
         let (e, a) = (e.results(), a.results());
-        assert_eq!(e.path, PATH_EXACT);
-        assert_eq!(a.path, PATH_GRAM);
+        assert_eq!(e.path, AnalysisPath::ExactPairs);
+        assert_eq!(a.path, AnalysisPath::GramSums);
         assert_eq!(e.top_k, 2); // inferred from counts / tokens
         assert!((e.similarity.cohens_d - a.similarity.cohens_d).abs() < 1e-9);
         assert!(a.pca.done().is_none());

@@ -8,17 +8,23 @@
 //! Gram matrices `G_l = C_l C_lᵀ` of the synthetic counts (N×E per layer). When the counts are
 //! integers below 2^15 whose per-layer dot products stay below 2^31 (always the case for the
 //! load-balancing baselines at realistic token counts), the counts are stored as i16 and `G_l` is
-//! computed *exactly* in integers ([`crate::gram_i16`]): the result does not depend on the
+//! computed *exactly* in integers (`moe_xray_kernels::gram`): the result does not depend on the
 //! summation order, the SIMD kernel or the thread count. Otherwise (router-weighted counts, very
 //! long prompts) it is computed in f64 by the `gemm` crate. For E ≤ 64 experts the
-//! load-balancing draws come from [`crate::sampler`] (bit-mask k-subsets, four token lanes).
+//! load-balancing draws come from `moe_xray_kernels::sampler` (bit-mask k-subsets, four token
+//! lanes) and the permutations of 33–64 experts from `moe_xray_kernels::shuffle`. This file is
+//! the null models only: every SIMD kernel, lane mask and bit-sliced counter lives in the
+//! `moe-xray-kernels` crate.
 
-use crate::gram_i16::{accumulate_normalised, gram_upper};
 use crate::input::AnalysisInput;
 use crate::results::BaselineStats;
-use crate::sampler::{count_tokens, count_tokens_i16, AliasTable, Draw, Fields, Rng4};
 use crate::similarity::mean_std;
 use crate::{sub_rng, tags};
+use moe_xray_kernels::gram::{accumulate_normalised, gram_upper};
+use moe_xray_kernels::linalg::{gemm_f64, MatMut, MatRef};
+use moe_xray_kernels::rng::Rng4;
+use moe_xray_kernels::sampler::{count_tokens, count_tokens_i16, AliasTable, Draw, Fields};
+use moe_xray_kernels::shuffle;
 use rand::RngCore;
 use rayon::prelude::*;
 
@@ -40,37 +46,9 @@ impl Baseline {
     }
 }
 
-/// xoshiro256++ (Blackman & Vigna, "Scrambled linear pseudorandom number generators", 2021),
-/// seeded from the repetition's ChaCha8 stream ([`sub_rng`], see [`RepRng`]). Hand-written (12
-/// lines, reference algorithm) because the baselines consume ~10⁵ words per repetition and ChaCha8
-/// costs several times more per word; rand's `SmallRng` does not promise a fixed algorithm and
-/// `rand_xoshiro` is not a dependency.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Xoshiro256pp {
-    s: [u64; 4],
-}
-
-impl Xoshiro256pp {
-    /// From an explicit state (must not be all zero).
-    pub fn from_state(s: [u64; 4]) -> Self {
-        assert!(s != [0; 4], "xoshiro256++ state must not be all zero");
-        Xoshiro256pp { s }
-    }
-
-    #[inline]
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-}
+/// xoshiro256++ (Blackman & Vigna 2021), seeded from the repetition's ChaCha8 stream
+/// ([`sub_rng`], see [`RepRng`]); the one implementation lives in `moe_xray_kernels::rng`.
+pub use moe_xray_kernels::rng::Xoshiro256pp;
 
 /// The random words of one baseline repetition: xoshiro256++ seeded with the first four words of
 /// `sub_rng(seed, tag, rep)`.
@@ -80,16 +58,8 @@ pub struct RepRng {
 
 impl RepRng {
     pub fn new(seed: u64, tag: u64, rep: u64) -> Self {
-        let mut c = sub_rng(seed, tag, rep);
-        let mut s = [0u64; 4];
-        for x in &mut s {
-            *x = c.next_u64();
-        }
-        if s == [0; 4] {
-            s[0] = 1; // probability 2^-256; the all-zero state is a fixed point
-        }
         RepRng {
-            gen: Xoshiro256pp { s },
+            gen: Xoshiro256pp::from_rng(&mut sub_rng(seed, tag, rep)),
         }
     }
 
@@ -97,6 +67,17 @@ impl RepRng {
     pub fn next_u64(&mut self) -> u64 {
         self.gen.next_u64()
     }
+}
+
+/// The four-lane generator of repetition `rep` of `tag` (the samplers' and shuffles' stream):
+/// lane j seeded with words 4 + 4j .. 8 + 4j of `sub_rng(seed, tag, rep)` (words 0..4 seed
+/// [`RepRng`]), the tie stream with words 20..24.
+fn rng4(seed: u64, tag: u64, rep: u64) -> Rng4 {
+    let mut c = sub_rng(seed, tag, rep);
+    for _ in 0..4 {
+        c.next_u64();
+    }
+    Rng4::from_rng(&mut c)
 }
 
 /// The random words of baseline repetition `rep`.
@@ -167,6 +148,8 @@ trait Elem: Copy + Send + Sync + 'static {
     fn layer_gram(c: &[Self], n: usize, ne: usize, g: &mut [f64]);
     /// Counts of `t` tokens drawn by [`count_tokens`] (E ≤ 64) into `layer`.
     fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]);
+    /// The blocks of `ne` values of `src`, each permuted uniformly ([`shuffle`], 33 ≤ E ≤ 64).
+    fn permute_blocks(rng: &mut Rng4, src: &[Self], dst: &mut [Self], ne: usize);
     /// [`layer_gram`](Elem::layer_gram), the `inv` loop of [`rep_stats`] and
     /// [`accumulate_layer`] in one pass, with the same values; `false` (nothing written) when
     /// no fused kernel applies.
@@ -192,6 +175,9 @@ impl Elem for i16 {
     fn draw_counts(rng: &mut Rng4, t: u64, d: Draw, k: usize, layer: &mut [Self]) {
         count_tokens_i16(rng, t, d, k, layer);
     }
+    fn permute_blocks(rng: &mut Rng4, src: &[Self], dst: &mut [Self], ne: usize) {
+        shuffle::permute_blocks_i16(rng, src, dst, ne);
+    }
     fn accumulate_fused(c: &[Self], n: usize, ne: usize, inv: &mut [f64], acc: &mut [f64]) -> bool {
         accumulate_normalised(c, n, ne, inv, acc)
     }
@@ -211,6 +197,9 @@ impl Elem for f64 {
         for (x, &y) in layer.iter_mut().zip(&c) {
             *x = y as f64;
         }
+    }
+    fn permute_blocks(rng: &mut Rng4, src: &[Self], dst: &mut [Self], ne: usize) {
+        shuffle::permute_blocks(rng, src, dst, ne);
     }
 }
 
@@ -383,7 +372,7 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
     let input = s.input;
     let (n, nl, ne, k) = (input.n(), input.num_layers, input.num_experts, input.top_k);
     let mut rng = rep_rng(s.which, s.seed, rep);
-    let mut rng4 = Rng4::new(s.seed, s.which.tag(), rep);
+    let mut rng4 = rng4(s.seed, s.which.tag(), rep);
     let mut below = Below::new();
     let at = |l: usize, i: usize| (l * n + i) * ne;
     // Integer counts of one (prompt, layer), converted to T at the end. Consecutive tokens count
@@ -398,10 +387,10 @@ fn synth_counts<T: Elem>(s: &Setup, rep: u64, c: &mut [T], base: &[T]) {
         |layer: &mut [T], d: Draw, t: u64| T::draw_counts(&mut rng4, t, d, k, layer);
     match s.which {
         Baseline::Permutation => {
-            if crate::shuffle::uses_sort(ne) {
+            if shuffle::uses_sort(ne) {
                 // 33 ≤ E ≤ 64: every block (memory order) sorted by random keys from the four
-                // lanes of `rng4`, ties redrawn — exactly uniform, SIMD (see `shuffle.rs`).
-                crate::shuffle::permute_blocks(&mut rng4, base, c, ne);
+                // lanes of `rng4`, ties redrawn — exactly uniform (`moe_xray_kernels::shuffle`).
+                T::permute_blocks(&mut rng4, base, c, ne);
                 return;
             }
             // The observed counts, already in the layout and type of `c`.
@@ -538,32 +527,13 @@ fn f64_gram(c: &[f64], n: usize, ne: usize, g: &mut [f64]) {
     if n == 0 || ne == 0 {
         return;
     }
-    // SAFETY: dst is n×n with row stride n; lhs is c as n×ne (row stride ne); rhs is cᵀ, i.e.
-    // element (e, j) at j·ne + e; all in bounds by the assert above. With read_dst = false, gemm
-    // overwrites dst (dst := 1·lhs·rhs).
-    unsafe {
-        gemm::gemm(
-            n,
-            n,
-            ne,
-            g.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            c.as_ptr(),
-            1,
-            ne as isize,
-            c.as_ptr(),
-            ne as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    // dst (row-major n×n) := c · cᵀ, cᵀ viewed as element (e, j) at j·ne + e.
+    gemm_f64(
+        MatMut::new(g, n, n, n, 1),
+        MatRef::new(c, n, ne, ne, 1),
+        MatRef::new(c, ne, n, 1, ne),
+        false,
+    );
 }
 
 /// Per-repetition statistics `(m_r, q_r)` of the counts in `w.c`.
@@ -605,17 +575,8 @@ fn accumulate_layer(g: &[f64], inv: &[f64], acc: &mut [f64], n: usize) {
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") {
-        #[target_feature(enable = "avx")]
-        unsafe fn avx(g: &[f64], inv: &[f64], acc: &mut [f64], n: usize) {
-            body(g, inv, acc, n)
-        }
-        // SAFETY: AVX was detected at run time.
-        unsafe { avx(g, inv, acc, n) };
-        return;
-    }
-    body(g, inv, acc, n)
+    // Compiled with AVX where the CPU has it (same operations, same results).
+    moe_xray_kernels::cpu::with_avx(|| body(g, inv, acc, n))
 }
 
 fn run_reps<T: Elem>(s: &Setup, reps: usize) -> Vec<(f64, f64)> {

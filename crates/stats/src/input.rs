@@ -18,7 +18,7 @@ pub struct PromptRow {
 }
 
 /// A prompt left out of the analysis and why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DroppedPrompt {
     pub prompt_id: String,
     pub reason: String,
@@ -48,9 +48,9 @@ impl AnalysisInput {
     pub fn n(&self) -> usize {
         self.prompt_ids.len()
     }
-    /// Signature length L·E.
+    /// Signature length L·E (checked against the limits by [`build_input`]).
     pub fn dim(&self) -> usize {
-        self.num_layers * self.num_experts
+        self.num_layers.saturating_mul(self.num_experts)
     }
     /// Counts row of prompt `i`.
     pub fn counts_row(&self, i: usize) -> &[f64] {
@@ -77,7 +77,11 @@ pub fn empty_layer(counts: &[f64], num_layers: usize, num_experts: usize) -> Opt
 
 /// Check the shape of one row and that its counts are finite and non-negative.
 pub fn check_row(row: &PromptRow, num_layers: usize, num_experts: usize) -> Result<()> {
-    let d = num_layers * num_experts;
+    let d = num_layers.checked_mul(num_experts).ok_or_else(|| {
+        StatsError::Dimension(format!(
+            "num_layers × num_experts = {num_layers} × {num_experts} overflows"
+        ))
+    })?;
     if row.counts.len() != d {
         return Err(StatsError::Dimension(format!(
             "prompt {:?} has {} counts, expected L*E = {}*{} = {}",
@@ -116,7 +120,9 @@ pub fn build_input(
             "top_k = {top_k} must be between 1 and num_experts = {num_experts}"
         )));
     }
-    let d = num_layers * num_experts;
+    // Plain limits (docs/trace-format.md, "Limits") before anything is sized from L and E.
+    let d = moe_xray_trace::limits::check_dims(num_layers, num_experts, Some(top_k))
+        .map_err(StatsError::InvalidInput)?;
     let mut dropped = Vec::new();
     let mut kept: Vec<(PromptRow, String)> = Vec::new();
     let mut missing = Vec::new();
@@ -162,6 +168,13 @@ pub fn build_input(
         .map(|(i, c)| (c.as_str(), i))
         .collect();
     let n = kept.len();
+    let too_many = || {
+        StatsError::InvalidInput(format!(
+            "{n} prompts × {d} counts (num_layers × num_experts) do not fit in memory"
+        ))
+    };
+    let cap_counts = n.checked_mul(d).ok_or_else(too_many)?;
+    let cap_tokens = n.checked_mul(num_layers).ok_or_else(too_many)?;
     let mut input = AnalysisInput {
         num_layers,
         num_experts,
@@ -170,8 +183,8 @@ pub fn build_input(
         prompt_ids: Vec::with_capacity(n),
         categories: categories.clone(),
         labels: Vec::with_capacity(n),
-        counts: Vec::with_capacity(n * d),
-        tokens_per_layer: Vec::with_capacity(n * num_layers),
+        counts: Vec::with_capacity(cap_counts),
+        tokens_per_layer: Vec::with_capacity(cap_tokens),
         dropped,
     };
     for (row, c) in kept {
@@ -277,5 +290,26 @@ mod tests {
         let rows = vec![row("a", Some("x"), vec![1., f64::NAN])];
         assert!(build_input(1, 2, 1, false, rows).is_err());
         assert!(build_input(1, 2, 3, false, vec![]).is_err());
+    }
+
+    #[test]
+    fn huge_dimensions_are_refused_before_allocating() {
+        for (l, e, needle) in [
+            (1usize << 40, 4usize, "num_layers = 1099511627776 exceeds"),
+            (4, 1 << 63, "num_experts = 9223372036854775808 exceeds"),
+            (
+                usize::MAX,
+                usize::MAX,
+                "num_layers = 18446744073709551615 exceeds",
+            ),
+            (4096, 4096, "num_layers × num_experts"),
+        ] {
+            let rows = vec![row("a", Some("x"), vec![1.0; 4])];
+            let err = build_input(l, e, 1, false, rows).unwrap_err().to_string();
+            assert!(err.contains(needle), "{l} {e}: {err}");
+        }
+        let row = row("a", Some("x"), vec![1.0; 4]);
+        let err = check_row(&row, usize::MAX, 2).unwrap_err().to_string();
+        assert!(err.contains("overflows"), "{err}");
     }
 }

@@ -19,6 +19,7 @@ use crate::input::{check_row, empty_layer, DroppedPrompt, PromptRow};
 use crate::results::{CategoryMatrix, LayerStats, SimilaritySummary};
 use crate::signature::embed_in_place;
 use crate::similarity::{cohens_d, PairSums, WithinAcrossSums};
+use moe_xray_kernels::linalg::{gemm_f64, MatMut, MatRef};
 use nalgebra::DMatrix;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -340,33 +341,16 @@ fn flush(acc: &mut CatAcc, d: usize, rects: &[Rect]) {
         .for_each(|(tile, &((a0, a1), (b0, b1)))| {
             let (m, n) = (a1 - a0, b1 - b0);
             assert!(tile.nrows() == m && tile.ncols() == n && b1 <= d && a1 <= d);
-            // SAFETY: dst is the column-major m×n tile (row stride 1, column stride m). lhs
-            // element (f, r) = buf[r·d + a0 + f] (feature f of prompt r): row stride 1, column
-            // stride d; rhs element (r, g) = buf[r·d + b0 + g]: row stride d, column stride 1.
-            // All indices stay below rows·d = buf.len() by the assert. dst := 1·dst + 1·lhs·rhs.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    rows,
-                    tile.as_mut_ptr(),
-                    m as isize,
-                    1,
-                    true,
-                    buf.as_ptr().add(a0),
-                    d as isize,
-                    1,
-                    buf.as_ptr().add(b0),
-                    1,
-                    d as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            // dst: the column-major m×n tile (row stride 1, column stride m). lhs element
+            // (f, r) = buf[r·d + a0 + f] (feature f of prompt r): row stride 1, column stride d;
+            // rhs element (r, g) = buf[r·d + b0 + g]: row stride d, column stride 1.
+            // dst := dst + lhs·rhs.
+            gemm_f64(
+                MatMut::new(tile.as_mut_slice(), m, n, 1, m),
+                MatRef::new(&buf[a0..], m, rows, 1, d),
+                MatRef::new(&buf[b0..], rows, n, d, 1),
+                true,
+            );
         });
     acc.buf_rows = 0;
 }

@@ -3,19 +3,18 @@
 //! Entry points: [`input::build_input`] / [`input::from_counts_table`] to validate counts,
 //! [`analyze::analyze`] for the whole `results.json`, [`large_n`] for the streaming Gram-sums path.
 
+#![forbid(unsafe_code)]
+
 pub mod analyze;
 pub mod baselines;
 pub mod bench;
 pub mod cv;
 pub mod error;
-mod gram_i16;
 pub mod input;
 pub mod large_n;
 pub mod logreg;
 pub mod pca;
 pub mod results;
-mod sampler;
-mod shuffle;
 pub mod signature;
 pub mod significance;
 pub mod similarity;

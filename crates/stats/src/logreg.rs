@@ -731,23 +731,10 @@ impl Packed {
     /// single left-to-right sum over p. Specialised for k ≤ 8 so that the accumulators of a
     /// block of rows stay in registers.
     fn matmul(&self, k: usize, b: &[f64], out: &mut [f64]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx") {
-            // SAFETY: the target feature was detected at run time.
-            unsafe { self.matmul_avx(k, b, out) };
-            return;
-        }
-        self.matmul_generic(k, b, out)
-    }
-
-    /// [`Packed::matmul`] compiled with AVX (a separate function, so that its register
-    /// allocation does not depend on what it is inlined into). Same operations in the same
-    /// order, no fused multiply-adds: identical results.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx")]
-    #[inline(never)]
-    unsafe fn matmul_avx(&self, k: usize, b: &[f64], out: &mut [f64]) {
-        self.matmul_generic(k, b, out)
+        // Compiled with AVX where the CPU has it (out of line, so that its register allocation
+        // does not depend on the caller). Same operations in the same order, no fused
+        // multiply-adds: identical results.
+        moe_xray_kernels::cpu::with_avx(|| self.matmul_generic(k, b, out))
     }
 
     #[inline(always)]
@@ -850,25 +837,7 @@ fn solve(
     gtol: f64,
     max_iter: usize,
 ) -> LbfgsReport {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") {
-        // SAFETY: the target feature was detected at run time.
-        return unsafe { solve_avx(obj, x0, unscale, m, gtol, max_iter) };
-    }
-    lbfgs(obj, x0, unscale, m, gtol, max_iter)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn solve_avx(
-    obj: &mut Objective<'_>,
-    x0: Vec<f64>,
-    unscale: &[f64],
-    m: usize,
-    gtol: f64,
-    max_iter: usize,
-) -> LbfgsReport {
-    lbfgs(obj, x0, unscale, m, gtol, max_iter)
+    moe_xray_kernels::cpu::with_avx(|| lbfgs(obj, x0, unscale, m, gtol, max_iter))
 }
 
 /// L-BFGS from `x0`; stops when ‖g ⊙ unscale‖_∞ ≤ gtol · max(1, same at x0) (see module docs).
@@ -1113,20 +1082,7 @@ fn line_search(
 
 /// [`exp_nonpos`] of every element, in place (with AVX where available: identical results).
 fn exp_nonpos_slice(v: &mut [f64]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") {
-        // SAFETY: the target feature was detected at run time.
-        unsafe { exp_nonpos_slice_avx(v) };
-        return;
-    }
-    v.iter_mut().for_each(|x| *x = exp_nonpos(*x));
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-#[inline(never)]
-unsafe fn exp_nonpos_slice_avx(v: &mut [f64]) {
-    v.iter_mut().for_each(|x| *x = exp_nonpos(*x));
+    moe_xray_kernels::cpu::with_avx(|| v.iter_mut().for_each(|x| *x = exp_nonpos(*x)));
 }
 
 /// e^x for x ≤ 0 (NaN stays NaN; below −745 the result is that of −745, at most the smallest

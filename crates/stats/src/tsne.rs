@@ -37,7 +37,6 @@
 //! PCA solver, whose result is the exact SVD up to rounding). Time O(N²·iterations), memory O(N²).
 
 use nalgebra::DMatrix;
-use serde::Serialize;
 
 /// `np.finfo(np.double).eps`, scikit-learn's `MACHINE_EPSILON`.
 pub const MACHINE_EPSILON: f64 = f64::EPSILON;
@@ -59,16 +58,8 @@ pub enum TsneError {
     TooManyPoints { n: usize, max: usize },
 }
 
-/// Result of [`tsne`]: the embedding and the diagnostics scikit-learn reports.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TsneResult {
-    pub coords: Vec<[f64; 2]>,
-    /// scikit-learn's `kl_divergence_`.
-    pub kl_divergence: f64,
-    /// scikit-learn's `n_iter_` (index of the last iteration that ran).
-    pub n_iter: usize,
-    pub perplexity: f64,
-}
+/// Result of [`tsne`]: the `tsne` section of results.json (defined in [`crate::results`]).
+pub use crate::results::TsneResult;
 
 /// t-SNE settings; [`TsneOptions::sklearn_defaults`] gives scikit-learn's defaults.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,15 +6,14 @@
 use moe_xray_stats::analyze::{analyze_exact, AnalyzeOptions};
 use moe_xray_stats::input::from_counts_table;
 use moe_xray_stats::results::Section;
+use moe_xray_test_support::fixture;
 use moe_xray_trace::counts::{aggregate_paths, AggregateOptions};
 use moe_xray_trace::TokenType;
 use serde_json::Value;
 use std::path::PathBuf;
 
 fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/stats")
-        .join(case)
+    fixture("stats").join(case)
 }
 
 fn close(what: &str, a: f64, b: f64, tol: f64) {
@@ -248,16 +247,21 @@ fn run_case(c: &Case) {
         let lr = r.logreg_5fold.done().expect("classifier ran");
         let e = &exp["logreg_5fold"];
         assert_eq!(
-            lr["fold_accuracies"], e["fold_accuracies"],
+            serde_json::json!(lr.fold_accuracies),
+            e["fold_accuracies"],
             "{tag}: fold accuracies"
         );
         close(
             &format!("{tag} macro f1"),
-            f(&lr["macro_f1_oof"]),
+            lr.macro_f1_oof,
             f(&e["macro_f1_oof"]),
             1e-12,
         );
-        assert_eq!(lr["confusion"], e["confusion"], "{tag}: confusion");
+        assert_eq!(
+            serde_json::json!(lr.confusion),
+            e["confusion"],
+            "{tag}: confusion"
+        );
     }
 }
 

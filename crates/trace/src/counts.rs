@@ -4,11 +4,15 @@
 //! totals and a compact duplicate detector (one bit per (token type, layer, position) for
 //! records, one bit per (token type, layer, position, expert) for flat events, one bit per token
 //! type for counts lines). Every line is validated (see `docs/trace-format.md`), including lines
-//! of token types that are not selected.
+//! of token types that are not selected. Sizes from the input are checked against
+//! [`crate::limits`] before anything is allocated from them; the duplicate detectors are sparse,
+//! so a line with a huge position or layer costs a bounded amount of memory.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::limits::{check_dims, check_table, MAX_LAYER_EXPERTS};
+pub use crate::limits::{MAX_EXPERTS, MAX_LAYERS, MAX_POSITIONS};
 use crate::manifest::{manifest_path_beside, read_manifest_beside, Manifest};
 use crate::reader::{CountsLine, FlatEvent, TraceForm, TraceItem, TraceReader};
 use crate::{Result, RoutingRecord, TokenType, TraceError};
@@ -69,12 +73,19 @@ pub struct CountsTable {
     pub dims_inferred: bool,
 }
 
-/// Largest layer index + 1 accepted (a guard against absurd indices allocating memory).
-pub const MAX_LAYERS: usize = 1 << 12;
-/// Largest expert index + 1 accepted.
-pub const MAX_EXPERTS: usize = 1 << 12;
-/// Largest token position + 1 accepted (the duplicate detector is a bitset over positions).
-pub const MAX_POSITIONS: usize = 1 << 20;
+/// Key of one (token type, layer, position) in the sparse duplicate detectors (layer <
+/// [`MAX_LAYERS`] = 2^12 and position < [`MAX_POSITIONS`] = 2^20 are checked before).
+fn slot_key(t: usize, layer: usize, position: usize) -> u64 {
+    ((t as u64) << 32) | ((layer as u64) << 20) | position as u64
+}
+
+fn slot_parts(key: u64) -> (usize, usize, u32) {
+    (
+        (key >> 32) as usize,
+        ((key >> 20) & 0xfff) as usize,
+        (key & 0xf_ffff) as u32,
+    )
+}
 
 fn tt_index(t: TokenType) -> usize {
     match t {
@@ -111,10 +122,11 @@ struct Acc {
     /// layer -> expert -> count (grown on demand when dimensions are not known yet).
     counts: Vec<Vec<f64>>,
     tokens_per_layer: Vec<u64>,
-    /// records: [token type][layer] -> bit per position.
-    rec_seen: [Vec<Bits>; 2],
-    /// events: [token type][layer] -> position -> bit per expert.
-    ev_seen: [Vec<HashMap<u32, Bits>>; 2],
+    /// records: (token type, layer, position / 64) -> bit per position (sparse: memory grows
+    /// with the records seen, not with the largest position).
+    rec_seen: HashMap<u64, u64>,
+    /// events: (token type, layer, position) -> bit per expert.
+    ev_seen: HashMap<u64, Bits>,
     /// counts lines: bit per token type.
     counts_seen: u8,
     first_path: usize,
@@ -159,8 +171,9 @@ impl Acc {
         self.tokens_per_layer[layer] += n;
     }
 
+    /// `l * e` was checked against the limits by [`State::dims`].
     fn finish(self, l: usize, e: usize) -> PromptCounts {
-        let mut counts = vec![0.0; l * e];
+        let mut counts = vec![0.0; l.saturating_mul(e)];
         for (li, row) in self.counts.into_iter().enumerate().take(l) {
             for (ei, v) in row.into_iter().enumerate().take(e) {
                 counts[li * e + ei] = v;
@@ -236,6 +249,7 @@ impl<'a> State<'a> {
         }
         let manifest_path = manifest.as_ref().map(|(_, p)| p.display().to_string());
         let manifest = manifest.map(|(m, _)| m);
+        check_given_dims(opts).map_err(|m| TraceError::invalid_file(&paths[0], m))?;
         let num_layers = opts.num_layers.or(manifest.as_ref().map(|m| m.num_layers));
         let num_experts = opts
             .num_experts
@@ -261,6 +275,9 @@ impl<'a> State<'a> {
                     format!("top_k = {k} must be between 1 and num_experts = {e}"),
                 ));
             }
+        }
+        if let (Some(l), Some(e)) = (num_layers, num_experts) {
+            check_dims(l, e, None).map_err(|m| TraceError::invalid_file(&paths[0], m))?;
         }
         Ok(State {
             opts,
@@ -410,10 +427,15 @@ impl<'a> State<'a> {
     ) -> Result<()> {
         let t = tt_index(r.token_type);
         let layer = r.layer as usize;
-        if acc.rec_seen[t].len() <= layer {
-            acc.rec_seen[t].resize_with(layer + 1, Bits::default);
-        }
-        if acc.rec_seen[t][layer].set(r.position as usize) {
+        let pos = r.position as usize;
+        let word = acc
+            .rec_seen
+            .entry(slot_key(t, layer, pos >> 6))
+            .or_insert(0);
+        let bit = 1u64 << (pos & 63);
+        let was_set = *word & bit != 0;
+        *word |= bit;
+        if was_set {
             return Err(self.err(
                 pi,
                 line,
@@ -459,12 +481,10 @@ impl<'a> State<'a> {
     fn apply_event(&mut self, acc: &mut Acc, pi: usize, line: usize, ev: &FlatEvent) -> Result<()> {
         let t = tt_index(ev.token_type);
         let layer = ev.layer as usize;
-        let pos = ev.position;
-        let seen = &mut acc.ev_seen[t];
-        if seen.len() <= layer {
-            seen.resize_with(layer + 1, HashMap::new);
-        }
-        let slot = seen[layer].entry(pos).or_default();
+        let slot = acc
+            .ev_seen
+            .entry(slot_key(t, layer, ev.position as usize))
+            .or_default();
         let new_token = slot.0.iter().all(|w| *w == 0);
         if slot.set(ev.expert as usize) {
             return Err(self.err(
@@ -521,38 +541,33 @@ impl<'a> State<'a> {
     /// Checks that every token of every flat-event prompt has exactly k events (after the data
     /// is read, since the events of a token need not be adjacent).
     fn finish_events(&mut self, acc: &Acc) -> Result<()> {
-        for (t, per_layer) in acc.ev_seen.iter().enumerate() {
-            for (layer, per_pos) in per_layer.iter().enumerate() {
-                let mut slots: Vec<(&u32, &Bits)> = per_pos.iter().collect();
-                slots.sort_unstable_by_key(|(p, _)| **p);
-                for (pos, bits) in slots {
-                    let n = bits.count() as usize;
-                    if n == 0 {
-                        continue;
-                    }
-                    let tt = if t == 0 { "prompt" } else { "generation" };
-                    match &self.top_k {
-                        None => {
-                            self.top_k = Some((
-                                n,
-                                format!(
-                                    "prompt '{}', layer {layer}, position {pos}",
-                                    acc.prompt_id
-                                ),
-                            ))
-                        }
-                        Some((k, src)) if *k != n => {
-                            return Err(TraceError::invalid_file(
-                                &self.paths[acc.first_path],
-                                format!(
-                                    "mixed top-k: prompt '{}', layer {layer}, position {pos} ({tt}) has {n} routing events but {k} are expected ({src})",
-                                    acc.prompt_id
-                                ),
-                            ))
-                        }
-                        Some(_) => {}
-                    }
+        // In (token type, layer, position) order, so that messages do not depend on hashing.
+        let mut slots: Vec<(u64, &Bits)> = acc.ev_seen.iter().map(|(k, b)| (*k, b)).collect();
+        slots.sort_unstable_by_key(|(k, _)| *k);
+        for (key, bits) in slots {
+            let (t, layer, pos) = slot_parts(key);
+            let n = bits.count() as usize;
+            if n == 0 {
+                continue;
+            }
+            let tt = if t == 0 { "prompt" } else { "generation" };
+            match &self.top_k {
+                None => {
+                    self.top_k = Some((
+                        n,
+                        format!("prompt '{}', layer {layer}, position {pos}", acc.prompt_id),
+                    ))
                 }
+                Some((k, src)) if *k != n => {
+                    return Err(TraceError::invalid_file(
+                        &self.paths[acc.first_path],
+                        format!(
+                            "mixed top-k: prompt '{}', layer {layer}, position {pos} ({tt}) has {n} routing events but {k} are expected ({src})",
+                            acc.prompt_id
+                        ),
+                    ))
+                }
+                Some(_) => {}
             }
         }
         Ok(())
@@ -666,6 +681,38 @@ impl<'a> State<'a> {
         Ok(())
     }
 
+    /// L and E as known so far (given, or the largest indices seen + 1).
+    fn dims_so_far(&self) -> (usize, usize) {
+        let l = self
+            .num_layers
+            .unwrap_or_else(|| self.max_layer.map_or(0, |m| m + 1));
+        let e = self.num_experts.unwrap_or_else(|| {
+            self.max_expert
+                .map_or(0, |m| m + 1)
+                .max(self.probs_len.unwrap_or(0))
+        });
+        (l, e)
+    }
+
+    /// Checks, after each line, that the dimensions seen so far and the memory for `prompts`
+    /// prompts held at once stay within [`crate::limits`] (before [`Acc::finish`] allocates).
+    fn check_budget(&self, pi: usize, line: usize, prompts: usize) -> Result<()> {
+        let (l, e) = self.dims_so_far();
+        let cells = l
+            .checked_mul(e)
+            .filter(|&c| c <= MAX_LAYER_EXPERTS)
+            .ok_or_else(|| {
+                self.err(
+                    pi,
+                    line,
+                    format!(
+                        "num_layers × num_experts = {l} × {e} (from the largest indices seen) exceeds the supported maximum {MAX_LAYER_EXPERTS}"
+                    ),
+                )
+            })?;
+        check_table(prompts, cells, l).map_err(|m| self.err(pi, line, m))
+    }
+
     /// Final L, E and whether they were inferred.
     fn dims(&self) -> Result<(usize, usize, bool)> {
         let mut inferred = false;
@@ -691,6 +738,7 @@ impl<'a> State<'a> {
                 "cannot determine num_layers / num_experts (no routing data)",
             ));
         }
+        check_dims(l, e, None).map_err(|m| TraceError::invalid_file(&self.paths[0], m))?;
         Ok((l, e, inferred))
     }
 }
@@ -715,6 +763,7 @@ pub fn aggregate_paths(paths: &[PathBuf], opts: &AggregateOptions) -> Result<Cou
                 }
             };
             st.apply(&mut accs[ai], pi, line, &item)?;
+            st.check_budget(pi, line, accs.len())?;
         }
     }
     for acc in accs.iter_mut() {
@@ -736,22 +785,47 @@ pub fn aggregate_paths(paths: &[PathBuf], opts: &AggregateOptions) -> Result<Cou
 /// for counts-mode files of millions of prompts. The counts lines of a prompt must be adjacent
 /// (as the capture writes them); a prompt that reappears later is an error. Files in the other
 /// line forms are aggregated with [`aggregate_paths`] first and then handed out one by one.
-/// Returns `(num_layers, num_experts)`.
+/// Returns `(num_layers, num_experts)`; [`for_each_prompt_counts_info`] also returns top_k.
 pub fn for_each_prompt_counts(
     paths: &[PathBuf],
     opts: &AggregateOptions,
-    mut f: impl FnMut(PromptCounts) -> Result<()>,
+    f: impl FnMut(PromptCounts) -> Result<()>,
 ) -> Result<(usize, usize)> {
+    let info = for_each_prompt_counts_info(paths, opts, f)?;
+    Ok((info.num_layers, info.num_experts))
+}
+
+/// What [`for_each_prompt_counts_info`] learned about the traces besides the prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub num_layers: usize,
+    pub num_experts: usize,
+    /// k: the given / manifest top_k, else inferred from the data (experts per record, events
+    /// per token, or counts per layer / tokens) exactly as [`aggregate_paths`] does — also for
+    /// `weighted` aggregation, whose counts are router weights and cannot reveal k.
+    pub top_k: Option<usize>,
+}
+
+/// [`for_each_prompt_counts`], returning L, E and k.
+pub fn for_each_prompt_counts_info(
+    paths: &[PathBuf],
+    opts: &AggregateOptions,
+    mut f: impl FnMut(PromptCounts) -> Result<()>,
+) -> Result<StreamInfo> {
     if paths.is_empty() {
         return Err(TraceError::invalid_file(".", "no trace files given"));
     }
     if first_form(&paths[0])? != TraceForm::Counts {
         let table = aggregate_paths(paths, opts)?;
-        let dims = (table.num_layers, table.num_experts);
+        let info = StreamInfo {
+            num_layers: table.num_layers,
+            num_experts: table.num_experts,
+            top_k: table.top_k,
+        };
         for p in table.prompts {
             f(p)?;
         }
-        return Ok(dims);
+        return Ok(info);
     }
     let mut st = State::new(paths, opts)?;
     let mut seen: HashSet<String> = HashSet::new();
@@ -775,17 +849,38 @@ pub fn for_each_prompt_counts(
                 if let Some(a) = cur.take() {
                     emit(&st, a, &mut f)?;
                 }
-                cur = Some(Acc::new(id, pi));
             }
-            let acc = cur.as_mut().expect("current prompt was just set");
+            let acc = cur.get_or_insert_with(|| Acc::new(id, pi));
             st.apply(acc, pi, line, &item)?;
+            st.check_budget(pi, line, 1)?;
         }
     }
     if let Some(a) = cur.take() {
         emit(&st, a, &mut f)?;
     }
     let (l, e, _) = st.dims()?;
-    Ok((l, e))
+    Ok(StreamInfo {
+        num_layers: l,
+        num_experts: e,
+        top_k: st.top_k.as_ref().map(|(k, _)| *k),
+    })
+}
+
+/// Checks the dimensions given in [`AggregateOptions`] (flags or a model config) against the
+/// limits, each one that is given.
+fn check_given_dims(opts: &AggregateOptions) -> std::result::Result<(), String> {
+    let what = "(given option)";
+    if let Some(l) = opts.num_layers {
+        check_dims(l, 1, None).map_err(|m| format!("{m} {what}"))?;
+    }
+    if let Some(e) = opts.num_experts {
+        check_dims(1, e, None).map_err(|m| format!("{m} {what}"))?;
+    }
+    if let Some(k) = opts.top_k {
+        let e = opts.num_experts.unwrap_or(MAX_EXPERTS);
+        check_dims(1, e, Some(k)).map_err(|m| format!("{m} {what}"))?;
+    }
+    Ok(())
 }
 
 fn emit(st: &State, mut acc: Acc, f: &mut impl FnMut(PromptCounts) -> Result<()>) -> Result<()> {

@@ -70,20 +70,11 @@ impl Manifest {
         crate::atomic::write_atomic(path, s)
     }
 
+    /// Dimensions must be at least 1 and within [`crate::limits`], and top_k ≤ num_experts.
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_layers == 0 {
-            return Err("manifest: num_layers must be at least 1".into());
-        }
-        if self.num_experts == 0 {
-            return Err("manifest: num_experts must be at least 1".into());
-        }
-        if self.top_k == 0 || self.top_k > self.num_experts {
-            return Err(format!(
-                "manifest: top_k = {} must be between 1 and num_experts = {}",
-                self.top_k, self.num_experts
-            ));
-        }
-        Ok(())
+        crate::limits::check_dims(self.num_layers, self.num_experts, Some(self.top_k))
+            .map(|_| ())
+            .map_err(|m| format!("manifest: {m}"))
     }
 }
 
@@ -151,6 +142,26 @@ mod tests {
             (
                 r#"{"num_layers":0,"num_experts":4,"top_k":1}"#,
                 "num_layers",
+            ),
+            (
+                r#"{"num_layers":1099511627776,"num_experts":4,"top_k":1}"#,
+                "num_layers = 1099511627776 exceeds the supported maximum 4096",
+            ),
+            (
+                r#"{"num_layers":2,"num_experts":9223372036854775808,"top_k":1}"#,
+                "num_experts = 9223372036854775808 exceeds",
+            ),
+            (
+                r#"{"num_layers":4096,"num_experts":4096,"top_k":1}"#,
+                "num_layers × num_experts = 4096 × 4096 exceeds",
+            ),
+            (
+                r#"{"num_layers":-1,"num_experts":4,"top_k":1}"#,
+                "invalid manifest",
+            ),
+            (
+                r#"{"num_layers":2.5,"num_experts":4,"top_k":1}"#,
+                "invalid manifest",
             ),
         ] {
             std::fs::write(&p, content).unwrap();

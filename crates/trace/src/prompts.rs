@@ -110,9 +110,76 @@ fn read_jsonl(path: &Path) -> Result<Vec<Prompt>> {
     Ok(out)
 }
 
+/// Checks the RFC 4180 quoting that the `csv` crate accepts leniently: a quoted field must be
+/// closed before the end of the file (otherwise every following prompt would silently become part
+/// of its text), and a closing quote must be followed by a comma, a line end or the end of the
+/// file (`"a"b` is not a field). Returns the 1-based line and a message for the first violation.
+fn check_csv_quoting(bytes: &[u8]) -> std::result::Result<(), (usize, String)> {
+    #[derive(Clone, Copy)]
+    enum S {
+        /// At the start of a field (or of a record).
+        Start,
+        /// Inside an unquoted field (quotes there are literal, as in the `csv` crate).
+        Field,
+        /// Inside a quoted field.
+        Quoted,
+        /// After a quote inside a quoted field: either `""` (a literal quote) or the end of it.
+        AfterQuote,
+    }
+    let mut s = S::Start;
+    let mut line = 1usize;
+    let mut opened = 0usize;
+    for &b in bytes {
+        let sep = matches!(b, b',' | b'\n' | b'\r');
+        s = match s {
+            S::Start if b == b'"' => {
+                opened = line;
+                S::Quoted
+            }
+            S::Start | S::Field => {
+                if sep {
+                    S::Start
+                } else {
+                    S::Field
+                }
+            }
+            S::Quoted => {
+                if b == b'"' {
+                    S::AfterQuote
+                } else {
+                    S::Quoted
+                }
+            }
+            S::AfterQuote if b == b'"' => S::Quoted,
+            S::AfterQuote if sep => S::Start,
+            S::AfterQuote => {
+                return Err((
+                    line,
+                    format!(
+                        "text after the closing quote of the field opened at line {opened} (a quote inside a quoted field must be doubled: \"\")"
+                    ),
+                ))
+            }
+        };
+        if b == b'\n' {
+            line += 1;
+        }
+    }
+    if let S::Quoted = s {
+        return Err((
+            opened,
+            "unclosed quote: the quoted field opened here runs to the end of the file".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn read_csv(path: &Path) -> Result<Vec<Prompt>> {
-    let f = std::fs::File::open(path).map_err(|e| TraceError::io(path, e))?;
-    let mut r = csv::ReaderBuilder::new().has_headers(true).from_reader(f);
+    let bytes = std::fs::read(path).map_err(|e| TraceError::io(path, e))?;
+    check_csv_quoting(&bytes).map_err(|(line, m)| TraceError::invalid(path, line, m))?;
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(bytes.as_slice());
     let headers = r
         .headers()
         .map_err(|e| TraceError::invalid(path, 1, format!("invalid CSV header: {e}")))?
@@ -162,8 +229,8 @@ pub fn prompt_set_hash(prompts: &[Prompt]) -> String {
     sorted.sort_by(|a, b| a.id.as_bytes().cmp(b.id.as_bytes()));
     let mut h = Sha256::new();
     for p in sorted {
-        let line = serde_json::to_string(&[&p.id, &p.category, &p.text])
-            .expect("serialising three strings cannot fail");
+        // Serialising strings cannot fail; an empty line would still make the hash differ.
+        let line = serde_json::to_string(&[&p.id, &p.category, &p.text]).unwrap_or_default();
         h.update(line.as_bytes());
         h.update(b"\n");
     }
@@ -202,6 +269,21 @@ mod tests {
     }
 
     #[test]
+    fn csv_quoting_that_rfc_4180_allows_is_accepted() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            &d,
+            "ok.csv",
+            "id,category,text\r\na,c,\"multi\r\nline, \"\"quoted\"\"\"\r\nb,c,plain \"inner\" quotes\r\nc,c,\"\"\"\"\n",
+        );
+        let ps = read_prompts(&p).unwrap();
+        assert_eq!(ps.len(), 3);
+        assert_eq!(ps[0].text, "multi\r\nline, \"quoted\"");
+        assert_eq!(ps[1].text, "plain \"inner\" quotes");
+        assert_eq!(ps[2].text, "\"");
+    }
+
+    #[test]
     fn hash_of_known_input() {
         // sha256 of `["a","c","t"]\n` computed independently (Python hashlib).
         let p = vec![Prompt {
@@ -234,6 +316,17 @@ mod tests {
             ("j.jsonl", "{\"id\":\"a\",\"category\":\"c\",\"text\":\"t\"}\n{oops}\n", ":2: invalid prompt JSON"),
             ("x.jsonl", "{\"id\":\"a\",\"category\":\"c\",\"text\":\"t\"}\n{\"id\":\"b\",", ":2: truncated last line"),
             ("r.csv", "id,category,text\na,c\n", ":2: invalid CSV record"),
+            (
+                "q.csv",
+                "id,category,text\na,c,\"hello\nb,c,world\n",
+                ":2: unclosed quote",
+            ),
+            (
+                "q2.csv",
+                "id,category,text\na,c,\"hello\nb,c,\"world\"\n",
+                ":3: text after the closing quote of the field opened at line 2",
+            ),
+            ("q3.csv", "id,category,text\na,c,\"x\"y\n", ":2: text after the closing quote"),
         ];
         for (name, content, needle) in cases {
             let p = write(&d, name, content);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{check_dims, MAX_EXPERTS, MAX_LINE_BYTES};
 use crate::{Result, RoutingRecord, TokenType, TraceError};
 
 /// Compression of a trace file.
@@ -205,8 +206,9 @@ impl std::fmt::Debug for TraceReader {
 }
 
 impl TraceReader {
-    /// Opens a trace file, detecting compression by magic bytes (falling back to the extension;
-    /// a `.gz`/`.zst` name whose content is not compressed that way is an error).
+    /// Opens a trace file. The compression is detected from the magic bytes and must match the
+    /// file name: a `.gz` / `.zst` name whose content lacks that magic, and gzip or zstd content
+    /// under another name (e.g. gzip data in `.jsonl.zst`, zstd data in `.jsonl`), are errors.
     pub fn open(path: impl AsRef<Path>) -> Result<TraceReader> {
         let path = path.as_ref().to_path_buf();
         let io = |e| TraceError::io(&path, e);
@@ -234,7 +236,17 @@ impl TraceReader {
         }
         let by_ext = Compression::from_path(&path);
         let compression = match Compression::from_magic(&head[..got]) {
-            Some(c) => c,
+            Some(c) if c == by_ext => c,
+            Some(c) => {
+                return Err(TraceError::invalid_file(
+                    &path,
+                    format!(
+                        "file name says {} but the content is {} data (rename the file to match its content)",
+                        by_ext.name(),
+                        c.name()
+                    ),
+                ))
+            }
             None if by_ext != Compression::None => {
                 return Err(TraceError::invalid_file(
                     &path,
@@ -309,7 +321,11 @@ impl TraceReader {
     fn next_item(&mut self) -> Result<Option<(usize, TraceItem)>> {
         loop {
             self.buf.clear();
-            let n = match self.inner.read_until(b'\n', &mut self.buf) {
+            let limit = MAX_LINE_BYTES as u64 + 1;
+            let n = match (&mut self.inner)
+                .take(limit)
+                .read_until(b'\n', &mut self.buf)
+            {
                 Ok(n) => n,
                 Err(e) => {
                     let line = self.line + 1;
@@ -333,6 +349,11 @@ impl TraceReader {
                 return Ok(None);
             }
             self.line += 1;
+            if self.buf.len() > MAX_LINE_BYTES {
+                return Err(self.err(format!(
+                    "line longer than {MAX_LINE_BYTES} bytes (the supported maximum)"
+                )));
+            }
             if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
@@ -449,14 +470,20 @@ impl TraceReader {
                 if raw_experts.is_empty() {
                     return Err(self.err("empty `experts` list"));
                 }
+                if raw_experts.len() > MAX_EXPERTS {
+                    return Err(self.err(format!(
+                        "`experts` has {} entries, more than the supported maximum number of experts {MAX_EXPERTS}",
+                        raw_experts.len()
+                    )));
+                }
                 let mut experts = Vec::with_capacity(raw_experts.len());
                 for &x in &raw_experts {
                     let e = self.index("expert", Some(x))?;
                     self.check_expert(e)?;
-                    if experts.contains(&e) {
-                        return Err(self.err(format!("duplicate expert {e} in `experts`")));
-                    }
                     experts.push(e);
+                }
+                if let Some(e) = first_duplicate(&experts) {
+                    return Err(self.err(format!("duplicate expert {e} in `experts`")));
                 }
                 match self.top_k {
                     None => self.top_k = Some((experts.len(), self.line)),
@@ -488,6 +515,12 @@ impl TraceReader {
                 let probs = match raw.probs {
                     None => None,
                     Some(ps) => {
+                        if ps.len() > MAX_EXPERTS {
+                            return Err(self.err(format!(
+                                "`probs` has {} entries, more than the supported maximum number of experts {MAX_EXPERTS}",
+                                ps.len()
+                            )));
+                        }
                         if let Some(ne) = self.num_experts {
                             if ps.len() != ne {
                                 return Err(self.err(format!(
@@ -545,6 +578,7 @@ impl TraceReader {
         if nl == 0 || ne == 0 {
             return Err(self.err("num_layers and num_experts must be at least 1"));
         }
+        let want = check_dims(nl, ne, None).map_err(|m| self.err(m))?;
         if let Some(l) = self.num_layers {
             if l != nl {
                 return Err(self.err(format!("num_layers {nl} differs from the expected {l}")));
@@ -565,9 +599,6 @@ impl TraceReader {
             Some(_) => {}
         }
         let tokens = self.index("tokens", raw.tokens)? as u64;
-        let want = nl
-            .checked_mul(ne)
-            .ok_or_else(|| self.err("num_layers * num_experts overflows"))?;
         let raw_counts = raw.counts.unwrap_or_default();
         if raw_counts.len() != want {
             return Err(self.err(format!(
@@ -582,10 +613,8 @@ impl TraceReader {
             }
             counts.push(c as u64);
         }
-        for l in 0..nl {
-            let s: u64 = counts[l * ne..(l + 1) * ne]
-                .iter()
-                .fold(0u64, |a, &x| a.saturating_add(x));
+        for (l, row) in counts.chunks_exact(ne).enumerate() {
+            let s: u64 = row.iter().fold(0u64, |a, &x| a.saturating_add(x));
             if s > tokens.saturating_mul(ne as u64) {
                 return Err(self.err(format!(
                     "layer {l}: {s} selections for {tokens} tokens exceeds num_experts per token"
@@ -664,6 +693,21 @@ impl Iterator for TraceReader {
             }
         }
     }
+}
+
+/// The first value that occurs twice in `xs` (the smallest such value for long lists), without
+/// quadratic work on long hostile lists.
+pub fn first_duplicate(xs: &[u32]) -> Option<u32> {
+    if xs.len() <= 16 {
+        return xs
+            .iter()
+            .enumerate()
+            .find(|&(i, x)| xs[..i].contains(x))
+            .map(|(_, &x)| x);
+    }
+    let mut sorted = xs.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 /// Reads all items of a file (convenience for small files and tests).

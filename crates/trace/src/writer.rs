@@ -507,6 +507,8 @@ impl CountsWriter {
         Ok((w, done))
     }
 
+    /// Before the file is created: dimensions of at least 1 and within [`crate::limits`] (they
+    /// come from a model config; each prompt holds 2 × (L + 2·L·E) counters).
     fn check_dims(path: &Path, l: usize, e: usize) -> Result<()> {
         if l == 0 || e == 0 {
             return Err(TraceError::invalid_file(
@@ -514,7 +516,9 @@ impl CountsWriter {
                 "counts writer needs num_layers and num_experts of at least 1",
             ));
         }
-        Ok(())
+        crate::limits::check_dims(l, e, None)
+            .map(|_| ())
+            .map_err(|m| TraceError::invalid_file(path, format!("counts writer: {m}")))
     }
 
     fn new(out: BlockFile, num_layers: usize, num_experts: usize) -> CountsWriter {
@@ -550,7 +554,11 @@ impl RoutingSink for CountsWriter {
                 "prompt '{prompt_id}' begun twice"
             )));
         }
-        let (l, le) = (self.num_layers, self.num_layers * self.num_experts);
+        // Checked against the limits by `check_dims` when the writer was made.
+        let (l, le) = (
+            self.num_layers,
+            self.num_layers.saturating_mul(self.num_experts),
+        );
         let fresh = || (vec![0u64; l], vec![0u64; le], vec![0f64; le], true);
         self.pending.insert(
             prompt_id.to_string(),

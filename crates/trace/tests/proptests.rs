@@ -1,14 +1,23 @@
 //! Property tests: no input makes the reader, the aggregator or resume panic, and arbitrary
 //! records round-trip through the writers.
 
+use moe_xray_test_support::decision;
 use std::io::Write;
 
 use moe_xray_trace::reader::read_all;
 use moe_xray_trace::{
-    aggregate_paths, AggregateOptions, EventsWriter, JsonlAppender, RoutingDecision, RoutingRecord,
-    RoutingSink, TokenType, TraceItem, TraceReader,
+    aggregate_paths, AggregateOptions, EventsWriter, JsonlAppender, RoutingRecord, RoutingSink,
+    TokenType, TraceItem, TraceReader,
 };
 use proptest::prelude::*;
+
+/// `PROPTEST_CASES` when set (longer runs, docs/trace-format.md "Robustness"), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn gz(bytes: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -67,7 +76,7 @@ fn fragment() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(96), .. ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
@@ -125,7 +134,7 @@ fn record_strategy() -> impl Strategy<Value = RoutingRecord> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), .. ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_records_round_trip(recs in prop::collection::vec(record_strategy(), 1..30), ext in 0usize..3) {
@@ -159,16 +168,7 @@ proptest! {
         // each record as its own prompt block keeps file order = input order
         for (i, r) in recs.iter().enumerate() {
             w.begin_prompt(&r.prompt_id, r.category.as_deref()).unwrap();
-            w.record(&RoutingDecision {
-                prompt_id: &r.prompt_id,
-                layer: r.layer,
-                position: r.position,
-                token_id: r.token_id.unwrap(),
-                token_type: r.token_type,
-                experts: &r.experts,
-                weights: r.weights.as_deref().unwrap(),
-                probs: r.probs.as_deref(),
-            }).unwrap();
+            w.record(&decision(r)).unwrap();
             w.end_prompt(&r.prompt_id).unwrap();
             prop_assert_eq!(w.prompts_written(), i + 1);
         }

@@ -1,5 +1,6 @@
 //! Writers: round trips for all three compressions, durability and resume after a cut tail.
 
+use moe_xray_test_support::decision;
 use std::path::{Path, PathBuf};
 
 use moe_xray_trace::reader::read_all;
@@ -55,18 +56,7 @@ fn decisions(i: usize) -> Vec<RoutingRecord> {
 
 fn feed(sink: &mut dyn RoutingSink, recs: &[RoutingRecord]) {
     for r in recs {
-        let probs = r.probs.as_deref();
-        sink.record(&RoutingDecision {
-            prompt_id: &r.prompt_id,
-            layer: r.layer,
-            position: r.position,
-            token_id: r.token_id.unwrap(),
-            token_type: r.token_type,
-            experts: &r.experts,
-            weights: r.weights.as_deref().unwrap(),
-            probs,
-        })
-        .unwrap();
+        sink.record(&decision(r)).unwrap();
     }
 }
 

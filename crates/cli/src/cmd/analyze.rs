@@ -7,11 +7,15 @@ use moe_xray_stats::analyze::{
 };
 use moe_xray_stats::input::PromptRow;
 use moe_xray_stats::results::{AnalysisResults, Section};
-use moe_xray_trace::counts::{for_each_prompt_counts, AggregateOptions};
-use moe_xray_trace::{read_manifest_beside, read_prompts, write_atomic, TokenType, TraceError};
+use moe_xray_trace::counts::{for_each_prompt_counts_info, AggregateOptions};
+use moe_xray_trace::{read_manifest_beside, read_prompts, TokenType, TraceError};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+use super::health::inferred_warning;
+use crate::outdir::{Batch, OutLock};
+use crate::progress::Spinner;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -60,9 +64,12 @@ pub struct Args {
     /// Output directory.
     #[arg(long, default_value = "analysis")]
     pub out: PathBuf,
-    /// Print results.json to stdout instead of the summary.
+    /// Print results.json on stdout instead of the summary (it is also written to --out).
     #[arg(long)]
     pub json: bool,
+    /// No summary on stdout and no progress (warnings and errors still go to stderr).
+    #[arg(long)]
+    pub quiet: bool,
     /// Force the all-pairs path.
     #[arg(long, conflicts_with = "gram")]
     pub exact_pairs: bool,
@@ -100,6 +107,25 @@ pub fn model_dims(dir: &Path) -> Result<(usize, usize, usize)> {
     ))
 }
 
+/// The dimensions the user gave: `--num-layers` / `--num-experts` / `--top-k` first, then the
+/// config.json of `--model DIR` ([`model_dims`]); `None` where neither says. Shared by `analyze`,
+/// `health` and `compare`.
+pub fn given_dims(
+    model: Option<&Path>,
+    num_layers: Option<usize>,
+    num_experts: Option<usize>,
+    top_k: Option<usize>,
+) -> Result<(Option<usize>, Option<usize>, Option<usize>)> {
+    let (mut nl, mut ne, mut k) = (num_layers, num_experts, top_k);
+    if let Some(dir) = model {
+        let (l, e, kk) = model_dims(dir)?;
+        nl = nl.or(Some(l));
+        ne = ne.or(Some(e));
+        k = k.or(Some(kk));
+    }
+    Ok((nl, ne, k))
+}
+
 fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
     let mut out = Vec::new();
     for n in names {
@@ -120,14 +146,19 @@ fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
 
 /// Run the analysis and return the outputs (no files written).
 pub fn compute(args: &Args) -> Result<Outputs> {
+    compute_with_progress(args, &crate::progress::spinner(true, ""))
+}
+
+/// [`compute`], showing the step and the prompts read so far on `progress`; a warning goes there
+/// too when the dimensions are inferred from per-token data.
+pub fn compute_with_progress(args: &Args, progress: &Spinner) -> Result<Outputs> {
     let types = token_types(&args.token_types)?;
-    let (mut nl, mut ne, mut k) = (args.num_layers, args.num_experts, args.top_k);
-    if let Some(dir) = &args.model {
-        let (l, e, kk) = model_dims(dir)?;
-        nl = nl.or(Some(l));
-        ne = ne.or(Some(e));
-        k = k.or(Some(kk));
-    }
+    let (nl, ne, mut k) = given_dims(
+        args.model.as_deref(),
+        args.num_layers,
+        args.num_experts,
+        args.top_k,
+    )?;
     let manifest = read_manifest_beside(&args.traces[0])?;
     if let Some(m) = &manifest {
         k = k.or(Some(m.top_k));
@@ -161,7 +192,12 @@ pub fn compute(args: &Args) -> Result<Outputs> {
     let mut collector: Option<Collector> = None;
     let mut stats_err: Option<moe_xray_stats::StatsError> = None;
     let first = args.traces[0].clone();
-    let dims = for_each_prompt_counts(&args.traces, &agg, |p| {
+    let mut read = 0usize;
+    let dims = for_each_prompt_counts_info(&args.traces, &agg, |p| {
+        read += 1;
+        if read.is_multiple_of(1024) {
+            progress.step(format!("analyze: read {read} prompts"));
+        }
         let c = collector.get_or_insert_with(|| {
             Collector::new(
                 p.tokens_per_layer.len(),
@@ -187,7 +223,25 @@ pub fn compute(args: &Args) -> Result<Outputs> {
     if let Some(e) = stats_err {
         return Err(e.into());
     }
-    let (l, e) = dims?;
+    let info = dims?;
+    let (l, e) = (info.num_layers, info.num_experts);
+    if manifest.is_none() {
+        let label = args
+            .traces
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Some(w) = inferred_warning(&label, &args.traces, nl.is_none(), ne.is_none(), l, e) {
+            progress.warn(&w);
+        }
+    }
+    progress.step(format!(
+        "analyze: statistics on {read} prompts ({} reps per baseline)",
+        args.reps
+    ));
+    // Weighted counts cannot reveal k; take it from the data as the unweighted path does.
+    let k = if args.weighted { k.or(info.top_k) } else { k };
     let collector = collector.unwrap_or_else(|| Collector::new(l, e, choice));
     let opts = AnalyzeOptions {
         reps: args.reps,
@@ -272,25 +326,40 @@ pub fn similarity_csv(r: &AnalysisResults, sim: &[f64]) -> String {
     s
 }
 
-/// Write the output files into `out` (each temp + rename; all content computed first).
-pub fn write_outputs(out: &Path, outputs: &Outputs) -> Result<()> {
+/// Adds the output files except `results.json` to `batch` (destinations in `out`) and returns
+/// the text of `results.json`, which the caller adds last: it marks a complete output set.
+/// CSVs of an earlier run that this one does not produce (the Gram-sums path writes none) are
+/// removed when the batch is committed, so no file of another run stays beside the new results.
+pub fn stage_outputs(out: &Path, outputs: &Outputs, batch: &mut Batch) -> Result<String> {
     let r = outputs.results();
     let json = serde_json::to_string_pretty(r)? + "\n";
-    let csvs = match outputs {
-        Outputs::Exact(e) => Some((
-            signatures_csv(r, &e.signatures, &e.prompt_categories),
-            similarity_csv(r, &e.similarity),
-        )),
-        Outputs::Gram(_) => None,
-    };
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create directory", out.display()))?;
-    if let Some((sig, sim)) = csvs {
-        write_atomic(out.join("signatures.csv"), sig)?;
-        write_atomic(out.join("prompt_similarity.csv"), sim)?;
+    match outputs {
+        Outputs::Exact(e) => {
+            batch.add(
+                out.join("signatures.csv"),
+                signatures_csv(r, &e.signatures, &e.prompt_categories),
+            )?;
+            batch.add(
+                out.join("prompt_similarity.csv"),
+                similarity_csv(r, &e.similarity),
+            )?;
+        }
+        Outputs::Gram(_) => {
+            batch.remove(out.join("signatures.csv"));
+            batch.remove(out.join("prompt_similarity.csv"));
+        }
     }
-    write_atomic(out.join("results.json"), json)?;
-    Ok(())
+    Ok(json)
+}
+
+/// Writes the output files into `out` all together or not at all (see `crate::outdir`):
+/// every file complete in a temporary file first, then renamed into place, `results.json` last.
+/// The caller holds the directory's lock.
+pub fn write_outputs(out: &Path, outputs: &Outputs) -> Result<()> {
+    let mut batch = Batch::new();
+    let json = stage_outputs(out, outputs, &mut batch)?;
+    batch.add(out.join("results.json"), json)?;
+    batch.commit()
 }
 
 fn fmt_ci(s: &Section<moe_xray_stats::results::Bootstrap>) -> String {
@@ -381,13 +450,12 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
         );
     }
     if let Section::Done(lr) = &r.logreg_5fold {
-        let g = |k: &str| lr.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
         let mut line = format!(
             "logistic regression: accuracy {:.1}% ± {:.1}% (fold sd), macro-F1 {:.3}, chance {:.1}%",
-            100.0 * g("accuracy_mean"),
-            100.0 * g("accuracy_std"),
-            g("macro_f1_oof"),
-            100.0 * g("chance")
+            100.0 * lr.accuracy_mean,
+            100.0 * lr.accuracy_std,
+            lr.macro_f1_oof,
+            100.0 * lr.chance
         );
         if let Section::Done(b) = &r.significance.bootstrap {
             if let Some(ci) = b.accuracy_ci95 {
@@ -400,9 +468,7 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
             }
         }
         if let Section::Done(p) = &r.significance.classifier_permutation {
-            if let Some(pv) = p.get("p").and_then(|x| x.as_f64()) {
-                let _ = write!(line, ", permutation p = {pv:.4}");
-            }
+            let _ = write!(line, ", permutation p = {:.4}", p.p);
         }
         let _ = writeln!(s, "{line}");
     } else if let Section::Skipped { skipped } = &r.logreg_5fold {
@@ -422,11 +488,16 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let outputs = compute(&args)?;
+    // One writer per output directory, refused at once (before the analysis runs).
+    let _lock = OutLock::acquire(&args.out)?;
+    let progress = crate::progress::spinner(args.quiet, "analyze: reading traces");
+    let outputs = compute_with_progress(&args, &progress)?;
+    progress.step("analyze: writing outputs");
     write_outputs(&args.out, &outputs)?;
+    drop(progress);
     if args.json {
         println!("{}", serde_json::to_string_pretty(outputs.results())?);
-    } else {
+    } else if !args.quiet {
         print!("{}", summary(outputs.results(), &args.out));
     }
     Ok(())

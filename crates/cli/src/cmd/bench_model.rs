@@ -58,7 +58,7 @@ pub struct ModelBench {
     /// Prompts run together per ragged batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Compute threads (default: all cores).
+    /// Compute threads, 1 to 1024 (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Compute dtype (default: the checkpoint's stored dtype).

@@ -5,11 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
-use moe_xray_health::compare::{compare_runs, CompareOptions};
-use moe_xray_health::input::read_run_data;
-use moe_xray_health::{output, svg, HealthOptions};
+use moe_xray_health::compare::{compare_runs, CompareOptions, RunData};
+use moe_xray_health::{accumulate_run, output, resolve_run, HealthOptions};
+use moe_xray_report::health_figures;
 
-use super::health::{parse_token_types, write_file};
+use super::health::{parse_token_types, resolve_dims, DimsArgs, JsonArgs};
+use crate::outdir::Batch;
+use crate::progress::{spinner, Spinner};
 
 /// Exit code when `--fail-above` is exceeded (errors exit with 1).
 pub const EXIT_DRIFT: i32 = 3;
@@ -22,9 +24,13 @@ pub struct Args {
     /// Second run (same number of layers and experts).
     #[arg(value_name = "RUN_B")]
     pub run_b: PathBuf,
-    /// Write the report as JSON to FILE, or to stdout (instead of the table) when no FILE is given.
-    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub dims: DimsArgs,
+    #[command(flatten)]
+    pub json: JsonArgs,
+    /// No table on stdout (the exit code and the --fail-above message remain) and no progress.
+    #[arg(long)]
+    pub quiet: bool,
     /// Write the per-layer JS bar chart (SVG) to FILE.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
@@ -45,6 +51,30 @@ pub struct Args {
     pub token_types: Vec<String>,
 }
 
+/// Reads one run (trace file or run directory) with its dimensions resolved as `health` does
+/// (`--model` / `--num-layers` / `--num-experts`, manifest, or the data with a warning).
+fn read_run(
+    path: &Path,
+    dims: &DimsArgs,
+    opts: &HealthOptions,
+    progress: &Spinner,
+) -> anyhow::Result<RunData> {
+    let run = resolve_run(path)?;
+    progress.step(format!("compare: reading {}", run.label));
+    let d = resolve_dims(&run, dims, progress)?;
+    let opts = HealthOptions {
+        keep_prompts: true,
+        ..opts.clone()
+    };
+    let acc = accumulate_run(&run, Some(d), opts)?;
+    Ok(RunData {
+        label: run.label,
+        num_layers: acc.num_layers(),
+        num_experts: acc.num_experts(),
+        prompts: acc.into_prompts(),
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = args.fail_above {
         if !(0.0..=1.0).contains(&t) {
@@ -55,8 +85,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         token_types: parse_token_types(&args.token_types)?,
         ..Default::default()
     };
-    let a = read_run_data(&args.run_a, &hopts)?;
-    let b = read_run_data(&args.run_b, &hopts)?;
+    let bar = spinner(args.quiet, "compare: reading runs");
+    let a = read_run(&args.run_a, &args.dims, &hopts, &bar)?;
+    let b = read_run(&args.run_b, &args.dims, &hopts, &bar)?;
+    bar.step("compare: divergences and permutation test");
     let report = compare_runs(
         &a,
         &b,
@@ -66,20 +98,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             fail_above: args.fail_above,
         },
     )?;
-    let to_stdout_json = args.json.as_deref() == Some(Path::new("-"));
-    if to_stdout_json {
-        print!("{}", serde_json::to_string_pretty(&report)? + "\n");
-    } else {
-        print!("{}", output::compare_table(&report));
-        if let Some(p) = &args.json {
-            write_file(p, &(serde_json::to_string_pretty(&report)? + "\n"))?;
-        }
+    drop(bar);
+    let to_stdout_json = args.json.to_stdout();
+    // The output files appear together or not at all (temporary files first, then renamed).
+    let mut batch = Batch::new();
+    if let Some(p) = args.json.file() {
+        batch.add(p, serde_json::to_string_pretty(&report)? + "\n")?;
     }
     if let Some(p) = &args.svg {
-        write_file(p, &svg::js_bars(&report))?;
+        batch.add(p, health_figures::js_bars(&report))?;
     }
     if let Some(p) = &args.csv {
-        write_file(p, &output::shifts_csv(&report))?;
+        batch.add(p, output::shifts_csv(&report))?;
+    }
+    batch.commit()?;
+    if to_stdout_json {
+        print!("{}", serde_json::to_string_pretty(&report)? + "\n");
+    } else if !args.quiet {
+        print!("{}", output::compare_table(&report));
     }
     if report.exceeded == Some(true) {
         eprintln!(

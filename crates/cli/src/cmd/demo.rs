@@ -31,7 +31,7 @@ pub struct Args {
     /// Repetitions of each null baseline, label permutation and bootstrap.
     #[arg(long, default_value_t = 1000)]
     pub reps: usize,
-    /// Compute threads (default: all cores).
+    /// Compute threads, 1 to 1024 (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// No progress output.
@@ -57,9 +57,10 @@ pub fn demo_spec(planted: bool) -> Result<SynthSpec> {
 
 pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
+    crate::outdir::check_threads(args.threads)?;
     let model_dir = args.out.join("model");
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    // One writer per output folder, for the model and the whole run.
+    let _lock = crate::outdir::OutLock::acquire(&args.out)?;
     let spec = demo_spec(args.planted)?;
     if !args.quiet {
         eprintln!(
@@ -82,16 +83,14 @@ pub fn run(args: Args) -> Result<()> {
         seed: 0,
         dtype: None,
         quiet: args.quiet,
+        truncate_prompts: None,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let s = run::execute(&rargs, &command)?;
     let r = &s.results;
     println!("{}", super::analyze::summary(r, &args.out));
     let acc = match &r.logreg_5fold {
-        Section::Done(c) => match c.get("accuracy_mean").and_then(|v| v.as_f64()) {
-            Some(a) => format!("{:.1} %", 100.0 * a),
-            None => "n/a".to_string(),
-        },
+        Section::Done(c) => format!("{:.1} %", 100.0 * c.accuracy_mean),
         Section::Skipped { skipped } => format!("skipped ({skipped})"),
     };
     if args.planted {

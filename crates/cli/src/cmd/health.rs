@@ -5,9 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use moe_xray_health::input::run_dims;
 use moe_xray_health::mi::{mutual_information, signatures_with_labels, MiOptions};
-use moe_xray_health::{accumulate_run, output, resolve_traces, svg, HealthOptions};
-use moe_xray_trace::{write_atomic, TokenType};
+use moe_xray_health::{accumulate_run, output, resolve_traces, HealthOptions, RunInput};
+use moe_xray_report::health_figures;
+use moe_xray_trace::{TokenType, TraceItem, TraceReader};
+
+use crate::outdir::{Batch, OutLock};
+use crate::progress::Spinner;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -15,9 +20,13 @@ pub struct Args {
     /// directories containing them (with manifest.json).
     #[arg(required = true, value_name = "TRACES")]
     pub traces: Vec<PathBuf>,
-    /// Write the report as JSON to FILE, or to stdout (instead of the table) when no FILE is given.
-    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub dims: DimsArgs,
+    #[command(flatten)]
+    pub json: JsonArgs,
+    /// No summary table on stdout (warnings and errors still go to stderr) and no progress.
+    #[arg(long)]
+    pub quiet: bool,
     /// Write CSV files (layers.csv, load.csv, and with per-token input coactivation.csv,
     /// pairs.csv) into DIR.
     #[arg(long, value_name = "DIR")]
@@ -57,6 +66,117 @@ pub struct Args {
     pub seed: u64,
 }
 
+/// The run's dimensions as `analyze` takes them (`--model DIR` / `--num-layers` /
+/// `--num-experts`); shared by `health` and `compare`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DimsArgs {
+    /// Model directory: the number of layers and experts are read from its config.json
+    /// (needed when the traces have no manifest.json and the last experts are never chosen).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Number of MoE layers L (overrides manifest / config).
+    #[arg(long, value_name = "L")]
+    pub num_layers: Option<usize>,
+    /// Number of experts per layer E (overrides manifest / config).
+    #[arg(long, value_name = "E")]
+    pub num_experts: Option<usize>,
+}
+
+/// The one `--json` convention of `analyze`, `health`, `compare`, `trace` and `synth-model`:
+/// `--json` prints the JSON on stdout instead of the human summary; here `--json-out FILE`
+/// writes it to FILE (the summary is still printed). `--json FILE`, the older spelling of
+/// `--json-out FILE`, still works.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct JsonArgs {
+    /// Print the report as JSON on stdout instead of the table. (`--json FILE`, the older
+    /// spelling of `--json-out FILE`, still works.)
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+    /// Write the report as JSON to FILE (the table is still printed).
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
+    json_out: Option<PathBuf>,
+}
+
+impl JsonArgs {
+    /// Whether the JSON goes to stdout (instead of the human summary).
+    pub fn to_stdout(&self) -> bool {
+        self.json.as_deref() == Some(Path::new("-"))
+    }
+
+    /// The file the JSON is written to, if any (a deprecation note for `--json FILE`).
+    pub fn file(&self) -> Option<&Path> {
+        if let Some(p) = self.json.as_deref().filter(|p| *p != Path::new("-")) {
+            eprintln!(
+                "note: `--json {}` is the older spelling of `--json-out {0}` (`--json` alone prints the JSON on stdout)",
+                p.display()
+            );
+            return Some(p);
+        }
+        self.json_out.as_deref()
+    }
+}
+
+/// (L, E) of `run`: `--num-layers` / `--num-experts`, then `--model DIR`'s config.json, then the
+/// run's manifest.json, and only then the trace data — with a loud warning on stderr saying which
+/// dimension was inferred and how to give it (counts lines state both, so no warning for them).
+pub(crate) fn resolve_dims(
+    run: &RunInput,
+    d: &DimsArgs,
+    progress: &Spinner,
+) -> anyhow::Result<(usize, usize)> {
+    let (mut nl, mut ne, _) =
+        super::analyze::given_dims(d.model.as_deref(), d.num_layers, d.num_experts, None)?;
+    if let Some(m) = &run.manifest {
+        nl = nl.or(Some(m.num_layers));
+        ne = ne.or(Some(m.num_experts));
+    }
+    if let (Some(l), Some(e)) = (nl, ne) {
+        return Ok((l, e));
+    }
+    let (il, ie) = run_dims(run)?;
+    if let Some(w) = inferred_warning(&run.label, &run.paths, nl.is_none(), ne.is_none(), il, ie) {
+        progress.warn(&w);
+    }
+    Ok((nl.unwrap_or(il), ne.unwrap_or(ie)))
+}
+
+/// The loud warning when dimensions come from the highest indices in per-token traces (records or
+/// flat events). `layers` / `experts`: which of the two were inferred, as `l` and `e`.
+pub(crate) fn inferred_warning(
+    label: &str,
+    paths: &[PathBuf],
+    layers: bool,
+    experts: bool,
+    l: usize,
+    e: usize,
+) -> Option<String> {
+    let first = paths
+        .first()
+        .and_then(|p| TraceReader::open(p).ok())
+        .and_then(|mut r| r.next())
+        .and_then(|i| i.ok());
+    if matches!(first, Some((_, TraceItem::Counts(_)))) || !(layers || experts) {
+        return None;
+    }
+    let mut what = Vec::new();
+    if layers {
+        what.push(format!("{l} layers (highest layer index seen + 1)"));
+    }
+    if experts {
+        what.push(format!("{e} experts (highest expert id seen + 1)"));
+    }
+    let consequence = if experts {
+        "Experts above the highest id seen that are never chosen are missing, so dead experts are under-counted. "
+    } else {
+        "Trailing layers without any routing record would be missing. "
+    };
+    Some(format!(
+        "WARNING: {label}: no manifest.json beside the traces, so the dimensions are INFERRED from the data: {}. \
+         {consequence}Fix: pass --model DIR (the checkpoint's config.json) or --num-experts E / --num-layers L.",
+        what.join(" and ")
+    ))
+}
+
 pub(crate) fn parse_token_types(v: &[String]) -> anyhow::Result<Vec<TokenType>> {
     let mut out = Vec::new();
     for s in v {
@@ -77,15 +197,18 @@ pub(crate) fn parse_token_types(v: &[String]) -> anyhow::Result<Vec<TokenType>> 
     Ok(out)
 }
 
-pub(crate) fn write_file(path: &Path, content: &str) -> anyhow::Result<()> {
-    write_atomic(path, content.as_bytes()).with_context(|| format!("writing {}", path.display()))
-}
-
-fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // One writer per output directory (refused at once); --csv and --svg may name the same one.
+    let mut locks: Vec<(OutLock, PathBuf)> = Vec::new();
+    for dir in [&args.csv, &args.svg].into_iter().flatten() {
+        let same = |d: &Path| match (d.canonicalize(), dir.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !locks.iter().any(|(_, d)| same(d)) {
+            locks.push((OutLock::acquire(dir)?, dir.clone()));
+        }
+    }
     let opts = HealthOptions {
         token_types: parse_token_types(&args.token_types)?,
         cold_fraction: args.cold_fraction,
@@ -93,12 +216,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         keep_prompts: args.mi,
     };
     let run = resolve_traces(&args.traces)?;
-    if run.manifest.is_none() {
-        eprintln!(
-            "note: no manifest.json beside the traces: layers and experts are taken from the data (for records/events: highest index seen + 1)"
-        );
-    }
-    let acc = accumulate_run(&run, None, opts)?;
+    let bar = crate::progress::spinner(args.quiet, "health: reading traces");
+    let dims = resolve_dims(&run, &args.dims, &bar)?;
+    let acc = accumulate_run(&run, Some(dims), opts)?;
     let report = acc.report();
     if args.layer >= report.num_layers {
         bail!(
@@ -111,13 +231,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (sigs, labels, dropped) =
             signatures_with_labels(acc.prompts(), report.num_layers, report.num_experts);
         if !dropped.is_empty() {
-            eprintln!(
+            bar.warn(&format!(
                 "--mi: {} prompt(s) left out (first: {} — {})",
                 dropped.len(),
                 dropped[0].0,
                 dropped[0].1
-            );
+            ));
         }
+        bar.step("health: mutual information (permutations)");
         let m = mutual_information(
             &sigs,
             &labels,
@@ -135,48 +256,58 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
-    let to_stdout_json = args.json.as_deref() == Some(Path::new("-"));
-    if !to_stdout_json {
+    drop(bar);
+    let to_stdout_json = args.json.to_stdout();
+    let json_file = args.json.file();
+    if !to_stdout_json && !args.quiet {
         print!("{}", output::health_table(&report));
         if let Some(m) = &mi {
             print!("{}", output::mi_text(m));
         }
     }
-    if let Some(path) = &args.json {
+    // Every file is computed and written to a temporary file first; they appear together.
+    let mut batch = Batch::new();
+    if let Some(dir) = &args.csv {
+        batch.add(dir.join("layers.csv"), output::layers_csv(&report))?;
+        batch.add(dir.join("load.csv"), output::load_csv(&report))?;
+        if let Some(c) = output::coactivation_csv(&acc) {
+            batch.add(dir.join("coactivation.csv"), c)?;
+        }
+        if let Some(p) = output::pairs_csv(&report) {
+            batch.add(dir.join("pairs.csv"), p)?;
+        }
+    }
+    if let Some(dir) = &args.svg {
+        batch.add(
+            dir.join("load_heatmap.svg"),
+            health_figures::load_heatmap(&report),
+        )?;
+        match acc
+            .coactivation(args.layer)
+            .and_then(|c| health_figures::coactivation_heatmap(&report, c, args.layer))
+        {
+            Some(s) => batch.add(dir.join(format!("coactivation_layer{}.svg", args.layer)), s)?,
+            None => eprintln!(
+                "note: no co-activation heatmap: co-activation needs per-token traces (records or flat events), not counts"
+            ),
+        }
+    }
+    let mut stdout_json = None;
+    if to_stdout_json || json_file.is_some() {
         let mut v = serde_json::to_value(&report)?;
         if let Some(m) = &mi {
             v["mutual_information"] = serde_json::to_value(m)?;
         }
         let text = serde_json::to_string_pretty(&v)? + "\n";
-        if to_stdout_json {
-            print!("{text}");
+        if let Some(path) = json_file {
+            batch.add(path, text)?;
         } else {
-            write_file(path, &text)?;
+            stdout_json = Some(text);
         }
     }
-    if let Some(dir) = &args.csv {
-        ensure_dir(dir)?;
-        write_file(&dir.join("layers.csv"), &output::layers_csv(&report))?;
-        write_file(&dir.join("load.csv"), &output::load_csv(&report))?;
-        if let Some(c) = output::coactivation_csv(&acc) {
-            write_file(&dir.join("coactivation.csv"), &c)?;
-        }
-        if let Some(p) = output::pairs_csv(&report) {
-            write_file(&dir.join("pairs.csv"), &p)?;
-        }
-    }
-    if let Some(dir) = &args.svg {
-        ensure_dir(dir)?;
-        write_file(&dir.join("load_heatmap.svg"), &svg::load_heatmap(&report))?;
-        match acc
-            .coactivation(args.layer)
-            .and_then(|c| svg::coactivation_heatmap(&report, c, args.layer))
-        {
-            Some(s) => write_file(&dir.join(format!("coactivation_layer{}.svg", args.layer)), &s)?,
-            None => eprintln!(
-                "note: no co-activation heatmap: co-activation needs per-token traces (records or flat events), not counts"
-            ),
-        }
+    batch.commit()?;
+    if let Some(text) = stdout_json {
+        print!("{text}");
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod bench_model;
 pub mod compare;
 pub mod demo;
 pub mod health;
+pub mod import;
 pub mod run;
 pub mod synth_model;
 pub mod trace;

@@ -4,7 +4,7 @@
 //! - `prompts.jsonl`        the prompt set actually used (a copy; `paper80` is bundled)
 //! - `traces/`              `trace.jsonl.gz`, `generations.jsonl`, `manifest.json` (from `trace`)
 //! - `results.json`, `signatures.csv`, `prompt_similarity.csv` (from `analyze`)
-//! - `health.json`, `health/` (load and co-activation figures, from `health`)
+//! - `health.json`, `health/*.csv` (from `health`; its figures go to `figures/`)
 //! - `figures/*.svg`, `report.html`
 //!
 //! Resumable: a re-run with the same inputs reuses the finished traces (`trace --resume` skips every
@@ -21,6 +21,7 @@ use moe_xray_stats::analyze::Outputs;
 use moe_xray_trace::{read_prompts, write_atomic};
 
 use super::{analyze, trace};
+use crate::outdir::{check_threads, Batch, OutLock, STAGING_PREFIX};
 
 /// The bundled paper80 prompt set (`prompts/paper80.jsonl`, documented in `prompts/README.md`).
 pub const PAPER80: &str = include_str!("../../../../prompts/paper80.jsonl");
@@ -45,7 +46,7 @@ pub struct Args {
     /// Prompts run together (results do not depend on it; see `trace --batch-size`).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Compute threads (default: all cores).
+    /// Compute threads, 1 to 1024 (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Repetitions of each null baseline, label permutation and bootstrap.
@@ -60,6 +61,10 @@ pub struct Args {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Cut prompts longer than the model's context on this side instead of refusing them (see
+    /// `trace --truncate-prompts`).
+    #[arg(long, value_enum)]
+    pub truncate_prompts: Option<trace::TruncateSide>,
 }
 
 /// Parses a subcommand's `Args` from an argument list, so that `run` uses exactly the defaults and
@@ -84,7 +89,18 @@ fn p(path: &Path) -> String {
 /// Resolves `--prompts` and writes the set used to `out/prompts.jsonl`.
 fn prepare_prompts(spec: &str, out: &Path) -> Result<PathBuf> {
     let dest = out.join("prompts.jsonl");
-    let text = if spec == "paper80" {
+    let text = prompt_set_text(spec)?;
+    if std::fs::read_to_string(&dest).ok().as_deref() != Some(text.as_str()) {
+        write_atomic(&dest, text.as_bytes())?;
+    }
+    // Validate the bundled set the same way as a user's file.
+    read_prompts(&dest)?;
+    Ok(dest)
+}
+
+/// The prompt set `--prompts` names, validated and normalised to JSONL (nothing is written).
+fn prompt_set_text(spec: &str) -> Result<String> {
+    Ok(if spec == "paper80" {
         PAPER80.to_string()
     } else {
         let src = PathBuf::from(spec);
@@ -101,13 +117,7 @@ fn prepare_prompts(spec: &str, out: &Path) -> Result<PathBuf> {
             s.push('\n');
         }
         s
-    };
-    if std::fs::read_to_string(&dest).ok().as_deref() != Some(text.as_str()) {
-        write_atomic(&dest, text.as_bytes())?;
-    }
-    // Validate the bundled set the same way as a user's file.
-    read_prompts(&dest)?;
-    Ok(dest)
+    })
 }
 
 /// What kind of synthetic model `dir` holds, if any (from the `synth.json` that `synth-model`
@@ -133,6 +143,32 @@ pub struct RunSummary {
 /// Runs the whole pipeline; `command` is the command line shown in the report.
 pub fn execute(args: &Args, command: &str) -> Result<RunSummary> {
     let out = &args.out;
+    // Prompts that do not fit the model (context length, tokenizer, template) are refused before
+    // anything is written.
+    let (set, source) = if args.prompts == "paper80" {
+        let set = PAPER80
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<std::result::Result<Vec<moe_xray_trace::Prompt>, _>>()
+            .context("bundled paper80 prompts")?;
+        (set, "paper80".to_string())
+    } else if Path::new(&args.prompts).exists() {
+        (read_prompts(&args.prompts)?, args.prompts.clone())
+    } else {
+        bail!(
+            "--prompts {}: no such file (and not a bundled set; bundled: paper80)",
+            args.prompts
+        );
+    };
+    trace::check_prompts(
+        &args.model,
+        &set,
+        &source,
+        args.chat_template,
+        args.max_new_tokens,
+        args.truncate_prompts,
+    )?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", p(out)))?;
     let prompts_path = prepare_prompts(&args.prompts, out)?;
     let traces = out.join("traces");
@@ -168,6 +204,13 @@ pub fn execute(args: &Args, command: &str) -> Result<RunSummary> {
     if args.quiet {
         targv.push("--quiet".into());
     }
+    if let Some(t) = args.truncate_prompts {
+        let side = match t {
+            trace::TruncateSide::Left => "left",
+            trace::TruncateSide::Right => "right",
+        };
+        targv.extend(["--truncate-prompts".into(), side.into()]);
+    }
     if !args.quiet {
         eprintln!("[1/4] tracing routing -> {}", p(&traces));
     }
@@ -191,20 +234,23 @@ pub fn execute(args: &Args, command: &str) -> Result<RunSummary> {
     ];
     let aargs: analyze::Args = parse_args("analyze", &aargv)?;
     let outputs = analyze::compute(&aargs).context("analyze step")?;
-    analyze::write_outputs(out, &outputs)?;
+    // The analysis, health and report files appear together: all are written to temporary files
+    // first and renamed into place at the end, results.json and then report.html last.
+    let mut batch = Batch::new();
+    let results_json = analyze::stage_outputs(out, &outputs, &mut batch)?;
 
     // 3. health (load balance, dead/cold experts, router entropy, co-activation, MI).
     if !args.quiet {
         eprintln!("[3/4] routing health");
     }
-    let health = health_step(&trace_file, out, args.seed)?;
+    let health = health_step(&trace_file, out, args.seed, &mut batch)?;
 
     // 4. report.
     if !args.quiet {
         eprintln!("[4/4] figures and report");
     }
     let results_path = out.join("results.json");
-    let results = moe_xray_report::results::Results::read(&results_path)?;
+    let results = moe_xray_report::results::Results::from_json_str(&results_json, &results_path)?;
     let usage = match &outputs {
         Outputs::Exact(e) => {
             let (l, ne) = (e.results.num_layers, e.results.num_experts);
@@ -246,12 +292,43 @@ pub fn execute(args: &Args, command: &str) -> Result<RunSummary> {
         synthetic: synthetic_kind(&args.model),
         health: Some(health),
     };
-    let report = moe_xray_report::write_report(out, &input)?;
+    let report = commit_with_report(out, &input, batch, results_json)?;
     let results = match outputs {
         Outputs::Exact(e) => e.results,
         Outputs::Gram(r) => *r,
     };
     Ok(RunSummary { report, results })
+}
+
+/// Renders the report into a staging directory inside `out` and commits the whole output set:
+/// the files already in `batch`, the figures, `results.json` and `report.html` last.
+fn commit_with_report(
+    out: &Path,
+    input: &ReportInput,
+    mut batch: Batch,
+    results_json: String,
+) -> Result<PathBuf> {
+    let staging = tempfile::Builder::new()
+        .prefix(STAGING_PREFIX)
+        .tempdir_in(out)
+        .with_context(|| format!("cannot create a staging directory in {}", p(out)))?;
+    let staged = moe_xray_report::write_report(staging.path(), input)?;
+    let figs = staging.path().join("figures");
+    let mut names = std::fs::read_dir(&figs)
+        .and_then(|rd| {
+            rd.map(|e| e.map(|e| e.file_name()))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .with_context(|| format!("cannot list {}", p(&figs)))?;
+    names.sort();
+    for n in names {
+        batch.add_file(out.join("figures").join(&n), &figs.join(&n))?;
+    }
+    batch.add(out.join("results.json"), results_json)?;
+    let report = out.join("report.html");
+    batch.add_file(&report, &staged)?;
+    batch.commit()?;
+    Ok(report)
 }
 
 fn read_generations(path: &Path) -> Result<HashMap<String, String>> {
@@ -270,8 +347,13 @@ fn read_generations(path: &Path) -> Result<HashMap<String, String>> {
 
 /// Routing health of the run's trace: `health.json` (with the mutual information between
 /// signatures and category), CSV tables under `health/`, and the report's health section.
-fn health_step(trace_file: &Path, out: &Path, seed: u64) -> Result<HealthSection> {
-    use moe_xray_health::{accumulate_run, mi, output, resolve_traces, svg, HealthOptions};
+fn health_step(
+    trace_file: &Path,
+    out: &Path,
+    seed: u64,
+    batch: &mut Batch,
+) -> Result<HealthSection> {
+    use moe_xray_health::{accumulate_run, mi, output, resolve_traces, HealthOptions};
     let run = resolve_traces(&[trace_file.to_path_buf()])?;
     let opts = HealthOptions {
         keep_prompts: true,
@@ -291,53 +373,34 @@ fn health_step(trace_file: &Path, out: &Path, seed: u64) -> Result<HealthSection
     )
     .ok();
     let mut full = serde_json::to_value(&report)?;
-    let mut summary = report.summary();
     if let Some(m) = &mi {
         full["mutual_information"] = serde_json::to_value(m)?;
-        summary["mutual_information"] = serde_json::to_value(m)?;
     }
-    write_atomic(
+    batch.add(
         out.join("health.json"),
         serde_json::to_string_pretty(&full)? + "\n",
     )?;
     let dir = out.join("health");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", p(&dir)))?;
-    write_atomic(dir.join("layers.csv"), output::layers_csv(&report))?;
-    write_atomic(dir.join("load.csv"), output::load_csv(&report))?;
+    batch.add(dir.join("layers.csv"), output::layers_csv(&report))?;
+    batch.add(dir.join("load.csv"), output::load_csv(&report))?;
     if let Some(c) = output::coactivation_csv(&acc) {
-        write_atomic(dir.join("coactivation.csv"), c)?;
+        batch.add(dir.join("coactivation.csv"), c)?;
     }
     if let Some(c) = output::pairs_csv(&report) {
-        write_atomic(dir.join("pairs.csv"), c)?;
+        batch.add(dir.join("pairs.csv"), c)?;
     }
     // The co-activation figure shows the deepest layer, where the paper finds the most task signal.
     let layer = report.num_layers.saturating_sub(1);
-    let figures = svg::report_figures(&acc, &report, layer)
-        .into_iter()
-        .map(|f| moe_xray_report::Figure {
-            id: f.id,
-            title: f.title,
-            caption: f.caption,
-            svg: f.svg,
-            available: f.available,
-        })
-        .collect();
-    let mut notes = vec![
-        "Definitions of every health statistic (normalised entropy, max/mean, Gini, Jain, dead and cold \
-         experts, router entropy and top-k margin, co-activation lift, mutual information): docs/health.md."
-            .to_string(),
-    ];
-    if let Some(m) = &mi {
-        notes.push(output::mi_text(m).trim().to_string());
-    }
-    Ok(HealthSection {
-        summary: Some(summary),
-        figures,
-        notes,
-    })
+    Ok(HealthSection::new(&acc, report, mi, layer))
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_threads(args.threads)?;
+    // A bad prompt set or a missing checkpoint is refused before the output folder is touched.
+    prompt_set_text(&args.prompts)?;
+    moe_xray_model::config::OlmoeConfig::from_dir(&args.model)?;
+    // One writer per output folder, refused at once.
+    let _lock = OutLock::acquire(&args.out)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let s = execute(&args, &command)?;
     println!("{}", analyze::summary(&s.results, &args.out));

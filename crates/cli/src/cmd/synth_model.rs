@@ -59,6 +59,9 @@ pub struct Args {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+    /// No summary line and no progress.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// The checkpoint specification the arguments describe.
@@ -106,12 +109,26 @@ pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let spec = spec_from_args(&a)?;
+    // The checkpoint is written to a temporary sibling and renamed into place as a whole; the
+    // lock beside it keeps a second writer out.
+    let _lock = crate::outdir::OutLock::acquire_beside(&a.out)?;
     let t0 = std::time::Instant::now();
+    let progress = crate::progress::spinner(
+        a.quiet,
+        &format!(
+            "synth-model: writing {} parameters ({} layers x {} experts, {})",
+            spec.num_parameters(),
+            spec.num_layers,
+            spec.num_experts,
+            spec.dtype.torch_name()
+        ),
+    );
     let summary = synth::write_checkpoint(&spec, &a.out)
         .with_context(|| format!("writing synthetic checkpoint to {}", a.out.display()))?;
+    drop(progress);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
+    } else if !a.quiet {
         println!(
             "wrote {} ({} parameters, {} layers x {} experts top-{}, {}, {} weight bytes, tokenizer: {}{}) in {:.1} s",
             summary.out_dir.display(),

@@ -19,10 +19,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use moe_xray_model::chat::ChatTemplate;
+use moe_xray_model::chat::{ChatTemplate, Sandbox};
 use moe_xray_model::config::{eos_token_ids, GenerationDefaults, OlmoeConfig};
 use moe_xray_model::generate::{
-    check_options, generate_all, GenerateOptions, PromptInput, Sampling,
+    check_options, fit_context, generate_all, GenerateOptions, PromptInput, Sampling, Truncate,
 };
 use moe_xray_model::olmoe::{dtype_name, parse_dtype, LoadOptions, Olmoe};
 use moe_xray_model::tokenizer::Tokenizer;
@@ -73,7 +73,7 @@ pub struct Args {
     /// finishes, so `--resume` after a crash redoes at most one batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Compute threads (default: all cores). Results do not depend on it.
+    /// Compute threads, 1 to 1024 (default: all cores). Results do not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Wrap each prompt as a user turn with the checkpoint's chat template.
@@ -106,6 +106,11 @@ pub struct Args {
     /// Compute dtype (default: the checkpoint's stored dtype).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Cut prompts that do not fit the context (prompt + --max-new-tokens >
+    /// max_position_embeddings) on this side instead of refusing them; recorded in the manifest
+    /// and in each cut prompt's generation line.
+    #[arg(long, value_enum)]
+    pub truncate_prompts: Option<TruncateSide>,
 }
 
 /// One line of `generations.jsonl`.
@@ -117,17 +122,45 @@ pub struct GenerationLine {
     pub generated_ids: Vec<u32>,
     pub text: String,
     pub stopped_on_eos: bool,
+    /// The prompt's token count before `--truncate-prompts` cut it (absent when not cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_truncated_from: Option<usize>,
+}
+
+/// `--truncate-prompts`: which end of a prompt longer than the context to cut.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TruncateSide {
+    /// Drop the first tokens (keep the end).
+    Left,
+    /// Drop the last tokens (keep the beginning).
+    Right,
+}
+
+impl From<TruncateSide> for Truncate {
+    fn from(t: TruncateSide) -> Self {
+        match t {
+            TruncateSide::Left => Truncate::Left,
+            TruncateSide::Right => Truncate::Right,
+        }
+    }
 }
 
 /// Forwards decisions to the trace writer but leaves `end_prompt` to the caller, who first makes
-/// the generation line durable.
-struct Deferred(Rc<RefCell<Box<dyn RoutingSink>>>);
+/// the generation line durable. The prompts in `.1` are already complete in the trace (they are
+/// only redone for their lost generation lines): their decisions are dropped, never written twice.
+struct Deferred(Rc<RefCell<Box<dyn RoutingSink>>>, HashSet<String>);
 
 impl RoutingSink for Deferred {
     fn begin_prompt(&mut self, id: &str, category: Option<&str>) -> moe_xray_trace::Result<()> {
+        if self.1.contains(id) {
+            return Ok(());
+        }
         self.0.borrow_mut().begin_prompt(id, category)
     }
     fn record(&mut self, d: &RoutingDecision<'_>) -> moe_xray_trace::Result<()> {
+        if self.1.contains(d.prompt_id) {
+            return Ok(());
+        }
         self.0.borrow_mut().record(d)
     }
     fn end_prompt(&mut self, _id: &str) -> moe_xray_trace::Result<()> {
@@ -178,15 +211,23 @@ pub fn run(args: Args) -> Result<()> {
             seed: args.seed,
         }),
         hf_generate_compat: args.hf_generate_compat,
+        ..Default::default()
     };
     check_options(&opts)?;
-    let inputs = encode_prompts(
+    let mut inputs = encode_prompts(
         &prompts,
         &args.prompts.display().to_string(),
         &tokenizer,
         template.as_ref(),
         cfg.vocab_size,
     )?;
+    let truncated = fit_prompts(
+        &mut inputs,
+        &cfg,
+        opts.max_new_tokens,
+        args.truncate_prompts,
+    )
+    .with_context(|| format!("{}", args.prompts.display()))?;
     let (model, load_secs) = load_model(&args.model, args.dtype.as_deref())?;
 
     // ---- outputs ----
@@ -211,7 +252,17 @@ pub fn run(args: Args) -> Result<()> {
             "chat_template": args.chat_template,
             "hf_generate_compat": opts.hf_generate_compat,
             "last_generated_token_routed": !opts.hf_generate_compat,
-        }),
+        })
+        .as_object()
+        .cloned()
+        .map(|mut g| {
+            // Only present when set, so that manifests of runs without it are unchanged.
+            if let Some(t) = args.truncate_prompts {
+                g.insert("truncate_prompts".into(), Truncate::from(t).name().into());
+            }
+            serde_json::Value::Object(g)
+        })
+        .unwrap_or_default(),
         prompt_set_hash: Some(prompt_set_hash(&prompts)),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         capture_mode: match args.mode {
@@ -231,7 +282,8 @@ pub fn run(args: Args) -> Result<()> {
         .into_iter()
         .collect(),
     };
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // One writer per output directory: a second trace (or run) into it is refused at once.
+    let _lock = crate::outdir::OutLock::acquire(out)?;
     let (sink, trace_done, gen_done): (Box<dyn RoutingSink>, Vec<String>, Vec<GenerationLine>);
     let mut gens: JsonlAppender<GenerationLine>;
     if args.resume {
@@ -286,10 +338,35 @@ pub fn run(args: Args) -> Result<()> {
     manifest.write(&manifest_path)?;
 
     let done: HashSet<String> = trace_done.into_iter().collect();
-    let mut have_gen: HashSet<String> = gen_done.into_iter().map(|g| g.prompt_id).collect();
+    let mut have_gen: HashSet<String> = HashSet::new();
+    for g in gen_done {
+        if !have_gen.insert(g.prompt_id.clone()) {
+            bail!(
+                "{}: prompt `{}` has two generation lines; the run is damaged, start it again in a new --out",
+                gen_path.display(),
+                g.prompt_id
+            );
+        }
+    }
+    // Prompts complete in the trace whose generation line is missing (generations.jsonl lost its
+    // last lines): they are run again for their generation lines, while their routing records,
+    // already in the trace, are not written again. Generation is deterministic, so the result is
+    // the uninterrupted run's.
+    let regen: HashSet<String> = done
+        .iter()
+        .filter(|id| !have_gen.contains(*id))
+        .cloned()
+        .collect();
+    if !regen.is_empty() && !args.quiet {
+        eprintln!(
+            "{}: {} prompt(s) complete in the trace have no generation line; redoing them",
+            gen_path.display(),
+            regen.len()
+        );
+    }
     let todo: Vec<PromptInput> = inputs
         .iter()
-        .filter(|p| !done.contains(&p.id))
+        .filter(|p| !done.contains(&p.id) || regen.contains(&p.id))
         .cloned()
         .collect();
 
@@ -307,7 +384,7 @@ pub fn run(args: Args) -> Result<()> {
         b
     };
     let shared: Rc<RefCell<Box<dyn RoutingSink>>> = Rc::new(RefCell::new(sink));
-    let mut deferred = Deferred(shared.clone());
+    let mut deferred = Deferred(shared.clone(), regen.clone());
     let start = Instant::now();
     let (mut prompt_tokens, mut gen_tokens) = (0usize, 0usize);
     let categories: std::collections::HashMap<&str, &str> = prompts
@@ -333,10 +410,13 @@ pub fn run(args: Args) -> Result<()> {
                     generated_ids: g.generated.clone(),
                     text,
                     stopped_on_eos: g.stopped_on_eos,
+                    prompt_tokens_truncated_from: truncated.get(g.prompt_id.as_str()).copied(),
                 })?;
                 have_gen.insert(g.prompt_id.clone());
             }
-            shared.borrow_mut().end_prompt(&g.prompt_id)?;
+            if !regen.contains(&g.prompt_id) {
+                shared.borrow_mut().end_prompt(&g.prompt_id)?;
+            }
             prompt_tokens += g.prompt_tokens.len();
             gen_tokens += g.generated.len();
             let secs = start.elapsed().as_secs_f64().max(1e-9);
@@ -354,7 +434,7 @@ pub fn run(args: Args) -> Result<()> {
     let summary = serde_json::json!({
         "prompts": prompts.len(),
         "prompts_run": todo.len(),
-        "prompts_resumed": done.len(),
+        "prompts_resumed": done.len() - regen.len(),
         "prompt_tokens": prompt_tokens,
         "generated_tokens": gen_tokens,
         "load_seconds": load_secs,
@@ -370,7 +450,7 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!(
             "traced {} prompts ({} resumed) in {:.1} s: {} prompt + {} generated tokens -> {}",
             todo.len(),
-            done.len(),
+            done.len() - regen.len(),
             secs,
             prompt_tokens,
             gen_tokens,
@@ -383,10 +463,8 @@ pub fn run(args: Args) -> Result<()> {
 /// Applies `--threads`: the size of rayon's global pool, which the model's kernels (and candle,
 /// through `RAYON_NUM_THREADS`) use. Must run before any tensor work.
 pub(crate) fn set_threads(threads: Option<usize>) -> Result<()> {
+    crate::outdir::check_threads(threads)?;
     if let Some(t) = threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     Ok(())
@@ -402,10 +480,24 @@ pub(crate) fn encode_prompts(
     template: Option<&ChatTemplate>,
     vocab_size: usize,
 ) -> Result<Vec<PromptInput>> {
+    // All prompts are rendered at once in a memory- and time-limited child process: a hostile
+    // template that builds a huge string fails with an error instead of aborting this process.
+    let rendered = match template {
+        Some(t) => {
+            let texts: Vec<&str> = prompts.iter().map(|p| p.text.as_str()).collect();
+            Some(t.render_users_sandboxed(&texts, &Sandbox::current_exe()?)?)
+        }
+        None => None,
+    };
     let mut inputs = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
-        let tokens = match template {
-            Some(t) => tokenizer.encode(&t.render_user(&p.text)?, false)?,
+        let tokens = match &rendered {
+            Some(r) => {
+                let text = r
+                    .get(i)
+                    .with_context(|| format!("{source}: prompt `{}` was not rendered", p.id))?;
+                tokenizer.encode(text, false)?
+            }
             None => tokenizer.encode(&p.text, true)?,
         };
         if tokens.is_empty() {
@@ -426,6 +518,58 @@ pub(crate) fn encode_prompts(
         });
     }
     Ok(inputs)
+}
+
+/// The prompt checks of `trace` (tokenizer, chat template, token ids, context length) without
+/// loading the weights: `run` calls it before it writes anything.
+pub(crate) fn check_prompts(
+    model: &Path,
+    prompts: &[moe_xray_trace::Prompt],
+    source: &str,
+    chat_template: bool,
+    max_new_tokens: usize,
+    truncate: Option<TruncateSide>,
+) -> Result<()> {
+    let cfg = OlmoeConfig::from_dir(model)?;
+    let tokenizer = Tokenizer::from_dir(model)?;
+    let template = if chat_template {
+        Some(ChatTemplate::from_dir(model)?)
+    } else {
+        None
+    };
+    let mut inputs = encode_prompts(
+        prompts,
+        source,
+        &tokenizer,
+        template.as_ref(),
+        cfg.vocab_size,
+    )?;
+    fit_prompts(&mut inputs, &cfg, max_new_tokens, truncate).with_context(|| source.to_string())?;
+    Ok(())
+}
+
+/// Makes every prompt fit the model's context (prompt + `max_new_tokens` ≤
+/// `max_position_embeddings`), cutting it on the `truncate` side or refusing it with its id and
+/// token count. Returns the original token count of every cut prompt, by prompt id.
+pub(crate) fn fit_prompts(
+    inputs: &mut [PromptInput],
+    cfg: &OlmoeConfig,
+    max_new_tokens: usize,
+    truncate: Option<TruncateSide>,
+) -> Result<std::collections::HashMap<String, usize>> {
+    let mut cut = std::collections::HashMap::new();
+    for p in inputs.iter_mut() {
+        if let Some(n) = fit_context(
+            &p.id,
+            &mut p.tokens,
+            max_new_tokens,
+            cfg.max_position_embeddings,
+            truncate.map(Truncate::from),
+        )? {
+            cut.insert(p.id.clone(), n);
+        }
+    }
+    Ok(cut)
 }
 
 /// Loads the checkpoint with the `--dtype` option; returns the model and the load time in seconds.

@@ -1,4 +1,4 @@
-//! `cargo bench -p moe-xray-model --bench kernels`: GFLOP/s of `x · Wᵀ` with bf16 weights
+//! `cargo bench -p moe-xray-kernels --bench matmul`: GFLOP/s of `x · Wᵀ` with bf16 weights
 //! (the expert and attention projections of OLMoE-1B-7B) for the hand-written AVX2 kernel and for
 //! widened panels through the `gemm` crate, on 1 thread and on all threads.
 //!
@@ -13,14 +13,14 @@
 use std::time::Instant;
 
 use half::bf16;
-use moe_xray_model::cpu_kernels::{xwt_with, Kernel};
+use moe_xray_kernels::matmul::{xwt_with, Kernel};
 
 /// Peak f32 GFLOP/s of one thread: 12 independent FMA chains of 8 lanes.
 #[cfg(target_arch = "x86_64")]
 fn fma_peak_one_thread() -> f64 {
     use std::arch::x86_64::*;
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run(iters: usize) -> f32 {
+    fn run(iters: usize) -> f32 {
         let mut a = [_mm256_set1_ps(1.0); 12];
         let x = _mm256_set1_ps(0.999_999);
         let y = _mm256_set1_ps(1e-7);
@@ -34,7 +34,8 @@ fn fma_peak_one_thread() -> f64 {
         for v in a {
             t = _mm256_add_ps(t, v);
         }
-        _mm256_storeu_ps(s.as_mut_ptr(), t);
+        // SAFETY: `s` holds 8 writable f32; `storeu` has no alignment requirement.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), t) };
         s.iter().sum()
     }
     if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {

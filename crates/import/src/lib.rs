@@ -1,0 +1,20 @@
+//! Importers of MoE routing recorded by serving engines (vLLM, SGLang) into moe-xray's trace
+//! format (`trace.jsonl` + `manifest.json`, see docs/trace-format.md, "Importing routing from
+//! serving engines"). No tensor dependencies and no code execution: `.npy`/`.npz` are parsed by
+//! a strict reader, torch `.pt` files by a restricted pickle reader that only builds data.
+#![forbid(unsafe_code)]
+
+pub mod b64;
+pub mod config;
+pub mod error;
+pub mod jsonl;
+pub mod npy;
+pub mod output;
+pub mod pickle;
+pub mod requests;
+pub mod sglang;
+pub mod vllm;
+
+pub use config::ModelShape;
+pub use error::{ImportError, Result};
+pub use output::{ImportStats, Sequence, Staged};

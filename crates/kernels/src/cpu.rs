@@ -1,0 +1,121 @@
+//! The one run-time CPU-feature check of the workspace.
+//!
+//! [`Cpu::get`] detects the features once per process (cached). A SIMD kernel is reachable only
+//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`]) whose constructor returns `None` on a CPU
+//! without the feature, so the `unsafe` call of a `#[target_feature]` function is justified by
+//! the token's existence alone. Other crates use [`with_avx`] to compile plain Rust code with AVX
+//! enabled (same operations, same results; it only changes instruction selection).
+
+use std::sync::OnceLock;
+
+/// The instruction-set extensions the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cpu {
+    avx: bool,
+    avx2: bool,
+    fma: bool,
+    f16c: bool,
+}
+
+impl Cpu {
+    /// This CPU's features (detected on the first call, then cached).
+    pub fn get() -> Cpu {
+        static CPU: OnceLock<Cpu> = OnceLock::new();
+        *CPU.get_or_init(Cpu::detect)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn detect() -> Cpu {
+        Cpu {
+            avx: std::is_x86_feature_detected!("avx"),
+            avx2: std::is_x86_feature_detected!("avx2"),
+            fma: std::is_x86_feature_detected!("fma"),
+            f16c: std::is_x86_feature_detected!("f16c"),
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn detect() -> Cpu {
+        Cpu::default()
+    }
+
+    /// A CPU with none of the features: every kernel takes its scalar path (for tests).
+    pub fn scalar() -> Cpu {
+        Cpu::default()
+    }
+
+    /// The AVX token, when the CPU has AVX.
+    pub fn avx(self) -> Option<Avx> {
+        self.avx.then_some(Avx(()))
+    }
+
+    /// The AVX2 token, when the CPU has AVX2.
+    pub fn avx2(self) -> Option<Avx2> {
+        (self.avx && self.avx2).then_some(Avx2(()))
+    }
+
+    /// The AVX2 + FMA + F16C token (the matmul kernel), when the CPU has all three.
+    pub fn avx2_fma(self) -> Option<Avx2Fma> {
+        (self.avx && self.avx2 && self.fma && self.f16c).then_some(Avx2Fma(()))
+    }
+}
+
+/// Proof that the CPU has AVX (only [`Cpu::avx`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub struct Avx(());
+
+/// Proof that the CPU has AVX2 (only [`Cpu::avx2`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub struct Avx2(());
+
+/// Proof that the CPU has AVX2, FMA and F16C (only [`Cpu::avx2_fma`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub struct Avx2Fma(());
+
+/// Runs `f` compiled with AVX enabled when the CPU has AVX, else as it is. The closure and
+/// everything it inlines are code generated for AVX (wider registers, VEX encodings); Rust never
+/// contracts `a + b * c` into a fused multiply-add, so results are identical either way. Mark the
+/// functions `f` calls `#[inline(always)]` to have them compiled for AVX too.
+#[inline(always)]
+pub fn with_avx<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if Cpu::get().avx().is_some() {
+        #[target_feature(enable = "avx")]
+        #[inline(never)]
+        fn run<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: `run` only requires AVX, which the CPU has (the `Avx` token exists).
+        return unsafe { run(f) };
+    }
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_follow_the_features() {
+        let s = Cpu::scalar();
+        assert!(s.avx().is_none() && s.avx2().is_none() && s.avx2_fma().is_none());
+        let c = Cpu::get();
+        assert_eq!(c, Cpu::get());
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(c.avx2().is_some(), std::is_x86_feature_detected!("avx2"));
+            assert_eq!(c.avx().is_some(), std::is_x86_feature_detected!("avx"));
+        }
+    }
+
+    #[test]
+    fn with_avx_runs_the_closure_once() {
+        let mut n = 0;
+        let v = with_avx(|| {
+            n += 1;
+            (0..100).map(|x| x as f64 * 0.1).sum::<f64>()
+        });
+        assert_eq!(n, 1);
+        assert_eq!(v, (0..100).map(|x| x as f64 * 0.1).sum::<f64>());
+    }
+}
