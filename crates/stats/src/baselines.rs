@@ -20,6 +20,7 @@ use crate::input::AnalysisInput;
 use crate::results::BaselineStats;
 use crate::similarity::mean_std;
 use crate::{sub_rng, tags};
+use moe_xray_kernels::cpu::{with_avx, AvxBody};
 use moe_xray_kernels::gram::{accumulate_normalised, gram_upper};
 use moe_xray_kernels::linalg::{gemm_f64, MatMut, MatRef};
 use moe_xray_kernels::rng::Rng4;
@@ -564,19 +565,29 @@ fn rep_stats<T: Elem>(w: &mut Work<T>, n: usize, nl: usize, ne: usize) -> (f64, 
 /// `acc[i·n + j] += g[i·n + j] · r_i · r_j` for i < j. Each element's operations are the same
 /// with and without AVX (separate multiplies and adds, no contraction), so the results are too.
 fn accumulate_layer(g: &[f64], inv: &[f64], acc: &mut [f64], n: usize) {
-    #[inline(always)]
-    fn body(g: &[f64], inv: &[f64], acc: &mut [f64], n: usize) {
-        for i in 0..n {
-            let ri = inv[i];
-            let grow = &g[i * n + i + 1..(i + 1) * n];
-            let arow = &mut acc[i * n + i + 1..(i + 1) * n];
-            for ((a, &gij), &rj) in arow.iter_mut().zip(grow).zip(&inv[i + 1..n]) {
-                *a += gij * ri * rj;
+    struct Body<'a> {
+        g: &'a [f64],
+        inv: &'a [f64],
+        acc: &'a mut [f64],
+        n: usize,
+    }
+    impl AvxBody for Body<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            let Body { g, inv, acc, n } = self;
+            for i in 0..n {
+                let ri = inv[i];
+                let grow = &g[i * n + i + 1..(i + 1) * n];
+                let arow = &mut acc[i * n + i + 1..(i + 1) * n];
+                for ((a, &gij), &rj) in arow.iter_mut().zip(grow).zip(&inv[i + 1..n]) {
+                    *a += gij * ri * rj;
+                }
             }
         }
     }
     // Compiled with AVX where the CPU has it (same operations, same results).
-    moe_xray_kernels::cpu::with_avx(|| body(g, inv, acc, n))
+    with_avx(Body { g, inv, acc, n })
 }
 
 fn run_reps<T: Elem>(s: &Setup, reps: usize) -> Vec<(f64, f64)> {

@@ -74,6 +74,7 @@
 
 use std::sync::OnceLock;
 
+use moe_xray_kernels::cpu::{with_avx, AvxBody};
 use nalgebra::{DMatrix, SVD};
 use serde::Serialize;
 
@@ -734,7 +735,20 @@ impl Packed {
         // Compiled with AVX where the CPU has it (out of line, so that its register allocation
         // does not depend on the caller). Same operations in the same order, no fused
         // multiply-adds: identical results.
-        moe_xray_kernels::cpu::with_avx(|| self.matmul_generic(k, b, out))
+        struct Body<'a> {
+            a: &'a Packed,
+            k: usize,
+            b: &'a [f64],
+            out: &'a mut [f64],
+        }
+        impl AvxBody for Body<'_> {
+            type Output = ();
+            #[inline(always)]
+            fn run(self) {
+                self.a.matmul_generic(self.k, self.b, self.out)
+            }
+        }
+        with_avx(Body { a: self, k, b, out })
     }
 
     #[inline(always)]
@@ -837,7 +851,36 @@ fn solve(
     gtol: f64,
     max_iter: usize,
 ) -> LbfgsReport {
-    moe_xray_kernels::cpu::with_avx(|| lbfgs(obj, x0, unscale, m, gtol, max_iter))
+    struct Body<'a, 'b> {
+        obj: &'a mut Objective<'b>,
+        x0: Vec<f64>,
+        unscale: &'a [f64],
+        m: usize,
+        gtol: f64,
+        max_iter: usize,
+    }
+    impl AvxBody for Body<'_, '_> {
+        type Output = LbfgsReport;
+        #[inline(always)]
+        fn run(self) -> LbfgsReport {
+            lbfgs(
+                self.obj,
+                self.x0,
+                self.unscale,
+                self.m,
+                self.gtol,
+                self.max_iter,
+            )
+        }
+    }
+    with_avx(Body {
+        obj,
+        x0,
+        unscale,
+        m,
+        gtol,
+        max_iter,
+    })
 }
 
 /// L-BFGS from `x0`; stops when ‖g ⊙ unscale‖_∞ ≤ gtol · max(1, same at x0) (see module docs).
@@ -1082,7 +1125,15 @@ fn line_search(
 
 /// [`exp_nonpos`] of every element, in place (with AVX where available: identical results).
 fn exp_nonpos_slice(v: &mut [f64]) {
-    moe_xray_kernels::cpu::with_avx(|| v.iter_mut().for_each(|x| *x = exp_nonpos(*x)));
+    struct Body<'a>(&'a mut [f64]);
+    impl AvxBody for Body<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            self.0.iter_mut().for_each(|x| *x = exp_nonpos(*x))
+        }
+    }
+    with_avx(Body(v));
 }
 
 /// e^x for x ≤ 0 (NaN stays NaN; below −745 the result is that of −745, at most the smallest
