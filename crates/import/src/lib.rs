@@ -3,6 +3,7 @@
 //! serving engines"). No tensor dependencies and no code execution: `.npy`/`.npz` are parsed by
 //! a strict reader, torch `.pt` files by a restricted pickle reader that only builds data.
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod b64;
 pub mod config;
@@ -18,3 +19,12 @@ pub mod vllm;
 pub use config::ModelShape;
 pub use error::{ImportError, Result};
 pub use output::{ImportStats, Sequence, Staged};
+
+/// The first `N` bytes of `s` as an array. Callers pass exact chunks (`chunks_exact(N)`, or a slice
+/// already checked to hold `N` bytes); a shorter slice is a bug and panics.
+#[inline]
+pub(crate) fn exact_bytes<const N: usize>(s: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&s[..N]);
+    a
+}

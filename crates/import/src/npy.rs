@@ -115,11 +115,11 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<IntArray, String> {
     let data: Vec<i64> = match item {
         8 => payload
             .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .map(|c| i64::from_le_bytes(crate::exact_bytes(c)))
             .collect(),
         4 => payload
             .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+            .map(|c| i32::from_le_bytes(crate::exact_bytes(c)) as i64)
             .collect(),
         2 => payload
             .chunks_exact(2)

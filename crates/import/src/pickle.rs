@@ -184,7 +184,7 @@ impl Vm<'_> {
     }
     fn u64(&mut self) -> R<u64> {
         let s = self.take(8)?;
-        Ok(u64::from_le_bytes(s.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(crate::exact_bytes(s)))
     }
     fn push(&mut self, o: Obj) -> R<()> {
         if self.stack.len() >= MAX_STACK {
@@ -296,7 +296,7 @@ impl Vm<'_> {
                 }
                 b'G' => {
                     let s = self.take(8)?;
-                    let v = f64::from_be_bytes(s.try_into().expect("8 bytes"));
+                    let v = f64::from_be_bytes(crate::exact_bytes(s));
                     self.push(Obj::Val(Value::Float(v)))?
                 }
                 b'X' => {
@@ -691,10 +691,8 @@ impl TorchFile {
         let get = |i: u64| -> i64 {
             let i = i as usize;
             match t.dtype {
-                DType::I64 => i64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8")),
-                DType::I32 => {
-                    i32::from_le_bytes(raw[i * 4..i * 4 + 4].try_into().expect("4")) as i64
-                }
+                DType::I64 => i64::from_le_bytes(crate::exact_bytes(&raw[i * 8..i * 8 + 8])),
+                DType::I32 => i32::from_le_bytes(crate::exact_bytes(&raw[i * 4..i * 4 + 4])) as i64,
                 DType::I16 => i16::from_le_bytes([raw[i * 2], raw[i * 2 + 1]]) as i64,
                 DType::I8 => raw[i] as i8 as i64,
                 DType::U8 | DType::Bool => raw[i] as i64,

@@ -185,7 +185,7 @@ fn routing_value(
             1 => c[0] as i8 as i64,
             2 => i16::from_le_bytes([c[0], c[1]]) as i64,
             4 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
-            _ => i64::from_le_bytes(c.try_into().expect("8 bytes")),
+            _ => i64::from_le_bytes(crate::exact_bytes(c)),
         })
         .collect();
     Ok((vals, rows, layers, k))

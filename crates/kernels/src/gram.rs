@@ -47,6 +47,8 @@ pub fn gram_upper(c: &[i16], n: usize, ne: usize, g: &mut [f64]) {
 
 /// [`gram_upper`] with the kernels `cpu` allows (identical results on every CPU).
 pub fn gram_upper_on(cpu: Cpu, c: &[i16], n: usize, ne: usize, g: &mut [f64]) {
+    // Callers bound n (the prompts held at once, trace::limits) far below 2^32.
+    #[allow(clippy::expect_used)]
     let nn = n.checked_mul(n).expect("gram: n² overflows");
     assert!(n.checked_mul(ne).is_some_and(|x| c.len() >= x) && g.len() >= nn);
     #[cfg(target_arch = "x86_64")]
@@ -83,6 +85,8 @@ pub fn accumulate_normalised(
     inv: &mut [f64],
     acc: &mut [f64],
 ) -> bool {
+    // Callers bound n (the prompts held at once, trace::limits) far below 2^32.
+    #[allow(clippy::expect_used)]
     let nn = n.checked_mul(n).expect("gram: n² overflows");
     assert!(n.checked_mul(ne).is_some_and(|x| c.len() >= x) && inv.len() >= n && acc.len() >= nn);
     #[cfg(target_arch = "x86_64")]

@@ -15,6 +15,8 @@
 //! `# Safety` section, every `unsafe` block a `// SAFETY:` comment naming the invariant it
 //! relies on, and safe functions check (assert) the bounds their unsafe blocks rely on.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod cpu;
 pub mod gram;
 pub mod linalg;

@@ -85,6 +85,8 @@ pub fn permute_blocks_i16_on(cpu: Cpu, rng: &mut Rng4, src: &[i16], dst: &mut [i
     #[cfg(target_arch = "x86_64")]
     if let (Some(c), SORT_MAX) = (&sorter.avx2, ne) {
         for (s, d) in src.chunks_exact(ne).zip(dst.chunks_exact_mut(ne)) {
+            #[allow(clippy::expect_used)]
+            // chunks of exactly 64 elements: the conversion cannot fail
             let (s, d) = (s.try_into().expect("64"), d.try_into().expect("64"));
             // SAFETY: `Consts` exist only when AVX2 was detected (made with an `Avx2` token).
             unsafe { avx2::shuffle_i16_64(rng, s, c, d) };

@@ -40,6 +40,7 @@
 //! the categories from the prompt table ([`ReportInput::results_with_categories`]).
 
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod figures;
 pub mod health_figures;

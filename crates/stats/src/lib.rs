@@ -4,6 +4,7 @@
 //! [`analyze::analyze`] for the whole `results.json`, [`large_n`] for the streaming Gram-sums path.
 
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod analyze;
 pub mod baselines;

@@ -437,6 +437,7 @@ impl Design {
     }
 
     /// As [`Design::fit`], but the weights stay in reduced coordinates.
+    #[allow(clippy::expect_used)] // `get` right after a successful `set`
     pub fn fit_reduced(
         &self,
         labels: &[usize],
@@ -664,6 +665,7 @@ impl Objective<'_> {
             .zip(self.labels)
             .zip(&mut self.ly)
         {
+            #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
             let si: &[f64; K] = si.try_into().expect("chunk of K");
             let mut l = [0.0f64; K];
             let mut m = f64::NEG_INFINITY;
@@ -681,6 +683,7 @@ impl Objective<'_> {
         let mut loss = 0.0;
         let mut g = [0.0f64; K];
         for ((ri, &y), &ly) in self.res.chunks_exact_mut(K).zip(self.labels).zip(&self.ly) {
+            #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
             let ri: &mut [f64; K] = ri.try_into().expect("chunk of K");
             // Σ e from −0.0 as `Iterator::sum` (the same sum: −0.0 + x = x).
             let mut sum = -0.0;
@@ -799,7 +802,9 @@ impl Packed {
             // BLOCK independent accumulator chains hide the addition latency.
             let mut acc = [[0.0f64; K]; BLOCK];
             for (xs, bl) in panel.chunks_exact(BLOCK).zip(b.chunks_exact(K)) {
+                #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
                 let xs: &[f64; BLOCK] = xs.try_into().expect("block");
+                #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
                 let bl: &[f64; K] = bl.try_into().expect("chunk of K");
                 for j in 0..BLOCK {
                     for q in 0..K {
@@ -814,6 +819,7 @@ impl Packed {
         for (ai, oi) in rest.chunks_exact(p).zip(o_rest.chunks_exact_mut(K)) {
             let mut acc = [0.0f64; K];
             for (x, bl) in ai.iter().zip(b.chunks_exact(K)) {
+                #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
                 let bl: &[f64; K] = bl.try_into().expect("chunk of K");
                 for q in 0..K {
                     acc[q] += x * bl[q];
@@ -1203,7 +1209,9 @@ pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut cb = b.chunks_exact(16);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for (q, lanes) in acc.iter_mut().enumerate() {
+            #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
             let x: &[f64; 4] = x[4 * q..4 * q + 4].try_into().expect("4 lanes");
+            #[allow(clippy::expect_used)] // an exact-size chunk: the conversion cannot fail
             let y: &[f64; 4] = y[4 * q..4 * q + 4].try_into().expect("4 lanes");
             for l in 0..4 {
                 lanes[l] += x[l] * y[l];

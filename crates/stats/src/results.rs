@@ -473,6 +473,7 @@ impl AnalysisResults {
 
     /// The JSON Schema of `results.json` (committed as `docs/results.schema.json`), pretty
     /// printed with a final newline.
+    #[allow(clippy::expect_used)] // a schemars schema is plain JSON: serialising it cannot fail
     pub fn json_schema() -> String {
         let schema = schemars::schema_for!(AnalysisResults);
         serde_json::to_string_pretty(&schema).expect("a schema serialises") + "\n"

@@ -53,11 +53,13 @@ pub(crate) fn store128<T: Bytes16>(a: &mut T, v: __m128i) {
 /// The array `N` elements at `i` of `s` (bounds-checked).
 #[inline(always)]
 pub(crate) fn arr<T, const N: usize>(s: &[T], i: usize) -> &[T; N] {
+    #[allow(clippy::expect_used)] // the slice has exactly N elements
     s[i..i + N].try_into().expect("N elements")
 }
 
 /// The mutable array `N` elements at `i` of `s` (bounds-checked).
 #[inline(always)]
 pub(crate) fn arr_mut<T, const N: usize>(s: &mut [T], i: usize) -> &mut [T; N] {
+    #[allow(clippy::expect_used)] // the slice has exactly N elements
     (&mut s[i..i + N]).try_into().expect("N elements")
 }
