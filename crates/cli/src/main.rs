@@ -6,7 +6,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
-mod outdir;
+mod errors;
 mod progress;
 
 #[derive(Parser, Debug)]
@@ -44,25 +44,27 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let result = outdir::check_rayon_env().and_then(|()| match cli.command {
-        Command::Analyze(a) => cmd::analyze::run(a),
-        Command::Trace(a) => cmd::trace::run(a),
-        Command::SynthModel(a) => cmd::synth_model::run(a),
-        Command::Run(a) => cmd::run::run(a),
-        Command::Demo(a) => cmd::demo::run(a),
-        Command::Health(a) => cmd::health::run(a),
-        Command::Compare(a) => cmd::compare::run(a),
-        Command::Bench(a) => cmd::bench::run(a),
-        Command::Import(a) => cmd::import::run(a),
-        Command::RenderChatTemplate => moe_xray_model::chat::serve_render_request(
-            std::io::stdin().lock(),
-            std::io::stdout().lock(),
-        )
-        .map_err(Into::into),
-    });
+    let result = moe_xray_pipeline::outdir::check_rayon_env()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| match cli.command {
+            Command::Analyze(a) => cmd::analyze::run(a),
+            Command::Trace(a) => cmd::trace::run(a),
+            Command::SynthModel(a) => cmd::synth_model::run(a),
+            Command::Run(a) => cmd::run::run(a),
+            Command::Demo(a) => cmd::demo::run(a),
+            Command::Health(a) => cmd::health::run(a),
+            Command::Compare(a) => cmd::compare::run(a),
+            Command::Bench(a) => cmd::bench::run(a),
+            Command::Import(a) => cmd::import::run(a),
+            Command::RenderChatTemplate => moe_xray_model::chat::serve_render_request(
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+            )
+            .map_err(Into::into),
+        });
     if let Err(e) = result {
         // Each cause once: library errors print their OS error and also return it as source().
-        eprintln!("error: {}", outdir::error_chain(&e));
+        eprintln!("error: {}", errors::error_chain(&e));
         std::process::exit(1);
     }
 }

@@ -11,6 +11,7 @@
 pub mod atomic;
 pub mod counts;
 pub mod error;
+pub mod generations;
 pub mod limits;
 pub mod manifest;
 pub mod prompts;
@@ -25,6 +26,7 @@ pub use counts::{
     CountsTable, PromptCounts, StreamInfo,
 };
 pub use error::{Result, TraceError};
+pub use generations::GenerationLine;
 pub use manifest::{read_manifest_beside, Manifest};
 pub use prompts::{prompt_set_hash, read_prompts, Prompt};
 pub use reader::{Compression, CountsLine, FlatEvent, TraceForm, TraceItem, TraceReader};

@@ -1,21 +1,17 @@
 //! `moe-xray analyze`: routing traces → results.json, signatures.csv, prompt_similarity.csv and a
-//! short human summary (definitions in docs/statistics.md).
+//! short human summary (definitions in docs/statistics.md). The analysis itself is
+//! `moe_xray_pipeline::analyze`; this module parses the flags, shows progress and prints.
 
-use anyhow::{bail, Context, Result};
-use moe_xray_stats::analyze::{
-    AnalyzeOptions, Collector, Outputs, PathChoice, DEFAULT_GRAM_THRESHOLD,
-};
-use moe_xray_stats::input::PromptRow;
+use anyhow::{bail, Result};
+use moe_xray_pipeline::analyze::{analyze, write_outputs, AnalyzeOptions};
+use moe_xray_pipeline::outdir::OutLock;
+use moe_xray_stats::analyze::{PathChoice, DEFAULT_GRAM_THRESHOLD};
 use moe_xray_stats::results::{AnalysisResults, Section};
-use moe_xray_trace::counts::{for_each_prompt_counts_info, AggregateOptions};
-use moe_xray_trace::{read_manifest_beside, read_prompts, TokenType, TraceError};
-use std::collections::HashMap;
+use moe_xray_trace::TokenType;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::health::inferred_warning;
-use crate::outdir::{Batch, OutLock};
-use crate::progress::Spinner;
+use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -87,45 +83,6 @@ pub struct Args {
     pub no_classifier: bool,
 }
 
-/// L, E, k from a Hugging Face config.json.
-pub fn model_dims(dir: &Path) -> Result<(usize, usize, usize)> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-    let get = |k: &str| -> Result<usize> {
-        v.get(k)
-            .and_then(|x| x.as_u64())
-            .map(|x| x as usize)
-            .with_context(|| format!("{}: missing or invalid integer field {k:?}", path.display()))
-    };
-    Ok((
-        get("num_hidden_layers")?,
-        get("num_experts")?,
-        get("num_experts_per_tok")?,
-    ))
-}
-
-/// The dimensions the user gave: `--num-layers` / `--num-experts` / `--top-k` first, then the
-/// config.json of `--model DIR` ([`model_dims`]); `None` where neither says. Shared by `analyze`,
-/// `health` and `compare`.
-pub fn given_dims(
-    model: Option<&Path>,
-    num_layers: Option<usize>,
-    num_experts: Option<usize>,
-    top_k: Option<usize>,
-) -> Result<(Option<usize>, Option<usize>, Option<usize>)> {
-    let (mut nl, mut ne, mut k) = (num_layers, num_experts, top_k);
-    if let Some(dir) = model {
-        let (l, e, kk) = model_dims(dir)?;
-        nl = nl.or(Some(l));
-        ne = ne.or(Some(e));
-        k = k.or(Some(kk));
-    }
-    Ok((nl, ne, k))
-}
-
 fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
     let mut out = Vec::new();
     for n in names {
@@ -144,222 +101,37 @@ fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
     Ok(out)
 }
 
-/// Run the analysis and return the outputs (no files written).
-pub fn compute(args: &Args) -> Result<Outputs> {
-    compute_with_progress(args, &crate::progress::spinner(true, ""))
-}
-
-/// [`compute`], showing the step and the prompts read so far on `progress`; a warning goes there
-/// too when the dimensions are inferred from per-token data.
-pub fn compute_with_progress(args: &Args, progress: &Spinner) -> Result<Outputs> {
-    let types = token_types(&args.token_types)?;
-    let (nl, ne, mut k) = given_dims(
-        args.model.as_deref(),
-        args.num_layers,
-        args.num_experts,
-        args.top_k,
-    )?;
-    let manifest = read_manifest_beside(&args.traces[0])?;
-    if let Some(m) = &manifest {
-        k = k.or(Some(m.top_k));
-    }
-    let categories = match &args.prompts {
-        Some(p) => Some(
-            read_prompts(p)?
-                .into_iter()
-                .map(|p| (p.id, p.category))
-                .collect::<HashMap<_, _>>(),
-        ),
-        None => None,
-    };
-    let agg = AggregateOptions {
-        token_types: types.clone(),
-        weighted: args.weighted,
-        num_layers: nl,
-        num_experts: ne,
-        top_k: k,
-        categories,
-    };
-    let choice = if args.exact_pairs {
-        PathChoice::ExactPairs
-    } else if args.gram {
-        PathChoice::GramSums
-    } else {
-        PathChoice::Auto {
-            threshold: args.gram_threshold,
-        }
-    };
-    let mut collector: Option<Collector> = None;
-    let mut stats_err: Option<moe_xray_stats::StatsError> = None;
-    let first = args.traces[0].clone();
-    let mut read = 0usize;
-    let dims = for_each_prompt_counts_info(&args.traces, &agg, |p| {
-        read += 1;
-        if read.is_multiple_of(1024) {
-            progress.step(format!("analyze: read {read} prompts"));
-        }
-        let c = collector.get_or_insert_with(|| {
-            Collector::new(
-                p.tokens_per_layer.len(),
-                p.counts.len() / p.tokens_per_layer.len().max(1),
-                choice,
-            )
-        });
-        c.push(PromptRow {
-            prompt_id: p.prompt_id,
-            category: p.category,
-            counts: p.counts,
-            tokens_per_layer: p.tokens_per_layer,
+impl Args {
+    /// The typed options of the pipeline's analysis.
+    pub fn options(&self) -> Result<AnalyzeOptions> {
+        Ok(AnalyzeOptions {
+            traces: self.traces.clone(),
+            prompts: self.prompts.clone(),
+            model: self.model.clone(),
+            num_layers: self.num_layers,
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            token_types: token_types(&self.token_types)?,
+            weighted: self.weighted,
+            reps: self.reps,
+            perm_reps: self.perm_reps,
+            boot_reps: self.boot_reps,
+            classifier_perm_reps: self.classifier_perm_reps,
+            seed: self.seed,
+            folds: self.folds.clone(),
+            path: if self.exact_pairs {
+                PathChoice::ExactPairs
+            } else if self.gram {
+                PathChoice::GramSums
+            } else {
+                PathChoice::Auto {
+                    threshold: self.gram_threshold,
+                }
+            },
+            no_tsne: self.no_tsne,
+            no_classifier: self.no_classifier,
         })
-        .map_err(|e| {
-            let msg = e.to_string();
-            stats_err = Some(e);
-            TraceError::InvalidFile {
-                path: first.clone(),
-                message: msg,
-            }
-        })
-    });
-    if let Some(e) = stats_err {
-        return Err(e.into());
     }
-    let info = dims?;
-    let (l, e) = (info.num_layers, info.num_experts);
-    if manifest.is_none() {
-        let label = args
-            .traces
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        if let Some(w) = inferred_warning(&label, &args.traces, nl.is_none(), ne.is_none(), l, e) {
-            progress.warn(&w);
-        }
-    }
-    progress.step(format!(
-        "analyze: statistics on {read} prompts ({} reps per baseline)",
-        args.reps
-    ));
-    // Weighted counts cannot reveal k; take it from the data as the unweighted path does.
-    let k = if args.weighted { k.or(info.top_k) } else { k };
-    let collector = collector.unwrap_or_else(|| Collector::new(l, e, choice));
-    let opts = AnalyzeOptions {
-        reps: args.reps,
-        perm_reps: args.perm_reps.unwrap_or(args.reps),
-        boot_reps: args.boot_reps.unwrap_or(args.reps),
-        classifier_perm_reps: args.classifier_perm_reps,
-        seed: args.seed,
-        folds: None,
-        folds_file: args.folds.clone(),
-        token_types: types.iter().map(|t| t.as_str().to_string()).collect(),
-        weighted: args.weighted,
-        traces: args
-            .traces
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
-        manifest: manifest
-            .map(|m| serde_json::to_value(m).unwrap_or_default())
-            .unwrap_or_else(|| serde_json::json!({})),
-        path: choice,
-        skip_tsne: args.no_tsne,
-        skip_classifier: args.no_classifier,
-        ..AnalyzeOptions::default()
-    };
-    let trace_desc = args
-        .traces
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    collector
-        .finish(k, &opts)
-        .with_context(|| format!("analysing {trace_desc}"))
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// `signatures.csv`: prompt_id, category, then one column per (layer, expert), `l{l}_e{e}`.
-pub fn signatures_csv(r: &AnalysisResults, sig: &[f64], categories: &[String]) -> String {
-    let d = r.num_layers * r.num_experts;
-    let mut s = String::from("prompt_id,category");
-    for l in 0..r.num_layers {
-        for e in 0..r.num_experts {
-            let _ = write!(s, ",l{l}_e{e}");
-        }
-    }
-    s.push('\n');
-    for (i, id) in r.prompt_ids.iter().enumerate() {
-        s.push_str(&csv_field(id));
-        s.push(',');
-        s.push_str(&csv_field(&categories[i]));
-        for x in &sig[i * d..(i + 1) * d] {
-            let _ = write!(s, ",{x}");
-        }
-        s.push('\n');
-    }
-    s
-}
-
-/// `prompt_similarity.csv`: N×N matrix with a header row and a first column of prompt ids.
-pub fn similarity_csv(r: &AnalysisResults, sim: &[f64]) -> String {
-    let n = r.prompt_ids.len();
-    let mut s = String::from("prompt_id");
-    for id in &r.prompt_ids {
-        s.push(',');
-        s.push_str(&csv_field(id));
-    }
-    s.push('\n');
-    for (i, id) in r.prompt_ids.iter().enumerate() {
-        s.push_str(&csv_field(id));
-        for x in &sim[i * n..(i + 1) * n] {
-            let _ = write!(s, ",{x}");
-        }
-        s.push('\n');
-    }
-    s
-}
-
-/// Adds the output files except `results.json` to `batch` (destinations in `out`) and returns
-/// the text of `results.json`, which the caller adds last: it marks a complete output set.
-/// CSVs of an earlier run that this one does not produce (the Gram-sums path writes none) are
-/// removed when the batch is committed, so no file of another run stays beside the new results.
-pub fn stage_outputs(out: &Path, outputs: &Outputs, batch: &mut Batch) -> Result<String> {
-    let r = outputs.results();
-    let json = serde_json::to_string_pretty(r)? + "\n";
-    match outputs {
-        Outputs::Exact(e) => {
-            batch.add(
-                out.join("signatures.csv"),
-                signatures_csv(r, &e.signatures, &e.prompt_categories),
-            )?;
-            batch.add(
-                out.join("prompt_similarity.csv"),
-                similarity_csv(r, &e.similarity),
-            )?;
-        }
-        Outputs::Gram(_) => {
-            batch.remove(out.join("signatures.csv"));
-            batch.remove(out.join("prompt_similarity.csv"));
-        }
-    }
-    Ok(json)
-}
-
-/// Writes the output files into `out` all together or not at all (see `crate::outdir`):
-/// every file complete in a temporary file first, then renamed into place, `results.json` last.
-/// The caller holds the directory's lock.
-pub fn write_outputs(out: &Path, outputs: &Outputs) -> Result<()> {
-    let mut batch = Batch::new();
-    let json = stage_outputs(out, outputs, &mut batch)?;
-    batch.add(out.join("results.json"), json)?;
-    batch.commit()
 }
 
 fn fmt_ci(s: &Section<moe_xray_stats::results::Bootstrap>) -> String {
@@ -490,9 +262,9 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
 pub fn run(args: Args) -> Result<()> {
     // One writer per output directory, refused at once (before the analysis runs).
     let _lock = OutLock::acquire(&args.out)?;
-    let progress = crate::progress::spinner(args.quiet, "analyze: reading traces");
-    let outputs = compute_with_progress(&args, &progress)?;
-    progress.step("analyze: writing outputs");
+    let progress = CliProgress::with_spinner(args.quiet, "analyze: reading traces");
+    let outputs = analyze(&args.options()?, &progress)?;
+    moe_xray_pipeline::Progress::step(&progress, "analyze: writing outputs");
     write_outputs(&args.out, &outputs)?;
     drop(progress);
     if args.json {

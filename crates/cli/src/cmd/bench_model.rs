@@ -28,8 +28,8 @@ use moe_xray_trace::sink::NullSink;
 use moe_xray_trace::{read_prompts, CountsWriter, EventsWriter, Prompt, RoutingSink, TokenType};
 use serde::Serialize;
 
-use super::run::PAPER80;
-use super::trace::{encode_prompts, load_model, set_threads};
+use moe_xray_pipeline::study::PAPER80;
+use moe_xray_pipeline::trace::{encode_prompts, load_model, set_threads};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capture {

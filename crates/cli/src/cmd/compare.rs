@@ -2,16 +2,17 @@
 //! signature shift, category shifts and a permutation test; `--fail-above` makes it a CI guard
 //! (exit code 3 when the maximum per-layer JS exceeds the threshold). Definitions: docs/health.md.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::bail;
-use moe_xray_health::compare::{compare_runs, CompareOptions, RunData};
-use moe_xray_health::{accumulate_run, output, resolve_run, HealthOptions};
+use moe_xray_health::compare::CompareOptions;
+use moe_xray_health::{output, HealthOptions};
+use moe_xray_pipeline::health::compare;
 use moe_xray_report::health_figures;
 
-use super::health::{parse_token_types, resolve_dims, DimsArgs, JsonArgs};
-use crate::outdir::Batch;
-use crate::progress::{spinner, Spinner};
+use super::health::{parse_token_types, DimsArgs, JsonArgs};
+use crate::progress::CliProgress;
+use moe_xray_pipeline::outdir::Batch;
 
 /// Exit code when `--fail-above` is exceeded (errors exit with 1).
 pub const EXIT_DRIFT: i32 = 3;
@@ -51,30 +52,6 @@ pub struct Args {
     pub token_types: Vec<String>,
 }
 
-/// Reads one run (trace file or run directory) with its dimensions resolved as `health` does
-/// (`--model` / `--num-layers` / `--num-experts`, manifest, or the data with a warning).
-fn read_run(
-    path: &Path,
-    dims: &DimsArgs,
-    opts: &HealthOptions,
-    progress: &Spinner,
-) -> anyhow::Result<RunData> {
-    let run = resolve_run(path)?;
-    progress.step(format!("compare: reading {}", run.label));
-    let d = resolve_dims(&run, dims, progress)?;
-    let opts = HealthOptions {
-        keep_prompts: true,
-        ..opts.clone()
-    };
-    let acc = accumulate_run(&run, Some(d), opts)?;
-    Ok(RunData {
-        label: run.label,
-        num_layers: acc.num_layers(),
-        num_experts: acc.num_experts(),
-        prompts: acc.into_prompts(),
-    })
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = args.fail_above {
         if !(0.0..=1.0).contains(&t) {
@@ -85,18 +62,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         token_types: parse_token_types(&args.token_types)?,
         ..Default::default()
     };
-    let bar = spinner(args.quiet, "compare: reading runs");
-    let a = read_run(&args.run_a, &args.dims, &hopts, &bar)?;
-    let b = read_run(&args.run_b, &args.dims, &hopts, &bar)?;
-    bar.step("compare: divergences and permutation test");
-    let report = compare_runs(
-        &a,
-        &b,
+    let bar = CliProgress::with_spinner(args.quiet, "compare: reading runs");
+    let report = compare(
+        &args.run_a,
+        &args.run_b,
+        &args.dims.dims(),
+        &hopts,
         &CompareOptions {
             reps: args.reps,
             seed: args.seed,
             fail_above: args.fail_above,
         },
+        &bar,
     )?;
     drop(bar);
     let to_stdout_json = args.json.to_stdout();

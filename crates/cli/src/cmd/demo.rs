@@ -15,7 +15,10 @@ use anyhow::{Context, Result};
 use moe_xray_model::synth::{self, SynthSpec};
 use moe_xray_stats::results::Section;
 
-use super::run;
+use moe_xray_pipeline::outdir::{check_threads, OutLock};
+use moe_xray_pipeline::study::{execute_study, StudyOptions};
+
+use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -34,7 +37,8 @@ pub struct Args {
     /// Compute threads, 1 to 1024 (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// No progress output.
+    /// No progress and no summary; only the one-line verdict on what the numbers mean (a
+    /// random-weight model's are not evidence) is still printed.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -57,10 +61,10 @@ pub fn demo_spec(planted: bool) -> Result<SynthSpec> {
 
 pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
-    crate::outdir::check_threads(args.threads)?;
+    check_threads(args.threads)?;
     let model_dir = args.out.join("model");
     // One writer per output folder, for the model and the whole run.
-    let _lock = crate::outdir::OutLock::acquire(&args.out)?;
+    let _lock = OutLock::acquire(&args.out)?;
     let spec = demo_spec(args.planted)?;
     if !args.quiet {
         eprintln!(
@@ -71,24 +75,21 @@ pub fn run(args: Args) -> Result<()> {
     }
     synth::write_checkpoint(&spec, &model_dir)
         .with_context(|| format!("writing the demo model to {}", model_dir.display()))?;
-    let rargs = run::Args {
-        model: model_dir,
-        prompts: "paper80".into(),
+    let opts = StudyOptions {
         max_new_tokens: args.max_new_tokens,
-        chat_template: false,
-        out: args.out.clone(),
         batch_size: 8,
         threads: args.threads,
         reps: args.reps,
-        seed: 0,
-        dtype: None,
-        quiet: args.quiet,
-        truncate_prompts: None,
+        ..StudyOptions::new(model_dir, &args.out)
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let s = run::execute(&rargs, &command)?;
+    let progress = CliProgress::new(args.quiet);
+    let s = execute_study(&opts, &command, &progress)?;
+    drop(progress);
     let r = &s.results;
-    println!("{}", super::analyze::summary(r, &args.out));
+    if !args.quiet {
+        println!("{}", super::analyze::summary(r, &args.out));
+    }
     let acc = match &r.logreg_5fold {
         Section::Done(c) => format!("{:.1} %", 100.0 * c.accuracy_mean),
         Section::Skipped { skipped } => format!("skipped ({skipped})"),
@@ -107,7 +108,9 @@ pub fn run(args: Args) -> Result<()> {
             r.similarity.cohens_d
         );
     }
-    println!("report: {}", s.report.display());
-    println!("demo wall time: {:.1} s", t0.elapsed().as_secs_f64());
+    if !args.quiet {
+        println!("report: {}", s.report.display());
+        println!("demo wall time: {:.1} s", t0.elapsed().as_secs_f64());
+    }
     Ok(())
 }

@@ -4,15 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use moe_xray_health::input::run_dims;
-use moe_xray_health::mi::{mutual_information, signatures_with_labels, MiOptions};
-use moe_xray_health::{accumulate_run, output, resolve_traces, HealthOptions, RunInput};
-use moe_xray_report::health_figures;
-use moe_xray_trace::{TokenType, TraceItem, TraceReader};
+use anyhow::bail;
+use moe_xray_health::mi::MiOptions;
+use moe_xray_health::{output, HealthOptions};
+use moe_xray_pipeline::health::{health, Dims, HealthRunOptions};
+use moe_xray_pipeline::outdir::{Batch, OutLock};
+use moe_xray_trace::TokenType;
 
-use crate::outdir::{Batch, OutLock};
-use crate::progress::Spinner;
+use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -97,6 +96,17 @@ pub struct JsonArgs {
     json_out: Option<PathBuf>,
 }
 
+impl DimsArgs {
+    /// The pipeline's typed dimensions.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            model: self.model.clone(),
+            num_layers: self.num_layers,
+            num_experts: self.num_experts,
+        }
+    }
+}
+
 impl JsonArgs {
     /// Whether the JSON goes to stdout (instead of the human summary).
     pub fn to_stdout(&self) -> bool {
@@ -114,67 +124,6 @@ impl JsonArgs {
         }
         self.json_out.as_deref()
     }
-}
-
-/// (L, E) of `run`: `--num-layers` / `--num-experts`, then `--model DIR`'s config.json, then the
-/// run's manifest.json, and only then the trace data — with a loud warning on stderr saying which
-/// dimension was inferred and how to give it (counts lines state both, so no warning for them).
-pub(crate) fn resolve_dims(
-    run: &RunInput,
-    d: &DimsArgs,
-    progress: &Spinner,
-) -> anyhow::Result<(usize, usize)> {
-    let (mut nl, mut ne, _) =
-        super::analyze::given_dims(d.model.as_deref(), d.num_layers, d.num_experts, None)?;
-    if let Some(m) = &run.manifest {
-        nl = nl.or(Some(m.num_layers));
-        ne = ne.or(Some(m.num_experts));
-    }
-    if let (Some(l), Some(e)) = (nl, ne) {
-        return Ok((l, e));
-    }
-    let (il, ie) = run_dims(run)?;
-    if let Some(w) = inferred_warning(&run.label, &run.paths, nl.is_none(), ne.is_none(), il, ie) {
-        progress.warn(&w);
-    }
-    Ok((nl.unwrap_or(il), ne.unwrap_or(ie)))
-}
-
-/// The loud warning when dimensions come from the highest indices in per-token traces (records or
-/// flat events). `layers` / `experts`: which of the two were inferred, as `l` and `e`.
-pub(crate) fn inferred_warning(
-    label: &str,
-    paths: &[PathBuf],
-    layers: bool,
-    experts: bool,
-    l: usize,
-    e: usize,
-) -> Option<String> {
-    let first = paths
-        .first()
-        .and_then(|p| TraceReader::open(p).ok())
-        .and_then(|mut r| r.next())
-        .and_then(|i| i.ok());
-    if matches!(first, Some((_, TraceItem::Counts(_)))) || !(layers || experts) {
-        return None;
-    }
-    let mut what = Vec::new();
-    if layers {
-        what.push(format!("{l} layers (highest layer index seen + 1)"));
-    }
-    if experts {
-        what.push(format!("{e} experts (highest expert id seen + 1)"));
-    }
-    let consequence = if experts {
-        "Experts above the highest id seen that are never chosen are missing, so dead experts are under-counted. "
-    } else {
-        "Trailing layers without any routing record would be missing. "
-    };
-    Some(format!(
-        "WARNING: {label}: no manifest.json beside the traces, so the dimensions are INFERRED from the data: {}. \
-         {consequence}Fix: pass --model DIR (the checkpoint's config.json) or --num-experts E / --num-layers L.",
-        what.join(" and ")
-    ))
 }
 
 pub(crate) fn parse_token_types(v: &[String]) -> anyhow::Result<Vec<TokenType>> {
@@ -209,96 +158,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             locks.push((OutLock::acquire(dir)?, dir.clone()));
         }
     }
-    let opts = HealthOptions {
-        token_types: parse_token_types(&args.token_types)?,
-        cold_fraction: args.cold_fraction,
-        top_pairs: args.top_pairs,
-        keep_prompts: args.mi,
+    let opts = HealthRunOptions {
+        traces: args.traces.clone(),
+        dims: args.dims.dims(),
+        health: HealthOptions {
+            token_types: parse_token_types(&args.token_types)?,
+            cold_fraction: args.cold_fraction,
+            top_pairs: args.top_pairs,
+            keep_prompts: args.mi,
+        },
+        layer: args.layer,
+        mi: args.mi.then_some(MiOptions {
+            components: args.mi_components,
+            bins: args.mi_bins,
+            perms: args.perms,
+            seed: args.seed,
+            knn: args.mi_knn,
+        }),
     };
-    let run = resolve_traces(&args.traces)?;
-    let bar = crate::progress::spinner(args.quiet, "health: reading traces");
-    let dims = resolve_dims(&run, &args.dims, &bar)?;
-    let acc = accumulate_run(&run, Some(dims), opts)?;
-    let report = acc.report();
-    if args.layer >= report.num_layers {
-        bail!(
-            "--layer {} is out of range (the traces have {} layers)",
-            args.layer,
-            report.num_layers
-        );
-    }
-    let mi = if args.mi {
-        let (sigs, labels, dropped) =
-            signatures_with_labels(acc.prompts(), report.num_layers, report.num_experts);
-        if !dropped.is_empty() {
-            bar.warn(&format!(
-                "--mi: {} prompt(s) left out (first: {} — {})",
-                dropped.len(),
-                dropped[0].0,
-                dropped[0].1
-            ));
-        }
-        bar.step("health: mutual information (permutations)");
-        let m = mutual_information(
-            &sigs,
-            &labels,
-            &MiOptions {
-                components: args.mi_components,
-                bins: args.mi_bins,
-                perms: args.perms,
-                seed: args.seed,
-                knn: args.mi_knn,
-            },
-        )
-        .context("--mi (mutual information needs prompt categories in the traces)")?;
-        Some(m)
-    } else {
-        None
-    };
-
+    let bar = CliProgress::with_spinner(args.quiet, "health: reading traces");
+    let h = health(&opts, &bar)?;
+    let (report, mi) = (&h.report, &h.mi);
     drop(bar);
     let to_stdout_json = args.json.to_stdout();
     let json_file = args.json.file();
     if !to_stdout_json && !args.quiet {
-        print!("{}", output::health_table(&report));
-        if let Some(m) = &mi {
+        print!("{}", output::health_table(report));
+        if let Some(m) = mi {
             print!("{}", output::mi_text(m));
         }
     }
     // Every file is computed and written to a temporary file first; they appear together.
     let mut batch = Batch::new();
     if let Some(dir) = &args.csv {
-        batch.add(dir.join("layers.csv"), output::layers_csv(&report))?;
-        batch.add(dir.join("load.csv"), output::load_csv(&report))?;
-        if let Some(c) = output::coactivation_csv(&acc) {
-            batch.add(dir.join("coactivation.csv"), c)?;
-        }
-        if let Some(p) = output::pairs_csv(&report) {
-            batch.add(dir.join("pairs.csv"), p)?;
-        }
+        h.stage_csv(dir, &mut batch)?;
     }
     if let Some(dir) = &args.svg {
-        batch.add(
-            dir.join("load_heatmap.svg"),
-            health_figures::load_heatmap(&report),
-        )?;
-        match acc
-            .coactivation(args.layer)
-            .and_then(|c| health_figures::coactivation_heatmap(&report, c, args.layer))
-        {
-            Some(s) => batch.add(dir.join(format!("coactivation_layer{}.svg", args.layer)), s)?,
-            None => eprintln!(
+        if !h.stage_svg(dir, args.layer, &mut batch)? {
+            eprintln!(
                 "note: no co-activation heatmap: co-activation needs per-token traces (records or flat events), not counts"
-            ),
+            );
         }
     }
     let mut stdout_json = None;
     if to_stdout_json || json_file.is_some() {
-        let mut v = serde_json::to_value(&report)?;
-        if let Some(m) = &mi {
-            v["mutual_information"] = serde_json::to_value(m)?;
-        }
-        let text = serde_json::to_string_pretty(&v)? + "\n";
+        let text = h.json()?;
         if let Some(path) = json_file {
             batch.add(path, text)?;
         } else {

@@ -111,7 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let spec = spec_from_args(&a)?;
     // The checkpoint is written to a temporary sibling and renamed into place as a whole; the
     // lock beside it keeps a second writer out.
-    let _lock = crate::outdir::OutLock::acquire_beside(&a.out)?;
+    let _lock = moe_xray_pipeline::outdir::OutLock::acquire_beside(&a.out)?;
     let t0 = std::time::Instant::now();
     let progress = crate::progress::spinner(
         a.quiet,

@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{invalid, IoContext, PipelineError, Result};
 
 /// Name of the lock file inside a locked output directory.
 pub const LOCK_FILE: &str = ".moe-xray.lock";
@@ -62,13 +62,16 @@ fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
             Err(e) => {
                 remove_empty_dirs(&created);
-                return Err(e).with_context(|| format!("cannot create directory {}", d.display()));
+                return Err(PipelineError::io(
+                    format!("cannot create directory {}", d.display()),
+                    e,
+                ));
             }
         }
     }
     if !dir.is_dir() {
         remove_empty_dirs(&created);
-        bail!("{}: exists and is not a directory", dir.display());
+        invalid!("{}: exists and is not a directory", dir.display());
     }
     Ok(created)
 }
@@ -115,7 +118,9 @@ impl OutLock {
     pub fn acquire_beside(dir: &Path) -> Result<OutLock> {
         let name = dir
             .file_name()
-            .with_context(|| format!("{}: not a usable directory name", dir.display()))?
+            .ok_or_else(|| {
+                PipelineError::Invalid(format!("{}: not a usable directory name", dir.display()))
+            })?
             .to_string_lossy()
             .into_owned();
         let parent = parent_of(dir);
@@ -135,9 +140,10 @@ impl OutLock {
             Ok(f) => f,
             Err(e) => {
                 remove_empty_dirs(&created);
-                return Err(e).with_context(|| {
-                    format!("cannot create the lock file {}", lock_path.display())
-                });
+                return Err(PipelineError::io(
+                    format!("cannot create the lock file {}", lock_path.display()),
+                    e,
+                ));
             }
         };
         // From here on, dropping `guard` removes what `created` lists (when left empty).
@@ -152,7 +158,7 @@ impl OutLock {
             Err(std::fs::TryLockError::WouldBlock) => {
                 // the directory is the other writer's now, whoever created it
                 guard.created.clear();
-                bail!(
+                invalid!(
                 "{}: another moe-xray process is writing to this directory (it holds the lock {}); \
                  wait for it to finish or choose another output directory",
                 dir.display(),
@@ -160,7 +166,10 @@ impl OutLock {
                 )
             }
             Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()))
+                return Err(PipelineError::io(
+                    format!("cannot lock {}", lock_path.display()),
+                    e,
+                ))
             }
         }
         // The lock file must still be the one we locked (a failing command removes the lock file
@@ -176,7 +185,7 @@ impl OutLock {
             if ours.is_none() || ours != now {
                 guard.locked = false;
                 guard.created.clear();
-                bail!(
+                invalid!(
                     "{}: another moe-xray process is writing to this directory (its lock {} changed while we were taking it); \
                      wait for it to finish or choose another output directory",
                     dir.display(),
@@ -264,33 +273,33 @@ impl Batch {
         let (file, tmp) = tempfile::Builder::new()
             .prefix(TMP_PREFIX)
             .tempfile_in(&dir)
-            .with_context(ctx)?
+            .io_context(ctx)?
             .keep()
             .map_err(|e| e.error)
-            .with_context(ctx)?;
+            .io_context(ctx)?;
         self.steps.push(Step::Put {
             tmp,
             dest: dest.clone(),
         });
         {
             let mut w = std::io::BufWriter::new(&file);
-            fill(&mut w).with_context(ctx)?;
-            w.flush().with_context(ctx)?;
+            fill(&mut w).io_context(ctx)?;
+            w.flush().io_context(ctx)?;
         }
         // Ordinary output files (tempfile creates 0600 ones).
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             file.set_permissions(std::fs::Permissions::from_mode(0o644))
-                .with_context(ctx)?;
+                .io_context(ctx)?;
         }
-        file.sync_all().with_context(ctx)?;
+        file.sync_all().io_context(ctx)?;
         Ok(())
     }
 
     /// Adds a copy of the file `src` as `dest`.
     pub fn add_file(&mut self, dest: impl Into<PathBuf>, src: &Path) -> Result<()> {
-        let bytes = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
+        let bytes = std::fs::read(src).io_context(|| format!("cannot read {}", src.display()))?;
         self.add(dest, bytes)
     }
 
@@ -307,7 +316,7 @@ impl Batch {
             match step {
                 Step::Put { tmp, dest } => {
                     std::fs::rename(tmp, dest)
-                        .with_context(|| format!("cannot move {} into place", dest.display()))?;
+                        .io_context(|| format!("cannot move {} into place", dest.display()))?;
                     let d = parent_of(dest);
                     if !dirs.contains(&d) {
                         dirs.push(d);
@@ -317,9 +326,10 @@ impl Batch {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("cannot remove the stale output {}", dest.display())
-                        })
+                        return Err(PipelineError::io(
+                            format!("cannot remove the stale output {}", dest.display()),
+                            e,
+                        ))
                     }
                 },
             }
@@ -354,7 +364,7 @@ pub const MAX_THREADS: usize = 1024;
 pub fn check_threads(threads: Option<usize>) -> Result<()> {
     if let Some(t) = threads {
         if t == 0 || t > MAX_THREADS {
-            bail!("--threads {t}: must be between 1 and {MAX_THREADS}");
+            invalid!("--threads {t}: must be between 1 and {MAX_THREADS}");
         }
     }
     Ok(())
@@ -367,34 +377,31 @@ pub fn check_rayon_env() -> Result<()> {
     if let Ok(v) = std::env::var("RAYON_NUM_THREADS") {
         if let Ok(n) = v.trim().parse::<u128>() {
             if n > MAX_THREADS as u128 {
-                bail!("RAYON_NUM_THREADS={v}: must be between 1 and {MAX_THREADS} (or 0 for all cores)");
+                invalid!("RAYON_NUM_THREADS={v}: must be between 1 and {MAX_THREADS} (or 0 for all cores)");
             }
         }
     }
     Ok(())
 }
 
-/// Formats an error and its causes like anyhow's `{:#}` ("a: b: c"), but leaves out a cause
-/// whose text the message already contains: the library errors print their source (e.g.
-/// `path: No such file or directory`) and also return it as `source()`, which would otherwise
-/// repeat the OS error.
-pub fn error_chain(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.is_empty() {
-            msg = text;
-        } else if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-    }
-    msg
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error and its causes, ": "-separated, each cause once (as the CLI prints them).
+    fn error_chain(e: &PipelineError) -> String {
+        let mut msg = e.to_string();
+        let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+        while let Some(c) = cur {
+            let text = c.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            cur = c.source();
+        }
+        msg
+    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -527,31 +534,5 @@ mod tests {
             let msg = check_threads(Some(bad)).unwrap_err().to_string();
             assert!(msg.contains("--threads") && msg.contains("1024"), "{msg}");
         }
-    }
-
-    #[test]
-    fn error_chain_does_not_repeat_a_cause() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
-        #[derive(Debug)]
-        struct Wrapped(std::io::Error);
-        impl std::fmt::Display for Wrapped {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "x.json: {}", self.0)
-            }
-        }
-        impl std::error::Error for Wrapped {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let e = anyhow::Error::new(Wrapped(io)).context("reading the manifest");
-        assert_eq!(
-            error_chain(&e),
-            "reading the manifest: x.json: No such file or directory"
-        );
-        assert_eq!(
-            format!("{e:#}"),
-            "reading the manifest: x.json: No such file or directory: No such file or directory"
-        );
     }
 }

@@ -1,0 +1,616 @@
+//! Tracing: run an OLMoE checkpoint on a prompt set and record the experts its router picks for
+//! every prompt and generated token at every layer.
+//!
+//! Output directory: `trace.jsonl[.gz|.zst]` ([`Mode::Events`]) or `counts.jsonl[.gz|.zst]`
+//! ([`Mode::Counts`]), `generations.jsonl` ([`GenerationLine`]) and `manifest.json`. Every input
+//! is validated (model, tokenizer, prompts, token ids) before anything is written
+//! ([`prepare_trace`]). Each prompt is made durable when it finishes: its generation line is
+//! appended (fsync) first, then its trace block; with [`TraceOptions::resume`] the prompts whose
+//! trace block is complete are skipped and no generation line is ever appended twice.
+//!
+//! By default the last generated token is also run through the model (one extra forward step,
+//! logits discarded) so that it has routing records; `hf_generate_compat` skips it exactly like
+//! transformers' `generate()` does.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+use moe_xray_model::chat::{ChatTemplate, Sandbox};
+use moe_xray_model::config::{eos_token_ids, GenerationDefaults, OlmoeConfig};
+use moe_xray_model::generate::{
+    check_options, fit_context, generate_all, GenerateOptions, PromptInput, Sampling, Truncate,
+};
+use moe_xray_model::olmoe::{dtype_name, parse_dtype, LoadOptions, Olmoe};
+use moe_xray_model::tokenizer::Tokenizer;
+use moe_xray_trace::{
+    prompt_set_hash, read_prompts, CountsWriter, EventsWriter, GenerationLine, JsonlAppender,
+    Manifest, Prompt, RoutingDecision, RoutingSink,
+};
+
+use crate::error::{invalid, PipelineError, Result, ResultExt};
+use crate::outdir::{check_threads, OutLock};
+use crate::Progress;
+
+/// What the trace file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// One routing record per (token, layer).
+    #[default]
+    Events,
+    /// Per-prompt L×E expert counts only (very large runs).
+    Counts,
+}
+
+/// Compression of the trace file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compress {
+    Gz,
+    Zst,
+}
+
+/// Options of a trace run (the `moe-xray trace` flags; defaults as there).
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    /// Checkpoint directory in Hugging Face layout (config.json, safetensors, tokenizer.json).
+    pub model: PathBuf,
+    /// Prompt file (JSONL `{"id","category","text"}` or CSV `id,category,text`).
+    pub prompts: PathBuf,
+    /// Output directory.
+    pub out: PathBuf,
+    pub mode: Mode,
+    pub compress: Option<Compress>,
+    /// Also record the full router distribution of every (token, layer).
+    pub record_probs: bool,
+    pub max_new_tokens: usize,
+    /// Prompts run together (ragged batching: results do not depend on it).
+    pub batch_size: usize,
+    /// Compute threads, 1 to [`crate::outdir::MAX_THREADS`] (`None`: all cores).
+    pub threads: Option<usize>,
+    /// Wrap each prompt as a user turn with the checkpoint's chat template.
+    pub chat_template: bool,
+    /// Keep generating after EOS until `max_new_tokens`.
+    pub ignore_eos: bool,
+    /// Do not route the last generated token (exactly the tokens transformers' generate() routes).
+    pub hf_generate_compat: bool,
+    /// Sample with this temperature instead of greedy decoding.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold (with `temperature`).
+    pub top_p: Option<f32>,
+    /// Seed of the sampling streams (one per prompt, by its position in the prompt file).
+    pub seed: u64,
+    /// Continue an interrupted run in the same output directory.
+    pub resume: bool,
+    /// Compute dtype (`None`: the checkpoint's stored dtype).
+    pub dtype: Option<String>,
+    /// Cut prompts that do not fit the context on this side instead of refusing them.
+    pub truncate_prompts: Option<Truncate>,
+}
+
+impl TraceOptions {
+    /// The defaults of `moe-xray trace` for these model, prompts and output paths.
+    pub fn new(
+        model: impl Into<PathBuf>,
+        prompts: impl Into<PathBuf>,
+        out: impl Into<PathBuf>,
+    ) -> Self {
+        TraceOptions {
+            model: model.into(),
+            prompts: prompts.into(),
+            out: out.into(),
+            mode: Mode::Events,
+            compress: None,
+            record_probs: false,
+            max_new_tokens: 32,
+            batch_size: 64,
+            threads: None,
+            chat_template: false,
+            ignore_eos: false,
+            hf_generate_compat: false,
+            temperature: None,
+            top_p: None,
+            seed: 0,
+            resume: false,
+            dtype: None,
+            truncate_prompts: None,
+        }
+    }
+}
+
+/// What a finished trace run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSummary {
+    /// Prompts in the prompt set.
+    pub prompts: usize,
+    /// Prompts run now.
+    pub prompts_run: usize,
+    /// Prompts already complete in the trace of an earlier run (resume).
+    pub prompts_resumed: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub load_seconds: f64,
+    pub run_seconds: f64,
+    pub trace: PathBuf,
+    pub generations: PathBuf,
+    pub manifest: PathBuf,
+}
+
+impl TraceSummary {
+    /// The summary as the JSON object `trace --json` prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prompts": self.prompts,
+            "prompts_run": self.prompts_run,
+            "prompts_resumed": self.prompts_resumed,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "load_seconds": self.load_seconds,
+            "run_seconds": self.run_seconds,
+            "tokens_per_second": (self.prompt_tokens + self.generated_tokens) as f64
+                / self.run_seconds.max(1e-9),
+            "trace": self.trace,
+            "generations": self.generations,
+            "manifest": self.manifest,
+        })
+    }
+
+    /// The one-line human summary.
+    pub fn line(&self) -> String {
+        format!(
+            "traced {} prompts ({} resumed) in {:.1} s: {} prompt + {} generated tokens -> {}",
+            self.prompts_run,
+            self.prompts_resumed,
+            self.run_seconds,
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.trace.display()
+        )
+    }
+}
+
+/// Forwards decisions to the trace writer but leaves `end_prompt` to the caller, who first makes
+/// the generation line durable. The prompts in `.1` are already complete in the trace (they are
+/// only redone for their lost generation lines): their decisions are dropped, never written twice.
+struct Deferred(Rc<RefCell<Box<dyn RoutingSink>>>, HashSet<String>);
+
+impl RoutingSink for Deferred {
+    fn begin_prompt(&mut self, id: &str, category: Option<&str>) -> moe_xray_trace::Result<()> {
+        if self.1.contains(id) {
+            return Ok(());
+        }
+        self.0.borrow_mut().begin_prompt(id, category)
+    }
+    fn record(&mut self, d: &RoutingDecision<'_>) -> moe_xray_trace::Result<()> {
+        if self.1.contains(d.prompt_id) {
+            return Ok(());
+        }
+        self.0.borrow_mut().record(d)
+    }
+    fn end_prompt(&mut self, _id: &str) -> moe_xray_trace::Result<()> {
+        Ok(())
+    }
+    fn wants_probs(&self) -> bool {
+        self.0.borrow().wants_probs()
+    }
+}
+
+/// File name of the trace file in the output directory.
+pub fn trace_file_name(mode: Mode, compress: Option<Compress>) -> String {
+    let base = match mode {
+        Mode::Events => "trace.jsonl",
+        Mode::Counts => "counts.jsonl",
+    };
+    match compress {
+        None => base.to_string(),
+        Some(Compress::Gz) => format!("{base}.gz"),
+        Some(Compress::Zst) => format!("{base}.zst"),
+    }
+}
+
+/// The checks of the options alone (before any file is read); applies `threads`.
+fn check_run_options(opts: &TraceOptions) -> Result<()> {
+    set_threads(opts.threads)?;
+    if opts.batch_size == 0 {
+        invalid!("--batch-size must be at least 1");
+    }
+    if opts.top_p.is_some() && opts.temperature.is_none() {
+        invalid!("--top-p needs --temperature");
+    }
+    Ok(())
+}
+
+/// A trace run whose inputs are all validated and encoded; nothing written yet.
+pub struct PreparedTrace {
+    opts: TraceOptions,
+    prompts: Vec<Prompt>,
+    cfg: OlmoeConfig,
+    tokenizer: Tokenizer,
+    gen: GenerateOptions,
+    inputs: Vec<PromptInput>,
+    truncated: HashMap<String, usize>,
+}
+
+/// Runs a whole trace: [`prepare_trace`], then [`PreparedTrace::run`].
+pub fn trace(opts: &TraceOptions, progress: &dyn Progress) -> Result<TraceSummary> {
+    prepare_trace(opts)?.run(progress)
+}
+
+/// Validates every input of a trace run (options, prompt file, checkpoint configuration,
+/// tokenizer, chat template, token ids, context length) without loading the weights or writing
+/// anything. Applies `threads` (see [`set_threads`]).
+pub fn prepare_trace(opts: &TraceOptions) -> Result<PreparedTrace> {
+    check_run_options(opts)?;
+    let prompts = read_prompts(&opts.prompts)?;
+    let source = opts.prompts.display().to_string();
+    prepare_trace_with(opts, prompts, &source)
+}
+
+/// [`prepare_trace`] on a prompt set already read (`opts.prompts` is where the run will say its
+/// prompts came from; `source` names them in errors).
+pub fn prepare_trace_with(
+    opts: &TraceOptions,
+    prompts: Vec<Prompt>,
+    source: &str,
+) -> Result<PreparedTrace> {
+    check_run_options(opts)?;
+    let cfg = OlmoeConfig::from_dir(&opts.model)?;
+    let tokenizer = Tokenizer::from_dir(&opts.model)?;
+    let gen_defaults = GenerationDefaults::from_dir(&opts.model)?;
+    let template = if opts.chat_template {
+        Some(ChatTemplate::from_dir(&opts.model)?)
+    } else {
+        None
+    };
+    let gen = GenerateOptions {
+        max_new_tokens: opts.max_new_tokens,
+        eos_token_ids: eos_token_ids(&cfg, gen_defaults.as_ref()),
+        ignore_eos: opts.ignore_eos,
+        sampling: opts.temperature.map(|t| Sampling {
+            temperature: t,
+            top_p: opts.top_p.unwrap_or(1.0),
+            seed: opts.seed,
+        }),
+        hf_generate_compat: opts.hf_generate_compat,
+        ..Default::default()
+    };
+    check_options(&gen)?;
+    let mut inputs = encode_prompts(
+        &prompts,
+        source,
+        &tokenizer,
+        template.as_ref(),
+        cfg.vocab_size,
+    )?;
+    let truncated = fit_prompts(&mut inputs, &cfg, gen.max_new_tokens, opts.truncate_prompts)
+        .step_context(|| source.to_string())?;
+    Ok(PreparedTrace {
+        opts: opts.clone(),
+        prompts,
+        cfg,
+        tokenizer,
+        gen,
+        inputs,
+        truncated,
+    })
+}
+
+impl PreparedTrace {
+    /// The manifest this run writes (and that a resumed run must match).
+    fn manifest(&self, dtype: &str) -> Manifest {
+        let (args, opts) = (&self.opts, &self.gen);
+        Manifest {
+            model: args.model.display().to_string(),
+            num_layers: self.cfg.num_hidden_layers,
+            num_experts: self.cfg.num_experts,
+            top_k: self.cfg.num_experts_per_tok,
+            dtype: dtype.to_string(),
+            generation: serde_json::json!({
+                "max_new_tokens": opts.max_new_tokens,
+                "decoding": if opts.sampling.is_some() { "sample" } else { "greedy" },
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "seed": args.seed,
+                "eos_token_ids": opts.eos_token_ids,
+                "ignore_eos": opts.ignore_eos,
+                "chat_template": args.chat_template,
+                "hf_generate_compat": opts.hf_generate_compat,
+                "last_generated_token_routed": !opts.hf_generate_compat,
+            })
+            .as_object()
+            .cloned()
+            .map(|mut g| {
+                // Only present when set, so that manifests of runs without it are unchanged.
+                if let Some(t) = args.truncate_prompts {
+                    g.insert("truncate_prompts".into(), t.name().into());
+                }
+                serde_json::Value::Object(g)
+            })
+            .unwrap_or_default(),
+            prompt_set_hash: Some(prompt_set_hash(&self.prompts)),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            capture_mode: match args.mode {
+                Mode::Events => "events".into(),
+                Mode::Counts => "counts".into(),
+            },
+            extra: [
+                (
+                    "record_probs".to_string(),
+                    serde_json::json!(args.record_probs),
+                ),
+                (
+                    "trace_file".to_string(),
+                    serde_json::json!(trace_file_name(args.mode, args.compress)),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    /// Loads the weights, takes the output directory's lock, writes (or checks, on resume) the
+    /// manifest and traces every prompt not yet complete.
+    pub fn run(self, progress: &dyn Progress) -> Result<TraceSummary> {
+        let args = &self.opts;
+        let cfg = &self.cfg;
+        let (model, load_secs) = load_model(&args.model, args.dtype.as_deref())?;
+        let out = &args.out;
+        let trace_path = out.join(trace_file_name(args.mode, args.compress));
+        let gen_path = out.join("generations.jsonl");
+        let manifest_path = out.join("manifest.json");
+        let manifest = self.manifest(dtype_name(model.dtype()));
+        // One writer per output directory: a second trace (or run) into it is refused at once.
+        let _lock = OutLock::acquire(out)?;
+        let (sink, trace_done, gen_done): (Box<dyn RoutingSink>, Vec<String>, Vec<GenerationLine>);
+        let mut gens: JsonlAppender<GenerationLine>;
+        if args.resume {
+            if manifest_path.exists() {
+                let old = Manifest::read(&manifest_path)?;
+                if old != manifest {
+                    invalid!(
+                        "{}: the existing run used different settings (model, prompts, generation or mode); refusing to resume into it",
+                        manifest_path.display()
+                    );
+                }
+            }
+            let (s, done): (Box<dyn RoutingSink>, Vec<String>) = match args.mode {
+                Mode::Events => {
+                    let (w, d) = EventsWriter::open_resume(&trace_path)?;
+                    (Box::new(w.with_probs(args.record_probs)), d)
+                }
+                Mode::Counts => {
+                    let (w, d) = CountsWriter::open_resume(
+                        &trace_path,
+                        cfg.num_hidden_layers,
+                        cfg.num_experts,
+                    )?;
+                    (Box::new(w), d)
+                }
+            };
+            let (g, items) = JsonlAppender::open_resume(&gen_path)?;
+            sink = s;
+            trace_done = done;
+            gen_done = items;
+            gens = g;
+        } else {
+            for p in [&trace_path, &gen_path, &manifest_path] {
+                if p.exists() {
+                    invalid!(
+                        "{} already exists; use --resume to continue that run or choose another --out",
+                        p.display()
+                    );
+                }
+            }
+            sink = match args.mode {
+                Mode::Events => {
+                    Box::new(EventsWriter::create(&trace_path)?.with_probs(args.record_probs))
+                }
+                Mode::Counts => Box::new(CountsWriter::create(
+                    &trace_path,
+                    cfg.num_hidden_layers,
+                    cfg.num_experts,
+                )?),
+            };
+            gens = JsonlAppender::create(&gen_path)?;
+            trace_done = Vec::new();
+            gen_done = Vec::new();
+        }
+        manifest.write(&manifest_path)?;
+
+        let done: HashSet<String> = trace_done.into_iter().collect();
+        let mut have_gen: HashSet<String> = HashSet::new();
+        for g in gen_done {
+            if !have_gen.insert(g.prompt_id.clone()) {
+                invalid!(
+                    "{}: prompt `{}` has two generation lines; the run is damaged, start it again in a new --out",
+                    gen_path.display(),
+                    g.prompt_id
+                );
+            }
+        }
+        // Prompts complete in the trace whose generation line is missing (generations.jsonl lost
+        // its last lines): they are run again for their generation lines, while their routing
+        // records, already in the trace, are not written again. Generation is deterministic, so
+        // the result is the uninterrupted run's.
+        let regen: HashSet<String> = done
+            .iter()
+            .filter(|id| !have_gen.contains(*id))
+            .cloned()
+            .collect();
+        if !regen.is_empty() {
+            progress.message(&format!(
+                "{}: {} prompt(s) complete in the trace have no generation line; redoing them",
+                gen_path.display(),
+                regen.len()
+            ));
+        }
+        let todo: Vec<PromptInput> = self
+            .inputs
+            .iter()
+            .filter(|p| !done.contains(&p.id) || regen.contains(&p.id))
+            .cloned()
+            .collect();
+
+        progress.prompts_begin(todo.len() as u64);
+        let shared: Rc<RefCell<Box<dyn RoutingSink>>> = Rc::new(RefCell::new(sink));
+        let mut deferred = Deferred(shared.clone(), regen.clone());
+        let start = Instant::now();
+        let (mut prompt_tokens, mut gen_tokens) = (0usize, 0usize);
+        let categories: HashMap<&str, &str> = self
+            .prompts
+            .iter()
+            .map(|p| (p.id.as_str(), p.category.as_str()))
+            .collect();
+        let tokenizer = &self.tokenizer;
+        let truncated = &self.truncated;
+        generate_all(
+            &model,
+            &todo,
+            args.batch_size,
+            &self.gen,
+            &mut deferred,
+            &mut |g| {
+                if !have_gen.contains(&g.prompt_id) {
+                    let text = tokenizer.decode(&g.generated, false)?;
+                    gens.append(&GenerationLine {
+                        prompt_id: g.prompt_id.clone(),
+                        category: categories
+                            .get(g.prompt_id.as_str())
+                            .unwrap_or(&"")
+                            .to_string(),
+                        prompt_ids: g.prompt_tokens.clone(),
+                        generated_ids: g.generated.clone(),
+                        text,
+                        stopped_on_eos: g.stopped_on_eos,
+                        prompt_tokens_truncated_from: truncated.get(g.prompt_id.as_str()).copied(),
+                    })?;
+                    have_gen.insert(g.prompt_id.clone());
+                }
+                if !regen.contains(&g.prompt_id) {
+                    shared.borrow_mut().end_prompt(&g.prompt_id)?;
+                }
+                prompt_tokens += g.prompt_tokens.len();
+                gen_tokens += g.generated.len();
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                progress.prompt_done((prompt_tokens + gen_tokens) as f64 / secs);
+                Ok(())
+            },
+        )
+        .step_context(|| "running the model")?;
+        progress.prompts_end();
+        Ok(TraceSummary {
+            prompts: self.prompts.len(),
+            prompts_run: todo.len(),
+            prompts_resumed: done.len() - regen.len(),
+            prompt_tokens,
+            generated_tokens: gen_tokens,
+            load_seconds: load_secs,
+            run_seconds: start.elapsed().as_secs_f64(),
+            trace: trace_path,
+            generations: gen_path,
+            manifest: manifest_path,
+        })
+    }
+}
+
+/// Applies a thread count: the size of rayon's global pool, which the model's kernels (and
+/// candle, through `RAYON_NUM_THREADS`) use. Must run before any tensor work; process-wide.
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    check_threads(threads)?;
+    if let Some(t) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    Ok(())
+}
+
+/// Tokenises the prompts (through the chat template when given, which writes the special tokens
+/// itself), rejecting prompts that encode to nothing and token ids outside the model's vocabulary.
+/// `source` names the prompt file in errors.
+pub fn encode_prompts(
+    prompts: &[Prompt],
+    source: &str,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    vocab_size: usize,
+) -> Result<Vec<PromptInput>> {
+    // All prompts are rendered at once in a memory- and time-limited child process: a hostile
+    // template that builds a huge string fails with an error instead of aborting this process.
+    let rendered = match template {
+        Some(t) => {
+            let texts: Vec<&str> = prompts.iter().map(|p| p.text.as_str()).collect();
+            Some(t.render_users_sandboxed(&texts, &Sandbox::current_exe()?)?)
+        }
+        None => None,
+    };
+    let mut inputs = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let tokens = match &rendered {
+            Some(r) => {
+                let Some(text) = r.get(i) else {
+                    invalid!("{source}: prompt `{}` was not rendered", p.id);
+                };
+                tokenizer.encode(text, false)?
+            }
+            None => tokenizer.encode(&p.text, true)?,
+        };
+        if tokens.is_empty() {
+            invalid!("{source}: prompt `{}` encodes to no tokens", p.id);
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            invalid!(
+                "prompt `{}`: token id {t} out of range (model vocab_size {vocab_size}); does {} belong to this model?",
+                p.id,
+                tokenizer.path().display()
+            );
+        }
+        inputs.push(PromptInput {
+            id: p.id.clone(),
+            category: Some(p.category.clone()),
+            tokens,
+            index: i as u64,
+        });
+    }
+    Ok(inputs)
+}
+
+/// Makes every prompt fit the model's context (prompt + `max_new_tokens` ≤
+/// `max_position_embeddings`), cutting it on the `truncate` side or refusing it with its id and
+/// token count. Returns the original token count of every cut prompt, by prompt id.
+pub fn fit_prompts(
+    inputs: &mut [PromptInput],
+    cfg: &OlmoeConfig,
+    max_new_tokens: usize,
+    truncate: Option<Truncate>,
+) -> Result<HashMap<String, usize>> {
+    let mut cut = HashMap::new();
+    for p in inputs.iter_mut() {
+        if let Some(n) = fit_context(
+            &p.id,
+            &mut p.tokens,
+            max_new_tokens,
+            cfg.max_position_embeddings,
+            truncate,
+        )? {
+            cut.insert(p.id.clone(), n);
+        }
+    }
+    Ok(cut)
+}
+
+/// Loads the checkpoint with a compute dtype name (`None`: the stored one); returns the model and
+/// the load time in seconds.
+pub fn load_model(dir: &Path, dtype: Option<&str>) -> Result<(Olmoe, f64)> {
+    let dtype = dtype.map(parse_dtype).transpose()?;
+    let t = Instant::now();
+    let model = Olmoe::load(
+        dir,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .map_err(PipelineError::from)
+    .step_context(|| format!("loading {}", dir.display()))?;
+    Ok((model, t.elapsed().as_secs_f64()))
+}
