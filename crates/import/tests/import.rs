@@ -18,14 +18,7 @@ fn shape() -> ModelShape {
 }
 
 fn opts() -> AggregateOptions {
-    AggregateOptions {
-        token_types: vec![TokenType::Prompt, TokenType::Generation],
-        weighted: false,
-        num_layers: None,
-        num_experts: None,
-        top_k: None,
-        categories: None,
-    }
+    AggregateOptions::default()
 }
 
 /// (prompt id, category, counts) of a trace, in first-appearance order.

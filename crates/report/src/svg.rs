@@ -721,7 +721,27 @@ pub fn colorbar(
     hi: f64,
     label: &str,
 ) {
-    let grad = format!("{id}-cbar");
+    let (ticks, dec) = nice_ticks(lo, hi, 4);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let ticks: Vec<(f64, String)> = ticks
+        .iter()
+        .filter(|t| **t >= lo - 1e-12 && **t <= hi + 1e-12)
+        .map(|t| ((t - lo) / span, num(*t, dec)))
+        .collect();
+    gradient_bar(svg, id, (x, y, w, h), &|t| viridis(1.0 - t), &ticks, label);
+}
+
+/// The one colour-bar drawing: a vertical gradient (`color(t)` at offset t from the top), a
+/// frame, ticks at fractions of the height from the bottom with their labels, and the label above.
+fn gradient_bar(
+    svg: &mut Svg,
+    id: &str,
+    (x, y, w, h): (f64, f64, f64, f64),
+    color: &dyn Fn(f64) -> String,
+    ticks: &[(f64, String)],
+    label: &str,
+) {
+    let grad = esc(&format!("{id}-cbar"));
     let mut stops = String::new();
     for i in 0..=10 {
         let t = i as f64 / 10.0;
@@ -729,7 +749,7 @@ pub fn colorbar(
             stops,
             r#"<stop offset="{}" stop-color="{}"/>"#,
             num(t, 1),
-            viridis(1.0 - t)
+            color(t)
         );
     }
     svg.raw(&format!(
@@ -743,26 +763,12 @@ pub fn colorbar(
         &format!("url(#{grad})"),
         r##"stroke="#555555" stroke-width="0.8""##,
     );
-    let (ticks, dec) = nice_ticks(lo, hi, 4);
-    let span = if hi > lo { hi - lo } else { 1.0 };
-    for t in ticks
-        .iter()
-        .filter(|t| **t >= lo - 1e-12 && **t <= hi + 1e-12)
-    {
-        let ty = y + h - (t - lo) / span * h;
+    for (frac, text) in ticks {
+        let ty = y + h - frac * h;
         svg.line(x + w, ty, x + w + 4.0, ty, "#555555", 1.0);
-        svg.text(
-            x + w + 7.0,
-            ty + 4.0,
-            &num(*t, dec),
-            11.0,
-            Anchor::Start,
-            "",
-        );
+        svg.text(x + w + 7.0, ty + 4.0, text, 11.0, Anchor::Start, "");
     }
-    let lx = x + w / 2.0;
-    let ly = y - 8.0;
-    svg.text(lx, ly, label, 11.0, Anchor::Middle, "");
+    svg.text(x + w / 2.0, y - 8.0, label, 11.0, Anchor::Middle, "");
 }
 
 /// Grey of cells that carry no comparison (e.g. the diagonal of a co-activation heatmap).
@@ -818,35 +824,19 @@ pub fn diverging_colorbar(
     ticks: &[(f64, String)],
     label: &str,
 ) {
-    let grad = format!("{id}-cbar");
-    let mut stops = String::new();
-    for i in 0..=10 {
-        let t = i as f64 / 10.0;
-        let _ = write!(
-            stops,
-            r#"<stop offset="{}" stop-color="{}"/>"#,
-            num(t, 1),
-            diverging(1.0 - 2.0 * t)
-        );
-    }
-    svg.raw(&format!(
-        r#"<defs><linearGradient id="{}" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>"#,
-        esc(&grad)
-    ));
-    svg.rect(
-        x,
-        y,
-        w,
-        h,
-        &format!("url(#{})", esc(&grad)),
-        r##"stroke="#555555" stroke-width="0.8""##,
+    let ticks: Vec<(f64, String)> = ticks
+        .iter()
+        .filter(|(v, _)| (-1.0..=1.0).contains(v))
+        .map(|(v, text)| ((v + 1.0) / 2.0, text.clone()))
+        .collect();
+    gradient_bar(
+        svg,
+        id,
+        (x, y, w, h),
+        &|t| diverging(1.0 - 2.0 * t),
+        &ticks,
+        label,
     );
-    for (v, text) in ticks.iter().filter(|(v, _)| (-1.0..=1.0).contains(v)) {
-        let ty = y + h - (v + 1.0) / 2.0 * h;
-        svg.line(x + w, ty, x + w + 4.0, ty, "#555555", 1.0);
-        svg.text(x + w + 7.0, ty + 4.0, text, 11.0, Anchor::Start, "");
-    }
-    svg.text(x + w / 2.0, y - 8.0, label, 11.0, Anchor::Middle, "");
 }
 
 #[cfg(test)]
