@@ -143,6 +143,31 @@ fn load_heatmap_titled(report: &HealthReport, id: &str, title: &str) -> String {
         }
     }
     s.raw("</g>");
+    let cx = heatmap_frame(
+        &mut s,
+        id,
+        (left, top, grid_w, grid_h),
+        (nl, ch, "layer"),
+        (ne, cw, "expert"),
+        cb_h,
+        "share · E",
+    );
+    swatch(&mut s, cx, cb_bottom + 14.0, "#000000", "dead");
+    s.finish(title, &desc)
+}
+
+/// The frame of a heatmap drawn at `(left, top)` with size `grid_w × grid_h`: its outline, row
+/// labels (`rows` = count, cell height, axis label) and column labels (`cols` likewise), at most 16
+/// of each, the axis labels, and the diverging colour bar to its right. Returns the colour bar's x.
+fn heatmap_frame(
+    s: &mut Svg,
+    id: &str,
+    (left, top, grid_w, grid_h): (f64, f64, f64, f64),
+    rows: (usize, f64, &str),
+    cols: (usize, f64, &str),
+    cb_h: f64,
+    cb_label: &str,
+) -> f64 {
     s.rect(
         left,
         top,
@@ -151,23 +176,23 @@ fn load_heatmap_titled(report: &HealthReport, id: &str, title: &str) -> String {
         "none",
         r##"stroke="#555555" stroke-width="0.8""##,
     );
-    let lstep = label_step(nl, 16);
-    for l in (0..nl).step_by(lstep) {
+    let (nr, rh, rlabel) = rows;
+    for r in (0..nr).step_by(label_step(nr, 16)) {
         s.text(
             left - 6.0,
-            top + (l as f64 + 0.5) * ch + 4.0,
-            &l.to_string(),
+            top + (r as f64 + 0.5) * rh + 4.0,
+            &r.to_string(),
             11.0,
             Anchor::End,
             r#"class="row-label""#,
         );
     }
-    let estep = label_step(ne, 16);
-    for e in (0..ne).step_by(estep) {
+    let (nc, cw, clabel) = cols;
+    for c in (0..nc).step_by(label_step(nc, 16)) {
         s.text(
-            left + (e as f64 + 0.5) * cw,
+            left + (c as f64 + 0.5) * cw,
             top + grid_h + 14.0,
-            &e.to_string(),
+            &c.to_string(),
             11.0,
             Anchor::Middle,
             r#"class="col-label""#,
@@ -176,25 +201,15 @@ fn load_heatmap_titled(report: &HealthReport, id: &str, title: &str) -> String {
     s.text(
         left + grid_w / 2.0,
         top + grid_h + 34.0,
-        "expert",
+        clabel,
         13.0,
         Anchor::Middle,
         r#"class="axis-label""#,
     );
-    ylabel(&mut s, left - 42.0, top + grid_h / 2.0, "layer");
+    ylabel(s, left - 42.0, top + grid_h / 2.0, rlabel);
     let cx = left + grid_w + 24.0;
-    diverging_colorbar(
-        &mut s,
-        id,
-        cx,
-        top + 14.0,
-        14.0,
-        cb_h,
-        &ratio_ticks(),
-        "share · E",
-    );
-    swatch(&mut s, cx, cb_bottom + 14.0, "#000000", "dead");
-    s.finish(title, &desc)
+    diverging_colorbar(s, id, cx, top + 14.0, 14.0, cb_h, &ratio_ticks(), cb_label);
+    cx
 }
 
 /// Co-activation heatmap of one layer as a standalone document: colour = log2(lift) clipped to
@@ -276,52 +291,13 @@ fn coactivation_heatmap_titled(
         }
     }
     s.raw("</g>");
-    s.rect(
-        left,
-        top,
-        side,
-        side,
-        "none",
-        r##"stroke="#555555" stroke-width="0.8""##,
-    );
-    let step = label_step(ne, 16);
-    for e in (0..ne).step_by(step) {
-        let mid = (e as f64 + 0.5) * cell;
-        s.text(
-            left - 6.0,
-            top + mid + 4.0,
-            &e.to_string(),
-            11.0,
-            Anchor::End,
-            r#"class="row-label""#,
-        );
-        s.text(
-            left + mid,
-            top + side + 14.0,
-            &e.to_string(),
-            11.0,
-            Anchor::Middle,
-            r#"class="col-label""#,
-        );
-    }
-    s.text(
-        left + side / 2.0,
-        top + side + 34.0,
-        "expert j",
-        13.0,
-        Anchor::Middle,
-        r#"class="axis-label""#,
-    );
-    ylabel(&mut s, left - 42.0, top + side / 2.0, "expert i");
-    let cx = left + side + 24.0;
-    diverging_colorbar(
+    let cx = heatmap_frame(
         &mut s,
         id,
-        cx,
-        top + 14.0,
-        14.0,
+        (left, top, side, side),
+        (ne, cell, "expert i"),
+        (ne, cell, "expert j"),
         cb_h,
-        &ratio_ticks(),
         "lift",
     );
     swatch(&mut s, cx, cb_bottom + 14.0, DIAGONAL_GREY, "diagonal");
