@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+mod common;
+use common::s;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-xray"))
@@ -14,10 +16,6 @@ fn bin() -> PathBuf {
 
 fn run(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The committed fixture model and prompt file every run here uses.

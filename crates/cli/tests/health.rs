@@ -2,22 +2,9 @@
 
 use moe_xray_test_support::fixture;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn moe_xray(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe-xray"))
-        .args(args)
-        .output()
-        .expect("run moe-xray")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Output;
+mod common;
+use common::{moe_xray, s, stderr};
 
 /// `moe-xray compare A B --reps 0 --fail-above T`: the drift guard alone, no bootstrap.
 fn compare_guard(a: &Path, b: &Path, fail_above: &str) -> Output {

@@ -6,6 +6,8 @@ use moe_xray_test_support::fixture;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+mod common;
+use common::{s, stderr};
 
 /// The binary under test; `MOE_XRAY_TEST_BIN` points the tests at another build (e.g. the
 /// pre-issue-14 one, to see that they catch what they are about).
@@ -15,16 +17,8 @@ fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_moe-xray")))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn moe(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn ok(o: &Output) {

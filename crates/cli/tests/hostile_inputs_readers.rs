@@ -4,17 +4,8 @@
 use moe_xray_test_support::repo_root;
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn moe_xray(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe-xray"))
-        .args(args)
-        .output()
-        .expect("run moe-xray")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{moe_xray, s};
 
 fn ok(o: &Output, what: &str) {
     assert!(

@@ -9,13 +9,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+mod common;
+use common::{s, stderr};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-xray"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A private copy of fixture model `name` in `dir`.
@@ -51,10 +49,6 @@ fn trace(model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Fails with a non-zero exit, without a panic or abort, and with a message containing `needles`.

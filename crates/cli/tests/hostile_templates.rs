@@ -12,13 +12,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+mod common;
+use common::s;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-xray"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A private copy of fixture model `olmoe-tiny-mha-f32` in `dir` whose chat template is `template`.

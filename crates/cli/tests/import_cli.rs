@@ -5,7 +5,9 @@
 
 use moe_xray_test_support::repo_root;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+mod common;
+use common::{moe_xray, s};
 
 fn fx(p: &str) -> String {
     repo_root()
@@ -22,13 +24,6 @@ fn health_run(r: &str) -> String {
         .to_string()
 }
 
-fn moe_xray(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe-xray"))
-        .args(args)
-        .output()
-        .expect("run moe-xray")
-}
-
 fn ok(args: &[&str]) -> Output {
     let o = moe_xray(args);
     assert!(
@@ -37,10 +32,6 @@ fn ok(args: &[&str]) -> Output {
         String::from_utf8_lossy(&o.stderr)
     );
     o
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn import_vllm_a(out: &Path) {

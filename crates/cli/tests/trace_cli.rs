@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+mod common;
+use common::s;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moe-xray"))
@@ -36,10 +38,6 @@ fn jsonl(p: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The fixture model `name`, the fixture prompt file and a fresh temporary directory.
