@@ -177,6 +177,9 @@ pub(crate) struct MoeAccumulator {
     x: Vec<f32>,
     /// The output so far, `[n_tok, hidden]`; every value representable in `dtype`.
     acc: Vec<f32>,
+    /// Round each routing weight to the compute dtype before the product (OLMoE, Qwen,
+    /// Granite); Mixtral and DeepSeek multiply by the f32 weight and round the product.
+    round_weights: bool,
 }
 
 impl MoeAccumulator {
@@ -199,6 +202,7 @@ impl MoeAccumulator {
             inter,
             x,
             acc: vec![0f32; n * hidden],
+            round_weights: true,
         })
     }
 
@@ -283,17 +287,24 @@ impl MoeAccumulator {
             targets.push(row);
             next = r as usize + 1;
         }
+        let round_weights = self.round_weights;
         y.par_chunks(h)
             .with_min_len(min_rows(h))
             .zip(targets.into_par_iter())
             .zip(ws.par_iter())
             .for_each(|((yr, a), &w)| {
-                let w = T::round(w);
+                let w = if round_weights { T::round(w) } else { w };
                 for (a, &v) in a.iter_mut().zip(yr) {
                     *a = T::round(*a + T::round(T::round(v) * w));
                 }
             });
         Ok(())
+    }
+
+    /// Whether routing weights are rounded to the compute dtype before the product (default).
+    pub(crate) fn round_weights(mut self, yes: bool) -> Self {
+        self.round_weights = yes;
+        self
     }
 
     /// The block's output `[n_tok, hidden]` in the compute dtype.

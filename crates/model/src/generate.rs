@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
-use crate::olmoe::{Olmoe, SeqState, StepSeq};
+use crate::model::{MoeModel, SeqState, StepSeq};
 
 /// Default number of prompt tokens per prefill step ([`GenerateOptions::prefill_chunk`]).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
@@ -238,7 +238,7 @@ struct Active {
 /// Runs all `prompts` together as one ragged batch: prefill, then decoding steps until each
 /// prompt is done. `on_done` is called for each prompt right after `sink.end_prompt`.
 pub fn generate_batch(
-    model: &Olmoe,
+    model: &MoeModel,
     prompts: &[PromptInput],
     opts: &GenerateOptions,
     sink: &mut dyn RoutingSink,
@@ -350,7 +350,7 @@ pub fn generate_batch(
 /// Runs prompts in consecutive batches of `batch_size` (results in input order through
 /// `on_done`, which is called as each prompt finishes).
 pub fn generate_all(
-    model: &Olmoe,
+    model: &MoeModel,
     prompts: &[PromptInput],
     batch_size: usize,
     opts: &GenerateOptions,

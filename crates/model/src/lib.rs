@@ -1,5 +1,6 @@
 //! MoE model execution with a routing-capture hook: loading Hugging Face checkpoint directories,
-//! the OLMoE forward pass on candle, generation, and synthetic checkpoints.
+//! one decoder forward pass on candle for every supported MoE family (`families/`), generation,
+//! and synthetic checkpoints.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![forbid(unsafe_code)]
 
@@ -7,9 +8,13 @@ pub mod chat;
 pub mod config;
 pub mod cpu_kernels;
 pub mod error;
+pub mod families;
 pub mod generate;
 pub mod limits;
-pub mod olmoe;
+pub mod model;
+pub mod rope;
+pub mod router;
 pub mod synth;
+pub mod table;
 pub mod tokenizer;
 pub mod weights;

@@ -220,6 +220,14 @@ impl WeightStore {
         self.entries.contains_key(name)
     }
 
+    /// The file a tensor is stored in.
+    pub fn path_of(&self, entry: &TensorEntry) -> PathBuf {
+        self.shards
+            .get(entry.file)
+            .map(|s| s.path.clone())
+            .unwrap_or_else(|| self.dir.clone())
+    }
+
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
         self.entries.get(name)
     }

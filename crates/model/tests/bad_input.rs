@@ -8,11 +8,11 @@ use common::{write_model, Collect, Spec};
 use moe_xray_model::config::OlmoeConfig;
 use moe_xray_model::error::ModelError;
 use moe_xray_model::generate::{generate_all, GenerateOptions, PromptInput};
-use moe_xray_model::olmoe::{LoadOptions, Olmoe};
+use moe_xray_model::model::{LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
 
 fn load_err(dir: &Path) -> String {
-    match Olmoe::load(dir, &LoadOptions::default()) {
+    match MoeModel::load(dir, &LoadOptions::default()) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -46,11 +46,12 @@ fn unknown_model_type_lists_supported() {
     let d = tempfile::tempdir().unwrap();
     write_model(d.path(), &Spec::default());
     edit_config(d.path(), |m| {
-        m.insert("model_type".into(), "mixtral".into());
+        m.insert("model_type".into(), "dbrx".into());
     });
     let e = load_err(d.path());
     assert!(
-        e.contains("\"mixtral\"") && e.contains("supported model types: olmoe"),
+        e.contains("\"dbrx\"")
+            && e.contains("supported model types: olmoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss, granitemoe"),
         "{e}"
     );
 }
@@ -62,11 +63,11 @@ fn unknown_rope_scaling_is_rejected_and_5x_form_is_read() {
     edit_config(d.path(), |m| {
         m.insert(
             "rope_scaling".into(),
-            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            serde_json::json!({"rope_type": "longrope", "factor": 4.0}),
         );
     });
     let e = load_err(d.path());
-    assert!(e.contains("yarn") && e.contains("unsupported"), "{e}");
+    assert!(e.contains("longrope") && e.contains("unsupported"), "{e}");
     let text = r#"{"model_type":"olmoe","vocab_size":10,"hidden_size":8,"intermediate_size":4,
         "num_hidden_layers":1,"num_attention_heads":2,"num_experts":4,"num_experts_per_tok":2,
         "rope_parameters":{"rope_type":"default","rope_theta":500000.0},"eos_token_id":[3,4]}"#;
@@ -113,7 +114,9 @@ fn shape_mismatch_names_tensor_expected_and_found() {
     });
     let e = load_err(d.path());
     assert!(
-        e.contains("shape mismatch") && e.contains("expected [12, 32], found [16, 32]"),
+        e.contains("shape mismatch")
+            && e.contains("model.layers.0.mlp.experts.0.down_proj.weight")
+            && e.contains("expected [32, 12], found [32, 16]"),
         "{e}"
     );
     assert!(e.contains("model.safetensors"), "{e}");
@@ -168,7 +171,7 @@ fn sharded_index_pointing_to_wrong_file_is_an_error() {
         serde_json::json!({"metadata": {}, "weight_map": wm}).to_string(),
     )
     .unwrap();
-    Olmoe::load(d.path(), &LoadOptions::default()).unwrap();
+    MoeModel::load(d.path(), &LoadOptions::default()).unwrap();
     wm.insert(
         "model.extra.weight".into(),
         "model-00001-of-00001.safetensors".into(),
@@ -190,7 +193,7 @@ fn sharded_index_pointing_to_wrong_file_is_an_error() {
 fn token_out_of_range_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     write_model(d.path(), &Spec::default());
-    let m = Olmoe::load(d.path(), &LoadOptions::default()).unwrap();
+    let m = MoeModel::load(d.path(), &LoadOptions::default()).unwrap();
     let p = vec![PromptInput {
         id: "bad".into(),
         category: None,

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use common::Collect;
 use moe_xray_model::generate::{generate_all, GenerateOptions, Generation, PromptInput};
-use moe_xray_model::olmoe::{LoadOptions, Olmoe, StepSeq};
+use moe_xray_model::model::{LoadOptions, MoeModel, StepSeq};
 use moe_xray_trace::TokenType;
 
 const MODELS: &[&str] = &[
@@ -84,7 +84,7 @@ fn bits(c: &Collect) -> Bits {
 }
 
 fn generate(
-    model: &Olmoe,
+    model: &MoeModel,
     ps: &[PromptInput],
     batch: usize,
     chunk: usize,
@@ -113,7 +113,7 @@ fn generate(
 fn chunked_generation_is_bit_identical_to_one_shot_prefill() {
     for name in MODELS {
         let dir = fixture("hf").join(name);
-        let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+        let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
         let ps = prompts(&dir);
         let longest = ps.iter().map(|p| p.tokens.len()).max().unwrap();
         assert!(longest > 40, "{name}: {longest}");
@@ -138,7 +138,7 @@ fn chunked_generation_is_bit_identical_to_one_shot_prefill() {
 fn chunked_prefill_logits_are_bit_identical() {
     for name in MODELS {
         let dir = fixture("hf").join(name);
-        let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+        let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
         let p = prompts(&dir).pop().unwrap();
         let run = |chunk: usize| -> (Vec<u32>, Vec<u32>) {
             let mut st = model.new_sequence("p");

@@ -7,11 +7,11 @@ use std::path::Path;
 
 use common::{write_model, Collect, Spec};
 use moe_xray_model::generate::{generate_all, GenerateOptions, Generation, PromptInput};
-use moe_xray_model::olmoe::{LoadOptions, Olmoe, StepSeq};
+use moe_xray_model::model::{LoadOptions, MoeModel, StepSeq};
 use moe_xray_trace::TokenType;
 
-fn load(dir: &Path) -> Olmoe {
-    Olmoe::load(dir, &LoadOptions::default()).unwrap()
+fn load(dir: &Path) -> MoeModel {
+    MoeModel::load(dir, &LoadOptions::default()).unwrap()
 }
 
 fn prompts() -> Vec<PromptInput> {
@@ -34,7 +34,7 @@ fn prompts() -> Vec<PromptInput> {
 }
 
 fn run(
-    model: &Olmoe,
+    model: &MoeModel,
     batch: usize,
     opts: &GenerateOptions,
     probs: bool,
@@ -469,7 +469,7 @@ fn mapped_and_copied_experts_agree_in_bf16_for_both_layouts() {
             },
         );
         let mapped = load(dir.path());
-        let copied = Olmoe::load(
+        let copied = MoeModel::load(
             dir.path(),
             &LoadOptions {
                 map_experts: false,
@@ -626,7 +626,7 @@ fn bf16_checkpoint_computed_in_f32_matches_f32_checkpoint_of_same_values() {
     common::write_safetensors(&a.path().join("model.safetensors"), &ts, false);
     common::write_safetensors(&b.path().join("model.safetensors"), &ts, true);
     let ma = load(a.path());
-    let mb = Olmoe::load(
+    let mb = MoeModel::load(
         b.path(),
         &LoadOptions {
             dtype: Some(candle_core::DType::F32),

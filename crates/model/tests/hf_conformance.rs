@@ -16,7 +16,7 @@ use common::Collect;
 use moe_xray_model::chat::{ChatTemplate, Message};
 use moe_xray_model::config::{eos_token_ids, GenerationDefaults, OlmoeConfig};
 use moe_xray_model::generate::{generate_all, GenerateOptions, PromptInput};
-use moe_xray_model::olmoe::{LoadOptions, Olmoe};
+use moe_xray_model::model::{LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -163,7 +163,7 @@ fn check_f32_chunked(name: &str, batch: usize, chunk: usize) {
     let dir = fixture("hf").join(name);
     let cfg = OlmoeConfig::from_dir(&dir).unwrap();
     let gen_cfg = GenerationDefaults::from_dir(&dir).unwrap();
-    let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(model.dtype(), candle_core::DType::F32);
     let gens = expected_generations(&dir);
     let opts = GenerateOptions {
@@ -250,7 +250,7 @@ fn f32_models_match_transformers_with_chunked_prefill() {
 fn bf16_model_matches_transformers_up_to_near_ties() {
     let name = "olmoe-tiny-bf16";
     let dir = fixture("hf").join(name);
-    let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(model.dtype(), candle_core::DType::BF16);
     let want = expected_trace(&dir);
     let mut sink = Collect::default();

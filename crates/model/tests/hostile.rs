@@ -15,7 +15,7 @@ use moe_xray_model::error::ModelError;
 use moe_xray_model::generate::{
     fit_context, generate_all, GenerateOptions, Generation, PromptInput, Truncate,
 };
-use moe_xray_model::olmoe::{LoadOptions, Olmoe};
+use moe_xray_model::model::{LoadOptions, MoeModel};
 use moe_xray_model::synth::SynthSpec;
 use moe_xray_model::weights::WeightStore;
 
@@ -28,7 +28,7 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_jso
 }
 
 fn load_err(dir: &Path) -> String {
-    match Olmoe::load(dir, &LoadOptions::default()) {
+    match MoeModel::load(dir, &LoadOptions::default()) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -221,7 +221,7 @@ fn generation_enforces_max_position_embeddings() {
     let d = tempfile::tempdir().unwrap();
     let s = Spec::default();
     write_model(d.path(), &s);
-    let model = Olmoe::load(d.path(), &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(d.path(), &LoadOptions::default()).unwrap();
     let max = model.config().max_position_embeddings;
     // 300 new tokens on a prompt of 10: more than the context (256).
     let opts = GenerateOptions {
@@ -321,7 +321,10 @@ fn poisoned(dir: &Path, name: &str, f: impl Fn(usize, f32) -> f32) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn run(model: &Olmoe, prompts: &[PromptInput]) -> (Collect, Vec<String>, Result<(), ModelError>) {
+fn run(
+    model: &MoeModel,
+    prompts: &[PromptInput],
+) -> (Collect, Vec<String>, Result<(), ModelError>) {
     let mut sink = Collect::default();
     let mut done = Vec::new();
     let opts = GenerateOptions {
@@ -340,7 +343,7 @@ fn run(model: &Olmoe, prompts: &[PromptInput]) -> (Collect, Vec<String>, Result<
 fn nan_router_weights_fail_with_layer_and_prompt() {
     let d = tempfile::tempdir().unwrap();
     let dir = poisoned(d.path(), "model.layers.1.mlp.gate.weight", |_, _| f32::NAN);
-    let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
     let (sink, done, r) = run(&model, &[prompt("first", 5, 96)]);
     let e = r.unwrap_err().to_string();
     assert!(
@@ -368,7 +371,7 @@ fn inf_embedding_fails_only_the_prompt_using_it() {
             v
         }
     });
-    let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
     let clean = PromptInput {
         id: "clean".into(),
         category: None,
@@ -403,7 +406,7 @@ fn inf_lm_head_fails_on_output_logits() {
             v
         }
     });
-    let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
     let (_, done, r) = run(&model, &[prompt("p", 4, 96)]);
     let e = r.unwrap_err().to_string();
     assert!(

@@ -1,7 +1,7 @@
 //! Synthetic checkpoints run through the project's own loader and forward pass.
 
 use moe_xray_model::generate::{generate_all, GenerateOptions, PromptInput};
-use moe_xray_model::olmoe::{LoadOptions, Olmoe};
+use moe_xray_model::model::{LoadOptions, MoeModel};
 use moe_xray_model::synth::{self, token_class, SynthDtype, SynthSpec};
 use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 
@@ -42,7 +42,7 @@ fn run(spec: &SynthSpec) -> (Keep, usize) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");
     synth::write_checkpoint(spec, &dir).unwrap();
-    let model = Olmoe::load(&dir, &LoadOptions::default()).unwrap();
+    let model = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let prompts: Vec<PromptInput> = TEXTS
         .iter()

@@ -23,7 +23,7 @@ use moe_xray_model::config::{eos_token_ids, GenerationDefaults, OlmoeConfig};
 use moe_xray_model::generate::{
     check_options, fit_context, generate_all, GenerateOptions, PromptInput, Sampling, Truncate,
 };
-use moe_xray_model::olmoe::{dtype_name, parse_dtype, LoadOptions, Olmoe};
+use moe_xray_model::model::{dtype_name, parse_dtype, LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
 use moe_xray_trace::{
     prompt_set_hash, read_prompts, CountsWriter, EventsWriter, GenerationLine, JsonlAppender,
@@ -334,6 +334,7 @@ impl PreparedTrace {
                 Mode::Events => "events".into(),
                 Mode::Counts => "counts".into(),
             },
+            routing: None,
             extra: [
                 (
                     "record_probs".to_string(),
@@ -600,10 +601,10 @@ pub fn fit_prompts(
 
 /// Loads the checkpoint with a compute dtype name (`None`: the stored one); returns the model and
 /// the load time in seconds.
-pub fn load_model(dir: &Path, dtype: Option<&str>) -> Result<(Olmoe, f64)> {
+pub fn load_model(dir: &Path, dtype: Option<&str>) -> Result<(MoeModel, f64)> {
     let dtype = dtype.map(parse_dtype).transpose()?;
     let t = Instant::now();
-    let model = Olmoe::load(
+    let model = MoeModel::load(
         dir,
         &LoadOptions {
             dtype,

@@ -15,14 +15,14 @@
 //! token selection and sink bookkeeping between steps count towards the wall time only).
 //!
 //! The decoding loop is written here instead of calling `generate::generate_all` because that
-//! function does not expose per-step timings; it uses the same public `Olmoe::forward` API.
+//! function does not expose per-step timings; it uses the same public `MoeModel::forward` API.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use moe_xray_model::config::OlmoeConfig;
-use moe_xray_model::olmoe::{dtype_name, Olmoe, StepSeq};
+use moe_xray_model::model::{dtype_name, MoeModel, StepSeq};
 use moe_xray_model::tokenizer::Tokenizer;
 use moe_xray_trace::sink::NullSink;
 use moe_xray_trace::{read_prompts, CountsWriter, EventsWriter, Prompt, RoutingSink, TokenType};
@@ -189,7 +189,7 @@ struct Seq {
 
 /// Runs the workload once through `sink` and times it.
 pub fn run_pass(
-    model: &Olmoe,
+    model: &MoeModel,
     seqs: &[(String, String, Vec<u32>)],
     batch_size: usize,
     max_new_tokens: usize,

@@ -258,7 +258,7 @@ pub fn write_model(dir: &Path, s: &Spec) {
 /// Runs `tokens` through a fresh sequence `id` in one forward step without a cache (teacher
 /// forcing), reporting every routing decision to `sink`.
 pub fn forward_once(
-    model: &moe_xray_model::olmoe::Olmoe,
+    model: &moe_xray_model::model::MoeModel,
     id: &str,
     tokens: &[u32],
     sink: &mut dyn RoutingSink,
@@ -266,7 +266,7 @@ pub fn forward_once(
     let mut st = model.new_sequence(id);
     model
         .forward(
-            &mut [moe_xray_model::olmoe::StepSeq {
+            &mut [moe_xray_model::model::StepSeq {
                 state: &mut st,
                 tokens,
                 token_type: moe_xray_trace::TokenType::Prompt,
