@@ -98,11 +98,12 @@ impl Linear {
 }
 
 /// transformers' `*RMSNorm`: normalise in f32, cast back, then multiply by the weight in the
-/// compute dtype.
+/// compute dtype — or, for GPT-OSS (whose norm weights stay f32), multiply in f32 and cast.
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    weight_f32: bool,
 }
 
 impl RmsNorm {
@@ -111,6 +112,10 @@ impl RmsNorm {
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (var + self.eps)?.sqrt()?.recip()?;
+        if self.weight_f32 {
+            let y = xf.broadcast_mul(&inv)?;
+            return Ok(y.broadcast_mul(&self.weight)?.to_dtype(dtype)?);
+        }
         let y = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
         Ok(y.broadcast_mul(&self.weight)?)
     }
@@ -393,10 +398,18 @@ impl MoeModel {
                 .unwrap_or_default()
         };
         let ld = |name: &str| store.load(name, &shape_of(name), Some(dtype), dev);
+        // GPT-OSS keeps its norm weights in f32 and multiplies before casting.
+        let norm_f32 = f == Family::GptOss;
         let norm_eps = |role: Role, eps: f64| -> Result<RmsNorm> {
+            let name = weight_name(f, role);
             Ok(RmsNorm {
-                weight: ld(&weight_name(f, role))?,
+                weight: if norm_f32 {
+                    store.load(&name, &shape_of(&name), Some(DType::F32), dev)?
+                } else {
+                    ld(&name)?
+                },
                 eps,
+                weight_f32: norm_f32,
             })
         };
         let norm = |role: Role| norm_eps(role, cfg.rms_norm_eps);
