@@ -20,7 +20,10 @@ pub const MAX_PERMUTATIONS: usize = 10_000_000;
 #[derive(Debug, Clone)]
 pub struct RunData {
     pub label: String,
+    /// Number of MoE layers (rows of each prompt's counts).
     pub num_layers: usize,
+    /// Decoder-layer index of each row (`0..num_layers` when every decoder layer is MoE).
+    pub layers: Vec<usize>,
     pub num_experts: usize,
     pub prompts: Vec<PromptLoad>,
 }
@@ -173,7 +176,20 @@ pub fn compare_runs(a: &RunData, b: &RunData, opts: &CompareOptions) -> Result<C
             a.label, a.num_layers, a.num_experts, b.label, b.num_layers, b.num_experts
         )));
     }
+    if a.layers != b.layers {
+        return Err(HealthError::Mismatch(format!(
+            "runs differ in their MoE layers: {} routes at decoder layers {:?}, {} at {:?} (compare needs the same layers)",
+            a.label, a.layers, b.label, b.layers
+        )));
+    }
     let (nl, ne) = (a.num_layers, a.num_experts);
+    if a.layers.len() != nl {
+        return Err(HealthError::InvalidInput(format!(
+            "{}: {} layer labels for {nl} layers",
+            a.label,
+            a.layers.len()
+        )));
+    }
     let le = moe_xray_trace::limits::check_dims(nl, ne, None)
         .map_err(|m| HealthError::InvalidInput(format!("{}: {m}", a.label)))?;
     if opts.reps > MAX_PERMUTATIONS {
@@ -208,10 +224,13 @@ pub fn compare_runs(a: &RunData, b: &RunData, opts: &CompareOptions) -> Result<C
             } else {
                 &b.label
             };
-            HealthError::InvalidInput(format!("{which}: layer {l} has no expert selections"))
+            HealthError::InvalidInput(format!(
+                "{which}: layer {} has no expert selections",
+                a.layers[l]
+            ))
         })?;
         per_layer.push(LayerJs {
-            layer: l,
+            layer: a.layers[l],
             js_bits: js,
             js_nats: js * std::f64::consts::LN_2,
         });
@@ -396,6 +415,7 @@ mod tests {
         RunData {
             label: label.into(),
             num_layers: 2,
+            layers: vec![0, 1],
             num_experts: ne,
             prompts,
         }

@@ -94,8 +94,13 @@ impl Moments {
 /// Accumulates routing health from records (per token) and counts lines (per prompt).
 #[derive(Debug, Clone)]
 pub struct HealthAccumulator {
+    /// Rows: the MoE layers (every decoder layer unless some are dense).
     num_layers: usize,
     num_experts: usize,
+    /// Decoder-layer index of each row.
+    layer_ids: Vec<usize>,
+    /// For each decoder layer its row, `None` for a dense layer.
+    row_of: Vec<Option<usize>>,
     opts: HealthOptions,
     load: Vec<f64>,
     tokens: Vec<u64>,
@@ -118,10 +123,49 @@ impl HealthAccumulator {
     /// Errors when the dimensions are zero or beyond `moe_xray_trace::limits` (nothing is
     /// allocated before they are checked).
     pub fn new(num_layers: usize, num_experts: usize, opts: HealthOptions) -> Result<Self> {
-        if num_layers == 0 || num_experts == 0 {
+        let all: Vec<u32> =
+            (0..num_layers.min(moe_xray_trace::limits::MAX_LAYERS) as u32).collect();
+        Self::with_layers(num_layers, &all, num_experts, opts)
+    }
+
+    /// An accumulator for a model of `decoder_layers` decoder layers of which `moe_layers`
+    /// (ascending, distinct, below `decoder_layers`, as the manifest's `routing.moe_layers`)
+    /// have a router; the others are dense and must not appear in the input. Rows, report
+    /// layers and per-prompt counts are the MoE layers in decoder order, labelled with their
+    /// decoder-layer index.
+    pub fn with_layers(
+        decoder_layers: usize,
+        moe_layers: &[u32],
+        num_experts: usize,
+        opts: HealthOptions,
+    ) -> Result<Self> {
+        if decoder_layers == 0 || num_experts == 0 {
             return Err(HealthError::InvalidInput(format!(
-                "need at least one layer and one expert (got {num_layers} layers, {num_experts} experts)"
+                "need at least one layer and one expert (got {decoder_layers} layers, {num_experts} experts)"
             )));
+        }
+        check_dims(decoder_layers, num_experts, None).map_err(HealthError::InvalidInput)?;
+        let mut row_of = vec![None; decoder_layers];
+        let mut prev = None;
+        for (row, &l) in moe_layers.iter().enumerate() {
+            let slot = row_of
+                .get_mut(l as usize)
+                .filter(|_| prev.is_none_or(|p| l > p));
+            match slot {
+                Some(s) => *s = Some(row),
+                None => {
+                    return Err(HealthError::InvalidInput(format!(
+                        "MoE layers must be ascending, distinct and below num_layers = {decoder_layers} (got {l})"
+                    )))
+                }
+            }
+            prev = Some(l);
+        }
+        let num_layers = moe_layers.len();
+        if num_layers == 0 {
+            return Err(HealthError::InvalidInput(
+                "need at least one MoE layer (every layer is dense)".into(),
+            ));
         }
         let le = check_dims(num_layers, num_experts, None).map_err(HealthError::InvalidInput)?;
         if !(opts.cold_fraction >= 0.0 && opts.cold_fraction.is_finite()) {
@@ -136,6 +180,8 @@ impl HealthAccumulator {
         Ok(HealthAccumulator {
             num_layers,
             num_experts,
+            layer_ids: moe_layers.iter().map(|&l| l as usize).collect(),
+            row_of,
             opts,
             load: vec![0.0; le],
             tokens: vec![0; num_layers],
@@ -153,8 +199,19 @@ impl HealthAccumulator {
         })
     }
 
+    /// Number of MoE layers (the rows of the load, of the per-prompt counts and of the report).
     pub fn num_layers(&self) -> usize {
         self.num_layers
+    }
+
+    /// Number of decoder layers (the range of `layer` in the input).
+    pub fn num_decoder_layers(&self) -> usize {
+        self.row_of.len()
+    }
+
+    /// Decoder-layer index of each row.
+    pub fn layer_ids(&self) -> &[usize] {
+        &self.layer_ids
     }
     pub fn num_experts(&self) -> usize {
         self.num_experts
@@ -195,10 +252,17 @@ impl HealthAccumulator {
     /// Adds one token at one layer. Errors (layer/expert out of range, repeated expert, wrong
     /// `probs` length) are returned as messages for the caller to attach file and line to.
     pub fn add_token(&mut self, t: &TokenRouting<'_>) -> std::result::Result<(), String> {
-        let (l_n, e_n) = (self.num_layers, self.num_experts);
-        if t.layer >= l_n {
-            return Err(format!("layer {} out of range (num_layers {l_n})", t.layer));
-        }
+        let (l_n, e_n) = (self.row_of.len(), self.num_experts);
+        let row = match self.row_of.get(t.layer) {
+            None => return Err(format!("layer {} out of range (num_layers {l_n})", t.layer)),
+            Some(None) => {
+                return Err(format!(
+                    "layer {} is a dense layer (routing.dense_layers in the manifest): dense layers have no router and no routing records",
+                    t.layer
+                ))
+            }
+            Some(Some(r)) => *r,
+        };
         if let Some(&x) = t.experts.iter().find(|&&x| x as usize >= e_n) {
             return Err(format!("expert {x} out of range (num_experts {e_n})"));
         }
@@ -224,13 +288,13 @@ impl HealthAccumulator {
         }
         let slot = self.prompt_slot(t.prompt_id, t.category)?;
         self.per_token_records += 1;
-        self.tokens[t.layer] = self.tokens[t.layer].saturating_add(1);
-        let base = t.layer * e_n;
+        self.tokens[row] = self.tokens[row].saturating_add(1);
+        let base = row * e_n;
         for &x in t.experts {
             self.load[base + x as usize] += 1.0;
         }
         if !self.coact_too_large {
-            let cbase = t.layer * e_n * e_n;
+            let cbase = row * e_n * e_n;
             for &i in t.experts {
                 let row = cbase + i as usize * e_n;
                 for &j in t.experts {
@@ -246,9 +310,9 @@ impl HealthAccumulator {
         }
         if let Some(p) = t.probs {
             let (h, margin) = router_entropy_and_margin(p, k, &mut self.scratch);
-            self.entropy[t.layer].push(h);
+            self.entropy[row].push(h);
             if let Some(m) = margin {
-                self.margin[t.layer].push(m);
+                self.margin[row].push(m);
             }
         }
         Ok(())
@@ -265,28 +329,42 @@ impl HealthAccumulator {
         counts: &[u64],
         tokens: u64,
     ) -> std::result::Result<(), String> {
-        let le = self.num_layers * self.num_experts;
+        let e_n = self.num_experts;
+        let le = self.row_of.len() * e_n;
         if counts.len() != le {
             return Err(format!(
                 "`counts` has {} entries, expected num_layers × num_experts = {le}",
                 counts.len()
             ));
         }
+        // Rows of decoder layers: a dense layer's must be zero, the others are the MoE rows.
+        for (l, row) in self.row_of.iter().enumerate() {
+            if row.is_none() && counts[l * e_n..(l + 1) * e_n].iter().any(|&c| c != 0) {
+                return Err(format!(
+                    "layer {l} is a dense layer (routing.dense_layers in the manifest) but has non-zero counts"
+                ));
+            }
+        }
         if !self.wants(token_type) {
             return Ok(());
         }
         let slot = self.prompt_slot(prompt_id, category)?;
         self.counts_lines += 1;
-        for (a, &c) in self.load.iter_mut().zip(counts) {
-            *a += c as f64;
+        for (l, row) in self.row_of.iter().enumerate() {
+            let Some(r) = *row else { continue };
+            let src = &counts[l * e_n..(l + 1) * e_n];
+            for (a, &c) in self.load[r * e_n..(r + 1) * e_n].iter_mut().zip(src) {
+                *a += c as f64;
+            }
+            if let Some(slot) = slot {
+                let dst = &mut self.prompts[slot].counts[r * e_n..(r + 1) * e_n];
+                for (a, &c) in dst.iter_mut().zip(src) {
+                    *a += c as f64;
+                }
+            }
         }
         for t in &mut self.tokens {
             *t = t.saturating_add(tokens);
-        }
-        if let Some(slot) = slot {
-            for (a, &c) in self.prompts[slot].counts.iter_mut().zip(counts) {
-                *a += c as f64;
-            }
         }
         Ok(())
     }
@@ -363,7 +441,7 @@ impl HealthAccumulator {
                 )
             });
             layers.push(LayerHealth {
-                layer: l,
+                layer: self.layer_ids[l],
                 tokens: self.tokens[l],
                 selections: total,
                 normalized_entropy: metrics::normalized_entropy(load),

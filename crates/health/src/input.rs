@@ -165,7 +165,24 @@ pub fn accumulate_run(
         Some(d) => d,
         None => run_dims(run)?,
     };
-    let mut acc = HealthAccumulator::new(nl, ne, opts)?;
+    let mut acc = match run
+        .manifest
+        .as_ref()
+        .and_then(|m| m.routing.as_ref().map(|r| (m, r)))
+    {
+        // The manifest's routing block: records only at its MoE layers, rows labelled with the
+        // decoder-layer index.
+        Some((m, r)) => {
+            if nl != m.num_layers {
+                return Err(HealthError::InvalidInput(format!(
+                    "{}: the given num_layers = {nl} differs from num_layers = {} in manifest.json, whose routing block lists the MoE layers of its decoder layers",
+                    run.label, m.num_layers
+                )));
+            }
+            HealthAccumulator::with_layers(nl, &r.moe_layers, ne, opts)?
+        }
+        None => HealthAccumulator::new(nl, ne, opts)?,
+    };
     for p in &run.paths {
         accumulate_file(&mut acc, p)?;
     }
@@ -179,7 +196,7 @@ type EventKey = (String, Option<String>, u32, u32, TokenType);
 /// Streams one trace file into `acc`; every error names the file and line.
 pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
     let reader =
-        TraceReader::open(path)?.with_dims(Some(acc.num_layers()), Some(acc.num_experts()));
+        TraceReader::open(path)?.with_dims(Some(acc.num_decoder_layers()), Some(acc.num_experts()));
     let mut pending: Option<(EventKey, usize)> = None;
     let mut experts: Vec<u32> = Vec::new();
     let flush = |acc: &mut HealthAccumulator,
@@ -213,7 +230,7 @@ pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
                 })
                 .map_err(|m| HealthError::invalid(path, line, m))?,
             TraceItem::Counts(c) => {
-                if (c.num_layers, c.num_experts) != (acc.num_layers(), acc.num_experts()) {
+                if (c.num_layers, c.num_experts) != (acc.num_decoder_layers(), acc.num_experts()) {
                     return Err(HealthError::invalid(
                         path,
                         line,
@@ -221,7 +238,7 @@ pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
                             "counts line is {}x{} but the run is {}x{} (layers x experts)",
                             c.num_layers,
                             c.num_experts,
-                            acc.num_layers(),
+                            acc.num_decoder_layers(),
                             acc.num_experts()
                         ),
                     ));
@@ -272,6 +289,7 @@ pub fn read_run_data(path: &Path, opts: &HealthOptions) -> Result<crate::compare
     Ok(crate::compare::RunData {
         label: run.label,
         num_layers: acc.num_layers(),
+        layers: acc.layer_ids().to_vec(),
         num_experts: acc.num_experts(),
         prompts: acc.into_prompts(),
     })

@@ -151,8 +151,8 @@ pub fn load_csv(r: &HealthReport) -> String {
 pub fn coactivation_csv(acc: &HealthAccumulator) -> Option<String> {
     let e = acc.num_experts();
     let mut s = String::from("layer,i,j,count\n");
-    for l in 0..acc.num_layers() {
-        let c = acc.coactivation(l)?;
+    for (row, &l) in acc.layer_ids().iter().enumerate() {
+        let c = acc.coactivation(row)?;
         for i in 0..e {
             for j in 0..e {
                 let _ = writeln!(s, "{l},{i},{j},{}", c[i * e + j]);

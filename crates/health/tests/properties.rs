@@ -76,7 +76,7 @@ proptest! {
             prompt_id: format!("p{i}"), category: Some(format!("c{}", i % 2)),
             counts: c.iter().map(|&x| f64::from(x)).collect(),
         }).collect();
-        let run = |label: &str| RunData { label: label.into(), num_layers: 2, num_experts: 4, prompts: prompts.clone() };
+        let run = |label: &str| RunData { label: label.into(), num_layers: 2, layers: vec![0, 1], num_experts: 4, prompts: prompts.clone() };
         let r = compare_runs(&run("A"), &run("B"), &CompareOptions { reps: 20, seed: 0, fail_above: Some(0.0) }).unwrap();
         prop_assert!(r.max_js_bits.abs() < 1e-12);
         prop_assert_eq!(r.exceeded, Some(false));

@@ -473,6 +473,7 @@ impl Staged {
             prompt_set_hash: None,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             capture_mode: if counts { "counts" } else { "events" }.to_string(),
+            routing: None,
             extra,
         };
         manifest.write(

@@ -166,15 +166,13 @@ pub fn inferred_warning(
     ))
 }
 
-/// Runs the analysis and returns its outputs (no file written). Shows the step and the prompts
-/// read so far on `progress`; a warning goes there too when the dimensions are inferred from
-/// per-token data.
-pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs> {
-    let Some(first) = opts.traces.first().cloned() else {
-        invalid!("no trace files given");
-    };
-    let types = opts.token_types.clone();
-    if types.is_empty() {
+/// How the traces of `opts` are aggregated into per-prompt counts (dimensions given by the user,
+/// then by the manifest beside `first`; categories from the prompt file), and that manifest.
+fn aggregate_options(
+    opts: &AnalyzeOptions,
+    first: &Path,
+) -> Result<(AggregateOptions, Option<moe_xray_trace::Manifest>)> {
+    if opts.token_types.is_empty() {
         invalid!("--token-types: empty list");
     }
     let (nl, ne, mut k) = given_dims(
@@ -183,7 +181,7 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
         opts.num_experts,
         opts.top_k,
     )?;
-    let manifest = read_manifest_beside(&first)?;
+    let manifest = read_manifest_beside(first)?;
     if let Some(m) = &manifest {
         k = k.or(Some(m.top_k));
     }
@@ -197,13 +195,99 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
         None => None,
     };
     let agg = AggregateOptions {
-        token_types: types.clone(),
+        token_types: opts.token_types.clone(),
         weighted: opts.weighted,
         num_layers: nl,
         num_experts: ne,
         top_k: k,
         categories,
     };
+    Ok((agg, manifest))
+}
+
+/// The routing signatures of [`analyze`] without any statistic: one row per prompt kept, in
+/// first-appearance order (prompts with a zero-total layer are dropped, as `analyze` drops
+/// them), as `signatures.csv` holds them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignatureTable {
+    /// L (MoE layers).
+    pub num_layers: usize,
+    /// E.
+    pub num_experts: usize,
+    /// Decoder-layer index of each signature layer (the `l` of the `l{l}_e{e}` columns).
+    pub layers: Vec<usize>,
+    /// Kept prompts.
+    pub prompt_ids: Vec<String>,
+    /// Category of each kept prompt (from the traces or the prompt file), if known.
+    pub categories: Vec<Option<String>>,
+    /// N × (L·E) signatures, row-major, layer-major within a row.
+    pub signatures: Vec<f64>,
+    /// Prompts left out and why.
+    pub dropped: Vec<moe_xray_stats::input::DroppedPrompt>,
+}
+
+/// Reads the traces of `opts` as [`analyze`] does (the same options: dimensions, token types,
+/// `weighted`, categories) and returns their routing signatures; no statistic is computed.
+pub fn signature_table(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<SignatureTable> {
+    let Some(first) = opts.traces.first().cloned() else {
+        invalid!("no trace files given");
+    };
+    let (agg, _) = aggregate_options(opts, &first)?;
+    let mut prompt_ids = Vec::new();
+    let mut categories = Vec::new();
+    let mut signatures = Vec::new();
+    let mut dropped = Vec::new();
+    let info = for_each_prompt_counts_info(&opts.traces, &agg, |p| {
+        let l = p.tokens_per_layer.len();
+        let e = p.counts.len() / l.max(1);
+        let row = PromptRow {
+            prompt_id: p.prompt_id,
+            category: p.category,
+            counts: p.counts,
+            tokens_per_layer: p.tokens_per_layer,
+        };
+        moe_xray_stats::input::check_row(&row, l, e).map_err(|err| TraceError::InvalidFile {
+            path: first.clone(),
+            message: err.to_string(),
+        })?;
+        if let Some(layer) = moe_xray_stats::input::empty_layer(&row.counts, l, e) {
+            dropped.push(moe_xray_stats::input::DroppedPrompt {
+                prompt_id: row.prompt_id,
+                reason: format!("no selected tokens at layer {layer} (zero total count)"),
+            });
+            return Ok(());
+        }
+        let mut counts = row.counts;
+        moe_xray_stats::signature::signature_in_place(&mut counts, l, e);
+        prompt_ids.push(row.prompt_id);
+        categories.push(row.category);
+        signatures.extend_from_slice(&counts);
+        if prompt_ids.len().is_multiple_of(1024) {
+            progress.step(&format!("signatures: read {} prompts", prompt_ids.len()));
+        }
+        Ok(())
+    })?;
+    Ok(SignatureTable {
+        num_layers: info.num_layers,
+        num_experts: info.num_experts,
+        layers: info.layers.iter().map(|&d| d as usize).collect(),
+        prompt_ids,
+        categories,
+        signatures,
+        dropped,
+    })
+}
+
+/// Runs the analysis and returns its outputs (no file written). Shows the step and the prompts
+/// read so far on `progress`; a warning goes there too when the dimensions are inferred from
+/// per-token data.
+pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs> {
+    let Some(first) = opts.traces.first().cloned() else {
+        invalid!("no trace files given");
+    };
+    let types = opts.token_types.clone();
+    let (agg, manifest) = aggregate_options(opts, &first)?;
+    let (nl, ne, k) = (agg.num_layers, agg.num_experts, agg.top_k);
     let choice = opts.path;
     let mut collector: Option<Collector> = None;
     let mut stats_err: Option<moe_xray_stats::StatsError> = None;
@@ -259,6 +343,14 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
     ));
     // Weighted counts cannot reveal k; take it from the data as the unweighted path does.
     let k = if opts.weighted { k.or(info.top_k) } else { k };
+    // Signature layer l is decoder layer info.layers[l] (dense layers have no router and are
+    // left out). Only when some layer is dense do the two differ and `moe_layers` is written.
+    let identity = info
+        .layers
+        .iter()
+        .enumerate()
+        .all(|(i, &d)| d as usize == i);
+    let layers = (!identity).then(|| info.layers.iter().map(|&d| d as usize).collect::<Vec<_>>());
     let collector = collector.unwrap_or_else(|| Collector::new(l, e, choice));
     let stats_opts = moe_xray_stats::AnalyzeOptions {
         reps: opts.reps,
@@ -281,6 +373,7 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
         path: choice,
         skip_tsne: opts.no_tsne,
         skip_classifier: opts.no_classifier,
+        layers,
         ..moe_xray_stats::AnalyzeOptions::default()
     };
     collector
@@ -296,11 +389,17 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// `signatures.csv`: prompt_id, category, then one column per (layer, expert), `l{l}_e{e}`.
+/// `signatures.csv`: prompt_id, category, then one column per (layer, expert), `l{l}_e{e}`, with
+/// l the decoder-layer index (`moe_layers` of the results when some layers are dense).
 pub fn signatures_csv(r: &AnalysisResults, sig: &[f64], categories: &[String]) -> String {
     let d = r.num_layers * r.num_experts;
     let mut s = String::from("prompt_id,category");
-    for l in 0..r.num_layers {
+    for row in 0..r.num_layers {
+        let l = r
+            .moe_layers
+            .as_ref()
+            .and_then(|m| m.get(row).copied())
+            .unwrap_or(row);
         for e in 0..r.num_experts {
             let _ = write!(s, ",l{l}_e{e}");
         }

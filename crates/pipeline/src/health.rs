@@ -84,11 +84,18 @@ pub fn health(opts: &HealthRunOptions, progress: &dyn Progress) -> Result<Health
     let dims = resolve_dims(&run, &opts.dims, progress)?;
     let acc = accumulate_run(&run, Some(dims), hopts)?;
     let report = acc.report();
-    if opts.layer >= report.num_layers {
+    if !report.layers.iter().any(|l| l.layer == opts.layer) {
+        if opts.layer < acc.num_decoder_layers() {
+            invalid!(
+                "--layer {} is a dense layer (no router; the MoE layers are {:?})",
+                opts.layer,
+                acc.layer_ids()
+            );
+        }
         invalid!(
             "--layer {} is out of range (the traces have {} layers)",
             opts.layer,
-            report.num_layers
+            acc.num_decoder_layers()
         );
     }
     let mi = match &opts.mi {
@@ -138,17 +145,18 @@ impl HealthOutputs {
         Ok(())
     }
 
-    /// Adds `load_heatmap.svg` and `coactivation_layer<layer>.svg` in `dir` to `batch`; returns
-    /// false when there is no co-activation heatmap (counts input has no co-activation).
+    /// Adds `load_heatmap.svg` and `coactivation_layer<layer>.svg` in `dir` to `batch` (`layer`
+    /// is a decoder-layer index); returns false when there is no co-activation heatmap (counts
+    /// input has no co-activation, or `layer` is not an MoE layer).
     pub fn stage_svg(&self, dir: &Path, layer: usize, batch: &mut Batch) -> Result<bool> {
         batch.add(
             dir.join("load_heatmap.svg"),
             health_figures::load_heatmap(&self.report),
         )?;
-        match self
-            .acc
-            .coactivation(layer)
-            .and_then(|c| health_figures::coactivation_heatmap(&self.report, c, layer))
+        let row = self.acc.layer_ids().iter().position(|&l| l == layer);
+        match row
+            .and_then(|r| self.acc.coactivation(r).map(|c| (r, c)))
+            .and_then(|(r, c)| health_figures::coactivation_heatmap(&self.report, c, r))
         {
             Some(s) => {
                 batch.add(dir.join(format!("coactivation_layer{layer}.svg")), s)?;
@@ -227,6 +235,7 @@ pub fn read_run(
     Ok(moe_xray_health::compare::RunData {
         label: run.label,
         num_layers: acc.num_layers(),
+        layers: acc.layer_ids().to_vec(),
         num_experts: acc.num_experts(),
         prompts: acc.into_prompts(),
     })

@@ -890,10 +890,16 @@ fn fig_usage(r: &Results, usage: Option<&CategoryUsage>) -> Figure {
             r##"stroke="#555555" stroke-width="0.8""##,
         );
         for li in (0..l).step_by(lstep) {
+            // the decoder-layer index (rows are the MoE layers when some layers are dense)
+            let label = r
+                .moe_layers
+                .as_ref()
+                .and_then(|m| m.get(li).copied())
+                .unwrap_or(li);
             s.text(
                 px - 4.0,
                 py + (li as f64 + 0.5) * ch + 4.0,
-                &li.to_string(),
+                &label.to_string(),
                 10.0,
                 Anchor::End,
                 "",

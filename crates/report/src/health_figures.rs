@@ -123,8 +123,8 @@ fn load_heatmap_titled(report: &HealthReport, id: &str, title: &str) -> String {
     let mut s = Svg::new(id, FIG_WIDTH, height);
     s.title(title);
     s.raw(r#"<g class="cells">"#);
-    for layer in &report.layers {
-        let y = top + ch * layer.layer as f64;
+    for (row, layer) in report.layers.iter().enumerate() {
+        let y = top + ch * row as f64;
         for (e, (&share, &load)) in layer.share.iter().zip(&layer.load).enumerate() {
             let fill = if load == 0.0 {
                 "#000000".to_string()
@@ -143,11 +143,12 @@ fn load_heatmap_titled(report: &HealthReport, id: &str, title: &str) -> String {
         }
     }
     s.raw("</g>");
+    let labels: Vec<usize> = report.layers.iter().map(|l| l.layer).collect();
     let cx = heatmap_frame(
         &mut s,
         id,
         (left, top, grid_w, grid_h),
-        (nl, ch, "layer"),
+        (nl, ch, "layer", Some(&labels)),
         (ne, cw, "expert"),
         cb_h,
         "share · E",
@@ -157,13 +158,14 @@ fn load_heatmap_titled(report: &HealthReport, id: &str, title: &str) -> String {
 }
 
 /// The frame of a heatmap drawn at `(left, top)` with size `grid_w × grid_h`: its outline, row
-/// labels (`rows` = count, cell height, axis label) and column labels (`cols` likewise), at most 16
+/// labels (`rows` = count, cell height, axis label, label of each row when not its index) and
+/// column labels (`cols` = count, cell height, axis label), at most 16
 /// of each, the axis labels, and the diverging colour bar to its right. Returns the colour bar's x.
 fn heatmap_frame(
     s: &mut Svg,
     id: &str,
     (left, top, grid_w, grid_h): (f64, f64, f64, f64),
-    rows: (usize, f64, &str),
+    rows: (usize, f64, &str, Option<&[usize]>),
     cols: (usize, f64, &str),
     cb_h: f64,
     cb_label: &str,
@@ -176,12 +178,13 @@ fn heatmap_frame(
         "none",
         r##"stroke="#555555" stroke-width="0.8""##,
     );
-    let (nr, rh, rlabel) = rows;
+    let (nr, rh, rlabel, names) = rows;
     for r in (0..nr).step_by(label_step(nr, 16)) {
+        let name = names.and_then(|n| n.get(r).copied()).unwrap_or(r);
         s.text(
             left - 6.0,
             top + (r as f64 + 0.5) * rh + 4.0,
-            &r.to_string(),
+            &name.to_string(),
             11.0,
             Anchor::End,
             r#"class="row-label""#,
@@ -214,12 +217,14 @@ fn heatmap_frame(
 
 /// Co-activation heatmap of one layer as a standalone document: colour = log2(lift) clipped to
 /// ±2, lift = observed / expected pair count (see `docs/health.md`); the diagonal is grey.
-/// `None` when `coact` is not an E × E matrix or the layer is out of range or empty.
-pub fn coactivation_heatmap(report: &HealthReport, coact: &[u64], layer: usize) -> Option<String> {
+/// `None` when `coact` is not an E × E matrix or the layer is out of range or empty. `row` is the
+/// layer's row in `report.layers` (ids and titles name its decoder-layer index).
+pub fn coactivation_heatmap(report: &HealthReport, coact: &[u64], row: usize) -> Option<String> {
+    let layer = report.layers.get(row)?.layer;
     coactivation_heatmap_titled(
         report,
         coact,
-        layer,
+        row,
         &coactivation_id(layer),
         &coactivation_title(layer),
     )
@@ -228,12 +233,13 @@ pub fn coactivation_heatmap(report: &HealthReport, coact: &[u64], layer: usize) 
 fn coactivation_heatmap_titled(
     report: &HealthReport,
     coact: &[u64],
-    layer: usize,
+    row: usize,
     id: &str,
     title: &str,
 ) -> Option<String> {
     let ne = report.num_experts;
-    let lh = report.layers.get(layer)?;
+    let lh = report.layers.get(row)?;
+    let layer = lh.layer;
     if Some(coact.len()) != ne.checked_mul(ne) || lh.tokens == 0 || lh.load.len() != ne {
         return None;
     }
@@ -295,7 +301,7 @@ fn coactivation_heatmap_titled(
         &mut s,
         id,
         (left, top, side, side),
-        (ne, cell, "expert i"),
+        (ne, cell, "expert i", None),
         (ne, cell, "expert j"),
         cb_h,
         "lift",
@@ -391,9 +397,11 @@ pub fn js_bars(report: &CompareReport) -> String {
 }
 
 /// The routing-health figures of the report, numbered after the study's figures: the load
-/// heatmap and the co-activation heatmap of `layer` (unavailable, with the reason, for
-/// counts-mode input or an out-of-range layer).
-pub fn report_figures(acc: &HealthAccumulator, report: &HealthReport, layer: usize) -> Vec<Figure> {
+/// heatmap and the co-activation heatmap of row `row` of `report.layers` (named by its
+/// decoder-layer index; unavailable, with the reason, for counts-mode input or an out-of-range
+/// row).
+pub fn report_figures(acc: &HealthAccumulator, report: &HealthReport, row: usize) -> Vec<Figure> {
+    let layer = report.layers.get(row).map_or(row, |l| l.layer);
     let n = NUM_STUDY_FIGURES + 1;
     let title = format!("Figure {n}. Expert load by layer");
     let caption = format!(
@@ -414,8 +422,8 @@ pub fn report_figures(acc: &HealthAccumulator, report: &HealthReport, layer: usi
     let title = format!("Figure {}. Expert co-activation at layer {layer}", n + 1);
     let caption = "log2 lift of each expert pair: tokens selecting both experts over the count expected if they were selected independently at their observed rates, clipped to ±2 (blue = together more often, orange = less often; diagonal grey). Under uniform random top-k routing every pair has lift (k−1)E / (k(E−1)) < 1.";
     let co = acc
-        .coactivation(layer)
-        .and_then(|c| coactivation_heatmap_titled(report, c, layer, &id, &title));
+        .coactivation(row)
+        .and_then(|c| coactivation_heatmap_titled(report, c, row, &id, &title));
     let co = match co {
         Some(svg) => Figure {
             id,

@@ -189,8 +189,19 @@ fn headline(r: &Results) -> String {
             dropped
         ),
         &format!(
-            "{} layers × {} experts, top-k = {}; categories: {}",
+            "{} layers{} × {} experts, top-k = {}; categories: {}",
             r.num_layers,
+            // with dense layers: which decoder layers the signatures come from
+            r.moe_layers
+                .as_ref()
+                .map(|m| format!(
+                    " (MoE layers: decoder layers {})",
+                    m.iter()
+                        .map(|l| l.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .unwrap_or_default(),
             r.num_experts,
             r.top_k,
             r.categories

@@ -77,6 +77,10 @@ pub struct AnalyzeOptions {
     pub skip_tsne: bool,
     /// Skip the classifier and its tests.
     pub skip_classifier: bool,
+    /// Decoder-layer index of each signature layer (the manifest's `routing.moe_layers` when
+    /// some layers are dense), or `None` when signature layer l is decoder layer l. Written as `moe_layers` and used as the
+    /// `per_layer[].layer` labels; must have one entry per layer.
+    pub layers: Option<Vec<usize>>,
 }
 
 impl Default for AnalyzeOptions {
@@ -97,6 +101,7 @@ impl Default for AnalyzeOptions {
             path: PathChoice::default(),
             skip_tsne: false,
             skip_classifier: false,
+            layers: None,
         }
     }
 }
@@ -155,6 +160,14 @@ struct AllPromptSections {
 
 /// Assembles `results.json`; the header is built here and only here.
 fn assemble(opts: &AnalyzeOptions, c: Common, s: AllPromptSections) -> AnalysisResults {
+    let mut per_layer = c.per_layer;
+    if let Some(labels) = &opts.layers {
+        for p in &mut per_layer {
+            if let Some(&d) = labels.get(p.layer) {
+                p.layer = d;
+            }
+        }
+    }
     AnalysisResults {
         schema_version: SCHEMA_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -173,6 +186,7 @@ fn assemble(opts: &AnalyzeOptions, c: Common, s: AllPromptSections) -> AnalysisR
         },
         num_prompts: c.prompt_ids.len(),
         num_layers: c.num_layers,
+        moe_layers: opts.layers.clone(),
         num_experts: c.num_experts,
         top_k: c.top_k,
         categories: c.categories,
@@ -181,7 +195,7 @@ fn assemble(opts: &AnalyzeOptions, c: Common, s: AllPromptSections) -> AnalysisR
         path: c.path,
         similarity: c.similarity,
         category_similarity_matrix: c.category_similarity_matrix,
-        per_layer: c.per_layer,
+        per_layer,
         baselines: s.baselines,
         significance: s.significance,
         pca: s.pca,

@@ -35,8 +35,14 @@ pub struct AnalysisResults {
     pub settings: Settings,
     /// N: prompts analysed (after dropping).
     pub num_prompts: usize,
-    /// L: MoE layers.
+    /// L: MoE layers (the layers of the signatures).
     pub num_layers: usize,
+    /// Decoder-layer index of each of the `num_layers` signature layers, ascending, when some
+    /// decoder layers are dense (no router; the manifest's `routing.dense_layers`); absent when
+    /// every decoder layer is an MoE layer and signature layer l is decoder layer l.
+    /// `per_layer[].layer` is the decoder-layer index either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_layers: Option<Vec<usize>>,
     /// E: experts per layer.
     pub num_experts: usize,
     /// k: experts selected per token (0 when unknown, only possible on the `gram_sums` path).

@@ -48,21 +48,28 @@ impl Default for AggregateOptions {
     }
 }
 
-/// Counts of one prompt.
+/// Counts of one prompt. Rows are the MoE layers in decoder order (every decoder layer when the
+/// manifest has no `routing` block); [`CountsTable::layers`] / [`StreamInfo::layers`] give
+/// the decoder-layer index of each row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptCounts {
     pub prompt_id: String,
     pub category: Option<String>,
-    /// L*E, layer-major (`l * E + e`): selections (or summed weights) of expert e at layer l.
+    /// L*E, layer-major (`l * E + e`): selections (or summed weights) of expert e at row l.
     pub counts: Vec<f64>,
-    /// L entries: number of selected tokens with a routing decision at each layer.
+    /// L entries: number of selected tokens with a routing decision at each row.
     pub tokens_per_layer: Vec<u64>,
 }
 
 /// Counts of all prompts of a set of trace files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CountsTable {
+    /// Number of rows L' of each prompt's counts: the MoE layers (all decoder layers when the
+    /// manifest has no `routing` block).
     pub num_layers: usize,
+    /// Decoder-layer index of each row (`num_layers` entries, ascending; `0..num_layers` when
+    /// every decoder layer is an MoE layer).
+    pub layers: Vec<u32>,
     pub num_experts: usize,
     pub top_k: Option<usize>,
     /// In order of first appearance; prompts without selected tokens are kept with zero counts.
@@ -204,6 +211,9 @@ struct State<'a> {
     probs_len: Option<usize>,
     form: Option<(TraceForm, usize)>,
     manifest: Option<Manifest>,
+    /// From the manifest's `routing` block: for each decoder layer its MoE row (`None`: dense),
+    /// and the manifest's path for messages. `None`: every layer is an MoE layer.
+    layout: Option<(Vec<Option<usize>>, String)>,
 }
 
 impl<'a> State<'a> {
@@ -243,6 +253,18 @@ impl<'a> State<'a> {
                                 ),
                             ));
                         }
+                        let moe = |m: &Manifest| m.routing.as_ref().map(|r| r.moe_layers.clone());
+                        if moe(m0) != moe(&m) {
+                            return Err(TraceError::invalid_file(
+                                &mp,
+                                format!(
+                                    "routing.moe_layers {:?} differ from {} ({:?})",
+                                    m.moe_layers(),
+                                    p0.display(),
+                                    m0.moe_layers()
+                                ),
+                            ));
+                        }
                     }
                 }
             }
@@ -264,7 +286,7 @@ impl<'a> State<'a> {
             (Some(k), _) => Some((k, "the given top_k".to_string())),
             (None, Some(m)) => Some((
                 m.top_k,
-                format!("top_k in {}", manifest_path.unwrap_or_default()),
+                format!("top_k in {}", manifest_path.clone().unwrap_or_default()),
             )),
             _ => None,
         };
@@ -279,6 +301,24 @@ impl<'a> State<'a> {
         if let (Some(l), Some(e)) = (num_layers, num_experts) {
             check_dims(l, e, None).map_err(|m| TraceError::invalid_file(&paths[0], m))?;
         }
+        let mut layout = None;
+        if let Some((m, r)) = manifest
+            .as_ref()
+            .and_then(|m| m.routing.as_ref().map(|r| (m, r)))
+        {
+            let mp = manifest_path.clone().unwrap_or_default();
+            if num_layers != Some(m.num_layers) {
+                return Err(TraceError::invalid_file(
+                    &paths[0],
+                    format!(
+                        "the given num_layers = {} differs from num_layers = {} in {mp}, whose routing block lists the MoE layers of its decoder layers",
+                        num_layers.unwrap_or(0),
+                        m.num_layers
+                    ),
+                ));
+            }
+            layout = Some((r.rows(m.num_layers), mp));
+        }
         Ok(State {
             opts,
             selected,
@@ -291,6 +331,7 @@ impl<'a> State<'a> {
             probs_len: None,
             form: None,
             manifest,
+            layout,
         })
     }
 
@@ -368,6 +409,54 @@ impl<'a> State<'a> {
         Ok(())
     }
 
+    /// A record or event at a dense layer (listed in the manifest's `routing.dense_layers`) is
+    /// an error: dense layers have no router.
+    fn check_not_dense(&self, pi: usize, line: usize, layer: usize) -> Result<()> {
+        if let Some((rows, mp)) = &self.layout {
+            if matches!(rows.get(layer), Some(None)) {
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!(
+                        "layer {layer} is a dense layer (routing.dense_layers in {mp}): dense layers have no router and no routing records"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether decoder layer `layer` is a dense layer of the manifest's routing block.
+    fn is_dense(&self, layer: usize) -> bool {
+        matches!(&self.layout, Some((rows, _)) if matches!(rows.get(layer), Some(None)))
+    }
+
+    /// The counts of `acc` with only the MoE-layer rows (all rows without a routing block).
+    fn finish_acc(&self, acc: Acc, l: usize, e: usize) -> PromptCounts {
+        let mut p = acc.finish(l, e);
+        if let Some((rows, _)) = &self.layout {
+            let moe: Vec<usize> = (0..l)
+                .filter(|&li| matches!(rows.get(li), Some(Some(_))))
+                .collect();
+            let mut counts = Vec::with_capacity(moe.len().saturating_mul(e));
+            let mut tokens = Vec::with_capacity(moe.len());
+            for &li in &moe {
+                counts.extend_from_slice(&p.counts[li * e..(li + 1) * e]);
+                tokens.push(p.tokens_per_layer[li]);
+            }
+            p.counts = counts;
+            p.tokens_per_layer = tokens;
+        }
+        p
+    }
+
+    /// Decoder-layer index of each row of the finished counts (`l` decoder layers).
+    fn row_layers(&self, l: usize) -> Vec<u32> {
+        (0..l as u32)
+            .filter(|&li| !self.is_dense(li as usize))
+            .collect()
+    }
+
     fn see_layer_expert(&mut self, layer: usize, expert: usize) {
         self.max_layer = Some(self.max_layer.map_or(layer, |m| m.max(layer)));
         self.max_expert = Some(self.max_expert.map_or(expert, |m| m.max(expert)));
@@ -399,6 +488,9 @@ impl<'a> State<'a> {
                     MAX_POSITIONS - 1
                 ),
             ));
+        }
+        if !matches!(item, TraceItem::Counts(_)) {
+            self.check_not_dense(pi, line, layer as usize)?;
         }
         if let Some(e) = max_expert.filter(|&e| e as usize >= MAX_EXPERTS) {
             return Err(self.err(
@@ -607,9 +699,31 @@ impl<'a> State<'a> {
                 self.num_experts = Some(e);
             }
         }
-        // Every token selects exactly k experts at every layer.
+        // Dense layers (routing.dense_layers) have no selections.
+        for li in (0..l).filter(|&li| self.is_dense(li)) {
+            let nonzero = c.counts[li * e..(li + 1) * e].iter().any(|&x| x != 0)
+                || c.weighted_counts
+                    .as_ref()
+                    .is_some_and(|w| w[li * e..(li + 1) * e].iter().any(|&x| x != 0.0));
+            if nonzero {
+                let mp = self
+                    .layout
+                    .as_ref()
+                    .map(|(_, p)| p.as_str())
+                    .unwrap_or_default();
+                return Err(self.err(
+                    pi,
+                    line,
+                    format!(
+                        "layer {li} is a dense layer (routing.dense_layers in {mp}) but has non-zero counts"
+                    ),
+                ));
+            }
+        }
+        // Every token selects exactly k experts at every MoE layer.
         if let Some(tokens) = std::num::NonZeroU64::new(c.tokens) {
-            for li in 0..l {
+            let moe_rows: Vec<usize> = (0..l).filter(|&li| !self.is_dense(li)).collect();
+            for li in moe_rows {
                 let s: u64 = c.counts[li * e..(li + 1) * e]
                     .iter()
                     .fold(0u64, |a, &x| a.saturating_add(x));
@@ -771,11 +885,13 @@ pub fn aggregate_paths(paths: &[PathBuf], opts: &AggregateOptions) -> Result<Cou
         st.resolve_category(acc)?;
     }
     let (l, e, dims_inferred) = st.dims()?;
+    let layers = st.row_layers(l);
     Ok(CountsTable {
-        num_layers: l,
+        num_layers: layers.len(),
+        layers,
         num_experts: e,
         top_k: st.top_k.as_ref().map(|(k, _)| *k),
-        prompts: accs.into_iter().map(|a| a.finish(l, e)).collect(),
+        prompts: accs.into_iter().map(|a| st.finish_acc(a, l, e)).collect(),
         manifest: st.manifest.clone(),
         dims_inferred,
     })
@@ -796,9 +912,12 @@ pub fn for_each_prompt_counts(
 }
 
 /// What [`for_each_prompt_counts_info`] learned about the traces besides the prompts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamInfo {
+    /// Rows L' of each prompt's counts: the MoE layers (see [`CountsTable::num_layers`]).
     pub num_layers: usize,
+    /// Decoder-layer index of each row (see [`CountsTable::layers`]).
+    pub layers: Vec<u32>,
     pub num_experts: usize,
     /// k: the given / manifest top_k, else inferred from the data (experts per record, events
     /// per token, or counts per layer / tokens) exactly as [`aggregate_paths`] does — also for
@@ -819,6 +938,7 @@ pub fn for_each_prompt_counts_info(
         let table = aggregate_paths(paths, opts)?;
         let info = StreamInfo {
             num_layers: table.num_layers,
+            layers: table.layers.clone(),
             num_experts: table.num_experts,
             top_k: table.top_k,
         };
@@ -859,8 +979,10 @@ pub fn for_each_prompt_counts_info(
         emit(&st, a, &mut f)?;
     }
     let (l, e, _) = st.dims()?;
+    let layers = st.row_layers(l);
     Ok(StreamInfo {
-        num_layers: l,
+        num_layers: layers.len(),
+        layers,
         num_experts: e,
         top_k: st.top_k.as_ref().map(|(k, _)| *k),
     })
@@ -886,7 +1008,7 @@ fn check_given_dims(opts: &AggregateOptions) -> std::result::Result<(), String> 
 fn emit(st: &State, mut acc: Acc, f: &mut impl FnMut(PromptCounts) -> Result<()>) -> Result<()> {
     st.resolve_category(&mut acc)?;
     let (l, e, _) = st.dims()?;
-    f(acc.finish(l, e))
+    f(st.finish_acc(acc, l, e))
 }
 
 fn first_form(path: &Path) -> Result<TraceForm> {

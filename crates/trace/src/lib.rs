@@ -27,7 +27,7 @@ pub use counts::{
 };
 pub use error::{Result, TraceError};
 pub use generations::GenerationLine;
-pub use manifest::{read_manifest_beside, Manifest};
+pub use manifest::{read_manifest_beside, Manifest, RoutingLayout};
 pub use prompts::{prompt_set_hash, read_prompts, Prompt};
 pub use reader::{Compression, CountsLine, FlatEvent, TraceForm, TraceItem, TraceReader};
 pub use record::{RoutingRecord, TokenType};

@@ -18,7 +18,8 @@ pub struct Manifest {
     /// Model name or checkpoint directory.
     #[serde(default)]
     pub model: String,
-    /// Number of MoE layers L.
+    /// Number of decoder layers L (every one of them is an MoE layer unless `routing` lists
+    /// dense layers).
     pub num_layers: usize,
     /// Number of routed experts per layer E.
     pub num_experts: usize,
@@ -39,6 +40,10 @@ pub struct Manifest {
     /// "events" or "counts".
     #[serde(default)]
     pub capture_mode: String,
+    /// Which decoder layers have a router, the shared experts and the router kind. Absent: every
+    /// layer `0..num_layers` is an MoE layer (the manifests written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingLayout>,
     /// Any other fields, preserved.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -70,11 +75,179 @@ impl Manifest {
         crate::atomic::write_atomic(path, s)
     }
 
-    /// Dimensions must be at least 1 and within [`crate::limits`], and top_k ≤ num_experts.
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// Dimensions must be at least 1 and within [`crate::limits`], top_k ≤ num_experts, and the
+    /// `routing` block (when present) must partition `0..num_layers` (see
+    /// [`RoutingLayout::validate`]).
+    pub fn validate(&self) -> std::result::Result<(), String> {
         crate::limits::check_dims(self.num_layers, self.num_experts, Some(self.top_k))
             .map(|_| ())
-            .map_err(|m| format!("manifest: {m}"))
+            .map_err(|m| format!("manifest: {m}"))?;
+        if let Some(r) = &self.routing {
+            r.validate(self.num_layers, self.num_experts)
+                .map_err(|m| format!("manifest: {m}"))?;
+        }
+        Ok(())
+    }
+
+    /// Decoder-layer indices of the layers with a router, ascending: `routing.moe_layers`, or
+    /// every layer `0..num_layers` when there is no routing block.
+    pub fn moe_layers(&self) -> Vec<u32> {
+        match &self.routing {
+            Some(r) => r.moe_layers.clone(),
+            None => (0..self.num_layers as u32).collect(),
+        }
+    }
+}
+
+/// Largest length of the free-text fields of a [`RoutingLayout`] (`family`, `router`, `scores`),
+/// in bytes.
+pub const MAX_ROUTING_NAME_BYTES: usize = 64;
+/// Largest length of [`RoutingLayout::weights`], in bytes.
+pub const MAX_ROUTING_TEXT_BYTES: usize = 1024;
+
+/// The manifest's `"routing"` block: how the model's decoder layers route (see
+/// `docs/trace-format.md`, "Manifest"). `moe_layers` and `dense_layers` partition the decoder
+/// layers `0..num_layers`; records exist only at `moe_layers`, and signatures, counts and health
+/// are built from those layers, labelled with their decoder-layer index.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingLayout {
+    /// Model family (the checkpoint's `model_type`: "olmoe", "mixtral", "qwen2_moe", ...).
+    pub family: String,
+    /// Decoder-layer indices of the layers with a router, ascending.
+    pub moe_layers: Vec<u32>,
+    /// Decoder-layer indices of the dense layers (an MLP, no router, no records), ascending.
+    pub dense_layers: Vec<u32>,
+    /// Shared experts per MoE layer (applied to every token besides the routed ones; never in
+    /// `experts`).
+    pub num_shared_experts: u32,
+    /// Router kind: "softmax_topk" (softmax over all experts, then top-k), "topk_softmax"
+    /// (top-k of the logits, softmax over those k), "deepseek_v2", "deepseek_v3"; free text for
+    /// kinds added later.
+    pub router: String,
+    /// What `probs` holds with `--record-probs`: "softmax" (probabilities over all experts) or
+    /// "sigmoid" (independent scores in (0, 1), without any correction bias).
+    pub scores: String,
+    /// What a record's `weights` hold for this family, in words.
+    pub weights: String,
+    /// Any other fields, preserved.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl RoutingLayout {
+    /// Every layer of `0..num_layers` an MoE layer with a softmax-then-top-k router and no
+    /// shared experts (what an absent block means); set the other fields for other families.
+    pub fn all_moe(family: &str, num_layers: u32) -> RoutingLayout {
+        RoutingLayout {
+            family: family.to_string(),
+            moe_layers: (0..num_layers).collect(),
+            router: "softmax_topk".into(),
+            scores: "softmax".into(),
+            ..RoutingLayout::default()
+        }
+    }
+
+    /// `moe_layers` and `dense_layers` are ascending, without repeats, below `num_layers`,
+    /// disjoint, together exactly `0..num_layers`, and `moe_layers` is not empty;
+    /// `num_shared_experts` ≤ [`crate::limits::MAX_EXPERTS`]; `scores` is "softmax" or "sigmoid";
+    /// the texts are within [`MAX_ROUTING_NAME_BYTES`] / [`MAX_ROUTING_TEXT_BYTES`]. The message
+    /// names the field (`routing.<field>`).
+    pub fn validate(
+        &self,
+        num_layers: usize,
+        _num_experts: usize,
+    ) -> std::result::Result<(), String> {
+        for (field, list) in [
+            ("moe_layers", &self.moe_layers),
+            ("dense_layers", &self.dense_layers),
+        ] {
+            if list.len() > num_layers {
+                return Err(format!(
+                    "routing.{field} has {} entries but num_layers = {num_layers}",
+                    list.len()
+                ));
+            }
+            let mut prev: Option<u32> = None;
+            for &l in list.iter() {
+                if l as usize >= num_layers {
+                    return Err(format!(
+                        "routing.{field}: layer {l} is not below num_layers = {num_layers}"
+                    ));
+                }
+                if let Some(p) = prev {
+                    if l <= p {
+                        return Err(format!(
+                            "routing.{field} must be ascending without repeats ({l} follows {p})"
+                        ));
+                    }
+                }
+                prev = Some(l);
+            }
+        }
+        if self.moe_layers.is_empty() {
+            return Err(
+                "routing.moe_layers is empty (a trace needs at least one MoE layer)".into(),
+            );
+        }
+        // Both lists are ascending and below num_layers: merge them to check the partition.
+        let (mut i, mut j) = (0usize, 0usize);
+        for l in 0..num_layers as u32 {
+            let in_moe = self.moe_layers.get(i) == Some(&l);
+            let in_dense = self.dense_layers.get(j) == Some(&l);
+            match (in_moe, in_dense) {
+                (true, true) => {
+                    return Err(format!(
+                        "routing.dense_layers: layer {l} is also in routing.moe_layers"
+                    ))
+                }
+                (false, false) => {
+                    return Err(format!(
+                        "routing.moe_layers / routing.dense_layers: layer {l} is in neither (together they must list every layer 0..num_layers = {num_layers})"
+                    ))
+                }
+                (true, false) => i += 1,
+                (false, true) => j += 1,
+            }
+        }
+        if self.num_shared_experts as usize > crate::limits::MAX_EXPERTS {
+            return Err(format!(
+                "routing.num_shared_experts = {} exceeds the supported maximum {}",
+                self.num_shared_experts,
+                crate::limits::MAX_EXPERTS
+            ));
+        }
+        for (field, text, max) in [
+            ("family", &self.family, MAX_ROUTING_NAME_BYTES),
+            ("router", &self.router, MAX_ROUTING_NAME_BYTES),
+            ("scores", &self.scores, MAX_ROUTING_NAME_BYTES),
+            ("weights", &self.weights, MAX_ROUTING_TEXT_BYTES),
+        ] {
+            if text.len() > max {
+                return Err(format!(
+                    "routing.{field} is {} bytes long, more than the {max} accepted",
+                    text.len()
+                ));
+            }
+        }
+        if !matches!(self.scores.as_str(), "softmax" | "sigmoid") {
+            return Err(format!(
+                "routing.scores = {:?} must be \"softmax\" or \"sigmoid\"",
+                self.scores
+            ));
+        }
+        Ok(())
+    }
+
+    /// For each decoder layer `0..num_layers`: its row among the MoE layers, `None` for a dense
+    /// layer. Call after [`RoutingLayout::validate`].
+    pub fn rows(&self, num_layers: usize) -> Vec<Option<usize>> {
+        let mut rows = vec![None; num_layers];
+        for (row, &l) in self.moe_layers.iter().enumerate() {
+            if let Some(r) = rows.get_mut(l as usize) {
+                *r = Some(row);
+            }
+        }
+        rows
     }
 }
 

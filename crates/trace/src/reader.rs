@@ -449,7 +449,7 @@ impl TraceReader {
                 self.check_expert(expert)?;
                 let weight = match raw.weight {
                     None => None,
-                    Some(w) => Some(self.check_weight("weight", w)?),
+                    Some(w) => Some(self.check_coefficient("weight", w)?),
                 };
                 Ok(TraceItem::Event(FlatEvent {
                     prompt_id,
@@ -507,7 +507,7 @@ impl TraceReader {
                         }
                         let mut out = Vec::with_capacity(ws.len());
                         for w in ws {
-                            out.push(self.check_weight("weights", w)?);
+                            out.push(self.check_coefficient("weights", w)?);
                         }
                         Some(out)
                     }
@@ -664,6 +664,18 @@ impl TraceReader {
             }
             _ => Ok(()),
         }
+    }
+
+    /// `weights` / `weight`: the coefficients applied to the routed experts' outputs, finite and
+    /// ≥ 0 but not bounded by 1 (DeepSeek's `routed_scaling_factor` makes them sum to more).
+    fn check_coefficient(&self, name: &str, w: f64) -> Result<f32> {
+        let f = w as f32;
+        if !w.is_finite() || w < 0.0 || !f.is_finite() {
+            return Err(self.err(format!(
+                "`{name}` value {w} is not a finite non-negative number"
+            )));
+        }
+        Ok(f)
     }
 
     fn check_weight(&self, name: &str, w: f64) -> Result<f32> {

@@ -21,9 +21,11 @@ impl TokenType {
 
 /// One line of a trace JSONL file (see `docs/trace-format.md`).
 ///
-/// `layer` and `position` count from 0; `experts` are in descending router weight; `weights`, when
-/// present, are the router's full-softmax probabilities of those experts (before any top-k
-/// renormalisation), in the same order.
+/// `layer` (the decoder-layer index) and `position` count from 0; `experts` are the routed
+/// experts in the order the router returns them (OLMoE: descending router weight); `weights`,
+/// when present, are the coefficients applied to those experts' outputs, in the same order
+/// (OLMoE: the full-softmax probabilities before top-k renormalisation); `probs` is the family's
+/// full score vector (`routing.scores` in the manifest). See `docs/trace-format.md`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoutingRecord {
     pub prompt_id: String,
@@ -37,7 +39,8 @@ pub struct RoutingRecord {
     pub experts: Vec<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<f32>>,
-    /// The full router distribution over all experts (only with `--record-probs`).
+    /// The full score vector over all experts (only with `--record-probs`): softmax
+    /// probabilities, or sigmoid scores for DeepSeek-V3-style routers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probs: Option<Vec<f32>>,
 }

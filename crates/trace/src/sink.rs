@@ -8,17 +8,22 @@ use crate::{Result, TokenType};
 pub struct RoutingDecision<'a> {
     /// Id of the prompt this token belongs to (several prompts may be interleaved in a batch).
     pub prompt_id: &'a str,
-    /// MoE layer index, from 0.
+    /// Decoder-layer index, from 0 (dense layers, listed in the manifest's `routing` block, make
+    /// no decisions).
     pub layer: u32,
     /// Token position within its own sequence (prompt tokens first), from 0; padding never counts.
     pub position: u32,
     pub token_id: u32,
     pub token_type: TokenType,
-    /// Selected experts, in descending router probability (ties: lower index first, as torch.topk).
+    /// Selected routed experts (never shared experts), in the order the family's router returns
+    /// them (OLMoE: descending router probability, ties lower index first, as torch.topk).
     pub experts: &'a [u32],
-    /// Full-softmax router probabilities of `experts` (before top-k renormalisation), same order.
+    /// The coefficient applied to each selected expert's output, same order (after the family's
+    /// renormalisation and scaling); OLMoE: the full-softmax probability before top-k
+    /// renormalisation. See `docs/trace-format.md`.
     pub weights: &'a [f32],
-    /// The full router distribution over all experts, when the run records it (`--record-probs`).
+    /// The family's full score vector over all experts (softmax probabilities or sigmoid scores,
+    /// the manifest's `routing.scores`), when the run records it (`--record-probs`).
     pub probs: Option<&'a [f32]>,
 }
 

@@ -470,6 +470,8 @@ pub struct CountsWriter {
     out: BlockFile,
     num_layers: usize,
     num_experts: usize,
+    /// Per decoder layer: whether it is a dense layer (no router; its row stays zero).
+    dense: Vec<bool>,
     pending: HashMap<String, CountsAcc>,
     prompts_written: usize,
 }
@@ -526,6 +528,7 @@ impl CountsWriter {
             out,
             num_layers,
             num_experts,
+            dense: vec![false; num_layers],
             pending: HashMap::new(),
             prompts_written: 0,
         }
@@ -544,6 +547,33 @@ impl CountsWriter {
     pub fn with_fsync(mut self, fsync: bool) -> Self {
         self.out.fsync = fsync;
         self
+    }
+
+    /// The dense decoder layers (the manifest's `routing.dense_layers`): a decision there is an
+    /// error, their rows of every counts line stay zero, and every prompt must have the same
+    /// number of decisions at each of the other layers. Indices ≥ num_layers are errors.
+    pub fn with_dense_layers(mut self, dense: &[u32]) -> Result<Self> {
+        for &l in dense {
+            match self.dense.get_mut(l as usize) {
+                Some(d) => *d = true,
+                None => {
+                    return Err(TraceError::invalid_file(
+                        &self.out.path,
+                        format!(
+                            "counts writer: dense layer {l} is not below num_layers = {}",
+                            self.num_layers
+                        ),
+                    ))
+                }
+            }
+        }
+        if self.dense.iter().all(|&d| d) {
+            return Err(TraceError::invalid_file(
+                &self.out.path,
+                "counts writer: every layer is dense (no MoE layer to count)",
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -584,6 +614,11 @@ impl RoutingSink for CountsWriter {
                 "layer {layer} out of range (num_layers = {l})"
             )));
         }
+        if self.dense[layer] {
+            return Err(TraceError::Sink(format!(
+                "layer {layer} is a dense layer (no router) but a routing decision was recorded there"
+            )));
+        }
         let t = match d.token_type {
             TokenType::Prompt => 0,
             TokenType::Generation => 1,
@@ -615,13 +650,15 @@ impl RoutingSink for CountsWriter {
         })?;
         let mut buf = Vec::new();
         // weighted counts are written when every decision of the prompt carried weights
-        let any = acc.per_type.iter().any(|p| p.0[0] > 0);
+        // (the first MoE layer; `with_dense_layers` keeps at least one)
+        let first = self.dense.iter().position(|&d| !d).unwrap_or(0);
+        let any = acc.per_type.iter().any(|p| p.0[first] > 0);
         let all_w = any && acc.per_type.iter().all(|p| p.3);
         for (t, (tok, counts, weighted, _)) in acc.per_type.into_iter().enumerate() {
-            let tokens = tok[0];
-            if let Some(l) = tok.iter().position(|&n| n != tokens) {
+            let tokens = tok[first];
+            if let Some(l) = (0..tok.len()).find(|&l| !self.dense[l] && tok[l] != tokens) {
                 return Err(TraceError::Sink(format!(
-                    "prompt '{prompt_id}': {} decisions at layer {l} but {tokens} at layer 0",
+                    "prompt '{prompt_id}': {} decisions at layer {l} but {tokens} at layer {first}",
                     tok[l]
                 )));
             }

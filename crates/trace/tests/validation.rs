@@ -228,8 +228,18 @@ fn duplicate_experts_and_weight_lengths() {
             ),
             (
                 "x.jsonl",
-                &with("\"weights\":[1.5,0.1]"),
-                "x.jsonl:1: `weights` value 1.5 is not a probability",
+                &with("\"weights\":[-0.5,0.1]"),
+                "x.jsonl:1: `weights` value -0.5 is not a finite non-negative number",
+            ),
+            (
+                "y.jsonl",
+                &with("\"weights\":[1e300,0.1]"),
+                "is not a finite non-negative number",
+            ),
+            (
+                "z.jsonl",
+                &with("\"probs\":[1.5,0.1,0.1,0.1]"),
+                "z.jsonl:1: `probs` value 1.5 is not a probability",
             ),
         ],
     );
