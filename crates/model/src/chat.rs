@@ -91,7 +91,25 @@ fn token_string(v: Option<&Value>) -> String {
 impl ChatTemplate {
     /// Reads `chat_template` from `<dir>/tokenizer_config.json` (or `<dir>/chat_template.jinja`,
     /// where recent transformers save it).
+    ///
+    /// For a `.gguf` file: its `tokenizer.chat_template` metadata, else the
+    /// `tokenizer_config.json` beside it.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            if let Some((source, bos_token, eos_token)) =
+                crate::gguf::GgufFile::open(dir)?.chat_template()?
+            {
+                let t = ChatTemplate {
+                    path: dir.to_path_buf(),
+                    source,
+                    bos_token,
+                    eos_token,
+                };
+                t.env()?;
+                return Ok(t);
+            }
+            return Self::from_dir(dir.parent().unwrap_or_else(|| Path::new(".")));
+        }
         let path = dir.join("tokenizer_config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
         let v: Value = serde_json::from_str(&text)

@@ -287,7 +287,12 @@ impl ModelConfig {
     }
 
     /// Reads and validates `<dir>/config.json`.
+    /// A `.gguf` file (or one part of a split set) gives the configuration its metadata
+    /// describes (`gguf::GgufFile::config`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return crate::gguf::GgufFile::open(dir)?.config();
+        }
         Self::from_file(&dir.join("config.json"))
     }
 
@@ -806,7 +811,13 @@ pub struct GenerationDefaults {
 
 impl GenerationDefaults {
     /// Reads `<dir>/generation_config.json`; a missing file gives `Ok(None)`.
+    /// For a `.gguf` file: the tokenizer metadata's ids.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        if crate::gguf::is_gguf(dir) {
+            return Ok(Some(
+                crate::gguf::GgufFile::open(dir)?.generation_defaults()?,
+            ));
+        }
         let path: PathBuf = dir.join("generation_config.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,

@@ -10,6 +10,7 @@ pub mod cpu_kernels;
 pub mod error;
 pub mod families;
 pub mod generate;
+pub mod gguf;
 pub mod limits;
 pub mod model;
 pub mod rope;

@@ -141,7 +141,7 @@ impl Mlp {
 }
 
 #[derive(Debug)]
-enum Experts {
+pub(crate) enum Experts {
     /// One module per expert (published checkpoints of most families).
     PerExpert(Vec<[Tensor; 3]>),
     /// Fused `[E, 2I, H]` gate-up (gate rows first) and `[E, H, I]` down.
@@ -163,6 +163,41 @@ enum Experts {
         up_b: Tensor,
         down_b: Tensor,
     },
+    /// Quantised experts of a GGUF file, multiplied in place (one `QMatMul` per expert and
+    /// projection; GPT-OSS biases included).
+    Quantized(crate::gguf::QuantExperts),
+}
+
+/// Where [`MoeModel`] reads its tensors, by Hugging Face name: a safetensors checkpoint
+/// ([`WeightStore`]) or a GGUF file (`gguf::GgufSource`).
+pub(crate) trait TensorSource {
+    /// The stored shape of tensor `name` (empty if absent).
+    fn shape_of(&self, name: &str) -> Vec<usize>;
+    /// Tensor `name`, shape checked against `expected`, converted to `dtype` when given.
+    fn load_tensor(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<Tensor>;
+}
+
+impl TensorSource for WeightStore {
+    fn shape_of(&self, name: &str) -> Vec<usize> {
+        self.entry(name)
+            .map(|e| e.shape.clone())
+            .unwrap_or_default()
+    }
+    fn load_tensor(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.load(name, expected, dtype, device)
+    }
 }
 
 #[derive(Debug)]
@@ -371,6 +406,9 @@ pub struct MoeModel {
 impl MoeModel {
     /// Loads `config.json` and the safetensors weights of a checkpoint directory.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return crate::gguf::load_model(dir, opts);
+        }
         let cfg = ModelConfig::from_dir(dir)?;
         let store = WeightStore::open(dir)?;
         Self::from_store(cfg, &store, opts)
@@ -388,23 +426,34 @@ impl MoeModel {
         };
         check_against_store(&cfg, store, layout)?;
         let dtype = opts.dtype.unwrap_or_else(|| store.dominant_dtype());
+        Self::assemble(cfg, store, opts, dtype, &|cfg: &ModelConfig, l: usize| {
+            self::load_experts(cfg, store, opts, dtype, l, layout)
+        })
+    }
+
+    /// Builds the model from checked tensors: `src` gives every tensor but the routed experts,
+    /// which `experts` loads per MoE layer.
+    pub(crate) fn assemble(
+        cfg: ModelConfig,
+        src: &dyn TensorSource,
+        opts: &LoadOptions,
+        dtype: DType,
+        experts: &dyn Fn(&ModelConfig, usize) -> Result<Experts>,
+    ) -> Result<Self> {
+        let f = cfg.family;
+        let store = src;
         let dev = &opts.device;
         let h = cfg.hidden_size;
         let (e, i) = (cfg.num_experts, cfg.intermediate_size);
-        let shape_of = |name: &str| -> Vec<usize> {
-            store
-                .entry(name)
-                .map(|e| e.shape.clone())
-                .unwrap_or_default()
-        };
-        let ld = |name: &str| store.load(name, &shape_of(name), Some(dtype), dev);
+        let shape_of = |name: &str| -> Vec<usize> { store.shape_of(name) };
+        let ld = |name: &str| store.load_tensor(name, &shape_of(name), Some(dtype), dev);
         // GPT-OSS keeps its norm weights in f32 and multiplies before casting.
         let norm_f32 = f == Family::GptOss;
         let norm_eps = |role: Role, eps: f64| -> Result<RmsNorm> {
             let name = weight_name(f, role);
             Ok(RmsNorm {
                 weight: if norm_f32 {
-                    store.load(&name, &shape_of(&name), Some(DType::F32), dev)?
+                    store.load_tensor(&name, &shape_of(&name), Some(DType::F32), dev)?
                 } else {
                     ld(&name)?
                 },
@@ -463,7 +512,7 @@ impl MoeModel {
                     }
                 };
                 let sinks = if cfg.attn.sinks {
-                    let t = store.load(
+                    let t = store.load_tensor(
                         &weight_name(f, Role::Sinks(l)),
                         &[cfg.num_attention_heads],
                         Some(DType::F32),
@@ -487,11 +536,11 @@ impl MoeModel {
             let ffn = if !is_moe {
                 Ffn::Dense(mlp(&|p| Role::Dense(l, p))?)
             } else {
-                let experts = self::load_experts(&cfg, store, opts, dtype, l, layout)?;
+                let experts = experts(&cfg, l)?;
                 let router_name = weight_name(f, Role::Router(l));
                 let router = ld(&router_name)?;
                 let router_f32 = if cfg.moe.router_logits_f32 {
-                    Some(store.load(&router_name, &[e, h], Some(DType::F32), dev)?)
+                    Some(store.load_tensor(&router_name, &[e, h], Some(DType::F32), dev)?)
                 } else {
                     None
                 };
@@ -501,7 +550,7 @@ impl MoeModel {
                     None
                 };
                 let score_bias = if cfg.moe.score_correction_bias {
-                    let t = store.load(
+                    let t = store.load_tensor(
                         &weight_name(f, Role::ScoreBias(l)),
                         &[e],
                         Some(DType::F32),
@@ -1073,6 +1122,11 @@ impl MoeModel {
                 ]
             }
             Experts::Biased { gate, up, down, .. } => [gate.get(e)?, up.get(e)?, down.get(e)?],
+            Experts::Quantized(_) => {
+                return Err(ModelError::InvalidArgument(
+                    "quantised experts are multiplied in place, never dequantised".into(),
+                ))
+            }
         };
         let conv = |w: Tensor| -> Result<Tensor> {
             Ok(if w.dtype() == self.dtype {
@@ -1185,7 +1239,12 @@ impl MoeModel {
     ) -> Result<Tensor> {
         let n_tok = h.dim(0)?;
         let swiglu = matches!(self.cfg.moe.activation, Activation::SwiGlu);
-        if swiglu && MoeAccumulator::supports(h) && !matches!(block.experts, Experts::Biased { .. })
+        if swiglu
+            && MoeAccumulator::supports(h)
+            && !matches!(
+                block.experts,
+                Experts::Biased { .. } | Experts::Quantized(_)
+            )
         {
             let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?
                 .round_weights(self.cfg.moe.weights_in_compute_dtype);
@@ -1240,9 +1299,21 @@ impl MoeModel {
             let n = rows.len();
             let idx = Tensor::from_vec(rows, n, &self.device)?;
             let xe = h.index_select(&idx, 0)?;
-            let [wg, wu, wd] = self.expert_weights(block, e)?;
-            let mut g = matmul_t(&xe, &wg)?;
-            let mut u = matmul_t(&xe, &wu)?;
+            let quant = match &block.experts {
+                Experts::Quantized(q) => Some(q),
+                _ => None,
+            };
+            let (mut g, mut u, wd) = match quant {
+                Some(q) => (
+                    q.project(Proj::Gate, e, &xe)?,
+                    q.project(Proj::Up, e, &xe)?,
+                    None,
+                ),
+                None => {
+                    let [wg, wu, wd] = self.expert_weights(block, e)?;
+                    (matmul_t(&xe, &wg)?, matmul_t(&xe, &wu)?, Some(wd))
+                }
+            };
             let biases = match &block.experts {
                 Experts::Biased {
                     gate_b,
@@ -1250,6 +1321,7 @@ impl MoeModel {
                     down_b,
                     ..
                 } => Some((gate_b.get(e)?, up_b.get(e)?, down_b.get(e)?)),
+                Experts::Quantized(q) => q.biases(e)?,
                 _ => None,
             };
             if let Some((gb, ub, _)) = &biases {
@@ -1269,7 +1341,15 @@ impl MoeModel {
                     ((u + 1.0)? * glu)?
                 }
             };
-            let mut y = matmul_t(&act, &wd)?;
+            let mut y = match (&wd, quant) {
+                (Some(wd), _) => matmul_t(&act, wd)?,
+                (None, Some(q)) => q.project(Proj::Down, e, &act)?,
+                (None, None) => {
+                    return Err(ModelError::InvalidArgument(format!(
+                        "expert {e} has no down projection"
+                    )))
+                }
+            };
             if let Some((_, _, db)) = &biases {
                 y = y.broadcast_add(db)?;
             }

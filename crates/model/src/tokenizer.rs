@@ -21,7 +21,24 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// Loads `<dir>/tokenizer.json`.
+    /// For a `.gguf` file: the `tokenizer.json` beside it.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            if let Some(beside) = crate::gguf::tokenizer_beside(dir) {
+                return Self::from_file(&beside);
+            }
+            let json = crate::gguf::GgufFile::open(dir)?.tokenizer_json()?;
+            let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+                ModelError::Tokenizer {
+                    path: dir.to_path_buf(),
+                    message: format!("tokenizer from the GGUF metadata: {e}"),
+                }
+            })?;
+            return Ok(Tokenizer {
+                path: dir.to_path_buf(),
+                inner,
+            });
+        }
         Self::from_file(&dir.join("tokenizer.json"))
     }
 

@@ -1,0 +1,1480 @@
+//! GGUF checkpoints (llama.cpp's format): one `.gguf` file or a split set
+//! `<name>-0000N-of-0000M.gguf`, for the architectures llama.cpp converts the supported families
+//! to (`olmoe`, `qwen2moe`, `qwen3moe`, `deepseek2` (DeepSeek-V2 with softmax gating, V3 with
+//! sigmoid gating), `gpt-oss`, `granitemoe`, and `llama` with experts = Mixtral).
+//!
+//! The header is read with candle's GGUF reader; the `<arch>.*` metadata is turned into the
+//! family's `config.json` fields and parsed by the family's own parser (`families/`), so a GGUF
+//! model has exactly the [`ModelConfig`] of the Hugging Face checkpoint it was converted from
+//! (as far as llama.cpp's metadata says: see [`config_json`]). Tensors are found through the
+//! family-neutral roles of `table.rs`, named as llama.cpp names them ([`gguf_name`]), and checked
+//! against the table's shapes before anything is loaded.
+//!
+//! Small tensors (attention, norms, routers, dense and shared MLPs, embeddings) are dequantised
+//! to the compute dtype. Routed experts stored as F32 / F16 / BF16 are loaded like a safetensors
+//! checkpoint's (same kernels, same numbers); quantised experts (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q2_K … Q6_K) stay quantised, one candle `QMatMul` per expert and projection, and are never
+//! dequantised as a whole.
+//!
+//! llama.cpp conventions undone at load time: the q/k rows of `llama` / `granitemoe` are permuted
+//! for llama.cpp's interleaved RoPE (undone here, so the shared rotate-half RoPE applies), and
+//! DeepSeek's `kv_b_proj` is stored split as `attn_k_b` (transposed) and `attn_v_b`.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use serde_json::{Map, Value};
+
+use crate::config::{Family, GenerationDefaults, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::limits::checked_product;
+use crate::model::{Experts, LoadOptions, MoeModel, TensorSource};
+use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
+
+/// llama.cpp architectures this build reads.
+pub const SUPPORTED_ARCHS: &[&str] = &[
+    "olmoe",
+    "qwen2moe",
+    "qwen3moe",
+    "deepseek2",
+    "gpt-oss",
+    "granitemoe",
+    "llama",
+];
+
+/// Largest number of elements of one GGUF tensor accepted (2^40).
+const MAX_TENSOR_ELEMS: usize = 1 << 40;
+
+/// Whether `path` names a GGUF file (by its extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+struct Part {
+    path: PathBuf,
+    content: gguf_file::Content,
+}
+
+/// A GGUF model: one file or every part of a split set, headers read and checked.
+pub struct GgufFile {
+    path: PathBuf,
+    parts: Vec<Part>,
+    /// Tensor name → index of the part holding it.
+    index: HashMap<String, usize>,
+    arch: String,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("parts", &self.parts.len())
+            .field("tensors", &self.index.len())
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+/// `(prefix, n)` when the file name is `<prefix>-0000i-of-0000n.gguf`.
+fn split_name(path: &Path) -> Option<(String, usize)> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name
+        .strip_suffix(".gguf")
+        .or_else(|| name.strip_suffix(".GGUF"))?;
+    let (head, total) = stem.rsplit_once("-of-")?;
+    let (prefix, idx) = head.rsplit_once('-')?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(total) || !digits(idx) {
+        return None;
+    }
+    let n: usize = total.parse().ok()?;
+    let i: usize = idx.parse().ok()?;
+    if n == 0 || i == 0 || i > n {
+        return None;
+    }
+    Some((prefix.to_string(), n))
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::invalid(path, message)
+}
+
+fn type_name(t: GgmlDType) -> &'static str {
+    match t {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
+fn is_float(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+fn read_header(path: &Path) -> Result<gguf_file::Content> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut r = BufReader::new(file);
+    gguf_file::Content::read(&mut r).map_err(|e| {
+        let msg = e.to_string().trim_end().to_string();
+        let hint = if msg.contains("unknown dtype for tensor 39") {
+            " (type 39 is MXFP4, which this build cannot read from GGUF yet)"
+        } else if msg.contains("unknown dtype") {
+            " (supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, \
+             Q4_K, Q5_K, Q6_K)"
+        } else {
+            ""
+        };
+        bad(path, format!("invalid GGUF file: {msg}{hint}"))
+    })
+}
+
+impl GgufFile {
+    /// Opens a GGUF file, or all parts of a split set when `path` is one of them. Every tensor's
+    /// size is checked against its type and against the file length (truncated files are refused
+    /// here, before anything is loaded).
+    pub fn open(path: &Path) -> Result<Self> {
+        let files: Vec<PathBuf> = match split_name(path) {
+            Some((prefix, n)) => (1..=n)
+                .map(|i| path.with_file_name(format!("{prefix}-{i:05}-of-{n:05}.gguf")))
+                .collect(),
+            None => vec![path.to_path_buf()],
+        };
+        let mut parts = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (pi, p) in files.iter().enumerate() {
+            if !p.is_file() {
+                return Err(bad(
+                    p,
+                    format!(
+                        "missing part {} of the split GGUF model {} ({} parts)",
+                        pi + 1,
+                        path.display(),
+                        files.len()
+                    ),
+                ));
+            }
+            let content = read_header(p)?;
+            let file_len = std::fs::metadata(p)
+                .map_err(|e| ModelError::io(p, e))?
+                .len();
+            if files.len() > 1 {
+                if let Some(v) = content.metadata.get("split.count") {
+                    let n = v.to_u64().ok();
+                    if n != Some(files.len() as u64) {
+                        return Err(bad(
+                            p,
+                            format!(
+                                "metadata `split.count` is {v:?} but the file name says {} parts",
+                                files.len()
+                            ),
+                        ));
+                    }
+                }
+            }
+            for (name, info) in &content.tensor_infos {
+                let dims = info.shape.dims();
+                let elems = checked_product(dims)
+                    .filter(|&n| n <= MAX_TENSOR_ELEMS)
+                    .ok_or_else(|| {
+                        bad(p, format!("tensor `{name}`: shape {dims:?} is too large"))
+                    })?;
+                let t = info.ggml_dtype;
+                let row = dims.last().copied().unwrap_or(1);
+                if !row.is_multiple_of(t.block_size()) {
+                    return Err(bad(
+                        p,
+                        format!(
+                            "tensor `{name}` ({}): rows of {row} values are not a multiple of the \
+                             type's block of {}",
+                            type_name(t),
+                            t.block_size()
+                        ),
+                    ));
+                }
+                let bytes = (elems / t.block_size()) as u64 * t.type_size() as u64;
+                let end = content
+                    .tensor_data_offset
+                    .checked_add(info.offset)
+                    .and_then(|s| s.checked_add(bytes));
+                match end {
+                    Some(end) if end <= file_len => {}
+                    _ => {
+                        return Err(bad(
+                            p,
+                            format!(
+                                "truncated GGUF file: tensor `{name}` ({}, shape {dims:?}) needs \
+                                 {bytes} bytes at offset {} but the file has {file_len} bytes",
+                                type_name(t),
+                                content.tensor_data_offset.saturating_add(info.offset)
+                            ),
+                        ))
+                    }
+                }
+                if index.insert(name.clone(), pi).is_some() {
+                    return Err(bad(p, format!("tensor `{name}` appears in two parts")));
+                }
+            }
+            parts.push(Part {
+                path: p.clone(),
+                content,
+            });
+        }
+        let first = &parts[0];
+        let arch = match first.content.metadata.get("general.architecture") {
+            Some(gguf_file::Value::String(s)) => s.clone(),
+            Some(v) => {
+                return Err(bad(
+                    &first.path,
+                    format!("metadata `general.architecture` must be a string, found {v:?}"),
+                ))
+            }
+            None => {
+                return Err(bad(
+                    &first.path,
+                    "missing metadata key `general.architecture`",
+                ))
+            }
+        };
+        if !SUPPORTED_ARCHS.contains(&arch.as_str()) {
+            return Err(ModelError::UnsupportedModel {
+                path: first.path.clone(),
+                message: format!("unsupported GGUF architecture \"{arch}\""),
+                supported: SUPPORTED_ARCHS.join(", "),
+            });
+        }
+        Ok(GgufFile {
+            path: files[0].clone(),
+            parts,
+            index,
+            arch,
+        })
+    }
+
+    /// The first (or only) file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// llama.cpp's architecture name (`general.architecture`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.parts[0].content.metadata.get(key)
+    }
+
+    fn akey(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch)
+    }
+
+    /// A non-negative integer metadata value.
+    fn uint(&self, key: &str) -> Result<Option<usize>> {
+        use gguf_file::Value as V;
+        let Some(v) = self.meta(key) else {
+            return Ok(None);
+        };
+        let n: Option<u64> = match v {
+            V::U8(x) => Some(u64::from(*x)),
+            V::U16(x) => Some(u64::from(*x)),
+            V::U32(x) => Some(u64::from(*x)),
+            V::U64(x) => Some(*x),
+            V::I8(x) => u64::try_from(*x).ok(),
+            V::I16(x) => u64::try_from(*x).ok(),
+            V::I32(x) => u64::try_from(*x).ok(),
+            V::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        n.and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                bad(
+                    &self.path,
+                    format!("metadata `{key}` must be a non-negative integer, found {v:?}"),
+                )
+            })
+    }
+
+    fn uint_req(&self, key: &str) -> Result<usize> {
+        self.uint(key)?
+            .ok_or_else(|| bad(&self.path, format!("missing metadata key `{key}`")))
+    }
+
+    fn float(&self, key: &str) -> Result<Option<f64>> {
+        use gguf_file::Value as V;
+        Ok(match self.meta(key) {
+            None => None,
+            // The shortest decimal of the f32 (1e-5, not 9.999999747378752e-6): the value the
+            // converter was given.
+            Some(V::F32(x)) => Some(x.to_string().parse::<f64>().unwrap_or(f64::from(*x))),
+            Some(V::F64(x)) => Some(*x),
+            Some(v) => match self.uint(key) {
+                Ok(Some(n)) => Some(n as f64),
+                _ => {
+                    return Err(bad(
+                        &self.path,
+                        format!("metadata `{key}` must be a number, found {v:?}"),
+                    ))
+                }
+            },
+        })
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(gguf_file::Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(bad(
+                &self.path,
+                format!("metadata `{key}` must be a boolean, found {v:?}"),
+            )),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(gguf_file::Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(bad(
+                &self.path,
+                format!("metadata `{key}` must be a string, found {v:?}"),
+            )),
+        }
+    }
+
+    fn info(&self, name: &str) -> Option<(&Part, &gguf_file::TensorInfo)> {
+        let p = &self.parts[*self.index.get(name)?];
+        Some((p, p.content.tensor_infos.get(name)?))
+    }
+
+    /// Shape of tensor `name` (candle order: outermost first), if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.info(name).map(|(_, i)| i.shape.dims().to_vec())
+    }
+
+    /// Storage type of tensor `name`, if present.
+    pub fn tensor_type(&self, name: &str) -> Option<GgmlDType> {
+        self.info(name).map(|(_, i)| i.ggml_dtype)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Reads tensor `name` as stored (quantised or not).
+    pub fn qtensor(&self, name: &str) -> Result<QTensor> {
+        let (part, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.path.clone(),
+        })?;
+        let file = File::open(&part.path).map_err(|e| ModelError::io(&part.path, e))?;
+        let mut r = BufReader::new(file);
+        info.read(&mut r, part.content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| bad(&part.path, format!("tensor `{name}`: {e}")))
+    }
+
+    /// Reads tensor `name` dequantised to f32.
+    pub fn dequantized(&self, name: &str) -> Result<Tensor> {
+        Ok(self.qtensor(name)?.dequantize(&Device::Cpu)?)
+    }
+
+    fn part_of(&self, name: &str) -> PathBuf {
+        self.info(name)
+            .map(|(p, _)| p.path.clone())
+            .unwrap_or_else(|| self.path.clone())
+    }
+
+    /// Indices of the blocks that have a router (`blk.N.ffn_gate_inp.weight`).
+    fn routed_blocks(&self, layers: usize) -> Vec<usize> {
+        (0..layers)
+            .filter(|l| self.contains(&format!("blk.{l}.ffn_gate_inp.weight")))
+            .collect()
+    }
+
+    /// The `config.json` object of the Hugging Face checkpoint this file describes (llama.cpp's
+    /// metadata keys mapped back onto the family's fields).
+    pub fn config_json(&self) -> Result<Map<String, Value>> {
+        let k = |s: &str| self.akey(s);
+        let mut c = Map::new();
+        let mut put = |key: &str, v: Value| {
+            c.insert(key.to_string(), v);
+        };
+        let layers = self.uint_req(&k("block_count"))?;
+        if layers > crate::limits::MAX_LAYERS {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "metadata `{}` = {layers} exceeds the limit of {}",
+                    k("block_count"),
+                    crate::limits::MAX_LAYERS
+                ),
+            ));
+        }
+        let hidden = self.uint_req(&k("embedding_length"))?;
+        let heads = self.uint_req(&k("attention.head_count"))?;
+        let experts = self.uint_req(&k("expert_count"))?;
+        let used = self.uint_req(&k("expert_used_count"))?;
+        let vocab = match self.uint(&k("vocab_size"))? {
+            Some(v) => v,
+            None => match self.shape("token_embd.weight") {
+                Some(s) if s.len() == 2 => s[0],
+                _ => {
+                    return Err(ModelError::MissingTensor {
+                        name: "token_embd.weight".into(),
+                        dir: self.path.clone(),
+                    })
+                }
+            },
+        };
+        put("vocab_size", vocab.into());
+        put("hidden_size", hidden.into());
+        put("num_hidden_layers", layers.into());
+        put("num_attention_heads", heads.into());
+        if let Some(kv) = self.uint(&k("attention.head_count_kv"))? {
+            put("num_key_value_heads", kv.into());
+        }
+        if let Some(n) = self.uint(&k("context_length"))? {
+            put("max_position_embeddings", n.into());
+        }
+        if let Some(e) = self.float(&k("attention.layer_norm_rms_epsilon"))? {
+            put("rms_norm_eps", e.into());
+        }
+        put("num_experts_per_tok", used.into());
+        put(
+            "tie_word_embeddings",
+            (!self.contains("output.weight")).into(),
+        );
+        for (key, field) in [
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+        ] {
+            if let Some(id) = self.uint(key)? {
+                put(field, id.into());
+            }
+        }
+        // RoPE: base frequency and YaRN.
+        let theta = self.float(&k("rope.freq_base"))?.unwrap_or(10000.0);
+        let mut rope = Map::new();
+        rope.insert("rope_theta".into(), theta.into());
+        let scaling = self.string(&k("rope.scaling.type"))?;
+        match scaling.as_deref() {
+            None | Some("none") => {
+                rope.insert("rope_type".into(), "default".into());
+            }
+            Some("yarn") => {
+                rope.insert("rope_type".into(), "yarn".into());
+                let factor = self.float(&k("rope.scaling.factor"))?.ok_or_else(|| {
+                    bad(
+                        &self.path,
+                        format!("missing metadata key `{}` (YaRN)", k("rope.scaling.factor")),
+                    )
+                })?;
+                rope.insert("factor".into(), factor.into());
+                if let Some(o) = self.uint(&k("rope.scaling.original_context_length"))? {
+                    rope.insert("original_max_position_embeddings".into(), o.into());
+                }
+                for (key, field) in [
+                    ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                    ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                    ("rope.scaling.yarn_attn_factor", "attention_factor"),
+                ] {
+                    if let Some(v) = self.float(&k(key))? {
+                        rope.insert(field.into(), v.into());
+                    }
+                }
+                if self.arch == "gpt-oss" {
+                    rope.insert("truncate".into(), false.into());
+                }
+                if self.arch == "deepseek2" {
+                    // llama.cpp writes 0.1 × mscale_all_dim and assumes mscale = mscale_all_dim
+                    // (true of every published DeepSeek-V2/V3 config).
+                    if let Some(m) = self.float(&k("rope.scaling.yarn_log_multiplier"))? {
+                        rope.insert("mscale_all_dim".into(), (m / 0.1).into());
+                        rope.insert("mscale".into(), (m / 0.1).into());
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(ModelError::Unsupported {
+                    path: self.path.clone(),
+                    message: format!(
+                        "metadata `{}` = \"{other}\" (only no scaling and yarn)",
+                        k("rope.scaling.type")
+                    ),
+                })
+            }
+        }
+        put("rope_parameters", Value::Object(rope));
+        let q_bias = self.contains("blk.0.attn_q.bias");
+        let routed = self.routed_blocks(layers);
+        let dense_layers: Vec<Value> = (0..layers)
+            .filter(|l| !routed.contains(l))
+            .map(Value::from)
+            .collect();
+        let ff = self.uint(&k("feed_forward_length"))?;
+        let expert_ff = self.uint(&k("expert_feed_forward_length"))?;
+        let norm = self.boolean(&k("expert_weights_norm"))?;
+        let model_type = match self.arch.as_str() {
+            "olmoe" => {
+                put("num_experts", experts.into());
+                put(
+                    "intermediate_size",
+                    expert_ff
+                        .or(ff)
+                        .ok_or_else(|| {
+                            bad(
+                                &self.path,
+                                format!("missing metadata key `{}`", k("feed_forward_length")),
+                            )
+                        })?
+                        .into(),
+                );
+                put("norm_topk_prob", norm.unwrap_or(false).into());
+                put("attention_bias", q_bias.into());
+                if let Some(c) = self.float(&k("attention.clamp_kqv"))? {
+                    put("clip_qkv", c.into());
+                }
+                "olmoe"
+            }
+            "qwen2moe" | "qwen3moe" => {
+                put("num_experts", experts.into());
+                put(
+                    "moe_intermediate_size",
+                    expert_ff
+                        .ok_or_else(|| {
+                            bad(
+                                &self.path,
+                                format!(
+                                    "missing metadata key `{}`",
+                                    k("expert_feed_forward_length")
+                                ),
+                            )
+                        })?
+                        .into(),
+                );
+                if let Some(ff) = ff {
+                    put("intermediate_size", ff.into());
+                }
+                put("mlp_only_layers", Value::Array(dense_layers));
+                if self.arch == "qwen2moe" {
+                    put("qkv_bias", q_bias.into());
+                    put("norm_topk_prob", norm.unwrap_or(false).into());
+                    if let Some(s) = self.uint(&k("expert_shared_feed_forward_length"))? {
+                        put("shared_expert_intermediate_size", s.into());
+                    }
+                    "qwen2_moe"
+                } else {
+                    put("attention_bias", q_bias.into());
+                    put("norm_topk_prob", norm.unwrap_or(true).into());
+                    if let Some(d) = self.uint(&k("attention.key_length"))? {
+                        put("head_dim", d.into());
+                    }
+                    "qwen3_moe"
+                }
+            }
+            "deepseek2" => {
+                let sigmoid = match self.uint(&k("expert_gating_func"))? {
+                    None | Some(1) => false,
+                    Some(2) => true,
+                    Some(g) => {
+                        return Err(ModelError::Unsupported {
+                            path: self.path.clone(),
+                            message: format!(
+                                "metadata `{}` = {g} (1 softmax, 2 sigmoid)",
+                                k("expert_gating_func")
+                            ),
+                        })
+                    }
+                };
+                put("n_routed_experts", experts.into());
+                put(
+                    "moe_intermediate_size",
+                    self.uint_req(&k("expert_feed_forward_length"))?.into(),
+                );
+                put("intermediate_size", ff.unwrap_or(0).into());
+                put(
+                    "first_k_dense_replace",
+                    self.uint(&k("leading_dense_block_count"))?
+                        .unwrap_or(0)
+                        .into(),
+                );
+                put(
+                    "q_lora_rank",
+                    self.uint(&k("attention.q_lora_rank"))?.into(),
+                );
+                put(
+                    "kv_lora_rank",
+                    self.uint_req(&k("attention.kv_lora_rank"))?.into(),
+                );
+                let rope_dim = self.uint_req(&k("rope.dimension_count"))?;
+                let key_len = match self.uint(&k("attention.key_length_mla"))? {
+                    Some(v) => v,
+                    None => self.uint_req(&k("attention.key_length"))?,
+                };
+                let v_len = match self.uint(&k("attention.value_length_mla"))? {
+                    Some(v) => v,
+                    None => self.uint_req(&k("attention.value_length"))?,
+                };
+                let nope = key_len.checked_sub(rope_dim).ok_or_else(|| {
+                    bad(
+                        &self.path,
+                        format!(
+                            "metadata `{}` = {key_len} is smaller than `{}` = {rope_dim}",
+                            k("attention.key_length_mla"),
+                            k("rope.dimension_count")
+                        ),
+                    )
+                })?;
+                put("qk_rope_head_dim", rope_dim.into());
+                put("qk_nope_head_dim", nope.into());
+                put("v_head_dim", v_len.into());
+                put(
+                    "n_shared_experts",
+                    self.uint(&k("expert_shared_count"))?.unwrap_or(0).into(),
+                );
+                put(
+                    "routed_scaling_factor",
+                    self.float(&k("expert_weights_scale"))?
+                        .filter(|&s| s != 0.0)
+                        .unwrap_or(1.0)
+                        .into(),
+                );
+                put("norm_topk_prob", norm.unwrap_or(false).into());
+                let groups = self.uint(&k("expert_group_count"))?.unwrap_or(1);
+                put("n_group", groups.max(1).into());
+                put(
+                    "topk_group",
+                    self.uint(&k("expert_group_used_count"))?
+                        .unwrap_or(1)
+                        .max(1)
+                        .into(),
+                );
+                // llama.cpp does not use them, but converts them: q_a / kv_a / o biases.
+                put(
+                    "attention_bias",
+                    self.contains("blk.0.attn_output.bias").into(),
+                );
+                if sigmoid {
+                    put("scoring_func", "sigmoid".into());
+                    put("topk_method", "noaux_tc".into());
+                    "deepseek_v3"
+                } else {
+                    put(
+                        "topk_method",
+                        if groups > 1 {
+                            "group_limited_greedy"
+                        } else {
+                            "greedy"
+                        }
+                        .into(),
+                    );
+                    "deepseek_v2"
+                }
+            }
+            "gpt-oss" => {
+                put("num_local_experts", experts.into());
+                put(
+                    "intermediate_size",
+                    expert_ff
+                        .or(ff)
+                        .ok_or_else(|| {
+                            bad(
+                                &self.path,
+                                format!(
+                                    "missing metadata key `{}`",
+                                    k("expert_feed_forward_length")
+                                ),
+                            )
+                        })?
+                        .into(),
+                );
+                if let Some(d) = self.uint(&k("attention.key_length"))? {
+                    put("head_dim", d.into());
+                }
+                if let Some(w) = self.uint(&k("attention.sliding_window"))? {
+                    put("sliding_window", w.into());
+                }
+                put("attention_bias", q_bias.into());
+                // llama.cpp's gpt-oss clamps at 7 (`swiglu_limit` of the published models); a
+                // per-layer `swiglu_clamp_exp` array, where present, must be one value.
+                if let Some(v) = self.meta(&k("swiglu_clamp_exp")) {
+                    let key = k("swiglu_clamp_exp");
+                    let vals: Vec<f64> = match v {
+                        gguf_file::Value::Array(a) => a
+                            .iter()
+                            .map(|x| match x {
+                                gguf_file::Value::F32(f) => Ok(f64::from(*f)),
+                                other => Err(bad(
+                                    &self.path,
+                                    format!(
+                                        "metadata `{key}` must hold f32 values, found {other:?}"
+                                    ),
+                                )),
+                            })
+                            .collect::<Result<_>>()?,
+                        other => {
+                            return Err(bad(
+                                &self.path,
+                                format!("metadata `{key}` must be an array, found {other:?}"),
+                            ))
+                        }
+                    };
+                    let nonzero: Vec<f64> = vals.into_iter().filter(|&x| x != 0.0).collect();
+                    if let Some(&first) = nonzero.first() {
+                        if nonzero.iter().any(|&x| x != first) {
+                            return Err(ModelError::Unsupported {
+                                path: self.path.clone(),
+                                message: format!("metadata `{key}`: different limits per layer"),
+                            });
+                        }
+                        put("swiglu_limit", first.into());
+                    }
+                }
+                "gpt_oss"
+            }
+            "granitemoe" => {
+                put("num_local_experts", experts.into());
+                put(
+                    "intermediate_size",
+                    expert_ff
+                        .or(ff)
+                        .ok_or_else(|| {
+                            bad(
+                                &self.path,
+                                format!("missing metadata key `{}`", k("feed_forward_length")),
+                            )
+                        })?
+                        .into(),
+                );
+                for (key, field) in [
+                    ("attention.scale", "attention_multiplier"),
+                    ("embedding_scale", "embedding_multiplier"),
+                    ("residual_scale", "residual_multiplier"),
+                    ("logit_scale", "logits_scaling"),
+                ] {
+                    if let Some(v) = self.float(&k(key))? {
+                        put(field, v.into());
+                    }
+                }
+                put("attention_bias", q_bias.into());
+                "granitemoe"
+            }
+            "llama" => {
+                if experts == 0 {
+                    return Err(ModelError::Unsupported {
+                        path: self.path.clone(),
+                        message: "a `llama` GGUF without experts (a dense model)".into(),
+                    });
+                }
+                put("num_local_experts", experts.into());
+                put(
+                    "intermediate_size",
+                    expert_ff
+                        .or(ff)
+                        .ok_or_else(|| {
+                            bad(
+                                &self.path,
+                                format!("missing metadata key `{}`", k("feed_forward_length")),
+                            )
+                        })?
+                        .into(),
+                );
+                if let Some(w) = self.uint(&k("attention.sliding_window"))? {
+                    put("sliding_window", w.into());
+                }
+                "mixtral"
+            }
+            other => {
+                return Err(ModelError::UnsupportedModel {
+                    path: self.path.clone(),
+                    message: format!("unsupported GGUF architecture \"{other}\""),
+                    supported: SUPPORTED_ARCHS.join(", "),
+                })
+            }
+        };
+        put("model_type", model_type.into());
+        Ok(c)
+    }
+
+    /// The model configuration (see [`GgufFile::config_json`]), validated like a config.json.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let obj = self.config_json()?;
+        let text = Value::Object(obj).to_string();
+        ModelConfig::from_json_str(&text, &self.path)
+    }
+
+    /// EOS / BOS / padding token ids from the tokenizer metadata.
+    pub fn generation_defaults(&self) -> Result<GenerationDefaults> {
+        Ok(GenerationDefaults {
+            eos_token_id: self
+                .uint("tokenizer.ggml.eos_token_id")?
+                .map(|t| vec![t as u32])
+                .unwrap_or_default(),
+            pad_token_id: self
+                .uint("tokenizer.ggml.padding_token_id")?
+                .map(|t| t as u32),
+            bos_token_id: self.uint("tokenizer.ggml.bos_token_id")?.map(|t| t as u32),
+        })
+    }
+
+    /// The token string of id `key`'s value in `tokenizer.ggml.tokens`, if both are present.
+    fn token_string(&self, key: &str) -> Result<Option<String>> {
+        let Some(id) = self.uint(key)? else {
+            return Ok(None);
+        };
+        Ok(match self.meta("tokenizer.ggml.tokens") {
+            Some(gguf_file::Value::Array(a)) => match a.get(id) {
+                Some(gguf_file::Value::String(s)) => Some(s.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    /// `tokenizer.chat_template` with the BOS / EOS token strings.
+    pub fn chat_template(&self) -> Result<Option<(String, String, String)>> {
+        let Some(src) = self.string("tokenizer.chat_template")? else {
+            return Ok(None);
+        };
+        let bos = self
+            .token_string("tokenizer.ggml.bos_token_id")?
+            .unwrap_or_default();
+        let eos = self
+            .token_string("tokenizer.ggml.eos_token_id")?
+            .unwrap_or_default();
+        Ok(Some((src, bos, eos)))
+    }
+}
+
+/// llama.cpp's name of the weight (or, with `bias`, the bias) of a module role. Routed experts
+/// are stacked per layer (`ffn_{gate,up,down}_exps`); fused roles have no single GGUF name.
+pub fn gguf_name(family: Family, role: Role, bias: bool) -> Option<String> {
+    let suffix = if bias { "bias" } else { "weight" };
+    let blk = |l: usize, s: &str| Some(format!("blk.{l}.{s}.{suffix}"));
+    let p = |p: Proj| match p {
+        Proj::Gate => "gate",
+        Proj::Up => "up",
+        Proj::Down => "down",
+    };
+    match role {
+        Role::Embed => Some(format!("token_embd.{suffix}")),
+        Role::LmHead => Some(format!("output.{suffix}")),
+        Role::FinalNorm => Some(format!("output_norm.{suffix}")),
+        Role::InputNorm(l) => blk(l, "attn_norm"),
+        Role::PostNorm(l) => blk(
+            l,
+            if family == Family::GptOss {
+                "post_attention_norm"
+            } else {
+                "ffn_norm"
+            },
+        ),
+        Role::Q(l) => blk(l, "attn_q"),
+        Role::K(l) => blk(l, "attn_k"),
+        Role::V(l) => blk(l, "attn_v"),
+        Role::O(l) => blk(l, "attn_output"),
+        Role::QNorm(l) => blk(l, "attn_q_norm"),
+        Role::KNorm(l) => blk(l, "attn_k_norm"),
+        Role::Sinks(l) => blk(l, "attn_sinks"),
+        Role::QA(l) => blk(l, "attn_q_a"),
+        Role::QANorm(l) => blk(l, "attn_q_a_norm"),
+        Role::QB(l) => blk(l, "attn_q_b"),
+        Role::KvA(l) => blk(l, "attn_kv_a_mqa"),
+        Role::KvANorm(l) => blk(l, "attn_kv_a_norm"),
+        Role::KvB(l) => blk(l, "attn_kv_b"),
+        Role::Router(l) => blk(l, "ffn_gate_inp"),
+        // llama.cpp keeps the `.bias` of `e_score_correction_bias` in the name.
+        Role::ScoreBias(l) => Some(format!("blk.{l}.exp_probs_b.bias")),
+        Role::Expert(l, _, pr) => blk(l, &format!("ffn_{}_exps", p(pr))),
+        Role::FusedGateUp(_) | Role::FusedDown(_) => None,
+        Role::Dense(l, pr) => blk(l, &format!("ffn_{}", p(pr))),
+        Role::Shared(l, pr) => blk(l, &format!("ffn_{}_shexp", p(pr))),
+        Role::SharedGate(l) => blk(l, "ffn_gate_inp_shexp"),
+    }
+}
+
+/// How one Hugging Face tensor is made from GGUF tensors.
+#[derive(Debug, Clone)]
+enum Recipe {
+    Plain(String),
+    /// llama.cpp's q/k row permutation for interleaved RoPE, undone (`heads` heads).
+    Unpermute(String, usize),
+    /// DeepSeek `kv_b_proj` from `attn_k_b` `[H, rank, nope]` and `attn_v_b` `[H, v, rank]`.
+    KvB {
+        k_b: String,
+        v_b: String,
+    },
+}
+
+/// The tensors of a GGUF model under their Hugging Face names (see [`TensorSource`]).
+pub struct GgufSource {
+    file: GgufFile,
+    cfg: ModelConfig,
+    recipes: HashMap<String, Recipe>,
+}
+
+impl std::fmt::Debug for GgufSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufSource")
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    // llama.cpp: w.reshape(heads, 2, rows/heads/2, cols).swapaxes(1, 2); inverse: reshape to
+    // (heads, rows/heads/2, 2, cols), swap back.
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(ModelError::InvalidArgument(format!(
+            "cannot undo the RoPE permutation of {rows} rows over {heads} heads"
+        )));
+    }
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+impl GgufSource {
+    /// Checks every tensor of the family's table against the file (presence and shape) and
+    /// records how each Hugging Face tensor is read.
+    pub fn new(file: GgufFile, cfg: ModelConfig) -> Result<Self> {
+        let f = cfg.family;
+        let layout = if f == Family::GptOss {
+            ExpertLayout::Fused
+        } else {
+            ExpertLayout::PerExpert
+        };
+        let permuted = matches!(f, Family::Mixtral | Family::GraniteMoe);
+        let mut recipes = HashMap::new();
+        let check = |name: &str, expected: &[usize]| -> Result<()> {
+            match file.shape(name) {
+                None => Err(ModelError::MissingTensor {
+                    name: name.to_string(),
+                    dir: file.path.clone(),
+                }),
+                Some(s) if s == expected => Ok(()),
+                // A [1, H] tensor may be stored as [H].
+                Some(s) if checked_product(&s) == checked_product(expected) && s.len() == 1 => {
+                    Ok(())
+                }
+                Some(s) => Err(ModelError::ShapeMismatch {
+                    name: name.to_string(),
+                    path: file.part_of(name),
+                    expected: expected.to_vec(),
+                    found: s,
+                }),
+            }
+        };
+        let (e, i, h) = (cfg.num_experts, cfg.intermediate_size, cfg.hidden_size);
+        for spec in tensor_table(&cfg, layout)? {
+            let role = spec.role;
+            let is_bias = spec.name == bias_name(f, role) && spec.name != weight_name(f, role);
+            match role {
+                Role::Expert(_, x, _) if x > 0 => continue,
+                Role::Expert(l, _, p) => {
+                    let name = gguf_name(f, Role::Expert(l, 0, p), false).unwrap_or_default();
+                    if !file.contains(&name) && file.contains(&legacy_expert(l, 0, p)) {
+                        // Older files (Mixtral GGUFs before stacked experts): one tensor per
+                        // expert.
+                        let one = if p == Proj::Down { [h, i] } else { [i, h] };
+                        for x in 0..e {
+                            check(&legacy_expert(l, x, p), &one)?;
+                        }
+                        continue;
+                    }
+                    let shape = if p == Proj::Down {
+                        [e, h, i]
+                    } else {
+                        [e, i, h]
+                    };
+                    check(&name, &shape)?;
+                    continue;
+                }
+                Role::FusedGateUp(l) | Role::FusedDown(l) => {
+                    let down = matches!(role, Role::FusedDown(_));
+                    let projs: &[Proj] = if down {
+                        &[Proj::Down]
+                    } else {
+                        &[Proj::Gate, Proj::Up]
+                    };
+                    for &p in projs {
+                        let name = gguf_name(f, Role::Expert(l, 0, p), is_bias).unwrap_or_default();
+                        let shape: Vec<usize> = match (is_bias, down) {
+                            (true, true) => vec![e, h],
+                            (true, false) => vec![e, i],
+                            (false, true) => vec![e, h, i],
+                            (false, false) => vec![e, i, h],
+                        };
+                        check(&name, &shape)?;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(gname) = gguf_name(f, role, is_bias) else {
+                continue;
+            };
+            if let (Role::KvB(l), false) = (role, file.contains(&gname)) {
+                if let Some(m) = cfg.attn.mla {
+                    let nh = cfg.num_attention_heads;
+                    let k_b = format!("blk.{l}.attn_k_b.weight");
+                    let v_b = format!("blk.{l}.attn_v_b.weight");
+                    check(&k_b, &[nh, m.kv_lora_rank, m.qk_nope_head_dim])?;
+                    check(&v_b, &[nh, m.v_head_dim, m.kv_lora_rank])?;
+                    recipes.insert(spec.name.clone(), Recipe::KvB { k_b, v_b });
+                    continue;
+                }
+            }
+            check(&gname, &spec.shape)?;
+            let recipe = match role {
+                Role::Q(_) if permuted => Recipe::Unpermute(gname, cfg.num_attention_heads),
+                Role::K(_) if permuted => Recipe::Unpermute(gname, cfg.num_key_value_heads),
+                _ => Recipe::Plain(gname),
+            };
+            recipes.insert(spec.name.clone(), recipe);
+        }
+        Ok(GgufSource { file, cfg, recipes })
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// The compute dtype when none is asked for: BF16 / F16 when most of the unquantised
+    /// weights are stored so, else F32 (quantised files compute in F32, as llama.cpp).
+    pub fn default_dtype(&self) -> DType {
+        let mut by: HashMap<&'static str, usize> = HashMap::new();
+        for part in &self.file.parts {
+            for info in part.content.tensor_infos.values() {
+                let n = info.shape.elem_count();
+                let k = match info.ggml_dtype {
+                    GgmlDType::BF16 => "bf16",
+                    GgmlDType::F16 => "f16",
+                    _ => "f32",
+                };
+                let e = by.entry(k).or_default();
+                *e = e.saturating_add(n);
+            }
+        }
+        match by.into_iter().max_by_key(|(k, n)| (*n, *k)).map(|(k, _)| k) {
+            Some("bf16") => DType::BF16,
+            Some("f16") => DType::F16,
+            _ => DType::F32,
+        }
+    }
+
+    fn read(&self, recipe: &Recipe) -> Result<Tensor> {
+        match recipe {
+            Recipe::Plain(n) => self.file.dequantized(n),
+            Recipe::Unpermute(n, heads) => unpermute(&self.file.dequantized(n)?, *heads),
+            Recipe::KvB { k_b, v_b } => {
+                let kb = self.file.dequantized(k_b)?; // [H, rank, nope]
+                let vb = self.file.dequantized(v_b)?; // [H, v, rank]
+                let kb = kb.transpose(1, 2)?; // [H, nope, rank]
+                let kv = Tensor::cat(&[&kb, &vb], 1)?; // [H, nope + v, rank]
+                let (hh, rows, rank) = kv.dims3()?;
+                Ok(kv.contiguous()?.reshape((hh * rows, rank))?)
+            }
+        }
+    }
+
+    /// The routed experts of MoE layer `l` (F32 / F16 / BF16: loaded like safetensors experts;
+    /// quantised: one `QMatMul` per expert and projection).
+    pub(crate) fn experts(&self, l: usize, dtype: DType, dev: &Device) -> Result<Experts> {
+        let f = self.cfg.family;
+        let (e, i, h) = (
+            self.cfg.num_experts,
+            self.cfg.intermediate_size,
+            self.cfg.hidden_size,
+        );
+        let name =
+            |p: Proj, bias: bool| gguf_name(f, Role::Expert(l, 0, p), bias).unwrap_or_default();
+        let (gn, un, dn) = (
+            name(Proj::Gate, false),
+            name(Proj::Up, false),
+            name(Proj::Down, false),
+        );
+        if !self.file.contains(&gn) && self.file.contains(&legacy_expert(l, 0, Proj::Gate)) {
+            return self.legacy_experts(l, dtype, dev);
+        }
+        let types = [&gn, &un, &dn].map(|n| self.file.tensor_type(n));
+        let quantized = types.iter().any(|t| t.is_some_and(|t| !is_float(t)));
+        let biases = if self.cfg.moe.expert_bias {
+            let b = |p: Proj| -> Result<Tensor> {
+                Ok(self
+                    .file
+                    .dequantized(&name(p, true))?
+                    .to_dtype(dtype)?
+                    .to_device(dev)?)
+            };
+            Some([b(Proj::Gate)?, b(Proj::Up)?, b(Proj::Down)?])
+        } else {
+            None
+        };
+        if !quantized || !dev.is_cpu() {
+            let ld = |n: &str| -> Result<Tensor> {
+                Ok(self.file.dequantized(n)?.to_dtype(dtype)?.to_device(dev)?)
+            };
+            let (gate, up, down) = (ld(&gn)?, ld(&un)?, ld(&dn)?);
+            return Ok(match biases {
+                Some([gate_b, up_b, down_b]) => Experts::Biased {
+                    gate,
+                    up,
+                    down,
+                    gate_b,
+                    up_b,
+                    down_b,
+                },
+                None => Experts::Fused {
+                    gate_up: Tensor::cat(&[&gate, &up], 1)?,
+                    down,
+                },
+            });
+        }
+        let split = |n: &str, rows: usize, cols: usize| -> Result<Vec<QMatMul>> {
+            let qt = self.file.qtensor(n)?;
+            let t = qt.dtype();
+            let data = qt.data()?;
+            let per = checked_product(&[rows, cols])
+                .map(|elems| elems / t.block_size() * t.type_size())
+                .filter(|&b| b > 0 && b.checked_mul(e) == Some(data.len()))
+                .ok_or_else(|| {
+                    bad(
+                        &self.file.part_of(n),
+                        format!("tensor `{n}`: its data does not split into {e} experts"),
+                    )
+                })?;
+            let mut out = Vec::with_capacity(e);
+            for x in 0..e {
+                let bytes = &data[x * per..(x + 1) * per];
+                let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, t)?;
+                let q = QTensor::new(storage, (rows, cols))?;
+                out.push(QMatMul::from_qtensor(q)?);
+            }
+            Ok(out)
+        };
+        Ok(Experts::Quantized(QuantExperts {
+            gate: split(&gn, i, h)?,
+            up: split(&un, i, h)?,
+            down: split(&dn, h, i)?,
+            biases,
+        }))
+    }
+}
+
+/// llama.cpp's name of one expert's projection in files written before experts were stacked.
+fn legacy_expert(l: usize, x: usize, p: Proj) -> String {
+    let p = match p {
+        Proj::Gate => "gate",
+        Proj::Up => "up",
+        Proj::Down => "down",
+    };
+    format!("blk.{l}.ffn_{p}.{x}.weight")
+}
+
+impl GgufSource {
+    /// Routed experts stored one tensor per expert and projection (`blk.N.ffn_gate.X.weight`).
+    fn legacy_experts(&self, l: usize, dtype: DType, dev: &Device) -> Result<Experts> {
+        let e = self.cfg.num_experts;
+        if self.cfg.moe.expert_bias {
+            return Err(bad(
+                &self.file.path,
+                format!("layer {l}: per-expert tensors with expert biases are not supported"),
+            ));
+        }
+        let names = |p: Proj| -> Vec<String> { (0..e).map(|x| legacy_expert(l, x, p)).collect() };
+        let (gn, un, dn) = (names(Proj::Gate), names(Proj::Up), names(Proj::Down));
+        let quantized = gn
+            .iter()
+            .chain(&un)
+            .chain(&dn)
+            .any(|n| self.file.tensor_type(n).is_some_and(|t| !is_float(t)));
+        if !quantized || !dev.is_cpu() {
+            let stack = |ns: &[String]| -> Result<Tensor> {
+                let ts = ns
+                    .iter()
+                    .map(|n| Ok(self.file.dequantized(n)?.to_dtype(dtype)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::stack(&ts, 0)?.to_device(dev)?)
+            };
+            let (gate, up, down) = (stack(&gn)?, stack(&un)?, stack(&dn)?);
+            return Ok(Experts::Fused {
+                gate_up: Tensor::cat(&[&gate, &up], 1)?,
+                down,
+            });
+        }
+        let qm = |ns: &[String]| -> Result<Vec<QMatMul>> {
+            ns.iter()
+                .map(|n| Ok(QMatMul::from_qtensor(self.file.qtensor(n)?)?))
+                .collect()
+        };
+        Ok(Experts::Quantized(QuantExperts {
+            gate: qm(&gn)?,
+            up: qm(&un)?,
+            down: qm(&dn)?,
+            biases: None,
+        }))
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn shape_of(&self, name: &str) -> Vec<usize> {
+        match self.recipes.get(name) {
+            Some(Recipe::Plain(n)) | Some(Recipe::Unpermute(n, _)) => {
+                self.file.shape(n).unwrap_or_default()
+            }
+            Some(Recipe::KvB { .. }) => self
+                .cfg
+                .attn
+                .mla
+                .map(|m| {
+                    vec![
+                        self.cfg.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim),
+                        m.kv_lora_rank,
+                    ]
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    fn load_tensor(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let recipe = self
+            .recipes
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.file.path.clone(),
+            })?;
+        let t = self.read(recipe)?;
+        let t = if t.dims() != expected && t.elem_count() == checked_product(expected).unwrap_or(0)
+        {
+            t.reshape(expected)?
+        } else {
+            t
+        };
+        if t.dims() != expected {
+            let gname = match recipe {
+                Recipe::Plain(n) | Recipe::Unpermute(n, _) => n.clone(),
+                Recipe::KvB { k_b, .. } => k_b.clone(),
+            };
+            return Err(ModelError::ShapeMismatch {
+                path: self.file.part_of(&gname),
+                name: gname,
+                expected: expected.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let t = match dtype {
+            Some(d) => t.to_dtype(d)?,
+            None => t,
+        };
+        Ok(t.to_device(device)?)
+    }
+}
+
+/// Quantised routed experts of one layer: `QMatMul`s per expert (`[I, H]` gate and up, `[H, I]`
+/// down), with GPT-OSS's biases (`[E, I]`, `[E, I]`, `[E, H]`) when present.
+#[derive(Debug)]
+pub struct QuantExperts {
+    gate: Vec<QMatMul>,
+    up: Vec<QMatMul>,
+    down: Vec<QMatMul>,
+    biases: Option<[Tensor; 3]>,
+}
+
+impl QuantExperts {
+    /// `x · Wᵀ` for projection `p` of expert `e` (computed in f32, returned in `x`'s dtype).
+    pub(crate) fn project(&self, p: Proj, e: usize, x: &Tensor) -> Result<Tensor> {
+        let m = match p {
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        };
+        let m = m
+            .get(e)
+            .ok_or_else(|| ModelError::InvalidArgument(format!("expert {e} out of range")))?;
+        let dtype = x.dtype();
+        let y = m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+
+    /// The biases of expert `e` (gate, up, down), if any.
+    pub(crate) fn biases(&self, e: usize) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(match &self.biases {
+            Some([g, u, d]) => Some((g.get(e)?, u.get(e)?, d.get(e)?)),
+            None => None,
+        })
+    }
+}
+
+/// Loads a GGUF model (one file or a split set).
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<MoeModel> {
+    let file = GgufFile::open(path)?;
+    let cfg = file.config()?;
+    let src = GgufSource::new(file, cfg.clone())?;
+    let dtype = opts.dtype.unwrap_or_else(|| src.default_dtype());
+    let dev = opts.device.clone();
+    MoeModel::assemble(cfg, &src, opts, dtype, &|_cfg: &ModelConfig, l: usize| {
+        src.experts(l, dtype, &dev)
+    })
+}
+
+/// `tokenizer.json` beside a GGUF file, if there is one (it overrides the GGUF's tokenizer
+/// metadata).
+pub fn tokenizer_beside(path: &Path) -> Option<PathBuf> {
+    let beside = path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("tokenizer.json");
+    beside.is_file().then_some(beside)
+}
+
+/// llama.cpp's pre-tokenizer regexes (`llama-vocab.cpp`) for the `tokenizer.ggml.pre` values
+/// read here; each is followed by a byte-level step.
+const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl GgufFile {
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        match self.meta(key) {
+            Some(gguf_file::Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    gguf_file::Value::String(s) => Ok(s.clone()),
+                    other => Err(bad(
+                        &self.path,
+                        format!("metadata `{key}` must hold strings, found {other:?}"),
+                    )),
+                })
+                .collect(),
+            Some(v) => Err(bad(
+                &self.path,
+                format!("metadata `{key}` must be an array, found {v:?}"),
+            )),
+            None => Err(bad(&self.path, format!("missing metadata key `{key}`"))),
+        }
+    }
+
+    /// A `tokenizer.json` document built from the `tokenizer.ggml.*` metadata: byte-level BPE
+    /// (`tokenizer.ggml.model` = `gpt2`) with the pre-tokenizer of `tokenizer.ggml.pre` =
+    /// `default` / `gpt2` / `olmo` (GPT-2's), `qwen2`, or `llama-bpe` / `llama3` / `smaug-bpe`.
+    /// Anything else is refused (a wrong pre-tokenizer would silently change every token id):
+    /// put the model's tokenizer.json beside the file instead.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        let unsupported = |what: String| ModelError::Tokenizer {
+            path: self.path.clone(),
+            message: format!(
+                "{what}: cannot build the tokenizer from the GGUF metadata; put the model's \
+                 tokenizer.json (from its Hugging Face repository) beside {}",
+                self.path.display()
+            ),
+        };
+        let model = self.string("tokenizer.ggml.model")?;
+        if model.as_deref() != Some("gpt2") {
+            return Err(unsupported(format!(
+                "tokenizer.ggml.model is {model:?} (only byte-level BPE, `gpt2`)"
+            )));
+        }
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let merges = self.strings("tokenizer.ggml.merges")?;
+        let types: Vec<usize> = match self.meta("tokenizer.ggml.token_type") {
+            Some(gguf_file::Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    gguf_file::Value::I32(x) => usize::try_from(*x).unwrap_or(0),
+                    gguf_file::Value::U32(x) => *x as usize,
+                    _ => 0,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let byte_level = |use_regex: bool| {
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                               "trim_offsets": true, "use_regex": use_regex})
+        };
+        let split = |re: &str| {
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated",
+                 "invert": false},
+                byte_level(false)]})
+        };
+        let pre = self
+            .string("tokenizer.ggml.pre")?
+            .unwrap_or_else(|| "default".into());
+        let (normalizer, pre_tokenizer) = match pre.as_str() {
+            "default" | "gpt2" | "olmo" => (Value::Null, byte_level(true)),
+            "qwen2" => (serde_json::json!({"type": "NFC"}), split(REGEX_QWEN2)),
+            "llama-bpe" | "llama3" | "smaug-bpe" => (Value::Null, split(REGEX_LLAMA3)),
+            other => {
+                return Err(unsupported(format!(
+                    "tokenizer.ggml.pre `{other}` (known here: default, gpt2, olmo, qwen2, \
+                     llama-bpe)"
+                )))
+            }
+        };
+        let mut vocab = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.entry(t.clone()).or_insert(Value::from(i));
+        }
+        // llama_token_type: 3 control, 4 user-defined.
+        let added: Vec<Value> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .filter_map(|(i, &t)| {
+                tokens.get(i).map(|c| {
+                    serde_json::json!({"id": i, "content": c, "single_word": false,
+                        "lstrip": false, "rstrip": false, "normalized": t == 4,
+                        "special": t == 3})
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": byte_level(true),
+            "decoder": byte_level(true),
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        Ok(doc.to_string())
+    }
+}
