@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moe_xray_model::config::OlmoeConfig;
+use moe_xray_model::config::ModelConfig;
 use moe_xray_model::generate::Truncate;
 use moe_xray_report::{CategoryUsage, PromptRow, ReportInput};
 use moe_xray_stats::analyze::Outputs;
@@ -151,7 +151,7 @@ pub fn run_study(
 ) -> Result<StudySummary> {
     check_threads(opts.threads)?;
     prompt_set_text(&opts.prompts)?;
-    OlmoeConfig::from_dir(&opts.model)?;
+    ModelConfig::from_dir(&opts.model)?;
     // One writer per output folder, refused at once.
     let _lock = OutLock::acquire(&opts.out)?;
     execute_study(opts, command, progress)
@@ -180,12 +180,15 @@ pub fn execute_study(
     // anything is written; the prompts are encoded (and the chat template rendered) once.
     let (set, source) = prompt_set(&opts.prompts)?;
     let prepared = prepare_trace_with(&topts, set, &source)?;
+    // The weights too (a tensor missing or of the wrong shape is refused before anything is
+    // written).
+    let loaded = prepared.load().step_context(|| "trace step")?;
     std::fs::create_dir_all(out).io_context(|| format!("creating {}", out.display()))?;
     let prompts_path = prepare_prompts(&opts.prompts, out)?;
 
     // 1. trace (resumable).
     progress.message(&format!("[1/4] tracing routing -> {}", traces.display()));
-    let trace = prepared.run(progress).step_context(|| "trace step")?;
+    let trace = loaded.run(progress).step_context(|| "trace step")?;
     progress.message(&trace.line());
     let trace_file = trace.trace.clone();
 

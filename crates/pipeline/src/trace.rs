@@ -1,5 +1,6 @@
-//! Tracing: run an OLMoE checkpoint on a prompt set and record the experts its router picks for
-//! every prompt and generated token at every layer.
+//! Tracing: run an MoE checkpoint of any supported family (`moe_xray_model::config::Family`) on a
+//! prompt set and record the experts its routers pick for every prompt and generated token at
+//! every MoE layer (dense decoder layers have no router and no records).
 //!
 //! Output directory: `trace.jsonl[.gz|.zst]` ([`Mode::Events`]) or `counts.jsonl[.gz|.zst]`
 //! ([`Mode::Counts`]), `generations.jsonl` ([`GenerationLine`]) and `manifest.json`. Every input
@@ -7,6 +8,9 @@
 //! ([`prepare_trace`]). Each prompt is made durable when it finishes: its generation line is
 //! appended (fsync) first, then its trace block; with [`TraceOptions::resume`] the prompts whose
 //! trace block is complete are skipped and no generation line is ever appended twice.
+//!
+//! The manifest's `routing` block ([`routing_layout`]) says which decoder layers are MoE layers,
+//! the shared experts, the router kind and what `weights` / `probs` hold for the family.
 //!
 //! By default the last generated token is also run through the model (one extra forward step,
 //! logits discarded) so that it has routing records; `hf_generate_compat` skips it exactly like
@@ -19,7 +23,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use moe_xray_model::chat::{ChatTemplate, Sandbox};
-use moe_xray_model::config::{eos_token_ids, GenerationDefaults, OlmoeConfig};
+use moe_xray_model::config::{eos_token_ids, GenerationDefaults, ModelConfig};
 use moe_xray_model::generate::{
     check_options, fit_context, generate_all, GenerateOptions, PromptInput, Sampling, Truncate,
 };
@@ -27,7 +31,7 @@ use moe_xray_model::model::{dtype_name, parse_dtype, LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
 use moe_xray_trace::{
     prompt_set_hash, read_prompts, CountsWriter, EventsWriter, GenerationLine, JsonlAppender,
-    Manifest, Prompt, RoutingDecision, RoutingSink,
+    Manifest, Prompt, RoutingDecision, RoutingLayout, RoutingSink,
 };
 
 use crate::error::{invalid, PipelineError, Result, ResultExt};
@@ -54,7 +58,8 @@ pub enum Compress {
 /// Options of a trace run (the `moe-xray trace` flags; defaults as there).
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
-    /// Checkpoint directory in Hugging Face layout (config.json, safetensors, tokenizer.json).
+    /// Checkpoint directory in Hugging Face layout (config.json, safetensors, tokenizer.json), or
+    /// a GGUF file (`moe_xray_model::gguf`).
     pub model: PathBuf,
     /// Prompt file (JSONL `{"id","category","text"}` or CSV `id,category,text`).
     pub prompts: PathBuf,
@@ -130,6 +135,8 @@ pub struct TraceSummary {
     pub prompts_resumed: usize,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Routing records written now: one per (routed token, MoE layer); dense layers have none.
+    pub records: u64,
     pub load_seconds: f64,
     pub run_seconds: f64,
     pub trace: PathBuf,
@@ -146,6 +153,7 @@ impl TraceSummary {
             "prompts_resumed": self.prompts_resumed,
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
+            "routing_records": self.records,
             "load_seconds": self.load_seconds,
             "run_seconds": self.run_seconds,
             "tokens_per_second": (self.prompt_tokens + self.generated_tokens) as f64
@@ -159,12 +167,13 @@ impl TraceSummary {
     /// The one-line human summary.
     pub fn line(&self) -> String {
         format!(
-            "traced {} prompts ({} resumed) in {:.1} s: {} prompt + {} generated tokens -> {}",
+            "traced {} prompts ({} resumed) in {:.1} s: {} prompt + {} generated tokens, {} routing records -> {}",
             self.prompts_run,
             self.prompts_resumed,
             self.run_seconds,
             self.prompt_tokens,
             self.generated_tokens,
+            self.records,
             self.trace.display()
         )
     }
@@ -173,7 +182,8 @@ impl TraceSummary {
 /// Forwards decisions to the trace writer but leaves `end_prompt` to the caller, who first makes
 /// the generation line durable. The prompts in `.1` are already complete in the trace (they are
 /// only redone for their lost generation lines): their decisions are dropped, never written twice.
-struct Deferred(Rc<RefCell<Box<dyn RoutingSink>>>, HashSet<String>);
+/// `.2` counts the decisions written.
+struct Deferred(Rc<RefCell<Box<dyn RoutingSink>>>, HashSet<String>, u64);
 
 impl RoutingSink for Deferred {
     fn begin_prompt(&mut self, id: &str, category: Option<&str>) -> moe_xray_trace::Result<()> {
@@ -186,6 +196,7 @@ impl RoutingSink for Deferred {
         if self.1.contains(d.prompt_id) {
             return Ok(());
         }
+        self.2 += 1;
         self.0.borrow_mut().record(d)
     }
     fn end_prompt(&mut self, _id: &str) -> moe_xray_trace::Result<()> {
@@ -209,6 +220,53 @@ pub fn trace_file_name(mode: Mode, compress: Option<Compress>) -> String {
     }
 }
 
+/// What a record's `weights` hold when the family keeps OLMoE's original meaning
+/// (`MoeSpec::record_probabilities`).
+pub const WEIGHTS_FULL_SOFTMAX: &str = "full-softmax probability of each chosen expert (coefficients renormalised when norm_topk_prob)";
+/// What a record's `weights` hold in every other family.
+pub const WEIGHTS_APPLIED: &str = "coefficient applied to each routed expert's output";
+
+/// The manifest's `routing` block for a checkpoint configuration: its family, the decoder-layer
+/// indices of its MoE and dense layers, its shared experts (0 without), the router kind and what
+/// `probs` (`scores`) and `weights` hold.
+pub fn routing_layout(cfg: &ModelConfig) -> RoutingLayout {
+    RoutingLayout {
+        family: cfg.model_type().to_string(),
+        moe_layers: cfg.moe_layer_indices(),
+        dense_layers: cfg.dense_layer_indices(),
+        num_shared_experts: cfg
+            .moe
+            .shared
+            .map_or(0, |s| u32::try_from(s.count).unwrap_or(u32::MAX)),
+        router: cfg.moe.router.name().to_string(),
+        scores: cfg.moe.router.scores().to_string(),
+        weights: if cfg.moe.record_probabilities {
+            WEIGHTS_FULL_SOFTMAX
+        } else {
+            WEIGHTS_APPLIED
+        }
+        .to_string(),
+        extra: Default::default(),
+    }
+}
+
+/// Whether the manifest `old` of an earlier run may be resumed by a run whose manifest is `new`:
+/// equal, or equal but for the `routing` block that `old` lacks (written before the block
+/// existed) when every decoder layer of `new` is an MoE layer (what a missing block means).
+fn resumable(old: &Manifest, new: &Manifest) -> bool {
+    if old == new {
+        return true;
+    }
+    match (&old.routing, &new.routing) {
+        (None, Some(r)) if r.dense_layers.is_empty() => {
+            let mut stripped = new.clone();
+            stripped.routing = None;
+            *old == stripped
+        }
+        _ => false,
+    }
+}
+
 /// The checks of the options alone (before any file is read); applies `threads`.
 fn check_run_options(opts: &TraceOptions) -> Result<()> {
     set_threads(opts.threads)?;
@@ -225,7 +283,7 @@ fn check_run_options(opts: &TraceOptions) -> Result<()> {
 pub struct PreparedTrace {
     opts: TraceOptions,
     prompts: Vec<Prompt>,
-    cfg: OlmoeConfig,
+    cfg: ModelConfig,
     tokenizer: Tokenizer,
     gen: GenerateOptions,
     inputs: Vec<PromptInput>,
@@ -255,7 +313,7 @@ pub fn prepare_trace_with(
     source: &str,
 ) -> Result<PreparedTrace> {
     check_run_options(opts)?;
-    let cfg = OlmoeConfig::from_dir(&opts.model)?;
+    let cfg = ModelConfig::from_dir(&opts.model)?;
     let tokenizer = Tokenizer::from_dir(&opts.model)?;
     let gen_defaults = GenerationDefaults::from_dir(&opts.model)?;
     let template = if opts.chat_template {
@@ -334,7 +392,7 @@ impl PreparedTrace {
                 Mode::Events => "events".into(),
                 Mode::Counts => "counts".into(),
             },
-            routing: None,
+            routing: Some(routing_layout(&self.cfg)),
             extra: [
                 (
                     "record_probs".to_string(),
@@ -350,17 +408,46 @@ impl PreparedTrace {
         }
     }
 
-    /// Loads the weights, takes the output directory's lock, writes (or checks, on resume) the
-    /// manifest and traces every prompt not yet complete.
+    /// Loads the weights (checked against the family's tensor table: a missing tensor or a shape
+    /// that disagrees is an error naming it) without writing anything.
+    pub fn load(self) -> Result<LoadedTrace> {
+        let (model, load_secs) = load_model(&self.opts.model, self.opts.dtype.as_deref())?;
+        Ok(LoadedTrace {
+            prepared: self,
+            model,
+            load_secs,
+        })
+    }
+
+    /// [`PreparedTrace::load`], then [`LoadedTrace::run`].
     pub fn run(self, progress: &dyn Progress) -> Result<TraceSummary> {
-        let args = &self.opts;
-        let cfg = &self.cfg;
-        let (model, load_secs) = load_model(&args.model, args.dtype.as_deref())?;
+        self.load()?.run(progress)
+    }
+}
+
+/// A trace run whose inputs are validated and whose model is loaded; nothing written yet.
+pub struct LoadedTrace {
+    prepared: PreparedTrace,
+    model: MoeModel,
+    load_secs: f64,
+}
+
+impl LoadedTrace {
+    /// Takes the output directory's lock, writes (or checks, on resume) the manifest and traces
+    /// every prompt not yet complete.
+    pub fn run(self, progress: &dyn Progress) -> Result<TraceSummary> {
+        let LoadedTrace {
+            prepared: this,
+            model,
+            load_secs,
+        } = self;
+        let args = &this.opts;
+        let cfg = &this.cfg;
         let out = &args.out;
         let trace_path = out.join(trace_file_name(args.mode, args.compress));
         let gen_path = out.join("generations.jsonl");
         let manifest_path = out.join("manifest.json");
-        let manifest = self.manifest(dtype_name(model.dtype()));
+        let manifest = this.manifest(dtype_name(model.dtype()));
         // One writer per output directory: a second trace (or run) into it is refused at once.
         let _lock = OutLock::acquire(out)?;
         let (sink, trace_done, gen_done): (Box<dyn RoutingSink>, Vec<String>, Vec<GenerationLine>);
@@ -368,7 +455,7 @@ impl PreparedTrace {
         if args.resume {
             if manifest_path.exists() {
                 let old = Manifest::read(&manifest_path)?;
-                if old != manifest {
+                if !resumable(&old, &manifest) {
                     invalid!(
                         "{}: the existing run used different settings (model, prompts, generation or mode); refusing to resume into it",
                         manifest_path.display()
@@ -386,7 +473,10 @@ impl PreparedTrace {
                         cfg.num_hidden_layers,
                         cfg.num_experts,
                     )?;
-                    (Box::new(w), d)
+                    (
+                        Box::new(w.with_dense_layers(&cfg.dense_layer_indices())?),
+                        d,
+                    )
                 }
             };
             let (g, items) = JsonlAppender::open_resume(&gen_path)?;
@@ -407,11 +497,10 @@ impl PreparedTrace {
                 Mode::Events => {
                     Box::new(EventsWriter::create(&trace_path)?.with_probs(args.record_probs))
                 }
-                Mode::Counts => Box::new(CountsWriter::create(
-                    &trace_path,
-                    cfg.num_hidden_layers,
-                    cfg.num_experts,
-                )?),
+                Mode::Counts => Box::new(
+                    CountsWriter::create(&trace_path, cfg.num_hidden_layers, cfg.num_experts)?
+                        .with_dense_layers(&cfg.dense_layer_indices())?,
+                ),
             };
             gens = JsonlAppender::create(&gen_path)?;
             trace_done = Vec::new();
@@ -446,7 +535,7 @@ impl PreparedTrace {
                 regen.len()
             ));
         }
-        let todo: Vec<PromptInput> = self
+        let todo: Vec<PromptInput> = this
             .inputs
             .iter()
             .filter(|p| !done.contains(&p.id) || regen.contains(&p.id))
@@ -455,21 +544,21 @@ impl PreparedTrace {
 
         progress.prompts_begin(todo.len() as u64);
         let shared: Rc<RefCell<Box<dyn RoutingSink>>> = Rc::new(RefCell::new(sink));
-        let mut deferred = Deferred(shared.clone(), regen.clone());
+        let mut deferred = Deferred(shared.clone(), regen.clone(), 0);
         let start = Instant::now();
         let (mut prompt_tokens, mut gen_tokens) = (0usize, 0usize);
-        let categories: HashMap<&str, &str> = self
+        let categories: HashMap<&str, &str> = this
             .prompts
             .iter()
             .map(|p| (p.id.as_str(), p.category.as_str()))
             .collect();
-        let tokenizer = &self.tokenizer;
-        let truncated = &self.truncated;
+        let tokenizer = &this.tokenizer;
+        let truncated = &this.truncated;
         generate_all(
             &model,
             &todo,
             args.batch_size,
-            &self.gen,
+            &this.gen,
             &mut deferred,
             &mut |g| {
                 if !have_gen.contains(&g.prompt_id) {
@@ -501,11 +590,12 @@ impl PreparedTrace {
         .step_context(|| "running the model")?;
         progress.prompts_end();
         Ok(TraceSummary {
-            prompts: self.prompts.len(),
+            prompts: this.prompts.len(),
             prompts_run: todo.len(),
             prompts_resumed: done.len() - regen.len(),
             prompt_tokens,
             generated_tokens: gen_tokens,
+            records: deferred.2,
             load_seconds: load_secs,
             run_seconds: start.elapsed().as_secs_f64(),
             trace: trace_path,
@@ -580,7 +670,7 @@ pub fn encode_prompts(
 /// token count. Returns the original token count of every cut prompt, by prompt id.
 pub fn fit_prompts(
     inputs: &mut [PromptInput],
-    cfg: &OlmoeConfig,
+    cfg: &ModelConfig,
     max_new_tokens: usize,
     truncate: Option<Truncate>,
 ) -> Result<HashMap<String, usize>> {

@@ -21,7 +21,8 @@ pub enum What {
     Analyze(AnalyzeBench),
     /// Gram-sums path (within/across, per-layer d, category matrix) on many synthetic prompts.
     AnalyzeLarge(LargeBench),
-    /// OLMoE checkpoint: prefill / decode tokens/s, capture overhead (null vs trace sink), peak RSS.
+    /// MoE checkpoint (any supported family): prefill / decode tokens/s, capture overhead (null vs
+    /// trace sink), peak RSS.
     Model(super::bench_model::ModelBench),
 }
 

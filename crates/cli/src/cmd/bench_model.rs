@@ -1,4 +1,5 @@
-//! `moe-xray bench model`: times an OLMoE checkpoint on a prompt workload, once with routing
+//! `moe-xray bench model`: times an MoE checkpoint of any supported family on a prompt workload,
+//! once with routing
 //! capture into a `NullSink` (the bare model) and once into a real trace writer (counts or
 //! events, written to a scratch directory that is removed afterwards), and reports prefill and
 //! decode tokens/s separately, wall time, the capture overhead and the peak RSS.
@@ -12,7 +13,9 @@
 //! Token accounting: *prefill* = the first forward step of each batch (all prompt tokens of the
 //! batch at once); *decode* = every later step (one token per still-active prompt). Tokens/s =
 //! tokens fed through the model in that phase / seconds spent in those `forward` calls (greedy
-//! token selection and sink bookkeeping between steps count towards the wall time only).
+//! token selection and sink bookkeeping between steps count towards the wall time only). Every
+//! token fed makes one routing decision per MoE layer (dense layers make none):
+//! `routing_decisions` = tokens × `num_moe_layers`.
 //!
 //! The decoding loop is written here instead of calling `generate::generate_all` because that
 //! function does not expose per-step timings; it uses the same public `MoeModel::forward` API.
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use moe_xray_model::config::OlmoeConfig;
+use moe_xray_model::config::ModelConfig;
 use moe_xray_model::model::{dtype_name, MoeModel, StepSeq};
 use moe_xray_model::tokenizer::Tokenizer;
 use moe_xray_trace::sink::NullSink;
@@ -43,7 +46,9 @@ pub enum Capture {
 
 #[derive(clap::Args, Debug)]
 pub struct ModelBench {
-    /// Checkpoint directory in Hugging Face layout (e.g. from `synth-model --preset olmoe-1b-7b`).
+    /// Checkpoint directory in Hugging Face layout of a supported MoE family (olmoe, mixtral,
+    /// qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss, granitemoe), e.g. from
+    /// `synth-model --preset olmoe-1b-7b`.
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt set: `paper80` (bundled) or a JSONL / CSV file with id, category, text.
@@ -100,8 +105,20 @@ pub struct PassResult {
 #[derive(Debug, Serialize)]
 struct Summary {
     model: String,
+    /// transformers' `model_type`.
+    family: String,
+    /// Decoder layers.
     num_layers: usize,
+    /// Decoder layers with a router (each routed token makes one decision at each).
+    num_moe_layers: usize,
+    /// Decoder-layer indices of the dense layers (no router).
+    dense_layers: Vec<u32>,
+    /// Routed experts per MoE layer.
     num_experts: usize,
+    /// Shared experts per MoE layer (0 without).
+    num_shared_experts: usize,
+    /// The router kind (as in the trace manifest's `routing.router`).
+    router: String,
     top_k: usize,
     hidden_size: usize,
     dtype: String,
@@ -305,6 +322,15 @@ fn load_prompts(spec: &str) -> Result<Vec<Prompt>> {
     }
 }
 
+/// "16 layers" when every decoder layer is an MoE layer, else "3 layers (2 MoE, dense [0])".
+fn layers_text(num_layers: usize, num_moe: usize, dense: &[u32]) -> String {
+    if dense.is_empty() {
+        format!("{num_layers} layers")
+    } else {
+        format!("{num_layers} layers ({num_moe} MoE, dense {dense:?})")
+    }
+}
+
 fn gb(b: Option<u64>) -> String {
     b.map(|b| format!("{:.2} GB", b as f64 / 1e9))
         .unwrap_or_else(|| "n/a".into())
@@ -328,7 +354,7 @@ pub fn run(b: ModelBench) -> Result<()> {
         prompts.truncate(b.num_prompts);
     }
     let tokenizer = Tokenizer::from_dir(&b.model)?;
-    let vocab = OlmoeConfig::from_dir(&b.model)?.vocab_size;
+    let vocab = ModelConfig::from_dir(&b.model)?.vocab_size;
     let inputs = encode_prompts(&prompts, &b.prompts, &tokenizer, None, vocab)?;
     let (model, load_seconds) = load_model(&b.model, b.dtype.as_deref())?;
     let rss_after_load = proc_status_bytes("VmRSS");
@@ -361,7 +387,8 @@ pub fn run(b: ModelBench) -> Result<()> {
                         scratch.join("counts.jsonl"),
                         cfg.num_hidden_layers,
                         cfg.num_experts,
-                    )?;
+                    )?
+                    .with_dense_layers(&cfg.dense_layer_indices())?;
                     run_pass(
                         &model,
                         &seqs,
@@ -400,8 +427,13 @@ pub fn run(b: ModelBench) -> Result<()> {
     });
     let summary = Summary {
         model: b.model.display().to_string(),
+        family: cfg.model_type().to_string(),
         num_layers: cfg.num_hidden_layers,
+        num_moe_layers: cfg.moe_layer_indices().len(),
+        dense_layers: cfg.dense_layer_indices(),
         num_experts: cfg.num_experts,
+        num_shared_experts: cfg.moe.shared.map_or(0, |s| s.count),
+        router: cfg.moe.router.name().to_string(),
         top_k: cfg.num_experts_per_tok,
         hidden_size: cfg.hidden_size,
         dtype: dtype_name(model.dtype()).to_string(),
@@ -420,11 +452,17 @@ pub fn run(b: ModelBench) -> Result<()> {
         return Ok(());
     }
     println!(
-        "bench model: {} ({} layers x {} experts, top-{}, hidden {}, {}), {} prompts x {} new tokens, batch {}, threads {}",
+        "bench model: {} ({}, {} x {} experts{}, top-{} ({} router), hidden {}, {}), {} prompts x {} new tokens, batch {}, threads {}",
         summary.model,
-        summary.num_layers,
+        summary.family,
+        layers_text(summary.num_layers, summary.num_moe_layers, &summary.dense_layers),
         summary.num_experts,
+        match summary.num_shared_experts {
+            0 => String::new(),
+            n => format!(" + {n} shared"),
+        },
         summary.top_k,
+        summary.router,
         summary.hidden_size,
         summary.dtype,
         prompts.len(),
@@ -493,6 +531,12 @@ mod tests {
         assert_eq!(parse_status_kb(s, "VmRSS"), Some(42));
         assert_eq!(parse_status_kb(s, "VmSwap"), None);
         assert_eq!(parse_status_kb("VmHWMX: 5 kB", "VmHWM"), None);
+    }
+
+    #[test]
+    fn layers_text_names_dense_layers() {
+        assert_eq!(layers_text(16, 16, &[]), "16 layers");
+        assert_eq!(layers_text(3, 2, &[0]), "3 layers (2 MoE, dense [0])");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `moe-xray run`: the whole study in one command — trace → analyze → health → figures → report.
+//! `moe-xray run`: the whole study in one command — trace → analyze → health → figures → report —
+//! for a checkpoint of any supported family (signatures and health use its MoE layers only).
 //!
 //! Output folder layout (every file written through a temp file + rename):
 //! - `prompts.jsonl`        the prompt set actually used (a copy; `paper80` is bundled)
@@ -24,7 +25,8 @@ use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Checkpoint directory in Hugging Face layout.
+    /// Checkpoint directory in Hugging Face layout of a supported MoE family (`model_type`
+    /// olmoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss, granitemoe).
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt set: `paper80` (bundled) or a JSONL / CSV file with id, category, text.

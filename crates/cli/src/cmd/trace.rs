@@ -1,5 +1,7 @@
-//! `moe-xray trace`: run an OLMoE checkpoint on a prompt file and record the experts its router
-//! picks for every prompt and generated token at every layer.
+//! `moe-xray trace`: run an MoE checkpoint (olmoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v2,
+//! deepseek_v3, gpt_oss or granitemoe) on a prompt file and record the experts its routers pick
+//! for every prompt and generated token at every MoE layer (dense layers have no records; the
+//! manifest's `routing` block lists both).
 //!
 //! Output directory: `trace.jsonl[.gz|.zst]` (`--mode events`) or `counts.jsonl[.gz|.zst]`
 //! (`--mode counts`), `generations.jsonl` and `manifest.json`. Every input is validated (model,
@@ -38,7 +40,10 @@ pub enum Compress {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Checkpoint directory in Hugging Face layout (config.json, safetensors, tokenizer.json).
+    /// Checkpoint directory in Hugging Face layout (config.json, safetensors, tokenizer.json) of
+    /// a supported MoE family (`model_type` olmoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v2,
+    /// deepseek_v3, gpt_oss, granitemoe), or a llama.cpp GGUF file (`.gguf`, or any part of a
+    /// split `-0000N-of-0000M.gguf` set; a tokenizer.json beside it overrides its tokenizer).
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt file (JSONL `{"id","category","text"}` or CSV `id,category,text`).
@@ -52,13 +57,14 @@ pub struct Args {
     /// Compress the trace file.
     #[arg(long, value_enum)]
     pub compress: Option<Compress>,
-    /// Also record the full router distribution of every (token, layer).
+    /// Also record the router's full score vector of every (token, MoE layer): softmax
+    /// probabilities, or sigmoid scores for deepseek_v3 (the manifest's `routing.scores`).
     #[arg(long)]
     pub record_probs: bool,
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
     /// Prompts run together (ragged batching: results do not depend on it). Larger batches
-    /// read each expert's weights once for more tokens (on the full OLMoE shape a decode step is
+    /// read each expert's weights once for more tokens (at real model sizes a decode step is
     /// bound by reading the experts from memory); a prompt's trace is written when its batch
     /// finishes, so `--resume` after a crash redoes at most one batch.
     #[arg(long, default_value_t = 64)]
