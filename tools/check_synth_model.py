@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Prove that a `moe-xray synth-model` checkpoint loads in Hugging Face transformers, and show its routing.
+"""Prove that a `moe-xray synth-model` checkpoint of any supported family loads in Hugging Face transformers,
+and show its routing.
 
-Loads DIR with `AutoTokenizer` + `OlmoeForCausalLM.from_pretrained` (pinned transformers, see
-tools/requirements-hf.txt), runs a forward pass over each prompt with a forward hook on every layer's router
-(`mlp.gate`, output `(logits, weights, indices)`), and prints, per layer: the number of experts used,
+Loads DIR with `AutoTokenizer` + `AutoModelForCausalLM.from_pretrained` (pinned transformers, see
+tools/requirements-hf.txt; families: olmoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss,
+granitemoe), runs a forward pass over each prompt with a forward hook on every MoE layer's router (`mlp.gate`,
+`mlp.router` (GPT-OSS) or `block_sparse_moe.router` (Granite-MoE); every one returns
+`(logits, weights, indices)`; dense layers have none), and prints, per MoE layer: the number of experts used,
 max/mean expert load (selections of the most used expert divided by the mean over experts; 1.0 = perfectly
-balanced) and the mean router entropy. With categories in the prompt file it also prints the mean
-within-category and across-category cosine similarity of per-prompt expert-count signatures (the paper's
-statistic, unweighted, all tokens) so a `--planted` model's category structure is visible.
+balanced) and the mean entropy of the softmax of the router logits. With categories in the prompt file it also
+prints the mean within-category and across-category cosine similarity of per-prompt expert-count signatures (the
+paper's statistic, unweighted, all tokens) so a `--planted` model's category structure is visible.
 
 Exit status 1 if loading fails, a layer uses fewer than `--min-used-frac` of its experts or its max/mean load
 exceeds `--max-load` (defaults 0.9 and 3.0); the thresholds are the "not collapsed" check.
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, OlmoeForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_PROMPTS = [
     ("code-a", "code", "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    mid = len(items) // 2"),
@@ -60,8 +63,19 @@ def load_prompts(path: str | None):
     return out
 
 
+def router_of(layer):
+    """The router module of a decoder layer, or None for a dense layer."""
+    for block_name, router_name in (("mlp", "gate"), ("mlp", "router"), ("block_sparse_moe", "router")):
+        block = getattr(layer, block_name, None)
+        router = getattr(block, router_name, None) if block is not None else None
+        # a dense MLP's `gate_proj` is not a router; routers are the modules returning (logits, w, idx)
+        if router is not None and type(router).__name__.endswith("Router"):
+            return router
+    return None
+
+
 def main():
-    ap = argparse.ArgumentParser(description="check a synthetic OLMoE checkpoint with transformers")
+    ap = argparse.ArgumentParser(description="check a synthetic MoE checkpoint with transformers")
     ap.add_argument("model_dir")
     ap.add_argument("--prompts", help="JSONL with id, category, text (default: 12 built-in prompts)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -72,22 +86,28 @@ def main():
     torch.set_num_threads(2)
     d = Path(args.model_dir)
     tok = AutoTokenizer.from_pretrained(str(d))
-    model = OlmoeForCausalLM.from_pretrained(str(d), dtype=getattr(torch, args.dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=getattr(torch, args.dtype))
     model.eval()
     cfg = model.config
-    L, E, k = cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok
+    routers = [(i, router_of(layer)) for i, layer in enumerate(model.model.layers)]
+    moe_layers = [i for i, r in routers if r is not None]
+    if not moe_layers:
+        sys.exit(f"{d}: no MoE layer found in {type(model).__name__}")
+    E = routers[moe_layers[0]][1].weight.shape[0]
+    k = cfg.num_experts_per_tok
+    L = len(moe_layers)
     prompts = load_prompts(args.prompts)
 
     captured: list = [None] * L
 
-    def mk(i):
+    def mk(j):
         def hook(mod, inp, out):
             logits, _w, idx = out
-            captured[i] = (logits.detach().float(), idx.detach())
+            captured[j] = (logits.detach().float(), idx.detach())
 
         return hook
 
-    hs = [layer.mlp.gate.register_forward_hook(mk(i)) for i, layer in enumerate(model.model.layers)]
+    hs = [routers[i][1].register_forward_hook(mk(j)) for j, i in enumerate(moe_layers)]
     usage = np.zeros((L, E), dtype=np.int64)
     ent_sum = np.zeros(L)
     n_tok = 0
@@ -100,9 +120,10 @@ def main():
         sig = np.zeros((L, E))
         for l in range(L):
             logits, idx = captured[l]
+            logits = logits.reshape(-1, E)
             p = torch.softmax(logits, -1)
             ent_sum[l] += float(-(p * torch.log(p.clamp_min(1e-30))).sum())
-            for row in idx.tolist():
+            for row in idx.reshape(-1, k).tolist():
                 usage[l, row] += 1
                 sig[l, row] += 1
         n_tok += len(ids)
@@ -116,8 +137,9 @@ def main():
     ent = ent_sum / n_tok
     result = {
         "model_dir": str(d),
-        "loaded_by": "transformers OlmoeForCausalLM.from_pretrained",
-        "num_layers": L,
+        "loaded_by": f"transformers {type(model).__name__}.from_pretrained",
+        "model_type": cfg.model_type,
+        "moe_layers": moe_layers,
         "num_experts": E,
         "top_k": k,
         "prompts": len(prompts),
@@ -139,10 +161,13 @@ def main():
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"{d}: loaded by transformers; {L} layers, {E} experts, top-{k}; {len(prompts)} prompts, {n_tok} tokens")
+        print(
+            f"{d}: loaded by transformers {type(model).__name__} ({cfg.model_type}); MoE layers {moe_layers}, "
+            f"{E} experts, top-{k}; {len(prompts)} prompts, {n_tok} tokens"
+        )
         print("layer  experts_used  max/mean_load  mean_entropy (max %.3f)" % math.log(E))
         for l in range(L):
-            print(f"{l:5d}  {used[l]:12d}  {load[l]:13.3f}  {ent[l]:12.4f}")
+            print(f"{moe_layers[l]:5d}  {used[l]:12d}  {load[l]:13.3f}  {ent[l]:12.4f}")
         if "similarity_within_mean" in result:
             print(
                 f"signature similarity: within-category {result['similarity_within_mean']}, "

@@ -1,12 +1,30 @@
-//! Synthetic OLMoE checkpoints (`moe-xray synth-model`): random weights in the exact Hugging Face layout.
+//! Synthetic MoE checkpoints (`moe-xray synth-model`): random weights in the exact Hugging Face layout of
+//! every supported family (olmoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss,
+//! granitemoe).
 //!
-//! A checkpoint directory holds `config.json` (`model_type: "olmoe"`, transformers 5.x form with
-//! `rope_parameters`), the weights as safetensors in the published per-expert layout
-//! (`model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`; one `model.safetensors` or
-//! `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`),
-//! `generation_config.json`, `tokenizer.json`, `tokenizer_config.json` (with a Tulu-style chat template,
-//! the one OLMoE-Instruct uses) and `synth.json` (how the checkpoint was made). `tools/check_synth_model.py`
-//! proves that transformers loads it.
+//! A checkpoint directory holds `config.json` (the family's `model_type`, in the transformers 5.24 form
+//! `save_pretrained` writes, with `rope_parameters`; the fields are those of the fixtures under
+//! `fixtures/hf/`), the weights as safetensors (one `model.safetensors` or `model-0000i-of-0000n.safetensors`
+//! shards plus `model.safetensors.index.json`), `generation_config.json`, `tokenizer.json`,
+//! `tokenizer_config.json` (with a Tulu-style chat template, the one OLMoE-Instruct uses) and `synth.json`
+//! (how the checkpoint was made). `tools/check_synth_model.py` proves that transformers loads it.
+//!
+//! # Tensors: the family's one table
+//! The tensors written are exactly [`crate::table::tensor_table`] of the configuration that the written
+//! `config.json` parses to ([`SynthSpec::model_config`]), in the family's published layout
+//! (`ExpertLayout::Canonical`: per-expert tensors, Mixtral's under `block_sparse_moe` as `w1/w2/w3`;
+//! GPT-OSS fused and transposed with biases; Granite-MoE fused): the table the loader checks every
+//! checkpoint against, so the writer and the loader cannot drift. DeepSeek-V3's `e_score_correction_bias`
+//! is stored in f32 whatever `--dtype` (as in the published checkpoints).
+//!
+//! # Presets
+//! [`PRESETS`]: `tiny`, `small`, `olmoe-1b-7b` (OLMoE); a `tiny-<family>` test shape for every other
+//! family (vocab 512, hidden 64, 2–3 layers, exercising its features: sliding windows shorter than the
+//! test prompts, dense layers, shared experts, group-limited routing, a non-zero correction bias, sinks,
+//! multipliers); and the published shapes, copied from each model's `config.json` (the source is named
+//! next to each preset): `mixtral-8x7b`, `qwen1.5-moe-a2.7b`, `qwen3-30b-a3b`, `deepseek-v2-lite`,
+//! `moonlight-16b-a3b` (DeepSeek-V3 layout), `gpt-oss-20b` (bf16 experts instead of the published
+//! MXFP4), `granite-3.0-3b-a800m`, all bf16. Their parameter counts match the published totals (tests).
 //!
 //! # Tokenizer
 //! With a vocabulary of at least 50,280 the real OLMo/OLMoE byte-level BPE tokenizer is written (embedded
@@ -14,20 +32,35 @@
 //! get realistic lengths. Smaller vocabularies get the project's byte-level BPE: `<|endoftext|>` = 0
 //! (eos/bos), `<|padding|>` = 1, the 256 bytes (GPT-2 byte-to-unicode alphabet) at ids 2..=257, then merges
 //! that build the words of a fixed word list ([`TINY_TOKENIZER_WORDS`] order, each word and its
-//! space-prefixed form, prefix by prefix) until the vocabulary is full. Vocabularies below 258 are an error.
+//! space-prefixed form, prefix by prefix) until the vocabulary is full or the list ends. Vocabularies
+//! below 258 are an error. The published presets keep the published vocabulary size: Qwen (151,936),
+//! DeepSeek (102,400 / 163,840) and GPT-OSS (201,088) get the OLMo tokenizer, whose 50,280 ids are a
+//! prefix of the embedding; Mixtral (32,000) and Granite (49,155) are below 50,280 and get the project
+//! tokenizer, which uses only its first few hundred ids (tokenizer realism is not the point: routing
+//! shapes are).
 //!
 //! # Initialisation (chosen so that routing looks like a trained model's, not collapsed)
-//! All values are `std · z` with `z` standard normal, except the RMSNorm weights (all 1):
-//! - `embed_tokens`: std 1 (the residual stream starts at RMS ≈ 1 and stays dominated by the token
-//!   embedding, so different tokens keep different router inputs in every layer);
-//! - `q/k/v_proj`, expert `gate/up_proj`: std `1/sqrt(hidden)`; `o_proj`: `1/sqrt(hidden)/sqrt(2·layers)`;
-//!   expert `down_proj`: `1/sqrt(intermediate)/sqrt(2·layers)` (GPT-2-style scaled residual branches);
-//! - `mlp.gate` (router): std `ROUTER_LOGIT_STD/sqrt(hidden)`, so router logits (the router input is
-//!   RMS-normalised) have std ≈ [`ROUTER_LOGIT_STD`];
-//! - `lm_head`: std `1/sqrt(hidden)`.
+//! All values are `std · z` with `z` standard normal, except the norm weights (all 1). The table gives
+//! each tensor an [`crate::table::Init`] hint, mapped to a standard deviation as follows:
+//! - `Embedding`: std 1 (the residual stream starts at RMS ≈ 1 — Granite: its embedding multiplier — and
+//!   stays dominated by the token embedding, so different tokens keep different router inputs in every
+//!   layer);
+//! - `Linear { fan_in }` (q/k/v projections, MLA's `q_a/q_b/kv_a/kv_b`, expert, shared-expert and
+//!   dense-MLP `gate/up`, Qwen2-MoE's `shared_expert_gate`): `1/sqrt(fan_in)`;
+//! - `Residual { fan_in }` (`o_proj`, every `down` projection): `1/sqrt(fan_in)/sqrt(2·layers)`
+//!   (GPT-2-style scaled residual branches);
+//! - `Router` (the router weight of every family): `ROUTER_LOGIT_STD/sqrt(hidden)`, so router logits (the
+//!   router input is RMS-normalised) have std ≈ [`ROUTER_LOGIT_STD`];
+//! - `LmHead`: `1/sqrt(hidden)`;
+//! - `Bias` (attention and expert biases, GPT-OSS's router bias and attention sinks): [`BIAS_STD`] = 0.1,
+//!   small next to the logits; DeepSeek-V3's `e_score_correction_bias`: [`SCORE_BIAS_STD`] = 0.01 (it is
+//!   added to sigmoid scores in (0, 1) for the choice, and at 0.1 a random bias made some experts win for
+//!   most tokens: max/mean load 2.6 instead of 1.7 on the tiny preset).
 //!
-//! Measured with transformers (`tools/check_synth_model.py`): every layer uses all experts with max/mean
-//! load ≲ 2 on realistic text (see the module tests and `tools/README.md`).
+//! Measured with moe-xray's model ([`routing_summary`], `synth-model --routing`, the `synth_forward`
+//! tests, seeds 0 and 1) and with transformers (`tools/check_synth_model.py`): every MoE layer of every
+//! family's tiny preset uses all its experts with max/mean load between 1.2 and 2.1 on short code, math,
+//! story and factual texts (see `tools/README.md`).
 //!
 //! # Randomness (byte-reproducible, streaming)
 //! Every tensor has its own ChaCha8 stream (`ChaCha8Rng::seed_from_u64(seed)`, `set_stream(i)` where `i` is
@@ -99,7 +132,9 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::table::{tensor_table, ExpertLayout, Init as TableInit, Role};
 
 /// The OLMo / OLMoE tokenizer (gpt-neox-olmo-dolma-v1_5, Apache-2.0), see `assets/olmo-tokenizer/`.
 pub const OLMO_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/olmo-tokenizer/tokenizer.json");
@@ -428,11 +463,55 @@ impl SynthDtype {
     }
 }
 
+/// Multi-head latent attention sizes of a synthetic DeepSeek checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SynthMla {
+    /// `None`: one `q_proj` (DeepSeek-V2-Lite); otherwise `q_a_proj` → norm → `q_b_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// YaRN rope scaling written into `rope_parameters`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SynthYarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// DeepSeek's `mscale` / `mscale_all_dim` (not written when `None`).
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    /// GPT-OSS writes `truncate: false` (not written when `None`).
+    pub truncate: Option<bool>,
+}
+
+/// Granite-MoE's scalar multipliers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SynthMultipliers {
+    pub embedding: f64,
+    pub residual: f64,
+    /// The attention softmax scale (`attention_multiplier`).
+    pub attention: f64,
+    /// Output logits are divided by this.
+    pub logits_scaling: f64,
+}
+
 /// Shape, dtype and seed of a synthetic checkpoint.
+///
+/// The common sizes use OLMoE's names; `intermediate_size` is always the size of one routed
+/// expert (`moe_intermediate_size` in Qwen and DeepSeek configs). The family-specific fields must
+/// keep their neutral value (0, `None`, empty, 1.0) in families that have no such feature;
+/// [`SynthSpec::validate`] names the field otherwise.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthSpec {
+    /// Which transformers modeling file the checkpoint follows.
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// Intermediate size of one routed expert.
     pub intermediate_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -448,17 +527,131 @@ pub struct SynthSpec {
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
+    /// Explicit per-head dimension (Qwen3-MoE, GPT-OSS, Mixtral); `None`: hidden / heads.
+    pub head_dim: Option<usize>,
+    /// Layers with a dense MLP instead of experts: Qwen's `mlp_only_layers`; DeepSeek's
+    /// `first_k_dense_replace` (then exactly the layers `0..k`).
+    pub dense_layers: Vec<usize>,
+    /// Intermediate size of the dense MLPs (Qwen's and DeepSeek's `intermediate_size`).
+    pub dense_intermediate_size: usize,
+    /// Qwen2-MoE: intermediate size of the gated shared expert (0: none).
+    pub shared_intermediate_size: usize,
+    /// DeepSeek: number of shared experts (`n_shared_experts`).
+    pub num_shared_experts: usize,
+    /// DeepSeek: `n_group` and `topk_group` (DeepSeek-V2 uses `group_limited_greedy` when
+    /// `n_group` > 1, else `greedy`).
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// DeepSeek: `routed_scaling_factor`.
+    pub routed_scaling_factor: f64,
+    /// DeepSeek: multi-head latent attention.
+    pub mla: Option<SynthMla>,
+    /// YaRN rope scaling (DeepSeek, GPT-OSS).
+    pub yarn: Option<SynthYarn>,
+    /// Mixtral: every layer; GPT-OSS: the even layers (`layer_types` alternate sliding / full).
+    pub sliding_window: Option<usize>,
+    /// GPT-OSS: `swiglu_limit`.
+    pub swiglu_limit: f64,
+    /// Granite-MoE multipliers.
+    pub multipliers: Option<SynthMultipliers>,
+    pub tie_word_embeddings: bool,
+    /// Biases on the attention projections (OLMoE, Qwen3, Granite: q/k/v/o; Qwen2-MoE: q/k/v,
+    /// written as `qkv_bias`; DeepSeek: q_a/kv_a/o; GPT-OSS: q/k/v/o).
+    pub attention_bias: bool,
 }
 
+/// Names accepted by [`SynthSpec::preset`], with their family.
+pub const PRESET_FAMILIES: &[(&str, Family)] = &[
+    ("tiny", Family::Olmoe),
+    ("small", Family::Olmoe),
+    ("olmoe-1b-7b", Family::Olmoe),
+    ("tiny-mixtral", Family::Mixtral),
+    ("mixtral-8x7b", Family::Mixtral),
+    ("tiny-qwen2-moe", Family::Qwen2Moe),
+    ("qwen1.5-moe-a2.7b", Family::Qwen2Moe),
+    ("tiny-qwen3-moe", Family::Qwen3Moe),
+    ("qwen3-30b-a3b", Family::Qwen3Moe),
+    ("tiny-deepseek-v2", Family::DeepseekV2),
+    ("deepseek-v2-lite", Family::DeepseekV2),
+    ("tiny-deepseek-v3", Family::DeepseekV3),
+    ("moonlight-16b-a3b", Family::DeepseekV3),
+    ("tiny-gpt-oss", Family::GptOss),
+    ("gpt-oss-20b", Family::GptOss),
+    ("tiny-granitemoe", Family::GraniteMoe),
+    ("granite-3.0-3b-a800m", Family::GraniteMoe),
+];
+
 /// Names accepted by [`SynthSpec::preset`].
-pub const PRESETS: &[&str] = &["tiny", "small", "olmoe-1b-7b"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "small",
+    "olmoe-1b-7b",
+    "tiny-mixtral",
+    "mixtral-8x7b",
+    "tiny-qwen2-moe",
+    "qwen1.5-moe-a2.7b",
+    "tiny-qwen3-moe",
+    "qwen3-30b-a3b",
+    "tiny-deepseek-v2",
+    "deepseek-v2-lite",
+    "tiny-deepseek-v3",
+    "moonlight-16b-a3b",
+    "tiny-gpt-oss",
+    "gpt-oss-20b",
+    "tiny-granitemoe",
+    "granite-3.0-3b-a800m",
+];
+
+/// The family of a `--family` value: a transformers `model_type` (`qwen3_moe`), also spelled
+/// with hyphens (`qwen3-moe`).
+pub fn parse_family(name: &str) -> Result<Family> {
+    crate::families::family_of(&name.to_ascii_lowercase().replace('-', "_")).ok_or_else(|| {
+        ModelError::InvalidArgument(format!(
+            "unknown --family `{name}` (expected one of: {})",
+            crate::families::SUPPORTED.join(", ")
+        ))
+    })
+}
+
+/// The small preset of `family` used by the tests (`tiny` for OLMoE, else `tiny-<family>`).
+pub fn tiny_preset(family: Family) -> &'static str {
+    match family {
+        Family::Olmoe => "tiny",
+        Family::Mixtral => "tiny-mixtral",
+        Family::Qwen2Moe => "tiny-qwen2-moe",
+        Family::Qwen3Moe => "tiny-qwen3-moe",
+        Family::DeepseekV2 => "tiny-deepseek-v2",
+        Family::DeepseekV3 => "tiny-deepseek-v3",
+        Family::GptOss => "tiny-gpt-oss",
+        Family::GraniteMoe => "tiny-granitemoe",
+    }
+}
+
+/// Every family, in [`crate::families::SUPPORTED`] order.
+pub const FAMILIES: [Family; 8] = [
+    Family::Olmoe,
+    Family::Mixtral,
+    Family::Qwen2Moe,
+    Family::Qwen3Moe,
+    Family::DeepseekV2,
+    Family::DeepseekV3,
+    Family::GptOss,
+    Family::GraniteMoe,
+];
+
+/// Standard deviation of biases (attention, router, experts) and attention sinks (see the
+/// module docs).
+pub const BIAS_STD: f64 = 0.1;
+/// Standard deviation of DeepSeek-V3's `e_score_correction_bias` (added to sigmoid scores in
+/// (0, 1) for the choice only: a larger random bias would favour some experts for every token).
+pub const SCORE_BIAS_STD: f64 = 0.01;
 
 impl SynthSpec {
-    /// `tiny` (vocab 512, project tokenizer, hidden 64, 2 layers, 8 experts top-2, f32),
-    /// `small` (OLMo tokenizer, hidden 128, 4 layers, 16 experts top-4, f32),
-    /// `olmoe-1b-7b` (the full OLMoE-1B-7B shape, bf16, 3 shards like the published checkpoint).
+    /// The presets ([`PRESETS`]); the published shapes are copied from each model's
+    /// `config.json` on the Hugging Face Hub (repository named in the comment).
     pub fn preset(name: &str) -> Result<Self> {
         let base = SynthSpec {
+            family: Family::Olmoe,
             vocab_size: 512,
             hidden_size: 64,
             intermediate_size: 32,
@@ -475,8 +668,45 @@ impl SynthSpec {
             rope_theta: 10000.0,
             rms_norm_eps: 1e-5,
             max_position_embeddings: 4096,
+            head_dim: None,
+            dense_layers: Vec::new(),
+            dense_intermediate_size: 0,
+            shared_intermediate_size: 0,
+            num_shared_experts: 0,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+            mla: None,
+            yarn: None,
+            sliding_window: None,
+            swiglu_limit: 7.0,
+            multipliers: None,
+            tie_word_embeddings: false,
+            attention_bias: false,
+        };
+        // YaRN as DeepSeek-V2 writes it (factor and original length set per preset).
+        let ds_yarn = |factor: f64, original: usize| SynthYarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(0.707),
+            mscale_all_dim: Some(0.707),
+            truncate: None,
+        };
+        // YaRN as GPT-OSS writes it.
+        let oss_yarn = SynthYarn {
+            factor: 32.0,
+            original_max_position_embeddings: 4096,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: Some(false),
         };
         match name {
+            // OLMoE: tiny (project tokenizer, 2 layers, 8 experts top-2, f32), small (OLMo
+            // tokenizer, 4 layers, 16 experts top-4).
             "tiny" => Ok(base),
             "small" => Ok(SynthSpec {
                 vocab_size: 50304,
@@ -489,6 +719,7 @@ impl SynthSpec {
                 top_k: 4,
                 ..base
             }),
+            // allenai/OLMoE-1B-7B-0924 (3 shards like the published checkpoint)
             "olmoe-1b-7b" => Ok(SynthSpec {
                 vocab_size: 50304,
                 hidden_size: 2048,
@@ -502,11 +733,332 @@ impl SynthSpec {
                 shards: 3,
                 ..base
             }),
+            // Sliding window shorter than the test prompts.
+            "tiny-mixtral" => Ok(SynthSpec {
+                family: Family::Mixtral,
+                num_kv_heads: 2,
+                norm_topk_prob: true,
+                rope_theta: 1e6,
+                sliding_window: Some(16),
+                ..base
+            }),
+            // mistralai/Mixtral-8x7B-v0.1: vocab 32000, hidden 4096, intermediate 14336, 32
+            // layers, 32 heads / 8 kv heads, 8 experts top-2, rope_theta 1e6, rms 1e-5,
+            // max_position_embeddings 32768, sliding_window null; 19 shards.
+            "mixtral-8x7b" => Ok(SynthSpec {
+                family: Family::Mixtral,
+                vocab_size: 32000,
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_layers: 32,
+                num_heads: 32,
+                num_kv_heads: 8,
+                num_experts: 8,
+                top_k: 2,
+                dtype: SynthDtype::Bf16,
+                shards: 19,
+                norm_topk_prob: true,
+                rope_theta: 1e6,
+                max_position_embeddings: 32768,
+                ..base
+            }),
+            // A dense layer (1) between two MoE layers and a gated shared expert.
+            "tiny-qwen2-moe" => Ok(SynthSpec {
+                family: Family::Qwen2Moe,
+                num_layers: 3,
+                num_kv_heads: 2,
+                num_experts: 16,
+                top_k: 4,
+                intermediate_size: 16,
+                dense_layers: vec![1],
+                dense_intermediate_size: 128,
+                shared_intermediate_size: 64,
+                rms_norm_eps: 1e-6,
+                attention_bias: true,
+                ..base
+            }),
+            // Qwen/Qwen1.5-MoE-A2.7B: vocab 151936, hidden 2048, moe_intermediate_size 1408,
+            // intermediate_size 5632, shared_expert_intermediate_size 5632, 24 layers, 16 heads
+            // (16 kv), 60 experts top-4, norm_topk_prob false, rope_theta 1e6, rms 1e-6,
+            // max_position_embeddings 8192, qkv bias; 8 shards.
+            "qwen1.5-moe-a2.7b" => Ok(SynthSpec {
+                family: Family::Qwen2Moe,
+                vocab_size: 151936,
+                hidden_size: 2048,
+                intermediate_size: 1408,
+                num_layers: 24,
+                num_heads: 16,
+                num_kv_heads: 16,
+                num_experts: 60,
+                top_k: 4,
+                dtype: SynthDtype::Bf16,
+                shards: 8,
+                rope_theta: 1e6,
+                rms_norm_eps: 1e-6,
+                max_position_embeddings: 8192,
+                dense_intermediate_size: 5632,
+                shared_intermediate_size: 5632,
+                attention_bias: true,
+                ..base
+            }),
+            // head_dim (32) differs from hidden / heads (16), as in Qwen3-30B-A3B.
+            "tiny-qwen3-moe" => Ok(SynthSpec {
+                family: Family::Qwen3Moe,
+                num_layers: 2,
+                num_kv_heads: 2,
+                head_dim: Some(32),
+                num_experts: 16,
+                top_k: 4,
+                intermediate_size: 16,
+                dense_intermediate_size: 128,
+                norm_topk_prob: true,
+                rope_theta: 1e6,
+                rms_norm_eps: 1e-6,
+                ..base
+            }),
+            // Qwen/Qwen3-30B-A3B: vocab 151936, hidden 2048, moe_intermediate_size 768,
+            // intermediate_size 6144, 48 layers, 32 heads / 4 kv heads, head_dim 128, 128
+            // experts top-8, norm_topk_prob true, mlp_only_layers [], rope_theta 1e6, rms 1e-6,
+            // max_position_embeddings 40960; 16 shards.
+            "qwen3-30b-a3b" => Ok(SynthSpec {
+                family: Family::Qwen3Moe,
+                vocab_size: 151936,
+                hidden_size: 2048,
+                intermediate_size: 768,
+                num_layers: 48,
+                num_heads: 32,
+                num_kv_heads: 4,
+                head_dim: Some(128),
+                num_experts: 128,
+                top_k: 8,
+                dtype: SynthDtype::Bf16,
+                shards: 16,
+                norm_topk_prob: true,
+                rope_theta: 1e6,
+                rms_norm_eps: 1e-6,
+                max_position_embeddings: 40960,
+                dense_intermediate_size: 6144,
+                ..base
+            }),
+            // MLA without q LoRA (as V2-Lite), group-limited routing, a dense first layer,
+            // two shared experts, YaRN.
+            "tiny-deepseek-v2" => Ok(SynthSpec {
+                family: Family::DeepseekV2,
+                num_layers: 3,
+                num_experts: 16,
+                top_k: 4,
+                intermediate_size: 16,
+                dense_layers: vec![0],
+                dense_intermediate_size: 128,
+                num_shared_experts: 2,
+                n_group: 4,
+                topk_group: 2,
+                routed_scaling_factor: 1.0,
+                mla: Some(SynthMla {
+                    q_lora_rank: None,
+                    kv_lora_rank: 32,
+                    qk_nope_head_dim: 16,
+                    qk_rope_head_dim: 8,
+                    v_head_dim: 16,
+                }),
+                yarn: Some(ds_yarn(4.0, 256)),
+                // YaRN's factor = max_position_embeddings / original length (transformers warns
+                // otherwise)
+                max_position_embeddings: 1024,
+                rms_norm_eps: 1e-6,
+                ..base
+            }),
+            // deepseek-ai/DeepSeek-V2-Lite: vocab 102400, hidden 2048, moe_intermediate_size
+            // 1408, intermediate_size 10944, 27 layers, 16 heads, q_lora_rank null,
+            // kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head_dim 128, 64 routed experts
+            // top-6, 2 shared, first_k_dense_replace 1, greedy (n_group 1), routed_scaling 1.0,
+            // rope_theta 10000 with YaRN (factor 40, original 4096, mscale 0.707),
+            // max_position_embeddings 163840, rms 1e-6; 4 shards.
+            "deepseek-v2-lite" => Ok(SynthSpec {
+                family: Family::DeepseekV2,
+                vocab_size: 102400,
+                hidden_size: 2048,
+                intermediate_size: 1408,
+                num_layers: 27,
+                num_heads: 16,
+                num_kv_heads: 16,
+                num_experts: 64,
+                top_k: 6,
+                dtype: SynthDtype::Bf16,
+                shards: 4,
+                rms_norm_eps: 1e-6,
+                max_position_embeddings: 163840,
+                dense_layers: vec![0],
+                dense_intermediate_size: 10944,
+                num_shared_experts: 2,
+                mla: Some(SynthMla {
+                    q_lora_rank: None,
+                    kv_lora_rank: 512,
+                    qk_nope_head_dim: 128,
+                    qk_rope_head_dim: 64,
+                    v_head_dim: 128,
+                }),
+                yarn: Some(ds_yarn(40.0, 4096)),
+                ..base
+            }),
+            // q LoRA, group-limited sigmoid routing with correction bias, a dense first layer.
+            "tiny-deepseek-v3" => Ok(SynthSpec {
+                family: Family::DeepseekV3,
+                num_layers: 3,
+                num_experts: 16,
+                top_k: 4,
+                intermediate_size: 16,
+                dense_layers: vec![0],
+                dense_intermediate_size: 128,
+                num_shared_experts: 1,
+                n_group: 4,
+                topk_group: 2,
+                routed_scaling_factor: 2.5,
+                norm_topk_prob: true,
+                mla: Some(SynthMla {
+                    q_lora_rank: Some(32),
+                    kv_lora_rank: 32,
+                    qk_nope_head_dim: 16,
+                    qk_rope_head_dim: 8,
+                    v_head_dim: 16,
+                }),
+                yarn: Some(SynthYarn {
+                    mscale: Some(1.0),
+                    ..ds_yarn(4.0, 256)
+                }),
+                max_position_embeddings: 1024,
+                rms_norm_eps: 1e-6,
+                ..base
+            }),
+            // moonshotai/Moonlight-16B-A3B (the DeepSeek-V3 layout at a size that fits):
+            // vocab 163840, hidden 2048, moe_intermediate_size 1408, intermediate_size 11264,
+            // 27 layers, 16 heads, q_lora_rank null, kv_lora_rank 512, qk_nope 128, qk_rope 64,
+            // v_head_dim 128, 64 routed experts top-6, 2 shared, first_k_dense_replace 1,
+            // n_group 1, topk_group 1, routed_scaling_factor 2.446, norm_topk_prob true,
+            // sigmoid / noaux_tc, rope_theta 50000 (no scaling), max_position_embeddings 8192,
+            // rms 1e-5; 27 shards.
+            "moonlight-16b-a3b" => Ok(SynthSpec {
+                family: Family::DeepseekV3,
+                vocab_size: 163840,
+                hidden_size: 2048,
+                intermediate_size: 1408,
+                num_layers: 27,
+                num_heads: 16,
+                num_kv_heads: 16,
+                num_experts: 64,
+                top_k: 6,
+                dtype: SynthDtype::Bf16,
+                shards: 27,
+                norm_topk_prob: true,
+                rope_theta: 50000.0,
+                max_position_embeddings: 8192,
+                dense_layers: vec![0],
+                dense_intermediate_size: 11264,
+                num_shared_experts: 2,
+                routed_scaling_factor: 2.446,
+                mla: Some(SynthMla {
+                    q_lora_rank: None,
+                    kv_lora_rank: 512,
+                    qk_nope_head_dim: 128,
+                    qk_rope_head_dim: 64,
+                    v_head_dim: 128,
+                }),
+                ..base
+            }),
+            // Sliding (layers 0, 2) and full (1) attention, sinks, biases, YaRN.
+            "tiny-gpt-oss" => Ok(SynthSpec {
+                family: Family::GptOss,
+                num_layers: 3,
+                num_kv_heads: 2,
+                head_dim: Some(16),
+                num_experts: 8,
+                top_k: 2,
+                rope_theta: 150000.0,
+                max_position_embeddings: 131072,
+                sliding_window: Some(16),
+                yarn: Some(oss_yarn),
+                attention_bias: true,
+                ..base
+            }),
+            // openai/gpt-oss-20b (bf16 instead of the published MXFP4 experts): vocab 201088,
+            // hidden 2880, intermediate 2880, 24 layers alternating sliding (128) / full
+            // attention, 64 heads / 8 kv heads, head_dim 64, 32 experts top-4, swiglu_limit 7,
+            // rope_theta 150000 with YaRN (factor 32, original 4096, truncate false),
+            // max_position_embeddings 131072, rms 1e-5, attention biases; 9 shards.
+            "gpt-oss-20b" => Ok(SynthSpec {
+                family: Family::GptOss,
+                vocab_size: 201088,
+                hidden_size: 2880,
+                intermediate_size: 2880,
+                num_layers: 24,
+                num_heads: 64,
+                num_kv_heads: 8,
+                head_dim: Some(64),
+                num_experts: 32,
+                top_k: 4,
+                dtype: SynthDtype::Bf16,
+                shards: 9,
+                rope_theta: 150000.0,
+                max_position_embeddings: 131072,
+                sliding_window: Some(128),
+                yarn: Some(oss_yarn),
+                attention_bias: true,
+                ..base
+            }),
+            // Multipliers as in Granite-3.0-3B-A800M (attention_multiplier = 1/head_dim).
+            "tiny-granitemoe" => Ok(SynthSpec {
+                family: Family::GraniteMoe,
+                num_kv_heads: 2,
+                rms_norm_eps: 1e-6,
+                multipliers: Some(SynthMultipliers {
+                    embedding: 12.0,
+                    residual: 0.22,
+                    attention: 1.0 / 16.0,
+                    logits_scaling: 6.0,
+                }),
+                tie_word_embeddings: true,
+                ..base
+            }),
+            // ibm-granite/granite-3.0-3b-a800m-base: vocab 49155, hidden 1536, intermediate
+            // 512, 32 layers, 24 heads / 8 kv heads, 40 experts top-8, embedding_multiplier 12,
+            // residual_multiplier 0.22, attention_multiplier 0.015625, logits_scaling 6,
+            // tie_word_embeddings true, rope_theta 10000, rms 1e-6, max_position_embeddings
+            // 4096; 2 shards.
+            "granite-3.0-3b-a800m" => Ok(SynthSpec {
+                family: Family::GraniteMoe,
+                vocab_size: 49155,
+                hidden_size: 1536,
+                intermediate_size: 512,
+                num_layers: 32,
+                num_heads: 24,
+                num_kv_heads: 8,
+                num_experts: 40,
+                top_k: 8,
+                dtype: SynthDtype::Bf16,
+                shards: 2,
+                rms_norm_eps: 1e-6,
+                multipliers: Some(SynthMultipliers {
+                    embedding: 12.0,
+                    residual: 0.22,
+                    attention: 0.015625,
+                    logits_scaling: 6.0,
+                }),
+                tie_word_embeddings: true,
+                ..base
+            }),
             other => Err(ModelError::InvalidArgument(format!(
                 "unknown preset `{other}` (expected one of: {})",
                 PRESETS.join(", ")
             ))),
         }
+    }
+
+    /// The family of preset `name`, if it is one.
+    pub fn preset_family(name: &str) -> Option<Family> {
+        PRESET_FAMILIES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
     }
 
     /// Check that the shape is one transformers can build.
@@ -581,16 +1133,20 @@ impl SynthSpec {
                 self.vocab_size
             ));
         }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
+        self.validate_family()?;
+        if self.head_dim.is_none()
+            && self.mla.is_none()
+            && !self.hidden_size.is_multiple_of(self.num_heads)
+        {
             return bad(format!(
                 "--hidden {} is not divisible by --heads {}",
                 self.hidden_size, self.num_heads
             ));
         }
-        if !(self.hidden_size / self.num_heads).is_multiple_of(2) {
+        if self.mla.is_none() && !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head dimension {} (hidden/heads) must be even for rotary embeddings",
-                self.hidden_size / self.num_heads
+                self.head_dim()
             ));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
@@ -613,7 +1169,9 @@ impl SynthSpec {
                 "--planted needs at least 4 value dimensions (kv-heads · hidden/heads >= 4)".into(),
             );
         }
-        let n_tensors = self.tensor_plan().len();
+        // The written config.json must parse and give back these sizes; the loader's own
+        // checks (and the tensor table) then apply to the synthetic checkpoint too.
+        let n_tensors = self.tensor_plan()?.len();
         if self.shards > n_tensors {
             return bad(format!(
                 "--shards {} exceeds the number of tensors ({n_tensors})",
@@ -623,8 +1181,167 @@ impl SynthSpec {
         Ok(())
     }
 
+    /// The family-specific fields: each is used by the families that have the feature, and
+    /// must keep its neutral value in the others.
+    fn validate_family(&self) -> Result<()> {
+        use Family::*;
+        let f = self.family;
+        let name = f.model_type();
+        let bad = |m: String| Err(ModelError::InvalidArgument(m));
+        let is_ds = matches!(f, DeepseekV2 | DeepseekV3);
+        let is_qwen = matches!(f, Qwen2Moe | Qwen3Moe);
+        let features: [(&str, bool, bool); 12] = [
+            (
+                "head_dim (explicit)",
+                self.head_dim.is_some(),
+                matches!(f, Mixtral | Qwen3Moe | GptOss),
+            ),
+            (
+                "dense layers",
+                !self.dense_layers.is_empty(),
+                is_qwen || is_ds,
+            ),
+            (
+                "dense intermediate size",
+                self.dense_intermediate_size > 0,
+                is_qwen || is_ds,
+            ),
+            (
+                "shared expert intermediate size",
+                self.shared_intermediate_size > 0,
+                f == Qwen2Moe,
+            ),
+            ("shared experts", self.num_shared_experts > 0, is_ds),
+            (
+                "expert groups (n_group / topk_group)",
+                self.n_group != 1 || self.topk_group != 1,
+                is_ds,
+            ),
+            (
+                "routed_scaling_factor",
+                self.routed_scaling_factor != 1.0,
+                is_ds,
+            ),
+            ("multi-head latent attention", self.mla.is_some(), is_ds),
+            (
+                "YaRN rope scaling",
+                self.yarn.is_some(),
+                is_ds || f == GptOss,
+            ),
+            (
+                "sliding_window",
+                self.sliding_window.is_some(),
+                matches!(f, Mixtral | GptOss),
+            ),
+            ("multipliers", self.multipliers.is_some(), f == GraniteMoe),
+            ("attention_bias", self.attention_bias, f != Mixtral),
+        ];
+        for (what, present, allowed) in features {
+            if present && !allowed {
+                return bad(format!("{name} checkpoints have no {what}"));
+            }
+        }
+        if self.planted && f != Olmoe {
+            return bad(format!(
+                "--planted is implemented for olmoe only (its construction needs OLMoE's q/k \
+                 norms), not for {name}"
+            ));
+        }
+        match f {
+            Mixtral if !self.norm_topk_prob => {
+                return bad(
+                    "mixtral always renormalises the top-k weights: norm_topk_prob must be true"
+                        .into(),
+                )
+            }
+            GptOss | GraniteMoe | DeepseekV2 if self.norm_topk_prob => {
+                return bad(format!(
+                    "--norm-topk-prob has no meaning for {name} ({})",
+                    if f == DeepseekV2 {
+                        "DeepSeek-V2 ignores norm_topk_prob"
+                    } else {
+                        "the softmax is taken over the top-k logits"
+                    }
+                ))
+            }
+            _ => {}
+        }
+        if let Some(l) = self.dense_layers.iter().find(|&&l| l >= self.num_layers) {
+            return bad(format!(
+                "dense layer {l} does not exist with --layers {}",
+                self.num_layers
+            ));
+        }
+        if self.dense_layers.len() >= self.num_layers {
+            return bad(format!(
+                "every one of the {} layers is dense: no MoE layer left",
+                self.num_layers
+            ));
+        }
+        if is_ds {
+            let k = self.dense_layers.len();
+            if self.dense_layers != (0..k).collect::<Vec<_>>() {
+                return bad(format!(
+                    "{name} dense layers are the first k (first_k_dense_replace): {:?} is not 0..{k}",
+                    self.dense_layers
+                ));
+            }
+            if self.num_kv_heads != self.num_heads {
+                return bad(format!(
+                    "--kv-heads {}: {name}'s latent attention has as many key/value heads as \
+                     query heads ({})",
+                    self.num_kv_heads, self.num_heads
+                ));
+            }
+            let Some(m) = self.mla else {
+                return bad(format!("{name} needs multi-head latent attention sizes"));
+            };
+            for (what, v) in [
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+            ] {
+                if v == 0 || v > crate::limits::MAX_INTERMEDIATE_SIZE {
+                    return bad(format!(
+                        "{what} {v} must be between 1 and {}",
+                        crate::limits::MAX_INTERMEDIATE_SIZE
+                    ));
+                }
+            }
+            if !self.num_experts.is_multiple_of(self.n_group.max(1)) {
+                return bad(format!(
+                    "--experts {} is not divisible by n_group {}",
+                    self.num_experts, self.n_group
+                ));
+            }
+        }
+        if (is_qwen || is_ds) && self.dense_intermediate_size == 0 {
+            return bad(format!(
+                "{name} needs a dense intermediate size (its config's `intermediate_size`)"
+            ));
+        }
+        if f == GptOss && self.sliding_window.is_none() {
+            return bad(
+                "gpt_oss alternates sliding and full attention: it needs a sliding_window".into(),
+            );
+        }
+        if f == GptOss && !(self.swiglu_limit.is_finite() && self.swiglu_limit > 0.0) {
+            return bad(format!(
+                "swiglu_limit {} must be positive",
+                self.swiglu_limit
+            ));
+        }
+        Ok(())
+    }
+
+    /// Per-head q/k dimension (MLA: nope + rope).
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_heads
+        match (self.mla, self.head_dim) {
+            (Some(m), _) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+            (None, Some(d)) => d,
+            (None, None) => self.hidden_size / self.num_heads.max(1),
+        }
     }
 
     /// Whether the real OLMo tokenizer is used (vocab ≥ 50,280) or the project's byte-level one.
@@ -632,9 +1349,18 @@ impl SynthSpec {
         self.vocab_size >= OLMO_TOKENIZER_VOCAB
     }
 
-    /// Total number of parameters.
+    /// Total number of parameters (0 when the spec does not validate).
     pub fn num_parameters(&self) -> u64 {
-        self.tensor_plan().iter().map(|t| t.numel() as u64).sum()
+        self.tensor_plan()
+            .map(|p| p.iter().map(|t| t.numel() as u64).sum())
+            .unwrap_or(0)
+    }
+
+    /// Bytes of weight data the checkpoint holds (0 when the spec does not validate).
+    pub fn weight_bytes(&self) -> u64 {
+        self.tensor_plan()
+            .map(|p| p.iter().map(|t| (t.numel() * t.dtype.size()) as u64).sum())
+            .unwrap_or(0)
     }
 
     /// eos token id of the written tokenizer.
@@ -646,115 +1372,61 @@ impl SynthSpec {
         }
     }
 
-    /// All tensors, sorted by name (the order of streams and of the data in the files).
-    fn tensor_plan(&self) -> Vec<TensorPlan> {
-        let h = self.hidden_size;
-        let i = self.intermediate_size;
-        let hd = self.head_dim();
-        let q = self.num_heads * hd;
-        let kv = self.num_kv_heads * hd;
-        let hf = h as f64;
+    /// The configuration the written `config.json` describes, as the loader reads it.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let text = serde_json::to_string(&config_json(self))
+            .map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+        ModelConfig::from_json_str(&text, Path::new("config.json (synth-model)"))
+    }
+
+    /// All tensors, sorted by name (the order of streams and of the data in the files): the
+    /// family's tensor table ([`crate::table::tensor_table`], the one the loader checks
+    /// checkpoints against) with each tensor's initialisation (see the module docs).
+    fn tensor_plan(&self) -> Result<Vec<TensorPlan>> {
+        let cfg = self.model_config()?;
+        let table = tensor_table(&cfg, ExpertLayout::Canonical)?;
+        let hf = self.hidden_size as f64;
         let resid = 1.0 / (2.0 * self.num_layers as f64).sqrt();
-        let mut v = vec![
-            TensorPlan::new(
-                "model.embed_tokens.weight",
-                vec![self.vocab_size, h],
-                Init::Embedding { std: 1.0 },
-            ),
-            TensorPlan::new(
-                "lm_head.weight",
-                vec![self.vocab_size, h],
-                Init::Normal {
-                    std: 1.0 / hf.sqrt(),
-                },
-            ),
-            TensorPlan::new("model.norm.weight", vec![h], Init::Ones),
-        ];
-        for l in 0..self.num_layers {
-            let p = format!("model.layers.{l}");
-            v.push(TensorPlan::new(
-                format!("{p}.input_layernorm.weight"),
-                vec![h],
-                Init::Ones,
-            ));
-            v.push(TensorPlan::new(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                Init::Ones,
-            ));
-            let a = format!("{p}.self_attn");
-            v.push(TensorPlan::new(
-                format!("{a}.q_proj.weight"),
-                vec![q, h],
-                Init::Normal {
-                    std: 1.0 / hf.sqrt(),
-                },
-            ));
-            v.push(TensorPlan::new(
-                format!("{a}.k_proj.weight"),
-                vec![kv, h],
-                Init::Normal {
-                    std: 1.0 / hf.sqrt(),
-                },
-            ));
-            v.push(TensorPlan::new(
-                format!("{a}.v_proj.weight"),
-                vec![kv, h],
-                Init::Normal {
-                    std: 1.0 / hf.sqrt(),
-                },
-            ));
-            v.push(TensorPlan::new(
-                format!("{a}.o_proj.weight"),
-                vec![h, q],
-                Init::Normal {
-                    std: resid / (q as f64).sqrt(),
-                },
-            ));
-            v.push(TensorPlan::new(
-                format!("{a}.q_norm.weight"),
-                vec![q],
-                Init::Ones,
-            ));
-            v.push(TensorPlan::new(
-                format!("{a}.k_norm.weight"),
-                vec![kv],
-                Init::Ones,
-            ));
-            v.push(TensorPlan::new(
-                format!("{p}.mlp.gate.weight"),
-                vec![self.num_experts, h],
-                Init::Router {
-                    std: ROUTER_LOGIT_STD / hf.sqrt(),
-                },
-            ));
-            for e in 0..self.num_experts {
-                let x = format!("{p}.mlp.experts.{e}");
-                v.push(TensorPlan::new(
-                    format!("{x}.gate_proj.weight"),
-                    vec![i, h],
-                    Init::Normal {
+        Ok(table
+            .into_iter()
+            .map(|t| {
+                // the expressions (and their order) are those of the first OLMoE-only writer,
+                // so OLMoE checkpoints keep their bytes
+                let init = match t.init {
+                    TableInit::Ones => Init::Ones,
+                    TableInit::Embedding => Init::Embedding { std: 1.0 },
+                    TableInit::LmHead => Init::Normal {
                         std: 1.0 / hf.sqrt(),
                     },
-                ));
-                v.push(TensorPlan::new(
-                    format!("{x}.up_proj.weight"),
-                    vec![i, h],
-                    Init::Normal {
-                        std: 1.0 / hf.sqrt(),
+                    TableInit::Linear { fan_in } => Init::Normal {
+                        std: 1.0 / (fan_in as f64).sqrt(),
                     },
-                ));
-                v.push(TensorPlan::new(
-                    format!("{x}.down_proj.weight"),
-                    vec![h, i],
-                    Init::Normal {
-                        std: resid / (i as f64).sqrt(),
+                    TableInit::Residual { fan_in } => Init::Normal {
+                        std: resid / (fan_in as f64).sqrt(),
                     },
-                ));
-            }
-        }
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+                    TableInit::Router => Init::Router {
+                        std: ROUTER_LOGIT_STD / hf.sqrt(),
+                    },
+                    TableInit::Bias if matches!(t.role, Role::ScoreBias(_)) => Init::Normal {
+                        std: SCORE_BIAS_STD,
+                    },
+                    TableInit::Bias => Init::Normal { std: BIAS_STD },
+                };
+                // DeepSeek-V3's correction bias is stored in f32 whatever the checkpoint's dtype
+                // (as in the published checkpoints and transformers' `save_pretrained`)
+                let dtype = if matches!(t.role, Role::ScoreBias(_)) {
+                    SynthDtype::F32
+                } else {
+                    self.dtype
+                };
+                TensorPlan {
+                    name: t.name,
+                    shape: t.shape,
+                    init,
+                    dtype,
+                }
+            })
+            .collect())
     }
 }
 
@@ -771,16 +1443,10 @@ struct TensorPlan {
     name: String,
     shape: Vec<usize>,
     init: Init,
+    dtype: SynthDtype,
 }
 
 impl TensorPlan {
-    fn new(name: impl Into<String>, shape: Vec<usize>, init: Init) -> Self {
-        TensorPlan {
-            name: name.into(),
-            shape,
-            init,
-        }
-    }
     fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -790,6 +1456,8 @@ impl TensorPlan {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SynthSummary {
     pub out_dir: PathBuf,
+    /// transformers' `model_type` of the checkpoint.
+    pub model_type: String,
     pub files: Vec<String>,
     pub weight_bytes: u64,
     pub num_parameters: u64,
@@ -1215,15 +1883,15 @@ fn generate_chunk(
 
 /// Hand-written safetensors header: the `safetensors` crate's writer needs every tensor's bytes in
 /// memory at once, while this writer streams them (the format is a u64 length + JSON + data).
-fn safetensors_header(spec: &SynthSpec, tensors: &[&TensorPlan]) -> Result<Vec<u8>> {
+fn safetensors_header(tensors: &[&TensorPlan]) -> Result<Vec<u8>> {
     let mut map = serde_json::Map::new();
     map.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut off = 0usize;
     for t in tensors {
-        let n = t.numel() * spec.dtype.size();
+        let n = t.numel() * t.dtype.size();
         map.insert(
             t.name.clone(),
-            json!({"dtype": spec.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [off, off + n]}),
+            json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [off, off + n]}),
         );
         off += n;
     }
@@ -1272,37 +1940,226 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     fs::write(path, s).map_err(io_err(path))
 }
 
-/// `config.json` of the checkpoint (transformers 5.x form, as `save_pretrained` writes it).
+/// `config.json` of the checkpoint (transformers 5.x form, as `save_pretrained` writes it, keys
+/// sorted; the fields of each family are those of the fixtures under `fixtures/hf/` that
+/// transformers 5.24 wrote).
 pub fn config_json(spec: &SynthSpec) -> Value {
-    json!({
-        "architectures": ["OlmoeForCausalLM"],
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "bos_token_id": null,
-        "clip_qkv": null,
-        "dtype": spec.dtype.torch_name(),
-        "eos_token_id": spec.eos_token_id(),
-        "hidden_act": "silu",
-        "hidden_size": spec.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": spec.intermediate_size,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "model_type": "olmoe",
-        "norm_topk_prob": spec.norm_topk_prob,
-        "num_attention_heads": spec.num_heads,
-        "num_experts": spec.num_experts,
-        "num_experts_per_tok": spec.top_k,
-        "num_hidden_layers": spec.num_layers,
-        "num_key_value_heads": spec.num_kv_heads,
-        "output_router_logits": false,
-        "pad_token_id": 1,
-        "rms_norm_eps": spec.rms_norm_eps,
-        "rope_parameters": {"rope_theta": spec.rope_theta, "rope_type": "default"},
-        "router_aux_loss_coef": 0.01,
-        "tie_word_embeddings": false,
-        "use_cache": true,
-        "vocab_size": spec.vocab_size,
-    })
+    if spec.family == Family::Olmoe {
+        // unchanged since the OLMoE-only writer (its checkpoints keep their bytes)
+        return json!({
+            "architectures": ["OlmoeForCausalLM"],
+            "attention_bias": spec.attention_bias,
+            "attention_dropout": 0.0,
+            "bos_token_id": null,
+            "clip_qkv": null,
+            "dtype": spec.dtype.torch_name(),
+            "eos_token_id": spec.eos_token_id(),
+            "hidden_act": "silu",
+            "hidden_size": spec.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": spec.intermediate_size,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "model_type": "olmoe",
+            "norm_topk_prob": spec.norm_topk_prob,
+            "num_attention_heads": spec.num_heads,
+            "num_experts": spec.num_experts,
+            "num_experts_per_tok": spec.top_k,
+            "num_hidden_layers": spec.num_layers,
+            "num_key_value_heads": spec.num_kv_heads,
+            "output_router_logits": false,
+            "pad_token_id": 1,
+            "rms_norm_eps": spec.rms_norm_eps,
+            "rope_parameters": {"rope_theta": spec.rope_theta, "rope_type": "default"},
+            "router_aux_loss_coef": 0.01,
+            "tie_word_embeddings": spec.tie_word_embeddings,
+            "use_cache": true,
+            "vocab_size": spec.vocab_size,
+        });
+    }
+    let mut m: BTreeMap<&str, Value> = BTreeMap::new();
+    let arch = match spec.family {
+        Family::Olmoe => "OlmoeForCausalLM",
+        Family::Mixtral => "MixtralForCausalLM",
+        Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+        Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+        Family::DeepseekV2 => "DeepseekV2ForCausalLM",
+        Family::DeepseekV3 => "DeepseekV3ForCausalLM",
+        Family::GptOss => "GptOssForCausalLM",
+        Family::GraniteMoe => "GraniteMoeForCausalLM",
+    };
+    m.insert("architectures", json!([arch]));
+    m.insert("attention_dropout", json!(0.0));
+    m.insert("bos_token_id", Value::Null);
+    m.insert("dtype", json!(spec.dtype.torch_name()));
+    m.insert("eos_token_id", json!(spec.eos_token_id()));
+    m.insert("hidden_act", json!("silu"));
+    m.insert("hidden_size", json!(spec.hidden_size));
+    m.insert("initializer_range", json!(0.02));
+    m.insert(
+        "max_position_embeddings",
+        json!(spec.max_position_embeddings),
+    );
+    m.insert("model_type", json!(spec.family.model_type()));
+    m.insert("num_attention_heads", json!(spec.num_heads));
+    m.insert("num_experts_per_tok", json!(spec.top_k));
+    m.insert("num_hidden_layers", json!(spec.num_layers));
+    m.insert("num_key_value_heads", json!(spec.num_kv_heads));
+    m.insert("output_router_logits", json!(false));
+    m.insert("pad_token_id", json!(1));
+    m.insert("rms_norm_eps", json!(spec.rms_norm_eps));
+    m.insert("router_aux_loss_coef", json!(0.001));
+    m.insert("tie_word_embeddings", json!(spec.tie_word_embeddings));
+    m.insert("use_cache", json!(true));
+    m.insert("vocab_size", json!(spec.vocab_size));
+    let mut rope = serde_json::Map::new();
+    rope.insert("rope_theta".into(), json!(spec.rope_theta));
+    match spec.yarn {
+        None => {
+            rope.insert("rope_type".into(), json!("default"));
+        }
+        Some(y) => {
+            rope.insert("rope_type".into(), json!("yarn"));
+            rope.insert("factor".into(), json!(y.factor));
+            rope.insert(
+                "original_max_position_embeddings".into(),
+                json!(y.original_max_position_embeddings),
+            );
+            rope.insert("beta_fast".into(), json!(y.beta_fast));
+            rope.insert("beta_slow".into(), json!(y.beta_slow));
+            if let Some(x) = y.mscale {
+                rope.insert("mscale".into(), json!(x));
+            }
+            if let Some(x) = y.mscale_all_dim {
+                rope.insert("mscale_all_dim".into(), json!(x));
+            }
+            if let Some(x) = y.truncate {
+                rope.insert("truncate".into(), json!(x));
+            }
+        }
+    }
+    let rope: BTreeMap<String, Value> = rope.into_iter().collect();
+    m.insert("rope_parameters", json!(rope));
+    let n = spec.num_layers;
+    match spec.family {
+        Family::Olmoe => {}
+        Family::Mixtral => {
+            m.insert("head_dim", json!(spec.head_dim));
+            m.insert("intermediate_size", json!(spec.intermediate_size));
+            m.insert("num_local_experts", json!(spec.num_experts));
+            m.insert("router_jitter_noise", json!(0.0));
+            m.insert("sliding_window", json!(spec.sliding_window));
+        }
+        Family::Qwen2Moe => {
+            m.insert("decoder_sparse_step", json!(1));
+            m.insert("intermediate_size", json!(spec.dense_intermediate_size));
+            m.insert("layer_types", json!(vec!["full_attention"; n]));
+            m.insert("max_window_layers", json!(n));
+            m.insert("mlp_only_layers", json!(spec.dense_layers));
+            m.insert("moe_intermediate_size", json!(spec.intermediate_size));
+            m.insert("norm_topk_prob", json!(spec.norm_topk_prob));
+            m.insert("num_experts", json!(spec.num_experts));
+            m.insert("qkv_bias", json!(spec.attention_bias));
+            m.insert(
+                "shared_expert_intermediate_size",
+                json!(spec.shared_intermediate_size),
+            );
+            m.insert("sliding_window", json!(0));
+            m.insert("use_sliding_window", json!(false));
+        }
+        Family::Qwen3Moe => {
+            m.insert("attention_bias", json!(spec.attention_bias));
+            m.insert("decoder_sparse_step", json!(1));
+            m.insert("head_dim", json!(spec.head_dim()));
+            m.insert("intermediate_size", json!(spec.dense_intermediate_size));
+            m.insert("mlp_only_layers", json!(spec.dense_layers));
+            m.insert("moe_intermediate_size", json!(spec.intermediate_size));
+            m.insert("norm_topk_prob", json!(spec.norm_topk_prob));
+            m.insert("num_local_experts", json!(spec.num_experts));
+            m.insert("sliding_window", Value::Null);
+            m.insert("use_sliding_window", json!(false));
+        }
+        Family::DeepseekV2 | Family::DeepseekV3 => {
+            let mla = spec.mla.unwrap_or(SynthMla {
+                q_lora_rank: None,
+                kv_lora_rank: 0,
+                qk_nope_head_dim: 0,
+                qk_rope_head_dim: 0,
+                v_head_dim: 0,
+            });
+            m.insert("attention_bias", json!(spec.attention_bias));
+            m.insert("first_k_dense_replace", json!(spec.dense_layers.len()));
+            // DeepSeek's `head_dim` is the rope head dim
+            m.insert("head_dim", json!(mla.qk_rope_head_dim));
+            m.insert("intermediate_size", json!(spec.dense_intermediate_size));
+            m.insert("kv_lora_rank", json!(mla.kv_lora_rank));
+            m.insert("moe_intermediate_size", json!(spec.intermediate_size));
+            m.insert("n_group", json!(spec.n_group));
+            m.insert("n_routed_experts", json!(spec.num_experts));
+            m.insert("n_shared_experts", json!(spec.num_shared_experts));
+            m.insert("norm_topk_prob", json!(spec.norm_topk_prob));
+            m.insert("pretraining_tp", json!(1));
+            m.insert("q_lora_rank", json!(mla.q_lora_rank));
+            m.insert(
+                "qk_head_dim",
+                json!(mla.qk_nope_head_dim + mla.qk_rope_head_dim),
+            );
+            m.insert("qk_nope_head_dim", json!(mla.qk_nope_head_dim));
+            m.insert("qk_rope_head_dim", json!(mla.qk_rope_head_dim));
+            m.insert("routed_scaling_factor", json!(spec.routed_scaling_factor));
+            m.insert("topk_group", json!(spec.topk_group));
+            m.insert("v_head_dim", json!(mla.v_head_dim));
+            if spec.family == Family::DeepseekV2 {
+                m.insert("mlp_bias", json!(false));
+                m.insert(
+                    "topk_method",
+                    json!(if spec.n_group > 1 {
+                        "group_limited_greedy"
+                    } else {
+                        "greedy"
+                    }),
+                );
+            } else {
+                // no multi-token-prediction layer is written
+                m.insert("num_nextn_predict_layers", json!(0));
+                m.insert("rope_interleave", json!(true));
+            }
+        }
+        Family::GptOss => {
+            m.insert("attention_bias", json!(spec.attention_bias));
+            m.insert("head_dim", json!(spec.head_dim()));
+            m.insert("intermediate_size", json!(spec.intermediate_size));
+            let types: Vec<&str> = (0..n)
+                .map(|l| {
+                    if l % 2 == 0 {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            m.insert("layer_types", json!(types));
+            m.insert("num_local_experts", json!(spec.num_experts));
+            m.insert("sliding_window", json!(spec.sliding_window));
+            m.insert("swiglu_alpha", json!(1.702));
+            m.insert("swiglu_limit", json!(spec.swiglu_limit));
+        }
+        Family::GraniteMoe => {
+            let mu = spec.multipliers.unwrap_or(SynthMultipliers {
+                embedding: 1.0,
+                residual: 1.0,
+                attention: 1.0,
+                logits_scaling: 1.0,
+            });
+            m.insert("attention_bias", json!(spec.attention_bias));
+            m.insert("attention_multiplier", json!(mu.attention));
+            m.insert("embedding_multiplier", json!(mu.embedding));
+            m.insert("intermediate_size", json!(spec.intermediate_size));
+            m.insert("logits_scaling", json!(mu.logits_scaling));
+            m.insert("num_local_experts", json!(spec.num_experts));
+            m.insert("residual_multiplier", json!(mu.residual));
+        }
+    }
+    Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 /// Write a synthetic checkpoint to `out` (see the module docs).
@@ -1359,7 +2216,7 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
     } else {
         tiny_tokenizer(spec.vocab_size)?
     };
-    let plan = spec.tensor_plan();
+    let plan = spec.tensor_plan()?;
     let mut class_counts = None;
     let planting = if spec.planted {
         let mut classes = vec![None; spec.vocab_size];
@@ -1391,7 +2248,7 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
         };
         let path = dir.join(&fname);
         let tensors: Vec<&TensorPlan> = group.iter().map(|&i| &plan[i]).collect();
-        let header = safetensors_header(spec, &tensors)?;
+        let header = safetensors_header(&tensors)?;
         let file = File::create(&path).map_err(io_err(&path))?;
         let mut w = BufWriter::with_capacity(1 << 22, file);
         w.write_all(&header).map_err(io_err(&path))?;
@@ -1409,11 +2266,11 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
                     &mut fbuf[..len],
                     planting.as_ref(),
                 );
-                convert(&fbuf[..len], spec.dtype, &mut bytes);
+                convert(&fbuf[..len], t.dtype, &mut bytes);
                 w.write_all(&bytes).map_err(io_err(&path))?;
                 start += len;
             }
-            weight_bytes += (total * spec.dtype.size()) as u64;
+            weight_bytes += (total * t.dtype.size()) as u64;
             weight_map.insert(t.name.clone(), json!(fname));
         }
         let file = w
@@ -1483,6 +2340,14 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
         "num_parameters": spec.num_parameters(),
         "note": "random weights: no language ability; see the moe-xray model crate docs (synth.rs)",
     });
+    if spec.family != Family::Olmoe {
+        // only for the families added later, so that OLMoE checkpoints keep their earlier bytes
+        info["model_type"] = json!(spec.family.model_type());
+        info["bias_std"] = json!(BIAS_STD);
+        if spec.family == Family::DeepseekV3 {
+            info["score_correction_bias_std"] = json!(SCORE_BIAS_STD);
+        }
+    }
     if spec.planted {
         // only in planted checkpoints, so that random checkpoints keep their earlier bytes
         info["plant_mix"] = json!(PLANT_MIX);
@@ -1492,12 +2357,113 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
     files.push("synth.json".into());
     Ok(SynthSummary {
         out_dir: dir.to_path_buf(),
+        model_type: spec.family.model_type().to_string(),
         files,
         weight_bytes,
         num_parameters: spec.num_parameters(),
         tokenizer: tok.kind.to_string(),
         planted_class_counts: class_counts,
     })
+}
+
+/// Texts of the routing check: code, math, a story, factual questions (the four categories of
+/// the paper's prompts).
+pub const ROUTING_TEXTS: [&str; 8] = [
+    "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    mid = len(items) // 2",
+    "import json\nwith open('data.json') as f:\n    data = json.load(f)\nprint(data['name'])",
+    "What is 128 / 16 + 3 * 7? Solve 4x - 9 = 23 and then compute the sum.",
+    "If 3 apples cost 1.20 dollars, how much do 10 apples cost? Explain the equation.",
+    "Once upon a time, the old lighthouse keeper climbed the stairs as the storm rolled in.",
+    "The dragon slept for a hundred years until a little girl knocked on the cave door at night.",
+    "What is the capital of Australia and when was it founded? Who invented the telephone?",
+    "Why do leaves change color in autumn, and where do the birds go in the winter?",
+];
+
+/// Routing of one MoE layer over the routing check (see [`routing_summary`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerRouting {
+    /// Decoder-layer index.
+    pub layer: u32,
+    pub num_experts: usize,
+    /// Experts chosen at least once.
+    pub experts_used: usize,
+    /// Selections of the most-used expert divided by the mean selections per expert
+    /// (1 = perfectly balanced, `num_experts / top_k` = every token picks the same experts).
+    pub max_over_mean_load: f64,
+    /// Number of (token, expert) selections.
+    pub selections: u64,
+}
+
+/// Per-layer expert counts of a forward pass.
+struct LoadSink {
+    experts: usize,
+    counts: BTreeMap<u32, Vec<u64>>,
+}
+
+impl moe_xray_trace::RoutingSink for LoadSink {
+    fn begin_prompt(&mut self, _: &str, _: Option<&str>) -> moe_xray_trace::Result<()> {
+        Ok(())
+    }
+    fn record(&mut self, d: &moe_xray_trace::RoutingDecision<'_>) -> moe_xray_trace::Result<()> {
+        let row = self
+            .counts
+            .entry(d.layer)
+            .or_insert_with(|| vec![0; self.experts]);
+        for &e in d.experts {
+            if let Some(c) = row.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        Ok(())
+    }
+    fn end_prompt(&mut self, _: &str) -> moe_xray_trace::Result<()> {
+        Ok(())
+    }
+}
+
+/// Loads the checkpoint in `dir` with the project's model ([`crate::model::MoeModel`]), runs
+/// `texts` (prompt tokens plus `new_tokens` greedy tokens each, batch 4) and reports, per MoE
+/// layer, the experts used and the max/mean expert load: the "routing behaves like a trained
+/// model's, not collapsed" check of `synth-model --routing` and the tests.
+pub fn routing_summary(dir: &Path, texts: &[&str], new_tokens: usize) -> Result<Vec<LayerRouting>> {
+    let model = crate::model::MoeModel::load(dir, &crate::model::LoadOptions::default())?;
+    let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        prompts.push(crate::generate::PromptInput {
+            id: format!("r{i}"),
+            category: None,
+            tokens: tok.encode(t, false)?,
+            index: i as u64,
+        });
+    }
+    let opts = crate::generate::GenerateOptions {
+        max_new_tokens: new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let experts = model.config().num_experts;
+    let mut sink = LoadSink {
+        experts,
+        counts: BTreeMap::new(),
+    };
+    crate::generate::generate_all(&model, &prompts, 4, &opts, &mut sink, &mut |_| Ok(()))?;
+    Ok(sink
+        .counts
+        .into_iter()
+        .map(|(layer, c)| {
+            let total: u64 = c.iter().sum();
+            let max = c.iter().copied().max().unwrap_or(0);
+            let mean = total as f64 / experts.max(1) as f64;
+            LayerRouting {
+                layer,
+                num_experts: experts,
+                experts_used: c.iter().filter(|&&x| x > 0).count(),
+                max_over_mean_load: if mean > 0.0 { max as f64 / mean } else { 0.0 },
+                selections: total,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -1555,7 +2521,7 @@ mod tests {
 
     /// All values of tensor `name` as the writer generates them.
     fn tensor(spec: &SynthSpec, name: &str, plant: Option<&Planting>) -> Vec<f64> {
-        let plan = spec.tensor_plan();
+        let plan = spec.tensor_plan().unwrap();
         let i = plan.iter().position(|t| t.name == name).unwrap();
         let mut buf = vec![0f32; plan[i].numel()];
         generate_chunk(spec, &plan[i], i as u64, 0, &mut buf, plant);
@@ -1656,7 +2622,7 @@ mod tests {
     #[test]
     fn shards_split_contiguously_and_nonempty() {
         let spec = SynthSpec::preset("tiny").unwrap();
-        let plan = spec.tensor_plan();
+        let plan = spec.tensor_plan().unwrap();
         for n in [1, 2, 3, 7, plan.len()] {
             let g = split_shards(&plan, n);
             assert_eq!(g.len(), n);

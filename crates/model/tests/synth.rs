@@ -480,3 +480,387 @@ fn synth_olmoe_preset_has_the_published_shape() {
     assert!((6_900_000_000..6_950_000_000).contains(&n), "{n}");
     s.validate().unwrap();
 }
+
+use moe_xray_model::config::{Family, RouterKind};
+use moe_xray_model::table::{tensor_table, ExpertLayout};
+
+/// Every file of a checkpoint written by `spec` inside a rayon pool of `threads` threads.
+fn write_with_threads(spec: &SynthSpec, dir: &Path, threads: usize) -> BTreeMap<String, Vec<u8>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| synth::write_checkpoint(spec, dir).unwrap());
+    read_all(dir)
+}
+
+#[test]
+fn every_family_is_byte_reproducible_at_any_thread_count_and_shard_count() {
+    for family in synth::FAMILIES {
+        let mut spec = SynthSpec::preset(synth::tiny_preset(family)).unwrap();
+        spec.seed = 3;
+        spec.dtype = SynthDtype::Bf16;
+        let tmp = tempfile::tempdir().unwrap();
+        let one = write_with_threads(&spec, &tmp.path().join("a"), 1);
+        let two = write_with_threads(&spec, &tmp.path().join("b"), 2);
+        assert_eq!(one, two, "{family:?}: bytes depend on the thread count");
+        // the weights are the family's tensor table, no more, no less
+        let t = tensors(&tmp.path().join("a"));
+        let table = tensor_table(&spec.model_config().unwrap(), ExpertLayout::Canonical).unwrap();
+        assert_eq!(
+            t.keys().cloned().collect::<Vec<_>>(),
+            table.iter().map(|x| x.name.clone()).collect::<Vec<_>>(),
+            "{family:?}"
+        );
+        for x in &table {
+            assert_eq!(t[&x.name].1, x.shape, "{family:?} {}", x.name);
+            // DeepSeek-V3's correction bias stays f32 in a bf16 checkpoint, as published
+            let want = if x.name.ends_with("e_score_correction_bias") {
+                "F32"
+            } else {
+                "BF16"
+            };
+            assert_eq!(t[&x.name].0, want, "{family:?} {}", x.name);
+        }
+        spec.shards = 3;
+        let c = tmp.path().join("c");
+        synth::write_checkpoint(&spec, &c).unwrap();
+        assert!(c.join("model.safetensors.index.json").is_file());
+        assert_eq!(tensors(&c), t, "{family:?}: sharding changed tensor bytes");
+        // another seed, other weights
+        spec.shards = 1;
+        spec.seed = 4;
+        let d = tmp.path().join("d");
+        synth::write_checkpoint(&spec, &d).unwrap();
+        assert_ne!(read_all(&d)["model.safetensors"], one["model.safetensors"]);
+    }
+}
+
+#[test]
+fn every_preset_config_parses_back_to_the_spec() {
+    for &name in synth::PRESETS {
+        let s = SynthSpec::preset(name).unwrap();
+        assert_eq!(SynthSpec::preset_family(name), Some(s.family), "{name}");
+        s.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cfg = synth::config_json(&s);
+        assert_eq!(cfg["model_type"], s.family.model_type(), "{name}");
+        let c = s.model_config().unwrap();
+        assert_eq!(c.family, s.family, "{name}");
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.num_experts,
+                c.num_experts_per_tok,
+                c.head_dim,
+                c.tie_word_embeddings,
+                c.max_position_embeddings,
+            ),
+            (
+                s.vocab_size,
+                s.hidden_size,
+                s.intermediate_size,
+                s.num_layers,
+                s.num_heads,
+                s.num_kv_heads,
+                s.num_experts,
+                s.top_k,
+                s.head_dim(),
+                s.tie_word_embeddings,
+                s.max_position_embeddings,
+            ),
+            "{name}"
+        );
+        assert_eq!(c.rope_theta, s.rope_theta, "{name}");
+        assert_eq!(c.rms_norm_eps, s.rms_norm_eps, "{name}");
+        let dense: Vec<u32> = s.dense_layers.iter().map(|&l| l as u32).collect();
+        assert_eq!(c.dense_layer_indices(), dense, "{name}");
+        if !dense.is_empty() {
+            assert_eq!(c.moe.dense_intermediate_size, s.dense_intermediate_size);
+        }
+        match s.family {
+            Family::Olmoe | Family::Qwen2Moe | Family::Qwen3Moe | Family::DeepseekV3 => {
+                assert_eq!(c.norm_topk_prob, s.norm_topk_prob, "{name}")
+            }
+            Family::Mixtral => assert!(c.norm_topk_prob),
+            _ => assert!(!s.norm_topk_prob),
+        }
+        let shared = c
+            .moe
+            .shared
+            .map(|x| (x.intermediate_size, x.count, x.gated));
+        let want_shared = match s.family {
+            Family::Qwen2Moe if s.shared_intermediate_size > 0 => {
+                Some((s.shared_intermediate_size, 1, true))
+            }
+            Family::DeepseekV2 | Family::DeepseekV3 if s.num_shared_experts > 0 => Some((
+                s.num_shared_experts * s.intermediate_size,
+                s.num_shared_experts,
+                false,
+            )),
+            _ => None,
+        };
+        assert_eq!(shared, want_shared, "{name}");
+        let mla = c.attn.mla.map(|m| {
+            (
+                m.q_lora_rank,
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim,
+            )
+        });
+        let want_mla = s.mla.map(|m| {
+            (
+                m.q_lora_rank,
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim,
+            )
+        });
+        assert_eq!(mla, want_mla, "{name}");
+        let windows: Vec<Option<usize>> = (0..s.num_layers)
+            .map(|l| match s.family {
+                Family::Mixtral => s.sliding_window,
+                Family::GptOss => s.sliding_window.filter(|_| l % 2 == 0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(c.attn.sliding_window, windows, "{name}");
+        assert_eq!(
+            c.rope
+                .yarn
+                .map(|y| (y.factor, y.original_max_position_embeddings)),
+            s.yarn
+                .map(|y| (y.factor, y.original_max_position_embeddings)),
+            "{name}"
+        );
+        match c.moe.router {
+            RouterKind::DeepseekV2 {
+                group_limited,
+                n_group,
+                topk_group,
+                routed_scaling_factor,
+            } => {
+                assert_eq!(s.family, Family::DeepseekV2);
+                assert_eq!(group_limited, s.n_group > 1, "{name}");
+                assert_eq!(
+                    (n_group, topk_group, routed_scaling_factor),
+                    (s.n_group, s.topk_group, s.routed_scaling_factor)
+                );
+            }
+            RouterKind::DeepseekV3 {
+                n_group,
+                topk_group,
+                routed_scaling_factor,
+            } => {
+                assert_eq!(s.family, Family::DeepseekV3);
+                assert_eq!(
+                    (n_group, topk_group, routed_scaling_factor),
+                    (s.n_group, s.topk_group, s.routed_scaling_factor)
+                );
+            }
+            RouterKind::TopKSoftmax => {
+                assert!(matches!(s.family, Family::GptOss | Family::GraniteMoe))
+            }
+            RouterKind::SoftmaxTopK => assert!(matches!(
+                s.family,
+                Family::Olmoe | Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe
+            )),
+        }
+        if let Some(m) = s.multipliers {
+            assert_eq!(
+                (
+                    c.multipliers.embedding,
+                    c.multipliers.residual,
+                    c.multipliers.logits_scaling,
+                    c.attn.scale
+                ),
+                (m.embedding, m.residual, m.logits_scaling, m.attention),
+                "{name}"
+            );
+        }
+        // the parameter count is the table's, as the loader computes it
+        assert_eq!(
+            s.num_parameters(),
+            c.parameter_count().unwrap() as u64,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn published_presets_have_the_published_parameter_counts() {
+    // (preset, published total parameters in billions as the model cards state, tolerance)
+    for (name, billions) in [
+        ("olmoe-1b-7b", 6.92),
+        ("mixtral-8x7b", 46.7),
+        ("qwen1.5-moe-a2.7b", 14.3),
+        ("qwen3-30b-a3b", 30.5),
+        ("deepseek-v2-lite", 15.7),
+        ("moonlight-16b-a3b", 16.0),
+        ("gpt-oss-20b", 20.9),
+        ("granite-3.0-3b-a800m", 3.3),
+    ] {
+        let s = SynthSpec::preset(name).unwrap();
+        let n = s.num_parameters() as f64 / 1e9;
+        eprintln!(
+            "{name}: {} parameters, {} weight bytes",
+            s.num_parameters(),
+            s.weight_bytes()
+        );
+        assert!(
+            (n - billions).abs() / billions < 0.02,
+            "{name}: {n:.3} B parameters, published {billions} B"
+        );
+        assert_eq!(s.dtype, SynthDtype::Bf16, "{name}");
+    }
+}
+
+#[test]
+fn family_tensors_have_the_published_names() {
+    let has = |preset: &str, names: &[(&str, &[usize])]| {
+        let s = SynthSpec::preset(preset).unwrap();
+        let t = tensor_table(&s.model_config().unwrap(), ExpertLayout::Canonical).unwrap();
+        for (n, shape) in names {
+            let x = t
+                .iter()
+                .find(|x| x.name == *n)
+                .unwrap_or_else(|| panic!("{preset}: no {n}"));
+            assert_eq!(&x.shape[..], *shape, "{preset} {n}");
+        }
+        t
+    };
+    has(
+        "tiny-mixtral",
+        &[
+            ("model.layers.1.block_sparse_moe.gate.weight", &[8, 64]),
+            (
+                "model.layers.1.block_sparse_moe.experts.7.w1.weight",
+                &[32, 64],
+            ),
+            (
+                "model.layers.1.block_sparse_moe.experts.7.w2.weight",
+                &[64, 32],
+            ),
+            ("model.layers.0.self_attn.k_proj.weight", &[32, 64]),
+        ],
+    );
+    has(
+        "tiny-qwen2-moe",
+        &[
+            ("model.layers.0.mlp.shared_expert.up_proj.weight", &[64, 64]),
+            ("model.layers.0.mlp.shared_expert_gate.weight", &[1, 64]),
+            ("model.layers.0.self_attn.q_proj.bias", &[64]),
+            ("model.layers.1.mlp.up_proj.weight", &[128, 64]),
+        ],
+    );
+    has(
+        "tiny-qwen3-moe",
+        &[
+            ("model.layers.0.self_attn.q_proj.weight", &[128, 64]),
+            ("model.layers.0.self_attn.q_norm.weight", &[32]),
+            ("model.layers.1.mlp.experts.15.down_proj.weight", &[64, 16]),
+        ],
+    );
+    has(
+        "tiny-deepseek-v2",
+        &[
+            ("model.layers.0.mlp.gate_proj.weight", &[128, 64]),
+            ("model.layers.1.self_attn.q_proj.weight", &[96, 64]),
+            (
+                "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+                &[40, 64],
+            ),
+            ("model.layers.1.self_attn.kv_b_proj.weight", &[128, 32]),
+            (
+                "model.layers.2.mlp.shared_experts.down_proj.weight",
+                &[64, 32],
+            ),
+        ],
+    );
+    has(
+        "tiny-deepseek-v3",
+        &[
+            ("model.layers.1.self_attn.q_a_proj.weight", &[32, 64]),
+            ("model.layers.1.self_attn.q_b_proj.weight", &[96, 32]),
+            ("model.layers.1.mlp.gate.e_score_correction_bias", &[16]),
+        ],
+    );
+    has(
+        "tiny-gpt-oss",
+        &[
+            ("model.layers.0.mlp.router.weight", &[8, 64]),
+            ("model.layers.0.mlp.router.bias", &[8]),
+            ("model.layers.0.mlp.experts.gate_up_proj", &[8, 64, 64]),
+            ("model.layers.0.mlp.experts.gate_up_proj_bias", &[8, 64]),
+            ("model.layers.0.mlp.experts.down_proj", &[8, 32, 64]),
+            ("model.layers.0.self_attn.sinks", &[4]),
+        ],
+    );
+    let t = has(
+        "tiny-granitemoe",
+        &[
+            (
+                "model.layers.0.block_sparse_moe.router.layer.weight",
+                &[8, 64],
+            ),
+            (
+                "model.layers.0.block_sparse_moe.input_linear.weight",
+                &[8, 64, 64],
+            ),
+            (
+                "model.layers.0.block_sparse_moe.output_linear.weight",
+                &[8, 64, 32],
+            ),
+        ],
+    );
+    // tied embeddings: no lm_head
+    assert!(t.iter().all(|x| x.name != "lm_head.weight"));
+}
+
+#[test]
+fn bad_family_combinations_are_one_clear_error() {
+    let err = |s: &SynthSpec| s.validate().unwrap_err().to_string();
+    let mut s = SynthSpec::preset("tiny-qwen2-moe").unwrap();
+    s.planted = true;
+    assert!(err(&s).contains("--planted"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny-gpt-oss").unwrap();
+    s.norm_topk_prob = true;
+    assert!(err(&s).contains("norm-topk-prob"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny-deepseek-v3").unwrap();
+    s.num_kv_heads = 2;
+    assert!(err(&s).contains("--kv-heads"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny-deepseek-v2").unwrap();
+    s.num_layers = 1;
+    assert!(err(&s).contains("no MoE layer"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny-deepseek-v2").unwrap();
+    s.num_experts = 10; // n_group 4
+    assert!(err(&s).contains("n_group"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny-qwen3-moe").unwrap();
+    s.dense_layers = vec![5];
+    assert!(err(&s).contains("dense layer 5"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny").unwrap();
+    s.sliding_window = Some(4);
+    assert!(
+        err(&s).contains("olmoe checkpoints have no sliding_window"),
+        "{}",
+        err(&s)
+    );
+    let mut s = SynthSpec::preset("tiny-mixtral").unwrap();
+    s.mla = SynthSpec::preset("tiny-deepseek-v2").unwrap().mla;
+    assert!(err(&s).contains("latent attention"), "{}", err(&s));
+    let mut s = SynthSpec::preset("tiny-gpt-oss").unwrap();
+    s.sliding_window = None;
+    assert!(err(&s).contains("sliding_window"), "{}", err(&s));
+    assert!(synth::parse_family("qwen3-moe").is_ok());
+    assert!(synth::parse_family("llama")
+        .unwrap_err()
+        .to_string()
+        .contains("deepseek_v3"));
+}

@@ -129,3 +129,48 @@ fn synth_planted_checkpoint_routes_token_classes_to_their_groups() {
         "fraction of class tokens' picks in their group: {frac}"
     );
 }
+
+/// The tiny preset of every family: written, loaded by the project's model, run on text of the
+/// four prompt categories (prompt + 4 generated tokens): every MoE layer (and only those) makes
+/// decisions, every expert is used and no expert takes more than 3× its fair share.
+#[test]
+fn every_family_tiny_preset_loads_runs_and_routes_like_a_trained_model() {
+    for (family, seed) in synth::FAMILIES
+        .into_iter()
+        .flat_map(|f| [(f, 0u64), (f, 1)])
+    {
+        let mut spec = SynthSpec::preset(synth::tiny_preset(family)).unwrap();
+        assert_eq!(spec.family, family);
+        spec.seed = seed;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        let summary = synth::write_checkpoint(&spec, &dir).unwrap();
+        assert_eq!(summary.model_type, family.model_type());
+        let cfg = spec.model_config().unwrap();
+        let routing = synth::routing_summary(&dir, &synth::ROUTING_TEXTS, 4).unwrap();
+        let layers: Vec<u32> = routing.iter().map(|r| r.layer).collect();
+        assert_eq!(layers, cfg.moe_layer_indices(), "{family:?}: MoE layers");
+        for r in &routing {
+            eprintln!(
+                "{:12} seed {seed} layer {}: {}/{} experts used, max/mean load {:.2} ({} selections)",
+                family.model_type(),
+                r.layer,
+                r.experts_used,
+                r.num_experts,
+                r.max_over_mean_load,
+                r.selections
+            );
+            assert_eq!(
+                r.experts_used, spec.num_experts,
+                "{family:?} layer {}",
+                r.layer
+            );
+            assert!(
+                r.max_over_mean_load < 3.0,
+                "{family:?} layer {}: max/mean load {}",
+                r.layer,
+                r.max_over_mean_load
+            );
+        }
+    }
+}

@@ -1,7 +1,8 @@
-//! `moe-xray synth-model`: write a random-weight OLMoE checkpoint in the exact Hugging Face layout.
+//! `moe-xray synth-model`: write a random-weight checkpoint of any supported MoE family in the
+//! exact Hugging Face layout.
 //!
-//! The construction (initialisation scales, tokenizer, `--planted` classes) is documented in
-//! `moe_xray_model::synth`.
+//! The construction (tensor table, initialisation scales, tokenizer, `--planted` classes, the
+//! presets and their sources) is documented in `moe_xray_model::synth`.
 
 use std::path::PathBuf;
 
@@ -13,10 +14,19 @@ pub struct Args {
     /// Output checkpoint directory (must not exist, be empty, or be an earlier synthetic checkpoint).
     #[arg(long)]
     pub out: PathBuf,
-    /// Base shape: tiny (vocab 512, 2 layers, 8 experts), small (OLMo tokenizer, 4 layers, 16 experts),
-    /// olmoe-1b-7b (the full OLMoE-1B-7B shape, bf16, 3 shards).
-    #[arg(long, default_value = "tiny")]
-    pub preset: String,
+    /// Model family (transformers `model_type`): olmoe, mixtral, qwen2_moe, qwen3_moe,
+    /// deepseek_v2, deepseek_v3, gpt_oss, granitemoe. Without --preset: the family's tiny preset
+    /// (olmoe: `tiny`). With --preset it must be the preset's family. Default: olmoe.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// Base shape. OLMoE: tiny (vocab 512, 2 layers, 8 experts), small (OLMo tokenizer, 4 layers,
+    /// 16 experts), olmoe-1b-7b. Tiny test shapes of the other families (vocab 512, hidden 64,
+    /// 2-3 layers): tiny-mixtral, tiny-qwen2-moe, tiny-qwen3-moe, tiny-deepseek-v2,
+    /// tiny-deepseek-v3, tiny-gpt-oss, tiny-granitemoe. Published shapes (bf16): mixtral-8x7b,
+    /// qwen1.5-moe-a2.7b, qwen3-30b-a3b, deepseek-v2-lite, moonlight-16b-a3b (deepseek_v3),
+    /// gpt-oss-20b, granite-3.0-3b-a800m. Default: the tiny preset of --family.
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Number of layers (overrides the preset).
     #[arg(long)]
     pub layers: Option<usize>,
@@ -53,9 +63,15 @@ pub struct Args {
     /// Number of safetensors shards (default: the preset's).
     #[arg(long)]
     pub shards: Option<usize>,
-    /// Renormalise the top-k router weights (`norm_topk_prob: true`).
+    /// Renormalise the top-k router weights (`norm_topk_prob: true`; olmoe, qwen2_moe,
+    /// qwen3_moe, deepseek_v3; mixtral always renormalises).
     #[arg(long)]
     pub norm_topk_prob: bool,
+    /// After writing, load the checkpoint with moe-xray's model, run 8 short texts (code, math,
+    /// story, factual; 4 generated tokens each) and print the experts used and the max/mean
+    /// expert load of every MoE layer (slow for the published shapes).
+    #[arg(long)]
+    pub routing: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -66,7 +82,29 @@ pub struct Args {
 
 /// The checkpoint specification the arguments describe.
 pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
-    let mut s = SynthSpec::preset(&a.preset)?;
+    let family = a.family.as_deref().map(synth::parse_family).transpose()?;
+    let preset = match (&a.preset, family) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => synth::tiny_preset(f).to_string(),
+        (None, None) => "tiny".to_string(),
+    };
+    let mut s = SynthSpec::preset(&preset)?;
+    if let Some(f) = family {
+        if f != s.family {
+            anyhow::bail!(
+                "--preset {preset} is a {} checkpoint but --family is {}: give one of them, or \
+                 a preset of that family ({})",
+                s.family.model_type(),
+                f.model_type(),
+                synth::PRESET_FAMILIES
+                    .iter()
+                    .filter(|(_, pf)| *pf == f)
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     let heads_given = a.heads.is_some();
     if let Some(v) = a.layers {
         s.num_layers = v;
@@ -102,7 +140,9 @@ pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
     }
     s.seed = a.seed;
     s.planted = a.planted;
-    s.norm_topk_prob = a.norm_topk_prob;
+    if a.norm_topk_prob {
+        s.norm_topk_prob = true;
+    }
     s.validate()?;
     Ok(s)
 }
@@ -116,7 +156,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let progress = crate::progress::spinner(
         a.quiet,
         &format!(
-            "synth-model: writing {} parameters ({} layers x {} experts, {})",
+            "synth-model: writing {} {} parameters ({} layers x {} experts, {})",
+            spec.family.model_type(),
             spec.num_parameters(),
             spec.num_layers,
             spec.num_experts,
@@ -126,12 +167,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let summary = synth::write_checkpoint(&spec, &a.out)
         .with_context(|| format!("writing synthetic checkpoint to {}", a.out.display()))?;
     drop(progress);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let routing = if a.routing {
+        let p = crate::progress::spinner(a.quiet, "synth-model: routing check");
+        let r = synth::routing_summary(&a.out, &synth::ROUTING_TEXTS, 4)
+            .with_context(|| format!("routing check of {}", a.out.display()))?;
+        drop(p);
+        Some(r)
+    } else {
+        None
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let mut v = serde_json::to_value(&summary)?;
+        if let Some(r) = &routing {
+            v["routing"] = serde_json::to_value(r)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else if !a.quiet {
         println!(
-            "wrote {} ({} parameters, {} layers x {} experts top-{}, {}, {} weight bytes, tokenizer: {}{}) in {:.1} s",
+            "wrote {} ({}, {} parameters, {} layers x {} experts top-{}, {}, {} weight bytes, tokenizer: {}{}) in {:.1} s",
             summary.out_dir.display(),
+            summary.model_type,
             summary.num_parameters,
             spec.num_layers,
             spec.num_experts,
@@ -140,8 +196,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             summary.weight_bytes,
             summary.tokenizer,
             if spec.planted { ", planted" } else { "" },
-            t0.elapsed().as_secs_f64()
+            elapsed
         );
+        if let Some(r) = &routing {
+            println!("layer  experts_used  max/mean_load  selections");
+            for l in r {
+                println!(
+                    "{:5}  {:>12}  {:13.2}  {:10}",
+                    l.layer,
+                    format!("{}/{}", l.experts_used, l.num_experts),
+                    l.max_over_mean_load,
+                    l.selections
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -212,6 +280,87 @@ mod tests {
         .unwrap();
         assert!(s.planted && s.norm_topk_prob);
         assert_eq!(s.shards, 2);
+    }
+
+    #[test]
+    fn family_and_preset_choose_the_checkpoint() {
+        use moe_xray_model::config::Family;
+        // default: the OLMoE tiny preset
+        let s = spec(&["--out", "x"]).unwrap();
+        assert_eq!((s.family, s.num_layers), (Family::Olmoe, 2));
+        // --family alone: that family's tiny preset (hyphens or underscores)
+        for (f, want) in [
+            ("mixtral", Family::Mixtral),
+            ("qwen2-moe", Family::Qwen2Moe),
+            ("qwen3_moe", Family::Qwen3Moe),
+            ("deepseek_v2", Family::DeepseekV2),
+            ("deepseek-v3", Family::DeepseekV3),
+            ("gpt_oss", Family::GptOss),
+            ("granitemoe", Family::GraniteMoe),
+        ] {
+            let s = spec(&["--out", "x", "--family", f]).unwrap();
+            assert_eq!(s.family, want, "{f}");
+            assert_eq!(s.vocab_size, 512, "{f}");
+        }
+        // --preset alone: the preset's family, its own norm_topk_prob kept
+        let s = spec(&["--out", "x", "--preset", "qwen3-30b-a3b"]).unwrap();
+        assert_eq!(
+            (s.family, s.num_experts, s.top_k),
+            (Family::Qwen3Moe, 128, 8)
+        );
+        assert!(s.norm_topk_prob);
+        // both, agreeing
+        let s = spec(&[
+            "--out",
+            "x",
+            "--family",
+            "gpt_oss",
+            "--preset",
+            "gpt-oss-20b",
+            "--layers",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!((s.family, s.num_layers), (Family::GptOss, 2));
+        // both, contradicting: one error naming the preset's family and the family's presets
+        let e = spec(&[
+            "--out",
+            "x",
+            "--family",
+            "mixtral",
+            "--preset",
+            "qwen3-30b-a3b",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("qwen3_moe") && e.contains("mixtral-8x7b"), "{e}");
+        let e = spec(&["--out", "x", "--family", "llama"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown --family") && e.contains("granitemoe"),
+            "{e}"
+        );
+        let e = spec(&["--out", "x", "--family", "gpt_oss", "--norm-topk-prob"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--norm-topk-prob"), "{e}");
+        let e = spec(&["--out", "x", "--family", "mixtral", "--planted"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--planted"), "{e}");
+    }
+
+    #[test]
+    fn help_lists_every_preset_and_family() {
+        use clap::CommandFactory;
+        let help = Wrap::command().render_long_help().to_string();
+        for p in synth::PRESETS {
+            assert!(help.contains(p), "--help does not list preset {p}");
+        }
+        for f in moe_xray_model::config::SUPPORTED_MODEL_TYPES {
+            assert!(help.contains(f), "--help does not list family {f}");
+        }
     }
 
     #[test]
