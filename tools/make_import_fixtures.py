@@ -38,6 +38,7 @@ tools/requirements-import.txt). Output is deterministic.
 """
 
 import base64
+import gzip
 import collections
 import io
 import json
@@ -242,6 +243,10 @@ def main():
             "prompt_token_ids": TOKEN_IDS["run_b"][pid][:n_prompt],
         }) + "\n")
     write(os.path.join(OUT, "vllm", "responses_b.jsonl"), "".join(lines))
+    # The same responses gzip-compressed (deterministic: mtime 0, no file name in the header),
+    # for the compressed-JSONL path of the importers.
+    with open(os.path.join(OUT, "vllm", "responses_b.jsonl.gz"), "wb") as f:
+        f.write(gzip.compress("".join(lines).encode(), compresslevel=9, mtime=0))
 
     # SGLang /generate responses for run_a (meta_info.routed_experts: base64 int32).
     lines = []

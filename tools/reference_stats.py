@@ -50,6 +50,19 @@ Definitions and choices (see docs/DESIGN.md, which is normative)
   numpy's default linear interpolation at 2.5 / 97.5) of d, and of the classifier accuracy by
   resampling the out-of-fold correctness vector (plain, N with replacement);
   classifier_permutation (R=200 label permutations, same folds, sklearn default tol=1e-4).
+* lexical_baseline (confound control): X[i, t] = number of counted tokens of prompt i with token
+  id t -- every (token type, position) of the selected token types once, over the records of the
+  analysed prompts -- one column per token id that occurs (sorted ids), dense; then exactly the
+  logreg_5fold pipeline (same folds, StandardScaler, LogisticRegression tol=1e-12), without
+  fold_models. {"vocabulary": V, "tokens": sum of X, "classifier": {...}}.
+* token_matched (confound control), both modes under "token_matched": {"shared": ..., "residual":
+  ...}: "shared" sums only the records whose token id occurs in every category (in the token
+  bags of the analysed prompts); a prompt with a zero layer is dropped. "residual" subtracts from
+  every record's selection vector (1 per expert, or the float32 weight with --weighted) the mean
+  selection vector of its token id at that layer over all analysed prompts (mean over the token
+  id's (type, layer, position) occurrences); a prompt with a layer whose residual norm is
+  <= 1e-9 * its selection mass at that layer is dropped. Then similarity, category matrix and
+  per_layer exactly as for the signatures (per-layer cosines; scale-free).
 
 Usage:
   /work/venvs/sci/bin/python tools/reference_stats.py --case planted
@@ -506,6 +519,126 @@ def classifier_permutation(X, y, fold, acc_obs, reps, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# Confound controls
+# ----------------------------------------------------------------------------------------------
+
+
+def read_tokens(case_dir: Path, tab: Table, token_types, weighted):
+    """Token ids of the analysed prompts: ({pid: {(type, position): token_id}}, records), or None
+    for traces without token ids (counts form)."""
+    ids = set(tab.ids)
+    toks = {pid: {} for pid in tab.ids}
+    recs = []
+    with open(case_dir / "trace.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "experts" not in r and "expert" not in r:
+                return None
+            if r["token_type"] not in token_types or r["prompt_id"] not in ids:
+                continue
+            if "token_id" not in r:
+                return None
+            pid = r["prompt_id"]
+            toks[pid].setdefault((r["token_type"], r["position"]), r["token_id"])
+            if "experts" in r:
+                experts, ws = r["experts"], r.get("weights")
+            else:
+                experts, ws = [r["expert"]], ([r["weight"]] if "weight" in r else None)
+            w = [float(np.float32(x)) for x in ws] if (weighted and ws is not None) else [1.0] * len(experts)
+            recs.append((pid, r["token_type"], r["layer"], r["position"], r["token_id"], experts, w))
+    return toks, recs
+
+
+def lexical_block(tab: Table, labels, fold, toks):
+    vocab = sorted({t for pid in tab.ids for t in toks[pid].values()})
+    index = {t: j for j, t in enumerate(vocab)}
+    X = np.zeros((len(tab.ids), len(vocab)))
+    for i, pid in enumerate(tab.ids):
+        for t in toks[pid].values():
+            X[i, index[t]] += 1.0
+    clf, _ = logreg_block(X, labels, fold)
+    clf.pop("fold_models", None)
+    clf.pop("binary_objective", None)
+    return {"vocabulary": len(vocab), "tokens": int(X.sum()), "classifier": clf}
+
+
+def token_matched_block(tab: Table, labels, cats_sorted, toks, recs, mode):
+    L, E = tab.L, tab.E
+    idx = {pid: i for i, pid in enumerate(tab.ids)}
+    N = len(tab.ids)
+    A = np.zeros((N, L, E))
+    seen = set()
+    records = 0
+    if mode == "residual":
+        tot, occ, nit = {}, {}, {}
+        for pid, tt, l, pos, t, experts, w in recs:
+            i = idx[pid]
+            tot.setdefault(t, np.zeros((L, E)))
+            occ.setdefault(t, np.zeros(L))
+            if (i, tt, l, pos) not in seen:
+                seen.add((i, tt, l, pos))
+                records += 1
+                occ[t][l] += 1
+                nit[(i, t, l)] = nit.get((i, t, l), 0) + 1
+            for e, x in zip(experts, w):
+                tot[t][l, e] += x
+                A[i, l, e] += x
+        R = A.copy()
+        for (i, t, l), n in sorted(nit.items()):
+            R[i, l] -= n * tot[t][l] / occ[t][l]
+        mass = A.sum(axis=2)
+        norms = np.linalg.norm(R, axis=2)
+        zero = norms <= 1e-9 * mass
+        n_ids = len(tot)
+        why = "zero residual at layer {}"
+    else:
+        per_cat = {}
+        for pid, c in zip(tab.ids, labels):
+            per_cat.setdefault(c, set()).update(toks[pid].values())
+        shared = set.intersection(*per_cat.values())
+        if not shared:
+            return {"skipped": "no token id occurs in every category"}
+        for pid, tt, l, pos, t, experts, w in recs:
+            if t not in shared:
+                continue
+            i = idx[pid]
+            if (i, tt, l, pos) not in seen:
+                seen.add((i, tt, l, pos))
+                records += 1
+            for e, x in zip(experts, w):
+                A[i, l, e] += x
+        R = A
+        zero = A.sum(axis=2) <= 0
+        n_ids = len(shared)
+        why = "no token shared by every category at layer {}"
+    keep = ~zero.any(axis=1)
+    dropped = [{"prompt_id": pid, "reason": why.format(int(np.argmax(zero[i])))}
+               for i, pid in enumerate(tab.ids) if not keep[i]]
+    _, sizes = np.unique(labels[keep], return_counts=True)
+    if (sizes >= 2).sum() < 2:
+        return {"skipped": f"fewer than 2 categories with at least 2 prompts remain ({len(dropped)} of {N} prompts dropped)"}
+    out = {"mode": mode, "num_prompts": int(keep.sum()), "token_ids": n_ids, "records": records,
+           "dropped_prompts": dropped}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, block = similarity_block(R[keep], labels[keep], cats_sorted)
+    out.update(block)
+    return out
+
+
+def confound_blocks(case: str, tab: Table, labels, cats_sorted, fold, token_types, weighted):
+    got = read_tokens(FIXTURES / case, tab, token_types, weighted)
+    if got is None:
+        reason = "counts-form traces have no token ids"
+        return {"skipped": reason}, {"shared": {"skipped": reason}, "residual": {"skipped": reason}}
+    toks, recs = got
+    tm = {m: token_matched_block(tab, labels, cats_sorted, toks, recs, m) for m in ("shared", "residual")}
+    return lexical_block(tab, labels, fold, toks), tm
+
+
+# ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
 
@@ -574,7 +707,19 @@ def compute(case: str, token_types, weighted, reps, sig_reps, clf_reps, include_
     else:
         sig["classifier_permutation"] = {"skipped": lr["skipped"]}
     res["significance"] = sig
+    res["lexical_baseline"], res["token_matched"] = confound_blocks(
+        case, tab, labels, cats_sorted, fold, token_types, weighted)
     return res
+
+
+def compute_confound(case: str, token_types, weighted):
+    """Only the confound-control sections (for --only-confound)."""
+    tab = read_table(FIXTURES / case, token_types, weighted)
+    labels = np.array(tab.cats, dtype=object).astype(str)
+    cats_sorted = sorted(set(labels.tolist()))
+    fmap = read_folds(FIXTURES / case / "folds.csv")
+    fold = np.array([fmap[pid] for pid in tab.ids])
+    return confound_blocks(case, tab, labels, cats_sorted, fold, token_types, weighted)
 
 
 VARIANTS = {
@@ -599,6 +744,9 @@ def main():
     ap.add_argument("--sig-reps", type=int, default=1000)
     ap.add_argument("--clf-reps", type=int, default=200)
     ap.add_argument("--rewrite-folds", action="store_true")
+    ap.add_argument("--only-confound", action="store_true",
+                    help="recompute only lexical_baseline and token_matched and add them to the existing "
+                         "expected files (every other value stays byte-identical)")
     args = ap.parse_args()
     cases = list(VARIANTS) if args.all else (args.case or [])
     if not cases:
@@ -607,6 +755,17 @@ def main():
         if args.rewrite_folds and (FIXTURES / case / "folds.csv").exists():
             (FIXTURES / case / "folds.csv").unlink()
         for fname, tt, weighted in VARIANTS[case]:
+            if args.only_confound:
+                path = FIXTURES / case / fname
+                res = json.loads(path.read_text())
+                res["lexical_baseline"], res["token_matched"] = compute_confound(case, tt, weighted)
+                write_atomic(path, json.dumps(res, indent=1) + "\n")
+                lx = res["lexical_baseline"]
+                acc = lx["classifier"].get("accuracy_mean", lx["classifier"]) if "classifier" in lx else lx
+                print(f"{case}/{fname}: lexical accuracy {acc}; token_matched d "
+                      + ", ".join(f"{m}={b.get('similarity', {}).get('cohens_d', b.get('skipped'))}"
+                                  for m, b in res["token_matched"].items()), flush=True)
+                continue
             res = compute(case, tt, weighted, args.reps, args.sig_reps, args.clf_reps,
                           include_signatures=(case != "paper_shape"))
             write_atomic(FIXTURES / case / fname, json.dumps(res, indent=1) + "\n")

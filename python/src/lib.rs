@@ -469,7 +469,7 @@ fn dims(model: Option<PathBuf>, num_layers: Option<usize>, num_experts: Option<u
 /// Routing health: `{"json"` (what `health --json` prints), `"csv"`: {name: text} (the files of
 /// `health --csv`), `"svg"`: {name: text} (the files of `health --svg`)}.
 #[pyfunction]
-#[pyo3(signature = (traces, model=None, num_layers=None, num_experts=None, layer=0,
+#[pyo3(signature = (traces, model=None, num_layers=None, num_experts=None, layer=None,
     cold_fraction=0.1, top_pairs=10, token_types=default_token_types(), mi=false,
     mi_components=2, mi_bins=3, mi_knn=5, perms=1000, seed=0))]
 #[allow(clippy::too_many_arguments)]
@@ -479,7 +479,7 @@ fn health<'py>(
     model: Option<PathBuf>,
     num_layers: Option<usize>,
     num_experts: Option<usize>,
-    layer: usize,
+    layer: Option<usize>,
     cold_fraction: f64,
     top_pairs: usize,
     token_types: Vec<String>,
@@ -529,6 +529,7 @@ fn health<'py>(
                 "load_heatmap".to_string(),
                 health_figures::load_heatmap(&h.report),
             )];
+            let layer = h.layer;
             let row = h.acc.layer_ids().iter().position(|&l| l == layer);
             if let Some(s) = row
                 .and_then(|r| h.acc.coactivation(r).map(|c| (r, c)))

@@ -22,16 +22,22 @@ enum Command {
     Analyze(cmd::analyze::Args),
     /// Run an MoE model on prompts and record the experts its router picks (routing traces).
     Trace(cmd::trace::Args),
-    /// Write a random-weight OLMoE checkpoint in the exact Hugging Face layout.
+    /// Write a random-weight MoE checkpoint (OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE) in the exact Hugging Face layout.
     SynthModel(cmd::synth_model::Args),
     /// The whole study in one command: trace, analyze, figures, HTML report.
     Run(cmd::run::Args),
     /// The whole study on an embedded synthetic model and the bundled paper80 prompts.
     Demo(cmd::demo::Args),
+    /// Map step of a sharded analysis: one part of the traces' per-prompt counts -> a shard file.
+    Map(cmd::map::Args),
+    /// Merge step: shard files -> exactly the outputs of one `analyze` over all their traces.
+    Merge(cmd::merge::Args),
     /// Routing health of a trace: expert load, entropy, dead experts, co-activation.
     Health(cmd::health::Args),
     /// Compare the routing of two runs (drift guard).
     Compare(cmd::compare::Args),
+    /// Compare two models' routing on the same prompts across architectures (RSA, CKA, expert matching).
+    CompareModels(cmd::compare_models::Args),
     /// Benchmark model execution with routing capture.
     Bench(cmd::bench::Args),
     /// Import routing recorded by serving engines (vLLM, SGLang) as a moe-xray trace.
@@ -52,8 +58,11 @@ fn main() {
             Command::SynthModel(a) => cmd::synth_model::run(a),
             Command::Run(a) => cmd::run::run(a),
             Command::Demo(a) => cmd::demo::run(a),
+            Command::Map(a) => cmd::map::run(a),
+            Command::Merge(a) => cmd::merge::run(a),
             Command::Health(a) => cmd::health::run(a),
             Command::Compare(a) => cmd::compare::run(a),
+            Command::CompareModels(a) => cmd::compare_models::run(a),
             Command::Bench(a) => cmd::bench::run(a),
             Command::Import(a) => cmd::import::run(a),
             Command::RenderChatTemplate => moe_xray_model::chat::serve_render_request(

@@ -274,3 +274,67 @@ fn quiet_prints_nothing_and_changes_no_output_and_inferred_dims_are_warned() {
     }
     assert!(outs[0] == outs[1], "--quiet changed an output file");
 }
+
+/// Confound controls: the lexical baseline is always written and printed; `--token-matched`
+/// adds the token-matched statistics (residual on the planted fixture, whose random token ids
+/// leave no id shared by every category, so `shared` is skipped with that reason).
+#[test]
+fn lexical_baseline_and_token_matched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = fixture("stats/planted").join("trace.jsonl");
+    let folds = fixture("stats/planted").join("folds.csv");
+    let t = trace.to_str().unwrap();
+    for (mode, want) in [
+        ("residual", "token-matched (residual"),
+        (
+            "shared",
+            "token-matched statistics skipped: no token id occurs in every category",
+        ),
+    ] {
+        let out = tmp.path().join(mode);
+        let o = out.to_str().unwrap();
+        let mut args = small_args(t, o);
+        args.extend(["--folds", folds.to_str().unwrap(), "--token-matched", mode]);
+        let r = run(&args, "1");
+        let stdout = String::from_utf8_lossy(&r.stdout);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            stdout.contains("lexical baseline (token ids only, 1081 ids): accuracy 27.5%"),
+            "{stdout}"
+        );
+        assert!(stdout.contains(want), "{stdout}");
+        let res: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            res["lexical_baseline"]["classifier"]["accuracy_mean"],
+            0.275
+        );
+        assert_eq!(res["lexical_baseline"]["vocabulary"], 1081);
+        if mode == "residual" {
+            assert_eq!(res["token_matched"]["mode"], "residual");
+            assert_eq!(res["token_matched"]["num_prompts"], 20);
+        } else {
+            assert!(res["token_matched"]["skipped"].is_string());
+        }
+    }
+    let out = tmp.path().join("bad");
+    let mut args = small_args(t, out.to_str().unwrap());
+    args.extend(["--token-matched", "lexical"]);
+    let r = run(&args, "1");
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--token-matched"));
+    // Counts-form traces have no token ids.
+    let counts = fixture("stats/paper_shape").join("trace.jsonl");
+    let out = tmp.path().join("counts");
+    let args = small_args(counts.to_str().unwrap(), out.to_str().unwrap());
+    let r = run(&args, "1");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(
+        res["lexical_baseline"]["skipped"],
+        "counts-form traces have no token ids"
+    );
+    assert!(res.get("token_matched").is_none());
+}

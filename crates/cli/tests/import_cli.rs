@@ -82,8 +82,19 @@ fn imports_give_the_signatures_of_moe_xrays_own_trace() {
     for run in ["va", "sa"] {
         let t = d.path().join(run).join("trace.jsonl");
         let got = signatures(s(&t), &d.path().join(format!("an_{run}")));
+        // The import keeps the model's decoder-layer numbering (dense layer 0, MoE layers 1..=3:
+        // columns l1_e* .. l3_e*); the source trace numbers its 3 layers from 0. Same values.
+        let text = String::from_utf8(got).unwrap();
+        let (head, body) = text.split_once('\n').unwrap();
+        assert!(head.contains(",l1_e0,") && !head.contains("l0_e"), "{head}");
+        let relabelled = head
+            .replace("l1_e", "L0_e")
+            .replace("l2_e", "L1_e")
+            .replace("l3_e", "L2_e")
+            .replace('L', "l");
         assert_eq!(
-            got, own,
+            format!("{relabelled}\n{body}").into_bytes(),
+            own,
             "{run}: signatures.csv differs from the source trace's"
         );
     }
@@ -91,6 +102,26 @@ fn imports_give_the_signatures_of_moe_xrays_own_trace() {
     let a = std::fs::read(d.path().join("an_own/prompt_similarity.csv")).unwrap();
     let b = std::fs::read(d.path().join("an_va/prompt_similarity.csv")).unwrap();
     assert_eq!(a, b);
+}
+
+/// Every `"layer": n` / `"*_layer": n` (n >= 1) of a JSON document becomes n - 1, and `moe_layers` lists are
+/// dropped (imports of the fixture model, whose decoder layer 0 is dense, vs the 3-layer source).
+fn shift_layers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("moe_layers");
+            for (k, x) in m.iter_mut() {
+                match x.as_u64() {
+                    Some(n) if k == "layer" || k.ends_with("_layer") => {
+                        *x = serde_json::json!(n - 1)
+                    }
+                    _ => shift_layers(x),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(shift_layers),
+        _ => {}
+    }
 }
 
 fn json(p: &Path) -> serde_json::Value {
@@ -113,7 +144,8 @@ fn health_and_compare_run_on_imported_dirs() {
         s(&vb),
     ]);
     let (h1, h2) = (d.path().join("h1.json"), d.path().join("h2.json"));
-    ok(&["health", s(&va), "--json", s(&h1)]);
+    // Layer 0 of the imported model is dense: the co-activation layer must be an MoE layer.
+    ok(&["health", s(&va), "--layer", "1", "--json", s(&h1)]);
     ok(&["health", &health_run("run_a"), "--json", s(&h2)]);
     let (h1, h2) = (json(&h1), json(&h2));
     // Loads and balance are the same; the import has no router distribution (no weights/probs).
@@ -144,6 +176,8 @@ fn health_and_compare_run_on_imported_dirs() {
         c["run_a"]["label"] = serde_json::Value::Null;
         c["run_b"]["label"] = serde_json::Value::Null;
     }
+    // The imports label layers by decoder index (1..=3), the source runs from 0.
+    shift_layers(&mut c1);
     assert_eq!(c1, c2);
 }
 
@@ -165,7 +199,7 @@ fn recorder_dumps_import_and_feed_health() {
             s(&out),
         ]);
         let h = d.path().join(format!("h_{mode}.json"));
-        ok(&["health", s(&out), "--json", s(&h)]);
+        ok(&["health", s(&out), "--layer", "1", "--json", s(&h)]);
         let got = json(&h);
         for l in 0..3 {
             assert_eq!(
@@ -334,4 +368,125 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
+
+fn hf_fx(m: &str, f: &str) -> String {
+    repo_root()
+        .join("fixtures/import/hf")
+        .join(m)
+        .join(f)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn import_hf_router_logits_feed_health_and_compare() {
+    let d = tempfile::tempdir().unwrap();
+    let m = "deepseekv3-tiny-f32";
+    let cfg_dir = repo_root().join("fixtures/hf").join(m);
+    let cfg = cfg_dir.join("config.json");
+    let mut dirs = Vec::new();
+    for f in ["router_logits.safetensors", "router_logits.pt"] {
+        let out = d.path().join(f);
+        ok(&[
+            "import",
+            "hf",
+            &hf_fx(m, f),
+            "--config",
+            s(&cfg),
+            "--requests",
+            &hf_fx(m, "requests.jsonl"),
+            "--out",
+            s(&out),
+        ]);
+        // The routing block is the one moe-xray's own trace of this checkpoint writes.
+        let man = json(&out.join("manifest.json"));
+        let own = moe_xray_pipeline::trace::routing_layout(
+            &moe_xray_model::config::ModelConfig::from_dir(&cfg_dir).unwrap(),
+        );
+        assert_eq!(man["routing"], serde_json::to_value(&own).unwrap());
+        assert_eq!(man["num_layers"], 3);
+        let h = d.path().join(format!("h_{f}.json"));
+        ok(&["health", s(&out), "--layer", "1", "--json", s(&h)]);
+        let h = json(&h);
+        let layers: Vec<u64> = h["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["layer"].as_u64().unwrap())
+            .collect();
+        assert_eq!(layers, vec![1, 2], "MoE layers labelled by decoder index");
+        dirs.push(out);
+    }
+    // Two imports of the same routing: compare finds no drift.
+    let c = d.path().join("c.json");
+    ok(&[
+        "compare",
+        s(&dirs[0]),
+        s(&dirs[1]),
+        "--reps",
+        "20",
+        "--json",
+        s(&c),
+    ]);
+    let c = json(&c);
+    assert_eq!(c["mean_js_bits"].as_f64(), Some(0.0), "{c}");
+    // Bad input: no config (the routing rule is the family's), logits of another model.
+    let bad = d.path().join("bad");
+    let st = hf_fx(m, "router_logits.safetensors");
+    fails(
+        &["import", "hf", &st, "--num-experts", "16", "--out", s(&bad)],
+        &bad,
+        &["needs --config"],
+    );
+    let other = repo_root().join("fixtures/hf/gptoss-tiny-f32/config.json");
+    fails(
+        &["import", "hf", &st, "--config", s(&other), "--out", s(&bad)],
+        &bad,
+        &[
+            "router_logits.safetensors",
+            "2 layers of router logits",
+            "3 MoE layers",
+        ],
+    );
+}
+
+#[test]
+fn compressed_jsonl_through_the_cli() {
+    // fixtures/import/vllm/responses_b.jsonl.gz: the same responses, gzip (make_import_fixtures.py).
+    let d = tempfile::tempdir().unwrap();
+    let mut traces = Vec::new();
+    for (i, p) in ["vllm/responses_b.jsonl", "vllm/responses_b.jsonl.gz"]
+        .iter()
+        .enumerate()
+    {
+        let out = d.path().join(format!("o{i}"));
+        ok(&[
+            "import",
+            "vllm",
+            &fx(p),
+            "--config",
+            &fx("config.json"),
+            "--out",
+            s(&out),
+        ]);
+        traces.push(std::fs::read(out.join("trace.jsonl")).unwrap());
+    }
+    assert_eq!(traces[0], traces[1]);
+    // gzip content under a plain name: refused, nothing written.
+    let hidden = d.path().join("hidden.jsonl");
+    std::fs::copy(fx("vllm/responses_b.jsonl.gz"), &hidden).unwrap();
+    fails(
+        &[
+            "import",
+            "vllm",
+            s(&hidden),
+            "--config",
+            &fx("config.json"),
+            "--out",
+            s(&d.path().join("bad")),
+        ],
+        &d.path().join("bad"),
+        &["hidden.jsonl", "content is gzip"],
+    );
 }

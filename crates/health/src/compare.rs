@@ -172,7 +172,7 @@ fn mean_js(a: &[f64], b: &[f64], nl: usize, ne: usize) -> f64 {
 pub fn compare_runs(a: &RunData, b: &RunData, opts: &CompareOptions) -> Result<CompareReport> {
     if (a.num_layers, a.num_experts) != (b.num_layers, b.num_experts) {
         return Err(HealthError::Mismatch(format!(
-            "runs differ in shape: {} has {} layers x {} experts, {} has {} layers x {} experts (compare needs the same L and E)",
+            "runs differ in shape: {} has {} layers x {} experts, {} has {} layers x {} experts (compare needs the same L and E; for models of different architectures analyze both runs and use `moe-xray compare-models`)",
             a.label, a.num_layers, a.num_experts, b.label, b.num_layers, b.num_experts
         )));
     }

@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moe_xray_trace::RoutingLayout;
 use serde_json::Value;
 
 use crate::{ImportError, Result};
@@ -22,7 +23,7 @@ use crate::{ImportError, Result};
 pub const MAX_LAYERS: usize = 4096;
 pub const MAX_EXPERTS: usize = 1 << 16;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {
     /// Name recorded in the manifest (`_name_or_path`, `model_type` or the config's directory).
     pub model: String,
@@ -35,6 +36,54 @@ pub struct ModelShape {
     pub top_k: Option<usize>,
     /// The config file it came from.
     pub source: Option<PathBuf>,
+    /// The manifest's `routing` block (family, MoE / dense decoder layers, router kind), when the
+    /// shape comes from a config. Records are then numbered by decoder layer and the manifest's
+    /// `num_layers` is `num_hidden_layers`, as in moe-xray's own traces.
+    pub routing: Option<RoutingLayout>,
+    /// The configuration as moe-xray's model crate reads it, when it is a supported family with
+    /// every field the model crate needs (`import hf` requires it; vLLM / SGLang imports use it
+    /// for the routing block only).
+    pub model_config: Option<Box<moe_xray_model::config::ModelConfig>>,
+}
+
+/// What a record's `weights` hold: OLMoE keeps the full-softmax probability
+/// (`MoeSpec::record_probabilities`), every other family the applied coefficient. The same texts
+/// as `moe_xray_pipeline::trace::routing_layout` (a CLI test checks that both blocks agree).
+pub const WEIGHTS_FULL_SOFTMAX: &str = "full-softmax probability of each chosen expert (coefficients renormalised when norm_topk_prob)";
+pub const WEIGHTS_APPLIED: &str = "coefficient applied to each routed expert's output";
+
+/// The routing block of a configuration the model crate reads (as moe-xray's own trace writes it).
+pub fn routing_layout(cfg: &moe_xray_model::config::ModelConfig) -> RoutingLayout {
+    RoutingLayout {
+        family: cfg.model_type().to_string(),
+        moe_layers: cfg.moe_layer_indices(),
+        dense_layers: cfg.dense_layer_indices(),
+        num_shared_experts: cfg
+            .moe
+            .shared
+            .map_or(0, |s| u32::try_from(s.count).unwrap_or(u32::MAX)),
+        router: cfg.moe.router.name().to_string(),
+        scores: cfg.moe.router.scores().to_string(),
+        weights: if cfg.moe.record_probabilities {
+            WEIGHTS_FULL_SOFTMAX
+        } else {
+            WEIGHTS_APPLIED
+        }
+        .to_string(),
+        extra: Default::default(),
+    }
+}
+
+/// Router kind and score kind of a `model_type` (for configs the model crate cannot read in
+/// full, e.g. a config holding only the routing fields).
+fn router_of(model_type: &str) -> (&'static str, &'static str) {
+    match model_type {
+        "deepseek_v2" => ("deepseek_v2", "softmax"),
+        "deepseek_v3" => ("deepseek_v3", "sigmoid"),
+        "gpt_oss" | "granitemoe" => ("topk_softmax", "softmax"),
+        "olmoe" | "mixtral" | "qwen2_moe" | "qwen3_moe" => ("softmax_topk", "softmax"),
+        _ => ("unknown", "softmax"),
+    }
 }
 
 fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -159,6 +208,52 @@ impl ModelShape {
                     .map(str::to_string)
             })
             .unwrap_or_default();
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                v.get("text_config")
+                    .and_then(|t| t.get("model_type"))
+                    .and_then(Value::as_str)
+            })
+            .unwrap_or("");
+        let text = String::from_utf8_lossy(&bytes);
+        let model_config = moe_xray_model::config::ModelConfig::from_json_str(&text, &file).ok();
+        let routing = match &model_config {
+            // The model crate's reading wins where both read the file (same rules; it also knows
+            // the shared experts).
+            Some(cfg) => {
+                let r = routing_layout(cfg);
+                if r.moe_layers.len() + r.dense_layers.len() != layers
+                    || cfg.num_experts != num_experts
+                {
+                    return Err(ImportError::invalid_file(
+                        &file,
+                        "the model crate reads different layers or experts from this config",
+                    ));
+                }
+                r
+            }
+            None => {
+                let (router, scores) = router_of(model_type);
+                let shared = get_usize(&file, &v, "n_shared_experts", MAX_EXPERTS)?.unwrap_or(0);
+                let family: String = model_type.chars().take(64).collect();
+                RoutingLayout {
+                    family,
+                    moe_layers: moe.iter().map(|&l| l as u32).collect(),
+                    dense_layers: (0..layers)
+                        .filter(|l| !moe.contains(l))
+                        .map(|l| l as u32)
+                        .collect(),
+                    num_shared_experts: shared as u32,
+                    router: router.into(),
+                    scores: scores.into(),
+                    weights: String::new(),
+                    extra: Default::default(),
+                }
+            }
+        };
+        let moe: Vec<usize> = routing.moe_layers.iter().map(|&l| l as usize).collect();
         Ok(ModelShape {
             model,
             num_hidden_layers: Some(layers),
@@ -166,6 +261,8 @@ impl ModelShape {
             num_experts,
             top_k,
             source: Some(file),
+            routing: Some(routing),
+            model_config: model_config.map(Box::new),
         })
     }
 
@@ -182,6 +279,17 @@ impl ModelShape {
             num_experts,
             top_k,
             source: None,
+            routing: None,
+            model_config: None,
+        }
+    }
+
+    /// Decoder-layer index written for the `row`-th MoE layer: the config's MoE layer with a
+    /// routing block, `row` itself without.
+    pub fn out_layer(&self, row: usize) -> usize {
+        match (&self.routing, &self.moe_layers) {
+            (Some(_), Some(moe)) => moe.get(row).copied().unwrap_or(row),
+            _ => row,
         }
     }
 

@@ -5,13 +5,18 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use moe_xray_trace::Compression;
+
 use crate::{ImportError, Result};
 
 /// Longest accepted JSONL line (a response carrying routing for a long request is large).
 pub const MAX_LINE: u64 = 1 << 30;
 
 /// Calls `f(line_number, value)` for every non-blank line of `path` (lines count from 1).
-/// Plain text only (gzip / zstd input is refused with a clear error).
+/// Plain, gzip (`.jsonl.gz`, concatenated members allowed) or zstd (`.jsonl.zst`) text: the
+/// compression is detected from the magic bytes and must match the file name, as for trace files
+/// (`moe_xray_trace::Compression`); corrupt or truncated compressed data is an error naming the
+/// file and the line being read.
 pub fn for_each_line(path: &Path, mut f: impl FnMut(usize, Value) -> Result<()>) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| ImportError::io(path, e))?;
     let mut head = BufReader::with_capacity(1 << 16, file);
@@ -19,13 +24,42 @@ pub fn for_each_line(path: &Path, mut f: impl FnMut(usize, Value) -> Result<()>)
         .fill_buf()
         .map_err(|e| ImportError::io(path, e))?
         .to_vec();
-    if magic.starts_with(&[0x1f, 0x8b]) || magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return Err(ImportError::invalid_file(
-            path,
-            "compressed JSONL is not supported by the importers; decompress it first",
-        ));
-    }
-    let mut r = head;
+    let by_name = Compression::from_path(path);
+    let compression = match Compression::from_magic(&magic) {
+        Some(c) if c == by_name => c,
+        Some(c) => {
+            return Err(ImportError::invalid_file(
+                path,
+                format!(
+                    "file name says {} but the content is {} data (rename the file to match its content)",
+                    by_name.name(),
+                    c.name()
+                ),
+            ))
+        }
+        None if by_name != Compression::None && !magic.is_empty() => {
+            return Err(ImportError::invalid_file(
+                path,
+                format!(
+                    "file name says {} but the content does not start with the {} magic bytes",
+                    by_name.name(),
+                    by_name.name()
+                ),
+            ))
+        }
+        None => Compression::None,
+    };
+    let mut r: Box<dyn BufRead> = match compression {
+        Compression::None => Box::new(head),
+        Compression::Gzip => Box::new(BufReader::with_capacity(
+            1 << 16,
+            flate2::read::MultiGzDecoder::new(head),
+        )),
+        Compression::Zstd => Box::new(BufReader::with_capacity(
+            1 << 16,
+            zstd::stream::read::Decoder::with_buffer(head).map_err(|e| ImportError::io(path, e))?,
+        )),
+    };
     let mut buf = Vec::new();
     let mut line_no = 0usize;
     loop {
@@ -33,7 +67,13 @@ pub fn for_each_line(path: &Path, mut f: impl FnMut(usize, Value) -> Result<()>)
         let n = (&mut r)
             .take(MAX_LINE + 1)
             .read_until(b'\n', &mut buf)
-            .map_err(|e| ImportError::io(path, e))?;
+            .map_err(|e| {
+                ImportError::invalid(
+                    path,
+                    format!("line {}", line_no + 1),
+                    format!("cannot read ({} data): {e}", compression.name()),
+                )
+            })?;
         if n == 0 {
             break;
         }

@@ -1,13 +1,16 @@
-//! Importers of MoE routing recorded by serving engines (vLLM, SGLang) into moe-xray's trace
-//! format (`trace.jsonl` + `manifest.json`, see docs/trace-format.md, "Importing routing from
-//! serving engines"). No tensor dependencies and no code execution: `.npy`/`.npz` are parsed by
-//! a strict reader, torch `.pt` files by a restricted pickle reader that only builds data.
+//! Importers of MoE routing recorded by serving engines (vLLM, SGLang), and of Hugging Face
+//! router logits (`hf.rs`, routed by the family's rule from `moe_xray_model::router`), into
+//! moe-xray's trace format (`trace.jsonl` + `manifest.json`, see docs/trace-format.md,
+//! "Importing routing from serving engines"). No code execution: `.npy`/`.npz` are parsed by a
+//! strict reader, torch `.pt` files by a restricted pickle reader that only builds data,
+//! safetensors by the `safetensors` crate; JSONL may be gzip / zstd compressed.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod b64;
 pub mod config;
 pub mod error;
+pub mod hf;
 pub mod jsonl;
 pub mod npy;
 pub mod output;

@@ -30,6 +30,9 @@ pub struct Sequence<'a> {
     pub k: usize,
     /// Vocabulary id of each row's token, when the source has them (same length as the rows).
     pub token_ids: Option<Vec<u32>>,
+    /// Router weights aligned with `rows` (`[n_rows, layers, k]`), when the source has them
+    /// (HF router logits); engines record none.
+    pub weights: Option<&'a [f32]>,
 }
 
 /// Totals reported in the manifest and by the CLI.
@@ -241,6 +244,15 @@ impl Staged {
                 format!("{} token positions exceed the limit of 2^20", seq.n_rows),
             ));
         }
+        if let Some(w) = seq.weights {
+            if w.len() != expect {
+                return Err(ImportError::invalid(
+                    file,
+                    record,
+                    format!("{} weights for {expect} expert ids", w.len()),
+                ));
+            }
+        }
         if let Some(ids) = &seq.token_ids {
             if ids.len() != seq.n_rows {
                 return Err(ImportError::invalid(
@@ -315,15 +327,16 @@ impl Staged {
             };
             for (out_l, &l) in map.iter().enumerate() {
                 let row = &seq.rows[(t * layers + l) * k..(t * layers + l + 1) * k];
+                let span = (t * layers + l) * k..(t * layers + l + 1) * k;
                 let rec = RoutingRecord {
                     prompt_id: id.clone(),
                     category: seq.category.clone(),
-                    layer: out_l as u32,
+                    layer: self.shape.out_layer(out_l) as u32,
                     position: t as u32,
                     token_id: seq.token_ids.as_ref().map(|ids| ids[t]),
                     token_type,
                     experts: row.iter().map(|&x| x as u32).collect(),
-                    weights: None,
+                    weights: seq.weights.map(|w| w[span].to_vec()),
                     probs: None,
                 };
                 serde_json::to_writer(&mut self.trace, &rec)
@@ -402,16 +415,28 @@ impl Staged {
         }
         self.claim_id(file, record, prompt_id)?;
         let tokens = tokens.unwrap_or(0);
+        // With a routing block the rows are the decoder layers (dense rows zero).
+        let rows = self.out_rows(map.len());
+        let out = if rows == map.len() {
+            out
+        } else {
+            let mut full = vec![0u64; rows * e];
+            for (row, chunk) in out.chunks_exact(e).enumerate() {
+                let l = self.shape.out_layer(row);
+                full[l * e..(l + 1) * e].copy_from_slice(chunk);
+            }
+            full
+        };
         let tp = self.tmp.path().join(TRACE_FILE);
         for (tt, c, t) in [
             (TokenType::Prompt, out, tokens),
-            (TokenType::Generation, vec![0u64; map.len() * e], 0),
+            (TokenType::Generation, vec![0u64; rows * e], 0),
         ] {
             let line = CountsLine {
                 prompt_id: prompt_id.to_string(),
                 category: None,
                 token_type: tt,
-                num_layers: map.len(),
+                num_layers: rows,
                 num_experts: e,
                 tokens: t,
                 counts: c,
@@ -424,6 +449,14 @@ impl Staged {
         self.stats.prompts += 1;
         self.stats.prompt_tokens += tokens;
         Ok(())
+    }
+
+    /// Layers of the output: the decoder layers with a routing block, else the MoE layers kept.
+    fn out_rows(&self, moe_rows: usize) -> usize {
+        match (&self.shape.routing, self.shape.num_hidden_layers) {
+            (Some(_), Some(h)) => h,
+            _ => moe_rows,
+        }
     }
 
     /// Writes the manifest and moves the finished directory to `--out`. `import` is recorded
@@ -440,7 +473,7 @@ impl Staged {
             .get_ref()
             .sync_all()
             .map_err(|e| tmp_err(&tp, e))?;
-        let layers = self.layer_map.as_ref().map_or(0, Vec::len);
+        let layers = self.out_rows(self.layer_map.as_ref().map_or(0, Vec::len));
         let counts = self.counts_mode == Some(true);
         if let Value::Object(m) = &mut import {
             m.insert("engine".into(), json!(engine));
@@ -473,7 +506,7 @@ impl Staged {
             prompt_set_hash: None,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             capture_mode: if counts { "counts" } else { "events" }.to_string(),
-            routing: None,
+            routing: self.shape.routing.clone(),
             extra,
         };
         manifest.write(

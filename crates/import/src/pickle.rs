@@ -37,6 +37,8 @@ pub enum DType {
     Bool,
     F64,
     F32,
+    F16,
+    BF16,
 }
 
 impl DType {
@@ -50,6 +52,8 @@ impl DType {
             "BoolStorage" => DType::Bool,
             "DoubleStorage" => DType::F64,
             "FloatStorage" => DType::F32,
+            "HalfStorage" => DType::F16,
+            "BFloat16Storage" => DType::BF16,
             _ => return None,
         })
     }
@@ -57,7 +61,7 @@ impl DType {
         match self {
             DType::I64 | DType::F64 => 8,
             DType::I32 | DType::F32 => 4,
-            DType::I16 => 2,
+            DType::I16 | DType::F16 | DType::BF16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
         }
     }
@@ -147,6 +151,8 @@ fn is_allowed_global(module: &str, name: &str) -> Option<&'static str> {
                 "BoolStorage",
                 "DoubleStorage",
                 "FloatStorage",
+                "HalfStorage",
+                "BFloat16Storage",
             ]
             .into_iter()
             .find(|s| *s == n)
@@ -647,14 +653,12 @@ impl TorchFile {
         })
     }
 
-    /// Materialises an integer tensor (any integer / bool dtype) as i64 values, C order.
-    pub fn int_tensor(&mut self, path: &Path, record: &str, t: &TensorRef) -> Result<Vec<i64>> {
+    /// The storage bytes of `t` and the storage index of each of its elements, C order (the
+    /// view checked to stay inside the storage, the storage's length checked).
+    fn view(&mut self, path: &Path, record: &str, t: &TensorRef) -> Result<(Vec<u8>, Vec<usize>)> {
         let bad = |m: String| ImportError::invalid(path, record, m);
-        if matches!(t.dtype, DType::F32 | DType::F64) {
-            return Err(bad(format!(
-                "expected an integer tensor, found {:?}",
-                t.dtype
-            )));
+        if t.shape.len() != t.stride.len() {
+            return Err(bad("tensor size and stride differ in length".into()));
         }
         let mut count: u64 = 1;
         let mut max_index = t.offset;
@@ -688,17 +692,6 @@ impl TorchFile {
                 t.storage_numel
             )));
         }
-        let get = |i: u64| -> i64 {
-            let i = i as usize;
-            match t.dtype {
-                DType::I64 => i64::from_le_bytes(crate::exact_bytes(&raw[i * 8..i * 8 + 8])),
-                DType::I32 => i32::from_le_bytes(crate::exact_bytes(&raw[i * 4..i * 4 + 4])) as i64,
-                DType::I16 => i16::from_le_bytes([raw[i * 2], raw[i * 2 + 1]]) as i64,
-                DType::I8 => raw[i] as i8 as i64,
-                DType::U8 | DType::Bool => raw[i] as i64,
-                DType::F32 | DType::F64 => unreachable!("checked above"),
-            }
-        };
         let mut out = Vec::with_capacity(count as usize);
         let nd = t.shape.len();
         let mut idx = vec![0u64; nd];
@@ -707,7 +700,7 @@ impl TorchFile {
             for (i, s) in idx.iter().zip(&t.stride) {
                 lin += i * s;
             }
-            out.push(get(lin));
+            out.push(lin as usize);
             for d in (0..nd).rev() {
                 idx[d] += 1;
                 if idx[d] < t.shape[d] {
@@ -716,7 +709,51 @@ impl TorchFile {
                 idx[d] = 0;
             }
         }
-        Ok(out)
+        Ok((raw, out))
+    }
+
+    /// Materialises an integer tensor (any integer / bool dtype) as i64 values, C order.
+    pub fn int_tensor(&mut self, path: &Path, record: &str, t: &TensorRef) -> Result<Vec<i64>> {
+        if matches!(t.dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+            return Err(ImportError::invalid(
+                path,
+                record,
+                format!("expected an integer tensor, found {:?}", t.dtype),
+            ));
+        }
+        let (raw, idx) = self.view(path, record, t)?;
+        Ok(idx
+            .into_iter()
+            .map(|i| match t.dtype {
+                DType::I64 => i64::from_le_bytes(crate::exact_bytes(&raw[i * 8..i * 8 + 8])),
+                DType::I32 => i32::from_le_bytes(crate::exact_bytes(&raw[i * 4..i * 4 + 4])) as i64,
+                DType::I16 => i16::from_le_bytes([raw[i * 2], raw[i * 2 + 1]]) as i64,
+                DType::I8 => raw[i] as i8 as i64,
+                _ => raw[i] as i64,
+            })
+            .collect())
+    }
+
+    /// Materialises a floating-point tensor (f32, f64, f16, bf16) as f32 values, C order (f64
+    /// rounded to f32; f16 / bf16 widened exactly).
+    pub fn f32_tensor(&mut self, path: &Path, record: &str, t: &TensorRef) -> Result<Vec<f32>> {
+        if !matches!(t.dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+            return Err(ImportError::invalid(
+                path,
+                record,
+                format!("expected a floating-point tensor, found {:?}", t.dtype),
+            ));
+        }
+        let (raw, idx) = self.view(path, record, t)?;
+        Ok(idx
+            .into_iter()
+            .map(|i| match t.dtype {
+                DType::F32 => f32::from_le_bytes(crate::exact_bytes(&raw[i * 4..i * 4 + 4])),
+                DType::F64 => f64::from_le_bytes(crate::exact_bytes(&raw[i * 8..i * 8 + 8])) as f32,
+                DType::F16 => half::f16::from_le_bytes([raw[i * 2], raw[i * 2 + 1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([raw[i * 2], raw[i * 2 + 1]]).to_f32(),
+            })
+            .collect())
     }
 }
 

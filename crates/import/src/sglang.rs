@@ -115,6 +115,7 @@ fn import_response(
             layers,
             k,
             token_ids: None,
+            weights: None,
         },
     )
 }
@@ -270,6 +271,7 @@ pub fn import_pt(staged: &mut Staged, files: &[PathBuf], k: usize) -> Result<()>
                             layers,
                             k,
                             token_ids,
+                            weights: None,
                         },
                     )?;
                 } else {

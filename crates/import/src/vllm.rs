@@ -93,6 +93,7 @@ fn import_array(
             layers: arr.shape[1],
             k: arr.shape[2],
             token_ids: None,
+            weights: None,
         },
     )
 }
@@ -310,6 +311,7 @@ fn import_response(staged: &mut Staged, file: &Path, line: usize, v: &Value) -> 
                 layers,
                 k,
                 token_ids,
+                weights: None,
             },
         )?;
     }

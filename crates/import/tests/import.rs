@@ -78,7 +78,28 @@ fn vllm_npz_gives_the_source_trace_counts() {
         );
     }
     let m = Manifest::read(out.join("manifest.json")).unwrap();
-    assert_eq!((m.num_layers, m.num_experts, m.top_k), (3, 8, 2));
+    // Decoder layers, as in moe-xray's own traces: the routing block names the dense layer 0 and
+    // the records carry decoder-layer indices 1..=3.
+    assert_eq!((m.num_layers, m.num_experts, m.top_k), (4, 8, 2));
+    let r = m.routing.as_ref().unwrap();
+    assert_eq!(
+        (r.moe_layers.as_slice(), r.dense_layers.as_slice()),
+        (&[1, 2, 3][..], &[0][..])
+    );
+    assert_eq!(
+        (r.family.as_str(), r.router.as_str()),
+        ("deepseek_v2", "deepseek_v2")
+    );
+    let layers: std::collections::BTreeSet<u64> = std::fs::read_to_string(out.join("trace.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["layer"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(layers.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(m.model, "fixture-moe-4l");
     assert_eq!(m.extra["import"]["moe_layers_of_source"], json!([1, 2, 3]));
     // Same token types and positions as the source: compare per token type too.
@@ -607,4 +628,101 @@ fn token_ids_are_kept_when_the_source_has_them() {
     got.sort_unstable();
     want.sort_unstable();
     assert_eq!(got, want);
+}
+
+#[test]
+fn compressed_jsonl_imports_like_plain_text() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let plain = std::fs::read(fx("vllm/responses_b.jsonl")).unwrap();
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        // Two members (concatenated gzip streams are one file).
+        let (a, b) = plain.split_at(plain.len() / 2);
+        e.write_all(a).unwrap();
+        let mut out = e.finish().unwrap();
+        let mut e2 = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e2.write_all(b).unwrap();
+        out.extend(e2.finish().unwrap());
+        out
+    };
+    let zst = zstd::encode_all(&plain[..], 3).unwrap();
+    let want = run(&d.path().join("plain"), |s| {
+        vllm::import_jsonl(s, &[fx("vllm/responses_b.jsonl")])
+    })
+    .unwrap();
+    let want = std::fs::read(want.join("trace.jsonl")).unwrap();
+    for (name, bytes) in [("r.jsonl.gz", &gz), ("r.jsonl.zst", &zst)] {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = run(&d.path().join(format!("o_{name}")), |s| {
+            vllm::import_jsonl(s, std::slice::from_ref(&p))
+        })
+        .unwrap();
+        assert_eq!(
+            std::fs::read(out.join("trace.jsonl")).unwrap(),
+            want,
+            "{name}"
+        );
+        // SGLang responses too.
+        let sp = d.path().join(format!("sg_{name}"));
+        let sg = std::fs::read(fx("sglang/responses_a.jsonl")).unwrap();
+        std::fs::write(
+            &sp,
+            if name.ends_with(".gz") {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&sg).unwrap();
+                e.finish().unwrap()
+            } else {
+                zstd::encode_all(&sg[..], 1).unwrap()
+            },
+        )
+        .unwrap();
+        let out = run(&d.path().join(format!("s_{name}")), |s| {
+            sglang::import_jsonl(s, std::slice::from_ref(&sp), 4, 2)
+        })
+        .unwrap();
+        assert_eq!(table(&out.join("trace.jsonl")), table(&source("run_a")));
+    }
+    // Bad compressed input: named by file (and line where the stream breaks), nothing written.
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "cut.jsonl.gz",
+            gz[..gz.len() / 3].to_vec(),
+            vec!["cut.jsonl.gz", "line ", "gzip"],
+        ),
+        (
+            "cut.jsonl.zst",
+            zst[..zst.len() / 2].to_vec(),
+            vec!["cut.jsonl.zst", "line ", "zstd"],
+        ),
+        (
+            "gz_as.jsonl.zst",
+            gz.clone(),
+            vec![
+                "gz_as.jsonl.zst",
+                "file name says zstd but the content is gzip",
+            ],
+        ),
+        (
+            "plain.jsonl.gz",
+            plain.clone(),
+            vec!["plain.jsonl.gz", "does not start with the gzip magic"],
+        ),
+        (
+            "hidden.jsonl",
+            zst.clone(),
+            vec![
+                "hidden.jsonl",
+                "file name says plain but the content is zstd",
+            ],
+        ),
+    ];
+    for (name, bytes, needles) in cases {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        fails(&d.path().join(format!("bad_{name}")), &needles, |s| {
+            vllm::import_jsonl(s, std::slice::from_ref(&p))
+        });
+    }
 }

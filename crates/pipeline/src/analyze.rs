@@ -55,6 +55,8 @@ pub struct AnalyzeOptions {
     pub no_tsne: bool,
     /// Skip the classifier and its tests.
     pub no_classifier: bool,
+    /// `--token-matched`: also compute the similarity statistics on token-matched routing.
+    pub token_matched: Option<moe_xray_stats::results::TokenMatchMode>,
 }
 
 impl AnalyzeOptions {
@@ -80,6 +82,7 @@ impl AnalyzeOptions {
             },
             no_tsne: false,
             no_classifier: false,
+            token_matched: None,
         }
     }
 }
@@ -168,7 +171,7 @@ pub fn inferred_warning(
 
 /// How the traces of `opts` are aggregated into per-prompt counts (dimensions given by the user,
 /// then by the manifest beside `first`; categories from the prompt file), and that manifest.
-fn aggregate_options(
+pub(crate) fn aggregate_options(
     opts: &AnalyzeOptions,
     first: &Path,
 ) -> Result<(AggregateOptions, Option<moe_xray_trace::Manifest>)> {
@@ -352,6 +355,25 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
         .all(|(i, &d)| d as usize == i);
     let layers = (!identity).then(|| info.layers.iter().map(|&d| d as usize).collect::<Vec<_>>());
     let collector = collector.unwrap_or_else(|| Collector::new(l, e, choice));
+    // Confound controls: the token ids of the prompts the exact path analyses (the Gram path
+    // holds no rows and skips both sections).
+    let tokens = if collector.buffered().is_empty() {
+        moe_xray_stats::lexical::TokenInput {
+            bags: Err("not computed on the gram_sums path".into()),
+            matched: opts.token_matched.map(|_| Err("not computed".into())),
+        }
+    } else {
+        progress.step("analyze: token ids for the confound controls");
+        crate::confound::token_input(
+            &opts.traces,
+            &opts.token_types,
+            opts.weighted,
+            &info.layers,
+            e,
+            collector.buffered(),
+            opts.token_matched,
+        )?
+    };
     let stats_opts = moe_xray_stats::AnalyzeOptions {
         reps: opts.reps,
         perm_reps: opts.perm_reps.unwrap_or(opts.reps),
@@ -374,6 +396,7 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
         skip_tsne: opts.no_tsne,
         skip_classifier: opts.no_classifier,
         layers,
+        tokens: Some(std::sync::Arc::new(tokens)),
         ..moe_xray_stats::AnalyzeOptions::default()
     };
     collector

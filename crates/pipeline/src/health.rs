@@ -58,8 +58,9 @@ pub struct HealthRunOptions {
     pub dims: Dims,
     /// Token types, cold-expert threshold, pairs listed (`keep_prompts` is set from `mi`).
     pub health: HealthOptions,
-    /// Layer of the co-activation heatmap (must exist).
-    pub layer: usize,
+    /// Decoder layer of the co-activation heatmap (must be an MoE layer; `None`: the first MoE
+    /// layer).
+    pub layer: Option<usize>,
     /// Also estimate the mutual information I(signature; task) with these options.
     pub mi: Option<MiOptions>,
 }
@@ -72,6 +73,8 @@ pub struct HealthOutputs {
     pub report: HealthReport,
     /// The mutual information, when asked for.
     pub mi: Option<MiReport>,
+    /// The decoder layer of the co-activation heatmap (`HealthRunOptions::layer`, resolved).
+    pub layer: usize,
 }
 
 /// Computes the routing health of the traces (no file written).
@@ -84,17 +87,21 @@ pub fn health(opts: &HealthRunOptions, progress: &dyn Progress) -> Result<Health
     let dims = resolve_dims(&run, &opts.dims, progress)?;
     let acc = accumulate_run(&run, Some(dims), hopts)?;
     let report = acc.report();
-    if !report.layers.iter().any(|l| l.layer == opts.layer) {
-        if opts.layer < acc.num_decoder_layers() {
+    let layer = match opts.layer {
+        Some(l) => l,
+        None => acc.layer_ids().first().copied().unwrap_or(0),
+    };
+    if !report.layers.iter().any(|l| l.layer == layer) {
+        if layer < acc.num_decoder_layers() {
             invalid!(
                 "--layer {} is a dense layer (no router; the MoE layers are {:?})",
-                opts.layer,
+                layer,
                 acc.layer_ids()
             );
         }
         invalid!(
             "--layer {} is out of range (the traces have {} layers)",
-            opts.layer,
+            layer,
             acc.num_decoder_layers()
         );
     }
@@ -118,7 +125,12 @@ pub fn health(opts: &HealthRunOptions, progress: &dyn Progress) -> Result<Health
         }
         None => None,
     };
-    Ok(HealthOutputs { acc, report, mi })
+    Ok(HealthOutputs {
+        acc,
+        report,
+        mi,
+        layer,
+    })
 }
 
 impl HealthOutputs {

@@ -5,6 +5,8 @@
 //!   [`trace::TraceSummary`]): the manifest, `--resume`, the generations file.
 //! - [`analyze`]: routing traces → statistics ([`analyze::AnalyzeOptions`] → `Outputs`) and the
 //!   output files (`results.json`, `signatures.csv`, `prompt_similarity.csv`).
+//! - [`merge`]: sharded analysis: `map` writes one part of the traces' per-prompt counts to a
+//!   shard file, `merge` combines shards into exactly the outputs of one `analyze`.
 //! - [`health`]: the routing-health step of a study (`health.json`, `health/*.csv`).
 //! - [`report`]: figures and `report.html` committed with the rest of an output set.
 //! - [`study`]: [`study::run_study`] chains them: trace → analysis → health → report.
@@ -18,8 +20,11 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod analyze;
+pub mod compare_models;
+pub mod confound;
 pub mod error;
 pub mod health;
+pub mod merge;
 pub mod outdir;
 pub mod report;
 pub mod study;

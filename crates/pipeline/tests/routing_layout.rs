@@ -152,7 +152,7 @@ fn health_and_compare_label_decoder_layers() {
         health(
             &HealthRunOptions {
                 traces: vec![dir.to_path_buf()],
-                layer,
+                layer: Some(layer),
                 ..HealthRunOptions::default()
             },
             &Quiet,

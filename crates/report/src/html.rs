@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use crate::figures::render_figures;
+use crate::results::TokenMatchMode;
 use crate::results::{BaselineStats, Results, Section, SyntheticKind};
 use crate::svg::{esc, num};
 use crate::{Figure, ReportInput};
@@ -323,6 +324,7 @@ fn headline(r: &Results) -> String {
             "multinomial logistic regression, 5-fold CV",
         ),
     }
+    lexical_rows(&mut s, r);
     if let Some(p) = r.pca.done() {
         let ev: Vec<String> = p
             .explained_variance_ratio
@@ -353,6 +355,82 @@ fn headline(r: &Results) -> String {
     s
 }
 
+/// The confound-control rows beside the classifier: the lexical baseline and, when computed,
+/// the token-matched similarity.
+fn lexical_rows(s: &mut String, r: &Results) {
+    match &r.lexical_baseline {
+        Some(Section::Done(lx)) => {
+            let c = &lx.classifier;
+            row(
+                s,
+                "Lexical baseline accuracy",
+                &format!(
+                    "{} (chance {}, macro-F1 {}, {} token ids)",
+                    pm(c.accuracy_mean, c.accuracy_std, 3),
+                    num(c.chance, 3),
+                    num(c.macro_f1_oof, 3),
+                    lx.vocabulary
+                ),
+                "the same classifier, folds and standardisation on bag-of-token-id counts of the counted tokens: what token identity alone gives",
+            );
+        }
+        Some(Section::Skipped { skipped }) => row(
+            s,
+            "Lexical baseline accuracy",
+            &format!("skipped: {skipped}"),
+            "the classifier on bag-of-token-id counts",
+        ),
+        None => {}
+    }
+    match &r.token_matched {
+        Some(Section::Done(t)) => row(
+            s,
+            &format!("Token-matched Cohen's d ({})", t.mode.as_str()),
+            &format!(
+                "{} (within {}, across {}; {} prompts)",
+                num(t.similarity.cohens_d, 3),
+                num(t.similarity.within.mean, 3),
+                num(t.similarity.across.mean, 3),
+                t.num_prompts
+            ),
+            match t.mode {
+                TokenMatchMode::Shared => {
+                    "similarity statistics on the tokens whose id occurs in every category only"
+                }
+                TokenMatchMode::Residual => {
+                    "similarity statistics after subtracting each token id's mean routing vector"
+                }
+            },
+        ),
+        Some(Section::Skipped { skipped }) => row(
+            s,
+            "Token-matched Cohen's d",
+            &format!("skipped: {skipped}"),
+            "similarity statistics on token-matched routing",
+        ),
+        None => {}
+    }
+}
+
+/// The interpretation's sentence on the lexical baseline: the routing classifier's accuracy
+/// relative to what token identity alone gives (empty when either is missing).
+fn lexical_sentence(r: &Results) -> String {
+    let (Some(lr), Some(Section::Done(lx))) = (r.logreg_5fold.done(), &r.lexical_baseline) else {
+        return String::new();
+    };
+    let (a, b) = (lr.accuracy_mean, lx.classifier.accuracy_mean);
+    let verdict = if a > b {
+        format!("routing exceeds it by {} points", num(100.0 * (a - b), 1))
+    } else {
+        "routing does not exceed it, so the category information in routing may be token identity"
+            .to_string()
+    };
+    format!(
+        " Token identity alone (the same classifier on bag-of-token-id counts) reaches accuracy {}; {verdict}.",
+        num(b, 3)
+    )
+}
+
 fn interpretation(input: &ReportInput, r: &Results) -> String {
     let sim = &r.similarity;
     let d = sim.cohens_d;
@@ -368,13 +446,14 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
         })
         .unwrap_or_else(|| "no classifier result".into());
     let numbers = format!(
-        "Observed: within-category similarity {} vs. across {}, Cohen's d = {}{}, {}.",
+        "Observed: within-category similarity {} vs. across {}, Cohen's d = {}{}, {}.{}",
         num(sim.within.mean, 3),
         num(sim.across.mean, 3),
         num(d, 2),
         ci.map(|(a, b)| format!(" (95 % CI {} to {})", num(a, 2), num(b, 2)))
             .unwrap_or_default(),
-        acc_txt
+        acc_txt,
+        lexical_sentence(r)
     );
     let mut s = String::new();
     match input.synthetic_kind() {

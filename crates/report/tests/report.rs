@@ -243,3 +243,62 @@ fn category_usage_from_signatures_averages_by_category() {
     let err = moe_xray_report::CategoryUsage::from_signatures(2, 3, [("x", &a[..])]).unwrap_err();
     assert!(err.to_string().contains("expected L·E = 6"));
 }
+
+/// The lexical baseline sits beside the classifier, and the interpretation states the routing
+/// classifier's accuracy relative to it; token-matched statistics get their own row.
+#[test]
+fn lexical_baseline_row_and_interpretation_sentence() {
+    use moe_xray_report::results::{
+        LexicalBaseline, Section, SimilaritySummary, TokenMatchMode, TokenMatched,
+    };
+    let mut input = common::input();
+    let html = render_report(&input);
+    assert!(!html.contains("Lexical baseline"));
+    assert!(!section(&html, "interpretation").contains("Token identity alone"));
+    let Section::Done(lr) = input.results.logreg_5fold.clone() else {
+        panic!("fixture has a classifier")
+    };
+    let mut lex = lr.clone();
+    lex.accuracy_mean = lr.accuracy_mean - 0.25;
+    input.results.lexical_baseline = Some(Section::Done(LexicalBaseline {
+        vocabulary: 989,
+        tokens: 5000,
+        classifier: lex.clone(),
+    }));
+    input.results.token_matched = Some(Section::Done(TokenMatched {
+        mode: TokenMatchMode::Residual,
+        num_prompts: 78,
+        token_ids: 989,
+        records: 1000,
+        dropped_prompts: vec![],
+        similarity: SimilaritySummary {
+            cohens_d: 0.159,
+            ..SimilaritySummary::default()
+        },
+        category_similarity_matrix: Default::default(),
+        per_layer: vec![],
+    }));
+    let html = render_report(&input);
+    let head = section(&html, "headline");
+    assert!(head.contains("Lexical baseline accuracy"), "{head}");
+    assert!(head.contains("989 token ids"));
+    assert!(head.contains("Token-matched Cohen") && head.contains("d (residual)"));
+    assert!(head.contains("0.159"));
+    let i = section(&html, "interpretation");
+    assert!(i.contains("Token identity alone"), "{i}");
+    assert!(i.contains("routing exceeds it by 25.0 points"), "{i}");
+    // Lexical at least as accurate as routing: said plainly.
+    lex.accuracy_mean = lr.accuracy_mean + 0.05;
+    input.results.lexical_baseline = Some(Section::Done(LexicalBaseline {
+        vocabulary: 989,
+        tokens: 5000,
+        classifier: lex,
+    }));
+    let i = render_report(&input);
+    assert!(section(&i, "interpretation").contains("routing does not exceed it"));
+    // Skipped (counts-form traces): the reason is shown, no sentence.
+    input.results.lexical_baseline = Some(Section::skipped("counts-form traces have no token ids"));
+    let html = render_report(&input);
+    assert!(section(&html, "headline").contains("skipped: counts-form traces have no token ids"));
+    assert!(!section(&html, "interpretation").contains("Token identity alone"));
+}

@@ -81,6 +81,9 @@ pub struct AnalyzeOptions {
     /// some layers are dense), or `None` when signature layer l is decoder layer l. Written as `moe_layers` and used as the
     /// `per_layer[].layer` labels; must have one entry per layer.
     pub layers: Option<Vec<usize>>,
+    /// Token ids of the analysed prompts for the confound controls (`lexical_baseline`,
+    /// `token_matched`; [`crate::lexical`]); `None`: neither section is written.
+    pub tokens: Option<std::sync::Arc<crate::lexical::TokenInput>>,
 }
 
 impl Default for AnalyzeOptions {
@@ -102,6 +105,7 @@ impl Default for AnalyzeOptions {
             skip_tsne: false,
             skip_classifier: false,
             layers: None,
+            tokens: None,
         }
     }
 }
@@ -201,6 +205,8 @@ fn assemble(opts: &AnalyzeOptions, c: Common, s: AllPromptSections) -> AnalysisR
         pca: s.pca,
         tsne: s.tsne,
         logreg_5fold: s.logreg_5fold,
+        lexical_baseline: None,
+        token_matched: None,
     }
 }
 
@@ -311,7 +317,8 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
         tsne: tsne_res,
         logreg_5fold: logreg,
     };
-    let results = assemble(opts, common, sections);
+    let mut results = assemble(opts, common, sections);
+    confound_controls(input, opts, &mut results)?;
     Ok(ExactOutputs {
         results,
         signatures: sig,
@@ -321,6 +328,61 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
             .iter()
             .map(|&c| input.categories[c].clone())
             .collect(),
+    })
+}
+
+/// The confound-control sections (`lexical_baseline`, `token_matched`) from `opts.tokens`.
+fn confound_controls(
+    input: &AnalysisInput,
+    opts: &AnalyzeOptions,
+    results: &mut AnalysisResults,
+) -> Result<()> {
+    let Some(tokens) = opts.tokens.as_deref() else {
+        return Ok(());
+    };
+    results.lexical_baseline = Some(match &tokens.bags {
+        Err(why) => Section::skipped(why.clone()),
+        Ok(_) if opts.skip_classifier => Section::skipped("disabled (--no-classifier)"),
+        Ok(bags) => {
+            let (folds, n_folds) = fold_assignment(input, opts)?;
+            crate::lexical::lexical_baseline(input, bags, &folds, n_folds)
+        }
+    });
+    results.token_matched = tokens.matched.as_ref().map(|m| match m {
+        Err(why) => Section::skipped(why.clone()),
+        Ok(rows) => crate::lexical::token_matched(input, rows, opts.layers.as_deref()),
+    });
+    Ok(())
+}
+
+/// The classifier's folds: `opts.folds`, the fold file, or stratified 5-fold seeded from
+/// `opts.seed`.
+fn fold_assignment(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<(Vec<usize>, usize)> {
+    let n = input.n();
+    let from_file = match (&opts.folds, &opts.folds_file) {
+        (None, Some(path)) => Some(
+            cv::read_folds_csv(path, &input.prompt_ids)
+                .map_err(|e| StatsError::InvalidInput(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    Ok(match from_file.as_ref().or(opts.folds.as_ref()) {
+        Some((f, k)) => {
+            if f.len() != n {
+                return Err(StatsError::Dimension(format!(
+                    "fold assignment has {} entries for {n} prompts",
+                    f.len()
+                )));
+            }
+            (f.clone(), *k)
+        }
+        None => {
+            let fold_seed = sub_rng(opts.seed, tags::FOLDS, 0).next_u64();
+            (
+                cv::stratified_kfold(&input.labels, DEFAULT_FOLDS, fold_seed),
+                DEFAULT_FOLDS,
+            )
+        }
     })
 }
 
@@ -342,31 +404,7 @@ fn classifier(
         return Ok((Section::skipped(why), None, Section::skipped(why)));
     }
     let (n, d) = (input.n(), input.dim());
-    let from_file = match (&opts.folds, &opts.folds_file) {
-        (None, Some(path)) => Some(
-            cv::read_folds_csv(path, &input.prompt_ids)
-                .map_err(|e| StatsError::InvalidInput(e.to_string()))?,
-        ),
-        _ => None,
-    };
-    let (folds, n_folds) = match from_file.as_ref().or(opts.folds.as_ref()) {
-        Some((f, k)) => {
-            if f.len() != n {
-                return Err(StatsError::Dimension(format!(
-                    "fold assignment has {} entries for {n} prompts",
-                    f.len()
-                )));
-            }
-            (f.clone(), *k)
-        }
-        None => {
-            let fold_seed = sub_rng(opts.seed, tags::FOLDS, 0).next_u64();
-            (
-                cv::stratified_kfold(&input.labels, DEFAULT_FOLDS, fold_seed),
-                DEFAULT_FOLDS,
-            )
-        }
-    };
+    let (folds, n_folds) = fold_assignment(input, opts)?;
     let perm_seed = sub_rng(opts.seed, tags::CLASSIFIER_PERMUTATION, 0).next_u64();
     // The permutation test reuses the CV's prepared folds and observed fits.
     let (cvres, perm) = cv::logreg_cv_with_permutation(
@@ -463,7 +501,14 @@ pub fn analyze_gram(
         tsne: Section::skipped(reason),
         logreg_5fold: Section::skipped(reason),
     };
-    assemble(opts, common, sections)
+    let mut r = assemble(opts, common, sections);
+    r.lexical_baseline = Some(Section::skipped(reason));
+    r.token_matched = opts
+        .tokens
+        .as_ref()
+        .and_then(|t| t.matched.as_ref())
+        .map(|_| Section::skipped(reason));
+    r
 }
 
 /// Streams prompts and chooses the path: rows are buffered until the threshold is exceeded, then

@@ -440,9 +440,20 @@ impl FoldData {
     fn new(x: &[f64], d: usize, train: &[usize], test: &[usize]) -> Result<Self, FitError> {
         let xtr = gather(x, d, train);
         let scaler = StandardScaler::fit(&xtr, train.len(), d);
-        let design = Design::new(&scaler.transform(&xtr), train.len(), d)?;
         let xte = scaler.transform(&gather(x, d, test));
-        let zte = design.project(&xte, test.len());
+        Self::from_features(&scaler.transform(&xtr), train.len(), xte, test.len(), d)
+    }
+
+    /// A fold from its final (already standardised) training and test rows, `d` columns each.
+    fn from_features(
+        xtr: &[f64],
+        n_train: usize,
+        xte: Vec<f64>,
+        n_test: usize,
+        d: usize,
+    ) -> Result<Self, FitError> {
+        let design = Design::new(xtr, n_train, d)?;
+        let zte = design.project(&xte, n_test);
         Ok(Self { design, xte, zte })
     }
 
@@ -565,6 +576,16 @@ fn check_inputs(
     if let Some(row) = (0..n).find(|&i| x[i * d..(i + 1) * d].iter().any(|v| !v.is_finite())) {
         return Err(CvError::NonFinite { row });
     }
+    check_labels_folds(labels, n_classes, folds, n_folds)
+}
+
+/// The label and fold checks of [`check_inputs`]; `Ok(Some(reason))` when the CV must be skipped.
+fn check_labels_folds(
+    labels: &[usize],
+    n_classes: usize,
+    folds: &[usize],
+    n_folds: usize,
+) -> Result<Option<String>, CvError> {
     let mut counts = vec![0usize; n_classes];
     labels.iter().for_each(|&l| counts[l] += 1);
     let present = counts.iter().filter(|&&c| c > 0).count();
@@ -693,6 +714,78 @@ pub fn logreg_cv_with_permutation(
         CvOutcome::Skipped { reason } => skipped(reason),
     };
     Ok((cv, perm))
+}
+
+/// Features of one fold for [`logreg_cv_fold_features`]: the training rows (row-major
+/// `n_train × d`), the test rows (`n_test × d`) and `d`, already in their final form (no
+/// scaler is applied).
+pub type FoldFeatures = (Vec<f64>, Vec<f64>, usize);
+
+/// [`logreg_cv`] on features built per fold by `features(fold, train rows, test rows)` (rows in
+/// increasing order) instead of one standardised matrix: the same folds, solver, fits and
+/// metrics. Used by the lexical baseline, whose folds are standardised and embedded without
+/// forming the dense bag-of-tokens matrix (`crate::lexical`).
+pub fn logreg_cv_fold_features<F>(
+    n: usize,
+    labels: &[usize],
+    label_names: &[String],
+    folds: &[usize],
+    n_folds: usize,
+    features: F,
+) -> Result<CvOutcome<LogRegCvResult>, CvError>
+where
+    F: Fn(usize, &[usize], &[usize]) -> Result<FoldFeatures, CvError> + Sync,
+{
+    if labels.len() != n {
+        return Err(CvError::Length {
+            what: "labels",
+            got: labels.len(),
+            n,
+        });
+    }
+    if folds.len() != n {
+        return Err(CvError::Length {
+            what: "folds",
+            got: folds.len(),
+            n,
+        });
+    }
+    if n_folds < 2 {
+        return Err(CvError::TooFewFolds(n_folds));
+    }
+    let k = label_names.len();
+    for (row, &label) in labels.iter().enumerate() {
+        if label >= k {
+            return Err(CvError::Label { row, label, k });
+        }
+    }
+    for (row, &fold) in folds.iter().enumerate() {
+        if fold >= n_folds {
+            return Err(CvError::Fold { row, fold, n_folds });
+        }
+    }
+    if let Some(reason) = check_labels_folds(labels, k, folds, n_folds)? {
+        return Ok(CvOutcome::Skipped { reason });
+    }
+    let (train, test) = fold_rows(folds, n_folds);
+    let prepared: Vec<Result<Result<FoldData, FitError>, CvError>> = (0..n_folds)
+        .into_par_iter()
+        .map(|f| {
+            let (xtr, xte, d) = features(f, &train[f], &test[f])?;
+            let (ntr, nte) = (train[f].len(), test[f].len());
+            if xtr.len() != ntr * d || xte.len() != nte * d {
+                return Err(CvError::Shape {
+                    len: xtr.len() + xte.len(),
+                    n: ntr + nte,
+                    d,
+                });
+            }
+            Ok(FoldData::from_features(&xtr, ntr, xte, nte, d))
+        })
+        .collect();
+    let prepared = prepared.into_iter().collect::<Result<Vec<_>, CvError>>()?;
+    let prep = PreparedFolds::assemble(n_folds, train, test, prepared)?;
+    Ok(fit_cv(&prep, labels, label_names))
 }
 
 /// The cross-validated fit of [`logreg_cv`] on prepared folds.

@@ -9,13 +9,16 @@
 pub mod analyze;
 pub mod baselines;
 pub mod bench;
+pub mod crossmodel;
 pub mod cv;
 pub mod error;
 pub mod input;
 pub mod large_n;
+pub mod lexical;
 pub mod logreg;
 pub mod pca;
 pub mod results;
+pub mod shard;
 pub mod signature;
 pub mod significance;
 pub mod similarity;
@@ -39,6 +42,7 @@ pub mod tags {
     pub const ACCURACY_BOOTSTRAP: u64 = 7;
     pub const FOLDS: u64 = 8;
     pub const TSNE: u64 = 9;
+    pub const MANTEL: u64 = 10;
 }
 
 /// The random stream of repetition `rep` of the computation `tag`: `ChaCha8Rng::seed_from_u64(seed)`

@@ -71,6 +71,16 @@ pub struct AnalysisResults {
     pub tsne: Section<TsneResult>,
     /// Cross-validated logistic-regression classifier of the categories.
     pub logreg_5fold: Section<LogRegResult>,
+    /// Confound control: the same classifier (same folds, solver and standardisation) on
+    /// bag-of-token-id features of the counted tokens: what token identity alone gives. Absent
+    /// in files written before it was added (and when no token ids were supplied to the
+    /// library); skipped for traces without token ids (counts form) and on the `gram_sums` path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical_baseline: Option<Section<LexicalBaseline>>,
+    /// Confound control (`--token-matched`): the similarity statistics on tokens shared by every
+    /// category, or after per-token-id residualisation. Absent unless requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_matched: Option<Section<TokenMatched>>,
 }
 
 /// Which computation produced the pair statistics (`"path"`).
@@ -355,6 +365,56 @@ pub struct LogRegResult {
     pub n_folds: usize,
     /// Out-of-fold predicted category of every prompt, in `prompt_ids` order.
     pub oof_predictions: Vec<String>,
+}
+
+/// `lexical_baseline`: the `logreg_5fold` classifier on bag-of-token-id features (see
+/// `docs/statistics.md`, "Confound controls").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LexicalBaseline {
+    /// Distinct token ids among the counted tokens of the analysed prompts (the features).
+    pub vocabulary: usize,
+    /// Tokens counted: every (prompt, token type, position) of the selected token types once.
+    pub tokens: u64,
+    /// The cross-validated classifier on those features; fields as `logreg_5fold`, same folds.
+    pub classifier: LogRegResult,
+}
+
+/// How `token_matched` removes token identity (`--token-matched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenMatchMode {
+    /// Only tokens whose id occurs in every category.
+    Shared,
+    /// Each (token, layer) selection vector minus its token id's corpus mean.
+    Residual,
+}
+
+impl TokenMatchMode {
+    /// The name used in the CLI and in results.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenMatchMode::Shared => "shared",
+            TokenMatchMode::Residual => "residual",
+        }
+    }
+}
+
+/// `token_matched`: the pair statistics of `similarity`, `category_similarity_matrix` and
+/// `per_layer` on token-matched routing vectors (see `docs/statistics.md`, "Confound controls").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenMatched {
+    pub mode: TokenMatchMode,
+    /// Prompts in these statistics (the analysed prompts minus `dropped_prompts`).
+    pub num_prompts: usize,
+    /// shared: token ids occurring in every category; residual: distinct token ids.
+    pub token_ids: usize,
+    /// (token, layer) routing records used.
+    pub records: u64,
+    /// Analysed prompts left out here (a layer without shared tokens, or a zero residual).
+    pub dropped_prompts: Vec<DroppedPrompt>,
+    pub similarity: SimilaritySummary,
+    pub category_similarity_matrix: CategoryMatrix,
+    pub per_layer: Vec<LayerStats>,
 }
 
 /// A section that is either computed or skipped with a reason (`{"skipped": "..."}`).

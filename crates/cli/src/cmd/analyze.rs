@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use moe_xray_pipeline::analyze::{analyze, write_outputs, AnalyzeOptions};
 use moe_xray_pipeline::outdir::OutLock;
 use moe_xray_stats::analyze::{PathChoice, DEFAULT_GRAM_THRESHOLD};
-use moe_xray_stats::results::{AnalysisResults, Section};
+use moe_xray_stats::results::{AnalysisResults, Section, TokenMatchMode};
 use moe_xray_trace::TokenType;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -81,9 +81,14 @@ pub struct Args {
     /// Skip the classifier and its tests.
     #[arg(long)]
     pub no_classifier: bool,
+    /// Also compute the similarity statistics on token-matched routing: `shared` (only tokens
+    /// whose id occurs in every category) or `residual` (each token's routing minus its token
+    /// id's mean); written as `token_matched` (docs/statistics.md, "Confound controls").
+    #[arg(long, value_name = "MODE", value_parser = ["shared", "residual"])]
+    pub token_matched: Option<String>,
 }
 
-fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
+pub(crate) fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
     let mut out = Vec::new();
     for n in names {
         let t = match n.trim() {
@@ -130,6 +135,14 @@ impl Args {
             },
             no_tsne: self.no_tsne,
             no_classifier: self.no_classifier,
+            token_matched: match self.token_matched.as_deref() {
+                None => None,
+                Some("shared") => Some(TokenMatchMode::Shared),
+                Some("residual") => Some(TokenMatchMode::Residual),
+                Some(other) => {
+                    bail!("--token-matched: unknown mode {other:?} (use shared or residual)")
+                }
+            },
         })
     }
 }
@@ -152,11 +165,17 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
         .iter()
         .map(|c| format!("{} ({})", c.name, c.n))
         .collect();
+    // Some decoder layers dense: name the MoE layers the signatures are built from.
+    let layers = match &r.moe_layers {
+        Some(m) if m.iter().enumerate().any(|(i, &l)| i != l) => {
+            format!("{} MoE layers {m:?}", r.num_layers)
+        }
+        _ => format!("{} layers", r.num_layers),
+    };
     let _ = writeln!(
         s,
-        "{} prompts, {} layers x {} experts (top-{}), categories: {}; path: {}",
+        "{} prompts, {layers} x {} experts (top-{}), categories: {}; path: {}",
         r.num_prompts,
-        r.num_layers,
         r.num_experts,
         r.top_k,
         cats.join(", "),
@@ -245,6 +264,42 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
         let _ = writeln!(s, "{line}");
     } else if let Section::Skipped { skipped } = &r.logreg_5fold {
         let _ = writeln!(s, "logistic regression skipped: {skipped}");
+    }
+    match &r.lexical_baseline {
+        Some(Section::Done(lx)) => {
+            let c = &lx.classifier;
+            let _ = writeln!(
+                s,
+                "lexical baseline (token ids only, {} ids): accuracy {:.1}% ± {:.1}% (fold sd), macro-F1 {:.3}, chance {:.1}%",
+                lx.vocabulary,
+                100.0 * c.accuracy_mean,
+                100.0 * c.accuracy_std,
+                c.macro_f1_oof,
+                100.0 * c.chance
+            );
+        }
+        Some(Section::Skipped { skipped }) => {
+            let _ = writeln!(s, "lexical baseline skipped: {skipped}");
+        }
+        None => {}
+    }
+    match &r.token_matched {
+        Some(Section::Done(t)) => {
+            let _ = writeln!(
+                s,
+                "token-matched ({}, {} token ids, {} prompts): within {:.4}, across {:.4}, Cohen's d = {:.3}",
+                t.mode.as_str(),
+                t.token_ids,
+                t.num_prompts,
+                t.similarity.within.mean,
+                t.similarity.across.mean,
+                t.similarity.cohens_d
+            );
+        }
+        Some(Section::Skipped { skipped }) => {
+            let _ = writeln!(s, "token-matched statistics skipped: {skipped}");
+        }
+        None => {}
     }
     if let Section::Done(p) = &r.pca {
         let top: Vec<String> = p

@@ -33,9 +33,9 @@ pub struct Args {
     /// Write SVG figures (load_heatmap.svg, coactivation_layer<N>.svg) into DIR.
     #[arg(long, value_name = "DIR")]
     pub svg: Option<PathBuf>,
-    /// Layer of the co-activation heatmap.
-    #[arg(long, default_value_t = 0)]
-    pub layer: usize,
+    /// Decoder layer of the co-activation heatmap (default: the first MoE layer).
+    #[arg(long)]
+    pub layer: Option<usize>,
     /// Cold expert: selected but share < FRACTION × uniform share (1/E).
     #[arg(long, value_name = "FRACTION", default_value_t = 0.1)]
     pub cold_fraction: f64,
@@ -194,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         h.stage_csv(dir, &mut batch)?;
     }
     if let Some(dir) = &args.svg {
-        if !h.stage_svg(dir, args.layer, &mut batch)? {
+        if !h.stage_svg(dir, h.layer, &mut batch)? {
             eprintln!(
                 "note: no co-activation heatmap: co-activation needs per-token traces (records or flat events), not counts"
             );

@@ -1,4 +1,5 @@
-//! `moe-xray import vllm|sglang INPUTS... --out DIR`: routing recorded by serving engines →
+//! `moe-xray import vllm|sglang|hf INPUTS... --out DIR`: routing recorded by serving engines (or
+//! Hugging Face router logits, routed by the family's rule) →
 //! moe-xray's trace format (`trace.jsonl` + `manifest.json`), so that `analyze`, `health` and
 //! `compare` run on it. What each source records and lacks: docs/trace-format.md, "Importing
 //! routing from serving engines".
@@ -23,6 +24,12 @@ pub enum Engine {
     /// SGLang: JSONL of /generate responses with meta_info.routed_experts (base64 int32), or
     /// expert-distribution recorder dumps (.pt; per_token, per_pass, stat).
     Sglang(EngineArgs),
+    /// Hugging Face router logits (output_router_logits=True) saved as .safetensors
+    /// (`router_logits.{i}`, optional `input_ids`, `attention_mask`) or .pt (torch.save of a dict
+    /// with `router_logits`, the tuple transformers returns): routed by the family's rule from
+    /// --config (required; DeepSeek-V3 also reads e_score_correction_bias from the safetensors
+    /// beside it). --requests (optional) names the batch rows in order and gives prompt_tokens.
+    Hf(EngineArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +69,7 @@ enum Kind {
     Arrays,
     Jsonl,
     Pt,
+    Safetensors,
 }
 
 fn kind(p: &Path) -> Result<Kind> {
@@ -70,12 +78,21 @@ fn kind(p: &Path) -> Result<Kind> {
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase())
         .unwrap_or_default();
+    let inner = p
+        .file_stem()
+        .map(Path::new)
+        .and_then(|s| s.extension())
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
     Ok(match ext.as_str() {
         "npy" | "npz" => Kind::Arrays,
         "jsonl" | "json" | "ndjson" => Kind::Jsonl,
+        "gz" | "zst" if matches!(inner.as_str(), "jsonl" | "json" | "ndjson") => Kind::Jsonl,
         "pt" | "pth" => Kind::Pt,
+        "safetensors" => Kind::Safetensors,
         _ => bail!(
-            "{}: unknown input type (expected .npy, .npz, .jsonl or .pt)",
+            "{}: unknown input type (expected .npy, .npz, .jsonl, .jsonl.gz, .jsonl.zst, .pt or .safetensors)",
             p.display()
         ),
     })
@@ -125,13 +142,46 @@ fn shape(a: &EngineArgs) -> Result<ModelShape> {
     Ok(s)
 }
 
+/// `import hf`: every input is a router-logits file (.safetensors / .pt), in the given order.
+fn run_hf(a: &EngineArgs, s: ModelShape) -> Result<()> {
+    if a.config.is_none() {
+        bail!("import hf needs --config (the model's config.json): the routing rule, dense layers and top-k are the family's");
+    }
+    if a.top_k.is_some() {
+        bail!("import hf takes top-k from the config (num_experts_per_tok); drop --top-k");
+    }
+    let router = moe_xray_import::hf::HfRouter::load(&s)?;
+    let mut staged = Staged::create(&a.out, s)?;
+    moe_xray_import::hf::import(&mut staged, &router, &a.inputs, a.requests.as_deref())?;
+    let sources: Vec<String> = a.inputs.iter().map(|p| p.display().to_string()).collect();
+    let import = json!({
+        "sources": sources,
+        "source_format": "Hugging Face output_router_logits: one tensor per MoE layer [batch * seq, num_experts] (safetensors router_logits.{i}, or torch.save of the tuple), optional input_ids / attention_mask",
+        "records": "expert ids and weights recovered with the family's routing rule (moe_xray_model::router::route) from the router logits",
+        "lacks": ["probs (not written)", "prompt boundary and prompt ids unless --requests is given"],
+    });
+    let (out, st) = staged.finish("hf", import)?;
+    if !a.quiet {
+        eprintln!(
+            "imported {} prompts ({} prompt tokens, {} generation tokens, {} padding tokens skipped) from hf router logits into {}",
+            st.prompts,
+            st.prompt_tokens,
+            st.generation_tokens,
+            st.padding_tokens,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (engine, a) = match &args.engine {
         Engine::Vllm(a) => ("vllm", a),
         Engine::Sglang(a) => ("sglang", a),
+        Engine::Hf(a) => ("hf", a),
     };
     let s = shape(a)?;
-    let mut groups: [Vec<PathBuf>; 3] = Default::default();
+    let mut groups: [Vec<PathBuf>; 4] = Default::default();
     for p in &a.inputs {
         let k = kind(p)?;
         match (engine, k) {
@@ -143,11 +193,22 @@ pub fn run(args: Args) -> Result<()> {
                 "{}: .npy / .npz arrays are vLLM's routed_experts; use `import vllm`",
                 p.display()
             ),
+            ("hf", Kind::Arrays | Kind::Jsonl) => bail!(
+                "{}: import hf reads router logits (.safetensors or .pt); engine outputs go to `import vllm` / `import sglang`",
+                p.display()
+            ),
+            ("vllm" | "sglang", Kind::Safetensors) => bail!(
+                "{}: .safetensors router logits are Hugging Face's; use `import hf`",
+                p.display()
+            ),
             _ => {}
         }
         groups[k as usize].push(p.clone());
     }
-    let [arrays, jsonl, pt] = groups;
+    if engine == "hf" {
+        return run_hf(a, s);
+    }
+    let [arrays, jsonl, pt, _] = groups;
     if !arrays.is_empty() && a.requests.is_none() {
         bail!("--requests FILE is required with .npy / .npz inputs: the arrays do not record where each prompt ends");
     }
