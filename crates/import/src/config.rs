@@ -46,33 +46,8 @@ pub struct ModelShape {
     pub model_config: Option<Box<moe_xray_model::config::ModelConfig>>,
 }
 
-/// What a record's `weights` hold: OLMoE keeps the full-softmax probability
-/// (`MoeSpec::record_probabilities`), every other family the applied coefficient. The same texts
-/// as `moe_xray_pipeline::trace::routing_layout` (a CLI test checks that both blocks agree).
-pub const WEIGHTS_FULL_SOFTMAX: &str = "full-softmax probability of each chosen expert (coefficients renormalised when norm_topk_prob)";
-pub const WEIGHTS_APPLIED: &str = "coefficient applied to each routed expert's output";
-
-/// The routing block of a configuration the model crate reads (as moe-xray's own trace writes it).
-pub fn routing_layout(cfg: &moe_xray_model::config::ModelConfig) -> RoutingLayout {
-    RoutingLayout {
-        family: cfg.model_type().to_string(),
-        moe_layers: cfg.moe_layer_indices(),
-        dense_layers: cfg.dense_layer_indices(),
-        num_shared_experts: cfg
-            .moe
-            .shared
-            .map_or(0, |s| u32::try_from(s.count).unwrap_or(u32::MAX)),
-        router: cfg.moe.router.name().to_string(),
-        scores: cfg.moe.router.scores().to_string(),
-        weights: if cfg.moe.record_probabilities {
-            WEIGHTS_FULL_SOFTMAX
-        } else {
-            WEIGHTS_APPLIED
-        }
-        .to_string(),
-        extra: Default::default(),
-    }
-}
+// The same block and texts as moe-xray's own traces: one definition, in the model crate.
+pub use moe_xray_model::config::{routing_layout, WEIGHTS_APPLIED, WEIGHTS_FULL_SOFTMAX};
 
 /// Router kind and score kind of a `model_type` (for configs the model crate cannot read in
 /// full, e.g. a config holding only the routing fields).

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moe_xray_trace::RoutingLayout;
 use serde_json::{Map, Value};
 
 use crate::error::{ModelError, Result};
@@ -846,5 +847,35 @@ pub fn eos_token_ids(cfg: &ModelConfig, gen: Option<&GenerationDefaults>) -> Vec
     match gen {
         Some(g) if !g.eos_token_id.is_empty() => g.eos_token_id.clone(),
         _ => cfg.eos_token_id.clone(),
+    }
+}
+
+/// What a record's `weights` hold when the family keeps OLMoE's original meaning
+/// (`MoeSpec::record_probabilities`).
+pub const WEIGHTS_FULL_SOFTMAX: &str = "full-softmax probability of each chosen expert (coefficients renormalised when norm_topk_prob)";
+/// What a record's `weights` hold in every other family.
+pub const WEIGHTS_APPLIED: &str = "coefficient applied to each routed expert's output";
+
+/// The manifest's `routing` block for a checkpoint configuration: its family, the decoder-layer
+/// indices of its MoE and dense layers, its shared experts (0 without), the router kind and what
+/// `probs` (`scores`) and `weights` hold.
+pub fn routing_layout(cfg: &ModelConfig) -> RoutingLayout {
+    RoutingLayout {
+        family: cfg.model_type().to_string(),
+        moe_layers: cfg.moe_layer_indices(),
+        dense_layers: cfg.dense_layer_indices(),
+        num_shared_experts: cfg
+            .moe
+            .shared
+            .map_or(0, |s| u32::try_from(s.count).unwrap_or(u32::MAX)),
+        router: cfg.moe.router.name().to_string(),
+        scores: cfg.moe.router.scores().to_string(),
+        weights: if cfg.moe.record_probabilities {
+            WEIGHTS_FULL_SOFTMAX
+        } else {
+            WEIGHTS_APPLIED
+        }
+        .to_string(),
+        extra: Default::default(),
     }
 }

@@ -31,7 +31,7 @@ use moe_xray_model::model::{dtype_name, parse_dtype, LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
 use moe_xray_trace::{
     prompt_set_hash, read_prompts, CountsWriter, EventsWriter, GenerationLine, JsonlAppender,
-    Manifest, Prompt, RoutingDecision, RoutingLayout, RoutingSink,
+    Manifest, Prompt, RoutingDecision, RoutingSink,
 };
 
 use crate::error::{invalid, PipelineError, Result, ResultExt};
@@ -220,35 +220,9 @@ pub fn trace_file_name(mode: Mode, compress: Option<Compress>) -> String {
     }
 }
 
-/// What a record's `weights` hold when the family keeps OLMoE's original meaning
-/// (`MoeSpec::record_probabilities`).
-pub const WEIGHTS_FULL_SOFTMAX: &str = "full-softmax probability of each chosen expert (coefficients renormalised when norm_topk_prob)";
-/// What a record's `weights` hold in every other family.
-pub const WEIGHTS_APPLIED: &str = "coefficient applied to each routed expert's output";
-
-/// The manifest's `routing` block for a checkpoint configuration: its family, the decoder-layer
-/// indices of its MoE and dense layers, its shared experts (0 without), the router kind and what
-/// `probs` (`scores`) and `weights` hold.
-pub fn routing_layout(cfg: &ModelConfig) -> RoutingLayout {
-    RoutingLayout {
-        family: cfg.model_type().to_string(),
-        moe_layers: cfg.moe_layer_indices(),
-        dense_layers: cfg.dense_layer_indices(),
-        num_shared_experts: cfg
-            .moe
-            .shared
-            .map_or(0, |s| u32::try_from(s.count).unwrap_or(u32::MAX)),
-        router: cfg.moe.router.name().to_string(),
-        scores: cfg.moe.router.scores().to_string(),
-        weights: if cfg.moe.record_probabilities {
-            WEIGHTS_FULL_SOFTMAX
-        } else {
-            WEIGHTS_APPLIED
-        }
-        .to_string(),
-        extra: Default::default(),
-    }
-}
+// The routing block and the `weights` texts are defined once, beside the configuration they
+// describe (the importers write the same block).
+pub use moe_xray_model::config::{routing_layout, WEIGHTS_APPLIED, WEIGHTS_FULL_SOFTMAX};
 
 /// Whether the manifest `old` of an earlier run may be resumed by a run whose manifest is `new`:
 /// equal, or equal but for the `routing` block that `old` lacks (written before the block
