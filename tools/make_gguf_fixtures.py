@@ -21,7 +21,7 @@ llama-cpp-python 0.3.36 source distribution) for the architectures involved, wit
 Deviation kept on purpose: `attention.layer_norm_rms_epsilon` is the config's value (llama.cpp's
 OLMoE converter forces 1e-5; the fixtures use their config's eps).
 
-Usage: /work/venvs/gguf/bin/python tools/make_gguf_fixtures.py   (pinned: tools/requirements-gguf.txt)
+Usage: /work/venvs/gguf/bin/python tools/make_gguf_fixtures.py [HF_FIXTURE...]   (pinned: tools/requirements-gguf.txt)
 Output is deterministic (same inputs → byte-identical files).
 """
 
@@ -48,6 +48,9 @@ FIXTURES = [
     ("deepseekv2-tiny-group-f32", ["f32"], 0),
     ("granitemoe-tiny-f32", ["f32", "q8_0"], 0),
     ("gptoss-tiny-f32", ["f32"], 0),
+    # gpt-oss in MXFP4 (tools/hf_ref_gptoss_mxfp4.py): experts re-packed as GGUF MXFP4 (type 39),
+    # lossless (the dequantised values quantise back to themselves), everything else F32.
+    ("gptoss-tiny-mxfp4", ["mxfp4"], 0),
 ]
 
 ARCH = {
@@ -66,13 +69,27 @@ QTYPE = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
     "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "mxfp4": gguf.GGMLQuantizationType.MXFP4,
 }
 FTYPE = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "mxfp4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
 }
+
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
+)
+
+
+def dequantize_hf_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """transformers' _convert_moe_packed_tensors: [E, rows, k/32, 16] + [E, rows, k/32] -> [E, k, rows] f32."""
+    lo, hi = FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]
+    v = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)
+    v = np.ldexp(v, scales.astype(np.int32)[..., None] - 127).astype(np.float32)
+    return v.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).transpose(0, 2, 1).copy()
 
 
 def read_safetensors(d: Path) -> dict[str, np.ndarray]:
@@ -84,10 +101,21 @@ def read_safetensors(d: Path) -> dict[str, np.ndarray]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info["dtype"] != "F32":
-                raise SystemExit(f"{f}: {name} is {info['dtype']}; only F32 fixtures are converted")
             s, e = info["data_offsets"]
-            out[name] = np.frombuffer(b[8 + n + s : 8 + n + e], dtype="<f4").reshape(info["shape"]).copy()
+            raw = b[8 + n + s : 8 + n + e]
+            if info["dtype"] == "F32":
+                out[name] = np.frombuffer(raw, dtype="<f4").reshape(info["shape"]).copy()
+            elif info["dtype"] == "BF16":  # exact in f32
+                u = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+                out[name] = u.view(np.float32).reshape(info["shape"]).copy()
+            elif info["dtype"] == "U8" and name.endswith(("_blocks", "_scales")):
+                out[name] = np.frombuffer(raw, dtype=np.uint8).reshape(info["shape"]).copy()
+            else:
+                raise SystemExit(f"{f}: {name} is {info['dtype']}; only F32/BF16 (and MXFP4) fixtures are converted")
+    # MXFP4 experts: dequantised to the f32 tensor transformers would hold.
+    for name in [k for k in out if k.endswith("_blocks")]:
+        base = name.removesuffix("_blocks")
+        out[base] = dequantize_hf_mxfp4(out.pop(name), out.pop(base + "_scales"))
     return out
 
 
@@ -312,6 +340,8 @@ def qtype_for(name: str, a: np.ndarray, out: str) -> gguf.GGMLQuantizationType:
         return gguf.GGMLQuantizationType.F32
     if ".ffn_gate_inp." in name or ".ffn_gate_inp_shexp." in name or not name.endswith(".weight"):
         return gguf.GGMLQuantizationType.F32
+    if out == "mxfp4":  # MOSTLY_MXFP4_MOE: routed experts only
+        return QTYPE[out] if "_exps." in name else gguf.GGMLQuantizationType.F32
     return QTYPE[out]
 
 
@@ -328,6 +358,8 @@ def write(d: Path, out_type: str, dest: Path, split: int = 0) -> list[Path]:
         qt = qtype_for(name, a, out_type)
         try:
             data = gguf.quants.quantize(a, qt) if qt != gguf.GGMLQuantizationType.F32 else a
+            if qt == gguf.GGMLQuantizationType.MXFP4:  # must be lossless (see FIXTURES)
+                assert np.array_equal(gguf.quants.dequantize(data, qt), a), name
         except gguf.QuantError:
             qt = gguf.GGMLQuantizationType.F16
             data = gguf.quants.quantize(a, qt)
@@ -342,7 +374,10 @@ def write(d: Path, out_type: str, dest: Path, split: int = 0) -> list[Path]:
 
 
 def main() -> int:
+    only = set(sys.argv[1:])  # optional: HF fixture names to convert (default: all)
     for name, types, split in FIXTURES:
+        if only and name not in only:
+            continue
         src = HF / name
         dst = OUT / name.removesuffix("-f32")
         dst.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ The statistics, tables and figures are computed by the same Rust code as the `mo
 command-line tool (compiled into `moe_xray._native`); this package turns them into pandas
 DataFrames (or pyarrow Tables with ``as_="arrow"``) and notebook-friendly objects.
 
-- :func:`read_trace` — a trace file (records, flat events or counts lines; .gz / .zst) as a table.
+- :func:`read_trace` — a trace file (records, flat events or counts lines; .gz / .zst; a Parquet
+  file or Hive-partitioned Parquet dataset directory) as a table.
 - :func:`signatures` — per-prompt routing signatures as a table.
 - :func:`analyze` — the statistics of ``moe-xray analyze`` as a :class:`Results`.
 - :func:`health`, :func:`compare` — ``moe-xray health`` / ``moe-xray compare``.
@@ -95,7 +96,8 @@ _TRACE_TYPES = {
 
 
 def read_trace(path, as_="pandas"):
-    """A trace file as a table, one row per line: routing records (``experts``, ``weights``,
+    """A trace file as a table, one row per line (per row of a Parquet trace file or dataset
+    directory, read natively by the Rust reader; pyarrow is not needed): routing records (``experts``, ``weights``,
     ``probs`` as lists), flat events (one row per selected expert) or counts lines. The columns
     are the JSON fields of docs/trace-format.md. The form (``"records"``, ``"events"``,
     ``"counts"``) and the manifest.json beside the file (or None) are in ``df.attrs`` (pandas)

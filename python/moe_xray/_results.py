@@ -64,6 +64,111 @@ def _done(section):
     return section
 
 
+def _long_labels(section, key, doc):
+    """What the first and second index of the array at `key` of `section` stand for (the
+    `label_i` / `label_j` of docs/tables.md), read from the document `doc`."""
+    sec = doc.get(section)
+
+    def get(obj, *path):
+        for p in path:
+            obj = obj.get(p) if isinstance(obj, dict) else None
+        return obj
+
+    def strings(v):
+        return list(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else None
+
+    def field(arr, name):
+        if not isinstance(arr, list):
+            return None
+        out = []
+        for o in arr:
+            v = o.get(name) if isinstance(o, dict) else None
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                return None
+            out.append(v if isinstance(v, str) else json.dumps(v))
+        return out
+
+    prompts = strings(doc.get("prompt_ids"))
+    pcs = lambda p, n: [f"{p}{c}" for c in range(1, n + 1)]
+    square = lambda v: (v, v)
+    table = {
+        ("prompt_ids", ""): lambda: (prompts, None),
+        ("categories", ""): lambda: (field(sec, "name"), None),
+        ("dropped_prompts", ""): lambda: (field(sec, "prompt_id"), None),
+        ("per_layer", ""): lambda: (field(sec, "layer"), None),
+        ("layers", ""): lambda: (field(sec, "layer"), None),
+        ("category_similarity_matrix", "values"): lambda: square(strings(get(sec, "order"))),
+        ("pca", "coords"): lambda: (prompts, pcs("pc", 2)),
+        ("pca", "explained_variance_ratio"): lambda: (pcs("pc", len(get(sec, key) or [])), None),
+        ("tsne", "coords"): lambda: (prompts, pcs("tsne", 2)),
+        ("logreg_5fold", "oof_predictions"): lambda: (prompts, None),
+        ("logreg_5fold", "confusion"): lambda: square(strings(get(sec, "labels"))),
+        ("lexical_baseline", "classifier.oof_predictions"): lambda: (prompts, None),
+        ("lexical_baseline", "classifier.confusion"):
+            lambda: square(strings(get(sec, "classifier", "labels"))),
+        ("token_matched", "per_layer"): lambda: (field(get(sec, "per_layer"), "layer"), None),
+        ("token_matched", "dropped_prompts"):
+            lambda: (field(get(sec, "dropped_prompts"), "prompt_id"), None),
+        ("token_matched", "category_similarity_matrix.values"):
+            lambda: square(strings(get(sec, "category_similarity_matrix", "order"))),
+    }
+    f = table.get((section, key))
+    return f() if f else (None, None)
+
+
+def long_rows(section, value, doc):
+    """The tidy rows of one top-level section of a JSON document (docs/tables.md, "long"): one
+    dict per leaf with section, key, i, j, label_i, label_j, value, text — the rows of
+    `moe-xray analyze --format parquet`'s `long/<section>.parquet`."""
+    rows = []
+
+    def label(idx, level):
+        if len(idx) <= level:
+            return None
+        labels = idx[0][1][0] if level == 0 else (idx[0][1][1] or idx[1][1][0])
+        pos = idx[level][0]
+        return labels[pos] if labels is not None and pos < len(labels) else None
+
+    def walk(key, idx, v):
+        if isinstance(v, dict):
+            for k in sorted(v):
+                walk(f"{key}.{k}" if key else k, idx, v[k])
+        elif isinstance(v, list):
+            labels = _long_labels(section, key, doc) if len(idx) < 2 else (None, None)
+            for n, c in enumerate(v):
+                if len(idx) < 2:
+                    walk(key, idx + [(n, labels)], c)
+                else:
+                    walk(f"{key}[{n}]", idx, c)
+        else:
+            num, text = None, None
+            if isinstance(v, bool):
+                text = "true" if v else "false"
+            elif isinstance(v, (int, float)):
+                num = float(v)
+                if isinstance(v, int) and abs(v) > 2 ** 53:
+                    text = str(v)
+            elif isinstance(v, str):
+                text = v
+            rows.append({
+                "section": section,
+                "key": key,
+                "i": idx[0][0] if idx else None,
+                "j": idx[1][0] if len(idx) > 1 else None,
+                "label_i": label(idx, 0),
+                "label_j": label(idx, 1),
+                "value": num,
+                "text": text,
+            })
+
+    walk("", [], value)
+    return rows
+
+
+_LONG_COLUMNS = ["section", "key", "i", "j", "label_i", "label_j", "value", "text"]
+_LONG_TYPES = {"i": "int64", "j": "int64", "value": "float64"}
+
+
 class Results:
     """What `moe-xray analyze` computes. `to_json()` is results.json byte for byte; every section
     is a plain value (`similarity`, `significance`, ...) or a DataFrame (`per_layer`,
@@ -267,6 +372,30 @@ class Results:
         if lr is not None and len(lr.get("oof_predictions", [])) == len(ids):
             cols["oof_prediction"] = lr["oof_predictions"]
         return _frames.from_columns(cols, self.as_)
+
+    def long(self, section=None):
+        """A results.json section as a tidy table (section, key, i, j, label_i, label_j, value,
+        text): the rows of `long/<section>.parquet` that `moe-xray analyze --format parquet`
+        writes (docs/tables.md); every section in one table when `section` is None."""
+        names = list(self.data) if section is None else [section]
+        for n in names:
+            if n not in self.data:
+                raise KeyError(f"{n!r} is not a section of this results.json "
+                               f"(sections: {', '.join(self.data)})")
+        rows = [r for n in names for r in long_rows(n, self.data[n], self.data)]
+        cols = {c: [r[c] for r in rows] for c in _LONG_COLUMNS}
+        if self.as_ == "pandas":
+            pd = _frames.pandas()
+            df = pd.DataFrame(cols, columns=_LONG_COLUMNS)
+            for c in ("i", "j"):
+                df[c] = df[c].astype("Int64")
+            df["value"] = df["value"].astype("float64")
+            return df
+        pa = _frames.pyarrow()
+        return pa.table({
+            c: pa.array(cols[c], type=getattr(pa, _LONG_TYPES.get(c, "string"))())
+            for c in _LONG_COLUMNS
+        })
 
     @property
     def signatures(self):

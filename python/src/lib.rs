@@ -733,6 +733,8 @@ fn run<'py>(
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    // Parquet traces (files and Hive datasets) for read_trace and every reader of traces.
+    moe_xray_pipeline::install_trace_formats();
     m.add("MoeXrayError", py.get_type::<MoeXrayError>())?;
     m.add("MoeXrayWarning", py.get_type::<MoeXrayWarning>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

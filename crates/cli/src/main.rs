@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Compute routing signatures, similarity statistics, baselines, classifiers from traces.
     Analyze(cmd::analyze::Args),
+    /// Causal expert ablation: mask each category's characteristic experts in the router and measure the change in next-token NLL, top-1 agreement and routing against load-matched random experts.
+    Ablate(cmd::ablate::Args),
     /// Run an MoE model on prompts and record the experts its router picks (routing traces).
     Trace(cmd::trace::Args),
     /// Write a random-weight MoE checkpoint (OLMoE, Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE) in the exact Hugging Face layout.
@@ -42,6 +44,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Import routing recorded by serving engines (vLLM, SGLang) as a moe-xray trace.
     Import(cmd::import::Args),
+    /// Convert a routing trace to a Parquet file or a Hive-partitioned Parquet dataset.
+    Convert(cmd::convert::Args),
     /// Internal: renders chat templates in a memory- and time-limited child process (started by
     /// `trace` and `run`; see `moe_xray_model::chat`).
     #[command(name = "__render-chat-template", hide = true)]
@@ -50,10 +54,13 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Parquet traces (files and datasets) for every command that reads traces.
+    moe_xray_pipeline::install_trace_formats();
     let result = moe_xray_pipeline::outdir::check_rayon_env()
         .map_err(anyhow::Error::from)
         .and_then(|()| match cli.command {
             Command::Analyze(a) => cmd::analyze::run(a),
+            Command::Ablate(a) => cmd::ablate::run(a),
             Command::Trace(a) => cmd::trace::run(a),
             Command::SynthModel(a) => cmd::synth_model::run(a),
             Command::Run(a) => cmd::run::run(a),
@@ -65,6 +72,7 @@ fn main() {
             Command::CompareModels(a) => cmd::compare_models::run(a),
             Command::Bench(a) => cmd::bench::run(a),
             Command::Import(a) => cmd::import::run(a),
+            Command::Convert(a) => cmd::convert::run(a),
             Command::RenderChatTemplate => moe_xray_model::chat::serve_render_request(
                 std::io::stdin().lock(),
                 std::io::stdout().lock(),

@@ -18,7 +18,13 @@ pub struct RunInput {
     pub manifest: Option<Manifest>,
 }
 
-const TRACE_SUFFIXES: [&str; 4] = [".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd"];
+const TRACE_SUFFIXES: [&str; 5] = [
+    ".jsonl",
+    ".jsonl.gz",
+    ".jsonl.zst",
+    ".jsonl.zstd",
+    ".parquet",
+];
 
 /// JSONL files that `moe-xray trace` and `moe-xray run` write beside the traces but that are not
 /// traces (the generated texts and the prompt set).
@@ -61,7 +67,10 @@ fn trace_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn resolve_run(path: &Path) -> Result<RunInput> {
     let mut paths = Vec::new();
     let mut manifest_dir = path.to_path_buf();
-    if path.is_dir() {
+    if path.is_dir() && moe_xray_trace::reader::external_format_of(path).is_some() {
+        // A Parquet dataset directory (run=/category=/part-N.parquet): one trace.
+        paths.push(path.to_path_buf());
+    } else if path.is_dir() {
         paths = trace_files_in(path)?;
         let sub = path.join(RUN_TRACES_DIR);
         if paths.is_empty() && sub.is_dir() {

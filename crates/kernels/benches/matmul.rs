@@ -1,19 +1,81 @@
 //! `cargo bench -p moe-xray-kernels --bench matmul`: GFLOP/s of `x · Wᵀ` with bf16 weights
-//! (the expert and attention projections of OLMoE-1B-7B) for the hand-written AVX2 kernel and for
-//! widened panels through the `gemm` crate, on 1 thread and on all threads.
+//! (the expert and attention projections of OLMoE-1B-7B) for the AVX-512 BF16 kernel (bf16
+//! activations, where the CPU has it), the hand-written AVX2 kernel and widened panels through the
+//! `gemm` crate, on 1 thread and on all threads.
 //!
 //! Shapes: k = 2048 → m = 1024 (an expert's gate / up), k = 1024 → m = 2048 (down), for token
 //! counts n typical of a decode step (1–16 tokens per expert) and of prefill (64–256).
 //!
 //! It first measures this machine's roofline: peak f32 FMA throughput (12 independent AVX2 FMA
-//! chains per thread) and streaming read bandwidth (AVX2 sum over 1 GiB), on 1 thread and on all
+//! chains per thread; AVX-512: 12 chains of 16 lanes), peak bf16 dot-product throughput (12
+//! independent `vdpbf16ps` chains, 64 flops each) and streaming read bandwidth (AVX2 sum over 1 GiB), on 1 thread and on all
 //! threads; then the kernel on a 512 MiB bf16 weight (out of cache, as in a decode step) as
 //! effective weight GB/s.
 
 use std::time::Instant;
 
 use half::bf16;
-use moe_xray_kernels::matmul::{xwt_with, Kernel};
+use moe_xray_kernels::cpu::Cpu;
+use moe_xray_kernels::matmul::{xwt_same_with, xwt_with, Kernel};
+
+/// Peak GFLOP/s of one thread for AVX-512: (f32 FMA, bf16 dot product), 12 independent chains
+/// each; zeros where the CPU lacks the feature.
+#[cfg(target_arch = "x86_64")]
+fn avx512_peaks_one_thread() -> (f64, f64) {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f")]
+    fn fma(iters: usize) -> f32 {
+        let mut a = [_mm512_set1_ps(1.0); 12];
+        let x = _mm512_set1_ps(0.999_999);
+        let y = _mm512_set1_ps(1e-7);
+        for _ in 0..iters {
+            for v in a.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, x, y);
+            }
+        }
+        let mut t = _mm512_setzero_ps();
+        for v in a {
+            t = _mm512_add_ps(t, v);
+        }
+        _mm512_reduce_add_ps(t)
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn dot(iters: usize) -> f32 {
+        let mut a = [_mm512_set1_ps(1.0); 12];
+        // SAFETY: both are 64-byte vectors of plain bits.
+        let x = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(0x3f80)) };
+        for _ in 0..iters {
+            for v in a.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, x, x);
+            }
+        }
+        let mut t = _mm512_setzero_ps();
+        for v in a {
+            t = _mm512_add_ps(t, v);
+        }
+        _mm512_reduce_add_ps(t)
+    }
+    let iters = 20_000_000;
+    let mut out = (0.0, 0.0);
+    if is_x86_feature_detected!("avx512f") {
+        let t = Instant::now();
+        // SAFETY: AVX-512 F was detected.
+        std::hint::black_box(unsafe { fma(iters) });
+        out.0 = (iters * 12 * 16 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    }
+    if Cpu::get().avx512_bf16().is_some() {
+        let t = Instant::now();
+        // SAFETY: AVX-512 F and BF16 were detected.
+        std::hint::black_box(unsafe { dot(iters) });
+        out.1 = (iters * 12 * 32 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    }
+    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_peaks_one_thread() -> (f64, f64) {
+    (0.0, 0.0)
+}
 
 /// Peak f32 GFLOP/s of one thread: 12 independent FMA chains of 8 lanes.
 #[cfg(target_arch = "x86_64")]
@@ -93,7 +155,27 @@ fn roofline(threads_all: usize) {
         hs.into_iter().map(|h| h.join().expect("thread")).sum()
     });
     println!(
-        "  peak f32 FMA: {one:.1} GFLOP/s on 1 thread, {all:.1} GFLOP/s on {threads_all} threads"
+        "  peak f32 FMA (AVX2): {one:.1} GFLOP/s on 1 thread, {all:.1} GFLOP/s on {threads_all} threads"
+    );
+    println!("  CPU features: {}", Cpu::get().feature_names().join(" "));
+    let best = |v: Vec<(f64, f64)>| {
+        v.into_iter()
+            .fold((0.0f64, 0.0f64), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+    };
+    let (f1, d1) = best((0..3).map(|_| avx512_peaks_one_thread()).collect());
+    let (fa, da): (f64, f64) = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads_all)
+            .map(|_| s.spawn(avx512_peaks_one_thread))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("thread"))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    });
+    println!(
+        "  peak f32 FMA (AVX-512): {f1:.1} GFLOP/s on 1 thread, {fa:.1} GFLOP/s on {threads_all} threads"
+    );
+    println!(
+        "  peak bf16 dot (vdpbf16ps): {d1:.1} GFLOP/s on 1 thread, {da:.1} GFLOP/s on {threads_all} threads"
     );
     let buf = vec![1f32; 1 << 28];
     let r1 = read_bandwidth(&buf, 1);
@@ -107,28 +189,35 @@ fn roofline(threads_all: usize) {
         .map(|i| bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) * 1e-4))
         .collect();
     for &n in &[1usize, 4, 10] {
-        let x: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 1e-2).collect();
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            let t = Instant::now();
-            std::hint::black_box(xwt_with(Kernel::Auto, &x, n, k, &w, m));
-            best = best.min(t.elapsed().as_secs_f64());
+        let x: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32((i % 13) as f32 * 1e-2))
+            .collect();
+        for kernel in [Kernel::Avx512, Kernel::Avx2] {
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let t = Instant::now();
+                std::hint::black_box(xwt_same_with(kernel, &x, n, k, &w, m));
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "  {kernel:?} kernel, 512 MiB bf16 weight, n = {n:>2}: {:.1} GB/s of weights, {:.1} GFLOP/s (all threads)",
+                (m * k * 2) as f64 / best / 1e9,
+                2.0 * (n * m * k) as f64 / best / 1e9
+            );
         }
-        println!(
-            "  kernel, 512 MiB bf16 weight, n = {n:>2}: {:.1} GB/s of weights, {:.1} GFLOP/s (all threads)",
-            (m * k * 2) as f64 / best / 1e9,
-            2.0 * (n * m * k) as f64 / best / 1e9
-        );
     }
 }
 
 fn main() {
     let threads_all = std::thread::available_parallelism().map_or(1, |n| n.get());
     roofline(threads_all);
-    println!("x·Wᵀ, bf16 weights, f32 activations; GFLOP/s = 2·n·k·m / time (best of 5)");
     println!(
-        "{:>5} {:>5} {:>5} {:>8} {:>10} {:>10}",
-        "n", "k", "m", "threads", "avx2", "gemm"
+        "x·Wᵀ, bf16 weights; avx512: bf16 activations (vdpbf16ps), avx2 / gemm: f32 activations;"
+    );
+    println!("GFLOP/s = 2·n·k·m / time (best of 5)");
+    println!(
+        "{:>5} {:>5} {:>5} {:>8} {:>10} {:>10} {:>10}",
+        "n", "k", "m", "threads", "avx512", "avx2", "gemm"
     );
     for &(k, m) in &[(2048usize, 1024usize), (1024, 2048)] {
         let w: Vec<bf16> = (0..m * k)
@@ -136,22 +225,27 @@ fn main() {
             .collect();
         for &n in &[1usize, 4, 16, 64, 256] {
             let x: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 104729 % 997) as f32 - 498.0) * 1e-3)
+                .map(|i| bf16::from_f32(((i * 104729 % 997) as f32 - 498.0) * 1e-3).to_f32())
                 .collect();
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             for threads in [1, threads_all] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .expect("thread pool");
                 let mut rates = Vec::new();
-                for kernel in [Kernel::Avx2, Kernel::Gemm] {
+                for kernel in [Kernel::Avx512, Kernel::Avx2, Kernel::Gemm] {
                     let reps = (4_000_000_000usize / (2 * n * k * m)).clamp(1, 200);
                     let mut best = f64::INFINITY;
                     for _ in 0..5 {
                         let t = Instant::now();
                         pool.install(|| {
                             for _ in 0..reps {
-                                std::hint::black_box(xwt_with(kernel, &x, n, k, &w, m));
+                                if kernel == Kernel::Avx512 {
+                                    std::hint::black_box(xwt_same_with(kernel, &xb, n, k, &w, m));
+                                } else {
+                                    std::hint::black_box(xwt_with(kernel, &x, n, k, &w, m));
+                                }
                             }
                         });
                         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
@@ -159,8 +253,8 @@ fn main() {
                     rates.push(2.0 * (n * k * m) as f64 / best / 1e9);
                 }
                 println!(
-                    "{n:>5} {k:>5} {m:>5} {threads:>8} {:>10.1} {:>10.1}",
-                    rates[0], rates[1]
+                    "{n:>5} {k:>5} {m:>5} {threads:>8} {:>10.1} {:>10.1} {:>10.1}",
+                    rates[0], rates[1], rates[2]
                 );
             }
         }

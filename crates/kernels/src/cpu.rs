@@ -1,7 +1,7 @@
 //! The one run-time CPU-feature check of the workspace.
 //!
 //! [`Cpu::get`] detects the features once per process (cached). A SIMD kernel is reachable only
-//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`]) whose constructor returns `None` on a CPU
+//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`], [`Avx512Bf16`]) whose constructor returns `None` on a CPU
 //! without the feature, so the `unsafe` call of a `#[target_feature]` function is justified by
 //! the token's existence alone. Other crates use [`with_avx`] (an [`AvxBody`]) to compile plain Rust code with AVX
 //! enabled (same operations, same results; it only changes instruction selection).
@@ -15,6 +15,9 @@ pub struct Cpu {
     avx2: bool,
     fma: bool,
     f16c: bool,
+    avx512f: bool,
+    avx512bw: bool,
+    avx512bf16: bool,
 }
 
 impl Cpu {
@@ -31,6 +34,9 @@ impl Cpu {
             avx2: std::is_x86_feature_detected!("avx2"),
             fma: std::is_x86_feature_detected!("fma"),
             f16c: std::is_x86_feature_detected!("f16c"),
+            avx512f: std::is_x86_feature_detected!("avx512f"),
+            avx512bw: std::is_x86_feature_detected!("avx512bw"),
+            avx512bf16: std::is_x86_feature_detected!("avx512bf16"),
         }
     }
 
@@ -58,6 +64,38 @@ impl Cpu {
     pub fn avx2_fma(self) -> Option<Avx2Fma> {
         (self.avx && self.avx2 && self.fma && self.f16c).then_some(Avx2Fma(()))
     }
+
+    /// The AVX-512 F + BW + BF16 token (the bf16 dot-product matmul kernel, `vdpbf16ps`), when
+    /// the CPU has all three.
+    pub fn avx512_bf16(self) -> Option<Avx512Bf16> {
+        (self.avx512f && self.avx512bw && self.avx512bf16).then_some(Avx512Bf16(()))
+    }
+
+    /// This description without the AVX-512 features (to force the AVX2 paths).
+    pub fn without_avx512(self) -> Cpu {
+        Cpu {
+            avx512f: false,
+            avx512bw: false,
+            avx512bf16: false,
+            ..self
+        }
+    }
+
+    /// The names of the detected features the kernels use, in a fixed order (for benchmarks).
+    pub fn feature_names(self) -> Vec<&'static str> {
+        [
+            (self.avx, "avx"),
+            (self.avx2, "avx2"),
+            (self.fma, "fma"),
+            (self.f16c, "f16c"),
+            (self.avx512f, "avx512f"),
+            (self.avx512bw, "avx512bw"),
+            (self.avx512bf16, "avx512bf16"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
 }
 
 /// Proof that the CPU has AVX (only [`Cpu::avx`] makes one).
@@ -71,6 +109,10 @@ pub struct Avx2(());
 /// Proof that the CPU has AVX2, FMA and F16C (only [`Cpu::avx2_fma`] makes one).
 #[derive(Debug, Clone, Copy)]
 pub struct Avx2Fma(());
+
+/// Proof that the CPU has AVX-512 F, BW and BF16 (only [`Cpu::avx512_bf16`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub struct Avx512Bf16(());
 
 /// A computation to compile with AVX enabled (see [`with_avx`]). Implement [`AvxBody::run`] with
 /// `#[inline(always)]`, and the functions it calls too: then the whole body is generated inside the
@@ -107,12 +149,23 @@ mod tests {
     fn tokens_follow_the_features() {
         let s = Cpu::scalar();
         assert!(s.avx().is_none() && s.avx2().is_none() && s.avx2_fma().is_none());
+        assert!(s.avx512_bf16().is_none() && s.feature_names().is_empty());
         let c = Cpu::get();
         assert_eq!(c, Cpu::get());
         #[cfg(target_arch = "x86_64")]
         {
             assert_eq!(c.avx2().is_some(), std::is_x86_feature_detected!("avx2"));
             assert_eq!(c.avx().is_some(), std::is_x86_feature_detected!("avx"));
+            assert_eq!(
+                c.avx512_bf16().is_some(),
+                std::is_x86_feature_detected!("avx512bf16")
+                    && std::is_x86_feature_detected!("avx512bw")
+            );
+            assert!(c.without_avx512().avx512_bf16().is_none());
+            assert_eq!(
+                c.without_avx512().avx2_fma().is_some(),
+                c.avx2_fma().is_some()
+            );
         }
     }
 

@@ -22,6 +22,7 @@ pub mod gram;
 pub mod linalg;
 pub mod matmul;
 pub mod mmap;
+pub mod mxfp4;
 pub mod rng;
 pub mod sampler;
 pub mod shuffle;

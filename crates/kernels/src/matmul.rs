@@ -10,7 +10,17 @@
 //!   reference is [`xwt_reference`] (the same fused multiply-adds and additions in the same
 //!   order; test `avx2_matches_its_scalar_reference_bit_for_bit`);
 //! - weight panels widened to f32 into a per-thread buffer (it stays in L2) and multiplied by the
-//!   `gemm` crate's f32 kernel (what candle uses): the path of CPUs without AVX2 / FMA.
+//!   `gemm` crate's f32 kernel (what candle uses): the path of CPUs without AVX2 / FMA;
+//! - for bf16 activations × bf16 weights ([`xwt_same`]) on CPUs with AVX-512 BF16: the
+//!   `vdpbf16ps` kernel (`arch/x86_64/avx512/matmul.rs`; blocks of 4 weight rows × 4 tokens, 16
+//!   f32 lanes per accumulator, each fed 32 bf16 pairs per instruction). Its scalar reference is
+//!   [`xwt_bf16_reference`] (test `avx512_bf16_matches_its_scalar_reference_bit_for_bit`). It sums
+//!   in another order than the AVX2 kernel, so bf16 results differ from it in the last bits.
+//!
+//! The path is chosen at run time from the CPU's features ([`Cpu`]); the environment variable
+//! `MOE_XRAY_KERNEL` (`avx512`, `avx2`, `generic`; read once per process) caps it, so benchmarks
+//! and tests can compare paths on one machine: `avx2` never takes the AVX-512 kernel, `generic`
+//! always takes the `gemm` path. [`kernel_name`] says which path a weight type takes.
 //!
 //! Why hand-written: candle 0.11's CPU matmul has no bf16 / f16 kernel; it widens both whole
 //! operands to fresh f32 vectors on every call, which made decoding on the full OLMoE shape ~10×
@@ -52,6 +62,10 @@ pub trait Elem: Copy + Send + Sync + 'static + sealed::Sealed {
     fn round(x: f32) -> f32;
     /// Narrows f32 values to this type (round to nearest even).
     fn narrow(src: &[f32]) -> Vec<Self>;
+    /// The values as bf16 when `Self` is bf16 (the AVX-512 BF16 kernel's operands), else `None`.
+    fn as_bf16(_: &[Self]) -> Option<&[bf16]> {
+        None
+    }
 
     /// `bytes` (native-endian, as stored in a safetensors file on a little-endian machine) as
     /// values, or `None` when the length is not a whole number of values or the address is not
@@ -74,6 +88,9 @@ pub trait Elem: Copy + Send + Sync + 'static + sealed::Sealed {
 
 impl Elem for bf16 {
     const KIND: ElemKind = ElemKind::Bf16;
+    fn as_bf16(v: &[Self]) -> Option<&[bf16]> {
+        Some(v)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -144,15 +161,66 @@ impl OutPtr {
     }
 }
 
-/// Which implementation [`xwt_with`] uses (for benchmarks; the model always uses `Auto`).
+/// Which implementation [`xwt_with`] / [`xwt_same_with`] use (for benchmarks and tests; the
+/// model always uses `Auto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX2 when the CPU has it, else `Gemm`.
+    /// The best path of this CPU, capped by `MOE_XRAY_KERNEL` ([`env_kernel`]).
     Auto,
+    /// The AVX-512 BF16 kernel for bf16 × bf16 ([`xwt_same`]); for other types and on CPUs
+    /// without AVX-512 BF16 the same as `Avx2`.
+    Avx512,
     /// The hand-written AVX2 + FMA kernel (falls back to `Gemm` where unavailable).
     Avx2,
     /// Weight panels widened to f32 and multiplied by the `gemm` crate.
     Gemm,
+}
+
+/// The cap that `MOE_XRAY_KERNEL` puts on [`Kernel::Auto`] (read once per process): `avx512`
+/// (or unset / empty: no cap), `avx2`, `generic` (the `gemm` path); any other value is an error
+/// naming the variable (callers that cannot report it treat it as unset).
+pub fn env_kernel() -> Result<Kernel, String> {
+    static ENV: std::sync::OnceLock<Result<Kernel, String>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| match std::env::var("MOE_XRAY_KERNEL") {
+        Err(std::env::VarError::NotPresent) => Ok(Kernel::Avx512),
+        Ok(v) => parse_kernel(&v),
+        Err(e) => Err(format!("MOE_XRAY_KERNEL: {e}")),
+    })
+    .clone()
+}
+
+/// A value of `MOE_XRAY_KERNEL` as the cap it puts on [`Kernel::Auto`].
+fn parse_kernel(v: &str) -> Result<Kernel, String> {
+    match v.trim() {
+        "" | "avx512" | "auto" => Ok(Kernel::Avx512),
+        "avx2" => Ok(Kernel::Avx2),
+        "generic" | "gemm" => Ok(Kernel::Gemm),
+        other => Err(format!(
+            "MOE_XRAY_KERNEL={other:?}: expected avx512, avx2 or generic"
+        )),
+    }
+}
+
+/// `kernel` with `Auto` replaced by the cap of `MOE_XRAY_KERNEL`.
+fn resolve(kernel: Kernel) -> Kernel {
+    match kernel {
+        Kernel::Auto => env_kernel().unwrap_or(Kernel::Avx512),
+        k => k,
+    }
+}
+
+/// The path that [`xwt_same`] (`Kernel::Auto`) takes for weights (and activations) of type
+/// `kind` on this CPU: `"avx512-bf16"`, `"avx2-fma"` or `"gemm"`.
+pub fn kernel_name(kind: ElemKind) -> &'static str {
+    let k = resolve(Kernel::Auto);
+    let cpu = Cpu::get();
+    if k == Kernel::Avx512 && kind == ElemKind::Bf16 && cpu.avx512_bf16().is_some() {
+        "avx512-bf16"
+    } else if k != Kernel::Gemm && cpu.avx2_fma().is_some() {
+        "avx2-fma"
+    } else {
+        "gemm"
+    }
 }
 
 /// `y [n, m] = x [n, k] · w [m, k]ᵀ` with f32 `x` and weights of type `T`: the AVX2 + FMA kernel
@@ -176,6 +244,7 @@ pub fn xwt_with<T: Elem>(
         "xwt: operand sizes"
     );
     assert!(n.checked_mul(m).is_some(), "xwt: output size overflows");
+    let kernel = resolve(kernel);
     #[cfg(target_arch = "x86_64")]
     if let (Some(t), true) = (Cpu::get().avx2_fma(), kernel != Kernel::Gemm) {
         return avx2::xwt(t, x, n, k, w, m);
@@ -186,9 +255,110 @@ pub fn xwt_with<T: Elem>(
     })
 }
 
+/// `y [n, m] = x [n, k] · w [m, k]ᵀ` with activations in the weights' type `T` (a model computing
+/// in bf16 / f16 / f32): bf16 × bf16 on the AVX-512 BF16 kernel where the CPU has it, otherwise
+/// the activations widened to f32 (exact) and [`xwt`]. The result is f32 (not rounded to `T`).
+pub fn xwt_same<T: Elem>(x: &[T], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
+    xwt_same_with(Kernel::Auto, x, n, k, w, m)
+}
+
+/// [`xwt_same`] with a chosen kernel.
+pub fn xwt_same_with<T: Elem>(
+    kernel: Kernel,
+    x: &[T],
+    n: usize,
+    k: usize,
+    w: &[T],
+    m: usize,
+) -> Vec<f32> {
+    let nk = n.checked_mul(k);
+    assert!(
+        nk.is_some_and(|v| x.len() >= v) && m.checked_mul(k).is_some_and(|v| w.len() >= v),
+        "xwt: operand sizes"
+    );
+    assert!(n.checked_mul(m).is_some(), "xwt: output size overflows");
+    let nk = n * k;
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(t), Kernel::Avx512, Some(xb), Some(wb)) = (
+        Cpu::get().avx512_bf16(),
+        resolve(kernel),
+        T::as_bf16(x),
+        T::as_bf16(w),
+    ) {
+        return avx512::xwt(t, xb, n, k, wb, m);
+    }
+    let mut xf = vec![0f32; nk];
+    T::widen(&x[..nk], &mut xf);
+    xwt_with(kernel, &xf, n, k, w, m)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[path = "arch/x86_64/avx2/matmul.rs"]
 mod avx2;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "arch/x86_64/avx512/matmul.rs"]
+mod avx512;
+
+/// One `vdpbf16ps` step on one f32 lane, in scalar code: `acc + a·b` with the product exact and
+/// one rounding to nearest even, denormal inputs (`acc`, `a`, `b`) read as zero of the same sign
+/// and a denormal result flushed to zero of the same sign (the instruction ignores MXCSR).
+#[inline]
+pub fn dpbf16_step_reference(acc: f32, a: bf16, b: bf16) -> f32 {
+    let daz = |v: f32| {
+        if v.is_subnormal() {
+            0f32.copysign(v)
+        } else {
+            v
+        }
+    };
+    let r = daz(a.to_f32()).mul_add(daz(b.to_f32()), daz(acc));
+    daz(r)
+}
+
+/// The sum of 16 f32 lanes in the AVX-512 kernel's order: lanes `i + (i + 8)`, then
+/// [`hsum_reference`].
+#[inline]
+pub fn hsum16_reference(a: [f32; 16]) -> f32 {
+    hsum_reference(std::array::from_fn(|i| a[i] + a[i + 8]))
+}
+
+/// The scalar reference of the AVX-512 BF16 kernel: the same operations in the same order, one
+/// output at a time (per k block of 2048: sixteen f32 lanes, each fed the pairs `(2l, 2l + 1)` of
+/// every group of 32 elements — the last group padded with zeros — by two
+/// [`dpbf16_step_reference`] steps, odd element first; [`hsum16_reference`]; block sums added in
+/// order). Bit-identical to `xwt_same_with(Kernel::Avx512, ..)` on CPUs with AVX-512 BF16; slow
+/// (tests and documentation only).
+pub fn xwt_bf16_reference(x: &[bf16], n: usize, k: usize, w: &[bf16], m: usize) -> Vec<f32> {
+    const KC: usize = 2048;
+    assert!(x.len() >= n * k && w.len() >= m * k, "xwt: operand sizes");
+    let mut y = vec![0f32; n * m];
+    let at = |v: &[bf16], i: usize, end: usize| if i < end { v[i] } else { bf16::ZERO };
+    for t in 0..n {
+        for r in 0..m {
+            let xr = &x[t * k..(t + 1) * k];
+            let wr = &w[r * k..(r + 1) * k];
+            let mut out = 0f32;
+            let mut k0 = 0;
+            while k0 < k {
+                let k1 = (k0 + KC).min(k);
+                let mut acc = [0f32; 16];
+                for g in (k0..k1).step_by(32) {
+                    for (l, a) in acc.iter_mut().enumerate() {
+                        let (e, o) = (g + 2 * l, g + 2 * l + 1);
+                        *a = dpbf16_step_reference(*a, at(xr, o, k1), at(wr, o, k1));
+                        *a = dpbf16_step_reference(*a, at(xr, e, k1), at(wr, e, k1));
+                    }
+                }
+                let s = hsum16_reference(acc);
+                out = if k0 == 0 { s } else { out + s };
+                k0 = k1;
+            }
+            y[t * m + r] = out;
+        }
+    }
+    y
+}
 
 /// The AVX2 kernel's k blocks (its `KC`): partial sums of each block are added in order.
 const KC_REFERENCE: usize = 1024;
@@ -340,6 +510,190 @@ mod tests {
         check_reference::<f32>(|v| v.to_vec());
         check_reference::<bf16>(bf16::narrow);
         check_reference::<f16>(f16::narrow);
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Whether this CPU runs the AVX-512 BF16 kernel (prints why a test is skipped otherwise).
+    fn has_avx512_bf16(test: &str) -> bool {
+        let yes = Cpu::get().avx512_bf16().is_some();
+        if !yes {
+            eprintln!("{test}: skipped, this CPU has no AVX-512 BF16");
+        }
+        yes
+    }
+
+    #[test]
+    fn avx512_bf16_matches_its_scalar_reference_bit_for_bit() {
+        if !has_avx512_bf16("avx512_bf16_matches_its_scalar_reference_bit_for_bit") {
+            return;
+        }
+        // Ragged register blocks (m, n not multiples of 4), tails of every length class (k not a
+        // multiple of 32, k < 32), several k blocks (k > 2048) with a tail, several panels of 48
+        // rows with a ragged last one.
+        for &(n, k, m) in &[
+            (1, 64, 10),
+            (1, 7, 3),
+            (3, 300, 7),
+            (4, 1030, 50),
+            (5, 2051, 49),
+            (6, 4096, 9),
+            (17, 200, 97),
+            (37, 4133, 13),
+        ] {
+            let x = bf16::narrow(&random(n * k, 11 + n as u64));
+            let w = bf16::narrow(&random(m * k, 12 + m as u64));
+            let want = xwt_bf16_reference(&x, n, k, &w, m);
+            let got = xwt_same_with(Kernel::Avx512, &x, n, k, &w, m);
+            assert_eq!(bits(&got), bits(&want), "{n}x{k}x{m}");
+            // Same products as the AVX2 kernel, another summation order.
+            let a2 = xwt_same_with(Kernel::Avx2, &x, n, k, &w, m);
+            for (a, b) in a2.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt(), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_bf16_denormals_ties_and_signed_zeros_match_the_reference() {
+        if !has_avx512_bf16("avx512_bf16_denormals_ties_and_signed_zeros_match_the_reference") {
+            return;
+        }
+        // Values that tell the instruction's semantics apart: denormal operands (read as zero),
+        // products and partial sums in the denormal range (flushed), half-ulp ties (two
+        // roundings, odd element first), signed zeros, huge values (overflow to infinity).
+        let special = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            2f32.powi(-24),
+            1.5 * 2f32.powi(-24),
+            2f32.powi(-63),
+            2f32.powi(-64),
+            -2f32.powi(-70),
+            2f32.powi(-126),
+            -1.5 * 2f32.powi(-126),
+            f32::from_bits(0x0001_0000), // a bf16 denormal
+            -f32::from_bits(0x0040_0000),
+            2f32.powi(30),
+            -2f32.powi(30),
+            2f32.powi(100),
+            3.0,
+            0.1,
+        ];
+        let (n, k, m) = (5, 77, 6);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+        let mut pick = |len: usize| -> Vec<bf16> {
+            (0..len)
+                .map(|_| bf16::from_f32(special[rng.random_range(0..special.len())]))
+                .collect()
+        };
+        for _ in 0..20 {
+            let x = pick(n * k);
+            let w = pick(m * k);
+            let want = xwt_bf16_reference(&x, n, k, &w, m);
+            let got = xwt_same_with(Kernel::Avx512, &x, n, k, &w, m);
+            assert_eq!(bits(&got), bits(&want));
+        }
+        // The step itself: two roundings, the odd element first; denormals flushed.
+        let one = bf16::ONE;
+        let h = bf16::from_f32(2f32.powi(-24));
+        let h15 = bf16::from_f32(1.5 * 2f32.powi(-24));
+        // Lane 0 holds 1 (group 0), then gets x[33]·1 and x[32]·1 (group 1): the odd element
+        // first gives 1 + 2⁻²² (1 + 1.5·2⁻²⁴ rounds up, then a tie rounds to even), the even
+        // element first would give 1 + 2⁻²³.
+        let mut x = vec![bf16::ZERO; 34];
+        let mut w = vec![bf16::ZERO; 34];
+        (x[0], x[32], x[33]) = (one, h, h15);
+        (w[0], w[32], w[33]) = (one, one, one);
+        let y = xwt_same_with(Kernel::Avx512, &x, 1, 34, &w, 1);
+        assert_eq!(y[0], 1.0 + 2f32.powi(-22));
+        assert_eq!(bits(&y), bits(&xwt_bf16_reference(&x, 1, 34, &w, 1)));
+        assert_eq!(
+            dpbf16_step_reference(1.0, h, one),
+            1.0,
+            "a tie rounds to even"
+        );
+        assert_eq!(
+            dpbf16_step_reference(1.0 + 2f32.powi(-23), h, one),
+            1.0 + 2f32.powi(-22),
+            "a tie rounds to even (upwards)"
+        );
+        let tiny = bf16::from_f32(2f32.powi(-70));
+        assert_eq!(dpbf16_step_reference(0.0, tiny, tiny).to_bits(), 0);
+        let den = bf16::from_bits(1);
+        assert_eq!(dpbf16_step_reference(0.0, den, one).to_bits(), 0);
+    }
+
+    #[test]
+    fn avx512_bf16_rows_do_not_depend_on_the_batch_or_the_threads() {
+        if !has_avx512_bf16("avx512_bf16_rows_do_not_depend_on_the_batch_or_the_threads") {
+            return;
+        }
+        let (n, k, m) = (37, 1000, 131);
+        let x = bf16::narrow(&random(n * k, 21));
+        let w = bf16::narrow(&random(m * k, 22));
+        let all = xwt_same_with(Kernel::Avx512, &x, n, k, &w, m);
+        for r in [0usize, 3, 4, 17, 36] {
+            let one = xwt_same_with(Kernel::Avx512, &x[r * k..(r + 1) * k], 1, k, &w, m);
+            assert_eq!(bits(&all[r * m..(r + 1) * m]), bits(&one), "row {r}");
+        }
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| xwt_same_with(Kernel::Avx512, &x, n, k, &w, m))
+        };
+        assert_eq!(bits(&run(1)), bits(&all));
+        assert_eq!(bits(&run(3)), bits(&all));
+    }
+
+    #[test]
+    fn xwt_same_widens_other_types_exactly() {
+        // f32 / f16 (and bf16 on the AVX2 path) equal `xwt` on the widened activations.
+        let (n, k, m) = (5, 130, 21);
+        let xf = random(n * k, 31);
+        let w32 = random(m * k, 32);
+        assert_eq!(
+            bits(&xwt_same(&xf, n, k, &w32, m)),
+            bits(&xwt(&xf, n, k, &w32, m))
+        );
+        let (x16, w16) = (f16::narrow(&xf), f16::narrow(&w32));
+        let mut x16f = vec![0f32; n * k];
+        f16::widen(&x16, &mut x16f);
+        assert_eq!(
+            bits(&xwt_same(&x16, n, k, &w16, m)),
+            bits(&xwt(&x16f, n, k, &w16, m))
+        );
+        let (xb, wb) = (bf16::narrow(&xf), bf16::narrow(&w32));
+        let mut xbf = vec![0f32; n * k];
+        bf16::widen(&xb, &mut xbf);
+        assert_eq!(
+            bits(&xwt_same_with(Kernel::Avx2, &xb, n, k, &wb, m)),
+            bits(&xwt_with(Kernel::Avx2, &xbf, n, k, &wb, m))
+        );
+    }
+
+    #[test]
+    fn kernel_env_values() {
+        assert_eq!(parse_kernel("avx512"), Ok(Kernel::Avx512));
+        assert_eq!(parse_kernel(""), Ok(Kernel::Avx512));
+        assert_eq!(parse_kernel(" avx2 "), Ok(Kernel::Avx2));
+        assert_eq!(parse_kernel("generic"), Ok(Kernel::Gemm));
+        let e = parse_kernel("avx-512").unwrap_err();
+        assert!(
+            e.contains("MOE_XRAY_KERNEL") && e.contains("avx-512"),
+            "{e}"
+        );
+        assert!(["avx512-bf16", "avx2-fma", "gemm"].contains(&kernel_name(ElemKind::Bf16)));
+        if env_kernel() == Ok(Kernel::Avx512) && Cpu::get().avx512_bf16().is_some() {
+            assert_eq!(kernel_name(ElemKind::Bf16), "avx512-bf16");
+        }
+        assert_ne!(kernel_name(ElemKind::F32), "avx512-bf16");
     }
 
     #[test]

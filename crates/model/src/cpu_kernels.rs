@@ -36,7 +36,29 @@ use crate::weights::MappedTensor;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-pub use moe_xray_kernels::matmul::{xwt, xwt_with, Kernel};
+pub use moe_xray_kernels::matmul::{xwt, xwt_same, xwt_with, Kernel};
+
+/// The matmul path this process takes for a model computing in `dtype` on the CPU
+/// (`"avx512-bf16"`, `"avx2-fma"`, `"gemm"`; `MOE_XRAY_KERNEL` caps it), and the CPU features the
+/// kernels detected, for benchmark reports. An invalid `MOE_XRAY_KERNEL` is an error.
+pub fn kernel_report(dtype: DType) -> Result<(&'static str, Vec<&'static str>), String> {
+    use moe_xray_kernels::matmul::{env_kernel, kernel_name, ElemKind};
+    env_kernel()?;
+    let kind = match dtype {
+        DType::BF16 => ElemKind::Bf16,
+        DType::F16 => ElemKind::F16,
+        _ => ElemKind::F32,
+    };
+    Ok((
+        kernel_name(kind),
+        moe_xray_kernels::cpu::Cpu::get().feature_names(),
+    ))
+}
+
+/// Whether `MOE_XRAY_KERNEL` is unset or valid (`avx512`, `avx2`, `generic`); the error names it.
+pub fn kernel_env_check() -> Result<(), String> {
+    moe_xray_kernels::matmul::env_kernel().map(|_| ())
+}
 
 /// Element types of the CPU kernels (bf16, f16, f32) as candle sees them.
 pub trait Elem: moe_xray_kernels::matmul::Elem + candle_core::WithDType {}
@@ -96,9 +118,9 @@ impl CustomOp2 for MatmulT {
         }
         let shape = Shape::from(out_dims);
         fn run<T: Elem>(x: &[T], w: &[T], n: usize, k: usize, m: usize) -> CpuStorage {
-            let mut xf = vec![0f32; x.len()];
-            T::widen(x, &mut xf);
-            T::to_cpu_storage_owned(T::narrow(&xwt(&xf, n, k, w, m)))
+            // Activations in the weights' type: bf16 × bf16 on the AVX-512 BF16 kernel where the
+            // CPU has it, else widened to f32 (exact) for the AVX2 / gemm kernels.
+            T::to_cpu_storage_owned(T::narrow(&xwt_same(x, n, k, w, m)))
         }
         let (xr, wr) = (xs..xe, ws..ws + m * k);
         let storage = match (s1, s2) {
@@ -112,6 +134,17 @@ impl CustomOp2 for MatmulT {
             ),
         };
         Ok((storage, shape))
+    }
+}
+
+/// `x · wᵀ` for the expert block: `x` holds values of `T` widened to f32 (the layer input and
+/// the rounded activations), so for bf16 it is narrowed back exactly and multiplied by
+/// [`xwt_same`] (the AVX-512 BF16 kernel where the CPU has it); f16 / f32 go to [`xwt`] as before.
+fn xwt_act<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
+    if T::KIND == moe_xray_kernels::matmul::ElemKind::Bf16 {
+        xwt_same(&T::narrow(x), n, k, w, m)
+    } else {
+        xwt(x, n, k, w, m)
     }
 }
 
@@ -259,8 +292,8 @@ impl MoeAccumulator {
                 let r = r as usize;
                 dst.copy_from_slice(&self.x[r * h..(r + 1) * h]);
             });
-        let g = with_src::<T, _>(&wg, |w| Ok(xwt(&xe, n, h, w, i)))?;
-        let u = with_src::<T, _>(&wu, |w| Ok(xwt(&xe, n, h, w, i)))?;
+        let g = with_src::<T, _>(&wg, |w| Ok(xwt_act(&xe, n, h, w, i)))?;
+        let u = with_src::<T, _>(&wu, |w| Ok(xwt_act(&xe, n, h, w, i)))?;
         let mut act = vec![0f32; n * i];
         act.par_chunks_mut(i)
             .with_min_len(min_rows(i))
@@ -274,7 +307,7 @@ impl MoeAccumulator {
                     *a = T::round(s * T::round(u));
                 }
             });
-        let y = with_src::<T, _>(&wd, |w| Ok(xwt(&act, n, i, w, h)))?;
+        let y = with_src::<T, _>(&wd, |w| Ok(xwt_act(&act, n, i, w, h)))?;
         // The rows of `acc` this expert adds to (distinct and ascending, checked above), as
         // disjoint mutable slices.
         let mut targets: Vec<&mut [f32]> = Vec::with_capacity(n);

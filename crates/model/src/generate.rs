@@ -24,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
 use crate::model::{MoeModel, SeqState, StepSeq};
+use crate::router::RouterMask;
 
 /// Default number of prompt tokens per prefill step ([`GenerateOptions::prefill_chunk`]).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
@@ -366,6 +367,174 @@ pub fn generate_all(
         generate_batch(model, chunk, opts, sink, on_done)?;
     }
     Ok(())
+}
+
+/// One prompt and the continuation it is scored on ([`teacher_force_batch`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForcedInput {
+    pub id: String,
+    pub category: Option<String>,
+    pub prompt: Vec<u32>,
+    /// The tokens scored: the logits after `prompt + continuation[..i]` are scored on
+    /// `continuation[i]`.
+    pub continuation: Vec<u32>,
+}
+
+/// Teacher-forced scores of one [`ForcedInput`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherForced {
+    pub prompt_id: String,
+    /// Per continuation token: `-log softmax(logits)[token]` (computed in f64 from the f32 logits).
+    pub nll: Vec<f64>,
+    /// Per continuation token: the argmax of the logits that predict it (ties to the lowest id).
+    pub argmax: Vec<u32>,
+    /// Per continuation token: the f32 logits that predict it (only when asked for).
+    pub logits: Option<Vec<Vec<f32>>>,
+}
+
+/// `-log softmax(logits)[target]` in f64.
+pub fn token_nll(logits: &[f32], target: u32) -> f64 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    let t = logits.get(target as usize).copied().unwrap_or(f32::NAN) as f64;
+    m + z.ln() - t
+}
+
+struct Forced {
+    state: SeqState,
+    /// `prompt ++ continuation[..T-1]`: the tokens fed.
+    fed_tokens: Vec<u32>,
+    prompt_len: usize,
+    fed: usize,
+    out: TeacherForced,
+}
+
+/// Scores each input's continuation teacher-forced (the routing of every fed token — the prompt
+/// and all continuation tokens but the last — goes to `sink`), with `mask`'s experts masked out of
+/// the routers (`None`: the model as it is). The prompt is prefilled in chunks of
+/// `prefill_chunk` tokens, then the continuation is fed one token per step exactly as greedy
+/// generation feeds its own tokens, so scoring a model's own greedy continuation without a mask
+/// gives back that continuation as the argmax at every position.
+pub fn teacher_force_batch(
+    model: &MoeModel,
+    inputs: &[ForcedInput],
+    mask: Option<&RouterMask>,
+    prefill_chunk: usize,
+    keep_logits: bool,
+    sink: &mut dyn RoutingSink,
+) -> Result<Vec<TeacherForced>> {
+    if prefill_chunk == 0 {
+        return Err(ModelError::InvalidArgument(
+            "prefill chunk must be at least 1 token".into(),
+        ));
+    }
+    if let Some(m) = mask {
+        model.check_router_mask(m)?;
+    }
+    let max_pos = model.config().max_position_embeddings;
+    let mut seqs: Vec<Forced> = Vec::with_capacity(inputs.len());
+    for p in inputs {
+        if p.prompt.is_empty() {
+            return Err(ModelError::InvalidArgument(format!(
+                "prompt `{}` has no tokens",
+                p.id
+            )));
+        }
+        model.check_tokens(&p.id, &p.prompt)?;
+        model.check_tokens(&p.id, &p.continuation)?;
+        if positions_needed(p.prompt.len(), p.continuation.len()).is_none_or(|n| n > max_pos) {
+            return Err(too_long(
+                &p.id,
+                p.prompt.len(),
+                p.continuation.len(),
+                max_pos,
+            ));
+        }
+        let mut fed_tokens = p.prompt.clone();
+        if let Some((_, head)) = p.continuation.split_last() {
+            fed_tokens.extend_from_slice(head);
+        }
+        let mut state = model.new_sequence(&p.id);
+        state.set_prefill_span(p.prompt.len());
+        seqs.push(Forced {
+            state,
+            fed_tokens,
+            prompt_len: p.prompt.len(),
+            fed: 0,
+            out: TeacherForced {
+                prompt_id: p.id.clone(),
+                nll: Vec::with_capacity(p.continuation.len()),
+                argmax: Vec::with_capacity(p.continuation.len()),
+                logits: keep_logits.then(Vec::new),
+            },
+        });
+    }
+    for p in inputs {
+        sink.begin_prompt(&p.id, p.category.as_deref())?;
+    }
+    // The end (exclusive) of the next chunk of a sequence.
+    let chunk_end = |f: &Forced| -> usize {
+        if f.fed < f.prompt_len {
+            f.prompt_len.min(f.fed.saturating_add(prefill_chunk))
+        } else {
+            f.fed + 1
+        }
+    };
+    loop {
+        let ends: Vec<usize> = seqs.iter().map(chunk_end).collect();
+        let live: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].fed < seqs[i].fed_tokens.len())
+            .collect();
+        if live.is_empty() {
+            break;
+        }
+        let wants: Vec<bool> = live
+            .iter()
+            .map(|&i| {
+                ends[i] >= seqs[i].prompt_len
+                    && ends[i] - seqs[i].prompt_len < inputs[i].continuation.len()
+            })
+            .collect();
+        let logits = {
+            let mut step: Vec<StepSeq<'_>> = Vec::with_capacity(live.len());
+            let mut li = 0usize;
+            for (i, f) in seqs.iter_mut().enumerate() {
+                if li < live.len() && live[li] == i {
+                    step.push(StepSeq {
+                        want_logits: wants[li],
+                        tokens: &f.fed_tokens[f.fed..ends[i]],
+                        token_type: if f.fed < f.prompt_len {
+                            TokenType::Prompt
+                        } else {
+                            TokenType::Generation
+                        },
+                        state: &mut f.state,
+                    });
+                    li += 1;
+                }
+            }
+            model.forward_masked(&mut step, sink, mask)?
+        };
+        for (&i, lg) in live.iter().zip(logits) {
+            let f = &mut seqs[i];
+            let end = ends[i];
+            f.fed = end;
+            if let Some(lg) = lg {
+                let target = inputs[i].continuation[end - f.prompt_len];
+                f.out.nll.push(token_nll(&lg, target));
+                f.out.argmax.push(argmax(&lg));
+                if let Some(keep) = f.out.logits.as_mut() {
+                    keep.push(lg);
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(seqs.len());
+    for (p, f) in inputs.iter().zip(seqs) {
+        sink.end_prompt(&p.id)?;
+        out.push(f.out);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

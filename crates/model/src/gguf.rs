@@ -69,6 +69,8 @@ pub struct GgufFile {
     /// Tensor name → index of the part holding it.
     index: HashMap<String, usize>,
     arch: String,
+    /// Tensors stored as MXFP4 (declared to candle's reader under a stand-in type).
+    mxfp4: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -130,21 +132,163 @@ fn is_float(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
-fn read_header(path: &Path) -> Result<gguf_file::Content> {
+/// ggml's type id of MXFP4 (`GGML_TYPE_MXFP4`), which candle's reader does not know.
+const GGML_MXFP4: u32 = 39;
+/// The type MXFP4 tensors are declared as to candle's reader (same block of 32 values; their
+/// data is never read through candle: see [`GgufFile::is_mxfp4`]).
+const MXFP4_STAND_IN: u32 = 2; // Q4_0
+
+/// Reads the header of a GGUF file; the names of its MXFP4 tensors come back separately (they
+/// are declared to candle's reader under a stand-in type, see [`scan_mxfp4`]).
+fn read_header(path: &Path) -> Result<(gguf_file::Content, Vec<String>)> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut r = BufReader::new(file);
-    gguf_file::Content::read(&mut r).map_err(|e| {
+    let explain = |e: candle_core::Error| {
         let msg = e.to_string().trim_end().to_string();
-        let hint = if msg.contains("unknown dtype for tensor 39") {
-            " (type 39 is MXFP4, which this build cannot read from GGUF yet)"
-        } else if msg.contains("unknown dtype") {
+        let hint = if msg.contains("unknown dtype") {
             " (supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, \
-             Q4_K, Q5_K, Q6_K)"
+             Q4_K, Q5_K, Q6_K, MXFP4)"
         } else {
             ""
         };
         bad(path, format!("invalid GGUF file: {msg}{hint}"))
-    })
+    };
+    match gguf_file::Content::read(&mut r) {
+        Ok(c) => Ok((c, Vec::new())),
+        Err(e)
+            if e.to_string()
+                .contains(&format!("unknown dtype for tensor {GGML_MXFP4}")) =>
+        {
+            let (header, names) = scan_mxfp4(path)?;
+            let c = gguf_file::Content::read(&mut std::io::Cursor::new(header)).map_err(explain)?;
+            Ok((c, names))
+        }
+        Err(e) => Err(explain(e)),
+    }
+}
+
+/// Walks a GGUF (v2 / v3) header and returns its bytes with every MXFP4 tensor's type replaced
+/// by [`MXFP4_STAND_IN`], and those tensors' names. Every length is checked against the file
+/// before it is used (hostile input); the data section is not read.
+fn scan_mxfp4(path: &Path) -> Result<(Vec<u8>, Vec<String>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let err = |m: String| bad(path, format!("invalid GGUF file: {m}"));
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let mut r = BufReader::new(file);
+    let io = |e: std::io::Error| ModelError::io(path, e);
+    fn rd<const N: usize>(r: &mut impl Read) -> std::io::Result<[u8; N]> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b)?;
+        Ok(b)
+    }
+    let magic = rd::<4>(&mut r).map_err(io)?;
+    let version = u32::from_le_bytes(rd::<4>(&mut r).map_err(io)?);
+    if &magic != b"GGUF" || !(2..=3).contains(&version) {
+        return Err(err(format!(
+            "MXFP4 tensors in a GGUF file of magic {magic:?} version {version}"
+        )));
+    }
+    let u64_ = |r: &mut BufReader<File>| -> Result<u64> {
+        Ok(u64::from_le_bytes(rd::<8>(r).map_err(io)?))
+    };
+    let u32_ = |r: &mut BufReader<File>| -> Result<u32> {
+        Ok(u32::from_le_bytes(rd::<4>(r).map_err(io)?))
+    };
+    let n_tensors = u64_(&mut r)?;
+    let n_kv = u64_(&mut r)?;
+    if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+        return Err(err(format!(
+            "{n_tensors} tensors / {n_kv} metadata entries"
+        )));
+    }
+    let skip = |r: &mut BufReader<File>, n: u64| -> Result<()> {
+        let pos = r.stream_position().map_err(io)?;
+        if pos.checked_add(n).is_none_or(|end| end > len) {
+            return Err(err(format!(
+                "a length of {n} bytes at offset {pos} runs past the end"
+            )));
+        }
+        r.seek(SeekFrom::Current(n as i64)).map_err(io)?;
+        Ok(())
+    };
+    let string = |r: &mut BufReader<File>| -> Result<Vec<u8>> {
+        let n = u64_(r)?;
+        let pos = r.stream_position().map_err(io)?;
+        if n > 1 << 30 || pos.saturating_add(n) > len {
+            return Err(err(format!("a string of {n} bytes at offset {pos}")));
+        }
+        let mut b = vec![0u8; n as usize];
+        r.read_exact(&mut b).map_err(io)?;
+        Ok(b)
+    };
+    // Skips one metadata value of type `t` (nested arrays up to depth 4).
+    let value = |r: &mut BufReader<File>, t: u32, depth: u64| -> Result<()> {
+        let fixed = |t: u32| match t {
+            0 | 1 | 7 => Some(1u64),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        let mut stack = vec![(t, 1u64, depth)];
+        while let Some((t, count, d)) = stack.pop() {
+            if let Some(size) = fixed(t) {
+                skip(r, size.saturating_mul(count))?;
+                continue;
+            }
+            match t {
+                8 => {
+                    for _ in 0..count {
+                        let n = u64_(r)?;
+                        skip(r, n)?;
+                    }
+                }
+                9 if d < 4 => {
+                    for _ in 0..count {
+                        let et = u32_(r)?;
+                        let n = u64_(r)?;
+                        if n > len {
+                            return Err(err(format!("an array of {n} elements")));
+                        }
+                        stack.push((et, n, d + 1));
+                    }
+                }
+                _ => return Err(err(format!("metadata value type {t}"))),
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..n_kv {
+        string(&mut r)?;
+        let t = u32_(&mut r)?;
+        value(&mut r, t, 0)?;
+    }
+    let mut patches = Vec::new();
+    let mut names = Vec::new();
+    for _ in 0..n_tensors {
+        let name = string(&mut r)?;
+        let dims = u32_(&mut r)?;
+        if dims > 4 {
+            return Err(err(format!("a tensor of {dims} dimensions")));
+        }
+        skip(&mut r, 8 * u64::from(dims))?;
+        let pos = r.stream_position().map_err(io)?;
+        if u32_(&mut r)? == GGML_MXFP4 {
+            patches.push(pos);
+            names.push(String::from_utf8_lossy(&name).into_owned());
+        }
+        u64_(&mut r)?;
+    }
+    let end = r.stream_position().map_err(io)?;
+    let mut header = vec![0u8; usize::try_from(end).map_err(|_| err("header too large".into()))?];
+    r.seek(SeekFrom::Start(0)).map_err(io)?;
+    r.read_exact(&mut header).map_err(io)?;
+    for p in patches {
+        let p = p as usize;
+        header[p..p + 4].copy_from_slice(&MXFP4_STAND_IN.to_le_bytes());
+    }
+    Ok((header, names))
 }
 
 impl GgufFile {
@@ -160,6 +304,7 @@ impl GgufFile {
         };
         let mut parts = Vec::with_capacity(files.len());
         let mut index = HashMap::new();
+        let mut mxfp4 = std::collections::HashSet::new();
         for (pi, p) in files.iter().enumerate() {
             if !p.is_file() {
                 return Err(bad(
@@ -172,7 +317,7 @@ impl GgufFile {
                     ),
                 ));
             }
-            let content = read_header(p)?;
+            let (content, mx) = read_header(p)?;
             let file_len = std::fs::metadata(p)
                 .map_err(|e| ModelError::io(p, e))?
                 .len();
@@ -198,19 +343,25 @@ impl GgufFile {
                         bad(p, format!("tensor `{name}`: shape {dims:?} is too large"))
                     })?;
                 let t = info.ggml_dtype;
+                let is_mx = mx.contains(name);
+                let tname = if is_mx { "MXFP4" } else { type_name(t) };
                 let row = dims.last().copied().unwrap_or(1);
                 if !row.is_multiple_of(t.block_size()) {
                     return Err(bad(
                         p,
                         format!(
-                            "tensor `{name}` ({}): rows of {row} values are not a multiple of the \
-                             type's block of {}",
-                            type_name(t),
+                            "tensor `{name}` ({tname}): rows of {row} values are not a multiple \
+                             of the type's block of {}",
                             t.block_size()
                         ),
                     ));
                 }
-                let bytes = (elems / t.block_size()) as u64 * t.type_size() as u64;
+                let type_size = if is_mx {
+                    moe_xray_kernels::mxfp4::GGML_BLOCK_BYTES
+                } else {
+                    t.type_size()
+                };
+                let bytes = (elems / t.block_size()) as u64 * type_size as u64;
                 let end = content
                     .tensor_data_offset
                     .checked_add(info.offset)
@@ -221,9 +372,8 @@ impl GgufFile {
                         return Err(bad(
                             p,
                             format!(
-                                "truncated GGUF file: tensor `{name}` ({}, shape {dims:?}) needs \
-                                 {bytes} bytes at offset {} but the file has {file_len} bytes",
-                                type_name(t),
+                                "truncated GGUF file: tensor `{name}` ({tname}, shape {dims:?}) \
+                                 needs {bytes} bytes at offset {} but the file has {file_len} bytes",
                                 content.tensor_data_offset.saturating_add(info.offset)
                             ),
                         ))
@@ -231,6 +381,9 @@ impl GgufFile {
                 }
                 if index.insert(name.clone(), pi).is_some() {
                     return Err(bad(p, format!("tensor `{name}` appears in two parts")));
+                }
+                if is_mx {
+                    mxfp4.insert(name.clone());
                 }
             }
             parts.push(Part {
@@ -266,6 +419,7 @@ impl GgufFile {
             parts,
             index,
             arch,
+            mxfp4,
         })
     }
 
@@ -380,12 +534,53 @@ impl GgufFile {
         self.index.contains_key(name)
     }
 
-    /// Reads tensor `name` as stored (quantised or not).
+    /// Whether tensor `name` is stored as MXFP4 (ggml type 39).
+    pub fn is_mxfp4(&self, name: &str) -> bool {
+        self.mxfp4.contains(name)
+    }
+
+    /// The stored bytes of MXFP4 tensor `name`, left in a read-only map of its file.
+    pub fn mxfp4_bytes(&self, name: &str) -> Result<crate::weights::MappedTensor> {
+        let (part, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.path.clone(),
+        })?;
+        if !self.is_mxfp4(name) {
+            return Err(bad(&part.path, format!("tensor `{name}` is not MXFP4")));
+        }
+        let dims = info.shape.dims().to_vec();
+        let blocks = checked_product(&dims).map(|n| n / moe_xray_kernels::mxfp4::BLOCK);
+        let start = part.content.tensor_data_offset.checked_add(info.offset);
+        let len = blocks.and_then(|b| b.checked_mul(moe_xray_kernels::mxfp4::GGML_BLOCK_BYTES));
+        let (Some(start), Some(len)) = (start.and_then(|s| usize::try_from(s).ok()), len) else {
+            return Err(bad(&part.path, format!("tensor `{name}`: size overflows")));
+        };
+        let file = File::open(&part.path).map_err(|e| ModelError::io(&part.path, e))?;
+        let map = moe_xray_kernels::mmap::ReadOnlyMap::map(&file)
+            .map_err(|e| ModelError::io(&part.path, e))?;
+        crate::weights::MappedTensor::new(
+            std::sync::Arc::new(map),
+            start,
+            start.saturating_add(len),
+            DType::U8,
+            dims,
+        )
+        .ok_or_else(|| bad(&part.path, format!("truncated GGUF file: tensor `{name}`")))
+    }
+
+    /// Reads tensor `name` as stored (quantised or not; MXFP4 tensors are refused here: they
+    /// are read with [`GgufFile::mxfp4_bytes`] or [`GgufFile::dequantized`]).
     pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         let (part, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.to_string(),
             dir: self.path.clone(),
         })?;
+        if self.is_mxfp4(name) {
+            return Err(bad(
+                &part.path,
+                format!("tensor `{name}` is MXFP4, which candle's quantised matmul does not read"),
+            ));
+        }
         let file = File::open(&part.path).map_err(|e| ModelError::io(&part.path, e))?;
         let mut r = BufReader::new(file);
         info.read(&mut r, part.content.tensor_data_offset, &Device::Cpu)
@@ -394,6 +589,22 @@ impl GgufFile {
 
     /// Reads tensor `name` dequantised to f32.
     pub fn dequantized(&self, name: &str) -> Result<Tensor> {
+        if self.is_mxfp4(name) {
+            let m = self.mxfp4_bytes(name)?;
+            let k = m.shape.last().copied().unwrap_or(0);
+            let rows = checked_product(&m.shape).map_or(0, |n| n / k.max(1));
+            let w = moe_xray_kernels::mxfp4::MxMatrix::new(
+                moe_xray_kernels::mxfp4::MxLayout::Ggml { data: m.bytes() },
+                rows,
+                k,
+            )
+            .ok_or_else(|| bad(&self.part_of(name), format!("tensor `{name}`: MXFP4 sizes")))?;
+            return Ok(Tensor::from_vec(
+                w.dequantize(),
+                m.shape.clone(),
+                &Device::Cpu,
+            )?);
+        }
         Ok(self.qtensor(name)?.dequantize(&Device::Cpu)?)
     }
 
@@ -931,6 +1142,8 @@ pub struct GgufSource {
     file: GgufFile,
     cfg: ModelConfig,
     recipes: HashMap<String, Recipe>,
+    /// Where quantised routed experts live (see [`ExpertResidency`]).
+    residency: ExpertResidency,
 }
 
 impl std::fmt::Debug for GgufSource {
@@ -1058,7 +1271,13 @@ impl GgufSource {
             };
             recipes.insert(spec.name.clone(), recipe);
         }
-        Ok(GgufSource { file, cfg, recipes })
+        let residency = ExpertResidency::choose(&file);
+        Ok(GgufSource {
+            file,
+            cfg,
+            recipes,
+            residency,
+        })
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -1105,7 +1324,15 @@ impl GgufSource {
 
     /// The routed experts of MoE layer `l` (F32 / F16 / BF16: loaded like safetensors experts;
     /// quantised: one `QMatMul` per expert and projection).
-    pub(crate) fn experts(&self, l: usize, dtype: DType, dev: &Device) -> Result<Experts> {
+    /// In exact mode (`exact`), quantised experts are dequantised to f32 instead (whole tensors:
+    /// a checking mode for models that fit in memory as f32).
+    pub(crate) fn experts(
+        &self,
+        l: usize,
+        dtype: DType,
+        dev: &Device,
+        exact: bool,
+    ) -> Result<Experts> {
         let f = self.cfg.family;
         let (e, i, h) = (
             self.cfg.num_experts,
@@ -1120,10 +1347,53 @@ impl GgufSource {
             name(Proj::Down, false),
         );
         if !self.file.contains(&gn) && self.file.contains(&legacy_expert(l, 0, Proj::Gate)) {
-            return self.legacy_experts(l, dtype, dev);
+            return self.legacy_experts(l, dtype, dev, exact);
+        }
+        let mx = [&gn, &un, &dn].map(|n| self.file.is_mxfp4(n));
+        if mx.iter().any(|&m| m) && dev.is_cpu() {
+            if !mx.iter().all(|&m| m) {
+                return Err(bad(
+                    &self.file.part_of(&gn),
+                    format!(
+                        "layer {l}: the routed experts mix MXFP4 and other types ({gn}, {un}, \
+                         {dn}); all three must be MXFP4"
+                    ),
+                ));
+            }
+            let biases = if self.cfg.moe.expert_bias {
+                let b = |p: Proj| -> Result<Tensor> {
+                    Ok(self
+                        .file
+                        .dequantized(&name(p, true))?
+                        .to_dtype(dtype)?
+                        .to_device(dev)?)
+                };
+                Some([b(Proj::Gate)?, b(Proj::Up)?, b(Proj::Down)?])
+            } else {
+                None
+            };
+            let maps = [
+                self.file.mxfp4_bytes(&gn)?,
+                self.file.mxfp4_bytes(&un)?,
+                self.file.mxfp4_bytes(&dn)?,
+            ];
+            let experts = crate::mxfp4::Mxfp4Experts::from_gguf(maps, biases, (e, i, h))
+                .map_err(|err| bad(&self.file.part_of(&gn), format!("layer {l}: {err}")))?;
+            return Ok(Experts::Mxfp4(Box::new(experts)));
         }
         let types = [&gn, &un, &dn].map(|n| self.file.tensor_type(n));
         let quantized = types.iter().any(|t| t.is_some_and(|t| !is_float(t)));
+        // candle's Q4_1 / Q5_0 / Q5_1 dot products need an even number of blocks per row (a
+        // debug assertion): such experts (rows of 32, 96, ... values) are dequantised instead.
+        let odd_blocks = [(types[0], h), (types[1], h), (types[2], i)]
+            .iter()
+            .any(|(t, cols)| {
+                t.is_some_and(|t| {
+                    matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+                        && !(cols / t.block_size()).is_multiple_of(2)
+                })
+            });
+        let quantized = quantized && !odd_blocks;
         let biases = if self.cfg.moe.expert_bias {
             let b = |p: Proj| -> Result<Tensor> {
                 Ok(self
@@ -1136,7 +1406,7 @@ impl GgufSource {
         } else {
             None
         };
-        if !quantized || !dev.is_cpu() {
+        if !quantized || !dev.is_cpu() || exact {
             let ld = |n: &str| -> Result<Tensor> {
                 Ok(self.file.dequantized(n)?.to_dtype(dtype)?.to_device(dev)?)
             };
@@ -1156,7 +1426,10 @@ impl GgufSource {
                 },
             });
         }
-        let split = |n: &str, rows: usize, cols: usize| -> Result<Vec<QMatMul>> {
+        let split = |n: &str, rows: usize, cols: usize| -> Result<QProj> {
+            if self.residency == ExpertResidency::Mapped {
+                return self.file.mapped_experts(n, e, rows, cols);
+            }
             let qt = self.file.qtensor(n)?;
             let t = qt.dtype();
             let data = qt.data()?;
@@ -1176,7 +1449,7 @@ impl GgufSource {
                 let q = QTensor::new(storage, (rows, cols))?;
                 out.push(QMatMul::from_qtensor(q)?);
             }
-            Ok(out)
+            Ok(QProj::Loaded(out))
         };
         Ok(Experts::Quantized(QuantExperts {
             gate: split(&gn, i, h)?,
@@ -1199,7 +1472,7 @@ fn legacy_expert(l: usize, x: usize, p: Proj) -> String {
 
 impl GgufSource {
     /// Routed experts stored one tensor per expert and projection (`blk.N.ffn_gate.X.weight`).
-    fn legacy_experts(&self, l: usize, dtype: DType, dev: &Device) -> Result<Experts> {
+    fn legacy_experts(&self, l: usize, dtype: DType, dev: &Device, exact: bool) -> Result<Experts> {
         let e = self.cfg.num_experts;
         if self.cfg.moe.expert_bias {
             return Err(bad(
@@ -1214,7 +1487,7 @@ impl GgufSource {
             .chain(&un)
             .chain(&dn)
             .any(|n| self.file.tensor_type(n).is_some_and(|t| !is_float(t)));
-        if !quantized || !dev.is_cpu() {
+        if !quantized || !dev.is_cpu() || exact {
             let stack = |ns: &[String]| -> Result<Tensor> {
                 let ts = ns
                     .iter()
@@ -1234,9 +1507,9 @@ impl GgufSource {
                 .collect()
         };
         Ok(Experts::Quantized(QuantExperts {
-            gate: qm(&gn)?,
-            up: qm(&un)?,
-            down: qm(&dn)?,
+            gate: QProj::Loaded(qm(&gn)?),
+            up: QProj::Loaded(qm(&un)?),
+            down: QProj::Loaded(qm(&dn)?),
             biases: None,
         }))
     }
@@ -1308,9 +1581,9 @@ impl TensorSource for GgufSource {
 /// down), with GPT-OSS's biases (`[E, I]`, `[E, I]`, `[E, H]`) when present.
 #[derive(Debug)]
 pub struct QuantExperts {
-    gate: Vec<QMatMul>,
-    up: Vec<QMatMul>,
-    down: Vec<QMatMul>,
+    gate: QProj,
+    up: QProj,
+    down: QProj,
     biases: Option<[Tensor; 3]>,
 }
 
@@ -1322,11 +1595,8 @@ impl QuantExperts {
             Proj::Up => &self.up,
             Proj::Down => &self.down,
         };
-        let m = m
-            .get(e)
-            .ok_or_else(|| ModelError::InvalidArgument(format!("expert {e} out of range")))?;
         let dtype = x.dtype();
-        let y = m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+        let y = m.forward(e, &x.to_dtype(DType::F32)?.contiguous()?)?;
         Ok(y.to_dtype(dtype)?)
     }
 
@@ -1341,13 +1611,27 @@ impl QuantExperts {
 
 /// Loads a GGUF model (one file or a split set).
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<MoeModel> {
+    load_model_with(path, opts, None)
+}
+
+/// [`load_model`] with the quantised experts' residency given (`None`: [`ExpertResidency::choose`]).
+/// Both residencies compute the same numbers.
+pub fn load_model_with(
+    path: &Path,
+    opts: &LoadOptions,
+    residency: Option<ExpertResidency>,
+) -> Result<MoeModel> {
     let file = GgufFile::open(path)?;
     let cfg = file.config()?;
-    let src = GgufSource::new(file, cfg.clone())?;
-    let dtype = opts.dtype.unwrap_or_else(|| src.default_dtype());
+    let mut src = GgufSource::new(file, cfg.clone())?;
+    if let Some(r) = residency {
+        src.residency = r;
+    }
+    let dtype = crate::model::compute_dtype(opts, || src.default_dtype())?;
     let dev = opts.device.clone();
+    let exact = opts.exact;
     MoeModel::assemble(cfg, &src, opts, dtype, &|_cfg: &ModelConfig, l: usize| {
-        src.experts(l, dtype, &dev)
+        src.experts(l, dtype, &dev, exact)
     })
 }
 
@@ -1476,5 +1760,136 @@ impl GgufFile {
                       "vocab": vocab, "merges": merges},
         });
         Ok(doc.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantised experts left in the mapped file (GGUF by mapping).
+
+/// Where the quantised routed experts of a GGUF model live. Both compute the same numbers
+/// (candle's `QMatMul` on the same blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertResidency {
+    /// Copied into memory once at load time (one `QMatMul` per expert and projection).
+    Loaded,
+    /// Left in the read-only map of the file; each use of an expert copies that expert's blocks
+    /// (a few MB) into a short-lived `QMatMul`, so resident memory does not grow with the number
+    /// of experts and files larger than RAM run (the page cache holds what fits).
+    Mapped,
+}
+
+/// Environment variable that forces the residency: `mapped` or `loaded`.
+pub const EXPERTS_ENV: &str = "MOE_XRAY_GGUF_EXPERTS";
+
+impl ExpertResidency {
+    /// `Loaded` when [`EXPERTS_ENV`] is `loaded`, otherwise `Mapped`: measured on a 4-layer
+    /// Qwen3-30B-A3B-shaped Q4_K_M file (docs/performance.md, "GGUF by mapping"), mapping was
+    /// no slower (60.4 s against 65.2 s) and peaked 2.3 GB lower, with byte-identical traces.
+    pub fn choose(_file: &GgufFile) -> Self {
+        match std::env::var(EXPERTS_ENV).ok().as_deref() {
+            Some("loaded") => ExpertResidency::Loaded,
+            _ => ExpertResidency::Mapped,
+        }
+    }
+}
+
+/// One quantised projection of every expert of a layer.
+#[derive(Debug)]
+enum QProj {
+    Loaded(Vec<QMatMul>),
+    Mapped(Box<MappedQ>),
+}
+
+/// A stacked quantised expert tensor left in the file's map.
+#[derive(Debug)]
+struct MappedQ {
+    /// The stacked `[E, rows, cols]` tensor's bytes.
+    bytes: crate::weights::MappedTensor,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    /// Bytes of one expert.
+    per: usize,
+}
+
+impl QProj {
+    /// `x · W_eᵀ` (f32).
+    fn forward(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+        let out_of_range = || ModelError::InvalidArgument(format!("expert {e} out of range"));
+        match self {
+            QProj::Loaded(v) => Ok(v.get(e).ok_or_else(out_of_range)?.forward(x)?),
+            QProj::Mapped(q) => {
+                let MappedQ {
+                    bytes,
+                    dtype,
+                    rows,
+                    cols,
+                    per,
+                } = q.as_ref();
+                let all = bytes.bytes();
+                let b = e
+                    .checked_mul(*per)
+                    .and_then(|s| all.get(s..s.checked_add(*per)?))
+                    .ok_or_else(out_of_range)?;
+                let storage = QStorage::from_data(Cow::Borrowed(b), &Device::Cpu, *dtype)?;
+                let m = QMatMul::from_qtensor(QTensor::new(storage, (*rows, *cols))?)?;
+                Ok(m.forward(x)?)
+            }
+        }
+    }
+}
+
+impl GgufFile {
+    /// The quantised expert tensor `name` (`[experts, rows, cols]`) left in a read-only map of
+    /// its file (sizes checked against the file when it was opened).
+    fn mapped_experts(
+        &self,
+        name: &str,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QProj> {
+        let (part, info) = self.info(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.path.clone(),
+        })?;
+        let t = info.ggml_dtype;
+        let dims = info.shape.dims().to_vec();
+        let per = checked_product(&[rows, cols])
+            .map(|elems| elems / t.block_size() * t.type_size())
+            .filter(|&b| b > 0);
+        let total = per.and_then(|p| p.checked_mul(experts));
+        let start = part
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| usize::try_from(s).ok());
+        let (Some(per), Some(total), Some(start)) = (per, total, start) else {
+            return Err(bad(&part.path, format!("tensor `{name}`: size overflows")));
+        };
+        if checked_product(&dims) != checked_product(&[experts, rows, cols]) {
+            return Err(bad(
+                &part.path,
+                format!("tensor `{name}`: shape {dims:?} does not hold {experts} experts of [{rows}, {cols}]"),
+            ));
+        }
+        let file = File::open(&part.path).map_err(|e| ModelError::io(&part.path, e))?;
+        let map = moe_xray_kernels::mmap::ReadOnlyMap::map(&file)
+            .map_err(|e| ModelError::io(&part.path, e))?;
+        let bytes = crate::weights::MappedTensor::new(
+            std::sync::Arc::new(map),
+            start,
+            start.saturating_add(total),
+            DType::U8,
+            dims,
+        )
+        .ok_or_else(|| bad(&part.path, format!("truncated GGUF file: tensor `{name}`")))?;
+        Ok(QProj::Mapped(Box::new(MappedQ {
+            bytes,
+            dtype: t,
+            rows,
+            cols,
+            per,
+        })))
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod control;
 pub mod cpu_kernels;
 pub mod error;
 pub mod families;
@@ -13,9 +14,11 @@ pub mod generate;
 pub mod gguf;
 pub mod limits;
 pub mod model;
+pub mod mxfp4;
 pub mod rope;
 pub mod router;
 pub mod synth;
+pub mod synth_gguf;
 pub mod table;
 pub mod tokenizer;
 pub mod weights;

@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use crate::config::{Activation, Family, ModelConfig, QkNorm};
 use crate::cpu_kernels::{matmul_t, MoeAccumulator, WSrc};
 use crate::error::{ModelError, Result};
-use crate::router::{route, RouterParams};
+use crate::router::{check_mask, route_masked, RouterMask, RouterParams};
 use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
 use crate::weights::{MappedTensor, WeightStore};
 
@@ -58,6 +58,20 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// The compute dtype of a load: f32 in exact mode (refusing another requested dtype), else the
+/// requested one, else `stored()`.
+pub(crate) fn compute_dtype(opts: &LoadOptions, stored: impl FnOnce() -> DType) -> Result<DType> {
+    match (opts.exact, opts.dtype) {
+        (true, Some(d)) if d != DType::F32 => Err(ModelError::InvalidArgument(format!(
+            "exact mode computes in f32; the requested dtype {} contradicts it",
+            dtype_name(d)
+        ))),
+        (true, _) => Ok(DType::F32),
+        (false, Some(d)) => Ok(d),
+        (false, None) => Ok(stored()),
+    }
+}
+
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -69,6 +83,10 @@ pub struct LoadOptions {
     /// memory-mapped checkpoint and read them in place instead of copying them at load time
     /// (default: true; results are identical either way).
     pub map_experts: bool,
+    /// Exact mode (`--exact`): compute in f32 with quantised weights (GGUF quants, MXFP4)
+    /// dequantised exactly to f32, so that routing can be compared with transformers running the
+    /// same dequantised weights. A `dtype` other than f32 contradicts it and is refused.
+    pub exact: bool,
 }
 
 impl Default for LoadOptions {
@@ -77,6 +95,7 @@ impl Default for LoadOptions {
             dtype: None,
             device: Device::Cpu,
             map_experts: true,
+            exact: false,
         }
     }
 }
@@ -166,6 +185,9 @@ pub(crate) enum Experts {
     /// Quantised experts of a GGUF file, multiplied in place (one `QMatMul` per expert and
     /// projection; GPT-OSS biases included).
     Quantized(crate::gguf::QuantExperts),
+    /// GPT-OSS experts in MXFP4 (published safetensors or GGUF type 39), computed from the
+    /// packed bytes by `moe_xray_kernels::mxfp4`.
+    Mxfp4(Box<crate::mxfp4::Mxfp4Experts>),
 }
 
 /// Where [`MoeModel`] reads its tensors, by Hugging Face name: a safetensors checkpoint
@@ -368,6 +390,8 @@ fn check_against_store(cfg: &ModelConfig, store: &WeightStore, layout: ExpertLay
     }
     for t in tensor_table(cfg, layout)? {
         match store.entry(&t.name) {
+            // MXFP4 experts: `<name>_blocks` / `_scales`, checked when mapped.
+            None if store.contains(&format!("{}_blocks", t.name)) => {}
             None => {
                 return Err(ModelError::MissingTensor {
                     name: t.name,
@@ -419,13 +443,15 @@ impl MoeModel {
         // Which expert layout the checkpoint uses: fused if the first MoE layer's fused
         // gate-up tensor is present.
         let first_moe = cfg.moe_layer_indices().first().copied().unwrap_or(0) as usize;
-        let layout = if store.contains(&weight_name(f, Role::FusedGateUp(first_moe))) {
+        let mxfp4 = crate::mxfp4::Mxfp4Experts::present(&cfg, store, first_moe);
+        crate::mxfp4::check_quantization_config(store.dir(), mxfp4)?;
+        let layout = if mxfp4 || store.contains(&weight_name(f, Role::FusedGateUp(first_moe))) {
             ExpertLayout::Fused
         } else {
             ExpertLayout::PerExpert
         };
         check_against_store(&cfg, store, layout)?;
-        let dtype = opts.dtype.unwrap_or_else(|| store.dominant_dtype());
+        let dtype = compute_dtype(opts, || store.dominant_dtype())?;
         Self::assemble(cfg, store, opts, dtype, &|cfg: &ModelConfig, l: usize| {
             self::load_experts(cfg, store, opts, dtype, l, layout)
         })
@@ -717,6 +743,62 @@ impl MoeModel {
         batch: &mut [StepSeq<'_>],
         sink: &mut dyn RoutingSink,
     ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.forward_masked(batch, sink, None)
+    }
+
+    /// The random-router control: replaces the router matrix, router bias and score-correction
+    /// bias of every MoE layer by a seeded permutation of its own entries ([`crate::control`]).
+    pub fn permute_routers(&mut self, seed: u64) -> Result<()> {
+        use crate::control::{permutation, permute_tensor, RouterTensor};
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let Ffn::Moe(b) = &mut layer.ffn else {
+                continue;
+            };
+            let p = permutation(seed, l, RouterTensor::Weight, b.router.elem_count());
+            b.router = permute_tensor(&b.router, &p)?;
+            if let Some(t) = &mut b.router_f32 {
+                *t = permute_tensor(t, &p)?;
+            }
+            if let Some(t) = &mut b.router_bias {
+                let p = permutation(seed, l, RouterTensor::Bias, t.elem_count());
+                *t = permute_tensor(t, &p)?;
+            }
+            if let Some(v) = &mut b.score_bias {
+                let p = permutation(seed, l, RouterTensor::ScoreBias, v.len());
+                *v = crate::control::apply(v, &p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks an expert mask against this model: masks only on MoE layers, one entry per expert,
+    /// at least `top_k` experts unmasked in each.
+    pub fn check_router_mask(&self, mask: &RouterMask) -> Result<()> {
+        let moe = self.cfg.moe_layer_indices();
+        for (l, m) in mask.layers() {
+            if !moe.iter().any(|&x| x as usize == l) {
+                return Err(ModelError::InvalidArgument(format!(
+                    "expert mask on decoder layer {l}, which is not a MoE layer"
+                )));
+            }
+            check_mask(m, self.cfg.num_experts, self.cfg.num_experts_per_tok)
+                .map_err(|e| ModelError::InvalidArgument(format!("decoder layer {l}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// [`MoeModel::forward`] with experts masked out of the routers (`mask`, see
+    /// [`crate::router::route_masked`]): the masked experts' router logits are set to `-inf`
+    /// before the family's scores, and they are never chosen.
+    pub fn forward_masked(
+        &self,
+        batch: &mut [StepSeq<'_>],
+        sink: &mut dyn RoutingSink,
+        mask: Option<&RouterMask>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        if let Some(m) = mask {
+            self.check_router_mask(m)?;
+        }
         let mut all_ids: Vec<u32> = Vec::new();
         for s in batch.iter() {
             if s.tokens.is_empty() {
@@ -758,7 +840,8 @@ impl MoeModel {
             let out = match &layer.ffn {
                 Ffn::Dense(m) => m.forward(&h)?,
                 Ffn::Moe(block) => {
-                    let (moe, r) = self.moe(l, block, &h, wants_probs)?;
+                    let layer_mask = mask.and_then(|m| m.layer(l));
+                    let (moe, r) = self.moe(l, block, &h, wants_probs, layer_mask)?;
                     if let Some(row) = r.non_finite_row {
                         return Err(non_finite(
                             batch,
@@ -1122,7 +1205,7 @@ impl MoeModel {
                 ]
             }
             Experts::Biased { gate, up, down, .. } => [gate.get(e)?, up.get(e)?, down.get(e)?],
-            Experts::Quantized(_) => {
+            Experts::Quantized(_) | Experts::Mxfp4(_) => {
                 return Err(ModelError::InvalidArgument(
                     "quantised experts are multiplied in place, never dequantised".into(),
                 ))
@@ -1157,26 +1240,39 @@ impl MoeModel {
         block: &MoeBlock,
         h: &Tensor,
         wants_probs: bool,
+        mask: Option<&[bool]>,
     ) -> Result<(Tensor, LayerRouting)> {
         let (n_tok, hidden) = h.dims2()?;
         let ne = self.cfg.num_experts;
         let k = self.cfg.num_experts_per_tok;
-        let logits_t = self.router_logits(block, h)?;
+        let mut logits_t = self.router_logits(block, h)?;
+        let mut logits = logits_t.flatten_all()?.to_vec1::<f32>()?;
+        // NaN / infinite router logits (a -inf logit alone gives a finite 0 probability, also
+        // refused): never route on them. Checked before masking, whose -inf are intended.
+        let bad_logit_row = logits
+            .iter()
+            .position(|x| !x.is_finite())
+            .map(|i| i / ne.max(1));
+        if let (Some(m), None) = (mask, bad_logit_row) {
+            for row in logits.chunks_mut(ne.max(1)) {
+                for (x, &m) in row.iter_mut().zip(m) {
+                    if m {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            logits_t = Tensor::from_vec(logits.clone(), (n_tok, ne), logits_t.device())?;
+        }
         let scores_t = match self.cfg.moe.router.scores() {
             "sigmoid" => candle_nn::ops::sigmoid(&logits_t)?,
             _ => candle_nn::ops::softmax_last_dim(&logits_t)?,
         };
         let probs = scores_t.flatten_all()?.to_vec1::<f32>()?;
-        let logits = logits_t.flatten_all()?.to_vec1::<f32>()?;
-        // NaN / infinite router logits give NaN probabilities (a -inf logit alone gives a finite
-        // 0, also refused): never route on them.
-        let non_finite_row = match probs.iter().position(|p| !p.is_finite()) {
-            Some(i) => Some(i / ne.max(1)),
-            None => logits
-                .iter()
-                .position(|x| !x.is_finite())
-                .map(|i| i / ne.max(1)),
-        };
+        let non_finite_row = probs
+            .iter()
+            .position(|p| !p.is_finite())
+            .map(|i| i / ne.max(1))
+            .or(bad_logit_row);
         if let Some(row) = non_finite_row {
             let empty = LayerRouting {
                 layer: l as u32,
@@ -1201,7 +1297,13 @@ impl MoeModel {
         let mut order: Vec<u32> = Vec::with_capacity(ne);
         for r in 0..n_tok {
             let span = r * ne..(r + 1) * ne;
-            let tr = route(&params, &logits[span.clone()], &probs[span], &mut order);
+            let tr = route_masked(
+                &params,
+                &logits[span.clone()],
+                &probs[span],
+                mask,
+                &mut order,
+            );
             for (j, &x) in tr.experts.iter().enumerate() {
                 experts.push(x);
                 weights.push(tr.recorded[j]);
@@ -1243,7 +1345,7 @@ impl MoeModel {
             && MoeAccumulator::supports(h)
             && !matches!(
                 block.experts,
-                Experts::Biased { .. } | Experts::Quantized(_)
+                Experts::Biased { .. } | Experts::Quantized(_) | Experts::Mxfp4(_)
             )
         {
             let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?
@@ -1303,13 +1405,21 @@ impl MoeModel {
                 Experts::Quantized(q) => Some(q),
                 _ => None,
             };
-            let (mut g, mut u, wd) = match quant {
-                Some(q) => (
+            let mx = match &block.experts {
+                Experts::Mxfp4(m) => Some(m),
+                _ => None,
+            };
+            let (mut g, mut u, wd) = match (quant, mx) {
+                (Some(q), _) => (
                     q.project(Proj::Gate, e, &xe)?,
                     q.project(Proj::Up, e, &xe)?,
                     None,
                 ),
-                None => {
+                (None, Some(m)) => {
+                    let (g, u) = m.gate_up(e, &xe)?;
+                    (g, u, None)
+                }
+                (None, None) => {
                     let [wg, wu, wd] = self.expert_weights(block, e)?;
                     (matmul_t(&xe, &wg)?, matmul_t(&xe, &wu)?, Some(wd))
                 }
@@ -1322,6 +1432,7 @@ impl MoeModel {
                     ..
                 } => Some((gate_b.get(e)?, up_b.get(e)?, down_b.get(e)?)),
                 Experts::Quantized(q) => q.biases(e)?,
+                Experts::Mxfp4(m) => m.biases(e)?,
                 _ => None,
             };
             if let Some((gb, ub, _)) = &biases {
@@ -1341,10 +1452,11 @@ impl MoeModel {
                     ((u + 1.0)? * glu)?
                 }
             };
-            let mut y = match (&wd, quant) {
-                (Some(wd), _) => matmul_t(&act, wd)?,
-                (None, Some(q)) => q.project(Proj::Down, e, &act)?,
-                (None, None) => {
+            let mut y = match (&wd, quant, mx) {
+                (Some(wd), _, _) => matmul_t(&act, wd)?,
+                (None, Some(q), _) => q.project(Proj::Down, e, &act)?,
+                (None, None, Some(m)) => m.down(e, &act)?,
+                (None, None, None) => {
                     return Err(ModelError::InvalidArgument(format!(
                         "expert {e} has no down projection"
                     )))
@@ -1390,6 +1502,11 @@ fn load_experts(
     if layout == ExpertLayout::Fused {
         let gu_key = weight_name(f, Role::FusedGateUp(l));
         let down_key = weight_name(f, Role::FusedDown(l));
+        if crate::mxfp4::Mxfp4Experts::present(cfg, store, l) {
+            return Ok(Experts::Mxfp4(Box::new(crate::mxfp4::Mxfp4Experts::load(
+                cfg, store, l, dtype, dev,
+            )?)));
+        }
         if crate::families::fused_transposed(f) {
             // GPT-OSS: [E, H, 2I] with gate / up interleaved on the last axis, [E, I, H].
             let gu = store.load(&gu_key, &[e, h, 2 * i], Some(dtype), dev)?;

@@ -2210,13 +2210,15 @@ pub fn write_checkpoint(spec: &SynthSpec, out: &Path) -> Result<SynthSummary> {
     }
 }
 
-fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
+/// The tokenizer of `spec`, and with `--planted` the planting and its class counts.
+fn tokenizer_and_planting(
+    spec: &SynthSpec,
+) -> Result<(TokenizerOut, Option<Planting>, Option<[usize; 4]>)> {
     let tok = if spec.uses_olmo_tokenizer() {
         olmo_tokenizer()?
     } else {
         tiny_tokenizer(spec.vocab_size)?
     };
-    let plan = spec.tensor_plan()?;
     let mut class_counts = None;
     let planting = if spec.planted {
         let mut classes = vec![None; spec.vocab_size];
@@ -2232,6 +2234,74 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
     } else {
         None
     };
+    Ok((tok, planting, class_counts))
+}
+
+/// The tensors of a synthetic checkpoint and their values, for writers of other formats
+/// ([`crate::synth_gguf`]): the same names (Hugging Face's), shapes, streams and f32 values that
+/// [`write_checkpoint`] writes before rounding them to the checkpoint's dtype.
+pub(crate) struct SynthValues<'a> {
+    spec: &'a SynthSpec,
+    plan: Vec<TensorPlan>,
+    planting: Option<Planting>,
+    /// `tokenizer.json` of the checkpoint.
+    pub(crate) tokenizer_json: Vec<u8>,
+    /// What kind of tokenizer it is (as in the summary).
+    pub(crate) tokenizer_kind: &'static str,
+    /// `--planted`: vocabulary entries per class.
+    pub(crate) class_counts: Option<[usize; 4]>,
+}
+
+impl<'a> SynthValues<'a> {
+    pub(crate) fn new(spec: &'a SynthSpec) -> Result<Self> {
+        spec.validate()?;
+        let (tok, planting, class_counts) = tokenizer_and_planting(spec)?;
+        Ok(SynthValues {
+            spec,
+            plan: spec.tensor_plan()?,
+            planting,
+            tokenizer_json: tok.json,
+            tokenizer_kind: tok.kind,
+            class_counts,
+        })
+    }
+
+    /// Index (= random stream) of the tensor with Hugging Face name `name`.
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
+        self.plan
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+    }
+
+    /// Shape of tensor `i`.
+    pub(crate) fn shape(&self, i: usize) -> &[usize] {
+        &self.plan[i].shape
+    }
+
+    /// Elements `start..start + buf.len()` of tensor `i` (row-major).
+    pub(crate) fn fill(&self, i: usize, start: usize, buf: &mut [f32]) {
+        let t = &self.plan[i];
+        if start.is_multiple_of(2) {
+            generate_chunk(self.spec, t, i as u64, start, buf, self.planting.as_ref());
+        } else {
+            // the generator starts at even elements (one normal pair per two elements)
+            let mut tmp = vec![0f32; buf.len() + 1];
+            generate_chunk(
+                self.spec,
+                t,
+                i as u64,
+                start - 1,
+                &mut tmp,
+                self.planting.as_ref(),
+            );
+            buf.copy_from_slice(&tmp[1..]);
+        }
+    }
+}
+
+fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
+    let (tok, planting, class_counts) = tokenizer_and_planting(spec)?;
+    let plan = spec.tensor_plan()?;
 
     let groups = split_shards(&plan, spec.shards);
     let n = groups.len();

@@ -45,6 +45,23 @@ pub struct MappedTensor {
 }
 
 impl MappedTensor {
+    /// Bytes `start..end` of `mmap` as a tensor of `dtype` and `shape` (`None` if out of range).
+    pub fn new(
+        mmap: Arc<Mmap>,
+        start: usize,
+        end: usize,
+        dtype: DType,
+        shape: Vec<usize>,
+    ) -> Option<Self> {
+        (start <= end && end <= mmap.len()).then_some(MappedTensor {
+            mmap,
+            start,
+            end,
+            dtype,
+            shape,
+        })
+    }
+
     /// The tensor's bytes (little-endian, row-major).
     pub fn bytes(&self) -> &[u8] {
         &self.mmap[self.start..self.end]
@@ -86,10 +103,13 @@ fn candle_dtype(d: Dtype, path: &Path, name: &str) -> Result<DType> {
         Dtype::F32 => Ok(DType::F32),
         Dtype::F16 => Ok(DType::F16),
         Dtype::BF16 => Ok(DType::BF16),
+        // MXFP4 packed nibbles and E8M0 scales (gpt-oss's `*_blocks` / `*_scales`).
+        Dtype::U8 if crate::mxfp4::is_packed_name(name) => Ok(DType::U8),
         other => Err(ModelError::Safetensors {
             path: path.to_path_buf(),
             message: format!(
-                "tensor `{name}` has unsupported dtype {other:?} (bf16, f16, f32 only)"
+                "tensor `{name}` has unsupported dtype {other:?} (bf16, f16, f32; u8 only for \
+                 MXFP4 `*_blocks` / `*_scales`)"
             ),
         }),
     }
@@ -235,7 +255,8 @@ impl WeightStore {
     /// The dtype most tensors are stored in (by element count).
     pub fn dominant_dtype(&self) -> DType {
         let mut by: HashMap<DType, usize> = HashMap::new();
-        for e in self.entries.values() {
+        // Packed MXFP4 bytes (u8) are no compute dtype.
+        for e in self.entries.values().filter(|e| e.dtype != DType::U8) {
             *by.entry(e.dtype).or_default() += e.shape.iter().product::<usize>();
         }
         by.into_iter()
@@ -292,6 +313,24 @@ impl WeightStore {
             dtype,
             shape: entry.shape.clone(),
         }))
+    }
+
+    /// Tensor `name` left in the mapping whatever its dtype (shape checked): MXFP4 blocks and
+    /// scales, read byte by byte.
+    pub fn map_bytes(&self, name: &str, expected: &[usize]) -> Result<MappedTensor> {
+        let entry = self.checked_entry(name, expected)?;
+        let shard = &self.shards[entry.file];
+        #[cfg(unix)]
+        {
+            shard.mmap.will_need(entry.start..entry.end);
+        }
+        Ok(MappedTensor {
+            mmap: shard.mmap.clone(),
+            start: entry.start,
+            end: entry.end,
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+        })
     }
 
     fn checked_entry(&self, name: &str, expected: &[usize]) -> Result<&TensorEntry> {

@@ -489,7 +489,8 @@ fn bad_gguf_files_give_one_clear_error() {
         "{e}"
     );
 
-    // An unknown tensor type (MXFP4 = 39 patched into the first tensor's type field).
+    // An unknown tensor type (99 patched into the first tensor's type field; 39 = MXFP4 is
+    // read, see tests/mxfp4.rs).
     let name = b"token_embd.weight";
     let at = bytes
         .windows(name.len())
@@ -500,11 +501,14 @@ fn bad_gguf_files_give_one_clear_error() {
     let nd = u32::from_le_bytes(bytes[nd_at..nd_at + 4].try_into().unwrap()) as usize;
     let ty_at = nd_at + 4 + 8 * nd;
     let mut patched = bytes.clone();
-    patched[ty_at..ty_at + 4].copy_from_slice(&39u32.to_le_bytes());
-    let p = tmp.path().join("mxfp4.gguf");
+    patched[ty_at..ty_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let p = tmp.path().join("unknown-type.gguf");
     std::fs::write(&p, &patched).unwrap();
     let e = load_err(&p);
-    assert!(e.contains("mxfp4.gguf") && e.contains("MXFP4"), "{e}");
+    assert!(
+        e.contains("unknown-type.gguf") && e.contains("99") && e.contains("MXFP4"),
+        "{e}"
+    );
 
     // A split set with a part missing.
     let dir = tmp.path().join("split");

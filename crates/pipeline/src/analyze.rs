@@ -57,6 +57,8 @@ pub struct AnalyzeOptions {
     pub no_classifier: bool,
     /// `--token-matched`: also compute the similarity statistics on token-matched routing.
     pub token_matched: Option<moe_xray_stats::results::TokenMatchMode>,
+    /// `--windows W`: also the statistics per window of W generated tokens (`windows`).
+    pub windows: Option<usize>,
 }
 
 impl AnalyzeOptions {
@@ -83,6 +85,7 @@ impl AnalyzeOptions {
             no_tsne: false,
             no_classifier: false,
             token_matched: None,
+            windows: None,
         }
     }
 }
@@ -178,6 +181,7 @@ pub(crate) fn aggregate_options(
     if opts.token_types.is_empty() {
         invalid!("--token-types: empty list");
     }
+    crate::windows::check_window(opts.windows)?;
     let (nl, ne, mut k) = given_dims(
         opts.model.as_deref(),
         opts.num_layers,
@@ -232,6 +236,7 @@ pub struct SignatureTable {
 /// Reads the traces of `opts` as [`analyze`] does (the same options: dimensions, token types,
 /// `weighted`, categories) and returns their routing signatures; no statistic is computed.
 pub fn signature_table(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<SignatureTable> {
+    crate::install_trace_formats();
     let Some(first) = opts.traces.first().cloned() else {
         invalid!("no trace files given");
     };
@@ -285,6 +290,7 @@ pub fn signature_table(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result
 /// read so far on `progress`; a warning goes there too when the dimensions are inferred from
 /// per-token data.
 pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs> {
+    crate::install_trace_formats();
     let Some(first) = opts.traces.first().cloned() else {
         invalid!("no trace files given");
     };
@@ -399,9 +405,30 @@ pub fn analyze(opts: &AnalyzeOptions, progress: &dyn Progress) -> Result<Outputs
         tokens: Some(std::sync::Arc::new(tokens)),
         ..moe_xray_stats::AnalyzeOptions::default()
     };
-    collector
+    let mut outputs = collector
         .finish(k, &stats_opts)
-        .step_context(|| format!("analysing {trace_desc}"))
+        .step_context(|| format!("analysing {trace_desc}"))?;
+    if let Some(w) = opts.windows {
+        progress.step(&format!("analyze: windows of {w} generated tokens"));
+        let section = match &outputs {
+            Outputs::Exact(e) => crate::windows::window_section(
+                &opts.traces,
+                e,
+                &info.layers,
+                opts.weighted,
+                w,
+                opts.folds.as_deref(),
+            )?,
+            Outputs::Gram(_) => {
+                moe_xray_stats::results::Section::skipped("not computed on the gram_sums path")
+            }
+        };
+        match &mut outputs {
+            Outputs::Exact(e) => e.results.windows = Some(section),
+            Outputs::Gram(r) => r.windows = Some(section),
+        }
+    }
+    Ok(outputs)
 }
 
 fn csv_field(s: &str) -> String {
@@ -489,8 +516,79 @@ pub fn stage_outputs(out: &Path, outputs: &Outputs, batch: &mut Batch) -> Result
 /// every file complete in a temporary file first, then renamed into place, `results.json` last.
 /// The caller holds the directory's lock.
 pub fn write_outputs(out: &Path, outputs: &Outputs) -> Result<()> {
+    write_outputs_as(out, outputs, &[TableFormat::Csv])
+}
+
+/// The formats of the tables beside `results.json` (`analyze --format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableFormat {
+    /// `signatures.csv`, `prompt_similarity.csv`.
+    Csv,
+    /// The Parquet tables of [`stage_parquet`] (docs/tables.md).
+    Parquet,
+}
+
+/// Adds the Parquet tables (`signatures.parquet`, `prompt_similarity.parquet`,
+/// `prompts.parquet`, `per_layer.parquet`, `long/<section>.parquet`; docs/tables.md) to `batch`;
+/// those of an earlier run that this one does not produce are removed at the commit.
+pub fn stage_parquet(out: &Path, outputs: &Outputs, batch: &mut Batch) -> Result<()> {
+    use moe_xray_parquet::tables;
+    let r = outputs.results();
+    let exact = match outputs {
+        Outputs::Exact(e) => Some(tables::ExactTables {
+            signatures: &e.signatures,
+            similarity: &e.similarity,
+            categories: &e.prompt_categories,
+            oof_probabilities: e.oof_probabilities.as_deref(),
+        }),
+        Outputs::Gram(_) => None,
+    };
+    let files = tables::analysis_tables(r, exact)
+        .map_err(|e| PipelineError::Invalid(format!("{}: {e}", out.display())))?;
+    for f in &files {
+        batch.add(out.join(&f.path), &f.bytes)?;
+    }
+    remove_stale_parquet(out, batch, &files);
+    Ok(())
+}
+
+/// Removes (at the commit) the Parquet tables of an earlier run not in `kept`.
+fn remove_stale_parquet(
+    out: &Path,
+    batch: &mut Batch,
+    kept: &[moe_xray_parquet::tables::TableFile],
+) {
+    use moe_xray_parquet::tables;
+    let names = tables::ANALYSIS_FILES.iter().map(|s| s.to_string()).chain(
+        tables::sections()
+            .into_iter()
+            .map(|s| tables::long_path(&s)),
+    );
+    for name in names {
+        if !kept.iter().any(|f| f.path == name) && out.join(&name).exists() {
+            batch.remove(out.join(&name));
+        }
+    }
+}
+
+/// [`write_outputs`] with the tables in each of `formats` (`results.json` is the same bytes
+/// whatever the formats); tables of a format not asked for are removed, so no file of an
+/// earlier run stays beside the new results.
+pub fn write_outputs_as(out: &Path, outputs: &Outputs, formats: &[TableFormat]) -> Result<()> {
     let mut batch = Batch::new();
-    let json = stage_outputs(out, outputs, &mut batch)?;
+    let json = if formats.contains(&TableFormat::Csv) {
+        stage_outputs(out, outputs, &mut batch)?
+    } else {
+        for name in ["signatures.csv", "prompt_similarity.csv"] {
+            batch.remove(out.join(name));
+        }
+        serde_json::to_string_pretty(outputs.results())? + "\n"
+    };
+    if formats.contains(&TableFormat::Parquet) {
+        stage_parquet(out, outputs, &mut batch)?;
+    } else {
+        remove_stale_parquet(out, &mut batch, &[]);
+    }
     batch.add(out.join("results.json"), json)?;
     batch.commit()
 }

@@ -79,6 +79,7 @@ pub struct HealthOutputs {
 
 /// Computes the routing health of the traces (no file written).
 pub fn health(opts: &HealthRunOptions, progress: &dyn Progress) -> Result<HealthOutputs> {
+    crate::install_trace_formats();
     let hopts = HealthOptions {
         keep_prompts: opts.mi.is_some(),
         ..opts.health.clone()
@@ -153,6 +154,29 @@ impl HealthOutputs {
         }
         if let Some(p) = output::pairs_csv(&self.report) {
             batch.add(dir.join("pairs.csv"), p)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the Parquet tables (`layers.parquet`, `load.parquet`, with per-token input
+    /// `coactivation.parquet` and `pairs.parquet`, and `long.parquet`: the report JSON as one
+    /// tidy table; docs/tables.md) in `dir` to `batch`; those of an earlier run that this one
+    /// does not produce are removed at the commit.
+    pub fn stage_parquet(&self, dir: &Path, batch: &mut Batch) -> Result<()> {
+        use moe_xray_parquet::tables;
+        let mut v = serde_json::to_value(&self.report)?;
+        if let Some(m) = &self.mi {
+            v["mutual_information"] = serde_json::to_value(m)?;
+        }
+        let files = tables::health_tables(&self.report, &self.acc, &v)
+            .map_err(|e| crate::error::PipelineError::Invalid(format!("{}: {e}", dir.display())))?;
+        for f in &files {
+            batch.add(dir.join(&f.path), &f.bytes)?;
+        }
+        for name in tables::HEALTH_FILES {
+            if !files.iter().any(|f| f.path == *name) && dir.join(name).exists() {
+                batch.remove(dir.join(name));
+            }
         }
         Ok(())
     }
@@ -236,6 +260,7 @@ pub fn read_run(
     opts: &HealthOptions,
     progress: &dyn Progress,
 ) -> Result<moe_xray_health::compare::RunData> {
+    crate::install_trace_formats();
     let run = moe_xray_health::resolve_run(path)?;
     progress.step(&format!("compare: reading {}", run.label));
     let d = resolve_dims(&run, dims, progress)?;
@@ -262,6 +287,7 @@ pub fn compare(
     compare: &moe_xray_health::CompareOptions,
     progress: &dyn Progress,
 ) -> Result<moe_xray_health::CompareReport> {
+    crate::install_trace_formats();
     let a = read_run(run_a, dims, opts, progress)?;
     let b = read_run(run_b, dims, opts, progress)?;
     progress.step("compare: divergences and permutation test");

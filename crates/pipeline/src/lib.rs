@@ -9,6 +9,8 @@
 //!   shard file, `merge` combines shards into exactly the outputs of one `analyze`.
 //! - [`health`]: the routing-health step of a study (`health.json`, `health/*.csv`).
 //! - [`report`]: figures and `report.html` committed with the rest of an output set.
+//! - [`windows`]: routing over time (`--windows W`), the trace read per window of generated
+//!   tokens.
 //! - [`study`]: [`study::run_study`] chains them: trace → analysis → health → report.
 //! - [`outdir`]: one writer per output directory ([`outdir::OutLock`]) and output sets that appear
 //!   all together or not at all ([`outdir::Batch`]).
@@ -19,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod ablate;
 pub mod analyze;
 pub mod compare_models;
 pub mod confound;
@@ -29,8 +32,16 @@ pub mod outdir;
 pub mod report;
 pub mod study;
 pub mod trace;
+pub mod windows;
 
 pub use error::{PipelineError, Result};
+
+/// Installs the readers of the trace forms that live outside `moe-xray-trace` (Parquet files
+/// and Hive-partitioned Parquet datasets, `moe_xray_parquet`), so that every reader of traces
+/// (analyze, health, compare, map) accepts them. Idempotent; the pipeline's entry points call it.
+pub fn install_trace_formats() {
+    moe_xray_parquet::trace_io::install();
+}
 
 /// Progress and notices of a long pipeline step. Every method has a default (nothing, or a
 /// warning on stderr), so an implementation overrides only what it shows.

@@ -47,6 +47,7 @@ pub fn map_shard(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<MapSummary> {
+    crate::install_trace_formats();
     let Some(first) = opts.traces.first().cloned() else {
         invalid!("no trace files given");
     };

@@ -18,7 +18,7 @@ use moe_xray_model::config::ModelConfig;
 use moe_xray_model::generate::Truncate;
 use moe_xray_report::{CategoryUsage, PromptRow, ReportInput};
 use moe_xray_stats::analyze::Outputs;
-use moe_xray_stats::results::AnalysisResults;
+use moe_xray_stats::results::{AnalysisResults, RandomRouterControl};
 use moe_xray_trace::{read_prompts, write_atomic, Prompt};
 
 use crate::analyze::{analyze, stage_outputs, AnalyzeOptions};
@@ -57,7 +57,16 @@ pub struct StudyOptions {
     pub dtype: Option<String>,
     /// Cut prompts longer than the model's context on this side instead of refusing them.
     pub truncate_prompts: Option<Truncate>,
+    /// `--control random-router --control-seed S`: first run the same study with every router
+    /// weight permuted (seed S, `moe_xray_model::control`) into `out/control/`, then the real
+    /// study, whose `results.json` gets `random_router_control` and whose report compares both.
+    pub random_router_control: Option<u64>,
+    /// `--windows W`: routing over time, the statistics per window of W generated tokens.
+    pub windows: Option<usize>,
 }
+
+/// Folder of the random-router control inside a study's output folder.
+pub const CONTROL_DIR: &str = "control";
 
 impl StudyOptions {
     /// The defaults of `moe-xray run` for this checkpoint and output folder.
@@ -74,6 +83,8 @@ impl StudyOptions {
             seed: 0,
             dtype: None,
             truncate_prompts: None,
+            random_router_control: None,
+            windows: None,
         }
     }
 }
@@ -164,6 +175,64 @@ pub fn execute_study(
     command: &str,
     progress: &dyn Progress,
 ) -> Result<StudySummary> {
+    crate::windows::check_window(opts.windows)?;
+    let control = match opts.random_router_control {
+        None => None,
+        Some(seed) => {
+            let copts = StudyOptions {
+                out: opts.out.join(CONTROL_DIR),
+                random_router_control: None,
+                ..opts.clone()
+            };
+            progress.message(&format!(
+                "[control] random-router control (router weights permuted, seed {seed}) -> {}",
+                copts.out.display()
+            ));
+            let c = study_once(&copts, command, progress, Some(seed), None)?;
+            progress.message(&format!(
+                "[control] done: d = {:.3}; now the real study",
+                c.results.similarity.cohens_d
+            ));
+            Some(control_section(&c.results, seed))
+        }
+    };
+    study_once(opts, command, progress, None, control)
+}
+
+/// The `random_router_control` section from the control study's results.
+pub fn control_section(
+    c: &AnalysisResults,
+    seed: u64,
+) -> moe_xray_stats::results::Section<RandomRouterControl> {
+    use moe_xray_stats::results::{Section, WindowClassifier};
+    Section::Done(RandomRouterControl {
+        method: moe_xray_model::control::METHOD.to_string(),
+        seed,
+        dir: CONTROL_DIR.to_string(),
+        num_prompts: c.num_prompts,
+        similarity: c.similarity,
+        classifier: match &c.logreg_5fold {
+            Section::Done(l) => Section::Done(WindowClassifier {
+                accuracy_mean: l.accuracy_mean,
+                accuracy_std: l.accuracy_std,
+                chance: l.chance,
+                fold_accuracies: l.fold_accuracies.clone(),
+                n_folds: l.n_folds,
+            }),
+            Section::Skipped { skipped } => Section::skipped(skipped.clone()),
+        },
+    })
+}
+
+/// One study into `opts.out`; `router`: permute the routers with this seed (the control);
+/// `control`: the control's section for this study's results.
+fn study_once(
+    opts: &StudyOptions,
+    command: &str,
+    progress: &dyn Progress,
+    router: Option<u64>,
+    control: Option<moe_xray_stats::results::Section<RandomRouterControl>>,
+) -> Result<StudySummary> {
     let out = &opts.out;
     let traces = out.join("traces");
     let mut topts = TraceOptions::new(&opts.model, out.join("prompts.jsonl"), &traces);
@@ -176,6 +245,7 @@ pub fn execute_study(
     topts.threads = opts.threads;
     topts.dtype = opts.dtype.clone();
     topts.truncate_prompts = opts.truncate_prompts;
+    topts.router_control = router;
     // Prompts that do not fit the model (context length, tokenizer, template) are refused before
     // anything is written; the prompts are encoded (and the chat template rendered) once.
     let (set, source) = prompt_set(&opts.prompts)?;
@@ -199,7 +269,14 @@ pub fn execute_study(
     aopts.reps = opts.reps;
     aopts.seed = opts.seed;
     // (its steps are not shown inside a study; its warnings are)
-    let outputs = analyze(&aopts, &WarningsOf(progress)).step_context(|| "analyze step")?;
+    aopts.windows = opts.windows;
+    let mut outputs = analyze(&aopts, &WarningsOf(progress)).step_context(|| "analyze step")?;
+    if let Some(c) = control {
+        match &mut outputs {
+            Outputs::Exact(e) => e.results.random_router_control = Some(c),
+            Outputs::Gram(r) => r.random_router_control = Some(c),
+        }
+    }
     // The analysis, health and report files appear together: all are written to temporary files
     // first and renamed into place at the end, results.json and then report.html last.
     let mut batch = Batch::new();
@@ -250,7 +327,8 @@ pub fn execute_study(
         usage,
         prompts: rows,
         command: command.to_string(),
-        title: None,
+        title: router
+            .map(|seed| format!("Random-router control (router weights permuted, seed {seed})")),
         manifest: Some(manifest),
         synthetic: synthetic_kind(&opts.model),
         health: Some(health),

@@ -29,6 +29,7 @@ use moe_xray_model::generate::{
 };
 use moe_xray_model::model::{dtype_name, parse_dtype, LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
+use moe_xray_parquet::trace_io::{ParquetSink, RecordsWriter};
 use moe_xray_trace::{
     prompt_set_hash, read_prompts, CountsWriter, EventsWriter, GenerationLine, JsonlAppender,
     Manifest, Prompt, RoutingDecision, RoutingSink,
@@ -47,6 +48,21 @@ pub enum Mode {
     /// Per-prompt L×E expert counts only (very large runs).
     Counts,
 }
+
+/// File format of the trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TraceFormat {
+    /// JSONL lines (`trace.jsonl[.gz|.zst]`), durable per prompt and resumable.
+    #[default]
+    Jsonl,
+    /// One Parquet file `trace.parquet` (routing records, the manifest in its metadata; see
+    /// `docs/trace-format.md`, "Parquet"), written to a staging directory and moved into place
+    /// with `generations.jsonl` and `manifest.json` when the run ends. Not resumable.
+    Parquet,
+}
+
+/// File name of the Parquet trace in the output directory.
+pub const PARQUET_TRACE_FILE: &str = "trace.parquet";
 
 /// Compression of the trace file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +83,8 @@ pub struct TraceOptions {
     pub out: PathBuf,
     pub mode: Mode,
     pub compress: Option<Compress>,
+    /// JSONL (default) or Parquet.
+    pub format: TraceFormat,
     /// Also record the full router distribution of every (token, layer).
     pub record_probs: bool,
     pub max_new_tokens: usize,
@@ -92,6 +110,9 @@ pub struct TraceOptions {
     pub dtype: Option<String>,
     /// Cut prompts that do not fit the context on this side instead of refusing them.
     pub truncate_prompts: Option<Truncate>,
+    /// Random-router control: permute every router weight with this seed after loading
+    /// (`moe_xray_model::control`); recorded in the manifest as `random_router_control`.
+    pub router_control: Option<u64>,
 }
 
 impl TraceOptions {
@@ -107,6 +128,7 @@ impl TraceOptions {
             out: out.into(),
             mode: Mode::Events,
             compress: None,
+            format: TraceFormat::Jsonl,
             record_probs: false,
             max_new_tokens: 32,
             batch_size: 64,
@@ -120,6 +142,7 @@ impl TraceOptions {
             resume: false,
             dtype: None,
             truncate_prompts: None,
+            router_control: None,
         }
     }
 }
@@ -250,6 +273,19 @@ fn check_run_options(opts: &TraceOptions) -> Result<()> {
     if opts.top_p.is_some() && opts.temperature.is_none() {
         invalid!("--top-p needs --temperature");
     }
+    if opts.format == TraceFormat::Parquet {
+        if opts.mode != Mode::Events {
+            invalid!("--format parquet writes routing records: it needs --mode events");
+        }
+        if opts.compress.is_some() {
+            invalid!("--format parquet is compressed inside the file (snappy): drop --compress");
+        }
+        if opts.resume {
+            invalid!(
+                "--resume is not supported with --format parquet: the Parquet trace is written whole when the run ends, so an interrupted run leaves nothing to resume (run it again, or trace as JSONL with --resume and convert it with `moe-xray convert`)"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -374,10 +410,23 @@ impl PreparedTrace {
                 ),
                 (
                     "trace_file".to_string(),
-                    serde_json::json!(trace_file_name(args.mode, args.compress)),
+                    serde_json::json!(match args.format {
+                        TraceFormat::Jsonl => trace_file_name(args.mode, args.compress),
+                        TraceFormat::Parquet => PARQUET_TRACE_FILE.to_string(),
+                    }),
                 ),
             ]
             .into_iter()
+            // Only present for the random-router control (`router_control`).
+            .chain(args.router_control.map(|seed| {
+                (
+                    "random_router_control".to_string(),
+                    serde_json::json!({
+                        "method": moe_xray_model::control::METHOD,
+                        "seed": seed,
+                    }),
+                )
+            }))
             .collect(),
         }
     }
@@ -385,7 +434,13 @@ impl PreparedTrace {
     /// Loads the weights (checked against the family's tensor table: a missing tensor or a shape
     /// that disagrees is an error naming it) without writing anything.
     pub fn load(self) -> Result<LoadedTrace> {
-        let (model, load_secs) = load_model(&self.opts.model, self.opts.dtype.as_deref())?;
+        let (mut model, load_secs) = load_model(&self.opts.model, self.opts.dtype.as_deref())?;
+        if let Some(seed) = self.opts.router_control {
+            model
+                .permute_routers(seed)
+                .map_err(PipelineError::from)
+                .step_context(|| "random-router control")?;
+        }
         Ok(LoadedTrace {
             prepared: self,
             model,
@@ -416,6 +471,9 @@ impl LoadedTrace {
             load_secs,
         } = self;
         let args = &this.opts;
+        if args.format == TraceFormat::Parquet {
+            return run_parquet(this, model, load_secs, progress);
+        }
         let cfg = &this.cfg;
         let out = &args.out;
         let trace_path = out.join(trace_file_name(args.mode, args.compress));
@@ -579,6 +637,142 @@ impl LoadedTrace {
     }
 }
 
+/// Forwards to a shared [`ParquetSink`] (kept by the caller to finish the file).
+struct SharedParquet(Rc<RefCell<ParquetSink>>);
+
+impl RoutingSink for SharedParquet {
+    fn begin_prompt(&mut self, id: &str, category: Option<&str>) -> moe_xray_trace::Result<()> {
+        self.0.borrow_mut().begin_prompt(id, category)
+    }
+    fn record(&mut self, d: &RoutingDecision<'_>) -> moe_xray_trace::Result<()> {
+        self.0.borrow_mut().record(d)
+    }
+    fn end_prompt(&mut self, id: &str) -> moe_xray_trace::Result<()> {
+        self.0.borrow_mut().end_prompt(id)
+    }
+    fn wants_probs(&self) -> bool {
+        self.0.borrow().wants_probs()
+    }
+}
+
+/// `trace --format parquet`: every prompt traced into a staging directory inside the output
+/// directory; `trace.parquet`, `generations.jsonl` and `manifest.json` (last) are moved into
+/// place when the run succeeds, and nothing is left when it fails.
+fn run_parquet(
+    this: PreparedTrace,
+    model: MoeModel,
+    load_secs: f64,
+    progress: &dyn Progress,
+) -> Result<TraceSummary> {
+    let args = &this.opts;
+    let out = &args.out;
+    let trace_path = out.join(PARQUET_TRACE_FILE);
+    let gen_path = out.join("generations.jsonl");
+    let manifest_path = out.join("manifest.json");
+    let manifest = this.manifest(dtype_name(model.dtype()));
+    let _lock = OutLock::acquire(out)?;
+    for p in [&trace_path, &gen_path, &manifest_path] {
+        if p.exists() {
+            invalid!(
+                "{} already exists; choose another --out (--format parquet does not resume)",
+                p.display()
+            );
+        }
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(crate::outdir::STAGING_PREFIX)
+        .tempdir_in(out)
+        .map_err(|e| {
+            PipelineError::io(
+                format!("cannot create a staging directory in {}", out.display()),
+                e,
+            )
+        })?;
+    let st_trace = staging.path().join(PARQUET_TRACE_FILE);
+    let st_gen = staging.path().join("generations.jsonl");
+    let st_manifest = staging.path().join("manifest.json");
+    let writer = RecordsWriter::create(&st_trace, Some(&manifest), true)
+        .map_err(|e| PipelineError::Invalid(e.to_string()))?;
+    let sink = Rc::new(RefCell::new(ParquetSink::new(writer, args.record_probs)));
+    let mut gens: JsonlAppender<GenerationLine> = JsonlAppender::create(&st_gen)?;
+    let todo = this.inputs.clone();
+    progress.prompts_begin(todo.len() as u64);
+    let shared: Rc<RefCell<Box<dyn RoutingSink>>> =
+        Rc::new(RefCell::new(Box::new(SharedParquet(sink.clone()))));
+    let mut deferred = Deferred(shared.clone(), HashSet::new(), 0);
+    let start = Instant::now();
+    let (mut prompt_tokens, mut gen_tokens) = (0usize, 0usize);
+    let categories: HashMap<&str, &str> = this
+        .prompts
+        .iter()
+        .map(|p| (p.id.as_str(), p.category.as_str()))
+        .collect();
+    let tokenizer = &this.tokenizer;
+    let truncated = &this.truncated;
+    generate_all(
+        &model,
+        &todo,
+        args.batch_size,
+        &this.gen,
+        &mut deferred,
+        &mut |g| {
+            let text = tokenizer.decode(&g.generated, false)?;
+            gens.append(&GenerationLine {
+                prompt_id: g.prompt_id.clone(),
+                category: categories
+                    .get(g.prompt_id.as_str())
+                    .unwrap_or(&"")
+                    .to_string(),
+                prompt_ids: g.prompt_tokens.clone(),
+                generated_ids: g.generated.clone(),
+                text,
+                stopped_on_eos: g.stopped_on_eos,
+                prompt_tokens_truncated_from: truncated.get(g.prompt_id.as_str()).copied(),
+            })?;
+            shared.borrow_mut().end_prompt(&g.prompt_id)?;
+            prompt_tokens += g.prompt_tokens.len();
+            gen_tokens += g.generated.len();
+            let secs = start.elapsed().as_secs_f64().max(1e-9);
+            progress.prompt_done((prompt_tokens + gen_tokens) as f64 / secs);
+            Ok(())
+        },
+    )
+    .step_context(|| "running the model")?;
+    let records = deferred.2;
+    drop(deferred);
+    drop(shared);
+    let sink = Rc::try_unwrap(sink)
+        .map_err(|_| PipelineError::Invalid("internal: the Parquet sink is still shared".into()))?
+        .into_inner();
+    sink.finish()
+        .map_err(|e| PipelineError::Invalid(e.to_string()))?;
+    drop(gens);
+    manifest.write(&st_manifest)?;
+    for (from, to) in [
+        (&st_trace, &trace_path),
+        (&st_gen, &gen_path),
+        (&st_manifest, &manifest_path),
+    ] {
+        std::fs::rename(from, to).map_err(|e| {
+            PipelineError::io(format!("cannot move {} into place", to.display()), e)
+        })?;
+    }
+    progress.prompts_end();
+    Ok(TraceSummary {
+        prompts: this.prompts.len(),
+        prompts_run: todo.len(),
+        prompts_resumed: 0,
+        prompt_tokens,
+        generated_tokens: gen_tokens,
+        records,
+        load_seconds: load_secs,
+        run_seconds: start.elapsed().as_secs_f64(),
+        trace: trace_path,
+        generations: gen_path,
+        manifest: manifest_path,
+    })
+}
+
 /// Applies a thread count: the size of rayon's global pool, which the model's kernels (and
 /// candle, through `RAYON_NUM_THREADS`) use. Must run before any tensor work; process-wide.
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
@@ -663,15 +857,21 @@ pub fn fit_prompts(
     Ok(cut)
 }
 
-/// Loads the checkpoint with a compute dtype name (`None`: the stored one); returns the model and
-/// the load time in seconds.
+/// The `dtype` value of the exact mode (`--exact`).
+pub const EXACT: &str = "exact";
+
+/// Loads the checkpoint with a compute dtype name (`None`: the stored one; `exact`: the exact
+/// mode of `--exact`, f32 with quantised weights dequantised exactly, see
+/// `moe_xray_model::model::LoadOptions::exact`); returns the model and the load time in seconds.
 pub fn load_model(dir: &Path, dtype: Option<&str>) -> Result<(MoeModel, f64)> {
-    let dtype = dtype.map(parse_dtype).transpose()?;
+    let exact = dtype == Some(EXACT);
+    let dtype = dtype.filter(|_| !exact).map(parse_dtype).transpose()?;
     let t = Instant::now();
     let model = MoeModel::load(
         dir,
         &LoadOptions {
             dtype,
+            exact,
             ..Default::default()
         },
     )

@@ -952,3 +952,193 @@ fn fig_usage(r: &Results, usage: Option<&CategoryUsage>) -> Figure {
     let svg = s.finish(title, &caption);
     figure(id, title, caption, svg, true)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Routing over time (`windows`)
+
+/// One line of a [`window_panel`]: points (x, y), colour, SVG class, dashed.
+type Series<'a> = (Vec<(f64, f64)>, &'a str, &'a str, bool);
+
+/// One panel of [`fig_windows`]: `series` of (x, y) with their legend items, on `ax`.
+#[allow(clippy::too_many_arguments)]
+fn window_panel(
+    s: &mut Svg,
+    ax: &Axes,
+    xt: &[(f64, String)],
+    ydec: usize,
+    yt: &[f64],
+    ylabel: &str,
+    series: &[Series<'_>],
+) {
+    let ytl: Vec<(f64, String)> = yt.iter().map(|t| (*t, num(*t, ydec))).collect();
+    ax.draw(s, xt, &ytl, "generated tokens (window start)", ylabel);
+    if ax.ymin < 0.0 && ax.ymax > 0.0 {
+        s.line(ax.left, ax.y(0.0), ax.right(), ax.y(0.0), "#555555", 1.0);
+    }
+    for (pts, color, class, dashed) in series {
+        let px: Vec<(f64, f64)> = pts
+            .iter()
+            .filter(|(_, y)| y.is_finite())
+            .map(|(x, y)| (ax.x(*x), ax.y(*y)))
+            .collect();
+        let extra = if *dashed {
+            format!(r#"stroke-dasharray="6 4" class="{class}""#)
+        } else {
+            format!(r#"class="{class}""#)
+        };
+        s.polyline(&px, color, 2.0, &extra);
+        if !*dashed {
+            for (x, y) in &px {
+                s.marker(
+                    crate::svg::Shape::Circle,
+                    *x,
+                    *y,
+                    4.0,
+                    color,
+                    "window-point",
+                );
+            }
+        }
+    }
+}
+
+/// Routing over time: Cohen's d and classifier accuracy per window of generated tokens, with
+/// the prompt phase and (accuracy) chance for reference; `None` when `windows` was not computed.
+pub fn fig_windows(r: &Results) -> Option<Figure> {
+    let id = "fig-windows-task-information";
+    let title = "Routing over time: task information per window of generated tokens";
+    let w = r.windows.as_ref()?;
+    let caption =
+        "For each window of W generated tokens (x: first generated token of the window), \
+        the routing signatures of those tokens only: top, Cohen's d of within- vs. \
+        across-category similarity (as in the headline); bottom, the cross-validated \
+        classifier's accuracy (same solver and standardisation as logreg_5fold; folds \
+        restricted to the prompts in the window). Dashed: the prompt phase (prompt tokens \
+        only) and, bottom, the chance rate. Windows whose categories have too few prompts \
+        have no point. Definitions: docs/statistics.md, \"Routing over time\".";
+    let w = match w {
+        crate::results::Section::Done(w) => w,
+        crate::results::Section::Skipped { skipped } => {
+            return Some(unavailable(id, title, caption, skipped));
+        }
+    };
+    if w.windows.is_empty() {
+        return Some(unavailable(id, title, caption, "no window"));
+    }
+    let xs: Vec<f64> = w
+        .windows
+        .iter()
+        .map(|x| x.start.unwrap_or(0) as f64)
+        .collect();
+    let d_of =
+        |x: &crate::results::WindowStats| x.similarity.done().map_or(f64::NAN, |s| s.cohens_d);
+    let acc_of =
+        |x: &crate::results::WindowStats| x.classifier.done().map_or(f64::NAN, |c| c.accuracy_mean);
+    let ds: Vec<(f64, f64)> = xs
+        .iter()
+        .zip(&w.windows)
+        .map(|(x, s)| (*x, d_of(s)))
+        .collect();
+    let accs: Vec<(f64, f64)> = xs
+        .iter()
+        .zip(&w.windows)
+        .map(|(x, s)| (*x, acc_of(s)))
+        .collect();
+    let (x0, x1) = min_max(xs.iter().copied());
+    let span = (x1 - x0).max(1.0);
+    let flat = |y: f64| vec![(x0, y), (x1, y)];
+    let pd = d_of(&w.prompt_phase);
+    let pa = acc_of(&w.prompt_phase);
+    let chance = w
+        .windows
+        .iter()
+        .chain([&w.generation_phase])
+        .find_map(|x| x.classifier.done().map(|c| c.chance))
+        .unwrap_or(f64::NAN);
+    let (lo, hi) = min_max(
+        ds.iter()
+            .map(|p| p.1)
+            .chain([0.0, pd])
+            .filter(|v| v.is_finite()),
+    );
+    let (ydt, ydd) = nice_ticks(lo.min(0.0), hi.max(0.1) * 1.08, 5);
+    let items = [
+        LegendItem {
+            label: "per window".into(),
+            color: OKABE_ITO[0].into(),
+            kind: LegendKind::Line {
+                dashed: false,
+                marker: true,
+            },
+        },
+        LegendItem {
+            label: "prompt phase".into(),
+            color: OKABE_ITO[3].into(),
+            kind: LegendKind::Line {
+                dashed: true,
+                marker: false,
+            },
+        },
+        LegendItem {
+            label: "chance".into(),
+            color: "#888888".into(),
+            kind: LegendKind::Line {
+                dashed: true,
+                marker: false,
+            },
+        },
+    ];
+    let lw = legend_width("", &items);
+    let width = FIG_WIDTH - 84.0 - lw - 24.0;
+    let mk = |top: f64, yt: &[f64]| Axes {
+        left: 84.0,
+        top,
+        width,
+        height: 200.0,
+        xmin: x0 - 0.04 * span,
+        xmax: x1 + 0.04 * span,
+        ymin: yt[0],
+        ymax: *yt.last().unwrap_or(&1.0),
+    };
+    let n = xs.len();
+    let step = n.div_ceil(8).max(1);
+    let xt: Vec<(f64, String)> = xs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0)
+        .map(|(_, x)| (*x, format!("{x}")))
+        .collect();
+    let mut s = Svg::new(id, FIG_WIDTH, 584.0);
+    s.title(title);
+    let top = mk(40.0, &ydt);
+    window_panel(
+        &mut s,
+        &top,
+        &xt,
+        ydd,
+        &ydt,
+        "Cohen's d",
+        &[
+            (ds, OKABE_ITO[0], "window-d", false),
+            (flat(pd), OKABE_ITO[3], "prompt-phase-d", true),
+        ],
+    );
+    let (yat, yad) = nice_ticks(0.0, 1.0, 5);
+    let bottom = mk(320.0, &yat);
+    window_panel(
+        &mut s,
+        &bottom,
+        &xt,
+        yad,
+        &yat,
+        "accuracy",
+        &[
+            (accs, OKABE_ITO[0], "window-accuracy", false),
+            (flat(pa), OKABE_ITO[3], "prompt-phase-accuracy", true),
+            (flat(chance), "#888888", "chance", true),
+        ],
+    );
+    legend(&mut s, FIG_WIDTH - lw - 8.0, top.top, "", &items);
+    let svg = s.finish(title, caption);
+    Some(figure(id, title, caption.to_string(), svg, true))
+}

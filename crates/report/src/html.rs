@@ -412,6 +412,171 @@ fn lexical_rows(s: &mut String, r: &Results) {
     }
 }
 
+/// The interpretation's sentence on the random-router control: the observed d and accuracy
+/// against the floor of the same model with its router weights permuted (empty without it).
+fn control_sentence(r: &Results) -> String {
+    let Some(Section::Done(c)) = &r.random_router_control else {
+        return String::new();
+    };
+    let d = r.similarity.cohens_d;
+    let cd = c.similarity.cohens_d;
+    let acc = match (r.logreg_5fold.done(), c.classifier.done()) {
+        (Some(a), Some(b)) => format!(
+            ", accuracy = {} vs {} under a random router (chance {})",
+            num(a.accuracy_mean, 3),
+            num(b.accuracy_mean, 3),
+            num(a.chance, 3)
+        ),
+        _ => String::new(),
+    };
+    let verdict = if d.is_finite() && cd.is_finite() && d > cd {
+        format!(
+            "the learned router adds {} to the separation that token identity and attention give through a structure-free router",
+            num(d - cd, 2)
+        )
+    } else {
+        "the learned router does not separate the categories more than a structure-free router does, so the separation may come from token identity and attention alone".to_string()
+    };
+    format!(
+        " Against the random-router control (router weights permuted, seed {}): d = {} vs {} under a random router{acc}; {verdict}.",
+        c.seed,
+        num(d, 2),
+        num(cd, 2)
+    )
+}
+
+/// The "Random-router control" section (empty without `random_router_control`).
+fn control_section(r: &Results) -> String {
+    let Some(c) = &r.random_router_control else {
+        return String::new();
+    };
+    let mut s = String::from(
+        "<section id=\"random-router-control\"><h2>Random-router control</h2>\n<p>The same model and prompts with every router weight (and router / score-correction bias) replaced by a seeded permutation of its own entries: the same values and scale, no learned structure. What remains of the category separation is the floor that token identity and attention explain (docs/statistics.md, \"Random-router control\").</p>\n",
+    );
+    match c {
+        Section::Skipped { skipped } => {
+            let _ = writeln!(s, "<p>Skipped: {}</p>", esc(skipped));
+        }
+        Section::Done(c) => {
+            s.push_str("<table class=\"control\"><thead><tr><th></th><th>this model</th><th>random router</th></tr></thead><tbody>");
+            let acc = |x: Option<(f64, f64)>| x.map_or("n/a".to_string(), |(a, sd)| pm(a, sd, 3));
+            let rows = [
+                (
+                    "Cohen's d",
+                    num(r.similarity.cohens_d, 3),
+                    num(c.similarity.cohens_d, 3),
+                ),
+                (
+                    "within / across similarity",
+                    format!(
+                        "{} / {}",
+                        num(r.similarity.within.mean, 3),
+                        num(r.similarity.across.mean, 3)
+                    ),
+                    format!(
+                        "{} / {}",
+                        num(c.similarity.within.mean, 3),
+                        num(c.similarity.across.mean, 3)
+                    ),
+                ),
+                (
+                    "classifier accuracy",
+                    acc(r
+                        .logreg_5fold
+                        .done()
+                        .map(|l| (l.accuracy_mean, l.accuracy_std))),
+                    acc(c
+                        .classifier
+                        .done()
+                        .map(|l| (l.accuracy_mean, l.accuracy_std))),
+                ),
+                (
+                    "prompts",
+                    r.num_prompts.to_string(),
+                    c.num_prompts.to_string(),
+                ),
+            ];
+            for (k, a, b) in rows {
+                let _ = write!(
+                    s,
+                    "<tr><th>{}</th><td>{}</td><td>{}</td></tr>",
+                    esc(k),
+                    esc(&a),
+                    esc(&b)
+                );
+            }
+            s.push_str("</tbody></table>\n");
+            let _ = writeln!(
+                s,
+                "<p class=\"muted\">{}</p>",
+                esc(&format!(
+                    "Method {}, seed {}; the control's own results, figures and report are in {}/.",
+                    c.method, c.seed, c.dir
+                ))
+            );
+        }
+    }
+    s.push_str("</section>\n");
+    s
+}
+
+/// The "Routing over time" section with its figure (empty without `windows`).
+fn windows_section(r: &Results) -> String {
+    let Some(w) = &r.windows else {
+        return String::new();
+    };
+    let mut s = String::from("<section id=\"routing-over-time\"><h2>Routing over time</h2>\n");
+    if let Section::Done(w) = w {
+        let d = |x: &moe_xray_stats::results::WindowStats| {
+            x.similarity
+                .done()
+                .map_or("n/a".to_string(), |s| num(s.cohens_d, 3))
+        };
+        let a = |x: &moe_xray_stats::results::WindowStats| {
+            x.classifier
+                .done()
+                .map_or("n/a".to_string(), |c| num(c.accuracy_mean, 3))
+        };
+        let _ = writeln!(
+            s,
+            "<p>{}</p>",
+            esc(&format!(
+                "Windows of {} generated tokens (longest generation {} tokens). Prompt phase: d = {}, accuracy {}; generation phase: d = {}, accuracy {}; per-prompt similarity of the prompt-phase and generation-phase signatures {} (mean over {} prompts).",
+                w.window_tokens,
+                w.max_generated,
+                d(&w.prompt_phase),
+                a(&w.prompt_phase),
+                d(&w.generation_phase),
+                a(&w.generation_phase),
+                num(w.phase_drift.mean, 3),
+                w.phase_drift.num_prompts
+            ))
+        );
+        s.push_str("<table class=\"windows\"><thead><tr><th>generated tokens</th><th>prompts</th><th>Cohen's d</th><th>accuracy</th><th>drift to next window</th></tr></thead><tbody>");
+        for (i, x) in w.windows.iter().enumerate() {
+            let drift = w.drift.get(i).map_or("".to_string(), |dr| {
+                format!("{} ({} prompts)", num(dr.mean, 3), dr.num_prompts)
+            });
+            let _ = write!(
+                s,
+                "<tr><td>{}–{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                x.start.unwrap_or(0),
+                x.end.unwrap_or(0),
+                x.num_prompts,
+                d(x),
+                a(x),
+                esc(&drift)
+            );
+        }
+        s.push_str("</tbody></table>\n");
+    }
+    if let Some(f) = crate::figures::fig_windows(r) {
+        s.push_str(&figure_html(&f));
+    }
+    s.push_str("</section>\n");
+    s
+}
+
 /// The interpretation's sentence on the lexical baseline: the routing classifier's accuracy
 /// relative to what token identity alone gives (empty when either is missing).
 fn lexical_sentence(r: &Results) -> String {
@@ -453,7 +618,7 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
         ci.map(|(a, b)| format!(" (95 % CI {} to {})", num(a, 2), num(b, 2)))
             .unwrap_or_default(),
         acc_txt,
-        lexical_sentence(r)
+        lexical_sentence(r) + &control_sentence(r)
     );
     let mut s = String::new();
     match input.synthetic_kind() {
@@ -631,6 +796,12 @@ pub fn render_report(input: &ReportInput) -> String {
     if input.health.is_some() {
         s.push_str("<li><a href=\"#health\">Routing health</a></li>");
     }
+    if r.random_router_control.is_some() {
+        s.push_str("<li><a href=\"#random-router-control\">Random-router control</a></li>");
+    }
+    if r.windows.is_some() {
+        s.push_str("<li><a href=\"#routing-over-time\">Routing over time</a></li>");
+    }
     s.push_str("<li><a href=\"#manifest\">Model and run</a></li><li><a href=\"#prompts\">Prompts and generations</a></li><li><a href=\"#reproduce\">Reproduce</a></li></ol></nav>\n");
 
     s.push_str(&interpretation(input, &r));
@@ -642,6 +813,9 @@ pub fn render_report(input: &ReportInput) -> String {
         s.push_str(&figure_html(f));
     }
     s.push_str("</section>\n");
+
+    s.push_str(&control_section(&r));
+    s.push_str(&windows_section(&r));
 
     if let Some(h) = &input.health {
         s.push_str("<section id=\"health\"><h2>Routing health</h2>\n");

@@ -179,6 +179,26 @@ fn has_colour_near(img: &Image, rgb: [u8; 3], min_pixels: usize) -> bool {
         >= min_pixels
 }
 
+/// Adds a `windows` section (the reference values of `fixtures/windows/planted_w4.json`) and a
+/// `random_router_control` section to the results.
+fn with_windows_and_control(input: &mut moe_xray_report::ReportInput) {
+    use moe_xray_stats::results::{RandomRouterControl, RoutingWindows, Section};
+    let path = moe_xray_test_support::fixture("windows").join("planted_w4.json");
+    let w: RoutingWindows = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let a = &mut input.results.analysis;
+    let mut similarity = a.similarity;
+    similarity.cohens_d /= 2.0;
+    a.windows = Some(Section::Done(w));
+    a.random_router_control = Some(Section::Done(RandomRouterControl {
+        method: "permute_entries".into(),
+        seed: 0,
+        dir: "control".into(),
+        num_prompts: a.num_prompts,
+        similarity,
+        classifier: Section::skipped("not computed"),
+    }));
+}
+
 #[test]
 fn report_renders_in_headless_chromium() {
     let Some(bin) = chromium_or_skip() else {
@@ -187,6 +207,7 @@ fn report_renders_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let mut input = common::input();
     input.health = Some(health_section());
+    with_windows_and_control(&mut input);
     let report = moe_xray_report::write_report(dir.path().join("out"), &input).unwrap();
     let url = format!("file://{}", report.display());
 
@@ -232,6 +253,15 @@ fn report_renders_in_headless_chromium() {
         ),
         "grouped health table missing from the DOM"
     );
+    // Routing over time and the random-router control (issue 19): sections, figure, sentence.
+    for needle in [
+        "<section id=\"routing-over-time\">",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-windows-task-information\"",
+        "<section id=\"random-router-control\">",
+        "under a random router",
+    ] {
+        assert!(dom.contains(needle), "{needle} missing from the DOM");
+    }
 
     // 2. Full-page screenshot (1200 × 3000): not blank, the figures' colours are painted.
     let shot = dir.path().join("report.png");

@@ -120,6 +120,9 @@ pub struct ExactOutputs {
     pub similarity: Vec<f64>,
     /// Category of every prompt, in `results.prompt_ids` order.
     pub prompt_categories: Vec<String>,
+    /// Out-of-fold class probabilities of the classifier, row-major N × `logreg_5fold.labels`
+    /// (`None` when the classifier was skipped). Written only to the Parquet per-prompt table.
+    pub oof_probabilities: Option<Vec<f64>>,
 }
 
 /// Outputs of either path.
@@ -207,6 +210,8 @@ fn assemble(opts: &AnalyzeOptions, c: Common, s: AllPromptSections) -> AnalysisR
         logreg_5fold: s.logreg_5fold,
         lexical_baseline: None,
         token_matched: None,
+        windows: None,
+        random_router_control: None,
     }
 }
 
@@ -274,7 +279,7 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
                 rayon::join(projections, || classifier(input, &sig, opts))
             })
         });
-    let (logreg, acc_ci, clf_perm) = clf?;
+    let (logreg, acc_ci, clf_perm, oof_probabilities) = clf?;
     let bootstrap = match d_ci {
         None => Section::skipped("0 repetitions requested"),
         Some(ci) => Section::Done(Bootstrap {
@@ -328,6 +333,7 @@ pub fn analyze_exact(input: &AnalysisInput, opts: &AnalyzeOptions) -> Result<Exa
             .iter()
             .map(|&c| input.categories[c].clone())
             .collect(),
+        oof_probabilities,
     })
 }
 
@@ -390,6 +396,7 @@ type ClassifierSections = (
     Section<LogRegResult>,
     Option<[f64; 2]>,
     Section<ClassifierPermutation>,
+    Option<Vec<f64>>,
 );
 
 /// Cross-validated logistic regression, its accuracy bootstrap and its permutation test
@@ -401,7 +408,7 @@ fn classifier(
 ) -> Result<ClassifierSections> {
     if opts.skip_classifier {
         let why = "disabled (--no-classifier)";
-        return Ok((Section::skipped(why), None, Section::skipped(why)));
+        return Ok((Section::skipped(why), None, Section::skipped(why), None));
     }
     let (n, d) = (input.n(), input.dim());
     let (folds, n_folds) = fold_assignment(input, opts)?;
@@ -426,12 +433,14 @@ fn classifier(
                 Section::skipped(reason.clone()),
                 None,
                 Section::skipped(reason),
+                None,
             ));
         }
     };
     let boot_seed = sub_rng(opts.seed, tags::ACCURACY_BOOTSTRAP, 0).next_u64();
     let acc_ci =
         cv::accuracy_bootstrap_ci(&res.correct, opts.boot_reps, boot_seed).map(|b| [b.lo, b.hi]);
+    let oof_proba = res.oof_proba;
     let oof_predictions = res
         .oof_predictions
         .iter()
@@ -458,7 +467,7 @@ fn classifier(
         }),
         cv::CvOutcome::Skipped { reason } => Section::skipped(reason),
     };
-    Ok((logreg, acc_ci, perm))
+    Ok((logreg, acc_ci, perm, Some(oof_proba)))
 }
 
 /// `results.json` of the Gram-sums path.

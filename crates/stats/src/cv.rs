@@ -266,6 +266,10 @@ pub struct FoldModel {
     pub intercept: Vec<f64>,
     pub n_iter: usize,
     pub converged: bool,
+    /// Class probabilities of the fold's test rows, row-major `n_test × classes.len()` (columns
+    /// in `classes` order; not serialised).
+    #[serde(skip)]
+    pub test_proba: Vec<f64>,
 }
 
 /// `logreg_5fold` of results.json (fields after `chance` are not serialised).
@@ -286,6 +290,10 @@ pub struct LogRegCvResult {
     /// Out-of-fold correctness per row (input of [`accuracy_bootstrap_ci`]).
     #[serde(skip)]
     pub correct: Vec<bool>,
+    /// Out-of-fold class probabilities, row-major `n × labels.len()` (a class absent from a
+    /// fold's training rows has probability 0 for that fold's test rows).
+    #[serde(skip)]
+    pub oof_proba: Vec<f64>,
 }
 
 /// One fold of [`PreparedFolds::run`]: predicted labels of its test rows and, if kept, its model;
@@ -391,6 +399,7 @@ impl PreparedFolds {
         let p = model.predict(&fold.xte, n_test);
         let pred = p.iter().map(|&pl| classes[pl]).collect();
         let kept = keep_models.then(|| FoldModel {
+            test_proba: model.predict_proba(&fold.xte, n_test),
             coef: (0..model.coef_rows())
                 .map(|k| model.coef_row(k).to_vec())
                 .collect(),
@@ -815,6 +824,24 @@ fn fit_cv(
     let counts: Vec<u64> = confusion.iter().map(|r| r.iter().sum()).collect();
     let chance = *counts.iter().max().unwrap_or(&0) as f64 / n as f64;
     let correct = (0..n).map(|i| pred[i] == labels[i]).collect();
+    // Every fold has a model here (no constant fallback): models[f] is fold f's.
+    let mut oof_proba = vec![0.0; n * k];
+    for (f, m) in models.iter().enumerate() {
+        let c = m.classes.len();
+        for (t, &row) in prep
+            .test
+            .get(f)
+            .map_or(&[][..], |v| &v[..])
+            .iter()
+            .enumerate()
+        {
+            for (ci, &class) in m.classes.iter().enumerate() {
+                if let (Some(&p), true) = (m.test_proba.get(t * c + ci), class < k) {
+                    oof_proba[row * k + class] = p;
+                }
+            }
+        }
+    }
     CvOutcome::Done(LogRegCvResult {
         fold_accuracies,
         accuracy_mean,
@@ -826,6 +853,7 @@ fn fit_cv(
         fold_coefs: models,
         oof_predictions: pred,
         correct,
+        oof_proba,
     })
 }
 

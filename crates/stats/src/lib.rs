@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod ablation;
 pub mod analyze;
 pub mod baselines;
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod signature;
 pub mod significance;
 pub mod similarity;
 pub mod tsne;
+pub mod windows;
 
 pub use analyze::{analyze, AnalyzeOptions};
 pub use error::{Result, StatsError};

@@ -81,6 +81,15 @@ pub struct AnalysisResults {
     /// category, or after per-token-id residualisation. Absent unless requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_matched: Option<Section<TokenMatched>>,
+    /// Routing over time (`--windows W`): the statistics per window of W generated tokens, the
+    /// prompt and generation phases, and the drift between windows. Absent unless requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Section<RoutingWindows>>,
+    /// Random-router control (`run --control random-router`): the similarity statistics and
+    /// classifier of the same model and prompts with every router weight re-drawn. Absent
+    /// unless requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_router_control: Option<Section<RandomRouterControl>>,
 }
 
 /// Which computation produced the pair statistics (`"path"`).
@@ -415,6 +424,87 @@ pub struct TokenMatched {
     pub similarity: SimilaritySummary,
     pub category_similarity_matrix: CategoryMatrix,
     pub per_layer: Vec<LayerStats>,
+}
+
+/// `windows`: routing over generation (see `docs/statistics.md`, "Routing over time").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RoutingWindows {
+    /// W: generated tokens per window.
+    pub window_tokens: usize,
+    /// Most generated tokens (with routing records) of any analysed prompt.
+    pub max_generated: usize,
+    /// The statistics on the prompt tokens only.
+    pub prompt_phase: WindowStats,
+    /// The statistics on the generated tokens only.
+    pub generation_phase: WindowStats,
+    /// Per prompt, the similarity of its prompt-phase and generation-phase signatures.
+    pub phase_drift: DriftStats,
+    /// Window w covers generated tokens `[w·W, (w+1)·W)` of every prompt.
+    pub windows: Vec<WindowStats>,
+    /// `drift[w]`: per prompt, the similarity of its signatures in windows w and w+1.
+    pub drift: Vec<DriftStats>,
+}
+
+/// The statistics of one window (or phase) of `windows`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WindowStats {
+    /// First generated-token index of the window (absent for the phases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<usize>,
+    /// One past the last generated-token index (absent for the phases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<usize>,
+    /// Prompts with a routed token in the window at every layer (the others are left out).
+    pub num_prompts: usize,
+    /// Tokens counted (summed over those prompts).
+    pub tokens: u64,
+    /// Within / across pair similarity and Cohen's d, as `similarity`.
+    pub similarity: Section<SimilaritySummary>,
+    /// The classifier of `logreg_5fold` on the window's signatures.
+    pub classifier: Section<WindowClassifier>,
+}
+
+/// The cross-validated classifier of one window (fields as in `logreg_5fold`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WindowClassifier {
+    pub accuracy_mean: f64,
+    pub accuracy_std: f64,
+    /// Majority-category rate among the window's prompts.
+    pub chance: f64,
+    pub fold_accuracies: Vec<f64>,
+    pub n_folds: usize,
+}
+
+/// Mean and std (ddof = 1) over prompts of the similarity (mean per-layer cosine) of two
+/// signatures of the same prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DriftStats {
+    /// Prompts with both signatures.
+    pub num_prompts: usize,
+    #[serde(deserialize_with = "nan::de")]
+    #[schemars(with = "Option<f64>")]
+    pub mean: f64,
+    #[serde(deserialize_with = "nan::de")]
+    #[schemars(with = "Option<f64>")]
+    pub std: f64,
+}
+
+/// `random_router_control`: the same study with every router weight re-drawn (see
+/// `docs/statistics.md`, "Random-router control").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RandomRouterControl {
+    /// How the router weights were re-drawn (`permute_entries`).
+    pub method: String,
+    /// Seed of the re-draw (`--control-seed`).
+    pub seed: u64,
+    /// The control's output folder, relative to this file's folder.
+    pub dir: String,
+    /// Prompts analysed in the control.
+    pub num_prompts: usize,
+    /// The control's `similarity`.
+    pub similarity: SimilaritySummary,
+    /// The control's `logreg_5fold` accuracy, chance and std, or why it was skipped.
+    pub classifier: Section<WindowClassifier>,
 }
 
 /// A section that is either computed or skipped with a reason (`{"skipped": "..."}`).

@@ -29,7 +29,10 @@ pub use error::{Result, TraceError};
 pub use generations::GenerationLine;
 pub use manifest::{read_manifest_beside, Manifest, RoutingLayout};
 pub use prompts::{prompt_set_hash, read_prompts, Prompt};
-pub use reader::{Compression, CountsLine, FlatEvent, TraceForm, TraceItem, TraceReader};
+pub use reader::{
+    install_external_format, Compression, CountsLine, ExternalFormat, ExternalItems, FlatEvent,
+    TraceForm, TraceItem, TraceReader,
+};
 pub use record::{RoutingRecord, TokenType};
 pub use sink::{RoutingDecision, RoutingSink};
 pub use writer::{CountsWriter, EventsWriter, JsonlAppender};

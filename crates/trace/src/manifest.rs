@@ -265,7 +265,12 @@ pub fn manifest_path_beside(path: impl AsRef<Path>) -> PathBuf {
 
 /// Reads `manifest.json` beside `path`; `Ok(None)` when there is none, an error when it exists but
 /// is invalid.
+/// A trace in an external form (a Parquet file or dataset, see
+/// [`crate::reader::ExternalFormat`]) carries its own manifest, which is read instead.
 pub fn read_manifest_beside(path: impl AsRef<Path>) -> Result<Option<Manifest>> {
+    if let Some(f) = crate::reader::external_format_of(path.as_ref()) {
+        return f.manifest(path.as_ref());
+    }
     let mp = manifest_path_beside(path);
     if !mp.is_file() {
         return Ok(None);

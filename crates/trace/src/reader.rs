@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -155,6 +156,52 @@ impl TraceForm {
     }
 }
 
+/// Items of a trace form that another crate parses (Parquet files and datasets: crate
+/// `moe-xray-parquet`), so that this crate needs no columnar dependencies. Every item is checked
+/// by [`TraceReader`] exactly as a JSONL line with the same fields; `row` plays the line's part
+/// in messages.
+pub trait ExternalItems {
+    /// The next `(row from 1, item)`, or `None` at the end.
+    fn next_item(&mut self) -> Result<Option<(usize, TraceItem)>>;
+    /// The file the last item came from (a part of a dataset), named in messages.
+    fn source(&self) -> &Path;
+}
+
+/// A trace form read by another crate, installed once per process with
+/// [`install_external_format`] (the pipeline installs the Parquet reader).
+pub trait ExternalFormat: Send + Sync {
+    /// Whether `path` is in this form: a file whose first bytes are `head`, or a directory
+    /// (`head` empty).
+    fn claims(&self, path: &Path, head: &[u8]) -> bool;
+    /// Opens `path` (claimed before) as a stream of items.
+    fn open(&self, path: &Path) -> Result<Box<dyn ExternalItems>>;
+    /// The manifest stored in `path` itself (e.g. Parquet key-value metadata), if any.
+    fn manifest(&self, path: &Path) -> Result<Option<crate::Manifest>>;
+}
+
+static EXTERNAL: OnceLock<Box<dyn ExternalFormat>> = OnceLock::new();
+
+/// Installs the reader of an external trace form (once per process; later calls are ignored and
+/// return `false`).
+pub fn install_external_format(f: Box<dyn ExternalFormat>) -> bool {
+    EXTERNAL.set(f).is_ok()
+}
+
+/// Magic bytes at the start (and end) of a Parquet file.
+const PARQUET_MAGIC: [u8; 4] = *b"PAR1";
+
+/// The installed external form that claims `path` (a directory, or a file by its first bytes).
+pub fn external_format_of(path: &Path) -> Option<&'static dyn ExternalFormat> {
+    let f = EXTERNAL.get()?;
+    if path.is_dir() {
+        return f.claims(path, &[]).then_some(f.as_ref());
+    }
+    let mut head = [0u8; 4];
+    let mut file = std::fs::File::open(path).ok()?;
+    let n = file.read(&mut head).ok()?;
+    f.claims(path, &head[..n]).then_some(f.as_ref())
+}
+
 /// All fields any line form may have; parsed first so that errors can be specific.
 #[derive(Deserialize)]
 struct RawLine {
@@ -176,6 +223,68 @@ struct RawLine {
     weighted_counts: Option<Vec<f64>>,
 }
 
+impl RawLine {
+    /// The fields of an item parsed elsewhere, to be checked like a JSONL line.
+    fn from_item(item: TraceItem) -> RawLine {
+        let ints = |v: Vec<u32>| v.into_iter().map(i64::from).collect();
+        let floats = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+        let mut raw = RawLine {
+            prompt_id: None,
+            category: None,
+            layer: None,
+            position: None,
+            token_id: None,
+            token_type: Some(item.token_type().as_str().to_string()),
+            experts: None,
+            expert: None,
+            weights: None,
+            weight: None,
+            probs: None,
+            num_layers: None,
+            num_experts: None,
+            tokens: None,
+            counts: None,
+            weighted_counts: None,
+        };
+        match item {
+            TraceItem::Record(r) => {
+                raw.prompt_id = Some(r.prompt_id);
+                raw.category = r.category;
+                raw.layer = Some(r.layer.into());
+                raw.position = Some(r.position.into());
+                raw.token_id = r.token_id.map(i64::from);
+                raw.experts = Some(ints(r.experts));
+                raw.weights = r.weights.map(floats);
+                raw.probs = r.probs.map(floats);
+            }
+            TraceItem::Event(e) => {
+                raw.prompt_id = Some(e.prompt_id);
+                raw.category = e.category;
+                raw.layer = Some(e.layer.into());
+                raw.position = Some(e.position.into());
+                raw.token_id = e.token_id.map(i64::from);
+                raw.expert = Some(e.expert.into());
+                raw.weight = e.weight.map(f64::from);
+            }
+            TraceItem::Counts(c) => {
+                raw.prompt_id = Some(c.prompt_id);
+                raw.category = c.category;
+                raw.num_layers = i64::try_from(c.num_layers).ok();
+                raw.num_experts = i64::try_from(c.num_experts).ok();
+                raw.tokens = i64::try_from(c.tokens).ok();
+                raw.counts = Some(
+                    c.counts
+                        .into_iter()
+                        .map(|x| i64::try_from(x).unwrap_or(i64::MAX))
+                        .collect(),
+                );
+                raw.weighted_counts = c.weighted_counts;
+            }
+        }
+        raw
+    }
+}
+
 /// Streaming reader over one trace file; an iterator of `(line number, item)` (lines from 1).
 /// After the first error it yields nothing more. A file without any trace line yields an
 /// "empty file" error.
@@ -193,6 +302,10 @@ pub struct TraceReader {
     top_k: Option<(usize, usize)>,
     probs_len: Option<(usize, usize)>,
     counts_dims: Option<(usize, usize, usize)>,
+    /// Items parsed by an [`ExternalFormat`] (then `inner` is empty).
+    external: Option<Box<dyn ExternalItems>>,
+    /// The file of the current external item (a dataset part), for messages.
+    source: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TraceReader {
@@ -214,6 +327,10 @@ impl TraceReader {
         let io = |e| TraceError::io(&path, e);
         let mut file = std::fs::File::open(&path).map_err(io)?;
         if file.metadata().map_err(io)?.is_dir() {
+            if let Some(f) = EXTERNAL.get().filter(|f| f.claims(&path, &[])) {
+                let items = f.open(&path)?;
+                return Ok(TraceReader::external(path, items));
+            }
             return Err(TraceError::invalid_file(
                 &path,
                 "is a directory, not a trace file",
@@ -232,6 +349,16 @@ impl TraceReader {
             return Err(TraceError::invalid_file(
                 &path,
                 "empty file (no trace lines)",
+            ));
+        }
+        if let Some(f) = EXTERNAL.get().filter(|f| f.claims(&path, &head[..got])) {
+            let items = f.open(&path)?;
+            return Ok(TraceReader::external(path, items));
+        }
+        if head[..got] == PARQUET_MAGIC {
+            return Err(TraceError::invalid_file(
+                &path,
+                "is a Parquet file, but no Parquet reader is installed in this program (the moe-xray pipeline installs it)",
             ));
         }
         let by_ext = Compression::from_path(&path);
@@ -285,7 +412,52 @@ impl TraceReader {
             top_k: None,
             probs_len: None,
             counts_dims: None,
+            external: None,
+            source: None,
         })
+    }
+
+    fn external(path: PathBuf, items: Box<dyn ExternalItems>) -> TraceReader {
+        TraceReader {
+            path,
+            inner: Box::new(std::io::empty()),
+            compression: Compression::None,
+            buf: Vec::new(),
+            line: 0,
+            items: 0,
+            done: false,
+            form: None,
+            num_layers: None,
+            num_experts: None,
+            top_k: None,
+            probs_len: None,
+            counts_dims: None,
+            external: Some(items),
+            source: None,
+        }
+    }
+
+    /// The next item of an external form, checked like a JSONL line with the same fields.
+    fn next_external(&mut self) -> Result<Option<(usize, TraceItem)>> {
+        let Some(ext) = self.external.as_mut() else {
+            return Ok(None);
+        };
+        let next = ext.next_item()?;
+        self.source = Some(ext.source().to_path_buf());
+        let Some((row, item)) = next else {
+            if self.items == 0 {
+                return Err(TraceError::invalid_file(
+                    &self.path,
+                    "empty trace (no rows)",
+                ));
+            }
+            return Ok(None);
+        };
+        self.line = row;
+        let raw = RawLine::from_item(item);
+        let item = self.convert(raw)?;
+        self.items += 1;
+        Ok(Some((row, item)))
     }
 
     /// Also checks `layer < num_layers`, `expert < num_experts`, `probs.len() == num_experts`
@@ -315,10 +487,17 @@ impl TraceReader {
     }
 
     fn err(&self, message: impl Into<String>) -> TraceError {
-        TraceError::invalid(&self.path, self.line, message)
+        TraceError::invalid(
+            self.source.as_ref().unwrap_or(&self.path),
+            self.line,
+            message,
+        )
     }
 
     fn next_item(&mut self) -> Result<Option<(usize, TraceItem)>> {
+        if self.external.is_some() {
+            return self.next_external();
+        }
         loop {
             self.buf.clear();
             let limit = MAX_LINE_BYTES as u64 + 1;

@@ -3,7 +3,7 @@
 //! `moe_xray_pipeline::analyze`; this module parses the flags, shows progress and prints.
 
 use anyhow::{bail, Result};
-use moe_xray_pipeline::analyze::{analyze, write_outputs, AnalyzeOptions};
+use moe_xray_pipeline::analyze::{analyze, write_outputs_as, AnalyzeOptions, TableFormat};
 use moe_xray_pipeline::outdir::OutLock;
 use moe_xray_stats::analyze::{PathChoice, DEFAULT_GRAM_THRESHOLD};
 use moe_xray_stats::results::{AnalysisResults, Section, TokenMatchMode};
@@ -15,7 +15,8 @@ use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Trace files (JSONL records, flat events or counts lines; .gz / .zst accepted).
+    /// Trace files (JSONL records, flat events or counts lines; .gz / .zst accepted), Parquet
+    /// trace files or Hive-partitioned Parquet dataset directories (docs/trace-format.md).
     #[arg(required = true, value_name = "TRACES")]
     pub traces: Vec<PathBuf>,
     /// Prompt file (JSONL or CSV with id, category, text) giving each prompt's category.
@@ -60,6 +61,12 @@ pub struct Args {
     /// Output directory.
     #[arg(long, default_value = "analysis")]
     pub out: PathBuf,
+    /// Formats of the tables beside results.json (comma-separated): `csv` (signatures.csv,
+    /// prompt_similarity.csv) and/or `parquet` (signatures, prompt similarity, per-prompt and
+    /// per-layer tables and one tidy table per results.json section under long/; docs/tables.md).
+    /// Tables of a format not chosen are removed from --out.
+    #[arg(long, value_delimiter = ',', default_value = "csv", value_parser = ["csv", "parquet"])]
+    pub format: Vec<String>,
     /// Print results.json on stdout instead of the summary (it is also written to --out).
     #[arg(long)]
     pub json: bool,
@@ -86,6 +93,12 @@ pub struct Args {
     /// id's mean); written as `token_matched` (docs/statistics.md, "Confound controls").
     #[arg(long, value_name = "MODE", value_parser = ["shared", "residual"])]
     pub token_matched: Option<String>,
+    /// Routing over time: also the statistics (Cohen's d, classifier accuracy) per window of W
+    /// generated tokens, of the prompt and generation phases, and the drift between windows;
+    /// written as `windows` (docs/statistics.md, "Routing over time"). Reads the traces twice
+    /// more.
+    #[arg(long, value_name = "W")]
+    pub windows: Option<usize>,
 }
 
 pub(crate) fn token_types(names: &[String]) -> Result<Vec<TokenType>> {
@@ -143,6 +156,7 @@ impl Args {
                     bail!("--token-matched: unknown mode {other:?} (use shared or residual)")
                 }
             },
+            windows: self.windows,
         })
     }
 }
@@ -301,6 +315,8 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
         }
         None => {}
     }
+    s.push_str(&windows_summary(r));
+    s.push_str(&control_summary(r));
     if let Section::Done(p) = &r.pca {
         let top: Vec<String> = p
             .explained_variance_ratio
@@ -314,13 +330,105 @@ pub fn summary(r: &AnalysisResults, out: &Path) -> String {
     s
 }
 
+fn fmt_d(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn fmt_acc(c: &Section<moe_xray_stats::results::WindowClassifier>) -> String {
+    match c {
+        Section::Done(c) => format!("{:.1}%", 100.0 * c.accuracy_mean),
+        Section::Skipped { .. } => "n/a".into(),
+    }
+}
+
+/// The summary lines of `windows` (routing over time), if computed.
+fn windows_summary(r: &AnalysisResults) -> String {
+    let mut s = String::new();
+    match &r.windows {
+        Some(Section::Done(w)) => {
+            let d = |x: &moe_xray_stats::results::WindowStats| {
+                x.similarity
+                    .done()
+                    .map_or("n/a".into(), |s| fmt_d(s.cohens_d))
+            };
+            let _ = writeln!(
+                s,
+                "routing over time (windows of {} generated tokens, {} windows): prompt phase d = {}, accuracy {}; generation phase d = {}, accuracy {}; prompt-vs-generation signature similarity {:.3}",
+                w.window_tokens,
+                w.windows.len(),
+                d(&w.prompt_phase),
+                fmt_acc(&w.prompt_phase.classifier),
+                d(&w.generation_phase),
+                fmt_acc(&w.generation_phase.classifier),
+                w.phase_drift.mean
+            );
+            let per: Vec<String> = w
+                .windows
+                .iter()
+                .map(|x| {
+                    format!(
+                        "[{}-{}) d {} acc {}",
+                        x.start.unwrap_or(0),
+                        x.end.unwrap_or(0),
+                        d(x),
+                        fmt_acc(&x.classifier)
+                    )
+                })
+                .collect();
+            let _ = writeln!(s, "  per window: {}", per.join("; "));
+        }
+        Some(Section::Skipped { skipped }) => {
+            let _ = writeln!(s, "routing over time skipped: {skipped}");
+        }
+        None => {}
+    }
+    s
+}
+
+/// The summary line of `random_router_control`, if present.
+pub fn control_summary(r: &AnalysisResults) -> String {
+    let mut s = String::new();
+    match &r.random_router_control {
+        Some(Section::Done(c)) => {
+            let _ = writeln!(
+                s,
+                "random-router control (seed {}): d = {} vs {} observed; accuracy {} vs {} observed",
+                c.seed,
+                fmt_d(c.similarity.cohens_d),
+                fmt_d(r.similarity.cohens_d),
+                fmt_acc(&c.classifier),
+                r.logreg_5fold
+                    .done()
+                    .map_or("n/a".into(), |l| format!("{:.1}%", 100.0 * l.accuracy_mean))
+            );
+        }
+        Some(Section::Skipped { skipped }) => {
+            let _ = writeln!(s, "random-router control skipped: {skipped}");
+        }
+        None => {}
+    }
+    s
+}
+
 pub fn run(args: Args) -> Result<()> {
     // One writer per output directory, refused at once (before the analysis runs).
     let _lock = OutLock::acquire(&args.out)?;
     let progress = CliProgress::with_spinner(args.quiet, "analyze: reading traces");
     let outputs = analyze(&args.options()?, &progress)?;
     moe_xray_pipeline::Progress::step(&progress, "analyze: writing outputs");
-    write_outputs(&args.out, &outputs)?;
+    let formats: Vec<TableFormat> = args
+        .format
+        .iter()
+        .map(|f| match f.as_str() {
+            "parquet" => TableFormat::Parquet,
+            _ => TableFormat::Csv,
+        })
+        .collect();
+    write_outputs_as(&args.out, &outputs, &formats)?;
     drop(progress);
     if args.json {
         println!("{}", serde_json::to_string_pretty(outputs.results())?);

@@ -122,6 +122,10 @@ struct Summary {
     top_k: usize,
     hidden_size: usize,
     dtype: String,
+    /// The matmul kernel path (`avx512-bf16`, `avx2-fma`, `gemm`; `MOE_XRAY_KERNEL` caps it).
+    kernel: String,
+    /// The CPU features the kernels detected.
+    cpu_features: Vec<String>,
     threads: usize,
     batch_size: usize,
     max_new_tokens: usize,
@@ -338,6 +342,8 @@ fn gb(b: Option<u64>) -> String {
 
 pub fn run(b: ModelBench) -> Result<()> {
     set_threads(b.threads)?;
+    // Checked first: an invalid MOE_XRAY_KERNEL fails before the model loads.
+    moe_xray_model::cpu_kernels::kernel_env_check().map_err(anyhow::Error::msg)?;
     if b.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -358,6 +364,8 @@ pub fn run(b: ModelBench) -> Result<()> {
     let inputs = encode_prompts(&prompts, &b.prompts, &tokenizer, None, vocab)?;
     let (model, load_seconds) = load_model(&b.model, b.dtype.as_deref())?;
     let rss_after_load = proc_status_bytes("VmRSS");
+    let (kernel, features) =
+        moe_xray_model::cpu_kernels::kernel_report(model.dtype()).map_err(anyhow::Error::msg)?;
     let cfg = model.config().clone();
     let seqs: Vec<(String, String, Vec<u32>)> = inputs
         .into_iter()
@@ -437,6 +445,8 @@ pub fn run(b: ModelBench) -> Result<()> {
         top_k: cfg.num_experts_per_tok,
         hidden_size: cfg.hidden_size,
         dtype: dtype_name(model.dtype()).to_string(),
+        kernel: kernel.to_string(),
+        cpu_features: features.iter().map(|f| f.to_string()).collect(),
         threads,
         batch_size: b.batch_size,
         max_new_tokens: b.max_new_tokens,
@@ -469,6 +479,11 @@ pub fn run(b: ModelBench) -> Result<()> {
         b.max_new_tokens,
         b.batch_size,
         threads
+    );
+    println!(
+        "kernel {} (CPU features: {})",
+        summary.kernel,
+        summary.cpu_features.join(" ")
     );
     println!(
         "load {:.2} s, RSS after load {}, peak RSS {}",

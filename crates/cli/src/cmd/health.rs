@@ -15,8 +15,9 @@ use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Trace files (.jsonl, .jsonl.gz, .jsonl.zst; records, flat events or counts) or run
-    /// directories containing them (with manifest.json).
+    /// Trace files (.jsonl, .jsonl.gz, .jsonl.zst; records, flat events or counts; .parquet) or
+    /// run directories containing them (with manifest.json), or Hive-partitioned Parquet
+    /// dataset directories.
     #[arg(required = true, value_name = "TRACES")]
     pub traces: Vec<PathBuf>,
     #[command(flatten)]
@@ -30,6 +31,11 @@ pub struct Args {
     /// pairs.csv) into DIR.
     #[arg(long, value_name = "DIR")]
     pub csv: Option<PathBuf>,
+    /// Write the tables as Parquet (layers.parquet, load.parquet, and with per-token input
+    /// coactivation.parquet, pairs.parquet; long.parquet: the whole report as one tidy table;
+    /// docs/tables.md) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub parquet: Option<PathBuf>,
     /// Write SVG figures (load_heatmap.svg, coactivation_layer<N>.svg) into DIR.
     #[arg(long, value_name = "DIR")]
     pub svg: Option<PathBuf>,
@@ -147,9 +153,10 @@ pub(crate) fn parse_token_types(v: &[String]) -> anyhow::Result<Vec<TokenType>> 
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    // One writer per output directory (refused at once); --csv and --svg may name the same one.
+    // One writer per output directory (refused at once); --csv, --parquet and --svg may name the
+    // same one.
     let mut locks: Vec<(OutLock, PathBuf)> = Vec::new();
-    for dir in [&args.csv, &args.svg].into_iter().flatten() {
+    for dir in [&args.csv, &args.parquet, &args.svg].into_iter().flatten() {
         let same = |d: &Path| match (d.canonicalize(), dir.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
@@ -192,6 +199,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut batch = Batch::new();
     if let Some(dir) = &args.csv {
         h.stage_csv(dir, &mut batch)?;
+    }
+    if let Some(dir) = &args.parquet {
+        h.stage_parquet(dir, &mut batch)?;
     }
     if let Some(dir) = &args.svg {
         if !h.stage_svg(dir, h.layer, &mut batch)? {

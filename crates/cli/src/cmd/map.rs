@@ -12,7 +12,8 @@ use crate::progress::CliProgress;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Trace files (JSONL records, flat events or counts lines; .gz / .zst accepted).
+    /// Trace files (JSONL records, flat events or counts lines; .gz / .zst accepted), Parquet
+    /// trace files or Hive-partitioned Parquet dataset directories (docs/trace-format.md).
     #[arg(required = true, value_name = "TRACES")]
     pub traces: Vec<PathBuf>,
     /// Prompt file (JSONL or CSV with id, category, text) giving each prompt's category.

@@ -7,6 +7,7 @@
 //! - `results.json`, `signatures.csv`, `prompt_similarity.csv` (from `analyze`)
 //! - `health.json`, `health/*.csv` (from `health`; its figures go to `figures/`)
 //! - `figures/*.svg`, `report.html`
+//! - `control/` (with `--control random-router`): the same layout for the control study
 //!
 //! The study itself is `moe_xray_pipeline::study::run_study`; this module parses the flags,
 //! shows progress and prints the summary.
@@ -56,6 +57,10 @@ pub struct Args {
     /// Compute dtype (default: the checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Exact mode: compute in f32 with quantised weights (GGUF quants, MXFP4) dequantised
+    /// exactly (as `trace --exact`).
+    #[arg(long, conflicts_with = "dtype")]
+    pub exact: bool,
     /// No progress and no summary on stdout (warnings and errors still go to stderr).
     #[arg(long)]
     pub quiet: bool,
@@ -63,6 +68,27 @@ pub struct Args {
     /// `trace --truncate-prompts`).
     #[arg(long, value_enum)]
     pub truncate_prompts: Option<trace::TruncateSide>,
+    /// A control study run first into OUT/control/: `random-router` runs the same model and
+    /// prompts with every router weight (and router / score-correction bias) replaced by a
+    /// seeded permutation of its own entries; results.json gets `random_router_control` and the
+    /// report states the observed d and accuracy against that floor (docs/statistics.md,
+    /// "Random-router control"). Doubles the run time.
+    #[arg(long, value_enum)]
+    pub control: Option<Control>,
+    /// Seed of the router permutation of `--control random-router`.
+    #[arg(long, default_value_t = 0, requires = "control")]
+    pub control_seed: u64,
+    /// Routing over time: also the statistics per window of W generated tokens, the prompt and
+    /// generation phases and the drift between windows (see `analyze --windows`).
+    #[arg(long, value_name = "W")]
+    pub windows: Option<usize>,
+}
+
+/// Control studies of `run --control`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Router weights permuted (seeded): the floor that token identity and attention explain.
+    RandomRouter,
 }
 
 impl Args {
@@ -78,8 +104,14 @@ impl Args {
             threads: self.threads,
             reps: self.reps,
             seed: self.seed,
-            dtype: self.dtype.clone(),
+            dtype: if self.exact {
+                Some(moe_xray_pipeline::trace::EXACT.to_string())
+            } else {
+                self.dtype.clone()
+            },
             truncate_prompts: self.truncate_prompts.map(Into::into),
+            random_router_control: self.control.map(|Control::RandomRouter| self.control_seed),
+            windows: self.windows,
         }
     }
 }

@@ -63,6 +63,15 @@ pub struct Args {
     /// Number of safetensors shards (default: the preset's).
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Output format: safetensors (a Hugging Face checkpoint directory) or gguf (one llama.cpp
+    /// GGUF file; --out is then the file name, ending in .gguf).
+    #[arg(long, default_value = "safetensors")]
+    pub format: String,
+    /// GGUF tensor types (--format gguf): f32, bf16, q8_0 (as llama.cpp's converter writes
+    /// them) or q4_k_m (llama-quantize's Q4_K_M mix: Q4_K with Q6_K for the output and some
+    /// attn_v / ffn_down tensors). Default: bf16.
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Renormalise the top-k router weights (`norm_topk_prob: true`; olmoe, qwen2_moe,
     /// qwen3_moe, deepseek_v3; mixtral always renormalises).
     #[arg(long)]
@@ -147,8 +156,100 @@ pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
     Ok(s)
 }
 
+/// `--format gguf`: the GGUF file (see `moe_xray_model::synth_gguf`).
+fn run_gguf(a: &Args, spec: &SynthSpec) -> anyhow::Result<()> {
+    use moe_xray_model::synth_gguf::{self, GgufQuant};
+    if a.dtype.is_some() || a.shards.is_some() {
+        anyhow::bail!(
+            "--dtype and --shards are safetensors options; with --format gguf give --quant"
+        );
+    }
+    let quant = GgufQuant::parse(a.quant.as_deref().unwrap_or("bf16"))?;
+    let _lock = moe_xray_pipeline::outdir::OutLock::acquire_beside(&a.out)?;
+    let t0 = std::time::Instant::now();
+    let progress = crate::progress::spinner(
+        a.quiet,
+        &format!(
+            "synth-model: writing {} {} parameters ({} layers x {} experts) as GGUF {}",
+            spec.family.model_type(),
+            spec.num_parameters(),
+            spec.num_layers,
+            spec.num_experts,
+            quant.name()
+        ),
+    );
+    let summary = synth_gguf::write_gguf(spec, quant, &a.out)
+        .with_context(|| format!("writing synthetic GGUF {}", a.out.display()))?;
+    drop(progress);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let routing = if a.routing {
+        let p = crate::progress::spinner(a.quiet, "synth-model: routing check");
+        let r = synth::routing_summary(&a.out, &synth::ROUTING_TEXTS, 4)
+            .with_context(|| format!("routing check of {}", a.out.display()))?;
+        drop(p);
+        Some(r)
+    } else {
+        None
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&summary)?;
+        if let Some(r) = &routing {
+            v["routing"] = serde_json::to_value(r)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !a.quiet {
+        let types: Vec<String> = summary
+            .tensor_types
+            .iter()
+            .map(|(t, n)| format!("{n} {t}"))
+            .collect();
+        println!(
+            "wrote {} ({} as GGUF `{}`, {}, {} parameters, {} layers x {} experts top-{}, {} bytes, tensors: {}, tokenizer: {}{}) in {:.1} s",
+            summary.path.display(),
+            summary.model_type,
+            summary.arch,
+            summary.quant,
+            summary.num_parameters,
+            spec.num_layers,
+            spec.num_experts,
+            spec.top_k,
+            summary.file_bytes,
+            types.join(", "),
+            summary.tokenizer,
+            if spec.planted { ", planted" } else { "" },
+            elapsed
+        );
+        if let Some(r) = &routing {
+            print_routing(r);
+        }
+    }
+    Ok(())
+}
+
+fn print_routing(r: &[synth::LayerRouting]) {
+    println!("layer  experts_used  max/mean_load  selections");
+    for l in r {
+        println!(
+            "{:5}  {:>12}  {:13.2}  {:10}",
+            l.layer,
+            format!("{}/{}", l.experts_used, l.num_experts),
+            l.max_over_mean_load,
+            l.selections
+        );
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let spec = spec_from_args(&a)?;
+    match a.format.as_str() {
+        "safetensors" => {
+            if a.quant.is_some() {
+                anyhow::bail!("--quant needs --format gguf");
+            }
+        }
+        "gguf" => return run_gguf(&a, &spec),
+        other => anyhow::bail!("unknown --format `{other}` (safetensors or gguf)"),
+    }
     // The checkpoint is written to a temporary sibling and renamed into place as a whole; the
     // lock beside it keeps a second writer out.
     let _lock = moe_xray_pipeline::outdir::OutLock::acquire_beside(&a.out)?;
@@ -199,16 +300,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             elapsed
         );
         if let Some(r) = &routing {
-            println!("layer  experts_used  max/mean_load  selections");
-            for l in r {
-                println!(
-                    "{:5}  {:>12}  {:13.2}  {:10}",
-                    l.layer,
-                    format!("{}/{}", l.experts_used, l.num_experts),
-                    l.max_over_mean_load,
-                    l.selections
-                );
-            }
+            print_routing(r);
         }
     }
     Ok(())

@@ -3,8 +3,9 @@
 //! for every prompt and generated token at every MoE layer (dense layers have no records; the
 //! manifest's `routing` block lists both).
 //!
-//! Output directory: `trace.jsonl[.gz|.zst]` (`--mode events`) or `counts.jsonl[.gz|.zst]`
-//! (`--mode counts`), `generations.jsonl` and `manifest.json`. Every input is validated (model,
+//! Output directory: `trace.jsonl[.gz|.zst]` (`--mode events`), `trace.parquet` (`--format
+//! parquet`) or `counts.jsonl[.gz|.zst]` (`--mode counts`), `generations.jsonl` and
+//! `manifest.json`. Every input is validated (model,
 //! tokenizer, prompts, token ids) before anything is written. Each prompt is made durable when it
 //! finishes: its generation line is appended (fsync) first, then its trace block; `--resume`
 //! skips the prompts whose trace block is complete and never appends a generation line twice.
@@ -32,6 +33,16 @@ pub enum Mode {
     Counts,
 }
 
+/// `--format`: the trace file's format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// JSONL lines (trace.jsonl[.gz|.zst]), durable per prompt, resumable.
+    Jsonl,
+    /// One Parquet file trace.parquet (routing records, the manifest in its metadata), moved
+    /// into place with generations.jsonl and manifest.json when the run ends; not resumable.
+    Parquet,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compress {
     Gz,
@@ -57,6 +68,9 @@ pub struct Args {
     /// Compress the trace file.
     #[arg(long, value_enum)]
     pub compress: Option<Compress>,
+    /// Trace file format (parquet: --mode events only, no --compress, no --resume).
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: Format,
     /// Also record the router's full score vector of every (token, MoE layer): softmax
     /// probabilities, or sigmoid scores for deepseek_v3 (the manifest's `routing.scores`).
     #[arg(long)]
@@ -102,6 +116,10 @@ pub struct Args {
     /// Compute dtype (default: the checkpoint's stored dtype).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Exact mode: compute in f32 with quantised weights (GGUF quants, MXFP4) dequantised
+    /// exactly, so that routing can be compared with transformers on the dequantised weights.
+    #[arg(long, conflicts_with = "dtype")]
+    pub exact: bool,
     /// Cut prompts that do not fit the context (prompt + --max-new-tokens >
     /// max_position_embeddings) on this side instead of refusing them; recorded in the manifest
     /// and in each cut prompt's generation line.
@@ -154,6 +172,10 @@ impl Args {
             out: self.out.clone(),
             mode: self.mode.into(),
             compress: self.compress.map(Into::into),
+            format: match self.format {
+                Format::Jsonl => pipeline_trace::TraceFormat::Jsonl,
+                Format::Parquet => pipeline_trace::TraceFormat::Parquet,
+            },
             record_probs: self.record_probs,
             max_new_tokens: self.max_new_tokens,
             batch_size: self.batch_size,
@@ -165,8 +187,13 @@ impl Args {
             top_p: self.top_p,
             seed: self.seed,
             resume: self.resume,
-            dtype: self.dtype.clone(),
+            dtype: if self.exact {
+                Some(pipeline_trace::EXACT.to_string())
+            } else {
+                self.dtype.clone()
+            },
             truncate_prompts: self.truncate_prompts.map(Into::into),
+            router_control: None,
         }
     }
 }
