@@ -14,7 +14,7 @@
 //!    `ablation_dose_response.svg` (`moe_xray_report::ablation`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use moe_xray_model::config::{eos_token_ids, GenerationDefaults, ModelConfig};
@@ -96,7 +96,7 @@ impl AblateOptions {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.doses.is_empty() || self.doses.len() > MAX_DOSES {
             invalid!(
                 "--n: between 1 and {MAX_DOSES} doses, got {}",
@@ -468,11 +468,9 @@ pub fn to_json_bytes(r: &AblationResults) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-/// The whole command: reads the prompts and the checkpoint, runs [`ablate_model`], writes
-/// `OUT/ablation.json`.
-pub fn ablate(opts: &AblateOptions, progress: &dyn Progress) -> Result<AblateSummary> {
-    opts.check()?;
-    set_threads(opts.threads)?;
+/// The encoded prompts of an ablation (validated against the checkpoint; nothing is written) and
+/// the checkpoint's end-of-sequence ids.
+fn prepare_inputs(opts: &AblateOptions) -> Result<(Vec<PromptInput>, Vec<u32>)> {
     let source = opts.prompts.display().to_string();
     let prompts = read_prompts(&opts.prompts).step_context(|| source.clone())?;
     let cfg = ModelConfig::from_dir(&opts.model)?;
@@ -497,13 +495,64 @@ pub fn ablate(opts: &AblateOptions, progress: &dyn Progress) -> Result<AblateSum
         opts.truncate_prompts,
     )
     .step_context(|| source.clone())?;
+    Ok((inputs, eos_token_ids(&cfg, gen_defaults.as_ref())))
+}
+
+/// Adds `ablation.json` (as `json`) and the figures `ablation_matrix_n<N>.svg` (one per dose)
+/// and `ablation_dose_response.svg` (into `fig_dir`) to `batch`.
+pub fn stage_ablation(
+    results: &AblationResults,
+    json: &Path,
+    fig_dir: &Path,
+    batch: &mut Batch,
+) -> Result<()> {
+    batch.add(json, to_json_bytes(results)?)?;
+    for (i, d) in results.doses.iter().enumerate() {
+        if let Some(svg) = moe_xray_report::ablation::effect_matrix(results, i) {
+            batch.add(fig_dir.join(format!("ablation_matrix_n{}.svg", d.n)), svg)?;
+        }
+    }
+    batch.add(
+        fig_dir.join("ablation_dose_response.svg"),
+        moe_xray_report::ablation::dose_response(results),
+    )?;
+    Ok(())
+}
+
+/// Reads the prompts and the checkpoint and runs [`ablate_model`], writing nothing (the caller
+/// holds the output folder's lock and stages the outputs, e.g. `run --ablate`). Returns the
+/// results and the seconds to load the model and to run the ablation.
+pub fn ablate_unstaged(
+    opts: &AblateOptions,
+    progress: &dyn Progress,
+) -> Result<(AblationResults, f64, f64)> {
+    opts.check()?;
+    let (inputs, eos) = prepare_inputs(opts)?;
+    let (model, load_seconds) = load_model(&opts.model, opts.dtype.as_deref())?;
+    let t0 = Instant::now();
+    let results = ablate_model(
+        &model,
+        &inputs,
+        eos,
+        opts,
+        &opts.model.display().to_string(),
+        progress,
+    )?;
+    Ok((results, load_seconds, t0.elapsed().as_secs_f64()))
+}
+
+/// The whole command: reads the prompts and the checkpoint, runs [`ablate_model`], writes
+/// `OUT/ablation.json` and the figures.
+pub fn ablate(opts: &AblateOptions, progress: &dyn Progress) -> Result<AblateSummary> {
+    opts.check()?;
+    set_threads(opts.threads)?;
+    let (inputs, eos) = prepare_inputs(opts)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| {
         crate::error::PipelineError::io(format!("creating {}", opts.out.display()), e)
     })?;
     let _lock = OutLock::acquire(&opts.out)?;
     let (model, load_seconds) = load_model(&opts.model, opts.dtype.as_deref())?;
     let t0 = Instant::now();
-    let eos = eos_token_ids(&cfg, gen_defaults.as_ref());
     let results = ablate_model(
         &model,
         &inputs,
@@ -514,16 +563,7 @@ pub fn ablate(opts: &AblateOptions, progress: &dyn Progress) -> Result<AblateSum
     )?;
     let path = opts.out.join("ablation.json");
     let mut batch = Batch::new();
-    batch.add(&path, to_json_bytes(&results)?)?;
-    for (i, d) in results.doses.iter().enumerate() {
-        if let Some(svg) = moe_xray_report::ablation::effect_matrix(&results, i) {
-            batch.add(opts.out.join(format!("ablation_matrix_n{}.svg", d.n)), svg)?;
-        }
-    }
-    batch.add(
-        opts.out.join("ablation_dose_response.svg"),
-        moe_xray_report::ablation::dose_response(&results),
-    )?;
+    stage_ablation(&results, &path, &opts.out, &mut batch)?;
     batch.commit()?;
     Ok(AblateSummary {
         results,

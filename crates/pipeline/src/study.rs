@@ -21,6 +21,7 @@ use moe_xray_stats::analyze::Outputs;
 use moe_xray_stats::results::{AnalysisResults, RandomRouterControl};
 use moe_xray_trace::{read_prompts, write_atomic, Prompt};
 
+use crate::ablate::{stage_ablation, AblateOptions};
 use crate::analyze::{analyze, stage_outputs, AnalyzeOptions};
 use crate::error::{invalid, IoContext, Result, ResultExt};
 use crate::health::stage_health;
@@ -63,6 +64,56 @@ pub struct StudyOptions {
     pub random_router_control: Option<u64>,
     /// `--windows W`: routing over time, the statistics per window of W generated tokens.
     pub windows: Option<usize>,
+    /// `--ablate`: after the analysis, the causal expert ablation on the same model and prompts
+    /// (`crate::ablate`), written with the study's outputs (`ablation.json`,
+    /// `figures/ablation_*.svg`) and shown in the report.
+    pub ablate: Option<StudyAblation>,
+}
+
+/// The ablation settings of `run --ablate` (the rest as the study: continuation length, batch
+/// size, threads, dtype, chat template, `reps` bootstrap and permutation repetitions, seed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudyAblation {
+    /// Experts masked per MoE layer for each category, one dose per value.
+    pub doses: Vec<usize>,
+    /// Load-matched random control sets per category and dose.
+    pub control_draws: usize,
+}
+
+impl Default for StudyAblation {
+    /// `ablate`'s defaults: one dose of 2 experts per layer, 4 control draws.
+    fn default() -> Self {
+        let d = AblateOptions::new(PathBuf::new(), PathBuf::new(), PathBuf::new());
+        StudyAblation {
+            doses: d.doses,
+            control_draws: d.control_draws,
+        }
+    }
+}
+
+impl StudyOptions {
+    /// The ablation's options for this study (prompts: the set the study wrote to
+    /// `out/prompts.jsonl`).
+    fn ablate_options(&self, a: &StudyAblation) -> AblateOptions {
+        AblateOptions {
+            doses: a.doses.clone(),
+            control_draws: a.control_draws,
+            max_new_tokens: self.max_new_tokens,
+            batch_size: self.batch_size,
+            chat_template: self.chat_template,
+            dtype: self.dtype.clone(),
+            threads: self.threads,
+            boot_reps: self.reps,
+            perm_reps: self.reps,
+            seed: self.seed,
+            truncate_prompts: self.truncate_prompts,
+            ..AblateOptions::new(
+                self.model.clone(),
+                self.out.join("prompts.jsonl"),
+                self.out.clone(),
+            )
+        }
+    }
 }
 
 /// Folder of the random-router control inside a study's output folder.
@@ -85,6 +136,7 @@ impl StudyOptions {
             truncate_prompts: None,
             random_router_control: None,
             windows: None,
+            ablate: None,
         }
     }
 }
@@ -176,12 +228,16 @@ pub fn execute_study(
     progress: &dyn Progress,
 ) -> Result<StudySummary> {
     crate::windows::check_window(opts.windows)?;
+    if let Some(a) = &opts.ablate {
+        opts.ablate_options(a).check().step_context(|| "--ablate")?;
+    }
     let control = match opts.random_router_control {
         None => None,
         Some(seed) => {
             let copts = StudyOptions {
                 out: opts.out.join(CONTROL_DIR),
                 random_router_control: None,
+                ablate: None,
                 ..opts.clone()
             };
             progress.message(&format!(
@@ -286,6 +342,30 @@ fn study_once(
     progress.message("[3/4] routing health");
     let health = stage_health(&trace_file, out, opts.seed, &mut batch)?;
 
+    // (optional) causal expert ablation on the same model and prompts.
+    let ablation = match &opts.ablate {
+        Some(a) if router.is_none() => {
+            progress.message(&format!(
+                "[ablation] masking each category's characteristic experts (n = {:?}, {} control draws)",
+                a.doses, a.control_draws
+            ));
+            let (r, _, secs) = crate::ablate::ablate_unstaged(&opts.ablate_options(a), progress)
+                .step_context(|| "ablation step")?;
+            progress.message(&format!(
+                "[ablation] done in {secs:.1} s ({} teacher-forced passes)",
+                r.passes
+            ));
+            stage_ablation(
+                &r,
+                &out.join("ablation.json"),
+                &out.join("figures"),
+                &mut batch,
+            )?;
+            Some(r)
+        }
+        _ => None,
+    };
+
     // 4. report.
     progress.message("[4/4] figures and report");
     let results_path = out.join("results.json");
@@ -332,6 +412,7 @@ fn study_once(
         manifest: Some(manifest),
         synthetic: synthetic_kind(&opts.model),
         health: Some(health),
+        ablation,
     };
     let report = commit_with_report(out, &input, batch, results_json)?;
     let results = match outputs {

@@ -577,6 +577,132 @@ fn windows_section(r: &Results) -> String {
     s
 }
 
+/// The dose shown in the report's effect matrix: the largest `n`.
+pub(crate) fn ablation_dose(a: &moe_xray_stats::ablation::AblationResults) -> Option<usize> {
+    a.doses
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, d)| (d.n, std::cmp::Reverse(*i)))
+        .map(|(i, _)| i)
+}
+
+/// The "Expert ablation" section: the effect matrix of the largest dose, the dose-response
+/// curve and a table of each category's own (diagonal) effect against its largest effect on
+/// another category, with bootstrap CIs and permutation p-values.
+fn ablation_section(a: &moe_xray_stats::ablation::AblationResults) -> String {
+    use crate::ablation::{dose_response, effect_matrix, DOSE_RESPONSE_ID, EFFECT_MATRIX_ID};
+    let mut s = String::from("<section id=\"expert-ablation\"><h2>Expert ablation</h2>\n");
+    let _ = writeln!(
+        s,
+        "<p>{}</p>",
+        esc(&format!(
+            "What is measured: for each category, its n most characteristic experts per MoE layer (largest signature contrast against the other categories{}) are masked in the router, and every prompt is scored teacher-forced on the unablated model's own greedy continuation ({} tokens at most). The effect is the change of next-token NLL (nats per continuation token; unablated mean {}) minus that of {} load-matched random expert sets of the same size (the excess). A category-specific causal role shows as a positive diagonal: masking a category's experts hurts its own prompts more than random experts do, and more than it hurts other categories. CIs: bootstrap over prompts ({} reps); p: one-sided paired sign-flip permutation test of excess > 0 ({} reps); seed {} (docs/statistics.md, \"Causal expert ablation\").",
+            if a.settings.budget == "global" { ", global budget of n·L experts" } else { "" },
+            a.settings.max_new_tokens,
+            num(a.base_nll, 3),
+            a.settings.control_draws,
+            a.settings.boot_reps,
+            a.settings.perm_reps,
+            a.settings.seed
+        ))
+    );
+    let nc = a.categories.len();
+    if let Some(di) = ablation_dose(a) {
+        let d = &a.doses[di];
+        if d.cells.len() == nc * nc {
+            let ci = |e: &moe_xray_stats::ablation::Estimate| {
+                format!(
+                    "{} [{}, {}]",
+                    num(e.mean, 3),
+                    num(e.ci95[0], 3),
+                    num(e.ci95[1], 3)
+                )
+            };
+            let _ = writeln!(
+                s,
+                "<p>{}</p>",
+                esc(&format!(
+                    "n = {} experts per layer: mean excess ΔNLL {} on the own category (diagonal) vs {} on the other categories (off-diagonal); ΔNLL {} vs {}.",
+                    d.n,
+                    num(d.diagonal_excess, 3),
+                    num(d.off_diagonal_excess, 3),
+                    num(d.diagonal_delta_nll, 3),
+                    num(d.off_diagonal_delta_nll, 3)
+                ))
+            );
+            s.push_str("<table class=\"ablation\"><thead><tr><th>experts masked of</th><th>own prompts: ΔNLL [95% CI]</th><th>own prompts: excess over random [95% CI]</th><th>p</th><th>largest other-category excess [95% CI]</th><th>p</th></tr></thead><tbody>");
+            for (i, cat) in a.categories.iter().enumerate() {
+                let row = &d.cells[i * nc..(i + 1) * nc];
+                let own = &row[i];
+                let other = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, c)| c)
+                    // the first of equal ones
+                    .reduce(|best, c| {
+                        if c.excess.mean.total_cmp(&best.excess.mean).is_gt() {
+                            c
+                        } else {
+                            best
+                        }
+                    });
+                let (oc, op) = match other {
+                    Some(o) => (
+                        format!("{}: {}", o.evaluated, ci(&o.excess)),
+                        num(o.p_excess, 3),
+                    ),
+                    None => ("n/a".to_string(), "n/a".to_string()),
+                };
+                let _ = write!(
+                    s,
+                    "<tr><th>{}</th><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                    esc(cat),
+                    esc(&ci(&own.delta_nll)),
+                    esc(&ci(&own.excess)),
+                    esc(&num(own.p_excess, 3)),
+                    esc(&oc),
+                    esc(&op)
+                );
+            }
+            s.push_str("</tbody></table>\n");
+        }
+        if let Some(svg) = effect_matrix(a, di) {
+            s.push_str(&figure_html(&Figure {
+                id: EFFECT_MATRIX_ID.to_string(),
+                title: format!("Causal effect matrix (n = {})", d.n),
+                caption: format!(
+                    "Rows: the category whose {} most characteristic experts per MoE layer are masked; columns: the category whose prompts are scored. Colour and number: excess ΔNLL (characteristic minus load-matched random experts, nats per token) with its permutation p. The causal analogue of the category-similarity matrix.",
+                    d.n
+                ),
+                svg,
+                available: true,
+            }));
+        }
+    }
+    if !a.doses.is_empty() {
+        s.push_str(&figure_html(&Figure {
+            id: DOSE_RESPONSE_ID.to_string(),
+            title: "Ablation dose-response".to_string(),
+            caption: format!(
+                "Mean ΔNLL against n, the experts masked per layer (doses {:?}): own category's prompts (diagonal), the other categories' prompts (off-diagonal), and own prompts with as many load-matched random experts masked.",
+                a.settings.doses
+            ),
+            svg: dose_response(a),
+            available: true,
+        }));
+    }
+    if a.doses.len() == 1 {
+        let _ = writeln!(
+            s,
+            "<p class=\"muted\">{}</p>",
+            esc("One dose only: run with several (e.g. --ablate-n 1,2,4) for the dose-response curve.")
+        );
+    }
+    s.push_str("</section>\n");
+    s
+}
+
 /// The interpretation's sentence on the lexical baseline: the routing classifier's accuracy
 /// relative to what token identity alone gives (empty when either is missing).
 fn lexical_sentence(r: &Results) -> String {
@@ -802,6 +928,9 @@ pub fn render_report(input: &ReportInput) -> String {
     if r.windows.is_some() {
         s.push_str("<li><a href=\"#routing-over-time\">Routing over time</a></li>");
     }
+    if input.ablation.is_some() {
+        s.push_str("<li><a href=\"#expert-ablation\">Expert ablation</a></li>");
+    }
     s.push_str("<li><a href=\"#manifest\">Model and run</a></li><li><a href=\"#prompts\">Prompts and generations</a></li><li><a href=\"#reproduce\">Reproduce</a></li></ol></nav>\n");
 
     s.push_str(&interpretation(input, &r));
@@ -816,6 +945,9 @@ pub fn render_report(input: &ReportInput) -> String {
 
     s.push_str(&control_section(&r));
     s.push_str(&windows_section(&r));
+    if let Some(a) = &input.ablation {
+        s.push_str(&ablation_section(a));
+    }
 
     if let Some(h) = &input.health {
         s.push_str("<section id=\"health\"><h2>Routing health</h2>\n");

@@ -209,6 +209,8 @@ pub struct ReportInput {
     pub synthetic: Option<SyntheticKind>,
     /// Routing-health section.
     pub health: Option<HealthSection>,
+    /// Causal expert ablation (`ablation.json`, `run --ablate`): the "Expert ablation" section.
+    pub ablation: Option<moe_xray_stats::ablation::AblationResults>,
 }
 
 impl ReportInput {

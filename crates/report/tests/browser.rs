@@ -208,6 +208,7 @@ fn report_renders_in_headless_chromium() {
     let mut input = common::input();
     input.health = Some(health_section());
     with_windows_and_control(&mut input);
+    input.ablation = Some(common::ablation());
     let report = moe_xray_report::write_report(dir.path().join("out"), &input).unwrap();
     let url = format!("file://{}", report.display());
 
@@ -259,6 +260,11 @@ fn report_renders_in_headless_chromium() {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-windows-task-information\"",
         "<section id=\"random-router-control\">",
         "under a random router",
+        // Expert ablation (issue 19): section, effect matrix, dose-response, table.
+        "<section id=\"expert-ablation\">",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-ablation-matrix\"",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-ablation-dose\"",
+        "<table class=\"ablation\">",
     ] {
         assert!(dom.contains(needle), "{needle} missing from the DOM");
     }

@@ -302,3 +302,52 @@ fn lexical_baseline_row_and_interpretation_sentence() {
     assert!(section(&html, "headline").contains("skipped: counts-form traces have no token ids"));
     assert!(!section(&html, "interpretation").contains("Token identity alone"));
 }
+
+#[test]
+fn expert_ablation_section_when_ablation_is_present() {
+    let mut input = common::input();
+    let html = render_report(&input);
+    assert!(!html.contains("id=\"expert-ablation\""));
+    assert!(!html.contains("#expert-ablation"));
+    input.ablation = Some(common::ablation());
+    let html = render_report(&input);
+    assert!(html.contains("<li><a href=\"#expert-ablation\">Expert ablation</a></li>"));
+    let s = section(&html, "expert-ablation");
+    // caption of what is measured, the largest dose's matrix, the dose-response curve
+    assert!(s.contains("What is measured"), "{s}");
+    assert!(s.contains("load-matched random"));
+    assert!(s.contains("Causal effect matrix (n = 2)"));
+    assert!(s.contains("id=\"fig-ablation-matrix\""));
+    assert!(s.contains("id=\"fig-ablation-dose\""));
+    assert!(!s.contains("One dose only"));
+    // diagonal vs off-diagonal summary of the largest dose: 0.2 vs 0.004
+    assert!(
+        s.contains("mean excess ΔNLL 0.200 on the own category (diagonal) vs 0.004"),
+        "{s}"
+    );
+    // the table: one row per ablated category, own effect with CI and p, largest other effect
+    let table = &s[s.find("<table class=\"ablation\">").unwrap()..];
+    assert_eq!(table.matches("</td></tr>").count(), 3);
+    assert!(table.contains(
+        "<tr><th>code</th><td class=\"num\">0.220 [0.210, 0.230]</td><td class=\"num\">0.200 [0.190, 0.210]</td><td class=\"num\">0.005</td><td class=\"num\">math: 0.004 [-0.006, 0.014]</td><td class=\"num\">0.400</td></tr>"
+    ), "{table}");
+    // after the figures section, before the manifest
+    let (a, f, m) = (
+        html.find("id=\"expert-ablation\"").unwrap(),
+        html.find("id=\"figures\"").unwrap(),
+        html.find("id=\"manifest\"").unwrap(),
+    );
+    assert!(f < a && a < m);
+    // deterministic
+    assert_eq!(html, render_report(&input));
+
+    // one dose: its matrix, the note on the dose-response curve
+    let mut one = common::ablation();
+    one.doses.truncate(1);
+    one.settings.doses.truncate(1);
+    input.ablation = Some(one);
+    let html = render_report(&input);
+    let s = section(&html, "expert-ablation");
+    assert!(s.contains("Causal effect matrix (n = 1)"));
+    assert!(s.contains("One dose only"));
+}

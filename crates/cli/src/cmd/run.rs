@@ -8,6 +8,7 @@
 //! - `health.json`, `health/*.csv` (from `health`; its figures go to `figures/`)
 //! - `figures/*.svg`, `report.html`
 //! - `control/` (with `--control random-router`): the same layout for the control study
+//! - `ablation.json`, `figures/ablation_*.svg` (with `--ablate`: the causal expert ablation)
 //!
 //! The study itself is `moe_xray_pipeline::study::run_study`; this module parses the flags,
 //! shows progress and prints the summary.
@@ -19,7 +20,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use moe_xray_pipeline::study::{run_study, StudyOptions};
+use moe_xray_pipeline::study::{run_study, StudyAblation, StudyOptions};
 
 use super::{analyze, trace};
 use crate::progress::CliProgress;
@@ -82,6 +83,20 @@ pub struct Args {
     /// generation phases and the drift between windows (see `analyze --windows`).
     #[arg(long, value_name = "W")]
     pub windows: Option<usize>,
+    /// Causal expert ablation after the analysis, on the same model and prompts (as `moe-xray
+    /// ablate`, with this run's --max-new-tokens, --reps as bootstrap and permutation
+    /// repetitions, and --seed): writes ablation.json and figures/ablation_*.svg with the other
+    /// outputs and adds the "Expert ablation" section to the report. Costs 1 + doses ×
+    /// categories × (1 + control draws) teacher-forced passes over all prompts.
+    #[arg(long)]
+    pub ablate: bool,
+    /// Experts masked per MoE layer for each category, one dose per value (e.g. 1,2,4: a
+    /// dose-response curve).
+    #[arg(long, value_delimiter = ',', default_value = "2", requires = "ablate")]
+    pub ablate_n: Vec<usize>,
+    /// Load-matched random control sets per category and dose.
+    #[arg(long, default_value_t = 4, requires = "ablate")]
+    pub ablate_control_draws: usize,
 }
 
 /// Control studies of `run --control`.
@@ -112,6 +127,10 @@ impl Args {
             truncate_prompts: self.truncate_prompts.map(Into::into),
             random_router_control: self.control.map(|Control::RandomRouter| self.control_seed),
             windows: self.windows,
+            ablate: self.ablate.then(|| StudyAblation {
+                doses: self.ablate_n.clone(),
+                control_draws: self.ablate_control_draws,
+            }),
         }
     }
 }

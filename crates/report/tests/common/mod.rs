@@ -67,3 +67,81 @@ pub fn input() -> ReportInput {
         ..Default::default()
     }
 }
+
+/// A small hand-made `ablation.json` (3 categories, doses 1 and 2): the own-category cells have
+/// a positive excess with a CI above 0 and p = 0.005, the others none.
+pub fn ablation() -> moe_xray_stats::ablation::AblationResults {
+    use moe_xray_stats::ablation::{
+        AblationResults, AblationSettings, Dose, EffectCell, Estimate, MaskedSet,
+    };
+    let cats = ["code", "math", "story"];
+    let doses = [1usize, 2]
+        .iter()
+        .map(|&n| {
+            let mut cells = Vec::new();
+            for a in cats {
+                for e in cats {
+                    let own = a == e;
+                    let x = if own {
+                        0.1 * n as f64
+                    } else {
+                        0.002 * n as f64
+                    };
+                    let est = |m: f64| Estimate {
+                        mean: m,
+                        ci95: [m - 0.01, m + 0.01],
+                    };
+                    cells.push(EffectCell {
+                        ablated: a.into(),
+                        evaluated: e.into(),
+                        n_prompts: 4,
+                        delta_nll: est(x + 0.02),
+                        delta_nll_random: est(0.02),
+                        excess: est(x),
+                        p_excess: if own { 0.005 } else { 0.4 },
+                        agreement: if own { 0.8 } else { 0.97 },
+                        agreement_random: 0.96,
+                        routing_changed: 0.3,
+                        routing_changed_random: 0.28,
+                        jaccard: 0.8,
+                        jaccard_random: 0.81,
+                    });
+                }
+            }
+            let masked = cats
+                .iter()
+                .map(|c| MaskedSet {
+                    category: (*c).into(),
+                    characteristic: vec![(0..n as u32).collect()],
+                    random: vec![vec![(4..4 + n as u32).collect()]],
+                })
+                .collect();
+            moe_xray_stats::ablation::dose_summary(n, masked, cells)
+        })
+        .collect::<Vec<Dose>>();
+    AblationResults {
+        schema_version: moe_xray_stats::ablation::ABLATION_SCHEMA_VERSION,
+        tool_version: "0.1.0".into(),
+        model: "synthetic".into(),
+        settings: AblationSettings {
+            budget: "per_layer".into(),
+            doses: vec![1, 2],
+            control_draws: 1,
+            load_bins: 4,
+            max_new_tokens: 4,
+            boot_reps: 100,
+            perm_reps: 200,
+            seed: 0,
+        },
+        moe_layers: vec![0],
+        num_experts: 8,
+        top_k: 2,
+        categories: cats.iter().map(|c| (*c).into()).collect(),
+        prompt_ids: (0..12).map(|i| format!("p{i}")).collect(),
+        continuation_tokens: vec![4; 12],
+        base_nll: 2.5,
+        contrast: vec![vec![0.0; 8]; 3],
+        doses,
+        passes: 13,
+    }
+}
