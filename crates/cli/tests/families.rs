@@ -37,6 +37,7 @@ const FIXTURES: &[Expect] = &[
     Expect { dir: "deepseekv3-tiny-bf16", family: "deepseek_v3", moe: &[1, 2], dense: &[0], shared: 1, router: "deepseek_v3", scores: "sigmoid", experts: 16, top_k: 4 },
     Expect { dir: "deepseekv3-tiny-f32", family: "deepseek_v3", moe: &[1, 2], dense: &[0], shared: 1, router: "deepseek_v3", scores: "sigmoid", experts: 16, top_k: 4 },
     Expect { dir: "gptoss-tiny-f32", family: "gpt_oss", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 12, top_k: 3 },
+    Expect { dir: "gptoss-tiny-mxfp4", family: "gpt_oss", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 12, top_k: 3 },
     Expect { dir: "granitemoe-tiny-f32", family: "granitemoe", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 8, top_k: 2 },
     Expect { dir: "mixtral-tiny-swa-f32", family: "mixtral", moe: &[0, 1], dense: &[], shared: 0, router: "softmax_topk", scores: "softmax", experts: 8, top_k: 2 },
     Expect { dir: "olmoe-tiny-bf16", family: "olmoe", moe: &[0, 1, 2, 3], dense: &[], shared: 0, router: "softmax_topk", scores: "softmax", experts: 12, top_k: 3 },
