@@ -108,7 +108,8 @@ fn bad(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::invalid(path, message)
 }
 
-fn type_name(t: GgmlDType) -> &'static str {
+/// llama.cpp's name of a tensor type (`Q4_K`, not candle's `Q4K`).
+pub(crate) fn type_name(t: GgmlDType) -> &'static str {
     match t {
         GgmlDType::F32 => "F32",
         GgmlDType::F16 => "F16",

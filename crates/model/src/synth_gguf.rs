@@ -74,7 +74,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::gguf::gguf_name;
+use crate::gguf::{gguf_name, type_name};
 use crate::limits::checked_product;
 use crate::synth::{SynthSpec, SynthValues, CHAT_TEMPLATE};
 use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
@@ -1130,26 +1130,6 @@ pub struct GgufSummary {
     pub tensor_types: BTreeMap<String, usize>,
     /// `--planted`: vocabulary entries per class.
     pub planted_class_counts: Option<[usize; 4]>,
-}
-
-fn type_name(t: GgmlDType) -> &'static str {
-    match t {
-        GgmlDType::F32 => "F32",
-        GgmlDType::F16 => "F16",
-        GgmlDType::BF16 => "BF16",
-        GgmlDType::Q4_0 => "Q4_0",
-        GgmlDType::Q4_1 => "Q4_1",
-        GgmlDType::Q5_0 => "Q5_0",
-        GgmlDType::Q5_1 => "Q5_1",
-        GgmlDType::Q8_0 => "Q8_0",
-        GgmlDType::Q8_1 => "Q8_1",
-        GgmlDType::Q2K => "Q2_K",
-        GgmlDType::Q3K => "Q3_K",
-        GgmlDType::Q4K => "Q4_K",
-        GgmlDType::Q5K => "Q5_K",
-        GgmlDType::Q6K => "Q6_K",
-        GgmlDType::Q8K => "Q8_K",
-    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
