@@ -182,21 +182,9 @@ fn run_gguf(a: &Args, spec: &SynthSpec) -> anyhow::Result<()> {
         .with_context(|| format!("writing synthetic GGUF {}", a.out.display()))?;
     drop(progress);
     let elapsed = t0.elapsed().as_secs_f64();
-    let routing = if a.routing {
-        let p = crate::progress::spinner(a.quiet, "synth-model: routing check");
-        let r = synth::routing_summary(&a.out, &synth::ROUTING_TEXTS, 4)
-            .with_context(|| format!("routing check of {}", a.out.display()))?;
-        drop(p);
-        Some(r)
-    } else {
-        None
-    };
+    let routing = routing_check(a)?;
     if a.json {
-        let mut v = serde_json::to_value(&summary)?;
-        if let Some(r) = &routing {
-            v["routing"] = serde_json::to_value(r)?;
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&summary, routing.as_ref())?;
     } else if !a.quiet {
         let types: Vec<String> = summary
             .tensor_types
@@ -223,6 +211,31 @@ fn run_gguf(a: &Args, spec: &SynthSpec) -> anyhow::Result<()> {
             print_routing(r);
         }
     }
+    Ok(())
+}
+
+/// `--routing`: the routing check of the model just written (`None` without the flag).
+fn routing_check(a: &Args) -> anyhow::Result<Option<Vec<synth::LayerRouting>>> {
+    if !a.routing {
+        return Ok(None);
+    }
+    let p = crate::progress::spinner(a.quiet, "synth-model: routing check");
+    let r = synth::routing_summary(&a.out, &synth::ROUTING_TEXTS, 4)
+        .with_context(|| format!("routing check of {}", a.out.display()))?;
+    drop(p);
+    Ok(Some(r))
+}
+
+/// `--json`: the write summary, with the routing check under `routing` when there is one.
+fn print_json(
+    summary: &impl serde::Serialize,
+    routing: Option<&Vec<synth::LayerRouting>>,
+) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(summary)?;
+    if let Some(r) = routing {
+        v["routing"] = serde_json::to_value(r)?;
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 
@@ -269,21 +282,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("writing synthetic checkpoint to {}", a.out.display()))?;
     drop(progress);
     let elapsed = t0.elapsed().as_secs_f64();
-    let routing = if a.routing {
-        let p = crate::progress::spinner(a.quiet, "synth-model: routing check");
-        let r = synth::routing_summary(&a.out, &synth::ROUTING_TEXTS, 4)
-            .with_context(|| format!("routing check of {}", a.out.display()))?;
-        drop(p);
-        Some(r)
-    } else {
-        None
-    };
+    let routing = routing_check(&a)?;
     if a.json {
-        let mut v = serde_json::to_value(&summary)?;
-        if let Some(r) = &routing {
-            v["routing"] = serde_json::to_value(r)?;
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&summary, routing.as_ref())?;
     } else if !a.quiet {
         println!(
             "wrote {} ({}, {} parameters, {} layers x {} experts top-{}, {}, {} weight bytes, tokenizer: {}{}) in {:.1} s",
