@@ -1,5 +1,6 @@
 //! `moe-xray compare-models` on the committed analysis directories: the JSON on stdout and in a
-//! file (byte-identical, at 1 and 2 threads), the figures, the summary, and clear errors.
+//! file (byte-identical, at 1 and 2 threads), the figures, report.html (`--out`), the summary,
+//! and clear errors.
 
 mod common;
 use common::{moe_xray, s, stderr};
@@ -29,7 +30,15 @@ fn json_figures_and_summary() {
         v.into_iter().map(String::from).collect::<Vec<_>>()
     };
     let json_file = out.join("cm.json");
-    let a1 = args(&["--json-out", s(&json_file), "--svg-dir", s(&out)]);
+    let html_dir = tmp.path().join("html");
+    let a1 = args(&[
+        "--json-out",
+        s(&json_file),
+        "--svg-dir",
+        s(&out),
+        "--out",
+        s(&html_dir),
+    ]);
     let o = moe_xray(&a1.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
     let summary = String::from_utf8(o.stdout).unwrap();
@@ -45,6 +54,21 @@ fn json_figures_and_summary() {
             "{f}"
         );
     }
+    // --out: the self-contained report.html with every section and the figures inline
+    let html = std::fs::read_to_string(html_dir.join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.ends_with("</html>\n"));
+    for needle in [
+        "<section id=\"similarity\">",
+        "<section id=\"task-separation\">",
+        "<section id=\"expert-matching\">",
+        "<table class=\"drift\">",
+        "id=\"fig-crossmodel-rsa\"",
+        "id=\"fig-crossmodel-layer-cka\"",
+        "id=\"fig-crossmodel-layer-rsa\"",
+    ] {
+        assert!(html.contains(needle), "{needle} missing from report.html");
+    }
+    assert!(!html.contains("<script"));
     let text = std::fs::read_to_string(&json_file).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["schema_version"], 1);
@@ -78,12 +102,17 @@ fn json_figures_and_summary() {
 
 #[test]
 fn a_trace_directory_is_refused_with_a_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
     let o = moe_xray(&[
         "compare-models",
         s(&fixture("health").join("run_a")),
         s(&fixture("crossmodel").join("planted")),
+        "--out",
+        s(&out),
     ]);
     assert!(!o.status.success());
+    assert!(!out.join("report.html").exists(), "no report on failure");
     let e = stderr(&o);
     assert!(
         e.contains("no results.json") && e.contains("moe-xray analyze"),

@@ -3,15 +3,22 @@
 //! - [`rsa_scatter`]: every pair i<j of shared prompts as a point (similarity in A, similarity in
 //!   B), within-category pairs in blue, across-category pairs in orange;
 //! - [`layer_heatmap`]: the L_A × L_B matrix of per-layer CKA (viridis, 0…1) or RSA (diverging,
-//!   −1…1).
+//!   −1…1);
+//! - [`render_html`]: the comparison's self-contained `report.html` (`compare-models --out DIR`),
+//!   on the study report's page skeleton and CSS, with these figures inline and captioned.
 
-use moe_xray_stats::crossmodel::CrossModelReport;
+use std::fmt::Write as _;
+
+use moe_xray_stats::crossmodel::{CrossModelReport, Pair};
+use moe_xray_stats::results::Section;
 
 use crate::figures::FIG_WIDTH;
+use crate::html::{figure_html, page_close, page_open};
 use crate::svg::{
-    colorbar, diverging, diverging_colorbar, legend, legend_width, nice_ticks, num, sig, viridis,
-    Anchor, Axes, LegendItem, LegendKind, Shape, Svg, DIAGONAL_GREY, OKABE_ITO,
+    colorbar, diverging, diverging_colorbar, esc, legend, legend_width, nice_ticks, num, sig,
+    viridis, Anchor, Axes, LegendItem, LegendKind, Shape, Svg, DIAGONAL_GREY, OKABE_ITO,
 };
+use crate::Figure;
 
 /// At most this many points are drawn in the scatter (every k-th pair beyond it).
 pub const MAX_SCATTER_POINTS: usize = 20_000;
@@ -233,13 +240,428 @@ pub fn layer_heatmap(report: &CrossModelReport, which: &str) -> Option<String> {
     Some(s.finish(&title, &desc))
 }
 
+/// The figures of the cross-model comparison with their captions, in report order: the RSA
+/// scatter, then the per-layer CKA and RSA heatmaps when the per-layer section was computed.
+pub fn figures(
+    report: &CrossModelReport,
+    sim_a: &[f64],
+    sim_b: &[f64],
+    within: &[bool],
+) -> Vec<Figure> {
+    let mut out = vec![Figure {
+        id: RSA_SCATTER_ID.into(),
+        title: "RSA scatter of prompt-pair similarities".into(),
+        caption: format!(
+            "Each point is a pair of shared prompts: its routing similarity sim(i,j) (mean over MoE layers of the cosine of the two signatures) under model A on the x axis and under model B on the y axis; blue circles are pairs of the same category, orange squares pairs of different categories. Points along a rising diagonal mean the two models agree on which prompts route alike; the RSA coefficient is the Spearman correlation of these {} pairs and the Mantel p permutes B's prompt labels.",
+            sim_a.len().min(sim_b.len()).min(within.len())
+        ),
+        svg: rsa_scatter(report, sim_a, sim_b, within),
+        available: true,
+    }];
+    for (which, title, caption) in [
+        (
+            "cka",
+            "Per-layer linear CKA",
+            "Linear CKA (0 = unrelated, 1 = identical up to rotation and scale) of model A's signatures at one MoE layer (rows) with model B's at another (columns), over the shared prompts. A bright diagonal means corresponding layers carry the same prompt structure; grey cells are undefined (a constant layer).",
+        ),
+        (
+            "rsa",
+            "Per-layer RSA",
+            "Spearman correlation of the per-layer prompt-similarity matrices (cosine of the two prompts' signatures at that layer) of model A (rows) and model B (columns); blue is positive, orange negative, grey undefined.",
+        ),
+    ] {
+        if let Some(svg) = layer_heatmap(report, which) {
+            out.push(Figure {
+                id: format!("fig-crossmodel-layer-{which}"),
+                title: title.into(),
+                caption: caption.into(),
+                svg,
+                available: true,
+            });
+        }
+    }
+    out
+}
+
+/// What the cross-model `report.html` shows (`moe-xray compare-models --out DIR`).
+#[derive(Debug, Clone, Copy)]
+pub struct CrossModelPage<'a> {
+    /// The comparison.
+    pub report: &'a CrossModelReport,
+    /// Upper-triangle similarities of A (pairs i<j of the shared prompts).
+    pub sim_a: &'a [f64],
+    /// The same for B.
+    pub sim_b: &'a [f64],
+    /// Whether pair k is within one category.
+    pub within: &'a [bool],
+    /// The command that made it (shown under "Reproduce"; empty: not recorded).
+    pub command: &'a str,
+}
+
+fn cell(x: Option<f64>, digits: usize) -> String {
+    x.map(|v| num(v, digits)).unwrap_or_else(|| "n/a".into())
+}
+
+fn model_table(r: &CrossModelReport) -> String {
+    let mut s = String::from(
+        r#"<table class="models"><thead><tr><th></th><th>model A</th><th>model B</th></tr></thead><tbody>"#,
+    );
+    let (a, b) = (&r.model_a, &r.model_b);
+    let opt = |x: &Option<String>| x.clone().unwrap_or_else(|| "(not recorded)".into());
+    let layers = |v: &[usize]| {
+        let mut t = v
+            .iter()
+            .take(32)
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if v.len() > 32 {
+            t.push_str(", …");
+        }
+        t
+    };
+    for (name, va, vb) in [
+        ("analysis directory", a.label.clone(), b.label.clone()),
+        ("model", opt(&a.model), opt(&b.model)),
+        ("family", opt(&a.family), opt(&b.family)),
+        (
+            "MoE layers",
+            a.num_layers.to_string(),
+            b.num_layers.to_string(),
+        ),
+        (
+            "decoder index of the MoE layers",
+            layers(&a.layers),
+            layers(&b.layers),
+        ),
+        (
+            "experts per layer",
+            a.num_experts.to_string(),
+            b.num_experts.to_string(),
+        ),
+        ("top-k", a.top_k.to_string(), b.top_k.to_string()),
+        (
+            "prompts analysed",
+            a.num_prompts.to_string(),
+            b.num_prompts.to_string(),
+        ),
+        (
+            "prompts only in this analysis",
+            r.only_in_a.len().to_string(),
+            r.only_in_b.len().to_string(),
+        ),
+    ] {
+        let _ = write!(
+            s,
+            r#"<tr><th scope="row">{}</th><td>{}</td><td>{}</td></tr>"#,
+            esc(name),
+            esc(&va),
+            esc(&vb)
+        );
+    }
+    s.push_str("</tbody></table>");
+    s
+}
+
+fn pair_row(s: &mut String, name: &str, p: Pair, digits: usize, def: &str) {
+    let _ = write!(
+        s,
+        r#"<tr><th scope="row">{}</th><td class="num">{}</td><td class="num">{}</td><td class="def">{}</td></tr>"#,
+        esc(name),
+        cell(p.a, digits),
+        cell(p.b, digits),
+        esc(def)
+    );
+}
+
+fn separation_table(r: &CrossModelReport) -> String {
+    let c = &r.categories;
+    let mut s = String::from(
+        r#"<table class="separation"><thead><tr><th></th><th>model A</th><th>model B</th><th>definition</th></tr></thead><tbody>"#,
+    );
+    pair_row(
+        &mut s,
+        "Cohen's d (own analysis)",
+        c.cohens_d,
+        3,
+        "within- vs across-category similarity, all prompts of each results.json",
+    );
+    pair_row(
+        &mut s,
+        "Cohen's d (shared prompts)",
+        c.cohens_d_shared,
+        3,
+        "the same, recomputed on the prompts both analyses share",
+    );
+    pair_row(
+        &mut s,
+        "classifier accuracy",
+        c.accuracy,
+        3,
+        "5-fold logistic regression on the signatures (logreg_5fold.accuracy_mean)",
+    );
+    pair_row(&mut s, "chance", c.chance, 3, "majority-class rate");
+    pair_row(
+        &mut s,
+        "macro F1 (out of fold)",
+        c.macro_f1,
+        3,
+        "logreg_5fold.macro_f1_oof",
+    );
+    s.push_str("</tbody></table>");
+    if !c.per_category.is_empty() {
+        s.push_str(
+            r#"<table class="per-category"><thead><tr><th>category</th><th>n</th><th>d, A</th><th>d, B</th><th>recall, A</th><th>recall, B</th></tr></thead><tbody>"#,
+        );
+        for row in &c.per_category {
+            let _ = write!(
+                s,
+                r#"<tr><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td></tr>"#,
+                esc(&row.category),
+                row.n,
+                cell(row.d_a, 3),
+                cell(row.d_b, 3),
+                cell(row.recall_a, 3),
+                cell(row.recall_b, 3)
+            );
+        }
+        s.push_str("</tbody></table>");
+        s.push_str(r#"<p class="muted">d of a category: its within-category pairs against the pairs with one prompt in it; recall: the share of its prompts the classifier assigns to it (from the confusion matrix).</p>"#);
+    }
+    s
+}
+
+/// "Not computed: reason." for a skipped section (empty for a computed one).
+fn skipped<T>(section: &Section<T>) -> String {
+    match section {
+        Section::Done(_) => String::new(),
+        Section::Skipped { skipped } => format!(
+            r#"<p class="unavailable">Not computed: {}.</p>"#,
+            esc(skipped.trim_end_matches('.'))
+        ),
+    }
+}
+
+fn matching_section(r: &CrossModelReport) -> String {
+    let mut s = String::from(
+        "<section id=\"expert-matching\"><h2>Expert matching and matched drift</h2>\n",
+    );
+    let Some(m) = r.expert_matching.done() else {
+        s.push_str(&skipped(&r.expert_matching));
+        s.push_str("</section>\n");
+        return s;
+    };
+    let total: usize = m.layers.iter().map(|l| l.assignment.len()).sum();
+    let _ = writeln!(
+        s,
+        "<p>{}</p>",
+        esc(&format!(
+            "Same architecture: the experts of model B are matched to those of model A per layer by usage profile ({}). {} of {} experts are relabelled. The Frobenius distance of the N × E signature blocks before and after the matching shows how much of the difference is only numbering.",
+            m.method, m.moved, total
+        ))
+    );
+    s.push_str(
+        r#"<table class="matching"><thead><tr><th>layer</th><th>experts moved</th><th>distance as numbered</th><th>distance matched</th><th>matched expert of B for A's 0, 1, …</th></tr></thead><tbody>"#,
+    );
+    for l in &m.layers {
+        let mut assign = l
+            .assignment
+            .iter()
+            .take(64)
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if l.assignment.len() > 64 {
+            assign.push_str(" …");
+        }
+        let _ = write!(
+            s,
+            r#"<tr><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td>{}</td></tr>"#,
+            l.layer,
+            l.moved,
+            num(l.distance_identity, 4),
+            num(l.distance_matched, 4),
+            esc(&assign)
+        );
+    }
+    s.push_str("</tbody></table>\n<h3>Matched drift</h3>\n");
+    match r.matched_drift.done() {
+        Some(d) => {
+            s.push_str(
+                r#"<table class="drift"><thead><tr><th></th><th>experts as numbered</th><th>experts matched</th><th>definition</th></tr></thead><tbody>"#,
+            );
+            let (u, m) = (&d.unmatched, &d.matched);
+            pair_row(
+                &mut s,
+                "mean JS divergence (bits)",
+                Pair {
+                    a: Some(u.mean_js_bits),
+                    b: Some(m.mean_js_bits),
+                },
+                6,
+                "Jensen–Shannon divergence of the pooled per-layer expert loads, mean over layers",
+            );
+            pair_row(
+                &mut s,
+                "max JS divergence (bits)",
+                Pair {
+                    a: Some(u.max_js_bits),
+                    b: Some(m.max_js_bits),
+                },
+                6,
+                "the largest layer's",
+            );
+            pair_row(
+                &mut s,
+                "mean signature shift",
+                Pair {
+                    a: u.mean_shift,
+                    b: m.mean_shift,
+                },
+                4,
+                "mean over shared prompts of 1 − sim(s_A, s_B)",
+            );
+            pair_row(
+                &mut s,
+                "permutation p (mean JS)",
+                Pair {
+                    a: u.permutation_p,
+                    b: m.permutation_p,
+                },
+                4,
+                "run labels permuted between the two runs",
+            );
+            s.push_str("</tbody></table>\n");
+        }
+        None => s.push_str(&skipped(&r.matched_drift)),
+    }
+    s.push_str("</section>\n");
+    s
+}
+
+/// Renders the cross-model `report.html`: one self-contained page (inline SVG and the study
+/// report's CSS, no scripts, no network). Deterministic: the same input gives the same bytes.
+pub fn render_html(p: &CrossModelPage<'_>) -> String {
+    let r = p.report;
+    let figs = figures(r, p.sim_a, p.sim_b, p.within);
+    let title = format!(
+        "moe-xray cross-model comparison: {} vs {}",
+        r.model_a.model.as_deref().unwrap_or(&r.model_a.label),
+        r.model_b.model.as_deref().unwrap_or(&r.model_b.label)
+    );
+    let mut s = String::new();
+    page_open(&mut s, &title);
+    let _ = writeln!(s, "<header><h1>{}</h1>", esc(&title));
+    let _ = writeln!(
+        s,
+        "<p class=\"sub\">{}</p></header>",
+        esc(&format!(
+            "Do two models route the same prompts alike? {} shared prompts; model A: {} MoE layers × {} experts, model B: {} × {}{}.",
+            r.shared_prompts,
+            r.model_a.num_layers,
+            r.model_a.num_experts,
+            r.model_b.num_layers,
+            r.model_b.num_experts,
+            if r.same_architecture {
+                " (same architecture: experts are matched)"
+            } else {
+                " (expert indices do not correspond)"
+            }
+        ))
+    );
+    s.push_str("<nav><ol><li><a href=\"#models\">Models</a></li><li><a href=\"#similarity\">Representational similarity</a></li><li><a href=\"#per-layer\">Per layer</a></li><li><a href=\"#task-separation\">Task separation side by side</a></li><li><a href=\"#expert-matching\">Expert matching and matched drift</a></li><li><a href=\"#reproduce\">Reproduce</a></li></ol></nav>\n");
+
+    s.push_str("<section id=\"models\"><h2>Models</h2>\n");
+    s.push_str(&model_table(r));
+    s.push_str("</section>\n");
+
+    s.push_str("<section id=\"similarity\"><h2>Representational similarity</h2>\n");
+    s.push_str(
+        r#"<table class="headline"><thead><tr><th>statistic</th><th>value</th><th>definition</th></tr></thead><tbody>"#,
+    );
+    crate::html::row(
+        &mut s,
+        "RSA (Spearman)",
+        &cell(r.rsa.spearman, 4),
+        &format!(
+            "rank correlation of the two prompt × prompt similarity matrices over {} pairs i<j",
+            r.rsa.pairs
+        ),
+    );
+    match r.rsa.mantel.done() {
+        Some(m) => {
+            crate::html::row(
+                &mut s,
+                "Mantel p",
+                &num(m.p, 4),
+                &format!(
+                    "one-sided, {} permutations of B's prompt labels (seed {}): (1 + #null ≥ observed) / (1 + reps)",
+                    m.reps, m.seed
+                ),
+            );
+            crate::html::row(
+                &mut s,
+                "Mantel null",
+                &format!("{} ± {}", num(m.null_mean, 4), num(m.null_std, 4)),
+                "mean ± std of the Spearman coefficient under permutation",
+            );
+        }
+        None => crate::html::row(
+            &mut s,
+            "Mantel p",
+            "n/a",
+            &r.rsa.mantel.why_missing().unwrap_or_default(),
+        ),
+    }
+    crate::html::row(
+        &mut s,
+        "linear CKA",
+        &cell(r.cka, 4),
+        "centred kernel alignment of the two signature matrices (N × L·E each): 1 = the same prompt geometry up to rotation and scale",
+    );
+    s.push_str("</tbody></table>\n");
+    s.push_str(&figure_html(&figs[0]));
+    s.push_str("</section>\n");
+
+    s.push_str("<section id=\"per-layer\"><h2>Per layer</h2>\n");
+    if figs.len() > 1 {
+        for f in &figs[1..] {
+            s.push_str(&figure_html(f));
+        }
+    } else {
+        s.push_str(&skipped(&r.per_layer));
+    }
+    s.push_str("</section>\n");
+
+    s.push_str("<section id=\"task-separation\"><h2>Task separation side by side</h2>\n");
+    s.push_str(&separation_table(r));
+    s.push_str("</section>\n");
+
+    s.push_str(&matching_section(r));
+
+    s.push_str("<section id=\"reproduce\"><h2>Reproduce</h2>\n<p>This command regenerates the comparison (same inputs and seed give byte-identical outputs):</p>\n");
+    let cmd = if p.command.is_empty() {
+        "(command not recorded)"
+    } else {
+        p.command
+    };
+    let _ = writeln!(s, "<pre><code>{}</code></pre></section>", esc(cmd));
+    let _ = writeln!(
+        s,
+        "<footer>Generated by moe-xray {} (cross-model schema {}). Self-contained: no scripts, no external resources.</footer>",
+        esc(&r.tool_version),
+        r.schema_version
+    );
+    page_close(&mut s);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use moe_xray_stats::crossmodel::{
         compare_signatures, CategoryComparison, CrossModelOptions, ModelInfo, Pair, Side,
     };
-    use moe_xray_stats::results::Section;
 
     fn report() -> (CrossModelReport, Vec<f64>, Vec<f64>, Vec<bool>) {
         let n = 9;

@@ -839,7 +839,21 @@ fn interpretation(input: &ReportInput, r: &Results) -> String {
     s
 }
 
-fn figure_html(f: &Figure) -> String {
+/// The start of a self-contained page (doctype, head with the shared CSS, `<body><main>`); the
+/// study report and the cross-model report share it (and [`page_close`]).
+pub(crate) fn page_open(s: &mut String, title: &str) {
+    s.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+    s.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    let _ = writeln!(s, "<title>{}</title>", esc(title));
+    let _ = writeln!(s, "<style>{CSS}</style>\n</head>\n<body>\n<main>");
+}
+
+/// The end of a page opened by [`page_open`].
+pub(crate) fn page_close(s: &mut String) {
+    s.push_str("</main>\n</body>\n</html>\n");
+}
+
+pub(crate) fn figure_html(f: &Figure) -> String {
     format!(
         "<figure id=\"figure-{id}\" class=\"{cls}\">\n{svg}<figcaption><strong>{title}.</strong> {cap}</figcaption>\n</figure>\n",
         id = esc(&f.id),
@@ -891,10 +905,7 @@ pub fn render_report(input: &ReportInput) -> String {
         .clone()
         .unwrap_or_else(|| format!("moe-xray routing report: {model}"));
     let mut s = String::new();
-    s.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
-    s.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
-    let _ = writeln!(s, "<title>{}</title>", esc(&title));
-    let _ = writeln!(s, "<style>{CSS}</style>\n</head>\n<body>\n<main>");
+    page_open(&mut s, &title);
     let _ = writeln!(s, "<header><h1>{}</h1>", esc(&title));
     let _ = writeln!(
         s,
@@ -1018,6 +1029,6 @@ pub fn render_report(input: &ReportInput) -> String {
         esc(&r.tool_version),
         r.schema_version
     );
-    s.push_str("</main>\n</body>\n</html>\n");
+    page_close(&mut s);
     s
 }

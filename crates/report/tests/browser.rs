@@ -359,3 +359,95 @@ fn report_renders_in_headless_chromium() {
         assert!(title_ink > 0.01, "{}: no title", f.id);
     }
 }
+
+/// The cross-model `report.html` (`compare-models --out DIR`) in headless Chromium: every
+/// section and figure is in the DOM, and the page is painted with the figures' colours.
+#[test]
+fn crossmodel_report_renders_in_headless_chromium() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    use moe_xray_report::crossmodel::{figures, render_html, CrossModelPage};
+    let dir = tempfile::tempdir().unwrap();
+    let (r, a, b, w) = common::crossmodel(true);
+    let page = CrossModelPage {
+        report: &r,
+        sim_a: &a,
+        sim_b: &b,
+        within: &w,
+        command: "moe-xray compare-models runs/a runs/b --out cmp",
+    };
+    let path = dir.path().join("report.html");
+    std::fs::write(&path, render_html(&page)).unwrap();
+    let url = format!("file://{}", path.display());
+
+    let dom = run_chromium(&bin, dir.path(), &["--dump-dom".to_string()], &url);
+    assert!(dom.contains("<main>"), "DOM dump looks wrong");
+    for id in [
+        "models",
+        "similarity",
+        "per-layer",
+        "task-separation",
+        "expert-matching",
+        "reproduce",
+    ] {
+        let needle = format!("<section id=\"{id}\">");
+        assert!(dom.contains(&needle), "{needle} missing from the DOM");
+    }
+    let figs = figures(&r, &a, &b, &w);
+    assert_eq!(figs.len(), 3);
+    for f in &figs {
+        let needle = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{}\"", f.id);
+        assert!(
+            dom.contains(&needle),
+            "figure {} missing from the DOM",
+            f.id
+        );
+    }
+    for needle in [
+        "<table class=\"separation\">",
+        "<table class=\"matching\">",
+        "<table class=\"drift\">",
+        "story &lt;&amp;&gt;",
+    ] {
+        assert!(dom.contains(needle), "{needle} missing from the DOM");
+    }
+
+    let shot = dir.path().join("crossmodel.png");
+    run_chromium(
+        &bin,
+        dir.path(),
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1200,3000".to_string(),
+        ],
+        &url,
+    );
+    let img = decode_png(&shot);
+    assert_eq!((img.width, img.height), (1200, 3000));
+    let (ink, colours) = region_stats(&img, 0, 0, img.width, img.height);
+    eprintln!(
+        "cross-model report screenshot: {:.1} % non-white pixels, {colours} colours",
+        ink * 100.0
+    );
+    assert!(ink > 0.03, "screenshot nearly blank ({ink})");
+    assert!(colours > 50, "too few colours ({colours})");
+    if let Some(keep) = std::env::var_os("MOE_XRAY_CROSSMODEL_SCREENSHOT") {
+        std::fs::copy(&shot, &keep).unwrap();
+    }
+    // the scatter's within-category points (Okabe–Ito blue) and across ones (orange) are painted
+    assert!(
+        has_colour_near(&img, [0x00, 0x72, 0xB2], 30),
+        "no Okabe–Ito blue in the screenshot"
+    );
+    assert!(
+        has_colour_near(&img, [0xE6, 0x9F, 0x00], 30),
+        "no Okabe–Ito orange in the screenshot"
+    );
+    // the per-layer CKA heatmap's viridis cells
+    assert!(
+        has_colour_near(&img, [0x44, 0x01, 0x54], 50)
+            || has_colour_near(&img, [0xfd, 0xe7, 0x25], 50),
+        "no heatmap colours in the screenshot"
+    );
+}

@@ -2,6 +2,8 @@
 //! (RSA with a Mantel test, linear CKA, per-layer CKA/RSA, task separation side by side, and for
 //! the same architecture the Hungarian matching of experts and the matched drift). Definitions:
 //! docs/statistics.md, "Cross-model comparison"; JSON schema: docs/crossmodel.schema.json.
+//! `--out DIR` writes the comparison's self-contained `report.html` (with the figures inline),
+//! together with the other outputs or not at all.
 //!
 //! A subcommand of its own rather than a mode of `compare`: `compare` reads traces of one
 //! architecture and is a CI drift guard (its JSON, table and exit code 3 stay as they are), while
@@ -11,8 +13,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use moe_xray_pipeline::compare_models::{compare_models, CompareModelsOptions};
-use moe_xray_pipeline::outdir::Batch;
-use moe_xray_report::crossmodel::{layer_heatmap, rsa_scatter};
+use moe_xray_pipeline::outdir::{Batch, OutLock};
+use moe_xray_report::crossmodel::{layer_heatmap, render_html, rsa_scatter, CrossModelPage};
 use moe_xray_stats::crossmodel::{CrossModelOptions, CrossModelReport};
 
 use super::health::JsonArgs;
@@ -43,6 +45,10 @@ pub struct Args {
     /// Write the figures (rsa_scatter.svg, layer_cka.svg, layer_rsa.svg) into DIR.
     #[arg(long, value_name = "DIR")]
     pub svg_dir: Option<PathBuf>,
+    /// Write report.html into DIR: a self-contained page with RSA, CKA, task separation side by
+    /// side, the expert matching and matched drift, and the figures inline.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// No summary on stdout and no progress.
     #[arg(long)]
     pub quiet: bool,
@@ -148,6 +154,8 @@ pub fn summary(r: &CrossModelReport) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // One writer per output directory, held until the files are in place.
+    let _lock = args.out.as_deref().map(OutLock::acquire).transpose()?;
     let bar = CliProgress::with_spinner(args.quiet, "compare-models: reading analyses");
     let out = compare_models(
         &CompareModelsOptions {
@@ -179,6 +187,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 batch.add(dir.join(format!("layer_{which}.svg")), svg)?;
             }
         }
+    }
+    if let Some(dir) = &args.out {
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        batch.add(
+            dir.join("report.html"),
+            render_html(&CrossModelPage {
+                report: &out.report,
+                sim_a: &out.sim_a,
+                sim_b: &out.sim_b,
+                within: &out.within,
+                command: &command,
+            }),
+        )?;
     }
     batch.commit()?;
     if args.json.to_stdout() {

@@ -145,3 +145,155 @@ pub fn ablation() -> moe_xray_stats::ablation::AblationResults {
         passes: 13,
     }
 }
+
+/// A cross-model comparison of 12 prompts in 3 categories (category c prefers expert c + layer):
+/// with `same`, B is A (2 layers × 4 experts) with its experts renumbered per layer and a
+/// hand-made matched drift; otherwise B has 3 layers × 3 experts. Returns the report and the
+/// RSA scatter's inputs (upper-triangle similarities of A and B, within-category flags).
+pub fn crossmodel(
+    same: bool,
+) -> (
+    moe_xray_stats::crossmodel::CrossModelReport,
+    Vec<f64>,
+    Vec<f64>,
+    Vec<bool>,
+) {
+    use moe_xray_stats::crossmodel::{
+        compare_signatures, CategoryComparison, CategoryRow, CrossModelOptions, CrossModelReport,
+        Drift, MatchedDrift, ModelInfo, Pair, Side,
+    };
+    use moe_xray_stats::results::Section;
+    let n = 12;
+    let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
+    // relabel[l][x]: the number expert x gets (identity for A).
+    let sig = |l: usize, e: usize, relabel: &dyn Fn(usize, usize) -> usize| -> Vec<f64> {
+        let mut s = Vec::new();
+        for (i, &c) in labels.iter().enumerate() {
+            for layer in 0..l {
+                let mut row = vec![0.0; e];
+                for x in 0..e {
+                    let v = 1.0
+                        + (x == (c + layer) % e) as u8 as f64 * 3.0
+                        + ((i * 7 + layer * 3 + x * 5) % 11) as f64 * 0.05;
+                    row[relabel(layer, x)] = v;
+                }
+                let t: f64 = row.iter().sum();
+                row.iter_mut().for_each(|v| *v /= t);
+                s.extend(row);
+            }
+        }
+        s
+    };
+    let sa = sig(2, 4, &|_, x| x);
+    let (lb, eb, layers_b): (usize, usize, Vec<usize>) = if same {
+        (2, 4, vec![0, 1])
+    } else {
+        (3, 3, vec![1, 2, 3])
+    };
+    let sb = if same {
+        sig(2, 4, &|l, x| (x + l + 1) % 4)
+    } else {
+        sig(3, 3, &|_, x| x)
+    };
+    let cats: Vec<String> = ["code", "math", "story <&>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let c = compare_signatures(
+        &Side {
+            num_layers: 2,
+            num_experts: 4,
+            layers: &[0, 1],
+            signatures: &sa,
+        },
+        &Side {
+            num_layers: lb,
+            num_experts: eb,
+            layers: &layers_b,
+            signatures: &sb,
+        },
+        n,
+        &labels,
+        &cats,
+        &CrossModelOptions { reps: 99, seed: 0 },
+    )
+    .unwrap();
+    let info = |label: &str, l: usize, e: usize, layers: Vec<usize>| ModelInfo {
+        label: label.into(),
+        model: Some(format!("model-{label}")),
+        family: Some("olmoe".into()),
+        num_layers: l,
+        num_experts: e,
+        top_k: 2,
+        layers,
+        num_prompts: n,
+    };
+    let mut within = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            within.push(labels[i] == labels[j]);
+        }
+    }
+    let drift = |js: f64, shift: f64| Drift {
+        js_bits: vec![js, js / 2.0],
+        mean_js_bits: 0.75 * js,
+        max_js_bits: js,
+        mean_shift: Some(shift),
+        permutation_p: Some(0.01),
+    };
+    let matched_drift = if same {
+        Section::Done(MatchedDrift {
+            unmatched: drift(0.4, 0.6),
+            matched: drift(0.001, 0.0),
+        })
+    } else {
+        Section::skipped("no traces")
+    };
+    let r = CrossModelReport {
+        schema_version: 1,
+        tool_version: "0.1.0".into(),
+        model_a: info("runs/a", 2, 4, vec![0, 1]),
+        model_b: info("runs/b", lb, eb, layers_b.clone()),
+        shared_prompts: n,
+        only_in_a: vec![],
+        only_in_b: vec!["extra-1".into()],
+        same_architecture: same,
+        rsa: c.rsa,
+        cka: c.cka,
+        per_layer: c.per_layer,
+        categories: CategoryComparison {
+            cohens_d: Pair {
+                a: Some(1.5),
+                b: Some(1.2),
+            },
+            cohens_d_shared: c.cohens_d_shared,
+            accuracy: Pair {
+                a: Some(0.9),
+                b: Some(0.8),
+            },
+            chance: Pair {
+                a: Some(1.0 / 3.0),
+                b: Some(1.0 / 3.0),
+            },
+            macro_f1: Pair {
+                a: Some(0.88),
+                b: None,
+            },
+            per_category: c
+                .per_category
+                .iter()
+                .map(|(cat, k, da, db)| CategoryRow {
+                    category: cat.clone(),
+                    n: *k,
+                    d_a: *da,
+                    d_b: *db,
+                    recall_a: Some(0.75),
+                    recall_b: None,
+                })
+                .collect(),
+        },
+        expert_matching: c.expert_matching,
+        matched_drift,
+    };
+    (r, c.sim_a_upper, c.sim_b_upper, within)
+}
