@@ -440,46 +440,6 @@ mod tests {
         assert!(w.sub(1, 3).is_none());
     }
 
-    /// Timing of one gpt-oss-20b gate_up projection (5760 × 2880) against the bf16 kernel on the
-    /// same shape: `cargo test -p moe-xray-kernels --lib mxfp4::tests::speed -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn speed() {
-        let (k, m) = (2880, 5760);
-        let nb = m * k / BLOCK;
-        let (b, s) = (random_bytes(nb * 16, 1), scales(nb, 2));
-        let w = MxMatrix::new(
-            MxLayout::Hf {
-                blocks: &b,
-                scales: &s,
-            },
-            m,
-            k,
-        )
-        .unwrap();
-        let wb = <half::bf16 as crate::matmul::Elem>::narrow(&w.dequantize());
-        for n in [1usize, 8, 64] {
-            let x = random_x(n * k, 3);
-            let time = |f: &dyn Fn() -> Vec<f32>| {
-                let t = std::time::Instant::now();
-                let mut reps = 0;
-                while t.elapsed().as_secs_f64() < 1.0 {
-                    std::hint::black_box(f());
-                    reps += 1;
-                }
-                t.elapsed().as_secs_f64() / reps as f64
-            };
-            let a = time(&|| xwt_mxfp4(&x, n, &w));
-            let c = time(&|| crate::matmul::xwt(&x, n, k, &wb, m));
-            eprintln!(
-                "n={n}: mxfp4 {:.2} ms ({:.1} GB/s of packed weights), bf16 {:.2} ms",
-                a * 1e3,
-                (m * k) as f64 * 17.0 / 32.0 / a / 1e9,
-                c * 1e3
-            );
-        }
-    }
-
     #[test]
     fn thread_count_does_not_change_results() {
         let (n, k, m) = (6, 256, 300);
