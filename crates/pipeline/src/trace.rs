@@ -25,7 +25,8 @@ use std::time::Instant;
 use moe_xray_model::chat::{ChatTemplate, Sandbox};
 use moe_xray_model::config::{eos_token_ids, GenerationDefaults, ModelConfig};
 use moe_xray_model::generate::{
-    check_options, fit_context, generate_all, GenerateOptions, PromptInput, Sampling, Truncate,
+    check_options, fit_context, generate_all, GenerateOptions, Generation, PromptInput, Sampling,
+    Truncate,
 };
 use moe_xray_model::model::{dtype_name, parse_dtype, LoadOptions, MoeModel};
 use moe_xray_model::tokenizer::Tokenizer;
@@ -595,18 +596,7 @@ impl LoadedTrace {
             &mut |g| {
                 if !have_gen.contains(&g.prompt_id) {
                     let text = tokenizer.decode(&g.generated, false)?;
-                    gens.append(&GenerationLine {
-                        prompt_id: g.prompt_id.clone(),
-                        category: categories
-                            .get(g.prompt_id.as_str())
-                            .unwrap_or(&"")
-                            .to_string(),
-                        prompt_ids: g.prompt_tokens.clone(),
-                        generated_ids: g.generated.clone(),
-                        text,
-                        stopped_on_eos: g.stopped_on_eos,
-                        prompt_tokens_truncated_from: truncated.get(g.prompt_id.as_str()).copied(),
-                    })?;
+                    gens.append(&generation_line(&g, text, &categories, truncated))?;
                     have_gen.insert(g.prompt_id.clone());
                 }
                 if !regen.contains(&g.prompt_id) {
@@ -634,6 +624,27 @@ impl LoadedTrace {
             generations: gen_path,
             manifest: manifest_path,
         })
+    }
+}
+
+/// The generations-file line of a finished prompt (both trace writers, JSONL and Parquet).
+fn generation_line(
+    g: &Generation,
+    text: String,
+    categories: &HashMap<&str, &str>,
+    truncated: &HashMap<String, usize>,
+) -> GenerationLine {
+    GenerationLine {
+        prompt_id: g.prompt_id.clone(),
+        category: categories
+            .get(g.prompt_id.as_str())
+            .unwrap_or(&"")
+            .to_string(),
+        prompt_ids: g.prompt_tokens.clone(),
+        generated_ids: g.generated.clone(),
+        text,
+        stopped_on_eos: g.stopped_on_eos,
+        prompt_tokens_truncated_from: truncated.get(g.prompt_id.as_str()).copied(),
     }
 }
 
@@ -717,18 +728,7 @@ fn run_parquet(
         &mut deferred,
         &mut |g| {
             let text = tokenizer.decode(&g.generated, false)?;
-            gens.append(&GenerationLine {
-                prompt_id: g.prompt_id.clone(),
-                category: categories
-                    .get(g.prompt_id.as_str())
-                    .unwrap_or(&"")
-                    .to_string(),
-                prompt_ids: g.prompt_tokens.clone(),
-                generated_ids: g.generated.clone(),
-                text,
-                stopped_on_eos: g.stopped_on_eos,
-                prompt_tokens_truncated_from: truncated.get(g.prompt_id.as_str()).copied(),
-            })?;
+            gens.append(&generation_line(&g, text, &categories, truncated))?;
             shared.borrow_mut().end_prompt(&g.prompt_id)?;
             prompt_tokens += g.prompt_tokens.len();
             gen_tokens += g.generated.len();
