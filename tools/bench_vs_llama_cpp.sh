@@ -21,9 +21,15 @@
 #     22-token prompt, as the paper workload; unified KV cache large enough for 80 × 54 tokens,
 #     -b 2048 -ub 512, llama.cpp's defaults otherwise) and `llama-bench -p 512 -n 32` (pp512,
 #     tg32) with -t $THREADS.
+#   - with HF_BATCH1=N (optional): transformers at its fastest setting here (batch 1, sdpa, router
+#     hooks; tools/bench_hf.py) on the first N prompts of paper80, for the transformers ratio;
+#   - with ON_GGUF=1 (optional): moe-xray also on the GGUF file itself (the very file llama.cpp
+#     reads; its bf16 experts go through the same kernels as the safetensors checkpoint's).
 # Environment: THREADS (2), LAYERS (16), KERNELS, LLAMA_DIR, GGUF, HF_PYTHON, OUT (results,
 # default target/bench-vs-llama-cpp), SKIP_LLAMA_BENCH=1 (skip llama-bench), BIN (a moe-xray
-# binary to use instead of building target/release/moe-xray).
+# binary to use instead of building target/release/moe-xray), HF_BATCH1, ON_GGUF, SKIP_HF_DIR=1
+# (no safetensors checkpoint: GGUF written by `moe-xray synth-model --format gguf --quant bf16`
+# from the same seed, moe-xray measured on it; saves 13.8 GB of disk at 16 layers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,8 +55,15 @@ if [ -z "${BIN:-}" ]; then
   cargo build --release -p moe-xray
   BIN=target/release/moe-xray
 fi
-if [ ! -f "$MODEL/config.json" ]; then
-  "$BIN" synth-model --preset olmoe-1b-7b --layers "$LAYERS" --dtype bf16 --out "$MODEL"
+if [ "${SKIP_HF_DIR:-0}" = 1 ]; then
+  if [ ! -f "$GGUF" ]; then
+    "$BIN" synth-model --preset olmoe-1b-7b --layers "$LAYERS" --format gguf --quant bf16 --out "$GGUF"
+  fi
+  ON_GGUF=1
+else
+  if [ ! -f "$MODEL/config.json" ]; then
+    "$BIN" synth-model --preset olmoe-1b-7b --layers "$LAYERS" --dtype bf16 --out "$MODEL"
+  fi
 fi
 if [ ! -x "$LLAMA_DIR/bin/llama-batched-bench" ]; then
   LLAMA_DIR="$LLAMA_DIR" tools/build_llama_cpp.sh
@@ -59,17 +72,29 @@ if [ ! -f "$GGUF" ]; then
   PYTHONPATH="$LLAMA_DIR/llama.cpp/gguf-py" "$HF_PYTHON" "$LLAMA_DIR/llama.cpp/convert_hf_to_gguf.py" \
     "$MODEL" --outtype bf16 --outfile "$GGUF"
 fi
+if [ -n "${HF_BATCH1:-}" ] && [ "${SKIP_HF_DIR:-0}" != 1 ]; then
+  echo "== transformers (tools/bench_hf.py): $HF_BATCH1 prompts x 32 new tokens, batch 1, $THREADS threads, router hooks"
+  "$HF_PYTHON" tools/bench_hf.py --model "$MODEL" -n "$HF_BATCH1" --max-new-tokens 32 --batch-size 1 \
+    --threads "$THREADS" --dtype bf16 --json "$OUT/transformers-b1.json" > "$OUT/transformers-b1.log" 2>&1
+  cat "$OUT/transformers-b1.json"; echo
+fi
 echo "llama.cpp $("$LLAMA_DIR/bin/llama-bench" --version 2>&1 | grep -m1 version || true)"
 
-for k in $KERNELS; do
-  for n in 8 80; do
-    echo "== moe-xray bench model: $n prompts x 32 new tokens, batch $n, $THREADS threads, events capture, MOE_XRAY_KERNEL=$k"
-    MOE_XRAY_KERNEL=$k "$BIN" bench model --model "$MODEL" -n "$n" --max-new-tokens 32 \
-      --batch-size "$n" --threads "$THREADS" --capture events --scratch "$OUT" --json \
-      > "$OUT/moe-xray-$k-$n.json"
-    grep -E '"(kernel|tokens_per_second|prefill_tokens_per_second|decode_tokens_per_second|peak_rss_bytes)"' \
-      "$OUT/moe-xray-$k-$n.json" | tr -s ' ' | tr '\n' ' '
-    echo
+SOURCES=""
+[ "${SKIP_HF_DIR:-0}" != 1 ] && SOURCES="hf"
+[ "${ON_GGUF:-0}" = 1 ] && SOURCES="$SOURCES gguf"
+for src in $SOURCES; do
+  if [ "$src" = hf ]; then M="$MODEL"; TAG=""; else M="$GGUF"; TAG="-gguf"; fi
+  for k in $KERNELS; do
+    for n in 8 80; do
+      echo "== moe-xray bench model ($src: $M): $n prompts x 32 new tokens, batch $n, $THREADS threads, events capture, MOE_XRAY_KERNEL=$k"
+      MOE_XRAY_KERNEL=$k "$BIN" bench model --model "$M" -n "$n" --max-new-tokens 32 \
+        --batch-size "$n" --threads "$THREADS" --capture events --scratch "$OUT" --json \
+        > "$OUT/moe-xray-$k-$n$TAG.json"
+      grep -E '"(kernel|tokens_per_second|prefill_tokens_per_second|decode_tokens_per_second|peak_rss_bytes)"' \
+        "$OUT/moe-xray-$k-$n$TAG.json" | tr -s ' ' | tr '\n' ' '
+      echo
+    done
   done
 done
 
@@ -84,18 +109,23 @@ if [ "${SKIP_LLAMA_BENCH:-0}" != 1 ]; then
     tee "$OUT/llama-bench.md"
 fi
 
-"$HF_PYTHON" - "$OUT" "$KERNELS" <<'EOF'
-import json, sys
-out, kernels = sys.argv[1], sys.argv[2].split()
+"$HF_PYTHON" - "$OUT" "$KERNELS" "$SOURCES" <<'EOF'
+import json, os, sys
+out, kernels, sources = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 ll = {r["pl"]: r for r in map(json.loads, open(f"{out}/llama-batched-bench.jsonl"))}
 print()
 print("moe-xray bench model (events capture) vs llama-batched-bench (bf16 GGUF, -npp 22 -ntg 32,"
       " prompt not shared); tok/s = processed tokens / time")
 print(f"{'':6}{'kernel':>13}{'prefill':>10}{'decode':>10}{'total':>10}   "
       f"{'llama pp':>9}{'llama tg':>9}{'llama':>9}{'ratio':>8}")
-for k in kernels:
-    for n in (8, 80):
-        mx = json.load(open(f"{out}/moe-xray-{k}-{n}.json"))
+hf = None
+if os.path.exists(f"{out}/transformers-b1.json"):
+    hf = json.load(open(f"{out}/transformers-b1.json"))
+for src, k in ((s, k) for s in sources for k in kernels):
+  tag = "" if src == "hf" else "-gguf"
+  print(f"moe-xray on the {'safetensors checkpoint' if src == 'hf' else 'same GGUF file'}:")
+  for n in (8, 80):
+        mx = json.load(open(f"{out}/moe-xray-{k}-{n}{tag}.json"))
         cap = next(p for p in mx["passes"] if p["sink"] != "null")
         r = ll.get(n)
         row = (f"{n:>3} pr{mx['kernel']:>13}{cap['prefill_tokens_per_second']:>10.2f}"
@@ -105,4 +135,13 @@ for k in kernels:
                     f"{cap['tokens_per_second'] / r['speed']:>7.2f}x")
         print(row)
 print("ratio = moe-xray total / llama.cpp total (S t/s); > 1: moe-xray is faster")
+if hf:
+    t = hf.get("tokens_per_second") or next(p for p in hf["passes"] if p.get("sink") != "null")["tokens_per_second"]
+    print(f"transformers batch 1 (its fastest setting here; router hooks): {t:.2f} tok/s")
+    for src, k in ((s, k) for s in sources for k in kernels):
+        tag = "" if src == "hf" else "-gguf"
+        for n in (8, 80):
+            mx = json.load(open(f"{out}/moe-xray-{k}-{n}{tag}.json"))
+            cap = next(p for p in mx["passes"] if p["sink"] != "null")
+            print(f"  moe-xray {src} {k} {n} prompts / transformers batch 1: {cap['tokens_per_second'] / t:.2f}x")
 EOF

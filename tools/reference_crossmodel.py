@@ -39,7 +39,15 @@ CASES = [
     ("planted_vs_null", "planted", "null",
      "fixtures/stats/planted/trace.jsonl", "fixtures/stats/null/trace.jsonl"),
     ("mixtral_vs_olmoe", "mixtral", "olmoe", None, None),
+    # The N-run comparison (compare-models planted null planted_prompt): its three pairs.
+    ("planted_vs_planted_prompt", "planted", "planted_prompt",
+     "fixtures/stats/planted/trace.jsonl", "fixtures/stats/planted/trace.jsonl"),
+    ("null_vs_planted_prompt", "null", "planted_prompt",
+     "fixtures/stats/null/trace.jsonl", "fixtures/stats/planted/trace.jsonl"),
 ]
+
+# N-run comparisons: the runs in order; every pair i<j on the prompts shared by all runs.
+MULTI = [("planted_null_prompt", ["planted", "null", "planted_prompt"])]
 
 
 def read_analysis(d):
@@ -237,11 +245,42 @@ def case(name, da, db, ta, tb):
     return name, out
 
 
+def multi(name, dirs):
+    """The N x N matrices (RSA Spearman, linear CKA; diagonal None) and each run's Cohen's d on
+    the prompts shared by every run, in the first run's order."""
+    runs = [read_analysis(d) for d in dirs]
+    common = set(runs[0]["ids"])
+    for r in runs[1:]:
+        common &= set(r["ids"])
+    ids = [p for p in runs[0]["ids"] if p in common]
+    sigs, sims = [], []
+    for r in runs:
+        idx = {p: i for i, p in enumerate(r["ids"])}
+        sig = r["sig"][[idx[p] for p in ids]]
+        sigs.append(sig)
+        sims.append(similarity(sig, r["L"], r["E"]))
+    cats = [runs[0]["cats"][runs[0]["ids"].index(p)] for p in ids]
+    names = sorted(set(cats))
+    labels = [names.index(c) for c in cats]
+    n = len(runs)
+    rsa = [[None] * n for _ in range(n)]
+    ck = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                rsa[i][j] = spear(upper(sims[i]), upper(sims[j]))
+                ck[i][j] = cka(sigs[i], sigs[j])
+    return name, dict(runs=dirs, shared=len(ids), rsa=rsa, cka=ck,
+                      cohens_d_shared=[overall_d(s, labels) for s in sims],
+                      categories=[dict(category=c, n=labels.count(k)) for k, c in enumerate(names)])
+
+
 def main():
     expected = dict(
         generator="tools/reference_crossmodel.py",
         numpy=np.__version__,
         cases=dict(case(*c) for c in CASES),
+        multi=dict(multi(*m) for m in MULTI),
     )
     with open(os.path.join(FIX, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)

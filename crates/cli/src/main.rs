@@ -30,15 +30,18 @@ enum Command {
     Run(cmd::run::Args),
     /// The whole study on an embedded synthetic model and the bundled paper80 prompts.
     Demo(cmd::demo::Args),
-    /// Map step of a sharded analysis: one part of the traces' per-prompt counts -> a shard file.
+    /// Map step of a sharded analysis: one part of the traces' per-prompt counts (or, with
+    /// --gram-sums, per-category Gram sums; with --health, also the health accumulator) -> a
+    /// shard file.
     Map(cmd::map::Args),
-    /// Merge step: shard files -> exactly the outputs of one `analyze` over all their traces.
+    /// Merge step: shard files -> exactly the outputs of one `analyze` (and, with --health DIR,
+    /// of one `health`) over all their traces.
     Merge(cmd::merge::Args),
     /// Routing health of a trace: expert load, entropy, dead experts, co-activation.
     Health(cmd::health::Args),
     /// Compare the routing of two runs (drift guard).
     Compare(cmd::compare::Args),
-    /// Compare two models' routing on the same prompts across architectures (RSA, CKA, expert matching).
+    /// Compare two or more models' routing on the same prompts across architectures (RSA, CKA, expert matching).
     CompareModels(cmd::compare_models::Args),
     /// Benchmark model execution with routing capture.
     Bench(cmd::bench::Args),

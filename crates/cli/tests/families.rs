@@ -36,6 +36,7 @@ const FIXTURES: &[Expect] = &[
     Expect { dir: "deepseekv2-tiny-group-f32", family: "deepseek_v2", moe: &[1, 2], dense: &[0], shared: 1, router: "deepseek_v2", scores: "softmax", experts: 16, top_k: 3 },
     Expect { dir: "deepseekv3-tiny-bf16", family: "deepseek_v3", moe: &[1, 2], dense: &[0], shared: 1, router: "deepseek_v3", scores: "sigmoid", experts: 16, top_k: 4 },
     Expect { dir: "deepseekv3-tiny-f32", family: "deepseek_v3", moe: &[1, 2], dense: &[0], shared: 1, router: "deepseek_v3", scores: "sigmoid", experts: 16, top_k: 4 },
+    Expect { dir: "gptoss-tiny-bf16", family: "gpt_oss", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 12, top_k: 3 },
     Expect { dir: "gptoss-tiny-f32", family: "gpt_oss", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 12, top_k: 3 },
     Expect { dir: "gptoss-tiny-mxfp4", family: "gpt_oss", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 12, top_k: 3 },
     Expect { dir: "granitemoe-tiny-f32", family: "granitemoe", moe: &[0, 1, 2], dense: &[], shared: 0, router: "topk_softmax", scores: "softmax", experts: 8, top_k: 2 },

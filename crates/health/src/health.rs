@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::exact::ExactMoments;
 use crate::metrics;
 use crate::{HealthError, Result};
 use moe_xray_trace::limits::{check_dims, check_table};
@@ -63,60 +64,32 @@ pub struct TokenRouting<'a> {
     pub probs: Option<&'a [f32]>,
 }
 
-/// Streaming mean/std (Welford) and minimum.
-#[derive(Debug, Clone, Default)]
-struct Moments {
-    n: u64,
-    mean: f64,
-    m2: f64,
-    min: f64,
-}
-
-impl Moments {
-    fn push(&mut self, x: f64) {
-        self.n += 1;
-        if self.n == 1 || x < self.min {
-            self.min = x;
-        }
-        let d = x - self.mean;
-        self.mean += d / self.n as f64;
-        self.m2 += d * (x - self.mean);
-    }
-    fn std(&self) -> f64 {
-        if self.n == 0 {
-            0.0
-        } else {
-            (self.m2 / self.n as f64).sqrt()
-        }
-    }
-}
-
 /// Accumulates routing health from records (per token) and counts lines (per prompt).
 #[derive(Debug, Clone)]
 pub struct HealthAccumulator {
     /// Rows: the MoE layers (every decoder layer unless some are dense).
-    num_layers: usize,
-    num_experts: usize,
+    pub(crate) num_layers: usize,
+    pub(crate) num_experts: usize,
     /// Decoder-layer index of each row.
-    layer_ids: Vec<usize>,
+    pub(crate) layer_ids: Vec<usize>,
     /// For each decoder layer its row, `None` for a dense layer.
-    row_of: Vec<Option<usize>>,
-    opts: HealthOptions,
-    load: Vec<f64>,
-    tokens: Vec<u64>,
+    pub(crate) row_of: Vec<Option<usize>>,
+    pub(crate) opts: HealthOptions,
+    pub(crate) load: Vec<f64>,
+    pub(crate) tokens: Vec<u64>,
     /// `L·E·E` co-activation counts (full symmetric matrices, diagonal = per-token load); empty
     /// when `L·E²` exceeds [`MAX_COACTIVATION_CELLS`].
-    coact: Vec<u64>,
-    coact_too_large: bool,
-    per_token_records: u64,
-    counts_lines: u64,
-    entropy: Vec<Moments>,
-    margin: Vec<Moments>,
-    top_k: Option<usize>,
-    top_k_varies: bool,
-    prompts: Vec<PromptLoad>,
-    prompt_index: HashMap<String, usize>,
-    scratch: Vec<f64>,
+    pub(crate) coact: Vec<u64>,
+    pub(crate) coact_too_large: bool,
+    pub(crate) per_token_records: u64,
+    pub(crate) counts_lines: u64,
+    pub(crate) entropy: Vec<ExactMoments>,
+    pub(crate) margin: Vec<ExactMoments>,
+    pub(crate) top_k: Option<usize>,
+    pub(crate) top_k_varies: bool,
+    pub(crate) prompts: Vec<PromptLoad>,
+    pub(crate) prompt_index: HashMap<String, usize>,
+    pub(crate) scratch: Vec<f64>,
 }
 
 impl HealthAccumulator {
@@ -189,8 +162,8 @@ impl HealthAccumulator {
             coact_too_large: coact_cells.is_none(),
             per_token_records: 0,
             counts_lines: 0,
-            entropy: vec![Moments::default(); num_layers],
-            margin: vec![Moments::default(); num_layers],
+            entropy: vec![ExactMoments::default(); num_layers],
+            margin: vec![ExactMoments::default(); num_layers],
             top_k: None,
             top_k_varies: false,
             prompts: Vec::new(),
@@ -403,7 +376,7 @@ impl HealthAccumulator {
         let e_n = self.num_experts;
         let uniform = 1.0 / e_n as f64;
         let coact = self.has_coactivation();
-        let any_probs = self.entropy.iter().any(|m| m.n > 0);
+        let any_probs = self.entropy.iter().any(|m| m.count() > 0);
         let mut layers = Vec::with_capacity(self.num_layers);
         for l in 0..self.num_layers {
             let load = &self.load[l * e_n..(l + 1) * e_n];
@@ -413,22 +386,23 @@ impl HealthAccumulator {
             let cold: Vec<usize> = (0..e_n)
                 .filter(|&e| load[e] > 0.0 && share[e] < self.opts.cold_fraction * uniform)
                 .collect();
-            let router = (self.entropy[l].n > 0).then(|| {
+            let router = (self.entropy[l].count() > 0).then(|| {
                 let h = &self.entropy[l];
                 let m = &self.margin[l];
+                let h_mean = h.mean();
                 RouterStats {
-                    tokens: h.n,
-                    entropy_mean: h.mean,
+                    tokens: h.count(),
+                    entropy_mean: h_mean,
                     entropy_std: h.std(),
                     normalized_entropy_mean: if e_n > 1 {
-                        h.mean / (e_n as f64).ln()
+                        h_mean / (e_n as f64).ln()
                     } else {
                         0.0
                     },
-                    margin_tokens: m.n,
-                    margin_mean: m.mean,
+                    margin_tokens: m.count(),
+                    margin_mean: m.mean(),
                     margin_std: m.std(),
-                    margin_min: m.min,
+                    margin_min: m.min(),
                 }
             });
             let top_pairs = coact.then(|| {
@@ -494,7 +468,7 @@ impl HealthAccumulator {
             inputs: InputSummary {
                 token_records: self.per_token_records,
                 counts_lines: self.counts_lines,
-                records_with_probs: self.entropy.iter().map(|m| m.n).sum(),
+                records_with_probs: self.entropy.iter().map(|m| m.count()).sum(),
             },
             available: Availability {
                 coactivation: coact,

@@ -204,6 +204,17 @@ type EventKey = (String, Option<String>, u32, u32, TokenType);
 
 /// Streams one trace file into `acc`; every error names the file and line.
 pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
+    accumulate_file_where(acc, path, &|_| true)
+}
+
+/// [`accumulate_file`] restricted to the prompts for which `keep(prompt_id)` is true (the
+/// prompts of one part of a sharded analysis, `moe-xray map --health`); the other prompts'
+/// lines are read and checked by the trace reader but not accumulated.
+pub fn accumulate_file_where(
+    acc: &mut HealthAccumulator,
+    path: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let reader =
         TraceReader::open(path)?.with_dims(Some(acc.num_decoder_layers()), Some(acc.num_experts()));
     let mut pending: Option<(EventKey, usize)> = None;
@@ -227,6 +238,13 @@ pub fn accumulate_file(acc: &mut HealthAccumulator, path: &Path) -> Result<()> {
     };
     for item in reader {
         let (line, item) = item?;
+        if !keep(item.prompt_id()) {
+            // As if the line were read: it ends the pending flat-event token.
+            flush(acc, &pending, &experts)?;
+            experts.clear();
+            pending = None;
+            continue;
+        }
         match item {
             TraceItem::Record(r) => acc
                 .add_token(&TokenRouting {

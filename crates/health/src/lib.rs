@@ -8,11 +8,13 @@
 
 pub mod compare;
 pub mod error;
+pub mod exact;
 pub mod health;
 pub mod input;
 pub mod metrics;
 pub mod mi;
 pub mod output;
+pub mod state;
 
 pub use compare::{compare_runs, CompareOptions, CompareReport};
 pub use error::{HealthError, Result};

@@ -1,7 +1,7 @@
 //! The one run-time CPU-feature check of the workspace.
 //!
 //! [`Cpu::get`] detects the features once per process (cached). A SIMD kernel is reachable only
-//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`], [`Avx512Bf16`]) whose constructor returns `None` on a CPU
+//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`], [`Avx512Bf16`], [`Avx512Vnni`]) whose constructor returns `None` on a CPU
 //! without the feature, so the `unsafe` call of a `#[target_feature]` function is justified by
 //! the token's existence alone. Other crates use [`with_avx`] (an [`AvxBody`]) to compile plain Rust code with AVX
 //! enabled (same operations, same results; it only changes instruction selection).
@@ -18,6 +18,7 @@ pub struct Cpu {
     avx512f: bool,
     avx512bw: bool,
     avx512bf16: bool,
+    avx512vnni: bool,
 }
 
 impl Cpu {
@@ -37,6 +38,7 @@ impl Cpu {
             avx512f: std::is_x86_feature_detected!("avx512f"),
             avx512bw: std::is_x86_feature_detected!("avx512bw"),
             avx512bf16: std::is_x86_feature_detected!("avx512bf16"),
+            avx512vnni: std::is_x86_feature_detected!("avx512vnni"),
         }
     }
 
@@ -71,12 +73,19 @@ impl Cpu {
         (self.avx512f && self.avx512bw && self.avx512bf16).then_some(Avx512Bf16(()))
     }
 
+    /// The AVX-512 F + BW + VNNI token (the quantised-weight kernels, `vpdpbusd` / `vpdpwssd`),
+    /// when the CPU has all three.
+    pub fn avx512_vnni(self) -> Option<Avx512Vnni> {
+        (self.avx512f && self.avx512bw && self.avx512vnni).then_some(Avx512Vnni(()))
+    }
+
     /// This description without the AVX-512 features (to force the AVX2 paths).
     pub fn without_avx512(self) -> Cpu {
         Cpu {
             avx512f: false,
             avx512bw: false,
             avx512bf16: false,
+            avx512vnni: false,
             ..self
         }
     }
@@ -91,6 +100,7 @@ impl Cpu {
             (self.avx512f, "avx512f"),
             (self.avx512bw, "avx512bw"),
             (self.avx512bf16, "avx512bf16"),
+            (self.avx512vnni, "avx512vnni"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -113,6 +123,10 @@ pub struct Avx2Fma(());
 /// Proof that the CPU has AVX-512 F, BW and BF16 (only [`Cpu::avx512_bf16`] makes one).
 #[derive(Debug, Clone, Copy)]
 pub struct Avx512Bf16(());
+
+/// Proof that the CPU has AVX-512 F, BW and VNNI (only [`Cpu::avx512_vnni`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub struct Avx512Vnni(());
 
 /// A computation to compile with AVX enabled (see [`with_avx`]). Implement [`AvxBody::run`] with
 /// `#[inline(always)]`, and the functions it calls too: then the whole body is generated inside the
@@ -162,6 +176,12 @@ mod tests {
                     && std::is_x86_feature_detected!("avx512bw")
             );
             assert!(c.without_avx512().avx512_bf16().is_none());
+            assert!(c.without_avx512().avx512_vnni().is_none());
+            assert_eq!(
+                c.avx512_vnni().is_some(),
+                std::is_x86_feature_detected!("avx512vnni")
+                    && std::is_x86_feature_detected!("avx512bw")
+            );
             assert_eq!(
                 c.without_avx512().avx2_fma().is_some(),
                 c.avx2_fma().is_some()

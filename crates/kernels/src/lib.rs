@@ -23,9 +23,11 @@ pub mod linalg;
 pub mod matmul;
 pub mod mmap;
 pub mod mxfp4;
+pub mod quant;
 pub mod rng;
 pub mod sampler;
 pub mod shuffle;
+pub mod xw;
 
 /// Safe loads and stores of whole arrays into AVX registers (no alignment requirement).
 #[cfg(target_arch = "x86_64")]

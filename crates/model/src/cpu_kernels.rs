@@ -68,23 +68,43 @@ impl<T: moe_xray_kernels::matmul::Elem + candle_core::WithDType> Elem for T {}
 /// f16 or f32) on the CPU, by candle's matmul otherwise. On the CPU each output row is computed the
 /// same way whatever the other rows are, so a token's result does not depend on its batch.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match matmul_t_cpu(x, w, false)? {
+        Some(y) => Ok(y),
+        None if x.rank() > 2 => x.broadcast_matmul(&w.t()?),
+        None => x.matmul(&w.t()?),
+    }
+}
+
+/// [`matmul_t`] with the f32 accumulators returned unrounded (f32), whatever the operands' dtype:
+/// for torch's biased linear (`addmm`), which adds the bias to the f32 accumulators and rounds to
+/// bf16 / f16 once, where rounding the product first and adding the bias in bf16 rounds twice.
+pub(crate) fn matmul_t_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match matmul_t_cpu(x, w, true)? {
+        Some(y) => Ok(y),
+        None => matmul_t(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?),
+    }
+}
+
+/// [`MatmulT`] when both operands are on the CPU with the same dtype (bf16, f16 or f32) and `w`
+/// is a matrix; `None` otherwise.
+fn matmul_t_cpu(x: &Tensor, w: &Tensor, f32_out: bool) -> candle_core::Result<Option<Tensor>> {
     let fast = x.device().is_cpu()
         && x.dtype() == w.dtype()
         && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32)
         && w.rank() == 2;
-    if fast {
-        let x = x.contiguous()?;
-        let w = w.contiguous()?;
-        x.apply_op2_no_bwd(&w, &MatmulT)
-    } else if x.rank() > 2 {
-        x.broadcast_matmul(&w.t()?)
-    } else {
-        x.matmul(&w.t()?)
+    if !fast {
+        return Ok(None);
     }
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    x.apply_op2_no_bwd(&w, &MatmulT { f32_out }).map(Some)
 }
 
-/// The custom op behind [`matmul_t`] (CPU only).
-pub(crate) struct MatmulT;
+/// The custom op behind [`matmul_t`] and [`matmul_t_f32`] (CPU only).
+pub(crate) struct MatmulT {
+    /// Return the f32 accumulators (else rounded to the operands' dtype).
+    f32_out: bool,
+}
 
 impl CustomOp2 for MatmulT {
     fn name(&self) -> &'static str {
@@ -117,16 +137,29 @@ impl CustomOp2 for MatmulT {
             *last = m; // rank ≥ 1, checked above
         }
         let shape = Shape::from(out_dims);
-        fn run<T: Elem>(x: &[T], w: &[T], n: usize, k: usize, m: usize) -> CpuStorage {
+        fn run<T: Elem>(
+            x: &[T],
+            w: &[T],
+            n: usize,
+            k: usize,
+            m: usize,
+            f32_out: bool,
+        ) -> CpuStorage {
             // Activations in the weights' type: bf16 × bf16 on the AVX-512 BF16 kernel where the
             // CPU has it, else widened to f32 (exact) for the AVX2 / gemm kernels.
-            T::to_cpu_storage_owned(T::narrow(&xwt_same(x, n, k, w, m)))
+            let y = xwt_same(x, n, k, w, m);
+            if f32_out {
+                CpuStorage::F32(y)
+            } else {
+                T::to_cpu_storage_owned(T::narrow(&y))
+            }
         }
         let (xr, wr) = (xs..xe, ws..ws + m * k);
+        let f = self.f32_out;
         let storage = match (s1, s2) {
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => run(&x[xr], &w[wr], n, k, m),
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => run(&x[xr], &w[wr], n, k, m),
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => run(&x[xr], &w[wr], n, k, m),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => run(&x[xr], &w[wr], n, k, m, f),
+            (CpuStorage::F16(x), CpuStorage::F16(w)) => run(&x[xr], &w[wr], n, k, m, f),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => run(&x[xr], &w[wr], n, k, m, f),
             _ => candle_core::bail!(
                 "matmul_t: unsupported dtypes {:?} / {:?}",
                 s1.dtype(),
@@ -192,6 +225,51 @@ fn with_src<T: Elem, R>(
             };
             f(w)
         }
+    }
+}
+
+/// `x [n, k] · W [k, m]` with `W` the row-major elements `offset..offset + k·m` of a tensor left
+/// in the memory-mapped checkpoint (GPT-OSS stores its experts so), computed in place by
+/// `moe_xray_kernels::xw` and rounded once to the compute dtype (as [`matmul_t`] rounds). `x` and
+/// the mapping must have the same dtype (bf16 / f16 / f32), on the CPU.
+pub(crate) fn xw_mapped(
+    x: &Tensor,
+    w: &MappedTensor,
+    offset: usize,
+    k: usize,
+    m: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, kx) = x.dims2()?;
+    if kx != k || !x.device().is_cpu() || x.dtype() != w.dtype {
+        candle_core::bail!(
+            "xw_mapped: input {:?} {:?} does not fit the mapped weight {:?} {:?} (k {k})",
+            x.dtype(),
+            x.dims(),
+            w.dtype,
+            w.shape
+        );
+    }
+    let Some(len) = k.checked_mul(m) else {
+        candle_core::bail!("xw_mapped: weight size {k} × {m} overflows");
+    };
+    fn run<T: Elem>(
+        x: &Tensor,
+        w: &MappedTensor,
+        offset: usize,
+        (n, k, m, len): (usize, usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = with_src::<T, _>(&WSrc::Mapped(w, offset, len), |w| {
+            Ok(moe_xray_kernels::xw::xw(&xf, n, k, w, m))
+        })?;
+        Tensor::from_vec(y, (n, m), x.device())?.to_dtype(x.dtype())
+    }
+    let dims = (n, k, m, len);
+    match x.dtype() {
+        DType::BF16 => run::<bf16>(x, w, offset, dims),
+        DType::F16 => run::<f16>(x, w, offset, dims),
+        DType::F32 => run::<f32>(x, w, offset, dims),
+        d => candle_core::bail!("xw_mapped: unsupported dtype {d:?}"),
     }
 }
 

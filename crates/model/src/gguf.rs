@@ -10,11 +10,15 @@
 //! family-neutral roles of `table.rs`, named as llama.cpp names them ([`gguf_name`]), and checked
 //! against the table's shapes before anything is loaded.
 //!
-//! Small tensors (attention, norms, routers, dense and shared MLPs, embeddings) are dequantised
-//! to the compute dtype. Routed experts stored as F32 / F16 / BF16 are loaded like a safetensors
-//! checkpoint's (same kernels, same numbers); quantised experts (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-//! Q2_K … Q6_K) stay quantised, one candle `QMatMul` per expert and projection, and are never
-//! dequantised as a whole.
+//! Norms, routers and embeddings are dequantised to the compute dtype. Routed experts stored as
+//! F32 / F16 / BF16 are loaded like a safetensors checkpoint's (same kernels, same numbers);
+//! quantised experts stay quantised and are never dequantised as a whole: Q8_0, Q4_0, Q4_K, Q5_K
+//! and Q6_K are multiplied in place by moe-xray's kernel (`moe_xray_kernels::quant`, activations
+//! quantised to 8 bits as ggml does), the other types (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K) by one candle
+//! `QMatMul` per expert and projection. In fast mode on the CPU, the other matrices of those five
+//! types (attention, dense and shared MLPs, an untied output head) stay in the file's map too and
+//! use the same kernel ([`QLinear`]); `--exact` dequantises everything to f32, and
+//! `MOE_XRAY_QMATMUL=candle` ([`QMATMUL_ENV`]) restores the candle path of earlier sessions.
 //!
 //! llama.cpp conventions undone at load time: the q/k rows of `llama` / `granitemoe` are permuted
 //! for llama.cpp's interleaved RoPE (undone here, so the shared rotate-half RoPE applies), and
@@ -28,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use moe_xray_kernels::quant::{xwt_q, QMatrix, QType};
 use serde_json::{Map, Value};
 
 use crate::config::{Family, GenerationDefaults, ModelConfig};
@@ -1443,6 +1448,15 @@ impl GgufSource {
                         format!("tensor `{n}`: its data does not split into {e} experts"),
                     )
                 })?;
+            if let Some(ty) = fast_type(t) {
+                return Ok(QProj::Fast(Box::new(FastQ {
+                    bytes: QBytes::Owned(data.into_owned()),
+                    ty,
+                    rows,
+                    cols,
+                    per,
+                })));
+            }
             let mut out = Vec::with_capacity(e);
             for x in 0..e {
                 let bytes = &data[x * per..(x + 1) * per];
@@ -1517,6 +1531,22 @@ impl GgufSource {
 }
 
 impl TensorSource for GgufSource {
+    fn quantized(&self, name: &str, expected: &[usize]) -> Result<Option<QLinear>> {
+        let Some(Recipe::Plain(n)) = self.recipes.get(name) else {
+            return Ok(None);
+        };
+        let (Some(t), [rows, cols]) = (self.file.tensor_type(n), expected) else {
+            return Ok(None);
+        };
+        if fast_type(t).is_none() || self.file.shape(n).as_deref() != Some(expected) {
+            return Ok(None);
+        }
+        Ok(match self.file.mapped_experts(n, 1, *rows, *cols)? {
+            QProj::Fast(q) => Some(QLinear(*q)),
+            _ => None,
+        })
+    }
+
     fn shape_of(&self, name: &str) -> Vec<usize> {
         match self.recipes.get(name) {
             Some(Recipe::Plain(n)) | Some(Recipe::Unpermute(n, _)) => {
@@ -1767,15 +1797,16 @@ impl GgufFile {
 // ---------------------------------------------------------------------------------------------
 // Quantised experts left in the mapped file (GGUF by mapping).
 
-/// Where the quantised routed experts of a GGUF model live. Both compute the same numbers
-/// (candle's `QMatMul` on the same blocks).
+/// Where the quantised routed experts of a GGUF model live. Both compute the same numbers (the
+/// same kernel on the same blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertResidency {
     /// Copied into memory once at load time (one `QMatMul` per expert and projection).
     Loaded,
-    /// Left in the read-only map of the file; each use of an expert copies that expert's blocks
-    /// (a few MB) into a short-lived `QMatMul`, so resident memory does not grow with the number
-    /// of experts and files larger than RAM run (the page cache holds what fits).
+    /// Left in the read-only map of the file: moe-xray's kernel reads an expert's blocks in
+    /// place (types candle computes: copied per use into a short-lived `QMatMul`), so resident
+    /// memory does not grow with the number of experts and files larger than RAM run (the page
+    /// cache holds what fits).
     Mapped,
 }
 
@@ -1799,6 +1830,101 @@ impl ExpertResidency {
 enum QProj {
     Loaded(Vec<QMatMul>),
     Mapped(Box<MappedQ>),
+    /// A type moe-xray's own kernel reads (`moe_xray_kernels::quant`), loaded or mapped.
+    Fast(Box<FastQ>),
+}
+
+/// Environment variable that sends every quantised expert to candle's `QMatMul` (`candle`), the
+/// path before session 9 (for comparisons); unset or anything else: moe-xray's kernel.
+pub const QMATMUL_ENV: &str = "MOE_XRAY_QMATMUL";
+
+/// The quantised types computed by `moe_xray_kernels::quant` (others, and all of them when
+/// [`QMATMUL_ENV`] is `candle`, use candle's `QMatMul`).
+fn fast_type(t: GgmlDType) -> Option<QType> {
+    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *CANDLE.get_or_init(|| std::env::var(QMATMUL_ENV).is_ok_and(|v| v.trim() == "candle")) {
+        return None;
+    }
+    match t {
+        GgmlDType::Q8_0 => Some(QType::Q8_0),
+        GgmlDType::Q4_0 => Some(QType::Q4_0),
+        GgmlDType::Q4K => Some(QType::Q4K),
+        GgmlDType::Q5K => Some(QType::Q5K),
+        GgmlDType::Q6K => Some(QType::Q6K),
+        _ => None,
+    }
+}
+
+/// A GGUF matrix (attention, dense MLP, output head) kept in its quantised blocks, in the file's
+/// read-only map, and multiplied by moe-xray's kernel (fast mode on the CPU; `--exact` and
+/// [`QMATMUL_ENV`]` = candle` dequantise it at load instead).
+#[derive(Debug)]
+pub struct QLinear(FastQ);
+
+impl QLinear {
+    /// `x · Wᵀ` computed in f32, returned in `x`'s dtype.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let y = self.0.forward(0, &x.to_dtype(DType::F32)?.contiguous()?)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// Where the blocks of a [`FastQ`] live.
+#[derive(Debug)]
+enum QBytes {
+    Owned(Vec<u8>),
+    Mapped(crate::weights::MappedTensor),
+}
+
+/// A stacked `[E, rows, cols]` quantised expert tensor read in place by moe-xray's kernel.
+#[derive(Debug)]
+struct FastQ {
+    bytes: QBytes,
+    ty: QType,
+    rows: usize,
+    cols: usize,
+    /// Bytes of one expert.
+    per: usize,
+}
+
+impl FastQ {
+    /// `x · W_eᵀ` for f32 `x` `[.., cols]` (on the CPU).
+    fn forward(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+        let all = match &self.bytes {
+            QBytes::Owned(v) => v.as_slice(),
+            QBytes::Mapped(m) => m.bytes(),
+        };
+        let b = e
+            .checked_mul(self.per)
+            .and_then(|s| all.get(s..s.checked_add(self.per)?))
+            .ok_or_else(|| ModelError::InvalidArgument(format!("expert {e} out of range")))?;
+        let w = QMatrix::new(self.ty, b, self.rows, self.cols).ok_or_else(|| {
+            ModelError::InvalidArgument(format!(
+                "quantised expert: {} bytes do not hold [{}, {}] in {}",
+                b.len(),
+                self.rows,
+                self.cols,
+                self.ty.name()
+            ))
+        })?;
+        let dims = x.dims().to_vec();
+        let (lead, k) = match dims.split_last() {
+            Some((&k, lead)) if k == self.cols => (lead.to_vec(), k),
+            _ => {
+                return Err(ModelError::InvalidArgument(format!(
+                    "quantised expert: input {dims:?} does not end in {}",
+                    self.cols
+                )))
+            }
+        };
+        let n = x.elem_count() / k.max(1);
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = xwt_q(&xv, n, &w);
+        let mut out = lead;
+        out.push(self.rows);
+        Ok(Tensor::from_vec(y, out, x.device())?)
+    }
 }
 
 /// A stacked quantised expert tensor left in the file's map.
@@ -1819,6 +1945,7 @@ impl QProj {
         let out_of_range = || ModelError::InvalidArgument(format!("expert {e} out of range"));
         match self {
             QProj::Loaded(v) => Ok(v.get(e).ok_or_else(out_of_range)?.forward(x)?),
+            QProj::Fast(q) => q.forward(e, x),
             QProj::Mapped(q) => {
                 let MappedQ {
                     bytes,
@@ -1885,6 +2012,15 @@ impl GgufFile {
             dims,
         )
         .ok_or_else(|| bad(&part.path, format!("truncated GGUF file: tensor `{name}`")))?;
+        if let Some(ty) = fast_type(t) {
+            return Ok(QProj::Fast(Box::new(FastQ {
+                bytes: QBytes::Mapped(bytes),
+                ty,
+                rows,
+                cols,
+                per,
+            })));
+        }
         Ok(QProj::Mapped(Box::new(MappedQ {
             bytes,
             dtype: t,

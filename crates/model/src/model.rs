@@ -30,7 +30,7 @@ use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 use rayon::prelude::*;
 
 use crate::config::{Activation, Family, ModelConfig, QkNorm};
-use crate::cpu_kernels::{matmul_t, MoeAccumulator, WSrc};
+use crate::cpu_kernels::{matmul_t, matmul_t_f32, xw_mapped, MoeAccumulator, WSrc};
 use crate::error::{ModelError, Result};
 use crate::router::{check_mask, route_masked, RouterMask, RouterParams};
 use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
@@ -102,13 +102,32 @@ impl Default for LoadOptions {
 
 #[derive(Debug)]
 struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+/// A projection's weight: a tensor in the compute dtype, or a GGUF matrix kept in its
+/// quantised blocks (`gguf::QLinear`, moe-xray's quantised kernel; fast mode on the CPU only).
+#[derive(Debug)]
+enum LinearWeight {
+    Dense(Tensor),
+    Quant(Box<crate::gguf::QLinear>),
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
+        if let (LinearWeight::Dense(w), Some(b)) = (&self.weight, &self.bias) {
+            if x.dtype() != DType::F32 {
+                // torch's biased linear in bf16 / f16 (`addmm`) adds the bias to the f32
+                // accumulators and rounds once (GPT-OSS attention, Qwen2-MoE q/k/v).
+                let y = matmul_t_f32(x, w)?.broadcast_add(&b.to_dtype(DType::F32)?)?;
+                return Ok(y.to_dtype(x.dtype())?);
+            }
+        }
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => matmul_t(x, w)?,
+            LinearWeight::Quant(q) => q.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -173,7 +192,9 @@ pub(crate) enum Experts {
         down: MappedTensor,
     },
     /// GPT-OSS: gate `[E, I, H]`, up `[E, I, H]`, down `[E, H, I]` (de-interleaved and
-    /// transposed from the checkpoint at load time) with biases `[E, I]`, `[E, I]`, `[E, H]`.
+    /// transposed from the checkpoint at load time) with biases `[E, I]`, `[E, I]`, `[E, H]`:
+    /// GGUF files, and safetensors that cannot stay mapped (`BiasedMapped`: f32, non-CPU,
+    /// `map_experts: false`).
     Biased {
         gate: Tensor,
         up: Tensor,
@@ -182,12 +203,26 @@ pub(crate) enum Experts {
         up_b: Tensor,
         down_b: Tensor,
     },
+    /// GPT-OSS experts left in the memory-mapped checkpoint as stored: `gate_up [E, H, 2I]`
+    /// (gate / up interleaved on the last axis) and `down [E, I, H]`, multiplied in place by
+    /// `cpu_kernels::xw_mapped` (CPU, stored dtype = compute dtype); biases loaded as in `Biased`.
+    BiasedMapped(Box<MappedBiased>),
     /// Quantised experts of a GGUF file, multiplied in place (one `QMatMul` per expert and
     /// projection; GPT-OSS biases included).
     Quantized(crate::gguf::QuantExperts),
     /// GPT-OSS experts in MXFP4 (published safetensors or GGUF type 39), computed from the
     /// packed bytes by `moe_xray_kernels::mxfp4`.
     Mxfp4(Box<crate::mxfp4::Mxfp4Experts>),
+}
+
+/// The tensors of [`Experts::BiasedMapped`].
+#[derive(Debug)]
+pub(crate) struct MappedBiased {
+    gate_up: MappedTensor,
+    down: MappedTensor,
+    gate_b: Tensor,
+    up_b: Tensor,
+    down_b: Tensor,
 }
 
 /// Where [`MoeModel`] reads its tensors, by Hugging Face name: a safetensors checkpoint
@@ -203,6 +238,11 @@ pub(crate) trait TensorSource {
         dtype: Option<DType>,
         device: &Device,
     ) -> Result<Tensor>;
+    /// Tensor `name` (shape `expected`) kept in its quantised blocks for the CPU kernel, when the
+    /// source stores it so (GGUF); `None`: load it with [`TensorSource::load_tensor`].
+    fn quantized(&self, _name: &str, _expected: &[usize]) -> Result<Option<crate::gguf::QLinear>> {
+        Ok(None)
+    }
 }
 
 impl TensorSource for WeightStore {
@@ -421,7 +461,7 @@ pub struct MoeModel {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     inv_freq: Vec<f32>,
     /// YaRN's attention factor multiplying cos and sin (1 otherwise).
     rope_scaling: f32,
@@ -488,9 +528,17 @@ impl MoeModel {
             })
         };
         let norm = |role: Role| norm_eps(role, cfg.rms_norm_eps);
+        let weight = |name: &str| -> Result<LinearWeight> {
+            if dev.is_cpu() && !opts.exact {
+                if let Some(q) = store.quantized(name, &shape_of(name))? {
+                    return Ok(LinearWeight::Quant(Box::new(q)));
+                }
+            }
+            Ok(LinearWeight::Dense(ld(name)?))
+        };
         let lin = |role: Role, bias: bool| -> Result<Linear> {
             Ok(Linear {
-                weight: ld(&weight_name(f, role))?,
+                weight: weight(&weight_name(f, role))?,
                 bias: if bias {
                     Some(ld(&bias_name(f, role))?)
                 } else {
@@ -617,10 +665,13 @@ impl MoeModel {
         }
         let _ = i;
         let final_norm = norm(Role::FinalNorm)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            ld(&weight_name(f, Role::LmHead))?
+        let lm_head = Linear {
+            weight: if cfg.tie_word_embeddings {
+                LinearWeight::Dense(embed.clone())
+            } else {
+                weight(&weight_name(f, Role::LmHead))?
+            },
+            bias: None,
         };
         let (inv_freq, rope_scaling) = crate::rope::inv_freq(&cfg.rope);
         Ok(MoeModel {
@@ -650,7 +701,9 @@ impl MoeModel {
         self.layers.iter().all(|l| match &l.ffn {
             Ffn::Moe(m) => matches!(
                 m.experts,
-                Experts::PerExpertMapped(_) | Experts::FusedMapped { .. }
+                Experts::PerExpertMapped(_)
+                    | Experts::FusedMapped { .. }
+                    | Experts::BiasedMapped(_)
             ),
             Ffn::Dense(_) => true,
         })
@@ -876,7 +929,7 @@ impl MoeModel {
             let n = last_rows.len();
             let idx = Tensor::from_vec(last_rows, n, &self.device)?;
             let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
-            let mut lg = matmul_t(&h, &self.lm_head)?;
+            let mut lg = self.lm_head.forward(&h)?;
             if mult.logits_scaling != 1.0 {
                 lg = (lg / mult.logits_scaling)?;
             }
@@ -1170,6 +1223,15 @@ impl MoeModel {
                         let sink = Tensor::from_vec(sinks.to_vec(), (1, nh, 1, 1), &self.device)?
                             .broadcast_as((1, nh, rows, 1))?;
                         let all = Tensor::cat(&[&scores, &sink], 3)?;
+                        // transformers subtracts each row's maximum in the compute dtype before
+                        // the softmax (one more rounding in bf16 / f16); in f32 this is the
+                        // softmax's own first step, so f32 is left as it was.
+                        let all = if self.dtype == DType::F32 {
+                            all
+                        } else {
+                            let a = all.to_dtype(self.dtype)?;
+                            a.broadcast_sub(&a.max_keepdim(3)?)?.to_dtype(DType::F32)?
+                        };
                         candle_nn::ops::softmax_last_dim(&all.contiguous()?)?.narrow(3, 0, total)?
                     }
                 }
@@ -1205,6 +1267,31 @@ impl MoeModel {
                 ]
             }
             Experts::Biased { gate, up, down, .. } => [gate.get(e)?, up.get(e)?, down.get(e)?],
+            Experts::BiasedMapped(b) => {
+                let (gate_up, down) = (&b.gate_up, &b.down);
+                // Expert e's slices of the stored layout, transposed and de-interleaved.
+                let h = self.cfg.hidden_size;
+                let slice = |m: &MappedTensor, shape: [usize; 2]| -> Result<Tensor> {
+                    let size = m.dtype.size_in_bytes();
+                    let len = shape[0] * shape[1] * size;
+                    let bytes = m.bytes().get(e * len..(e + 1) * len).ok_or_else(|| {
+                        ModelError::InvalidArgument(format!("expert {e} outside {:?}", m.shape))
+                    })?;
+                    Ok(Tensor::from_raw_buffer(
+                        bytes,
+                        m.dtype,
+                        &shape,
+                        &self.device,
+                    )?)
+                };
+                let gu = slice(gate_up, [h, 2 * i])?.t()?.contiguous()?; // [2I, H]
+                let gu = gu.reshape((i, 2, h))?;
+                [
+                    gu.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
+                    gu.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?,
+                    slice(down, [i, h])?.t()?.contiguous()?,
+                ]
+            }
             Experts::Quantized(_) | Experts::Mxfp4(_) => {
                 return Err(ModelError::InvalidArgument(
                     "quantised experts are multiplied in place, never dequantised".into(),
@@ -1223,13 +1310,20 @@ impl MoeModel {
 
     /// Router logits `[n, E]` in f32 (router bias included).
     fn router_logits(&self, block: &MoeBlock, h: &Tensor) -> Result<Tensor> {
-        let logits = match &block.router_f32 {
-            Some(w) => matmul_t(&h.to_dtype(DType::F32)?, w)?,
-            None => matmul_t(h, &block.router)?,
-        };
-        let logits = match &block.router_bias {
-            Some(b) => logits.broadcast_add(&b.to_dtype(logits.dtype())?)?,
-            None => logits,
+        let logits = match (&block.router_f32, &block.router_bias) {
+            (Some(w), b) => {
+                let l = matmul_t(&h.to_dtype(DType::F32)?, w)?;
+                match b {
+                    Some(b) => l.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                    None => l,
+                }
+            }
+            // GPT-OSS's router is a biased linear: bias added to the f32 accumulators, one
+            // rounding to the compute dtype (as [`Linear::forward`]).
+            (None, Some(b)) => matmul_t_f32(h, &block.router)?
+                .broadcast_add(&b.to_dtype(DType::F32)?)?
+                .to_dtype(h.dtype())?,
+            (None, None) => matmul_t(h, &block.router)?,
         };
         Ok(logits.to_dtype(DType::F32)?)
     }
@@ -1345,7 +1439,10 @@ impl MoeModel {
             && MoeAccumulator::supports(h)
             && !matches!(
                 block.experts,
-                Experts::Biased { .. } | Experts::Quantized(_) | Experts::Mxfp4(_)
+                Experts::Biased { .. }
+                    | Experts::BiasedMapped(_)
+                    | Experts::Quantized(_)
+                    | Experts::Mxfp4(_)
             )
         {
             let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?
@@ -1409,17 +1506,32 @@ impl MoeModel {
                 Experts::Mxfp4(m) => Some(m),
                 _ => None,
             };
-            let (mut g, mut u, wd) = match (quant, mx) {
-                (Some(q), _) => (
+            // GPT-OSS experts read in place: [H, 2I] and [I, H] slices of expert e.
+            let (ii, hh) = (self.cfg.intermediate_size, hidden);
+            let mapped = match &block.experts {
+                Experts::BiasedMapped(b) => Some((&b.gate_up, &b.down)),
+                _ => None,
+            };
+            let (mut g, mut u, wd) = match (quant, mx, mapped) {
+                (Some(q), _, _) => (
                     q.project(Proj::Gate, e, &xe)?,
                     q.project(Proj::Up, e, &xe)?,
                     None,
                 ),
-                (None, Some(m)) => {
+                (None, Some(m), _) => {
                     let (g, u) = m.gate_up(e, &xe)?;
                     (g, u, None)
                 }
-                (None, None) => {
+                (None, None, Some((gu, _))) => {
+                    // Gate / up interleaved: even columns gate, odd columns up.
+                    let y = xw_mapped(&xe, gu, e * hh * 2 * ii, hh, 2 * ii)?.reshape((n, ii, 2))?;
+                    (
+                        y.narrow(2, 0, 1)?.squeeze(2)?,
+                        y.narrow(2, 1, 1)?.squeeze(2)?,
+                        None,
+                    )
+                }
+                (None, None, None) => {
                     let [wg, wu, wd] = self.expert_weights(block, e)?;
                     (matmul_t(&xe, &wg)?, matmul_t(&xe, &wu)?, Some(wd))
                 }
@@ -1431,6 +1543,9 @@ impl MoeModel {
                     down_b,
                     ..
                 } => Some((gate_b.get(e)?, up_b.get(e)?, down_b.get(e)?)),
+                Experts::BiasedMapped(b) => {
+                    Some((b.gate_b.get(e)?, b.up_b.get(e)?, b.down_b.get(e)?))
+                }
                 Experts::Quantized(q) => q.biases(e)?,
                 Experts::Mxfp4(m) => m.biases(e)?,
                 _ => None,
@@ -1452,11 +1567,12 @@ impl MoeModel {
                     ((u + 1.0)? * glu)?
                 }
             };
-            let mut y = match (&wd, quant, mx) {
-                (Some(wd), _, _) => matmul_t(&act, wd)?,
-                (None, Some(q), _) => q.project(Proj::Down, e, &act)?,
-                (None, None, Some(m)) => m.down(e, &act)?,
-                (None, None, None) => {
+            let mut y = match (&wd, quant, mx, mapped) {
+                (Some(wd), _, _, _) => matmul_t(&act, wd)?,
+                (None, Some(q), _, _) => q.project(Proj::Down, e, &act)?,
+                (None, None, Some(m), _) => m.down(e, &act)?,
+                (None, None, None, Some((_, d))) => xw_mapped(&act, d, e * ii * hh, ii, hh)?,
+                (None, None, None, None) => {
                     return Err(ModelError::InvalidArgument(format!(
                         "expert {e} has no down projection"
                     )))
@@ -1509,6 +1625,30 @@ fn load_experts(
         }
         if crate::families::fused_transposed(f) {
             // GPT-OSS: [E, H, 2I] with gate / up interleaved on the last axis, [E, I, H].
+            // Left in the mapping where it can be (multiplied in the stored layout).
+            if let (Some(gate_up), Some(down)) =
+                (map(&gu_key, &[e, h, 2 * i])?, map(&down_key, &[e, i, h])?)
+            {
+                let gub = store.load(
+                    &bias_name(f, Role::FusedGateUp(l)),
+                    &[e, 2 * i],
+                    Some(dtype),
+                    dev,
+                )?;
+                let gub = gub.reshape((e, i, 2))?;
+                return Ok(Experts::BiasedMapped(Box::new(MappedBiased {
+                    gate_up,
+                    down,
+                    gate_b: gub.narrow(2, 0, 1)?.squeeze(2)?.contiguous()?,
+                    up_b: gub.narrow(2, 1, 1)?.squeeze(2)?.contiguous()?,
+                    down_b: store.load(
+                        &bias_name(f, Role::FusedDown(l)),
+                        &[e, h],
+                        Some(dtype),
+                        dev,
+                    )?,
+                })));
+            }
             let gu = store.load(&gu_key, &[e, h, 2 * i], Some(dtype), dev)?;
             let gu = gu.transpose(1, 2)?.contiguous()?; // [E, 2I, H]
             let gu = gu.reshape((e, i, 2, h))?;

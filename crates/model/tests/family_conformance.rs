@@ -37,6 +37,7 @@ const F32_MODELS: &[(&str, Family)] = &[
 const BF16_MODELS: &[(&str, Family)] = &[
     ("qwen3moe-tiny-bf16", Family::Qwen3Moe),
     ("deepseekv3-tiny-bf16", Family::DeepseekV3),
+    ("gptoss-tiny-bf16", Family::GptOss),
 ];
 
 fn jsonl(path: &Path) -> Vec<Value> {
@@ -306,6 +307,26 @@ fn f32_families_match_transformers_batched_and_chunked() {
     }
 }
 
+/// The largest gap (in transformers' ranking values: probabilities, or logits for GPT-OSS /
+/// Granite) at which a bf16 expert-set mismatch with no earlier mismatch in its sequence counts
+/// as a near tie, and the smallest fraction of identical expert sets.
+///
+/// GPT-OSS computes its router in bf16 (logits rounded to bf16: spacing 2^-7 = 0.0078 in [1, 2))
+/// and its fixture has large activations: transformers itself, run on the same bf16 checkpoint in
+/// f32 instead of bf16, changes 34 of its 810 expert sets, the first of each sequence at logit gaps
+/// up to 0.0703 (`bf16_calibration` in fixtures/hf/summary-hf_ref_deepseek_gptoss.json, i.e. 95.8 %
+/// agreement). moe-xray rounds like transformers' bf16 kernels where they round (biased linears
+/// add the bias to the f32 accumulators and round once; the sink softmax subtracts the row maximum
+/// in bf16): measured 796 / 810 identical, first mismatches at logit gaps ≤ 0.0156 (two bf16
+/// steps). The bound is two steps plus margin, and a 97 % floor (before those two roundings were
+/// matched: 771 / 810, gaps up to 0.0703).
+fn bf16_tolerance(family: Family) -> (f64, f64) {
+    match family {
+        Family::GptOss => (0.024, 0.97),
+        _ => (2e-2, 0.95),
+    }
+}
+
 #[test]
 fn bf16_families_match_transformers_up_to_near_ties() {
     for (name, family) in BF16_MODELS {
@@ -350,10 +371,12 @@ fn bf16_families_match_transformers_up_to_near_ties() {
             report.push((key, a, b, gap, e.margin));
         }
         let n = sink.records.len();
+        let (max_gap, min_same) = bf16_tolerance(*family);
         eprintln!(
             "{name}: {same}/{n} identical expert sets ({:.2} %)",
             100.0 * same as f64 / n as f64
         );
+        let (mut first, mut first_max) = (0usize, 0f64);
         for ((p, pos, l), got, exp, gap, margin) in &report {
             let upstream = (0..*l).any(|x| mismatched.contains(&(p.clone(), *pos, x)))
                 || (0..*pos).any(|x| (0..64).any(|y| mismatched.contains(&(p.clone(), x, y))));
@@ -362,13 +385,72 @@ fn bf16_families_match_transformers_up_to_near_ties() {
                 if upstream { " (after an earlier mismatch of this sequence)" } else { "" }
             );
             assert!(
-                *gap < 2e-2 || upstream,
+                *gap < max_gap || upstream,
                 "{name} {p} pos {pos} layer {l}: set mismatch not explained by a near tie (gap {gap})"
             );
+            if !upstream {
+                first += 1;
+                first_max = first_max.max(*gap);
+            }
         }
+        eprintln!(
+            "{name}: {first} first-in-sequence mismatches, largest gap {first_max:.4} (bound {max_gap}); {} after an earlier one",
+            report.len() - first
+        );
         assert!(
-            same as f64 >= 0.95 * n as f64,
+            same as f64 >= min_same * n as f64,
             "{name}: only {same}/{n} identical expert sets"
         );
     }
+}
+
+/// GPT-OSS bf16 experts multiplied in place from the mapped checkpoint (stored layout
+/// `[E, H, 2I]` / `[E, I, H]`, `moe_xray_kernels::xw`) against the same experts transposed into
+/// RAM at load (`map_experts: false`): the two sum each dot product in another order, so values
+/// may differ in the last bf16 bit; the expert sets must agree (teacher-forced over the fixture)
+/// except at near ties, and both must stay as close to transformers as the test above requires.
+#[test]
+fn gptoss_mapped_and_loaded_experts_route_alike() {
+    let dir = fixture("hf").join("gptoss-tiny-bf16");
+    let mapped = MoeModel::load(&dir, &LoadOptions::default()).unwrap();
+    let loaded = MoeModel::load(
+        &dir,
+        &LoadOptions {
+            map_experts: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        mapped.experts_mapped(),
+        "GPT-OSS bf16 experts should stay in the mapping"
+    );
+    assert!(!loaded.experts_mapped());
+    let (mut a, mut b) = (Collect::default(), Collect::default());
+    for g in expected_generations(&dir) {
+        let all: Vec<u32> = g.prompt_ids.iter().chain(&g.generated).copied().collect();
+        common::forward_once(&mapped, &g.id, &all, &mut a);
+        common::forward_once(&loaded, &g.id, &all, &mut b);
+    }
+    let (a, b) = (a.by_key(), b.by_key());
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
+    let (mut same_set, mut same_bytes) = (0usize, 0usize);
+    for (key, ra) in &a {
+        let rb = &b[key];
+        let (mut ea, mut eb) = (ra.experts.clone(), rb.experts.clone());
+        ea.sort();
+        eb.sort();
+        same_set += usize::from(ea == eb);
+        same_bytes += usize::from(ra == rb);
+    }
+    eprintln!(
+        "gptoss-tiny-bf16 mapped vs loaded: {same_set}/{} identical expert sets, {same_bytes} identical records",
+        a.len()
+    );
+    assert!(
+        same_set as f64 >= 0.97 * a.len() as f64,
+        "mapped and loaded GPT-OSS experts route apart: {same_set}/{}",
+        a.len()
+    );
 }

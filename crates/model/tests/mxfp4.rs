@@ -517,7 +517,7 @@ fn exact_mode_on_gguf_quants_uses_the_exactly_dequantised_weights() {
         );
         eprintln!(
             "olmoe-tiny-mha/{file}: exact mode bit-identical to the dequantised F32 file ({} \
-             records); fast mode (QMatMul) {same}/{} identical expert sets ({:.2} %), {bit_same} \
+             records); fast mode (quantised kernel) {same}/{} identical expert sets ({:.2} %), {bit_same} \
              with bit-identical weights",
             exact.len(),
             exact.len(),

@@ -6,15 +6,15 @@
 //! architecture the drift measures of `moe-xray compare` are computed from the traces with B's
 //! experts as numbered and relabelled by the matching.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use moe_xray_health::compare::{compare_runs, CompareOptions, CompareReport};
 use moe_xray_health::HealthOptions;
 use moe_xray_stats::crossmodel::{
     compare_signatures, relabel_counts, CategoryComparison, CategoryRow, CrossModelOptions,
-    CrossModelReport, Drift, ExpertMatching, MatchedDrift, ModelInfo, Pair, Side,
-    SignatureComparison, SCHEMA_VERSION,
+    CrossModelReport, Drift, ExpertMatching, MatchedDrift, ModelInfo, MultiModelReport, Pair,
+    PairComparison, Side, SignatureComparison, MAX_MODELS, SCHEMA_VERSION,
 };
 use moe_xray_stats::results::{AnalysisResults, Section};
 use moe_xray_trace::TokenType;
@@ -336,6 +336,121 @@ pub fn compare_models(
     progress.step("compare-models: reading the analyses");
     let a = read_analysis(&opts.a)?;
     let b = read_analysis(&opts.b)?;
+    compare_pair(
+        &a,
+        &b,
+        None,
+        opts.traces_a.as_deref(),
+        opts.traces_b.as_deref(),
+        &opts.stats,
+        progress,
+    )
+}
+
+/// Options of [`compare_many`].
+#[derive(Debug, Clone, Default)]
+pub struct CompareManyOptions {
+    /// Analysis directories of the runs (at least 2, at most
+    /// [`moe_xray_stats::crossmodel::MAX_MODELS`]).
+    pub runs: Vec<PathBuf>,
+    /// Traces of each run for the matched drift (empty, or one entry per run; `None`: the run's
+    /// `traces/` when it exists).
+    pub traces: Vec<Option<PathBuf>>,
+    /// Mantel permutations and seed (the same for every pair).
+    pub stats: CrossModelOptions,
+}
+
+/// The N-run comparison and, per pair, what its figures need.
+#[derive(Debug, Clone)]
+pub struct CompareManyOutput {
+    /// The JSON report.
+    pub report: MultiModelReport,
+    /// Per pair, in `report.pairs` order: the similarities and within flags of its RSA scatter.
+    pub pairs: Vec<CompareModelsOutput>,
+}
+
+/// Compares N ≥ 2 analyses of one prompt set: every pair i<j as [`compare_models`] compares two
+/// runs, on the prompts that every run shares (in the first run's order), with the same seed;
+/// the N × N RSA / Mantel p / CKA matrices and the task separation of each run side by side.
+pub fn compare_many(
+    opts: &CompareManyOptions,
+    progress: &dyn Progress,
+) -> Result<CompareManyOutput> {
+    let n = opts.runs.len();
+    if !(2..=MAX_MODELS).contains(&n) {
+        invalid!("{n} analysis directories: compare-models takes 2 to {MAX_MODELS}");
+    }
+    if !opts.traces.is_empty() && opts.traces.len() != n {
+        invalid!(
+            "{} trace paths for {n} runs: give one per run, in the order of the runs",
+            opts.traces.len()
+        );
+    }
+    progress.step("compare-models: reading the analyses");
+    let runs = opts
+        .runs
+        .iter()
+        .map(|d| read_analysis(d))
+        .collect::<Result<Vec<_>>>()?;
+    let mut common: HashSet<String> = runs[0].results.prompt_ids.iter().cloned().collect();
+    for r in &runs[1..] {
+        let ids: HashSet<&str> = r.results.prompt_ids.iter().map(String::as_str).collect();
+        common.retain(|id| ids.contains(id.as_str()));
+    }
+    let not_shared: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            r.results
+                .prompt_ids
+                .iter()
+                .filter(|id| !common.contains(id.as_str()))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let trace = |i: usize| opts.traces.get(i).and_then(|t| t.as_deref());
+    let mut outputs = Vec::with_capacity(n * (n - 1) / 2);
+    let mut pairs = Vec::with_capacity(n * (n - 1) / 2);
+    for i in 0..n {
+        for j in i + 1..n {
+            progress.step(&format!("compare-models: runs {} and {}", i + 1, j + 1));
+            let out = compare_pair(
+                &runs[i],
+                &runs[j],
+                Some(&common),
+                trace(i),
+                trace(j),
+                &opts.stats,
+                progress,
+            )?;
+            pairs.push(PairComparison {
+                a: i,
+                b: j,
+                comparison: out.report.clone(),
+            });
+            outputs.push(out);
+        }
+    }
+    let report = MultiModelReport::from_pairs(env!("CARGO_PKG_VERSION"), n, not_shared, pairs)
+        .map_err(|e| crate::PipelineError::Invalid(format!("compare-models: {e}")))?;
+    Ok(CompareManyOutput {
+        report,
+        pairs: outputs,
+    })
+}
+
+/// The comparison of two read analyses. With `keep`, only the prompt ids in it count as shared
+/// (the N-run comparison restricts every pair to the prompts of all runs); the others are listed
+/// in `only_in_a` / `only_in_b`.
+fn compare_pair(
+    a: &Analysis,
+    b: &Analysis,
+    keep: Option<&HashSet<String>>,
+    traces_a: Option<&Path>,
+    traces_b: Option<&Path>,
+    stats: &CrossModelOptions,
+    progress: &dyn Progress,
+) -> Result<CompareModelsOutput> {
     let b_index: HashMap<&str, usize> = b
         .results
         .prompt_ids
@@ -343,13 +458,14 @@ pub fn compare_models(
         .enumerate()
         .map(|(i, p)| (p.as_str(), i))
         .collect();
-    let a_ids: std::collections::HashSet<&str> =
-        a.results.prompt_ids.iter().map(String::as_str).collect();
+    let kept = |id: &str| keep.is_none_or(|k| k.contains(id));
     let mut shared = Vec::new(); // (index in A, index in B)
+    let mut shared_ids: HashSet<&str> = HashSet::new();
     let mut only_in_a = Vec::new();
     for (i, id) in a.results.prompt_ids.iter().enumerate() {
-        match b_index.get(id.as_str()) {
+        match b_index.get(id.as_str()).filter(|_| kept(id)) {
             Some(&j) => {
+                shared_ids.insert(id.as_str());
                 if a.categories[i] != b.categories[j] {
                     invalid!(
                         "prompt {id:?} has category {:?} in {} and {:?} in {} (compare-models needs runs of the same prompt set)",
@@ -368,7 +484,7 @@ pub fn compare_models(
         .results
         .prompt_ids
         .iter()
-        .filter(|id| !a_ids.contains(id.as_str()))
+        .filter(|id| !shared_ids.contains(id.as_str()))
         .cloned()
         .collect();
     let n = shared.len();
@@ -381,8 +497,8 @@ pub fn compare_models(
         }
         out
     };
-    let sa = pick(&a, &|s| s.0);
-    let sb = pick(&b, &|s| s.1);
+    let sa = pick(a, &|s| s.0);
+    let sb = pick(b, &|s| s.1);
     let cat_names: Vec<String> = {
         let mut v: Vec<String> = shared.iter().map(|s| a.categories[s.0].clone()).collect();
         v.sort();
@@ -406,8 +522,8 @@ pub fn compare_models(
             s.to_vec(),
         )
     };
-    let (la, ea, lya, sa) = side(&a, &sa);
-    let (lb, eb, lyb, sb) = side(&b, &sb);
+    let (la, ea, lya, sa) = side(a, &sa);
+    let (lb, eb, lyb, sb) = side(b, &sb);
     progress.step("compare-models: RSA, CKA, matching");
     let cmp: SignatureComparison = compare_signatures(
         &Side {
@@ -425,7 +541,7 @@ pub fn compare_models(
         n,
         &labels,
         &cat_names,
-        &opts.stats,
+        stats,
     )
     .map_err(|e| {
         crate::PipelineError::Invalid(format!(
@@ -458,16 +574,16 @@ pub fn compare_models(
         },
         cohens_d_shared: cmp.cohens_d_shared,
         accuracy: Pair {
-            a: lr(&a, &|r| r.accuracy_mean),
-            b: lr(&b, &|r| r.accuracy_mean),
+            a: lr(a, &|r| r.accuracy_mean),
+            b: lr(b, &|r| r.accuracy_mean),
         },
         chance: Pair {
-            a: lr(&a, &|r| r.chance),
-            b: lr(&b, &|r| r.chance),
+            a: lr(a, &|r| r.chance),
+            b: lr(b, &|r| r.chance),
         },
         macro_f1: Pair {
-            a: lr(&a, &|r| r.macro_f1_oof),
-            b: lr(&b, &|r| r.macro_f1_oof),
+            a: lr(a, &|r| r.macro_f1_oof),
+            b: lr(b, &|r| r.macro_f1_oof),
         },
         per_category: cmp
             .per_category
@@ -477,8 +593,8 @@ pub fn compare_models(
                 n: *k,
                 d_a: *da,
                 d_b: *db,
-                recall_a: recall(&a, c),
-                recall_b: recall(&b, c),
+                recall_a: recall(a, c),
+                recall_b: recall(b, c),
             })
             .collect(),
     };
@@ -490,18 +606,15 @@ pub fn compare_models(
     let matched_drift = match &cmp.expert_matching {
         Section::Done(m) => {
             match (
-                opts.traces_a.clone().or_else(|| default_traces(&a)),
-                opts.traces_b.clone().or_else(|| default_traces(&b)),
+                traces_a
+                    .map(Path::to_path_buf)
+                    .or_else(|| default_traces(a)),
+                traces_b
+                    .map(Path::to_path_buf)
+                    .or_else(|| default_traces(b)),
             ) {
                 (Some(ta), Some(tb)) => Section::Done(matched_drift(
-                    &a,
-                    &b,
-                    &ta,
-                    &tb,
-                    m,
-                    opts.stats.reps,
-                    opts.stats.seed,
-                    progress,
+                    a, b, &ta, &tb, m, stats.reps, stats.seed, progress,
                 )?),
                 _ => Section::skipped(
                     "no traces (give --traces-a and --traces-b, or directories with traces/)",
@@ -522,8 +635,8 @@ pub fn compare_models(
     let report = CrossModelReport {
         schema_version: SCHEMA_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        model_a: model_info(&a),
-        model_b: model_info(&b),
+        model_a: model_info(a),
+        model_b: model_info(b),
         shared_prompts: n,
         only_in_a,
         only_in_b,

@@ -1,7 +1,11 @@
 //! Sharded analysis (`docs/statistics.md`, "Sharded analysis"): [`map_shard`] reads traces as
 //! `analyze` does and writes the per-prompt counts of one part of their prompts to a shard file
 //! (`moe_xray_stats::shard`); [`merge`] combines any number of shards into exactly the
-//! [`Outputs`] of one `analyze` over all the traces.
+//! [`Outputs`] of one `analyze` over all the traces. [`map_shard_with`] can also write the
+//! health accumulator of the part (a second pass, read as `health` reads the traces) and, instead
+//! of the counts, the per-category Gram sums; [`merge_all`] then also gives the health report
+//! (exact) and, from Gram sums, the `gram_sums` path (to rounding, at a cost independent of N
+//! but for the prompt ids).
 //!
 //! Order: the prompts of one trace list are numbered in first-appearance order (the ordinal);
 //! part `i` of `n` holds the ordinals ≡ i (mod n). [`merge`] groups the shards by their trace
@@ -14,10 +18,13 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::io::{BufWriter, Seek};
 use std::path::{Path, PathBuf};
 
+use moe_xray_health::{HealthAccumulator, HealthOptions};
 use moe_xray_stats::analyze::{Collector, Outputs, PathChoice, DEFAULT_GRAM_THRESHOLD};
 use moe_xray_stats::input::PromptRow;
+use moe_xray_stats::large_n::GramAccumulator;
 use moe_xray_stats::shard::{
-    write_header, ShardHeader, ShardReader, ShardRecord, ShardWriter, SHARD_FORMAT,
+    gram_section_bytes, read_gram_section, write_header, ShardHeader, ShardKind, ShardReader,
+    ShardRecord, ShardWriter, SECTION_GRAM, SECTION_HEALTH, SHARD_FORMAT,
 };
 use moe_xray_trace::counts::for_each_prompt_counts_info;
 use moe_xray_trace::TraceError;
@@ -37,11 +44,34 @@ pub struct MapSummary {
     pub bytes: u64,
 }
 
+/// What a shard holds besides the prompts (`moe-xray map --health`, `--gram-sums`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapContents {
+    /// Also the health accumulator of the part's prompts (a second pass over the traces, as
+    /// `moe-xray health` reads them).
+    pub health: bool,
+    /// The per-category Gram sums instead of the per-prompt counts (merge gives the
+    /// `gram_sums` path, at a cost independent of the number of prompts but for their ids).
+    pub gram_sums: bool,
+}
+
 /// Reads the traces of `opts` (dimensions, token types, `weighted` and categories as `analyze`
 /// reads them; the statistics options are not used) and writes the prompts of part `part` of
 /// `parts` to the shard file `out` (complete or not at all: a temporary file renamed into place).
 pub fn map_shard(
     opts: &AnalyzeOptions,
+    part: u64,
+    parts: u64,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<MapSummary> {
+    map_shard_with(opts, MapContents::default(), part, parts, out, progress)
+}
+
+/// [`map_shard`] with the health section and / or Gram sums of `contents`.
+pub fn map_shard_with(
+    opts: &AnalyzeOptions,
+    contents: MapContents,
     part: u64,
     parts: u64,
     out: &Path,
@@ -85,6 +115,9 @@ pub fn map_shard(
     let mut held: Vec<(u64, PromptRow)> = Vec::new();
     let mut shard_err: Option<moe_xray_stats::StatsError> = None;
     let mut read = 0u64;
+    // The ids of this part's prompts, for the health pass.
+    let mut part_ids: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut gram: Option<GramAccumulator> = None;
     let info = for_each_prompt_counts_info(&opts.traces, &agg, |p| {
         let ordinal = read;
         read += 1;
@@ -94,17 +127,31 @@ pub fn map_shard(
         if ordinal % parts != part {
             return Ok(());
         }
+        if contents.health {
+            part_ids.insert(p.prompt_id.clone());
+        }
         let row = PromptRow {
             prompt_id: p.prompt_id,
             category: p.category,
             counts: p.counts,
             tokens_per_layer: p.tokens_per_layer,
         };
-        if !counts_form {
+        let pushed = if contents.gram_sums {
+            // As `analyze --gram`: the collector's accumulator, L and E from the first prompt.
+            let g = gram.get_or_insert_with(|| {
+                let l = row.tokens_per_layer.len();
+                GramAccumulator::new(l, row.counts.len() / l.max(1))
+            });
+            let id = row.prompt_id.clone();
+            g.push_outcome(row)
+                .and_then(|outcome| writer.push_id(ordinal, &id, &outcome))
+        } else if !counts_form {
             held.push((ordinal, row));
             return Ok(());
-        }
-        writer.push(ordinal, &row, None).map_err(|e| {
+        } else {
+            writer.push(ordinal, &row, None)
+        };
+        pushed.map_err(|e| {
             let message = e.to_string();
             shard_err = Some(e);
             TraceError::InvalidFile {
@@ -117,30 +164,66 @@ pub fn map_shard(
         return Err(e.into());
     }
     let info = info?;
-    let rows: Vec<PromptRow> = held.iter().map(|(_, r)| r.clone()).collect();
-    progress.step("map: token ids for the confound controls");
-    let tokens = crate::confound::token_input(
-        &opts.traces,
-        &opts.token_types,
-        opts.weighted,
-        &info.layers,
-        info.num_experts,
-        &rows,
-        None,
-    )?;
-    drop(rows);
-    let token_bags_error = tokens.bags.as_ref().err().cloned();
-    for (ordinal, row) in held {
-        let bag = tokens
-            .bags
-            .as_ref()
-            .ok()
-            .and_then(|b| b.get(&row.prompt_id))
-            .map(|b| &b[..]);
-        writer.push(ordinal, &row, bag)?;
-    }
+    let token_bags_error = if contents.gram_sums {
+        Some("not computed on the gram_sums path".to_string())
+    } else {
+        let rows: Vec<PromptRow> = held.iter().map(|(_, r)| r.clone()).collect();
+        progress.step("map: token ids for the confound controls");
+        let tokens = crate::confound::token_input(
+            &opts.traces,
+            &opts.token_types,
+            opts.weighted,
+            &info.layers,
+            info.num_experts,
+            &rows,
+            None,
+        )?;
+        drop(rows);
+        let token_bags_error = tokens.bags.as_ref().err().cloned();
+        for (ordinal, row) in held {
+            let bag = tokens
+                .bags
+                .as_ref()
+                .ok()
+                .and_then(|b| b.get(&row.prompt_id))
+                .map(|b| &b[..]);
+            writer.push(ordinal, &row, bag)?;
+        }
+        token_bags_error
+    };
     let written = writer.len();
-    let (mut records, rinfo) = writer.finish()?;
+    let health_bytes = if contents.health {
+        progress.step("map: health accumulator (second pass over the traces)");
+        let acc = map_health(opts, manifest.as_ref(), &info, &part_ids)?;
+        drop(part_ids);
+        Some(acc.to_state_bytes().map_err(|e| {
+            PipelineError::Invalid(format!("{}: health section: {e}", out.display()))
+        })?)
+    } else {
+        None
+    };
+    let gram_bytes = match gram.as_mut() {
+        Some(g) => Some(gram_section_bytes(&g.take_categories())),
+        None if contents.gram_sums => {
+            // No prompt in this part: an empty section (no category).
+            Some(gram_section_bytes(&[]))
+        }
+        None => None,
+    };
+    drop(gram);
+    let mut sections: Vec<(u8, &[u8])> = Vec::new();
+    if let Some(b) = &health_bytes {
+        sections.push((SECTION_HEALTH, b));
+    }
+    if let Some(b) = &gram_bytes {
+        sections.push((SECTION_GRAM, b));
+    }
+    let (mut records, mut rinfo) = writer.finish_with_sections(&sections)?;
+    drop(health_bytes);
+    drop(gram_bytes);
+    if contents.gram_sums {
+        rinfo.dim = None; // id records carry no counts
+    }
     let k = if opts.weighted {
         agg.top_k.or(info.top_k)
     } else {
@@ -174,6 +257,12 @@ pub fn map_shard(
             .collect(),
         manifest,
         token_bags_error,
+        kind: if contents.gram_sums {
+            ShardKind::GramSums
+        } else {
+            ShardKind::Counts
+        },
+        health: contents.health,
     };
     let name = out.display().to_string();
     let tmp = tempfile::NamedTempFile::new_in(&dir)
@@ -204,6 +293,29 @@ pub fn map_shard(
     })
 }
 
+/// The health accumulator of the prompts in `part_ids`, read as `moe-xray health` reads the
+/// traces (the manifest's MoE layers, the map's L, E and token types).
+fn map_health(
+    opts: &AnalyzeOptions,
+    manifest: Option<&moe_xray_trace::Manifest>,
+    info: &moe_xray_trace::counts::StreamInfo,
+    part_ids: &std::collections::HashSet<String>,
+) -> Result<HealthAccumulator> {
+    let decoder = match manifest {
+        Some(m) if m.routing.is_some() => m.num_layers,
+        _ => info.num_layers,
+    };
+    let hopts = HealthOptions {
+        token_types: opts.token_types.clone(),
+        ..HealthOptions::default()
+    };
+    let mut acc = HealthAccumulator::with_layers(decoder, &info.layers, info.num_experts, hopts)?;
+    for p in &opts.traces {
+        moe_xray_health::input::accumulate_file_where(&mut acc, p, &|id| part_ids.contains(id))?;
+    }
+    Ok(acc)
+}
+
 /// Options of [`merge`]: the statistics options of `analyze` (defaults as there); the options
 /// that change the counts were fixed by `map` and are read from the shards.
 #[derive(Debug, Clone)]
@@ -220,6 +332,12 @@ pub struct MergeOptions {
     pub path: PathChoice,
     pub no_tsne: bool,
     pub no_classifier: bool,
+    /// Also the health report from the shards' health sections (`map --health`): its report
+    /// options (`cold_fraction`, `top_pairs`); the token types are those of the shards.
+    pub health: Option<HealthOptions>,
+    /// With `health`: also the mutual information I(signature; task) as `health --mi` computes
+    /// it, from the per-prompt counts of counts shards (unweighted; not from Gram sums).
+    pub health_mi: Option<moe_xray_health::MiOptions>,
 }
 
 impl MergeOptions {
@@ -238,6 +356,8 @@ impl MergeOptions {
             },
             no_tsne: false,
             no_classifier: false,
+            health: None,
+            health_mi: None,
         }
     }
 }
@@ -287,10 +407,47 @@ fn check_compatible(readers: &[ShardReader]) -> Result<Option<usize>> {
     Ok(k.map(|(k, _)| k))
 }
 
+/// What [`merge_all`] produced.
+pub struct MergeOutputs {
+    /// The outputs of `analyze` over all the traces.
+    pub analysis: Outputs,
+    /// The outputs of `health` over all the traces (when [`MergeOptions::health`] is set).
+    pub health: Option<crate::health::HealthOutputs>,
+}
+
 /// Combines the shards into the outputs of one `analyze` over all their traces (see the module
 /// docs for the order). Errors: incompatible shards, a trace list with a missing part, a prompt
 /// in two shards (named, with both files), a gap in the ordinals.
 pub fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Outputs> {
+    Ok(merge_all(opts, progress)?.analysis)
+}
+
+/// One record of either kind of shard.
+enum Item {
+    Row(ShardRecord),
+    Id(moe_xray_stats::shard::IdRecord),
+}
+
+impl Item {
+    fn id(&self) -> &str {
+        match self {
+            Item::Row(r) => &r.row.prompt_id,
+            Item::Id(r) => &r.prompt_id,
+        }
+    }
+}
+
+fn next_item(r: &mut ShardReader) -> Result<Option<(u64, Item)>> {
+    Ok(match r.header().kind {
+        ShardKind::Counts => r.next_record()?.map(|x| (x.ordinal, Item::Row(x))),
+        ShardKind::GramSums => r.next_id()?.map(|x| (x.ordinal, Item::Id(x))),
+    })
+}
+
+/// [`merge`], and with [`MergeOptions::health`] also the health report of all the traces from
+/// the shards' health sections (exact: the same bytes as `moe-xray health` over the traces).
+/// Shards mapped with `--gram-sums` give the `gram_sums` path (`--exact-pairs` is refused).
+pub fn merge_all(opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeOutputs> {
     if opts.shards.is_empty() {
         invalid!("no shard files given");
     }
@@ -299,15 +456,56 @@ pub fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Outputs> {
         readers.push(ShardReader::open(p)?);
     }
     let k = check_compatible(&readers)?;
+    let kind = readers[0].header().kind;
+    if let Some(r) = readers.iter().find(|r| r.header().kind != kind) {
+        invalid!(
+            "{} and {}: shard field kind differs ({:?} vs {:?}); merge shards mapped all with or all without --gram-sums",
+            readers[0].name(),
+            r.name(),
+            kind,
+            r.header().kind
+        );
+    }
+    if opts.health.is_some() {
+        if let Some(r) = readers.iter().find(|r| !r.header().health) {
+            invalid!(
+                "{}: no health section (map it with --health to merge the health report)",
+                r.name()
+            );
+        }
+    }
+    let gram_kind = kind == ShardKind::GramSums;
+    if opts.health_mi.is_some() {
+        if opts.health.is_none() {
+            invalid!("--mi needs --health DIR");
+        }
+        if gram_kind {
+            invalid!(
+                "--mi needs every prompt's counts, but these shards hold Gram sums (map --gram-sums)"
+            );
+        }
+        if readers[0].header().weighted {
+            invalid!(
+                "--mi needs selection counts, but these shards hold router weights (map --weighted)"
+            );
+        }
+    }
+    // The per-prompt counts for --mi, in the order `health` reads the prompts.
+    let mut mi_prompts: Vec<moe_xray_health::PromptLoad> = Vec::new();
+    if gram_kind && opts.path == PathChoice::ExactPairs {
+        invalid!(
+            "--exact-pairs needs the per-prompt counts, but these shards hold Gram sums (map --gram-sums): only the gram_sums path can be merged from them"
+        );
+    }
     // Groups by trace list (sorted), each with its parts.
     let mut groups: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
     for (i, r) in readers.iter().enumerate() {
         groups.entry(r.header().traces.clone()).or_default().push(i);
     }
-    for (traces, members) in &groups {
+    for (traces, members) in groups.iter_mut() {
         let parts = readers[members[0]].header().parts;
         let mut seen: HashMap<u64, usize> = HashMap::new();
-        for &i in members {
+        for &i in members.iter() {
             let (h_parts, h_part) = (readers[i].header().parts, readers[i].header().part);
             if h_parts != parts {
                 invalid!(
@@ -342,17 +540,18 @@ pub fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Outputs> {
                 seen.len()
             );
         }
+        // Sections are read in part order, so sums do not depend on the argument order.
+        members.sort_by_key(|&i| readers[i].header().part);
     }
-    let h0 = readers[groups.values().next().map(|m| m[0]).unwrap_or(0)]
-        .header()
-        .clone();
+    let first_reader = groups.values().next().map(|m| m[0]).unwrap_or(0);
+    let h0 = readers[first_reader].header().clone();
     let manifest = match &h0.manifest {
         None => serde_json::json!({}),
         Some(text) => {
             let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
                 PipelineError::Invalid(format!(
                     "{}: shard field manifest: {e}",
-                    readers[groups.values().next().map(|m| m[0]).unwrap_or(0)].name()
+                    readers[first_reader].name()
                 ))
             })?;
             // The manifest goes into results.json: it must come back exactly as mapped.
@@ -364,6 +563,8 @@ pub fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Outputs> {
     };
     let (nl, ne) = (h0.num_layers, h0.num_experts);
     let mut collector = Collector::new(nl, ne, opts.path);
+    let mut gram = gram_kind.then(|| GramAccumulator::new(nl, ne));
+    let mut health: Option<HealthAccumulator> = None;
     // Token bags for the lexical baseline (exact path only, as in `analyze`).
     let bags_error = groups
         .values()
@@ -377,51 +578,101 @@ pub fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Outputs> {
     for (group_traces, members) in &groups {
         traces.extend(group_traces.iter().cloned());
         let mut heap: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-        let mut pending: HashMap<usize, ShardRecord> = HashMap::new();
+        let mut pending: HashMap<usize, Item> = HashMap::new();
         for &i in members {
-            if let Some(rec) = readers[i].next_record()? {
-                heap.push(Reverse((rec.ordinal, i)));
-                pending.insert(i, rec);
+            if let Some((ordinal, item)) = next_item(&mut readers[i])? {
+                heap.push(Reverse((ordinal, i)));
+                pending.insert(i, item);
             }
         }
         let mut expect = 0u64;
         while let Some(Reverse((ordinal, i))) = heap.pop() {
-            let Some(rec) = pending.remove(&i) else {
+            let Some(item) = pending.remove(&i) else {
                 invalid!("internal: no pending record of shard {i}");
             };
             if ordinal != expect {
                 invalid!(
                     "{}: shard field ordinal: prompt {:?} has ordinal {ordinal}, expected {expect} (a shard of traces {group_traces:?} is incomplete)",
                     readers[i].name(),
-                    rec.row.prompt_id
+                    item.id()
                 );
             }
             expect += 1;
-            if let Some(&j) = owner.get(&rec.row.prompt_id) {
+            if let Some(&j) = owner.get(item.id()) {
                 invalid!(
                     "prompt {:?} is in two shards: {} and {}",
-                    rec.row.prompt_id,
+                    item.id(),
                     opts.shards[j].display(),
                     opts.shards[i].display()
                 );
             }
-            owner.insert(rec.row.prompt_id.clone(), i);
-            if keep_bags {
-                if let Some(b) = rec.bag {
-                    bags.insert(rec.row.prompt_id.clone(), b);
+            owner.insert(item.id().to_string(), i);
+            match item {
+                Item::Row(rec) => {
+                    if opts.health_mi.is_some() {
+                        mi_prompts.push(moe_xray_health::PromptLoad {
+                            prompt_id: rec.row.prompt_id.clone(),
+                            category: rec.row.category.clone(),
+                            counts: rec.row.counts.clone(),
+                        });
+                    }
+                    if keep_bags {
+                        if let Some(b) = rec.bag {
+                            bags.insert(rec.row.prompt_id.clone(), b);
+                        }
+                    }
+                    collector
+                        .push(rec.row)
+                        .step_context(|| format!("merging {}", opts.shards[i].display()))?;
+                }
+                Item::Id(rec) => {
+                    if let Some(g) = gram.as_mut() {
+                        g.add_prompt(rec.prompt_id, rec.outcome);
+                    }
                 }
             }
-            collector
-                .push(rec.row)
-                .step_context(|| format!("merging {}", opts.shards[i].display()))?;
             read += 1;
             if read.is_multiple_of(4096) {
                 progress.step(&format!("merge: read {read} prompts"));
             }
-            if let Some(next) = readers[i].next_record()? {
-                heap.push(Reverse((next.ordinal, i)));
+            if let Some((next_ordinal, next)) = next_item(&mut readers[i])? {
+                heap.push(Reverse((next_ordinal, i)));
                 pending.insert(i, next);
             }
+        }
+        // The sections after the records: health states and Gram sums, in part order.
+        for &i in members {
+            let name = readers[i].name().to_string();
+            readers[i].read_sections(|tag, rd| {
+                if tag == SECTION_HEALTH {
+                    if let Some(hopts) = &opts.health {
+                        let st = HealthAccumulator::from_state(
+                            &format!("{name}: health section"),
+                            rd,
+                            hopts,
+                        )
+                        .map_err(|e| moe_xray_stats::StatsError::InvalidInput(e.to_string()))?;
+                        match health.as_mut() {
+                            None => health = Some(st),
+                            Some(acc) => acc.merge(&st).map_err(|e| {
+                                moe_xray_stats::StatsError::InvalidInput(format!(
+                                    "{name}: health section: {e}"
+                                ))
+                            })?,
+                        }
+                        return Ok(());
+                    }
+                } else if tag == SECTION_GRAM {
+                    if let Some(g) = gram.as_mut() {
+                        let tiles = g.tile_len();
+                        return read_gram_section(&name, rd, nl, ne, tiles, |c| g.add_category(c));
+                    }
+                }
+                std::io::copy(rd, &mut std::io::sink()).map_err(|e| {
+                    moe_xray_stats::StatsError::InvalidInput(format!("{name}: {e}"))
+                })?;
+                Ok(())
+            })?;
         }
     }
     progress.step(&format!(
@@ -465,12 +716,66 @@ pub fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Outputs> {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    collector
-        .finish(k, &stats_opts)
-        .step_context(|| format!("analysing the shards {desc}"))
+    let analysis = match gram {
+        Some(g) => {
+            let summary = g
+                .finish()
+                .step_context(|| format!("analysing the shards {desc}"))?;
+            Outputs::Gram(Box::new(moe_xray_stats::analyze::analyze_gram(
+                summary,
+                nl,
+                ne,
+                k,
+                &stats_opts,
+            )))
+        }
+        None => collector
+            .finish(k, &stats_opts)
+            .step_context(|| format!("analysing the shards {desc}"))?,
+    };
+    let health = match (opts.health.as_ref(), health) {
+        (Some(_), Some(acc)) => {
+            let report = acc.report();
+            let layer = acc.layer_ids().first().copied().unwrap_or(0);
+            let mi = match &opts.health_mi {
+                Some(mo) => {
+                    let (sigs, labels, dropped) = moe_xray_health::mi::signatures_with_labels(
+                        &mi_prompts,
+                        report.num_layers,
+                        report.num_experts,
+                    );
+                    drop(mi_prompts);
+                    if let Some(first) = dropped.first() {
+                        progress.warn(&format!(
+                            "--mi: {} prompt(s) left out (first: {} — {})",
+                            dropped.len(),
+                            first.0,
+                            first.1
+                        ));
+                    }
+                    progress.step("merge: mutual information (permutations)");
+                    Some(
+                        moe_xray_health::mutual_information(&sigs, &labels, mo).step_context(
+                            || "--mi (mutual information needs prompt categories in the traces)",
+                        )?,
+                    )
+                }
+                None => None,
+            };
+            Some(crate::health::HealthOutputs {
+                acc,
+                report,
+                mi,
+                layer,
+            })
+        }
+        (Some(_), None) => invalid!("no health section in the shards"),
+        _ => None,
+    };
+    Ok(MergeOutputs { analysis, health })
 }
 
 /// The prompt id of the next record of `r` (used to name a prompt held twice).
 fn peek_id(r: &mut ShardReader) -> Result<Option<String>> {
-    Ok(r.next_record()?.map(|rec| rec.row.prompt_id))
+    Ok(next_item(r)?.map(|(_, item)| item.id().to_string()))
 }

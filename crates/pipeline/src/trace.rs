@@ -418,6 +418,12 @@ impl PreparedTrace {
                 ),
             ]
             .into_iter()
+            // Only present in the exact mode (`--exact`), so that other manifests are unchanged:
+            // `dtype` then says "f32" and this says that quantised weights were dequantised.
+            .chain(
+                (args.dtype.as_deref() == Some(EXACT))
+                    .then(|| ("exact".to_string(), serde_json::json!(true))),
+            )
             // Only present for the random-router control (`router_control`).
             .chain(args.router_control.map(|seed| {
                 (
@@ -864,6 +870,9 @@ pub const EXACT: &str = "exact";
 /// mode of `--exact`, f32 with quantised weights dequantised exactly, see
 /// `moe_xray_model::model::LoadOptions::exact`); returns the model and the load time in seconds.
 pub fn load_model(dir: &Path, dtype: Option<&str>) -> Result<(MoeModel, f64)> {
+    // An invalid MOE_XRAY_KERNEL is an error here, before the model loads (the kernels
+    // themselves cannot report it and would treat it as unset).
+    moe_xray_model::cpu_kernels::kernel_env_check().map_err(PipelineError::Invalid)?;
     let exact = dtype == Some(EXACT);
     let dtype = dtype.filter(|_| !exact).map(parse_dtype).transpose()?;
     let t = Instant::now();

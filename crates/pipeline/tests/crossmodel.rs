@@ -320,3 +320,177 @@ fn hostile_analysis_directories_are_clear_errors() {
     .to_string();
     assert!(e.contains("no signatures.csv"), "{e}");
 }
+
+fn many(
+    runs: &[&str],
+    traces: &[&str],
+    reps: usize,
+) -> moe_xray_pipeline::compare_models::CompareManyOutput {
+    let dir = fixture("crossmodel");
+    moe_xray_pipeline::compare_models::compare_many(
+        &moe_xray_pipeline::compare_models::CompareManyOptions {
+            runs: runs.iter().map(|r| dir.join(r)).collect(),
+            traces: traces.iter().map(|t| Some(repo_root().join(t))).collect(),
+            stats: CrossModelOptions { reps, seed: 0 },
+        },
+        &Quiet,
+    )
+    .unwrap()
+}
+
+/// Three runs of the same 40 prompts (planted, null, planted counted on prompt tokens only):
+/// every pair against its two-run reference case, the N × N matrices and each run's d on the
+/// shared prompts against the reference's `multi` section, and pair (0, 1) byte-identical to the
+/// two-run comparison.
+#[test]
+fn three_runs_match_the_reference_pair_by_pair() {
+    let planted = "fixtures/stats/planted/trace.jsonl";
+    let null = "fixtures/stats/null/trace.jsonl";
+    let out = many(
+        &["planted", "null", "planted_prompt"],
+        &[planted, null, planted],
+        2000,
+    );
+    let r = &out.report;
+    assert_eq!(r.schema_version, 1);
+    assert_eq!(r.models.len(), 3);
+    assert_eq!(
+        r.pairs.iter().map(|p| (p.a, p.b)).collect::<Vec<_>>(),
+        vec![(0, 1), (0, 2), (1, 2)]
+    );
+    assert!(r.not_shared.iter().all(|v| v.is_empty()));
+    for (k, name) in [
+        "planted_vs_null",
+        "planted_vs_planted_prompt",
+        "null_vs_planted_prompt",
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_case(name, &out.pairs[k], 2000);
+        assert_eq!(out.pairs[k].report, r.pairs[k].comparison);
+    }
+    let exp = &expected()["multi"]["planted_null_prompt"];
+    assert_eq!(r.shared_prompts as u64, exp["shared"].as_u64().unwrap());
+    for (key, m) in [("rsa", &r.matrices.rsa), ("cka", &r.matrices.cka)] {
+        for i in 0..3 {
+            assert_eq!(m[i][i], None, "{key} diagonal");
+            for j in 0..3 {
+                close(&format!("{key}[{i}][{j}]"), m[i][j], &exp[key][i][j]);
+                assert_eq!(m[i][j], m[j][i], "{key} symmetric");
+            }
+        }
+    }
+    for i in 0..3 {
+        close(
+            &format!("d_shared[{i}]"),
+            r.separation[i].cohens_d_shared,
+            &exp["cohens_d_shared"][i],
+        );
+        assert_eq!(r.separation[i].per_category.len(), r.categories.len());
+        let p = r.matrices.mantel_p[i][(i + 1) % 3].unwrap();
+        assert!(p > 0.0 && p <= 1.0);
+    }
+    // The planted runs agree with each other (positive control) and not with the null run.
+    assert!(r.matrices.rsa[0][2].unwrap() > 0.9 && r.matrices.mantel_p[0][2].unwrap() < 0.01);
+    assert!(r.matrices.rsa[0][1].unwrap().abs() < 0.15);
+    // Every pair has the same architecture: matching and matched drift for each.
+    for p in &r.pairs {
+        assert!(
+            p.comparison.matched_drift.done().is_some(),
+            "{}-{}",
+            p.a,
+            p.b
+        );
+    }
+    // Pair (0, 1) is exactly the two-run comparison of those runs.
+    let two = run("planted", "null", Some((planted, null)), 2000);
+    assert_eq!(
+        serde_json::to_string(&two.report).unwrap(),
+        serde_json::to_string(&r.pairs[0].comparison).unwrap()
+    );
+}
+
+/// Prompts missing from one run are left out of every pair and listed per run; too few runs,
+/// trace lists of the wrong length and too few shared prompts are clear errors.
+#[test]
+fn n_run_shared_prompts_and_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("crossmodel");
+    // Copies of `null` with only its first k prompts.
+    let cut_copy = |k: usize| -> (PathBuf, Vec<Value>) {
+        let cut = tmp.path().join(format!("cut{k}"));
+        std::fs::create_dir_all(&cut).unwrap();
+        let mut res: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("null/results.json")).unwrap())
+                .unwrap();
+        let ids = res["prompt_ids"].as_array().unwrap().clone();
+        res["prompt_ids"] = Value::Array(ids[..k].to_vec());
+        std::fs::write(cut.join("results.json"), res.to_string()).unwrap();
+        let text = std::fs::read_to_string(dir.join("null/signatures.csv")).unwrap();
+        std::fs::write(
+            cut.join("signatures.csv"),
+            text.lines().take(k + 1).collect::<Vec<_>>().join("\n") + "\n",
+        )
+        .unwrap();
+        (cut, ids)
+    };
+    let (cut, ids) = cut_copy(35);
+    let opts = |runs: Vec<PathBuf>, traces: Vec<Option<PathBuf>>| {
+        moe_xray_pipeline::compare_models::CompareManyOptions {
+            runs,
+            traces,
+            stats: CrossModelOptions { reps: 50, seed: 0 },
+        }
+    };
+    let out = moe_xray_pipeline::compare_models::compare_many(
+        &opts(
+            vec![dir.join("planted"), cut.clone(), dir.join("planted_prompt")],
+            vec![],
+        ),
+        &Quiet,
+    )
+    .unwrap();
+    let r = &out.report;
+    assert_eq!(r.shared_prompts, 35);
+    let mut missing: Vec<String> = ids[35..]
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    missing.sort();
+    let sorted = |v: &Vec<String>| {
+        let mut v = v.clone();
+        v.sort();
+        v
+    };
+    let got: Vec<Vec<String>> = r.not_shared.iter().map(sorted).collect();
+    assert_eq!(got, vec![missing.clone(), vec![], missing.clone()]);
+    // Pair (0, 2) shares all 40 prompts, but only the 35 of every run are compared.
+    assert_eq!(r.pairs[1].comparison.shared_prompts, 35);
+    assert_eq!(sorted(&r.pairs[1].comparison.only_in_b), missing);
+    assert!(r.pairs[1]
+        .comparison
+        .matched_drift
+        .why_missing()
+        .unwrap()
+        .contains("no traces"));
+    let err = |o| {
+        moe_xray_pipeline::compare_models::compare_many(&o, &Quiet)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = err(opts(vec![dir.join("planted")], vec![]));
+    assert!(e.contains("takes 2 to"), "{e}");
+    let e = err(opts(
+        vec![
+            dir.join("planted"),
+            dir.join("null"),
+            dir.join("planted_prompt"),
+        ],
+        vec![None],
+    ));
+    assert!(e.contains("one per run"), "{e}");
+    let e = err(opts(vec![dir.join("planted"), cut_copy(2).0], vec![]));
+    assert!(e.contains("2 shared prompts"), "{e}");
+}

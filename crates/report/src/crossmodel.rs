@@ -240,6 +240,121 @@ pub fn layer_heatmap(report: &CrossModelReport, which: &str) -> Option<String> {
     Some(s.finish(&title, &desc))
 }
 
+/// Element id of the matched-drift figure of the two-run page.
+pub const DRIFT_ID: &str = "fig-crossmodel-drift";
+
+/// Grouped bars of the per-layer JS divergence (bits) of the pooled expert loads with B's
+/// experts as numbered and after the matching (`matched_drift`), one group per MoE layer
+/// (decoder index). `id` is the SVG element id. `None` when the matched drift was not computed.
+pub fn drift_figure(report: &CrossModelReport, id: &str) -> Option<String> {
+    let d = report.matched_drift.done()?;
+    let (u, m) = (&d.unmatched.js_bits, &d.matched.js_bits);
+    let nl = u.len().min(m.len());
+    let layers: Vec<usize> = match report.expert_matching.done() {
+        Some(em) if em.layers.len() == nl => em.layers.iter().map(|l| l.layer).collect(),
+        _ => report.model_a.layers.iter().copied().take(nl).collect(),
+    };
+    let hi = u[..nl]
+        .iter()
+        .chain(&m[..nl])
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max);
+    let (yt, yd) = nice_ticks(0.0, if hi > 0.0 { hi } else { 1.0 }, 5);
+    let plot_w = (nl as f64 * 28.0).clamp(240.0, 560.0);
+    let ax = Axes {
+        left: 84.0,
+        top: 56.0,
+        width: plot_w,
+        height: 240.0,
+        xmin: 0.0,
+        xmax: nl.max(1) as f64,
+        ymin: 0.0,
+        ymax: *yt.last().unwrap_or(&1.0),
+    };
+    let items = [
+        LegendItem {
+            label: "experts as numbered".into(),
+            color: OKABE_ITO[1].into(),
+            kind: LegendKind::Marker(Shape::Square),
+        },
+        LegendItem {
+            label: "experts matched".into(),
+            color: OKABE_ITO[0].into(),
+            kind: LegendKind::Marker(Shape::Square),
+        },
+    ];
+    let width = (ax.right() + 24.0 + legend_width("B's experts", &items)).max(FIG_WIDTH);
+    let title = format!(
+        "Matched drift: mean JS {} → {} bits",
+        sig(d.unmatched.mean_js_bits, 3),
+        sig(d.matched.mean_js_bits, 3)
+    );
+    let desc = format!(
+        "Per-layer Jensen–Shannon divergence (bits) of the pooled expert loads of model A ({}) and model B ({}), with B's experts as numbered (orange) and relabelled by the Hungarian matching (blue), over {nl} MoE layers.",
+        report.model_a.label, report.model_b.label
+    );
+    let mut s = Svg::new(id, width, 360.0);
+    s.title(&title);
+    let step = nl.div_ceil(16).max(1);
+    let xticks: Vec<(f64, String)> = (0..nl)
+        .step_by(step)
+        .map(|l| {
+            (
+                l as f64 + 0.5,
+                layers.get(l).map(|x| x.to_string()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let yticks: Vec<(f64, String)> = yt.iter().map(|t| (*t, num(*t, yd))).collect();
+    ax.draw(
+        &mut s,
+        &xticks,
+        &yticks,
+        "MoE layer (decoder index)",
+        "JS divergence (bits)",
+    );
+    let slot = ax.width / nl.max(1) as f64;
+    let bw = slot * 0.38;
+    for (cls, vals, color, off, what) in [
+        ("unmatched", u, OKABE_ITO[1], 0.1, "as numbered"),
+        ("matched", m, OKABE_ITO[0], 0.52, "matched"),
+    ] {
+        s.raw(&format!(r#"<g class="{cls}">"#));
+        for (l, &x) in vals.iter().enumerate().take(nl) {
+            let v = if x.is_finite() { x.max(0.0) } else { 0.0 };
+            let (y0, y1) = (ax.y(0.0), ax.y(v));
+            s.rect_titled(
+                ax.left + (l as f64 + off) * slot,
+                y1,
+                bw,
+                (y0 - y1).max(0.0),
+                color,
+                r#"class="bar""#,
+                &format!(
+                    "layer {}, {what}: {} bits",
+                    layers.get(l).copied().unwrap_or(l),
+                    sig(x, 4)
+                ),
+            );
+        }
+        s.raw("</g>");
+    }
+    legend(&mut s, ax.right() + 24.0, ax.top, "B's experts", &items);
+    Some(s.finish(&title, &desc))
+}
+
+/// The matched-drift figure with its caption (`None` when the drift was not computed).
+pub fn drift_fig(report: &CrossModelReport, id: &str) -> Option<Figure> {
+    Some(Figure {
+        id: id.to_string(),
+        title: "Matched drift per layer".into(),
+        caption: "Jensen–Shannon divergence (bits) between the two models' pooled expert loads at each MoE layer, with model B's experts as numbered (orange) and after relabelling them by the Hungarian matching of usage profiles (blue). The part of the drift that the matching removes is only a renumbering of experts; what remains is a change in how the load is spread.".into(),
+        svg: drift_figure(report, id)?,
+        available: true,
+    })
+}
+
 /// The figures of the cross-model comparison with their captions, in report order: the RSA
 /// scatter, then the per-layer CKA and RSA heatmaps when the per-layer section was computed.
 pub fn figures(
@@ -298,7 +413,7 @@ pub struct CrossModelPage<'a> {
     pub command: &'a str,
 }
 
-fn cell(x: Option<f64>, digits: usize) -> String {
+pub(crate) fn cell(x: Option<f64>, digits: usize) -> String {
     x.map(|v| num(v, digits)).unwrap_or_else(|| "n/a".into())
 }
 
@@ -442,9 +557,18 @@ fn skipped<T>(section: &Section<T>) -> String {
     }
 }
 
-fn matching_section(r: &CrossModelReport) -> String {
-    let mut s = String::from(
-        "<section id=\"expert-matching\"><h2>Expert matching and matched drift</h2>\n",
+/// The expert-matching section with id `section_id` (its heading an `h2`, or an `h4` inside a
+/// pair of the N-run page when `nested`), the drift figure with element id `drift_id`.
+pub(crate) fn matching_section(
+    r: &CrossModelReport,
+    section_id: &str,
+    drift_id: &str,
+    nested: bool,
+) -> String {
+    let (h, sub) = if nested { ("h4", "h5") } else { ("h2", "h3") };
+    let mut s = format!(
+        "<section id=\"{}\"><{h}>Expert matching and matched drift</{h}>\n",
+        esc(section_id)
     );
     let Some(m) = r.expert_matching.done() else {
         s.push_str(&skipped(&r.expert_matching));
@@ -484,7 +608,7 @@ fn matching_section(r: &CrossModelReport) -> String {
             esc(&assign)
         );
     }
-    s.push_str("</tbody></table>\n<h3>Matched drift</h3>\n");
+    let _ = write!(s, "</tbody></table>\n<{sub}>Matched drift</{sub}>\n");
     match r.matched_drift.done() {
         Some(d) => {
             s.push_str(
@@ -532,6 +656,9 @@ fn matching_section(r: &CrossModelReport) -> String {
                 "run labels permuted between the two runs",
             );
             s.push_str("</tbody></table>\n");
+            if let Some(f) = drift_fig(r, drift_id) {
+                s.push_str(&figure_html(&f));
+            }
         }
         None => s.push_str(&skipped(&r.matched_drift)),
     }
@@ -637,7 +764,7 @@ pub fn render_html(p: &CrossModelPage<'_>) -> String {
     s.push_str(&separation_table(r));
     s.push_str("</section>\n");
 
-    s.push_str(&matching_section(r));
+    s.push_str(&matching_section(r, "expert-matching", DRIFT_ID, false));
 
     s.push_str("<section id=\"reproduce\"><h2>Reproduce</h2>\n<p>This command regenerates the comparison (same inputs and seed give byte-identical outputs):</p>\n");
     let cmd = if p.command.is_empty() {

@@ -933,6 +933,10 @@ pub fn render_report(input: &ReportInput) -> String {
     if input.health.is_some() {
         s.push_str("<li><a href=\"#health\">Routing health</a></li>");
     }
+    let confound = crate::confound_figures::fig_confounds(&r);
+    if confound.is_some() {
+        s.push_str("<li><a href=\"#confound-controls\">Confound controls</a></li>");
+    }
     if r.random_router_control.is_some() {
         s.push_str("<li><a href=\"#random-router-control\">Random-router control</a></li>");
     }
@@ -954,6 +958,11 @@ pub fn render_report(input: &ReportInput) -> String {
     }
     s.push_str("</section>\n");
 
+    if let Some(f) = &confound {
+        s.push_str("<section id=\"confound-controls\"><h2>Confound controls</h2>\n<p>What token identity alone gives, beside what routing gives: the lexical baseline classifier and the token-matched similarity statistics (docs/statistics.md, \"Confound controls\"; numbers in the headline table).</p>\n");
+        s.push_str(&figure_html(f));
+        s.push_str("</section>\n");
+    }
     s.push_str(&control_section(&r));
     s.push_str(&windows_section(&r));
     if let Some(a) = &input.ablation {

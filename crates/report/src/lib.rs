@@ -43,7 +43,9 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod ablation;
+pub mod confound_figures;
 pub mod crossmodel;
+pub mod crossmodel_multi;
 mod figures;
 pub mod health_figures;
 mod health_section;

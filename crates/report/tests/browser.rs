@@ -208,6 +208,7 @@ fn report_renders_in_headless_chromium() {
     let mut input = common::input();
     input.health = Some(health_section());
     with_windows_and_control(&mut input);
+    common::with_confounds(&mut input.results.analysis);
     input.ablation = Some(common::ablation());
     let report = moe_xray_report::write_report(dir.path().join("out"), &input).unwrap();
     let url = format!("file://{}", report.display());
@@ -265,6 +266,9 @@ fn report_renders_in_headless_chromium() {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-ablation-matrix\"",
         "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-ablation-dose\"",
         "<table class=\"ablation\">",
+        // Confound controls (issue 19): lexical baseline and token-matched d as a figure.
+        "<section id=\"confound-controls\">",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"fig-confound-controls\"",
     ] {
         assert!(dom.contains(needle), "{needle} missing from the DOM");
     }
@@ -412,6 +416,14 @@ fn crossmodel_report_renders_in_headless_chromium() {
     ] {
         assert!(dom.contains(needle), "{needle} missing from the DOM");
     }
+    // the matched-drift figure inside the matching section
+    assert!(
+        dom.contains(&format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{}\"",
+            moe_xray_report::crossmodel::DRIFT_ID
+        )),
+        "matched-drift figure missing from the DOM"
+    );
 
     let shot = dir.path().join("crossmodel.png");
     run_chromium(
@@ -449,5 +461,84 @@ fn crossmodel_report_renders_in_headless_chromium() {
         has_colour_near(&img, [0x44, 0x01, 0x54], 50)
             || has_colour_near(&img, [0xfd, 0xe7, 0x25], 50),
         "no heatmap colours in the screenshot"
+    );
+}
+
+/// The N-run cross-model `report.html` (`compare-models R1 R2 R3 --out DIR`) in headless
+/// Chromium: every section, both N × N matrix figures, one section per pair with the
+/// matched-drift figure of the same-architecture pair, and the matrices' colours painted.
+#[test]
+fn crossmodel_multi_report_renders_in_headless_chromium() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    use moe_xray_report::crossmodel_multi::{figures, pair_drift_id, render_html, MultiModelPage};
+    let dir = tempfile::tempdir().unwrap();
+    let r = common::crossmodel_multi();
+    let path = dir.path().join("report.html");
+    std::fs::write(
+        &path,
+        render_html(&MultiModelPage {
+            report: &r,
+            command: "moe-xray compare-models a b c --out cmp",
+        }),
+    )
+    .unwrap();
+    let url = format!("file://{}", path.display());
+    let dom = run_chromium(&bin, dir.path(), &["--dump-dom".to_string()], &url);
+    assert!(dom.contains("<main>"), "DOM dump looks wrong");
+    for id in [
+        "models",
+        "matrices",
+        "task-separation",
+        "pairs",
+        "pair-1-2",
+        "pair-1-3",
+        "pair-2-3",
+        "reproduce",
+    ] {
+        let needle = format!("<section id=\"{id}\">");
+        assert!(dom.contains(&needle), "{needle} missing from the DOM");
+    }
+    let figs = figures(&r);
+    assert_eq!(figs.len(), 2);
+    for id in figs
+        .iter()
+        .map(|f| f.id.clone())
+        .chain([pair_drift_id(0, 1)])
+    {
+        let needle = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{id}\"");
+        assert!(dom.contains(&needle), "figure {id} missing from the DOM");
+    }
+    assert!(
+        dom.contains("<table class=\"pairs\">") && dom.contains("<table class=\"separation\">")
+    );
+    let shot = dir.path().join("crossmodel_multi.png");
+    run_chromium(
+        &bin,
+        dir.path(),
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1200,3000".to_string(),
+        ],
+        &url,
+    );
+    let img = decode_png(&shot);
+    let (ink, colours) = region_stats(&img, 0, 0, img.width, img.height);
+    assert!(ink > 0.03, "screenshot nearly blank ({ink})");
+    assert!(colours > 50, "too few colours ({colours})");
+    if let Some(keep) = std::env::var_os("MOE_XRAY_CROSSMODEL_MULTI_SCREENSHOT") {
+        std::fs::copy(&shot, &keep).unwrap();
+    }
+    // the CKA matrix's viridis cells and the drift bars (Okabe–Ito orange)
+    assert!(
+        has_colour_near(&img, [0x44, 0x01, 0x54], 60)
+            || has_colour_near(&img, [0xfd, 0xe7, 0x25], 60)
+            || has_colour_near(&img, [0x21, 0x91, 0x8c], 60),
+        "no CKA matrix colours in the screenshot"
+    );
+    assert!(
+        has_colour_near(&img, [0xE6, 0x9F, 0x00], 30),
+        "no Okabe–Ito orange in the screenshot"
     );
 }

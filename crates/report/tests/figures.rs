@@ -339,3 +339,94 @@ fn heatmap_text_is_dropped_when_cells_are_too_small() {
     has_texts(&texts(&doc), &["category-07"]);
     assert!(figs[0].svg.contains("rotate(-35"));
 }
+
+/// The confound-control figure: two routing/lexical accuracy bars with one dot per fold and a
+/// chance line; per-layer d lines on all tokens and token-matched with one point per layer and
+/// an overall dashed line each; a skipped lexical baseline says why; absent without both.
+#[test]
+fn confound_figure_shows_lexical_and_token_matched() {
+    use moe_xray_report::confound_figures::{fig_confounds, CONFOUND_ID};
+    use moe_xray_stats::results::Section;
+    let mut r = common::results();
+    assert!(
+        fig_confounds(&r).is_none(),
+        "no confound sections, no figure"
+    );
+    common::with_confounds(&mut r);
+    let f = fig_confounds(&r).unwrap();
+    assert_eq!(f.id, CONFOUND_ID);
+    let doc = parse(&f.svg);
+    let folds = r.logreg_5fold.done().unwrap().fold_accuracies.len();
+    for cls in ["routing", "lexical"] {
+        let g = doc
+            .descendants()
+            .find(|n| n.attribute("class") == Some(cls))
+            .unwrap_or_else(|| panic!("no group {cls}"));
+        let bars = g
+            .descendants()
+            .filter(|n| n.attribute("class") == Some("bar"))
+            .count();
+        let dots = g
+            .descendants()
+            .filter(|n| n.attribute("class") == Some("fold"))
+            .count();
+        assert_eq!((bars, dots), (1, folds), "{cls}");
+    }
+    // the lexical bar is lower (0.25 less accurate): its rect starts further down
+    let bar_y = |cls: &str| -> f64 {
+        doc.descendants()
+            .find(|n| n.attribute("class") == Some(cls))
+            .unwrap()
+            .descendants()
+            .find(|n| n.attribute("class") == Some("bar"))
+            .unwrap()
+            .attribute("y")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(bar_y("lexical") > bar_y("routing") + 10.0);
+    assert_eq!(count(&doc, "line", Some("chance")), 1);
+    let nl = r.per_layer.len();
+    for cls in ["all-tokens", "token-matched"] {
+        let g = doc
+            .descendants()
+            .find(|n| n.attribute("class") == Some(cls))
+            .unwrap();
+        let pts = g
+            .descendants()
+            .filter(|n| n.attribute("class") == Some("layer-point"))
+            .count();
+        let overall = g
+            .descendants()
+            .filter(|n| n.attribute("class") == Some("overall"))
+            .count();
+        assert_eq!((pts, overall), (nl, 1), "{cls}");
+    }
+    if let Some(keep) = std::env::var_os("MOE_XRAY_CONFOUND_SVG") {
+        std::fs::write(keep, &f.svg).unwrap();
+    }
+    assert!(f.caption.contains("residual"));
+    assert_eq!(count(&doc, "text", Some("not-computed")), 0);
+    // skipped lexical baseline, no token-matched: the panels say so
+    r.lexical_baseline = Some(Section::skipped("counts-form traces have no token ids"));
+    r.token_matched = None;
+    let f = fig_confounds(&r).unwrap();
+    let doc = parse(&f.svg);
+    let notes: Vec<String> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("not-computed"))
+        .map(|n| n.text().unwrap_or("").to_string())
+        .collect();
+    let all = notes.join(" ");
+    assert!(
+        all.contains("skipped: counts-form traces have no"),
+        "{notes:?}"
+    );
+    assert!(notes.iter().all(|t| t.chars().count() <= 40), "{notes:?}");
+    assert!(
+        notes.iter().any(|t| t.contains("not requested")),
+        "{notes:?}"
+    );
+    assert!(texts(&doc).iter().all(|t| !t.contains("NaN")));
+}

@@ -254,6 +254,7 @@ fn lexical_baseline_row_and_interpretation_sentence() {
     let mut input = common::input();
     let html = render_report(&input);
     assert!(!html.contains("Lexical baseline"));
+    assert!(!html.contains("confound-controls"));
     assert!(!section(&html, "interpretation").contains("Token identity alone"));
     let Section::Done(lr) = input.results.logreg_5fold.clone() else {
         panic!("fixture has a classifier")
@@ -284,6 +285,11 @@ fn lexical_baseline_row_and_interpretation_sentence() {
     assert!(head.contains("989 token ids"));
     assert!(head.contains("Token-matched Cohen") && head.contains("d (residual)"));
     assert!(head.contains("0.159"));
+    // the confound-control section with its figure, linked from the table of contents
+    let c = section(&html, "confound-controls");
+    assert!(c.contains("id=\"fig-confound-controls\""), "{c}");
+    assert!(c.contains("Confound controls: routing against token identity."));
+    assert!(html.contains("<li><a href=\"#confound-controls\">Confound controls</a></li>"));
     let i = section(&html, "interpretation");
     assert!(i.contains("Token identity alone"), "{i}");
     assert!(i.contains("routing exceeds it by 25.0 points"), "{i}");

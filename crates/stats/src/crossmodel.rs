@@ -284,6 +284,217 @@ impl CrossModelReport {
     }
 }
 
+/// `schema_version` of the N-run cross-model JSON (`compare-models` with three or more runs;
+/// schema `docs/crossmodel-multi.schema.json`).
+pub const MULTI_SCHEMA_VERSION: u32 = 1;
+
+/// Largest number of runs of one `compare-models` call (N(N−1)/2 pairwise comparisons).
+pub const MAX_MODELS: usize = 32;
+
+/// A category of the prompts shared by every run.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct CategoryCount {
+    pub category: String,
+    /// Shared prompts of the category.
+    pub n: usize,
+}
+
+/// One model's value of a per-category statistic.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, JsonSchema)]
+pub struct CategoryCell {
+    /// d of pairs inside the category against pairs with one prompt in it (shared prompts).
+    pub d: Option<f64>,
+    /// Recall of the category by the model's own classifier (`logreg_5fold.confusion`).
+    pub recall: Option<f64>,
+}
+
+/// Task separation of one model (one column of the side-by-side table).
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct ModelSeparation {
+    /// `similarity.cohens_d` of its `results.json` (all prompts of that analysis).
+    pub cohens_d: Option<f64>,
+    /// Cohen's d recomputed on the prompts shared by every run.
+    pub cohens_d_shared: Option<f64>,
+    /// `logreg_5fold.accuracy_mean`.
+    pub accuracy: Option<f64>,
+    /// `logreg_5fold.chance`.
+    pub chance: Option<f64>,
+    /// `logreg_5fold.macro_f1_oof`.
+    pub macro_f1: Option<f64>,
+    /// One cell per category, in `MultiModelReport::categories` order.
+    pub per_category: Vec<CategoryCell>,
+}
+
+/// The N × N matrices of the pairwise comparisons (symmetric; row i, column j compares run i
+/// with run j; the diagonal is `null`: a run against itself is 1 by definition and untested).
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct PairwiseMatrices {
+    /// RSA: Spearman correlation of the two prompt × prompt similarity matrices.
+    pub rsa: Vec<Vec<Option<f64>>>,
+    /// One-sided Mantel permutation p of the RSA coefficient (`null` when skipped).
+    pub mantel_p: Vec<Vec<Option<f64>>>,
+    /// Linear CKA of the two signature matrices.
+    pub cka: Vec<Vec<Option<f64>>>,
+}
+
+/// The two-run comparison of runs `a` < `b` (indices into `MultiModelReport::models`) on the
+/// prompts shared by every run.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct PairComparison {
+    pub a: usize,
+    pub b: usize,
+    /// Everything `compare-models A B` reports for the pair (its `only_in_a` / `only_in_b` list
+    /// the prompts of each run that are not shared by every run).
+    pub comparison: CrossModelReport,
+}
+
+/// The cross-model comparison of N ≥ 3 runs (`compare-models R1 R2 R3 … --json`; schema
+/// `docs/crossmodel-multi.schema.json`). Every pair i<j is compared exactly as two runs are, on
+/// the prompts shared by all runs, with the same seed.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[schemars(title = "moe-xray compare-models (N runs)")]
+pub struct MultiModelReport {
+    pub schema_version: u32,
+    pub tool_version: String,
+    /// The runs, in the order given.
+    pub models: Vec<ModelInfo>,
+    /// Prompts in every analysis (the statistics use these, in the first run's order).
+    pub shared_prompts: usize,
+    /// Per run: its prompt ids that are not in every analysis.
+    pub not_shared: Vec<Vec<String>>,
+    /// Categories of the shared prompts (sorted by name).
+    pub categories: Vec<CategoryCount>,
+    pub matrices: PairwiseMatrices,
+    /// Task separation of each run, in `models` order.
+    pub separation: Vec<ModelSeparation>,
+    /// Every pair i<j, in row-major order (0,1), (0,2), …, (1,2), ….
+    pub pairs: Vec<PairComparison>,
+}
+
+impl MultiModelReport {
+    /// The JSON Schema of the report (committed as `docs/crossmodel-multi.schema.json`).
+    #[allow(clippy::expect_used)] // a schemars schema is plain JSON: serialising it cannot fail
+    pub fn json_schema() -> String {
+        let schema = schemars::schema_for!(MultiModelReport);
+        serde_json::to_string_pretty(&schema).expect("a schema serialises") + "\n"
+    }
+
+    /// Assembles the report from the pairwise comparisons of `n_models` runs: `pairs` must hold
+    /// every pair i<j exactly once, in row-major order, all on the same shared prompts. The
+    /// matrices and the per-run task separation are read from the pairs (run i's column from
+    /// any pair that contains it: run 0 from (0,1) as A, run i > 0 from (0,i) as B).
+    pub fn from_pairs(
+        tool_version: &str,
+        n_models: usize,
+        not_shared: Vec<Vec<String>>,
+        pairs: Vec<PairComparison>,
+    ) -> Result<MultiModelReport> {
+        if !(2..=MAX_MODELS).contains(&n_models) {
+            return Err(StatsError::InvalidInput(format!(
+                "{n_models} runs: compare-models takes 2 to {MAX_MODELS}"
+            )));
+        }
+        let expected: Vec<(usize, usize)> = (0..n_models)
+            .flat_map(|i| (i + 1..n_models).map(move |j| (i, j)))
+            .collect();
+        let got: Vec<(usize, usize)> = pairs.iter().map(|p| (p.a, p.b)).collect();
+        if got != expected {
+            return Err(StatsError::Dimension(format!(
+                "pairwise comparisons {got:?}, expected {expected:?}"
+            )));
+        }
+        if not_shared.len() != n_models {
+            return Err(StatsError::Dimension(format!(
+                "{} lists of unshared prompts for {n_models} runs",
+                not_shared.len()
+            )));
+        }
+        let first = &pairs[0].comparison;
+        let names = |c: &CrossModelReport| -> Vec<(String, usize)> {
+            c.categories
+                .per_category
+                .iter()
+                .map(|r| (r.category.clone(), r.n))
+                .collect()
+        };
+        let first_names = names(first);
+        if let Some(p) = pairs.iter().find(|p| {
+            p.comparison.shared_prompts != first.shared_prompts
+                || names(&p.comparison) != first_names
+        }) {
+            return Err(StatsError::Dimension(format!(
+                "pair ({}, {}) compares {} shared prompts in other categories than pair (0, 1) ({})",
+                p.a, p.b, p.comparison.shared_prompts, first.shared_prompts
+            )));
+        }
+        let mut m = vec![vec![None; n_models]; n_models];
+        let (mut rsa, mut mantel_p, mut cka) = (m.clone(), m.clone(), std::mem::take(&mut m));
+        for p in &pairs {
+            let c = &p.comparison;
+            let mp = c.rsa.mantel.done().map(|t| t.p);
+            for (x, y) in [(p.a, p.b), (p.b, p.a)] {
+                rsa[x][y] = c.rsa.spearman;
+                mantel_p[x][y] = mp;
+                cka[x][y] = c.cka;
+            }
+        }
+        let column = |c: &CrossModelReport, side_a: bool| -> ModelSeparation {
+            let k = &c.categories;
+            let pick = |p: Pair| if side_a { p.a } else { p.b };
+            ModelSeparation {
+                cohens_d: pick(k.cohens_d),
+                cohens_d_shared: pick(k.cohens_d_shared),
+                accuracy: pick(k.accuracy),
+                chance: pick(k.chance),
+                macro_f1: pick(k.macro_f1),
+                per_category: k
+                    .per_category
+                    .iter()
+                    .map(|r| CategoryCell {
+                        d: if side_a { r.d_a } else { r.d_b },
+                        recall: if side_a { r.recall_a } else { r.recall_b },
+                    })
+                    .collect(),
+            }
+        };
+        let mut models = Vec::with_capacity(n_models);
+        let mut separation = Vec::with_capacity(n_models);
+        for i in 0..n_models {
+            // Pairs are row-major: (0, j) is at index j − 1.
+            let (c, side_a) = if i == 0 {
+                (&pairs[0].comparison, true)
+            } else {
+                (&pairs[i - 1].comparison, false)
+            };
+            models.push(if side_a {
+                c.model_a.clone()
+            } else {
+                c.model_b.clone()
+            });
+            separation.push(column(c, side_a));
+        }
+        Ok(MultiModelReport {
+            schema_version: MULTI_SCHEMA_VERSION,
+            tool_version: tool_version.to_string(),
+            models,
+            shared_prompts: first.shared_prompts,
+            not_shared,
+            categories: first
+                .categories
+                .per_category
+                .iter()
+                .map(|r| CategoryCount {
+                    category: r.category.clone(),
+                    n: r.n,
+                })
+                .collect(),
+            matrices: PairwiseMatrices { rsa, mantel_p, cka },
+            separation,
+            pairs,
+        })
+    }
+}
+
 /// What [`compare_signatures`] computes from the signatures alone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SignatureComparison {
@@ -936,6 +1147,124 @@ mod tests {
         assert!(r.rsa.mantel.done().unwrap().p < 0.01);
         let pl = r.per_layer.done().unwrap();
         assert_eq!((pl.cka.len(), pl.cka[0].len()), (2, 3));
+    }
+
+    /// A pairwise report of `sa` against `sb` for the N-run tests (planted signatures, the same
+    /// 18 prompts in 3 categories); the first signature value stands in for the accuracy and
+    /// the label, so that each run's column can be told apart.
+    fn pair_report(sa: &[f64], sb: &[f64]) -> CrossModelReport {
+        let (_, labels) = planted(18, 3, 2, 6, 0);
+        let cats: Vec<String> = ["x", "y", "z"].iter().map(|c| c.to_string()).collect();
+        let layers = [0, 1];
+        let c = compare_signatures(
+            &side(sa, &layers, 6),
+            &side(sb, &layers, 6),
+            18,
+            &labels,
+            &cats,
+            &CrossModelOptions { reps: 99, seed: 0 },
+        )
+        .unwrap();
+        let info = |x: f64| ModelInfo {
+            label: format!("{x}"),
+            model: None,
+            family: None,
+            num_layers: 2,
+            num_experts: 6,
+            top_k: 2,
+            layers: vec![0, 1],
+            num_prompts: 18,
+        };
+        let none = Pair { a: None, b: None };
+        CrossModelReport {
+            schema_version: SCHEMA_VERSION,
+            tool_version: "t".into(),
+            model_a: info(sa[0]),
+            model_b: info(sb[0]),
+            shared_prompts: 18,
+            only_in_a: vec![],
+            only_in_b: vec![],
+            same_architecture: true,
+            rsa: c.rsa,
+            cka: c.cka,
+            per_layer: c.per_layer,
+            categories: CategoryComparison {
+                cohens_d: none,
+                cohens_d_shared: c.cohens_d_shared,
+                accuracy: Pair {
+                    a: Some(sa[0]),
+                    b: Some(sb[0]),
+                },
+                chance: none,
+                macro_f1: none,
+                per_category: c
+                    .per_category
+                    .iter()
+                    .map(|(cat, n, da, db)| CategoryRow {
+                        category: cat.clone(),
+                        n: *n,
+                        d_a: *da,
+                        d_b: *db,
+                        recall_a: None,
+                        recall_b: None,
+                    })
+                    .collect(),
+            },
+            expert_matching: c.expert_matching,
+            matched_drift: Section::skipped("no traces"),
+        }
+    }
+
+    #[test]
+    fn n_run_report_is_assembled_from_the_pairs() {
+        let runs: Vec<Vec<f64>> = (1..=3).map(|s| planted(18, 3, 2, 6, s).0).collect();
+        let mut pairs = Vec::new();
+        for i in 0..3 {
+            for j in i + 1..3 {
+                pairs.push(PairComparison {
+                    a: i,
+                    b: j,
+                    comparison: pair_report(&runs[i], &runs[j]),
+                });
+            }
+        }
+        let r = MultiModelReport::from_pairs("t", 3, vec![vec![]; 3], pairs.clone()).unwrap();
+        for p in &pairs {
+            let c = &p.comparison;
+            assert_eq!(r.matrices.rsa[p.a][p.b], c.rsa.spearman);
+            assert_eq!(r.matrices.rsa[p.b][p.a], c.rsa.spearman);
+            assert_eq!(r.matrices.cka[p.b][p.a], c.cka);
+            let mp = c.rsa.mantel.done().map(|m| m.p);
+            assert_eq!(r.matrices.mantel_p[p.a][p.b], mp);
+        }
+        for i in 0..3 {
+            assert!(r.matrices.rsa[i][i].is_none() && r.matrices.cka[i][i].is_none());
+        }
+        // each run's column and model info come from a pair that contains it
+        for (i, run) in runs.iter().enumerate() {
+            assert_eq!(r.separation[i].accuracy, Some(run[0]));
+            assert_eq!(r.models[i].label, format!("{}", run[0]));
+        }
+        // run 2's d on the shared prompts is the same read from pair (0, 2) or (1, 2)
+        assert_eq!(
+            r.separation[2].cohens_d_shared,
+            pairs[2].comparison.categories.cohens_d_shared.b
+        );
+        assert_eq!(r.categories.len(), 3);
+        // wrong order, a missing pair, too few runs, wrong lists, other prompts: errors
+        let mut swapped = pairs.clone();
+        swapped.swap(0, 1);
+        let e = MultiModelReport::from_pairs("t", 3, vec![vec![]; 3], swapped).unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
+        let e =
+            MultiModelReport::from_pairs("t", 3, vec![vec![]; 3], pairs[..2].to_vec()).unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
+        assert!(MultiModelReport::from_pairs("t", 1, vec![vec![]], vec![]).is_err());
+        assert!(MultiModelReport::from_pairs("t", 3, vec![vec![]; 2], pairs.clone()).is_err());
+        let mut other = pairs.clone();
+        other[2].comparison.categories.per_category[0].n = 5;
+        let e = MultiModelReport::from_pairs("t", 3, vec![vec![]; 3], other).unwrap_err();
+        assert!(e.to_string().contains("pair (1, 2)"), "{e}");
     }
 
     #[test]

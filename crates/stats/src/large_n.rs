@@ -30,6 +30,10 @@ pub const TILE: usize = 256;
 /// Prompts per GEMM block.
 pub const BLOCK: usize = 1024;
 
+/// Most prompts of one category whose Gram sums are added ([`GramAccumulator::add_category`]),
+/// so that the pair counts `n_A · n_B` fit in u64.
+pub const MAX_CATEGORY_PROMPTS: u64 = 1 << 31;
+
 struct CatAcc {
     n: u64,
     sum: Vec<f64>,
@@ -60,6 +64,35 @@ pub struct GramAccumulator {
     prompt_ids: Vec<String>,
     dropped: Vec<DroppedPrompt>,
     missing_category: Vec<String>,
+}
+
+/// What [`GramAccumulator::push_outcome`] did with a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Counted in its category.
+    Accepted,
+    /// Dropped (a layer without selections), with the reason.
+    Dropped(String),
+    /// Not counted: the prompt has no category (an error at [`GramAccumulator::finish`]).
+    NoCategory,
+}
+
+/// The sums of one category: the Gram-sums sufficient statistics (`n_A`, `S_A`, the norm sums
+/// and the upper tiles of `M_A`) of a shard (`moe-xray map --gram-sums`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GramCategory {
+    pub name: String,
+    pub n: u64,
+    /// `S_A` (D values).
+    pub sum: Vec<f64>,
+    pub norm2: f64,
+    pub norm4: f64,
+    /// Per layer (L values each).
+    pub layer_norm2: Vec<f64>,
+    pub layer_norm4: Vec<f64>,
+    /// The upper tiles of `M_A`, each column-major, concatenated in tile order
+    /// ([`GramAccumulator::tile_len`] values).
+    pub tiles: Vec<f64>,
 }
 
 /// What the Gram-sums path produces.
@@ -131,17 +164,23 @@ impl GramAccumulator {
 
     /// Add one prompt (dropped and recorded if a layer is empty).
     pub fn push(&mut self, row: PromptRow) -> Result<()> {
+        self.push_outcome(row).map(|_| ())
+    }
+
+    /// [`Self::push`], saying what was done with the prompt.
+    pub fn push_outcome(&mut self, row: PromptRow) -> Result<PushOutcome> {
         check_row(&row, self.num_layers, self.num_experts)?;
         if let Some(l) = empty_layer(&row.counts, self.num_layers, self.num_experts) {
+            let reason = format!("no selected tokens at layer {l} (zero total count)");
             self.dropped.push(DroppedPrompt {
                 prompt_id: row.prompt_id,
-                reason: format!("no selected tokens at layer {l} (zero total count)"),
+                reason: reason.clone(),
             });
-            return Ok(());
+            return Ok(PushOutcome::Dropped(reason));
         }
         let Some(cat) = row.category.filter(|c| !c.is_empty()) else {
             self.missing_category.push(row.prompt_id);
-            return Ok(());
+            return Ok(PushOutcome::NoCategory);
         };
         let (d, nl, ne) = (self.d, self.num_layers, self.num_experts);
         let mut v = row.counts;
@@ -161,6 +200,9 @@ impl GramAccumulator {
             buf: vec![0.0; BLOCK * d],
             buf_rows: 0,
         });
+        if acc.buf.is_empty() {
+            acc.buf = vec![0.0; BLOCK * d];
+        }
         acc.n += 1;
         let mut nrm2 = 0.0;
         for l in 0..nl {
@@ -181,7 +223,110 @@ impl GramAccumulator {
         if acc.buf_rows == BLOCK {
             flush(acc, d, &self.rects);
         }
+        Ok(PushOutcome::Accepted)
+    }
+
+    /// Number of values of the concatenated upper tiles of one `M_A`.
+    pub fn tile_len(&self) -> usize {
+        self.rects
+            .iter()
+            .map(|&(a, b)| (a.1 - a.0) * (b.1 - b.0))
+            .sum()
+    }
+
+    /// Flushes the buffered prompts and takes the sums of every category (in name order),
+    /// leaving the accumulator without categories (the prompt lists stay).
+    pub fn take_categories(&mut self) -> Vec<GramCategory> {
+        let d = self.d;
+        let cats = std::mem::take(&mut self.cats);
+        cats.into_iter()
+            .map(|(name, mut acc)| {
+                flush(&mut acc, d, &self.rects);
+                let mut tiles = Vec::with_capacity(self.tile_len());
+                for t in &acc.tiles {
+                    tiles.extend_from_slice(t.as_slice());
+                }
+                GramCategory {
+                    name,
+                    n: acc.n,
+                    sum: acc.sum,
+                    norm2: acc.norm2,
+                    norm4: acc.norm4,
+                    layer_norm2: acc.layer_norm2,
+                    layer_norm4: acc.layer_norm4,
+                    tiles,
+                }
+            })
+            .collect()
+    }
+
+    /// Adds the sums of a category (from [`Self::take_categories`] of another accumulator of
+    /// the same L and E); the prompts themselves are added with [`Self::add_prompt`].
+    pub fn add_category(&mut self, c: GramCategory) -> Result<()> {
+        let (d, nl) = (self.d, self.num_layers);
+        if c.sum.len() != d
+            || c.layer_norm2.len() != nl
+            || c.layer_norm4.len() != nl
+            || c.tiles.len() != self.tile_len()
+        {
+            return Err(StatsError::Dimension(format!(
+                "category {:?}: Gram sums of {} / {} / {} / {} values, expected D = {d}, L = {nl}, tiles {}",
+                c.name,
+                c.sum.len(),
+                c.layer_norm2.len(),
+                c.layer_norm4.len(),
+                c.tiles.len(),
+                self.tile_len()
+            )));
+        }
+        let rects = &self.rects;
+        let acc = self.cats.entry(c.name.clone()).or_insert_with(|| CatAcc {
+            n: 0,
+            sum: vec![0.0; d],
+            norm2: 0.0,
+            norm4: 0.0,
+            layer_norm2: vec![0.0; nl],
+            layer_norm4: vec![0.0; nl],
+            tiles: rects
+                .iter()
+                .map(|&(a, b)| DMatrix::zeros(a.1 - a.0, b.1 - b.0))
+                .collect(),
+            buf: Vec::new(),
+            buf_rows: 0,
+        });
+        acc.n = acc
+            .n
+            .checked_add(c.n)
+            .filter(|&n| n <= MAX_CATEGORY_PROMPTS)
+            .ok_or_else(|| {
+                StatsError::InvalidInput(format!(
+                    "category {:?}: more than {MAX_CATEGORY_PROMPTS} prompts",
+                    c.name
+                ))
+            })?;
+        let add = |a: &mut [f64], b: &[f64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut acc.sum, &c.sum);
+        acc.norm2 += c.norm2;
+        acc.norm4 += c.norm4;
+        add(&mut acc.layer_norm2, &c.layer_norm2);
+        add(&mut acc.layer_norm4, &c.layer_norm4);
+        let mut at = 0;
+        for t in acc.tiles.iter_mut() {
+            let len = t.len();
+            add(t.as_mut_slice(), &c.tiles[at..at + len]);
+            at += len;
+        }
         Ok(())
+    }
+
+    /// Appends a prompt counted elsewhere (merging Gram-sums shards): its id to the accepted
+    /// prompts, or to the dropped ones with the reason, or to those without a category.
+    pub fn add_prompt(&mut self, prompt_id: String, outcome: PushOutcome) {
+        match outcome {
+            PushOutcome::Accepted => self.prompt_ids.push(prompt_id),
+            PushOutcome::Dropped(reason) => self.dropped.push(DroppedPrompt { prompt_id, reason }),
+            PushOutcome::NoCategory => self.missing_category.push(prompt_id),
+        }
     }
 
     /// Finish: flush the partial blocks and compute all summaries.
@@ -191,6 +336,13 @@ impl GramAccumulator {
                 "{} prompt(s) have no category (e.g. {:?}); give categories in the trace or with --prompts FILE",
                 self.missing_category.len(),
                 self.missing_category[0]
+            )));
+        }
+        let counted: u64 = self.cats.values().map(|c| c.n).sum();
+        if counted != self.prompt_ids.len() as u64 {
+            return Err(StatsError::InvalidInput(format!(
+                "the Gram sums count {counted} prompts but {} prompt ids were given",
+                self.prompt_ids.len()
             )));
         }
         let big = self.cats.values().filter(|c| c.n >= 2).count();
@@ -375,6 +527,54 @@ mod tests {
         // before `finish`.
         const { assert!(5 * 64 > TILE) };
         check_against_exact(5, 64, 3 * BLOCK + 100);
+    }
+
+    /// Gram sums taken from three accumulators of interleaved parts and added into a fourth
+    /// give the summary of one accumulator over all rows (to rounding); a count that disagrees
+    /// with the ids is refused.
+    #[test]
+    fn categories_taken_and_added_equal_one_pass() {
+        let (nl, ne) = (5, 64);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let rows: Vec<PromptRow> = (0..1500)
+            .map(|i| PromptRow {
+                prompt_id: format!("p{i}"),
+                category: Some(["x", "y", "z"][i % 3].to_string()),
+                counts: (0..nl * ne)
+                    .map(|f| rng.random_range(0..4u32) as f64 + f64::from(f % ne == i % 7))
+                    .collect(),
+                tokens_per_layer: vec![],
+            })
+            .collect();
+        let mut one = GramAccumulator::new(nl, ne);
+        let mut parts: Vec<GramAccumulator> =
+            (0..3).map(|_| GramAccumulator::new(nl, ne)).collect();
+        let mut merged = GramAccumulator::new(nl, ne);
+        for (i, r) in rows.iter().enumerate() {
+            one.push(r.clone()).unwrap();
+            let outcome = parts[i % 3].push_outcome(r.clone()).unwrap();
+            merged.add_prompt(r.prompt_id.clone(), outcome);
+        }
+        let tiles = merged.tile_len();
+        for p in parts.iter_mut() {
+            for c in p.take_categories() {
+                assert_eq!(c.tiles.len(), tiles);
+                merged.add_category(c).unwrap();
+            }
+        }
+        let (a, b) = (one.finish().unwrap(), merged.finish().unwrap());
+        assert_eq!(a.prompt_ids, b.prompt_ids);
+        assert_eq!(a.categories, b.categories);
+        let close = |x: f64, y: f64| assert!((x - y).abs() < 1e-9, "{x} vs {y}");
+        close(a.similarity.cohens_d, b.similarity.cohens_d);
+        close(a.similarity.within.std, b.similarity.within.std);
+        for (x, y) in a.per_layer.iter().zip(&b.per_layer) {
+            close(x.cohens_d, y.cohens_d);
+        }
+        // Ids without sums.
+        let mut bad = GramAccumulator::new(nl, ne);
+        bad.add_prompt("q".into(), PushOutcome::Accepted);
+        assert!(bad.finish().unwrap_err().to_string().contains("prompt ids"));
     }
 
     fn check_against_exact(nl: usize, ne: usize, n: usize) {

@@ -1,6 +1,7 @@
 //! Analysis shards: the exact sufficient statistics of `analyze` for a subset of prompts
 //! (`moe-xray map`), combined by `moe-xray merge` into the results of one `analyze` over all of
-//! them. Format and rules: `docs/statistics.md`, "Sharded analysis".
+//! them; optionally the health accumulator (an opaque section, `moe_xray_health::state`) and, in
+//! place of the counts, the per-category Gram sums ([`gram_section_bytes`]). Format and rules: `docs/statistics.md`, "Sharded analysis".
 //!
 //! A shard file is a zstd stream (two frames as written: header, then records; a reader sees
 //! their concatenation) holding:
@@ -12,7 +13,12 @@
 //!   tokens per layer (LEB128 count, 0 or L, then LEB128 values), the counts encoding byte (0:
 //!   L·E LEB128 integers, used when every count is an integer below 2^53; 1: L·E f64
 //!   little-endian) and the counts;
-//! - the end: tag byte 0 and the number of records (LEB128); nothing may follow.
+//!   (`kind: gram_sums` shards instead: tag byte 2, ordinal, prompt id and what the Gram
+//!   accumulator did with it: 0 counted, 1 dropped + reason, 2 no category);
+//! - the end: tag byte 0 and the number of records (LEB128);
+//! - version 2: the sections, each a tag byte ([`SECTION_HEALTH`], [`SECTION_GRAM`], increasing),
+//!   a LEB128 length and the bytes, then a byte 0; nothing may follow. The header's `kind` and
+//!   `health` say which sections there must be. Version 1 (still read) ends after the count.
 //!
 //! Every size read is checked against a limit before anything is allocated from it, and every
 //! error names the file and the field.
@@ -24,11 +30,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StatsError};
 use crate::input::PromptRow;
+use crate::large_n::{GramCategory, PushOutcome};
+
+/// What the records of a shard are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardKind {
+    /// One record per prompt with its counts (`map`; merge runs every `analyze` statistic).
+    #[default]
+    Counts,
+    /// One record per prompt with its id only, and the per-category Gram sums in a section
+    /// (`map --gram-sums`; merge gives the `gram_sums` path, independent of N but for the ids).
+    GramSums,
+}
 
 /// The magic bytes at the start of a (decompressed) shard.
 pub const SHARD_MAGIC: &[u8; 8] = b"MXSHARD\0";
-/// The version of the shard format this build writes and reads.
-pub const SHARD_VERSION: u32 = 1;
+/// The version of the shard format this build writes (it reads 1 and 2).
+pub const SHARD_VERSION: u32 = 2;
+/// Largest section accepted after the records (bytes; the Gram sums of a few categories at
+/// D = L·E of a few thousand).
+pub const MAX_SECTION_BYTES: u64 = 1 << 40;
+/// Largest number of values of one category's Gram tiles read from a shard (2^28 f64, 2 GiB).
+pub const MAX_GRAM_TILE_VALUES: usize = 1 << 28;
+/// Most categories in one Gram-sums section.
+pub const MAX_GRAM_CATEGORIES: u64 = 1 << 20;
+/// Section tag of the health accumulator (`moe-xray map --health`).
+pub const SECTION_HEALTH: u8 = 1;
+/// Section tag of the Gram sums (`moe-xray map --gram-sums`).
+pub const SECTION_GRAM: u8 = 2;
 /// Largest header accepted (JSON bytes).
 pub const MAX_HEADER_BYTES: usize = 64 << 20;
 /// Most distinct token ids in one prompt's bag.
@@ -72,6 +102,12 @@ pub struct ShardHeader {
     /// Why the records carry no token bags (the confound controls' token ids), e.g.
     /// `counts-form traces have no token ids`; `None` when every analysable prompt has its bag.
     pub token_bags_error: Option<String>,
+    /// What the records hold (absent in version 1: `counts`).
+    #[serde(default)]
+    pub kind: ShardKind,
+    /// Whether a health section follows the records (absent in version 1: false).
+    #[serde(default)]
+    pub health: bool,
 }
 
 /// One prompt of a shard.
@@ -236,6 +272,49 @@ impl<W: Write> ShardWriter<W> {
         Ok(())
     }
 
+    /// Appends one prompt of a Gram-sums shard: its id and what the Gram accumulator did with
+    /// it (tag 2, ordinal, id, then 0 = counted, 1 = dropped and the reason, 2 = no category).
+    pub fn push_id(&mut self, ordinal: u64, prompt_id: &str, outcome: &PushOutcome) -> Result<()> {
+        if self.last.is_some_and(|l| ordinal <= l) || ordinal % self.parts != self.part {
+            return Err(StatsError::InvalidInput(format!(
+                "prompt {prompt_id:?}: ordinal {ordinal} out of order or not in part {} of {}",
+                self.part, self.parts
+            )));
+        }
+        let reason = match outcome {
+            PushOutcome::Dropped(r) => Some(r.as_str()),
+            _ => None,
+        };
+        for s in std::iter::once(prompt_id).chain(reason) {
+            if s.len() > MAX_NAME_BYTES {
+                return Err(StatsError::InvalidInput(format!(
+                    "prompt {prompt_id:?}: id or reason longer than {MAX_NAME_BYTES} bytes"
+                )));
+            }
+        }
+        let b = &mut self.buf;
+        b.clear();
+        b.push(2);
+        put_varint(b, ordinal);
+        put_varint(b, prompt_id.len() as u64);
+        b.extend_from_slice(prompt_id.as_bytes());
+        match outcome {
+            PushOutcome::Accepted => b.push(0),
+            PushOutcome::Dropped(r) => {
+                b.push(1);
+                put_varint(b, r.len() as u64);
+                b.extend_from_slice(r.as_bytes());
+            }
+            PushOutcome::NoCategory => b.push(2),
+        }
+        self.enc
+            .write_all(b)
+            .map_err(|e| StatsError::Other(format!("writing the shard: {e}")))?;
+        self.info.count += 1;
+        self.last = Some(ordinal);
+        Ok(())
+    }
+
     /// Number of records written.
     pub fn len(&self) -> u64 {
         self.info.count
@@ -248,11 +327,32 @@ impl<W: Write> ShardWriter<W> {
 
     /// Writes the end marker and finishes the zstd frame; returns the writer and what the
     /// records hold.
-    pub fn finish(mut self) -> Result<(W, RecordsInfo)> {
+    pub fn finish(self) -> Result<(W, RecordsInfo)> {
+        self.finish_with_sections(&[])
+    }
+
+    /// [`Self::finish`], writing the sections `(tag, bytes)` (increasing tags:
+    /// [`SECTION_HEALTH`], [`SECTION_GRAM`]) after the end marker: each a tag byte, its LEB128
+    /// length and the bytes; then a tag byte 0.
+    pub fn finish_with_sections(mut self, sections: &[(u8, &[u8])]) -> Result<(W, RecordsInfo)> {
         let io = |e: std::io::Error| StatsError::Other(format!("writing the shard: {e}"));
         let mut b = vec![0u8];
         put_varint(&mut b, self.info.count);
         self.enc.write_all(&b).map_err(io)?;
+        let mut prev = 0u8;
+        for &(tag, bytes) in sections {
+            if tag <= prev || tag > SECTION_GRAM {
+                return Err(StatsError::InvalidInput(format!(
+                    "shard section tags must be increasing, 1 or 2 (got {tag} after {prev})"
+                )));
+            }
+            prev = tag;
+            let mut h = vec![tag];
+            put_varint(&mut h, bytes.len() as u64);
+            self.enc.write_all(&h).map_err(io)?;
+            self.enc.write_all(bytes).map_err(io)?;
+        }
+        self.enc.write_all(&[0]).map_err(io)?;
         let w = self.enc.finish().map_err(io)?;
         let w = w
             .into_inner()
@@ -313,9 +413,20 @@ pub struct ShardReader {
     src: BufReader<zstd::Decoder<'static, BufReader<Box<dyn Read + Send>>>>,
     header: ShardHeader,
     d: usize,
+    version: u32,
     count: u64,
     last: Option<u64>,
     done: bool,
+    /// Whether the sections after the records have been read (version 1 has none).
+    sections_read: bool,
+}
+
+/// One prompt of a Gram-sums shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdRecord {
+    pub ordinal: u64,
+    pub prompt_id: String,
+    pub outcome: PushOutcome,
 }
 
 impl ShardReader {
@@ -340,11 +451,13 @@ impl ShardReader {
         let mut w = [0u8; 4];
         read_exact(&mut src, &mut w, &name, "version")?;
         let version = u32::from_le_bytes(w);
-        if version != SHARD_VERSION {
+        if !(1..=SHARD_VERSION).contains(&version) {
             return Err(bad(
                 &name,
                 "version",
-                format!("version {version} is not supported (this build reads {SHARD_VERSION})"),
+                format!(
+                    "version {version} is not supported (this build reads 1 to {SHARD_VERSION})"
+                ),
             ));
         }
         read_exact(&mut src, &mut w, &name, "header length")?;
@@ -398,14 +511,23 @@ impl ShardReader {
         if header.traces.is_empty() {
             return Err(bad(&name, "header.traces", "empty list"));
         }
+        if version == 1 && (header.kind != ShardKind::Counts || header.health) {
+            return Err(bad(
+                &name,
+                "header.kind/health",
+                "a version-1 shard holds counts only",
+            ));
+        }
         Ok(ShardReader {
             name,
             src,
             header,
             d,
+            version,
             count: 0,
             last: None,
             done: false,
+            sections_read: version == 1,
         })
     }
 
@@ -436,35 +558,24 @@ impl ShardReader {
                     format!("end marker says {count} records, {} read", self.count),
                 ));
             }
-            let mut extra = [0u8; 1];
-            match self.src.read(&mut extra) {
-                Ok(0) => {}
-                Ok(_) => return Err(bad(n, "end", "data after the end marker")),
-                Err(e) => return Err(bad(n, "end", e)),
+            if self.version == 1 {
+                self.expect_eof()?;
             }
             self.done = true;
             return Ok(None);
         }
-        if tag != 1 {
+        if tag != 1 || self.header.kind != ShardKind::Counts {
             return Err(bad(
                 n,
                 "record tag",
-                format!("{tag} after record {}", self.count),
-            ));
-        }
-        let at = self.count;
-        let ordinal = self.varint("ordinal")?;
-        let h = &self.header;
-        if self.last.is_some_and(|l| ordinal <= l) || ordinal % h.parts != h.part {
-            return Err(bad(
-                n,
-                "ordinal",
                 format!(
-                    "record {at}: ordinal {ordinal} not increasing or not in part {} of {}",
-                    h.part, h.parts
+                    "{tag} after record {} (a {:?} shard)",
+                    self.count, self.header.kind
                 ),
             ));
         }
+        let at = self.count;
+        let ordinal = self.ordinal(at)?;
         let prompt_id = self.string("prompt_id", at)?;
         let clen = self.varint("category length")?;
         let category = if clen == 0 {
@@ -561,6 +672,154 @@ impl ShardReader {
         }))
     }
 
+    /// The next prompt of a Gram-sums shard, or `None` after the end marker.
+    pub fn next_id(&mut self) -> Result<Option<IdRecord>> {
+        if self.done {
+            return Ok(None);
+        }
+        let name = self.name.clone();
+        let tag = self.byte("record tag")?;
+        if tag == 0 {
+            let count = self.varint("record count")?;
+            if count != self.count {
+                return Err(bad(
+                    &name,
+                    "record count",
+                    format!("end marker says {count} records, {} read", self.count),
+                ));
+            }
+            self.done = true;
+            return Ok(None);
+        }
+        if tag != 2 || self.header.kind != ShardKind::GramSums {
+            return Err(bad(
+                &name,
+                "record tag",
+                format!(
+                    "{tag} after record {} (a {:?} shard)",
+                    self.count, self.header.kind
+                ),
+            ));
+        }
+        let at = self.count;
+        let ordinal = self.ordinal(at)?;
+        let prompt_id = self.string("prompt_id", at)?;
+        let outcome = match self.byte("outcome")? {
+            0 => PushOutcome::Accepted,
+            1 => PushOutcome::Dropped(self.string("drop reason", at)?),
+            2 => PushOutcome::NoCategory,
+            x => {
+                return Err(bad(
+                    &name,
+                    "outcome",
+                    format!("record {at} ({prompt_id:?}): {x} (expected 0, 1 or 2)"),
+                ))
+            }
+        };
+        self.count += 1;
+        self.last = Some(ordinal);
+        Ok(Some(IdRecord {
+            ordinal,
+            prompt_id,
+            outcome,
+        }))
+    }
+
+    /// Reads the sections after the records (call after the last record): `f(tag, reader)`
+    /// gets each section's bytes (a reader limited to its length, which `f` must read to the
+    /// end); checks that the sections are those the header announces, in increasing tag
+    /// order, and that nothing follows. Version-1 shards have none.
+    pub fn read_sections(
+        &mut self,
+        mut f: impl FnMut(u8, &mut dyn Read) -> Result<()>,
+    ) -> Result<()> {
+        if self.sections_read {
+            return Ok(());
+        }
+        let name = self.name.clone();
+        if !self.done {
+            return Err(bad(&name, "sections", "records not read to the end"));
+        }
+        let mut prev = 0u8;
+        let mut seen = Vec::new();
+        loop {
+            let tag = self.byte("section tag")?;
+            if tag == 0 {
+                break;
+            }
+            if tag <= prev || tag > SECTION_GRAM {
+                return Err(bad(
+                    &name,
+                    "section tag",
+                    format!(
+                        "{tag} after {prev} (expected increasing tags 1 = health, 2 = gram sums)"
+                    ),
+                ));
+            }
+            prev = tag;
+            let len = self.varint("section length")?;
+            if len > MAX_SECTION_BYTES {
+                return Err(bad(
+                    &name,
+                    "section length",
+                    format!("{len} bytes exceeds {MAX_SECTION_BYTES}"),
+                ));
+            }
+            let mut take = (&mut self.src).take(len);
+            f(tag, &mut take)?;
+            if take.limit() != 0 {
+                return Err(bad(
+                    &name,
+                    "section length",
+                    format!("section {tag}: {} of {len} bytes not read", take.limit()),
+                ));
+            }
+            seen.push(tag);
+        }
+        let want_health = self.header.health;
+        let want_gram = self.header.kind == ShardKind::GramSums;
+        if seen.contains(&SECTION_HEALTH) != want_health
+            || seen.contains(&SECTION_GRAM) != want_gram
+        {
+            return Err(bad(
+                &name,
+                "sections",
+                format!(
+                    "sections {seen:?}, but the header says health = {want_health}, kind = {:?}",
+                    self.header.kind
+                ),
+            ));
+        }
+        self.expect_eof()?;
+        self.sections_read = true;
+        Ok(())
+    }
+
+    fn expect_eof(&mut self) -> Result<()> {
+        let mut extra = [0u8; 1];
+        match self.src.read(&mut extra) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(bad(&self.name, "end", "data after the end marker")),
+            Err(e) => Err(bad(&self.name, "end", e)),
+        }
+    }
+
+    fn ordinal(&mut self, at: u64) -> Result<u64> {
+        let ordinal = self.varint("ordinal")?;
+        let h = &self.header;
+        if self.last.is_some_and(|l| ordinal <= l) || ordinal % h.parts != h.part {
+            return Err(bad(
+                &self.name,
+                "ordinal",
+                format!(
+                    "record {at}: ordinal {ordinal} not increasing or not in part {} of {}",
+                    h.part, h.parts
+                ),
+            ));
+        }
+        Ok(ordinal)
+    }
+
     fn byte(&mut self, field: &str) -> Result<u8> {
         let mut b = [0u8; 1];
         read_exact(&mut self.src, &mut b, &self.name, field)?;
@@ -602,7 +861,143 @@ impl ShardReader {
     }
 }
 
-fn read_exact(r: &mut impl Read, buf: &mut [u8], name: &str, field: &str) -> Result<()> {
+/// The Gram-sums section: the number of categories (LEB128), then per category its name
+/// (LEB128 length + UTF-8), n (LEB128) and as f64 LE: S_A (D values), Σ‖v‖², Σ‖v‖⁴, the per-layer
+/// Σ‖v_l‖² and Σ‖v_l‖⁴ (L values each) and the upper tiles of M_A (`tile_len` values).
+pub fn gram_section_bytes(cats: &[GramCategory]) -> Vec<u8> {
+    let mut b = Vec::new();
+    put_varint(&mut b, cats.len() as u64);
+    for c in cats {
+        put_varint(&mut b, c.name.len() as u64);
+        b.extend_from_slice(c.name.as_bytes());
+        put_varint(&mut b, c.n);
+        let scalars = [c.norm2, c.norm4];
+        for x in c
+            .sum
+            .iter()
+            .chain(&scalars)
+            .chain(&c.layer_norm2)
+            .chain(&c.layer_norm4)
+            .chain(&c.tiles)
+        {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// Reads a Gram-sums section written by [`gram_section_bytes`] for `num_layers` × `num_experts`
+/// and `tile_len` tile values, giving each category to `f` (one in memory at a time); `name`
+/// is used in errors. Category names must be distinct, non-empty and increasing (as written).
+pub fn read_gram_section(
+    name: &str,
+    r: &mut dyn Read,
+    num_layers: usize,
+    num_experts: usize,
+    tile_len: usize,
+    mut f: impl FnMut(GramCategory) -> Result<()>,
+) -> Result<()> {
+    if tile_len > MAX_GRAM_TILE_VALUES {
+        return Err(bad(
+            name,
+            "gram tiles",
+            format!("{tile_len} values per category exceed {MAX_GRAM_TILE_VALUES}"),
+        ));
+    }
+    let d = num_layers * num_experts;
+    let mut src = SectionSrc { r, name };
+    let count = src.varint("gram categories")?;
+    if count > MAX_GRAM_CATEGORIES {
+        return Err(bad(
+            name,
+            "gram categories",
+            format!("{count} exceeds {MAX_GRAM_CATEGORIES}"),
+        ));
+    }
+    let mut prev: Option<String> = None;
+    for _ in 0..count {
+        let len = src.varint("gram category name")?;
+        if len == 0 || len > MAX_NAME_BYTES as u64 {
+            return Err(bad(
+                name,
+                "gram category name",
+                format!("length {len} (1 to {MAX_NAME_BYTES})"),
+            ));
+        }
+        let mut nb = vec![0u8; len as usize];
+        read_exact(src.r, &mut nb, name, "gram category name")?;
+        let cat =
+            String::from_utf8(nb).map_err(|_| bad(name, "gram category name", "not UTF-8"))?;
+        if prev.as_ref().is_some_and(|p| *p >= cat) {
+            return Err(bad(
+                name,
+                "gram category name",
+                format!("{cat:?} not after {prev:?} (names must be increasing)"),
+            ));
+        }
+        let n = src.varint("gram n")?;
+        let mut vals = |k: usize, field: &str| -> Result<Vec<f64>> {
+            let mut v = Vec::with_capacity(k);
+            let mut b = [0u8; 8];
+            for _ in 0..k {
+                read_exact(src.r, &mut b, name, field)?;
+                let x = f64::from_le_bytes(b);
+                if !x.is_finite() {
+                    return Err(bad(name, field, format!("category {cat:?}: {x}")));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        };
+        let sum = vals(d, "gram sum")?;
+        let s2 = vals(2, "gram norm sums")?;
+        let layer_norm2 = vals(num_layers, "gram layer norms")?;
+        let layer_norm4 = vals(num_layers, "gram layer norms")?;
+        let tiles = vals(tile_len, "gram tiles")?;
+        prev = Some(cat.clone());
+        f(GramCategory {
+            name: cat,
+            n,
+            sum,
+            norm2: s2[0],
+            norm4: s2[1],
+            layer_norm2,
+            layer_norm4,
+            tiles,
+        })?;
+    }
+    let mut extra = [0u8; 1];
+    match src.r.read(&mut extra) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(bad(name, "gram sums", "data after the last category")),
+        Err(e) => Err(bad(name, "gram sums", e)),
+    }
+}
+
+struct SectionSrc<'a> {
+    r: &'a mut dyn Read,
+    name: &'a str,
+}
+
+impl SectionSrc<'_> {
+    fn varint(&mut self, field: &str) -> Result<u64> {
+        let mut x = 0u64;
+        let mut b = [0u8; 1];
+        for i in 0..10 {
+            read_exact(self.r, &mut b, self.name, field)?;
+            if i == 9 && b[0] > 1 {
+                return Err(bad(self.name, field, "varint overflows 64 bits"));
+            }
+            x |= u64::from(b[0] & 0x7f) << (7 * i);
+            if b[0] & 0x80 == 0 {
+                return Ok(x);
+            }
+        }
+        Err(bad(self.name, field, "varint longer than 10 bytes"))
+    }
+}
+
+fn read_exact(r: &mut (impl Read + ?Sized), buf: &mut [u8], name: &str, field: &str) -> Result<()> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             bad(name, field, "truncated file (unexpected end)")
@@ -631,6 +1026,8 @@ mod tests {
             token_types: vec!["prompt".into()],
             manifest: None,
             token_bags_error: None,
+            kind: ShardKind::Counts,
+            health: false,
         }
     }
 
@@ -681,6 +1078,11 @@ mod tests {
         while let Some(x) = r.next_record()? {
             out.push(x);
         }
+        r.read_sections(|_, rd| {
+            std::io::copy(rd, &mut std::io::sink())
+                .map_err(|e| StatsError::Other(e.to_string()))?;
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -698,6 +1100,152 @@ mod tests {
                 assert_eq!(x.to_bits(), y.to_bits());
             }
         }
+    }
+
+    /// A version-1 shard (header without `kind` / `health`, nothing after the end marker) is
+    /// still read.
+    #[test]
+    fn version_1_shards_are_read() {
+        let good = zstd::decode_all(&write(&rows())[..]).unwrap();
+        let hlen = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+        let h1 = serde_json::to_string(&header())
+            .unwrap()
+            .replace(",\"kind\":\"counts\",\"health\":false", "");
+        assert!(!h1.contains("kind"));
+        let mut t = good[..8].to_vec();
+        t.extend_from_slice(&1u32.to_le_bytes());
+        t.extend_from_slice(&(h1.len() as u32).to_le_bytes());
+        t.extend_from_slice(h1.as_bytes());
+        t.extend_from_slice(&good[16 + hlen..good.len() - 1]); // no sections terminator
+        let back = read_all(recompress(&t)).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].row, rows()[1].1);
+        // A version-1 shard cannot claim sections.
+        let mut t2 = t.clone();
+        t2[8] = 1;
+        let h = serde_json::to_string(&ShardHeader {
+            health: true,
+            ..header()
+        })
+        .unwrap();
+        t2.truncate(12);
+        t2.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        t2.extend_from_slice(h.as_bytes());
+        let err = read_all(recompress(&t2)).unwrap_err().to_string();
+        assert!(err.contains("header.kind/health"), "{err}");
+    }
+
+    fn gram_cats() -> Vec<GramCategory> {
+        let c = |name: &str, x: f64| GramCategory {
+            name: name.into(),
+            n: 3,
+            sum: vec![x; 6],
+            norm2: 1.5,
+            norm4: x,
+            layer_norm2: vec![0.25, x],
+            layer_norm4: vec![x, 1e-300],
+            tiles: (0..10).map(|i| i as f64 * x).collect(),
+        };
+        vec![c("a", 0.5), c("b€", -3.25)]
+    }
+
+    fn gram_shard(sections: &[(u8, &[u8])], h: ShardHeader) -> Vec<u8> {
+        let mut w = ShardWriter::new(Vec::new(), 1, 2).unwrap();
+        w.push_id(1, "p1", &PushOutcome::Accepted).unwrap();
+        w.push_id(3, "p3", &PushOutcome::Dropped("empty layer 0".into()))
+            .unwrap();
+        w.push_id(5, "p5", &PushOutcome::NoCategory).unwrap();
+        assert!(w.push_id(5, "again", &PushOutcome::Accepted).is_err());
+        let (records, mut info) = w.finish_with_sections(sections).unwrap();
+        info.dim = None;
+        let mut out = Vec::new();
+        write_header(&mut out, &h, &info).unwrap();
+        out.extend_from_slice(&records);
+        out
+    }
+
+    #[test]
+    fn gram_sums_shards_round_trip_and_refuse_damage() {
+        let cats = gram_cats();
+        let bytes = gram_section_bytes(&cats);
+        let h = ShardHeader {
+            kind: ShardKind::GramSums,
+            health: true,
+            ..header()
+        };
+        let file = gram_shard(
+            &[(SECTION_HEALTH, b"HEALTH"), (SECTION_GRAM, &bytes)],
+            h.clone(),
+        );
+        let mut r =
+            ShardReader::from_reader("g.mxs".into(), Box::new(std::io::Cursor::new(file))).unwrap();
+        assert!(
+            r.next_record().is_err(),
+            "a gram shard has no count records"
+        );
+        let mut r = ShardReader::from_reader(
+            "g.mxs".into(),
+            Box::new(std::io::Cursor::new(gram_shard(
+                &[(SECTION_HEALTH, b"HEALTH"), (SECTION_GRAM, &bytes)],
+                h.clone(),
+            ))),
+        )
+        .unwrap();
+        let mut ids = Vec::new();
+        while let Some(x) = r.next_id().unwrap() {
+            ids.push(x);
+        }
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[1].outcome, PushOutcome::Dropped("empty layer 0".into()));
+        let (mut health, mut back) = (Vec::new(), Vec::new());
+        r.read_sections(|tag, rd| {
+            if tag == SECTION_HEALTH {
+                rd.read_to_end(&mut health).unwrap();
+                Ok(())
+            } else {
+                read_gram_section("g.mxs", rd, 2, 3, 10, |c| {
+                    back.push(c);
+                    Ok(())
+                })
+            }
+        })
+        .unwrap();
+        assert_eq!(health, b"HEALTH");
+        assert_eq!(back, cats);
+        // Hostile Gram sections.
+        let gram = |b: &[u8], tiles: usize| {
+            read_gram_section("g.mxs", &mut &b[..], 2, 3, tiles, |_| Ok(()))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(gram(&bytes[..bytes.len() - 3], 10).contains("gram tiles"));
+        assert!(gram(&bytes, 9).contains("g.mxs: shard field gram"));
+        assert!(gram(&bytes, MAX_GRAM_TILE_VALUES + 1).contains("gram tiles"));
+        assert!(gram(&[0xff, 0xff, 0xff, 0x7f], 10).contains("gram categories"));
+        let mut nan = bytes.clone();
+        let at = nan.len() - 8;
+        nan[at..].copy_from_slice(&f64::NAN.to_le_bytes());
+        assert!(gram(&nan, 10).contains("gram tiles"));
+        let mut swapped = gram_section_bytes(&[cats[1].clone(), cats[0].clone()]);
+        assert!(gram(&swapped, 10).contains("increasing"));
+        swapped[1] = 0;
+        assert!(gram(&swapped, 10).contains("gram category name"));
+        // The header promises a health section that is missing.
+        let file = gram_shard(&[(SECTION_GRAM, &bytes)], h);
+        let mut r =
+            ShardReader::from_reader("g.mxs".into(), Box::new(std::io::Cursor::new(file))).unwrap();
+        while r.next_id().unwrap().is_some() {}
+        let err = r
+            .read_sections(|_, rd| {
+                std::io::copy(rd, &mut std::io::sink()).unwrap();
+                Ok(())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sections") && err.contains("health = true"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -780,9 +1328,18 @@ mod tests {
         );
         // Record count in the end marker.
         let mut t = good.clone();
-        let last = t.len() - 1;
+        let last = t.len() - 2; // the count, before the sections' terminator
         t[last] = 3;
         check(t, "record count");
+        // A section the header does not announce, and a section length beyond the data.
+        let mut t = good.clone();
+        t.pop();
+        t.extend_from_slice(&[SECTION_HEALTH, 1, 9, 0]);
+        check(t, "sections");
+        let mut t = good.clone();
+        t.pop();
+        t.extend_from_slice(&[SECTION_GRAM, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        check(t, "section length");
         // A prompt-id length beyond the limit.
         let mut t = good[..16 + hlen].to_vec();
         t.extend_from_slice(&[1, 1]); // tag, ordinal 1

@@ -50,6 +50,8 @@ fn shard_bytes(rows: &[PromptRow], part: u64, parts: u64) -> Vec<u8> {
         token_types: vec!["prompt".into()],
         manifest: None,
         token_bags_error: Some("none".into()),
+        kind: moe_xray_stats::shard::ShardKind::Counts,
+        health: false,
     };
     let mut out = Vec::new();
     write_header(&mut out, &header, &info).unwrap();

@@ -1,11 +1,12 @@
 //! `moe-xray map`: the map step of a sharded analysis — reads traces as `analyze` does and writes
-//! the per-prompt counts of one part of their prompts to a shard file, which `moe-xray merge`
-//! combines (docs/statistics.md, "Sharded analysis"). The work is
-//! `moe_xray_pipeline::merge::map_shard`.
+//! the per-prompt counts of one part of their prompts (or their per-category Gram sums,
+//! `--gram-sums`; and the health accumulator, `--health`) to a shard file, which `moe-xray
+//! merge` combines (docs/statistics.md, "Sharded analysis"). The work is
+//! `moe_xray_pipeline::merge::map_shard_with`.
 
 use anyhow::{bail, Context, Result};
 use moe_xray_pipeline::analyze::AnalyzeOptions;
-use moe_xray_pipeline::merge::map_shard;
+use moe_xray_pipeline::merge::{map_shard_with, MapContents};
 use std::path::PathBuf;
 
 use crate::progress::CliProgress;
@@ -43,6 +44,16 @@ pub struct Args {
     /// The shard file to write.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Also write the health accumulator of the part's prompts (a second pass over the traces,
+    /// read as `moe-xray health` reads them), for `moe-xray merge --health DIR`.
+    #[arg(long)]
+    pub health: bool,
+    /// Write the per-category Gram sums (n, S, the upper triangle of M, norm sums) and the
+    /// prompt ids instead of the per-prompt counts: merge cost independent of the number of
+    /// prompts, but merge gives only the gram_sums path (no baselines, significance, PCA,
+    /// t-SNE, classifier or lexical baseline).
+    #[arg(long)]
+    pub gram_sums: bool,
     /// No summary and no progress.
     #[arg(long)]
     pub quiet: bool,
@@ -78,7 +89,11 @@ pub fn run(args: Args) -> Result<()> {
     opts.token_types = super::analyze::token_types(&args.token_types)?;
     opts.weighted = args.weighted;
     let progress = CliProgress::with_spinner(args.quiet, "map: reading traces");
-    let s = map_shard(&opts, part, parts, &args.out, &progress)?;
+    let contents = MapContents {
+        health: args.health,
+        gram_sums: args.gram_sums,
+    };
+    let s = map_shard_with(&opts, contents, part, parts, &args.out, &progress)?;
     drop(progress);
     if !args.quiet {
         println!(

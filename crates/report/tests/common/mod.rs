@@ -297,3 +297,77 @@ pub fn crossmodel(
     };
     (r, c.sim_a_upper, c.sim_b_upper, within)
 }
+
+/// An N-run comparison of three runs built from [`crossmodel`]: pair (R1, R2) of the same
+/// architecture with its matching and matched drift, pairs (R1, R3) and (R2, R3) of different
+/// architectures.
+#[allow(dead_code)]
+pub fn crossmodel_multi() -> moe_xray_stats::crossmodel::MultiModelReport {
+    use moe_xray_stats::crossmodel::{MultiModelReport, PairComparison};
+    let (same, ..) = crossmodel(true);
+    let (diff, ..) = crossmodel(false);
+    let mut r23 = diff.clone();
+    r23.model_a = same.model_b.clone();
+    MultiModelReport::from_pairs(
+        "0.1.0",
+        3,
+        vec![vec![], vec![], vec!["extra-1".into()]],
+        vec![
+            PairComparison {
+                a: 0,
+                b: 1,
+                comparison: same,
+            },
+            PairComparison {
+                a: 0,
+                b: 2,
+                comparison: diff,
+            },
+            PairComparison {
+                a: 1,
+                b: 2,
+                comparison: r23,
+            },
+        ],
+    )
+    .unwrap()
+}
+
+/// Adds a lexical baseline (accuracy 0.25 below the routing classifier's, 5 folds) and
+/// residual token-matched statistics (d halved, per layer too) to the fixture's results.
+#[allow(dead_code)]
+pub fn with_confounds(r: &mut moe_xray_stats::results::AnalysisResults) {
+    use moe_xray_stats::results::{LexicalBaseline, Section, TokenMatchMode, TokenMatched};
+    let Section::Done(lr) = r.logreg_5fold.clone() else {
+        panic!("fixture has a classifier")
+    };
+    let mut lex = lr;
+    lex.accuracy_mean -= 0.25;
+    lex.fold_accuracies.iter_mut().for_each(|a| *a -= 0.25);
+    r.lexical_baseline = Some(Section::Done(LexicalBaseline {
+        vocabulary: 989,
+        tokens: 5000,
+        classifier: lex,
+    }));
+    let mut similarity = r.similarity;
+    similarity.cohens_d /= 2.0;
+    let per_layer = r
+        .per_layer
+        .iter()
+        .map(|l| {
+            let mut l = *l;
+            l.cohens_d /= 2.0;
+            l
+        })
+        .collect();
+    r.token_matched = Some(Section::Done(TokenMatched {
+        mode: TokenMatchMode::Residual,
+        num_prompts: r.num_prompts,
+        token_ids: 989,
+        records: 1000,
+        dropped_prompts: vec![],
+        similarity,
+        category_similarity_matrix: r.category_similarity_matrix.clone(),
+        per_layer,
+    }));
+}

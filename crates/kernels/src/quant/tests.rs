@@ -1,0 +1,273 @@
+use super::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TYPES: [QType; 5] = [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K];
+
+/// Random blocks of `ty` for a `[rows, k]` matrix (random quants, scales in a realistic range).
+fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let blocks = rows * k / ty.block_values();
+    let mut data = vec![0u8; blocks * ty.block_bytes()];
+    rng.fill(&mut data[..]);
+    let put = |b: &mut [u8], at: usize, v: f32| {
+        b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    };
+    for b in data.chunks_exact_mut(ty.block_bytes()) {
+        let d = rng.random_range(0.001f32..0.05);
+        let dmin = rng.random_range(0.0f32..0.02);
+        match ty {
+            QType::Q8_0 | QType::Q4_0 => put(b, 0, d),
+            QType::Q4K | QType::Q5K => {
+                put(b, 0, d);
+                put(b, 2, dmin);
+            }
+            QType::Q6K => put(b, 208, d),
+        }
+    }
+    data
+}
+
+fn random_x(n: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n * k)
+        .map(|i| {
+            // Some outliers and a zero block now and then.
+            if i % 997 == 5 {
+                rng.random_range(-20.0f32..20.0)
+            } else {
+                rng.random_range(-1.0f32..1.0)
+            }
+        })
+        .collect()
+}
+
+/// The activations as the kernel sees them, dequantised (values × their block scale), and the
+/// per-element bound on the quantisation error.
+fn quantised_x(ty: QType, x: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut xq = vec![0f32; n * k];
+    let mut err = vec![0f32; n * k];
+    let bv = if ty.is_k() { QK_K } else { QK };
+    for (b, (src, (dst, e))) in x
+        .chunks_exact(bv)
+        .zip(xq.chunks_exact_mut(bv).zip(err.chunks_exact_mut(bv)))
+        .enumerate()
+    {
+        let _ = b;
+        let mut q = vec![0i8; bv];
+        let d = if ty.is_k() {
+            let mut s = [0i16; 16];
+            quantize_q8k_block(src, &mut q, &mut s)
+        } else {
+            quantize_q8_0_block(src, &mut q)
+        };
+        for j in 0..bv {
+            dst[j] = f32::from(q[j]) * d;
+            e[j] = 0.6 * d.abs();
+        }
+    }
+    (xq, err)
+}
+
+fn check_against_reference(ty: QType, n: usize, rows: usize, k: usize, seed: u64) {
+    let data = random_matrix(ty, rows, k, seed);
+    let w = QMatrix::new(ty, &data, rows, k).unwrap();
+    let x = random_x(n, k, seed + 1);
+    let y = xwt_q(&x, n, &w);
+    let wd = w.dequantize();
+    let (xq, err) = quantised_x(ty, &x, n, k);
+    for t in 0..n {
+        for r in 0..rows {
+            let (wr, xr) = (&wd[r * k..(r + 1) * k], &xq[t * k..(t + 1) * k]);
+            let exact: f64 = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let mag: f64 = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| f64::from((a * b).abs()))
+                .sum();
+            let got = f64::from(y[t * rows + r]);
+            // Same quantised operands: only f32 rounding of the block sums differs.
+            assert!(
+                (got - exact).abs() <= 2e-5 * mag + 1e-6,
+                "{} n={n} rows={rows} k={k} t={t} r={r}: {got} vs {exact} (mag {mag})",
+                ty.name()
+            );
+            // Against the unquantised activations: the q8 rounding bound.
+            let plain: f64 = wr
+                .iter()
+                .zip(&x[t * k..(t + 1) * k])
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let bound: f64 = wr
+                .iter()
+                .zip(&err[t * k..(t + 1) * k])
+                .map(|(&a, &e)| f64::from(a.abs() * e))
+                .sum();
+            assert!(
+                (got - plain).abs() <= bound + 2e-5 * mag + 1e-6,
+                "{} t={t} r={r}: {got} vs unquantised {plain} (bound {bound})",
+                ty.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_type_matches_dequantised_reference() {
+    for (i, ty) in TYPES.into_iter().enumerate() {
+        let s = 100 * i as u64;
+        if ty.is_k() {
+            check_against_reference(ty, 1, 3, 256, s);
+            check_against_reference(ty, 5, 17, 512, s + 10);
+            check_against_reference(ty, 8, 33, 768, s + 20);
+        } else {
+            check_against_reference(ty, 1, 3, 32, s);
+            check_against_reference(ty, 3, 17, 96, s + 10);
+            check_against_reference(ty, 8, 33, 256, s + 20);
+            check_against_reference(ty, 2, 5, 2048, s + 30);
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn every_path_gives_the_generic_bits() {
+    let cpu = Cpu::get();
+    for (i, ty) in TYPES.into_iter().enumerate() {
+        let shapes: &[(usize, usize, usize)] = if ty.is_k() {
+            &[(1, 1, 256), (3, 17, 512), (9, 40, 2048)]
+        } else {
+            &[(1, 1, 32), (3, 17, 96), (9, 40, 2048), (2, 5, 160)]
+        };
+        for &(n, rows, k) in shapes {
+            let data = random_matrix(ty, rows, k, 7 + i as u64);
+            let w = QMatrix::new(ty, &data, rows, k).unwrap();
+            let x = random_x(n, k, 9);
+            let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w));
+            assert_eq!(g, bits(&xwt_q_on(cpu, Kernel::Gemm, &x, n, &w)));
+            let a2 = bits(&xwt_q_on(cpu.without_avx512(), Kernel::Avx2, &x, n, &w));
+            assert_eq!(g, a2, "{} avx2 n={n} rows={rows} k={k}", ty.name());
+            let a5 = bits(&xwt_q_on(cpu, Kernel::Avx512, &x, n, &w));
+            assert_eq!(g, a5, "{} avx512 n={n} rows={rows} k={k}", ty.name());
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // The paths were really taken on this CPU (when it has them).
+        assert_eq!(
+            Path::choose(cpu, Kernel::Avx512).name(),
+            if cpu.avx512_vnni().is_some() {
+                "avx512-vnni"
+            } else if cpu.avx2().is_some() {
+                "avx2"
+            } else {
+                "generic"
+            }
+        );
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_batch_or_threads() {
+    for ty in TYPES {
+        // n > TBLOCK: tokens in two blocks of the row loop.
+        let (n, rows, k) = (70, 50, 512);
+        let data = random_matrix(ty, rows, k, 3);
+        let w = QMatrix::new(ty, &data, rows, k).unwrap();
+        let x = random_x(n, k, 4);
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| xwt_q(&x, n, &w))
+        };
+        let one = run(1);
+        assert_eq!(bits(&one), bits(&run(3)), "{}", ty.name());
+        for t in 0..n {
+            let single = xwt_q(&x[t * k..(t + 1) * k], 1, &w);
+            assert_eq!(bits(&single), bits(&one[t * rows..(t + 1) * rows]));
+        }
+    }
+}
+
+#[test]
+fn wrong_sizes_are_refused() {
+    for ty in TYPES {
+        let (bv, bb) = (ty.block_values(), ty.block_bytes());
+        let data = vec![0u8; 4 * bb];
+        assert!(QMatrix::new(ty, &data, 2, 2 * bv).is_some());
+        assert!(QMatrix::new(ty, &data[..4 * bb - 1], 2, 2 * bv).is_none());
+        assert!(QMatrix::new(ty, &data, 3, 2 * bv).is_none());
+        assert!(QMatrix::new(ty, &data, 2, 2 * bv + 1).is_none());
+        assert!(QMatrix::new(ty, &data, 4, bv / 2).is_none());
+        assert!(QMatrix::new(ty, &data, 2, 0).is_none());
+        assert!(QMatrix::new(ty, &data, usize::MAX, bv).is_none());
+        assert!(QMatrix::new(ty, &data, usize::MAX / 2, 4 * bv).is_none());
+        // Empty products.
+        let w = QMatrix::new(ty, &[], 0, bv).unwrap();
+        assert!(xwt_q(&vec![0.0; bv], 1, &w).is_empty());
+    }
+}
+
+#[test]
+fn activations_are_quantised_as_ggml_does() {
+    // q8_K: scale from the value of largest magnitude, iscale = -127 / max, ties to even.
+    let mut x = [0f32; QK_K];
+    x[0] = -127.0;
+    x[1] = 2.5;
+    x[2] = 3.5;
+    x[3] = -0.5;
+    let (mut q, mut s) = ([0i8; QK_K], [0i16; 16]);
+    let d = quantize_q8k_block(&x, &mut q, &mut s);
+    assert_eq!(d, 1.0); // max = -127: iscale = 1
+    assert_eq!(&q[..4], &[-127, 2, 4, 0]); // 2.5 -> 2, 3.5 -> 4, -0.5 -> 0 (half to even)
+    assert_eq!(s[0], -121);
+    assert_eq!(&s[1..], &[0; 15]);
+    // q8_0: d = max|x| / 127 rounded to f16, values rounded half away from zero.
+    let mut x = [0f32; QK];
+    x[0] = 127.0;
+    x[1] = 2.5;
+    x[2] = -2.5;
+    let mut q = [0i8; QK];
+    let d = quantize_q8_0_block(&x, &mut q);
+    assert_eq!(d, 1.0);
+    assert_eq!(&q[..3], &[127, 3, -3]);
+    // All zero: scale 0, values 0.
+    let d = quantize_q8_0_block(&[0.0; QK], &mut q);
+    assert_eq!((d, q), (0.0, [0; QK]));
+}
+
+#[test]
+fn dequantisation_follows_ggml() {
+    // Q4_K: one super-block with scale 2 / min 1 for sub-block 0 and value 5 at position 0.
+    let mut b = vec![0u8; 144];
+    b[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+    b[2..4].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
+    b[4] = 2; // sc0
+    b[8] = 1; // m0
+    b[16] = 0x35; // value 0 -> 5 (sub-block 0), value 32 -> 3 (sub-block 1: scale 0, min 0)
+    let w = QMatrix::new(QType::Q4K, &b, 1, 256).unwrap();
+    let d = w.dequantize();
+    assert_eq!(d[0], 0.5 * 2.0 * 5.0 - 0.25);
+    assert_eq!(d[1], -0.25);
+    assert_eq!(d[32], 0.0);
+    // Q6_K: value 0 = (ql & 15 | (qh & 3) << 4) - 32, times d · scale.
+    let mut b = vec![0u8; 210];
+    b[0] = 0x07;
+    b[128] = 0x02;
+    b[192] = (-3i8) as u8;
+    b[208..210].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+    let w = QMatrix::new(QType::Q6K, &b, 1, 256).unwrap();
+    let d = w.dequantize();
+    assert_eq!(d[0], 0.5 * -3.0 * (39.0 - 32.0));
+    assert_eq!(d[1], 0.5 * -3.0 * -32.0);
+    assert_eq!(d[16], 0.0);
+}
