@@ -16,6 +16,10 @@
 //!   f32 lanes per accumulator, each fed 32 bf16 pairs per instruction). Its scalar reference is
 //!   [`xwt_bf16_reference`] (test `avx512_bf16_matches_its_scalar_reference_bit_for_bit`). It sums
 //!   in another order than the AVX2 kernel, so bf16 results differ from it in the last bits.
+//!   From [`FMA_MIN_TOKENS`] tokens on, the same path widens each weight panel to f32 once and
+//!   runs AVX-512F FMAs instead (`arch/x86_64/avx512/matmul_fma.rs`): the same products, roundings,
+//!   flushes and order, so the same bits (test `avx512_fma_path_matches_the_dot_kernel_bit_for_bit`),
+//!   and a token's result does not depend on how many tokens share its call.
 //!
 //! The path is chosen at run time from the CPU's features ([`Cpu`]); the environment variable
 //! `MOE_XRAY_KERNEL` (`avx512`, `avx2`, `generic`; read once per process) caps it, so benchmarks
@@ -210,7 +214,8 @@ fn resolve(kernel: Kernel) -> Kernel {
 }
 
 /// The path that [`xwt_same`] (`Kernel::Auto`) takes for weights (and activations) of type
-/// `kind` on this CPU: `"avx512-bf16"`, `"avx2-fma"` or `"gemm"`.
+/// `kind` on this CPU: `"avx512-bf16"`, `"avx2-fma"` or `"gemm"` (`"avx512-bf16"` covers both of its
+/// implementations, [`Bf16Path`], which give the same bits).
 pub fn kernel_name(kind: ElemKind) -> &'static str {
     let k = resolve(Kernel::Auto);
     let cpu = Cpu::get();
@@ -285,7 +290,11 @@ pub fn xwt_same_with<T: Elem>(
         T::as_bf16(x),
         T::as_bf16(w),
     ) {
-        return avx512::xwt(t, xb, n, k, wb, m);
+        return if n >= FMA_MIN_TOKENS {
+            avx512_fma::xwt(t, xb, n, k, wb, m)
+        } else {
+            avx512::xwt(t, xb, n, k, wb, m)
+        };
     }
     let mut xf = vec![0f32; nk];
     T::widen(&x[..nk], &mut xf);
@@ -299,6 +308,52 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[path = "arch/x86_64/avx512/matmul.rs"]
 mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "arch/x86_64/avx512/matmul_fma.rs"]
+mod avx512_fma;
+
+/// From this many tokens on, the AVX-512 path of [`xwt_same`] (bf16 × bf16) widens each weight
+/// panel to f32 once and runs f32 FMAs (`arch/x86_64/avx512/matmul_fma.rs`) instead of
+/// `vdpbf16ps`: bit-identical results (so a token's result does not depend on its batch), faster
+/// from about this many tokens on (`docs/performance.md`, "Session 9: bf16 prefill kernel").
+pub const FMA_MIN_TOKENS: usize = 48;
+
+/// The two implementations of the AVX-512 bf16 × bf16 path (benchmarks and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Path {
+    /// `vdpbf16ps` on the bf16 operands.
+    Dot,
+    /// Weight panels widened to f32 once, f32 FMAs (same bits as `Dot`).
+    Fma,
+}
+
+/// `y [n, m] = x [n, k] · w [m, k]ᵀ` (bf16 × bf16) on one AVX-512 path whatever `n`, or `None`
+/// on CPUs without AVX-512 BF16. For benchmarks and tests; [`xwt_same`] chooses by `n`.
+pub fn xwt_bf16_path(
+    path: Bf16Path,
+    x: &[bf16],
+    n: usize,
+    k: usize,
+    w: &[bf16],
+    m: usize,
+) -> Option<Vec<f32>> {
+    assert!(
+        n.checked_mul(k).is_some_and(|v| x.len() >= v)
+            && m.checked_mul(k).is_some_and(|v| w.len() >= v),
+        "xwt: operand sizes"
+    );
+    assert!(n.checked_mul(m).is_some(), "xwt: output size overflows");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = Cpu::get().avx512_bf16() {
+        return Some(match path {
+            Bf16Path::Dot => avx512::xwt(t, x, n, k, w, m),
+            Bf16Path::Fma => avx512_fma::xwt(t, x, n, k, w, m),
+        });
+    }
+    let _ = path;
+    None
+}
 
 /// One `vdpbf16ps` step on one f32 lane, in scalar code: `acc + a·b` with the product exact and
 /// one rounding to nearest even, denormal inputs (`acc`, `a`, `b`) read as zero of the same sign
@@ -557,6 +612,60 @@ mod tests {
     }
 
     #[test]
+    fn avx512_fma_path_matches_the_dot_kernel_bit_for_bit() {
+        if !has_avx512_bf16("avx512_fma_path_matches_the_dot_kernel_bit_for_bit") {
+            return;
+        }
+        // Ragged blocks (m not a multiple of 4, n not of 6), k tails (k % 32 ≠ 0, k < 32), several
+        // k blocks with a tail, several panels with a ragged last one, n across FMA_MIN_TOKENS.
+        for &(n, k, m) in &[
+            (1, 64, 10),
+            (1, 7, 3),
+            (7, 300, 7),
+            (13, 1030, 50),
+            (16, 2051, 49),
+            (17, 4096, 9),
+            (40, 200, 97),
+            (37, 4133, 13),
+        ] {
+            let x = bf16::narrow(&random(n * k, 41 + n as u64));
+            let w = bf16::narrow(&random(m * k, 42 + m as u64));
+            let dot = xwt_bf16_path(Bf16Path::Dot, &x, n, k, &w, m).unwrap();
+            let fma = xwt_bf16_path(Bf16Path::Fma, &x, n, k, &w, m).unwrap();
+            assert_eq!(bits(&fma), bits(&dot), "{n}x{k}x{m}");
+            assert_eq!(bits(&fma), bits(&xwt_bf16_reference(&x, n, k, &w, m)));
+            assert_eq!(bits(&fma), bits(&xwt_same(&x, n, k, &w, m)));
+        }
+        // Sums that land in or next to the denormal range (FTZ / DAZ in the FMA path, the
+        // instruction's own flushing in the dot path; 16-lane and k-block sums unflushed in
+        // both): sparse values around 2⁻⁶³ whose products are around 2⁻¹²⁶, mixed signs.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (n, k, m) = (19, 2100, 23);
+        let mut pick = |len: usize| -> Vec<bf16> {
+            (0..len)
+                .map(|_| {
+                    if rng.random_bool(0.95) {
+                        return bf16::ZERO;
+                    }
+                    let e = rng.random_range(-65i32..-61);
+                    let s = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
+                    let f = [1.0f32, 1.5, 1.25, 1.75][rng.random_range(0..4)];
+                    bf16::from_f32(s * f * 2f32.powi(e))
+                })
+                .collect()
+        };
+        let (x, w) = (pick(n * k), pick(m * k));
+        let dot = xwt_bf16_path(Bf16Path::Dot, &x, n, k, &w, m).unwrap();
+        let fma = xwt_bf16_path(Bf16Path::Fma, &x, n, k, &w, m).unwrap();
+        let denormal = dot.iter().filter(|v| v.is_subnormal()).count();
+        assert!(denormal > 10, "the case reaches denormal sums ({denormal})");
+        assert_eq!(bits(&fma), bits(&dot));
+        // MXCSR is restored: a denormal sum still is one afterwards.
+        let d = std::hint::black_box(2f32.powi(-120)) * std::hint::black_box(2f32.powi(-10));
+        assert!(d.is_subnormal());
+    }
+
+    #[test]
     fn avx512_bf16_denormals_ties_and_signed_zeros_match_the_reference() {
         if !has_avx512_bf16("avx512_bf16_denormals_ties_and_signed_zeros_match_the_reference") {
             return;
@@ -597,6 +706,8 @@ mod tests {
             let want = xwt_bf16_reference(&x, n, k, &w, m);
             let got = xwt_same_with(Kernel::Avx512, &x, n, k, &w, m);
             assert_eq!(bits(&got), bits(&want));
+            let fma = xwt_bf16_path(Bf16Path::Fma, &x, n, k, &w, m).unwrap();
+            assert_eq!(bits(&fma), bits(&want), "the FMA path");
         }
         // The step itself: two roundings, the odd element first; denormals flushed.
         let one = bf16::ONE;
@@ -633,14 +744,17 @@ mod tests {
         if !has_avx512_bf16("avx512_bf16_rows_do_not_depend_on_the_batch_or_the_threads") {
             return;
         }
-        let (n, k, m) = (37, 1000, 131);
+        // n ≥ FMA_MIN_TOKENS takes the FMA path, a single row and 8 rows the dot path: same bits.
+        let (n, k, m) = (FMA_MIN_TOKENS.max(37), 1000, 131);
         let x = bf16::narrow(&random(n * k, 21));
         let w = bf16::narrow(&random(m * k, 22));
         let all = xwt_same_with(Kernel::Avx512, &x, n, k, &w, m);
-        for r in [0usize, 3, 4, 17, 36] {
+        for r in [0usize, 3, 4, 17, n - 1] {
             let one = xwt_same_with(Kernel::Avx512, &x[r * k..(r + 1) * k], 1, k, &w, m);
             assert_eq!(bits(&all[r * m..(r + 1) * m]), bits(&one), "row {r}");
         }
+        let eight = xwt_same_with(Kernel::Avx512, &x[16 * k..24 * k], 8, k, &w, m);
+        assert_eq!(bits(&all[16 * m..24 * m]), bits(&eight), "rows 16..24");
         let run = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 const ROWS: usize = 4;
 const TOKS: usize = 4;
 /// Weight rows per rayon task: 48 rows of 2048 bf16 = 192 KiB, well inside L2.
-const PANEL: usize = 48;
+pub(super) const PANEL: usize = 48;
 /// k block (multiple of 32): 4 tokens' activations (4 × 2048 bf16 = 16 KiB) stay in L1.
 pub(super) const KC: usize = 2048;
 
@@ -124,7 +124,7 @@ struct Blk {
 /// # Safety
 /// The CPU must have AVX-512 F.
 #[inline(always)]
-unsafe fn hsum(v: __m512) -> f32 {
+pub(super) unsafe fn hsum(v: __m512) -> f32 {
     // SAFETY: the caller guarantees AVX-512 F (which implies AVX); no memory is accessed.
     unsafe {
         let lo = _mm512_castps512_ps256(v);
