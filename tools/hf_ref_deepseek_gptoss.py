@@ -111,6 +111,19 @@ MODELS = [
             max_position_embeddings=1024, rope_parameters=dict(YARN_V2),
         ),
     ),
+    # deepseekv2-tiny-group-f32 (same seed, same weights) as a user gets it in bf16: see `write_checkpoint`.
+    dict(
+        name="deepseekv2-tiny-group-bf16", family="deepseek_v2", seed=202, dtype=torch.bfloat16, shard=None,
+        config=dict(
+            vocab_size=576, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+            n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+            topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.25,
+            norm_topk_prob=True, attention_bias=True,
+            max_position_embeddings=1024, rope_parameters=dict(YARN_V2),
+        ),
+    ),
     dict(
         name="deepseekv3-tiny-f32", family="deepseek_v3", seed=303, dtype=torch.float32, shard=None,
         config=dict(
@@ -829,17 +842,38 @@ def independent_forward(out: Path, ids: list[int]):
     return x @ W["lm_head.weight"].T, routing
 
 
-def first_mismatch_gaps(fam, trace, sets_of) -> tuple[int, list]:
+def group_limited_gap(cfg: dict, probs: list[float], st: set, want: set) -> float | None:
+    """deepseek_v2 group_limited_greedy: when `st` uses an expert of a group transformers masked out, the gap that
+    explains the mismatch is between group scores (per-group max probability): the lowest score among the
+    topk_group groups transformers kept minus the highest score among the masked groups `st` used. None when `st`
+    stays inside transformers' groups (then the experts' own probabilities explain it)."""
+    ng, tg = cfg["n_group"], cfg["topk_group"]
+    per = len(probs) // ng
+    gs = [max(probs[g * per:(g + 1) * per]) for g in range(ng)]
+    kept = set(sorted(range(ng), key=lambda g: -gs[g])[:tg])
+    extra = {e // per for e in st} - kept
+    if not extra:
+        return None
+    return min(gs[g] for g in kept) - max(gs[g] for g in extra)
+
+
+def first_mismatch_gaps(fam, trace, sets_of, cfg=None) -> tuple[int, list]:
     """Expert-set mismatches of `sets_of(prompt_id, position, layer)` against the recorded trace, and the
     mismatches with no earlier one in their sequence (no mismatch at a lower layer of the same position or at an
     earlier position): (prompt, position, layer, gap), gap = the recorded ranking values (gpt_oss: logits; else
-    probs) of the experts trading places, min(theirs) - max(ours)."""
+    probs) of the experts trading places, min(theirs) - max(ours); for deepseek_v2 group_limited_greedy the group
+    scores' gap when the groups differ (`group_limited_gap`)."""
     key = "logits" if fam == "gpt_oss" else "probs"
+    grouped = fam == "deepseek_v2" and cfg is not None and cfg.get("topk_method") == "group_limited_greedy"
     mism = {}
     for r in trace:
         k = (r["prompt_id"], r["position"], r["layer"])
         st, want = sets_of(*k), set(r["experts"])
         if st != want:
+            gg = group_limited_gap(cfg, r[key], st, want) if grouped else None
+            if gg is not None:
+                mism[k] = gg
+                continue
             lo = min(r[key][x] for x in want - st)
             hi = max(r[key][x] for x in st - want)
             mism[k] = lo - hi
@@ -874,7 +908,7 @@ def bf16_calibration(spec, out: Path, fulls, trace) -> dict:
                     got[(pid, pos, l)] = set(ex)
         cap.close()
         torch.set_num_threads(1)
-        n, first = first_mismatch_gaps(fam, trace, lambda p, pos, l: got[(p, pos, l)])
+        n, first = first_mismatch_gaps(fam, trace, lambda p, pos, l: got[(p, pos, l)], spec["config"])
         res[label] = dict(
             expert_set_mismatches=n,
             first_in_sequence=first,
@@ -1018,6 +1052,14 @@ family notes. Same prompts, tokenizer construction, chat template and file set a
   float64 (or loading it in f32) instead of bf16 changes 16 of 496 expert sets, at recorded margins up to 0.039
   (the weights here are O(1/sqrt(fan_in)), so bf16 rounding propagates), while changing torch's thread count
   changes none: a Rust bf16 path must round where transformers rounds (see the family note) to get close.
+- bf16 (`deepseekv2-tiny-group-bf16`): `deepseekv2-tiny-group-f32`'s weights (same seed and config: MLA with
+  q_lora_rank, group-limited routing, a dense first layer, a shared expert, YaRN, attention biases) made bf16 as
+  `deepseekv3-tiny-bf16` above (router weight stored as bf16, transformers computes the router in f32; V2 has no
+  correction bias). Calibration (`bf16_calibration` in the summary): transformers itself computing this bf16
+  checkpoint in f32 changes 5 of the 494 expert sets, the first of each sequence at gaps up to 0.0019, while bf16
+  with 2 threads changes none. For group-limited routing a mismatch whose experts cross into a group transformers
+  masked out is measured between group scores (each group's largest probability: the lowest kept group minus the
+  highest masked group used, `group_limited_gap`), otherwise between the experts' probabilities.
 - bf16 (`gptoss-tiny-bf16`): `gptoss-tiny-f32`'s weights (same seed) loaded back with `dtype=bfloat16` and saved.
   gpt_oss has no strict-fp32 modules, so every tensor (router weight and bias, sinks, norms, experts and their
   biases) is bf16 on disk and in memory, and transformers computes the router logits, the softmax over the k (so
@@ -1095,7 +1137,7 @@ def main():
         stats["feature_effects"].update(ablations(model, spec, fulls))
         chk = independent_check(model, out, fulls, _trace)
         stats["independent_f64_reimplementation"] = chk
-        if spec["dtype"] == torch.bfloat16 and spec["family"] == "gpt_oss":
+        if spec["dtype"] == torch.bfloat16 and spec["family"] in ("gpt_oss", "deepseek_v2"):
             stats["bf16_calibration"] = bf16_calibration(spec, out, fulls, _trace)
             print("bf16 calibration", stats["bf16_calibration"], file=sys.stderr)
             assert stats["bf16_calibration"]["bf16_2_threads"]["expert_set_mismatches"] == 0

@@ -47,6 +47,7 @@ import copy
 import json
 import math
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -156,6 +157,50 @@ MODELS = [
             tie_word_embeddings=False,
         ),
     ),
+    # bf16 twins of the f32 fixtures above (same seed and config, so the same weights), made the way a user gets a
+    # bf16 checkpoint: the f32 model saved, loaded back with `from_pretrained(dtype=torch.bfloat16)` (none of these
+    # families has `_keep_in_fp32_modules`, so every tensor is bf16) and saved again (`bf16_via_from_pretrained`).
+    dict(
+        name="mixtral-tiny-swa-bf16",
+        family="mixtral",
+        seed=104,
+        dtype=torch.bfloat16,
+        bf16_via_from_pretrained=True,
+        shard="60KB",
+        config=dict(
+            vocab_size=512, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+            sliding_window=5, tie_word_embeddings=False,
+        ),
+    ),
+    dict(
+        name="qwen2moe-tiny-bf16",
+        family="qwen2_moe",
+        seed=205,
+        dtype=torch.bfloat16,
+        bf16_via_from_pretrained=True,
+        shard=None,
+        config=dict(
+            vocab_size=576, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=12, num_experts_per_tok=4, norm_topk_prob=False,
+            qkv_bias=True, mlp_only_layers=[1], decoder_sparse_step=1, tie_word_embeddings=False,
+        ),
+    ),
+    dict(
+        name="granitemoe-tiny-bf16",
+        family="granitemoe",
+        seed=506,
+        dtype=torch.bfloat16,
+        bf16_via_from_pretrained=True,
+        shard=None,
+        config=dict(
+            vocab_size=520, hidden_size=32, intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+            embedding_multiplier=6.0, attention_multiplier=0.1, residual_multiplier=0.3, logits_scaling=4.0,
+            tie_word_embeddings=False,
+        ),
+    ),
 ]
 
 
@@ -228,9 +273,18 @@ def make_model(spec: dict):
         scale = float(getattr(cfg, "logits_scaling", 1.0) or 1.0)
         w = model.lm_head.weight
         w.copy_(torch.randn(w.shape, generator=g) * (scale / math.sqrt(h)))
-    model = model.to(spec["dtype"])
+    model = model.to(torch.float32 if spec.get("bf16_via_from_pretrained") else spec["dtype"])
     model.eval()
     ref.set_impl(model)
+    if spec.get("bf16_via_from_pretrained"):
+        # what a user does with an f32 checkpoint: save it, load it back with dtype=bfloat16
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = model_cls.from_pretrained(tmp, dtype=torch.bfloat16)
+        ref.set_impl(model)
+        model.eval()
+        bad = [n for n, p in model.named_parameters() if p.dtype != torch.bfloat16]
+        assert not bad, f"{spec['name']}: not bf16 after from_pretrained: {bad}"
     return model
 
 
@@ -625,6 +679,55 @@ def feature_effects(spec: dict, model, fulls: dict) -> dict:
     return res
 
 
+def bf16_calibration(spec: dict, out: Path, fulls: dict) -> dict:
+    """How far plain rounding moves the bf16 routing: transformers itself on the written bf16 checkpoint, computed
+    in f32 (`from_pretrained(dtype=float32)`) instead of bf16, and in bf16 with 2 torch threads instead of 1. The
+    f32 computation's first-in-sequence mismatch gaps (in the quantity the family ranks by: probabilities, or
+    logits for granite) are the scale a bf16 re-implementation's near ties are measured against. A mismatch is
+    "first in sequence" when no lower layer of its position and no earlier position of its prompt mismatches."""
+    fam = spec["family"]
+    key = "logits" if fam == "granitemoe" else "probs"
+    trace = {}
+    for line in (out / "expected_trace.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        trace[(r["prompt_id"], r["position"], r["layer"])] = r
+    _cfg_cls, model_cls = FAMILIES[fam]
+    res = {}
+    for label, dtype, threads in (("f32_compute", torch.float32, 1), ("bf16_2_threads", torch.bfloat16, 2)):
+        m = model_cls.from_pretrained(str(out), dtype=dtype)
+        ref.set_impl(m)
+        m.eval()
+        torch.set_num_threads(threads)
+        try:
+            mism = {}
+            for pid, full in fulls.items():
+                tf, _ = teacher_forced(fam, m, full)
+                for l, (_lg, _w, idx) in tf.items():
+                    for pos, ex in enumerate(idx.tolist()):
+                        r = trace[(pid, pos, l)]
+                        st, want = set(ex), set(r["experts"])
+                        if st != want:
+                            lo = min(r[key][x] for x in want - st)
+                            hi = max(r[key][x] for x in st - want)
+                            mism[(pid, pos, l)] = lo - hi
+        finally:
+            torch.set_num_threads(1)
+        order = {pid: i for i, (pid, _c, _t) in enumerate(ref.PROMPTS)}
+        first = []
+        for (p, pos, l), gap in sorted(mism.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
+            up = any(q == p and (qp < pos or (qp == pos and ql < l)) for (q, qp, ql) in mism)
+            if not up:
+                first.append([p, pos, l, gap])
+        res[label] = dict(
+            expert_set_mismatches=len(mism),
+            records=len(trace),
+            first_in_sequence=first,
+            max_first_in_sequence_gap=max((abs(f[3]) for f in first), default=0.0),
+        )
+        del m
+    return res
+
+
 def sliding_window_stats(spec: dict, fulls: dict, prompts_ids) -> dict | None:
     w = spec["config"].get("sliding_window")
     if not w:
@@ -846,7 +949,14 @@ math of each family is written out in the script's docstring and `independent_fo
   generated id (the script asserts it), and the bf16 model's lists too.
 - f32 models: compare exactly (identical expert lists in order, applied weights within 1e-6, identical generated
   ids; the script asserts that `generate()` with its KV cache routes exactly like the teacher-forced forward).
-  bf16 (`qwen3moe-tiny-bf16`): compare teacher-forced; router ties (margin 0) occur.
+  bf16: compare teacher-forced (generated ids informative only); router ties (margin 0) occur.
+  `qwen3moe-tiny-bf16` has its own seed and config (the initialised model cast with `.to(bfloat16)`);
+  `mixtral-tiny-swa-bf16`, `qwen2moe-tiny-bf16` and `granitemoe-tiny-bf16` are the f32 fixtures of the same name
+  (same seed, config and weights) made the way a user gets a bf16 checkpoint: saved, loaded back with
+  `from_pretrained(dtype=torch.bfloat16)` (no tensor of these families is kept in f32) and saved again.
+  `bf16_calibration` (summary): transformers itself computing the written bf16 checkpoint in f32
+  (`dtype=float32`) instead of bf16 changes a few expert sets — the gaps (probabilities; granite: logits) of the
+  first mismatch of each sequence are the scale of bf16 near ties — while bf16 with 2 threads changes none.
 
 """
 
@@ -885,6 +995,14 @@ def readme_line(name: str, m: dict) -> str:
         f"{ind['identical_expert_lists']}/{ind['records']} identical expert lists, max weight diff "
         f"{ind['max_abs_weight_diff_on_identical']:.2g}, {ind['argmax_equals_generated']}/{ind['generated_positions']} "
         f"generated ids; {m['bytes']} bytes."
+        + (
+            f" bf16 calibration: transformers computing this bf16 checkpoint in f32 changes "
+            f"{m['bf16_calibration']['f32_compute']['expert_set_mismatches']}/{m['records']} expert sets (first of "
+            f"each sequence at gaps up to {m['bf16_calibration']['f32_compute']['max_first_in_sequence_gap']:.3g}); "
+            f"bf16 with 2 threads changes {m['bf16_calibration']['bf16_2_threads']['expert_set_mismatches']}."
+            if "bf16_calibration" in m
+            else ""
+        )
     )
 
 
@@ -982,6 +1100,10 @@ def main():
         if sw:
             info["sliding_window_coverage"] = sw
         info["independent_reimplementation"] = independent_check(spec, out)
+        if spec.get("bf16_via_from_pretrained"):
+            info["bf16_calibration"] = bf16_calibration(spec, out, fulls)
+            print("bf16 calibration", info["bf16_calibration"], file=sys.stderr)
+            assert info["bf16_calibration"]["bf16_2_threads"]["expert_set_mismatches"] == 0, name
         info["tokenizer_vocab"] = tok.get_vocab_size()
         info["checkpoint"] = layout_info(out)
         info["comparison"] = (

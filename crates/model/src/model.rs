@@ -135,6 +135,20 @@ impl Linear {
     }
 }
 
+/// `x × m` as torch multiplies a tensor by a Python scalar (Granite's multipliers): in bf16 /
+/// f16 the product is computed in f32 with the scalar in f32 and rounded once (candle's affine
+/// would first round the scalar itself to the compute dtype: 0.3 becomes 0.30078125 in bf16).
+/// f32 tensors keep candle's affine, which computes the same product.
+fn scale_like_torch(x: &Tensor, m: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return Ok((x * m)?);
+    }
+    let s = Tensor::new(m as f32, x.device())?;
+    Ok(x.to_dtype(DType::F32)?
+        .broadcast_mul(&s)?
+        .to_dtype(x.dtype())?)
+}
+
 /// transformers' `*RMSNorm`: normalise in f32, cast back, then multiply by the weight in the
 /// compute dtype — or, for GPT-OSS (whose norm weights stay f32), multiply in f32 and cast.
 #[derive(Debug)]
@@ -871,7 +885,7 @@ impl MoeModel {
         let mut xs = self.embed.index_select(&ids, 0)?;
         let mult = self.cfg.multipliers;
         if mult.embedding != 1.0 {
-            xs = (xs * mult.embedding)?;
+            xs = scale_like_torch(&xs, mult.embedding)?;
         }
         let wants_probs = sink.wants_probs();
         let mut routing = Vec::with_capacity(self.layers.len());
@@ -884,7 +898,7 @@ impl MoeModel {
             let h = layer.input_norm.forward(&xs)?;
             let attn = self.attention(l, layer, &h, batch, &ropes)?;
             xs = if mult.residual != 1.0 {
-                (residual + (attn * mult.residual)?)?
+                (residual + scale_like_torch(&attn, mult.residual)?)?
             } else {
                 (residual + attn)?
             };
@@ -908,7 +922,7 @@ impl MoeModel {
                 }
             };
             xs = if mult.residual != 1.0 {
-                (residual + (out * mult.residual)?)?
+                (residual + scale_like_torch(&out, mult.residual)?)?
             } else {
                 (residual + out)?
             };
@@ -931,7 +945,17 @@ impl MoeModel {
             let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
             let mut lg = self.lm_head.forward(&h)?;
             if mult.logits_scaling != 1.0 {
-                lg = (lg / mult.logits_scaling)?;
+                lg = if lg.dtype() == DType::F32 {
+                    (lg / mult.logits_scaling)?
+                } else {
+                    // torch divides a bf16 / f16 tensor by a Python scalar in f32 and rounds
+                    // once (candle's affine would multiply by the scalar's reciprocal rounded
+                    // to the compute dtype).
+                    let s = Tensor::new(mult.logits_scaling as f32, lg.device())?;
+                    lg.to_dtype(DType::F32)?
+                        .broadcast_div(&s)?
+                        .to_dtype(lg.dtype())?
+                };
             }
             lg.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
         };
@@ -1417,7 +1441,10 @@ impl MoeModel {
         if let Some(shared) = &block.shared {
             let mut s = shared.forward(h)?;
             if let Some(gate) = &block.shared_gate {
-                let g = candle_nn::ops::sigmoid(&gate.forward(h)?)?;
+                // sigmoid evaluated in f32 and rounded once, as torch's reduced-precision kernel
+                // (candle's bf16 sigmoid rounds exp, the sum and the reciprocal separately).
+                let g = gate.forward(h)?;
+                let g = candle_nn::ops::sigmoid(&g.to_dtype(DType::F32)?)?.to_dtype(g.dtype())?;
                 s = s.broadcast_mul(&g)?;
             }
             out = (out + s)?;
@@ -1563,7 +1590,13 @@ impl MoeModel {
                 Activation::GptOssClamped { limit, alpha } => {
                     let g = g.clamp(f64::NEG_INFINITY, limit)?;
                     let u = u.clamp(-limit, limit)?;
-                    let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha)?)?)?;
+                    // As torch in bf16 / f16: `gate * alpha` with alpha in f32 and one rounding,
+                    // the sigmoid in f32 and one rounding (candle's reduced-precision affine
+                    // and sigmoid round alpha and every intermediate); f32 is unchanged.
+                    let ga = scale_like_torch(&g, alpha)?;
+                    let sig =
+                        candle_nn::ops::sigmoid(&ga.to_dtype(DType::F32)?)?.to_dtype(g.dtype())?;
+                    let glu = (&g * sig)?;
                     ((u + 1.0)? * glu)?
                 }
             };

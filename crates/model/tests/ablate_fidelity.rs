@@ -332,8 +332,8 @@ fn check_model_bf16(m: &Value, max_gap: f64, logit_tol: f32) -> (usize, usize, f
 /// Tolerances (stated in docs/statistics.md, "Checks"):
 /// - routing: the first mismatch of a sequence must be a near tie of transformers' masked ranking
 ///   values: OLMoE probability gap < 1e-3 (as `hf_conformance.rs`'s bf16 test), GPT-OSS logit
-///   gap < 0.024 (as `family_conformance.rs`: two bf16 steps; measured 179 / 180 identical, the
-///   one mismatch at a gap of 0.0117), and at least 97 % identical sets;
+///   gap < 0.024 (as `family_conformance.rs`: two bf16 steps; measured 180 / 180 identical, 179
+///   before session 10 with its one mismatch at a gap of 0.0117), and at least 97 % identical sets;
 /// - logits (bf16 values; spacing 2^-5 = 0.031 at |logit| in [4, 8), the fixtures' range):
 ///   OLMoE 0.0625 (two spacings), GPT-OSS 0.15. The fixture's `calibration_f32_compute` gives the
 ///   scale: transformers itself, computing the same checkpoint in f32 with the bf16 run's expert
