@@ -6,38 +6,39 @@
 //! f16, values `round(x / d)` half away from zero) or `quantize_row_q8_K_ref` (K-quants: blocks of
 //! 256, scale `max / -127` from the value of largest magnitude, values rounded half to even, sums
 //! of 16 values), and each dot product is an exact integer sum per block, scaled in f32. So a
-//! projection computes what llama.cpp computes, up to the order of the f32 sums.
+//! projection computes what llama.cpp computes, up to the order of the f32 sums (for Q8_0 in
+//! ggml's own order).
 //!
 //! The kernel is weight-stationary: rows are split into fixed panels of [`PANEL`] rows (one rayon
-//! task each); the tokens go in blocks whose quantised activations stay in cache while the
-//! panel's rows pass over them, four tokens per step. The AVX-512 path unpacks Q4_K, Q6_K and
-//! Q8_0 blocks in registers straight from the weight bytes (each unpacked chunk feeds four
-//! tokens); the other types and paths first decode a row into a small per-thread buffer
-//! (unsigned 8-bit values, the 16-value group scales widened to i16, the f32 block scales). Either
-//! way the weights are read from memory once per call (per token block).
+//! task each). On the AVX-512 VNNI path a panel's sixteen rows are prepared once per call (Q8_0,
+//! Q4_K and Q6_K unpacked in registers straight from the blocks, Q4_0 and Q5_K through a decoded
+//! row; the values transposed so that i32 lane `j` of a 64-byte register holds four consecutive
+//! values of row `j`; the scales gathered into sixteen-lane vectors), then every token tile (up to
+//! 8 tokens for Q8_0 / Q4_0, 4 for K-quants) multiplies the sixteen rows at once: each token's
+//! four activation bytes broadcast, one `vpdpbusd` adds four products to sixteen rows' sums. The
+//! generic and AVX2 paths decode one row at a time into a small per-thread buffer (unsigned 8-bit
+//! values, the 16-value group scales widened to i16, the f32 block scales) and take the tokens in
+//! blocks of [`TBLOCK`]. Either way the weights are read from memory once per call.
 //!
-//! Integer part (exact on every path, identical integers): for K-quants, sixteen i32 lanes per
-//! super-block of 256, lane `l` summing `scale(group(i)) · q[i] · x[i]` over the bytes
-//! `i = 64c + 4l .. 64c + 4l + 3` of the four 64-byte chunks `c` (AVX-512: `vpmaddubsw` +
-//! `vpdpwssd`); eight i32 lanes of the group corrections `cm[2j] · xs[2j] + cm[2j+1] · xs[2j+1]`
-//! (Q4_K / Q5_K: the sub-block minimum times the activations' 16-value sums; Q6_K: 32 · scale, the
-//! values' offset). For Q8_0 / Q4_0, lane `l` of 64-byte chunk `c` is `Σ (q − offset) · x` over the
-//! four bytes `64c + 4l ..` (AVX-512: `vpdpbusd` on `q + 128` / the nibble, started at
-//! `−offset · Σ x`; AVX2: `vpmaddubsw` with the sign trick for Q8_0).
+//! Integer part (exact on every path, identical integers): for K-quants, per super-block of 256,
+//! `ia = Σ scale(group(i)) · q[i] · x[i]` and the group corrections
+//! `ib = Σ_g cm[g] · xs[g]` (Q4_K / Q5_K: the sub-block minimum times the activations' 16-value
+//! sums; Q6_K: 32 · scale, the values' offset); for Q8_0 / Q4_0, per block of 32,
+//! `s = −offset · Σ x + Σ q · x` (= `Σ w · x`, `q` the stored value made unsigned: `w + 128` /
+//! the nibble).
 //!
 //! Float part (the same operations in the same order on every path, no fused multiply-adds):
-//! K-quants `acc[l] += f32(lane[l]) · (d_w · d_x)` per super-block, the corrections likewise with
-//! `(dmin_w · d_x)` into eight lanes, result `hsum16(acc) − hsum8(corr)`
-//! ([`hsum16_reference`] / [`hsum_reference`]); Q8_0 / Q4_0 `acc[l] += f32(lane[l]) · (d_w · d_x)`
-//! per 32-value block (lanes 0–7 the chunk's first block, 8–15 its second), result `hsum16(acc)`.
-//! Every output element is computed alone from its row and its token, so results are
-//! bit-identical on every path ([`xwt_q_with`]), for any `n`, panel split or thread count.
+//! K-quants `fa += f32(ia) · (d_w · d_x)` and `fb += f32(ib) · (dmin_w · d_x)` per super-block in
+//! order, result `fa − fb`; Q8_0 / Q4_0 `acc += f32(s) · (d_w · d_x)` per block in order, which is
+//! ggml's `ggml_vec_dot_q8_0_q8_0` bit for bit. Every output element is computed alone from its
+//! row and its token, so results are bit-identical on every path ([`xwt_q_with`]), for any `n`,
+//! panel split, tile or thread count.
 
 use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu::Cpu;
-use crate::matmul::{env_kernel, hsum16_reference, hsum_reference, Kernel};
+use crate::matmul::{env_kernel, Kernel};
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -272,26 +273,24 @@ fn unpack_q6(ql: &[u8], qh: &[u8], q: &mut [u8]) {
 
 /// Activations quantised for one call (see the module docs).
 struct Act {
-    /// n × kp values.
+    /// n × k values.
     x: Vec<i8>,
     /// K-quants: the 16-value sums (n × k/16).
     xs: Vec<i16>,
-    /// Q8_0 / Q4_0: `−offset · Σ x` of each 4 values (n × kp/4).
+    /// Q8_0 / Q4_0: `−offset · Σ x` of each block of 32 (n × k/32).
     init: Vec<i32>,
-    /// K-quants: scale per super-block (n × k/256); Q8_0 / Q4_0: the f16 block scale widened,
-    /// repeated for each of the block's eight lanes (n × kp/4).
+    /// K-quants: scale per super-block (n × k/256); Q8_0 / Q4_0: the f16 scale of each block of
+    /// 32, widened (n × k/32).
     d: Vec<f32>,
-    /// Row length as stored (k; Q8_0 / Q4_0: k rounded up to 64, zero padded).
-    kp: usize,
+    /// Row length.
+    k: usize,
+    /// Blocks (Q8_0 / Q4_0) or super-blocks (K-quants) per row.
+    nb: usize,
 }
 
-/// `k` rounded up to a multiple of 64 for Q8_0 / Q4_0 (`k` for K-quants).
-fn padded_k(ty: QType, k: usize) -> usize {
-    if ty.is_k() {
-        k
-    } else {
-        k.div_ceil(64) * 64
-    }
+/// `k` rounded up to a multiple of 64 (the decoded row's length: whole 64-byte chunks).
+fn padded_k(k: usize) -> usize {
+    k.div_ceil(64) * 64
 }
 
 /// ggml's `nearest_int`: round half to even by adding 1.5 · 2^23 (exact for |v| < 2^22; the
@@ -353,28 +352,22 @@ pub fn quantize_q8_0_block(x: &[f32], q: &mut [i8]) -> f32 {
 }
 
 impl Act {
-    /// Bytes the kernel reads per token (values, sums or offsets, scales).
-    fn bytes_per_token(&self) -> usize {
-        let n = (self.x.len() / self.kp.max(1)).max(1);
-        self.x.len() / n + (2 * self.xs.len() + 4 * self.init.len() + 4 * self.d.len()) / n
-    }
-
     fn quantize(ty: QType, x: &[f32], n: usize, k: usize) -> Act {
-        let kp = padded_k(ty, k);
+        let nb = k / ty.block_values();
         let mut a = Act {
-            x: vec![0i8; n * kp],
+            x: vec![0i8; n * k],
             xs: Vec::new(),
             init: Vec::new(),
-            d: Vec::new(),
-            kp,
+            d: vec![0f32; n * nb],
+            k,
+            nb,
         };
         if ty.is_k() {
             a.xs = vec![0i16; n * k / 16];
-            a.d = vec![0f32; n * k / QK_K];
             for t in 0..n {
-                for s in 0..k / QK_K {
+                for s in 0..nb {
                     let o = t * k + s * QK_K;
-                    a.d[t * (k / QK_K) + s] = quantize_q8k_block(
+                    a.d[t * nb + s] = quantize_q8k_block(
                         &x[o..o + QK_K],
                         &mut a.x[o..o + QK_K],
                         &mut a.xs[o / 16..o / 16 + QK_K / 16],
@@ -383,22 +376,41 @@ impl Act {
             }
         } else {
             let off = ty.offset();
-            a.init = vec![0i32; n * kp / 4];
-            a.d = vec![0f32; n * kp / 4];
+            a.init = vec![0i32; n * nb];
             for t in 0..n {
-                for b in 0..k / QK {
-                    let (src, dst) = (t * k + b * QK, t * kp + b * QK);
-                    let d = quantize_q8_0_block(&x[src..src + QK], &mut a.x[dst..dst + QK]);
-                    a.d[dst / 4..dst / 4 + 8].fill(d);
-                }
-                for (i, v) in a.init[t * kp / 4..(t + 1) * kp / 4].iter_mut().enumerate() {
-                    let o = t * kp + 4 * i;
-                    let s: i32 = a.x[o..o + 4].iter().map(|&v| i32::from(v)).sum();
-                    *v = -off * s;
+                for b in 0..nb {
+                    let o = t * k + b * QK;
+                    a.d[t * nb + b] = quantize_q8_0_block(&x[o..o + QK], &mut a.x[o..o + QK]);
+                    let s: i32 = a.x[o..o + QK].iter().map(|&v| i32::from(v)).sum();
+                    a.init[t * nb + b] = -off * s;
                 }
             }
         }
         a
+    }
+
+    /// Token `t`'s values.
+    #[inline(always)]
+    fn x(&self, t: usize) -> &[i8] {
+        &self.x[t * self.k..(t + 1) * self.k]
+    }
+
+    /// Token `t`'s 16-value sums (K-quants).
+    #[inline(always)]
+    fn xs(&self, t: usize) -> &[i16] {
+        &self.xs[t * self.k / 16..(t + 1) * self.k / 16]
+    }
+
+    /// Token `t`'s block offsets (Q8_0 / Q4_0).
+    #[inline(always)]
+    fn init(&self, t: usize) -> &[i32] {
+        &self.init[t * self.nb..(t + 1) * self.nb]
+    }
+
+    /// Token `t`'s block scales.
+    #[inline(always)]
+    fn d(&self, t: usize) -> &[f32] {
+        &self.d[t * self.nb..(t + 1) * self.nb]
     }
 }
 
@@ -408,14 +420,14 @@ impl Act {
 /// One weight row decoded for the dot products (per thread, reused).
 #[derive(Default)]
 struct Row {
-    /// Unsigned values (kp): K-quants the stored 4/5/6-bit value, Q8_0 `w + 128`, Q4_0 the
-    /// nibble; padding: the offset (a zero weight).
+    /// Unsigned values (k rounded up to 64): K-quants the stored 4/5/6-bit value, Q8_0
+    /// `w + 128`, Q4_0 the nibble; padding: zero (never multiplied).
     q: Vec<u8>,
     /// K-quants: the group scale of each byte pair (k/2).
     sc: Vec<i16>,
     /// K-quants: the correction multiplier of each 16-value group (k/16).
     cm: Vec<i16>,
-    /// K-quants: d per super-block; Q8_0 / Q4_0: d per lane (kp/4; padding 0).
+    /// K-quants: d per super-block; Q8_0 / Q4_0: d per block of 32.
     da: Vec<f32>,
     /// K-quants: the correction's scale per super-block (dmin; Q6_K: d).
     db: Vec<f32>,
@@ -423,10 +435,10 @@ struct Row {
 
 impl Row {
     fn new(ty: QType, k: usize) -> Row {
-        let kp = padded_k(ty, k);
+        let kp = padded_k(k);
         if ty.is_k() {
             Row {
-                q: vec![0; k],
+                q: vec![0; kp],
                 sc: vec![0; k / 2],
                 cm: vec![0; k / 16],
                 da: vec![0.0; k / QK_K],
@@ -434,8 +446,8 @@ impl Row {
             }
         } else {
             Row {
-                q: vec![ty.offset() as u8; kp],
-                da: vec![0.0; kp / 4],
+                q: vec![0; kp],
+                da: vec![0.0; k / QK],
                 ..Row::default()
             }
         }
@@ -453,14 +465,14 @@ impl Row {
                     for (d, &s) in q.iter_mut().zip(&b[2..34]) {
                         *d = s ^ 0x80;
                     }
-                    self.da[8 * i..8 * i + 8].fill(f16_at(b, 0));
+                    self.da[i] = f16_at(b, 0);
                 }
                 QType::Q4_0 => {
                     for j in 0..16 {
                         q[j] = b[2 + j] & 0xF;
                         q[j + 16] = b[2 + j] >> 4;
                     }
-                    self.da[8 * i..8 * i + 8].fill(f16_at(b, 0));
+                    self.da[i] = f16_at(b, 0);
                 }
                 QType::Q4K | QType::Q5K => {
                     let scales = &b[4..16];
@@ -511,49 +523,52 @@ impl Row {
 // ---------------------------------------------------------------------------------------------
 // Dot products: the generic reference (the SIMD paths give the same bits).
 
-/// One output of a K-quant row and one token's Q8_K activations (generic path).
-#[allow(clippy::needless_range_loop)] // `s` indexes several arrays
+/// One output of a K-quant row and one token's Q8_K activations (generic path): per
+/// super-block the exact integers `ia = Σ sc · q · x` and `ib = Σ cm · xs`, then
+/// `fa += f32(ia) · (d_w · d_x)` and `fb += f32(ib) · (db_w · d_x)`; the result is `fa − fb`.
+#[inline(always)]
 fn kdot_generic(row: &Row, x: &[i8], xs: &[i16], dx: &[f32]) -> f32 {
-    let mut fa = [0f32; 16];
-    let mut fb = [0f32; 8];
-    for s in 0..dx.len() {
-        let mut ia = [0i32; 16];
-        for c in 0..4 {
-            for (l, lane) in ia.iter_mut().enumerate() {
-                for b in 0..4 {
-                    let i = s * QK_K + 64 * c + 4 * l + b;
-                    *lane += i32::from(row.sc[i / 2]) * i32::from(row.q[i]) * i32::from(x[i]);
-                }
-            }
+    let (mut fa, mut fb) = (0f32, 0f32);
+    for (s, &dxs) in dx.iter().enumerate() {
+        let o = s * QK_K;
+        let (q, xv, sc) = (
+            &row.q[o..o + QK_K],
+            &x[o..o + QK_K],
+            &row.sc[o / 2..(o + QK_K) / 2],
+        );
+        let mut ia = 0i32;
+        for ((q, xv), &sc) in q.chunks_exact(2).zip(xv.chunks_exact(2)).zip(sc) {
+            let p = i32::from(q[0]) * i32::from(xv[0]) + i32::from(q[1]) * i32::from(xv[1]);
+            ia += i32::from(sc) * p;
         }
-        let cr: [i32; 8] = std::array::from_fn(|j| {
-            let g = s * 16 + 2 * j;
-            i32::from(row.cm[g]) * i32::from(xs[g])
-                + i32::from(row.cm[g + 1]) * i32::from(xs[g + 1])
-        });
-        let (fa_s, fb_s) = (row.da[s] * dx[s], row.db[s] * dx[s]);
-        for l in 0..16 {
-            fa[l] += ia[l] as f32 * fa_s;
+        let mut ib = 0i32;
+        for (&c, &v) in row.cm[s * 16..s * 16 + 16]
+            .iter()
+            .zip(&xs[s * 16..s * 16 + 16])
+        {
+            ib += i32::from(c) * i32::from(v);
         }
-        for j in 0..8 {
-            fb[j] += cr[j] as f32 * fb_s;
-        }
+        fa += ia as f32 * (row.da[s] * dxs);
+        fb += ib as f32 * (row.db[s] * dxs);
     }
-    hsum16_reference(fa) - hsum_reference(fb)
+    fa - fb
 }
 
-/// One output of a Q8_0 / Q4_0 row and one token's Q8_0 activations (generic path).
+/// One output of a Q8_0 / Q4_0 row and one token's Q8_0 activations (generic path): per block
+/// of 32 the exact integer `s = −offset · Σ x + Σ q · x` (= `Σ w · x`), then
+/// `acc += f32(s) · (d_w · d_x)`, as ggml's `ggml_vec_dot_q8_0_q8_0`.
+#[inline(always)]
 fn bdot_generic(row: &Row, x: &[i8], init: &[i32], dx: &[f32]) -> f32 {
-    let mut f = [0f32; 16];
-    for (lane, (&i0, (&dw, &dxl))) in init.iter().zip(row.da.iter().zip(dx)).enumerate() {
-        let mut d = i0;
-        for b in 0..4 {
-            let i = 4 * lane + b;
-            d += i32::from(row.q[i]) * i32::from(x[i]);
+    let mut acc = 0f32;
+    for (b, (&i0, &dxb)) in init.iter().zip(dx).enumerate() {
+        let o = b * QK;
+        let mut s = i0;
+        for (&q, &v) in row.q[o..o + QK].iter().zip(&x[o..o + QK]) {
+            s += i32::from(q) * i32::from(v);
         }
-        f[lane % 16] += d as f32 * (dw * dxl);
+        acc += s as f32 * (row.da[b] * dxb);
     }
-    hsum16_reference(f)
+    acc
 }
 
 /// The implementation [`xwt_q_with`] runs.
@@ -599,20 +614,6 @@ impl Path {
         }
     }
 
-    /// Whether this path reads weights of type `ty` straight from their blocks (no decoded
-    /// row): AVX-512 for Q4_K, Q6_K and Q8_0.
-    #[inline(always)]
-    fn direct(self, ty: QType) -> bool {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(_) => matches!(ty, QType::Q4K | QType::Q6K | QType::Q8_0),
-            _ => {
-                let _ = ty;
-                false
-            }
-        }
-    }
-
     /// Decodes row `r` of `w` (compiled for the path's instruction set).
     #[inline(always)]
     fn decode(self, row: &mut Row, w: &QMatrix<'_>, r: usize) {
@@ -625,105 +626,236 @@ impl Path {
         }
     }
 
-    /// The outputs of one K-quant row for tokens `0..tn` (`tn <= TOKS`; the slices of tokens
-    /// `tn..` repeat the last one and their outputs are ignored).
-    #[allow(clippy::too_many_arguments)]
+    /// The output of a decoded row and token `t` (the row-at-a-time paths).
     #[inline(always)]
-    fn kdot4(
-        self,
-        ty: QType,
-        wrow: &[u8],
-        row: &Row,
-        tn: usize,
-        x: [&[i8]; TOKS],
-        xs: [&[i16]; TOKS],
-        dx: [&[f32]; TOKS],
-        out: &mut [f32; TOKS],
-    ) {
-        match self {
+    fn dot(self, ty: QType, row: &Row, act: &Act, t: usize) -> f32 {
+        match (self, ty.is_k()) {
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512(t) if self.direct(ty) && tn == TOKS => {
-                avx512::kdot_direct::<TOKS>(t, ty, wrow, x, xs, dx, out)
-            }
+            (Path::Avx2(a), true) => avx2::kdot(a, row, act.x(t), act.xs(t), act.d(t)),
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512(t) if self.direct(ty) => {
-                for j in 0..tn {
-                    avx512::kdot_direct::<1>(t, ty, wrow, [x[j]], [xs[j]], [dx[j]], &mut out[j..]);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(t) if tn == TOKS => avx512::kdot4(t, row, x, xs, dx, out),
-            _ => {
-                for j in 0..tn {
-                    out[j] = match self {
-                        #[cfg(target_arch = "x86_64")]
-                        Path::Avx2(t) => avx2::kdot(t, row, x[j], xs[j], dx[j]),
-                        #[cfg(target_arch = "x86_64")]
-                        Path::Avx512(t) => avx512::kdot(t, row, x[j], xs[j], dx[j]),
-                        Path::Generic => kdot_generic(row, x[j], xs[j], dx[j]),
-                    };
-                }
-            }
+            (Path::Avx2(a), false) => avx2::bdot(a, row, act.x(t), act.init(t), act.d(t)),
+            (_, true) => kdot_generic(row, act.x(t), act.xs(t), act.d(t)),
+            (_, false) => bdot_generic(row, act.x(t), act.init(t), act.d(t)),
+        }
+    }
+}
+
+/// Tokens per block of the row-at-a-time loop (generic and AVX2 paths): 64 tokens' quantised
+/// activations of a 2048-wide row take ≈ 140 KB, inside L2.
+const TBLOCK: usize = 64;
+
+/// Values per scale group of a K-quant in the tile: 32 (Q4_K, Q5_K: one 6-bit scale per 32
+/// values) or 16 (Q6_K).
+#[cfg(target_arch = "x86_64")]
+fn group(ty: QType) -> usize {
+    if ty == QType::Q6K {
+        16
+    } else {
+        32
+    }
+}
+
+/// Sixteen weight rows prepared for the AVX-512 tile (per thread, reused): decoded, the values
+/// transposed so that each 64 bytes hold the same four values of the sixteen rows (i32 lane `j`:
+/// row `j`), the scales as sixteen-lane vectors. Lanes of rows past the matrix's end are zero.
+#[cfg(target_arch = "x86_64")]
+struct Panel {
+    rows: Vec<Row>,
+    /// Zeros standing in for missing rows (length: a decoded row's).
+    zero: Vec<u8>,
+    /// 16 × kp bytes: the four values `4g .. 4g + 4` of row `j` at `64 g + 4 j`.
+    q: Vec<u8>,
+    /// Per (super-)block × 16 rows: d (K-quants, Q8_0 / Q4_0).
+    da: Vec<f32>,
+    /// K-quants, per super-block × 16 rows: the correction's scale.
+    db: Vec<f32>,
+    /// K-quants, per scale group (of [`group`] values) × 16 rows: the scale.
+    sc: Vec<i32>,
+    /// K-quants, per pair of 16-value groups × 16 rows: the two correction multipliers as i16
+    /// (low half: the even group).
+    cm: Vec<i32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Panel {
+    fn new(ty: QType, k: usize) -> Panel {
+        let kp = padded_k(k);
+        let nb = k / ty.block_values();
+        let (db, sc, cm) = if ty.is_k() {
+            (
+                vec![0f32; 16 * nb],
+                vec![0i32; 16 * (k / group(ty))],
+                vec![0i32; 16 * (k / 32)],
+            )
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
+        Panel {
+            // Decoded rows only for the types whose values are not unpacked in registers.
+            rows: if avx512::direct(ty) {
+                Vec::new()
+            } else {
+                (0..avx512::ROWS).map(|_| Row::new(ty, k)).collect()
+            },
+            zero: vec![0u8; kp],
+            q: vec![0u8; 16 * kp],
+            da: vec![0f32; 16 * nb],
+            db,
+            sc,
+            cm,
         }
     }
 
-    /// The outputs of one Q8_0 / Q4_0 row for tokens `0..tn` (as [`Path::kdot4`]).
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn bdot4(
-        self,
-        ty: QType,
-        wrow: &[u8],
-        row: &Row,
-        tn: usize,
-        x: [&[i8]; TOKS],
-        init: [&[i32]; TOKS],
-        dx: [&[f32]; TOKS],
-        out: &mut [f32; TOKS],
-    ) {
-        let signed = ty == QType::Q8_0;
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(t) if self.direct(ty) && tn == TOKS => {
-                avx512::bdot_direct_q8::<TOKS>(t, wrow, x, init, dx, out)
+    /// Prepares rows `r0 .. r0 + rows` of `w` (`rows <= 16`).
+    fn fill(&mut self, t: crate::cpu::Avx512Vnni, w: &QMatrix<'_>, r0: usize, rows: usize) {
+        let ty = w.ty;
+        if avx512::direct(ty) {
+            avx512::fill_values(t, w, r0, rows, &mut self.q);
+            if !avx512::fill_scales(t, w, r0, rows, self) {
+                self.fill_scales(w, r0, rows);
             }
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(t) if self.direct(ty) => {
-                for j in 0..tn {
-                    avx512::bdot_direct_q8::<1>(t, wrow, [x[j]], [init[j]], [dx[j]], &mut out[j..]);
+            return;
+        }
+        for (j, row) in self.rows.iter_mut().enumerate().take(rows) {
+            avx512::decode(t, row, w, r0 + j);
+        }
+        let src: [&[u8]; 16] = std::array::from_fn(|j| {
+            if j < rows {
+                &self.rows[j].q[..]
+            } else {
+                &self.zero[..]
+            }
+        });
+        avx512::transpose16(t, src, &mut self.q);
+        let live = |j: usize| j < rows;
+        if ty.is_k() {
+            let g = group(ty);
+            let ng = QK_K / g;
+            for s in 0..w.k / QK_K {
+                for j in 0..16 {
+                    let row = &self.rows[j];
+                    let on = live(j);
+                    self.da[16 * s + j] = if on { row.da[s] } else { 0.0 };
+                    self.db[16 * s + j] = if on { row.db[s] } else { 0.0 };
+                    for i in 0..ng {
+                        self.sc[16 * (s * ng + i) + j] = if on {
+                            i32::from(row.sc[(s * QK_K + i * g) / 2])
+                        } else {
+                            0
+                        };
+                    }
+                    for i in 0..8 {
+                        let (lo, hi) = (row.cm[16 * s + 2 * i], row.cm[16 * s + 2 * i + 1]);
+                        self.cm[16 * (8 * s + i) + j] = if on {
+                            i32::from(lo as u16) | (i32::from(hi as u16) << 16)
+                        } else {
+                            0
+                        };
+                    }
                 }
             }
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512(t) if tn == TOKS => avx512::bdot4(t, row, x, init, dx, out),
-            _ => {
-                for j in 0..tn {
-                    out[j] = match self {
-                        #[cfg(target_arch = "x86_64")]
-                        Path::Avx2(t) => avx2::bdot(t, signed, row, x[j], init[j], dx[j]),
-                        #[cfg(target_arch = "x86_64")]
-                        Path::Avx512(t) => avx512::bdot(t, row, x[j], init[j], dx[j]),
-                        Path::Generic => bdot_generic(row, x[j], init[j], dx[j]),
-                    };
+        } else {
+            for b in 0..w.k / QK {
+                for j in 0..16 {
+                    self.da[16 * b + j] = if live(j) { self.rows[j].da[b] } else { 0.0 };
                 }
             }
         }
     }
 }
 
-/// Tokens per step of the AVX-512 path (one weight load feeds four tokens).
-const TOKS: usize = 4;
+/// Panels kept per thread between calls (one per weight type and row length: a model's
+/// projections alternate between a few).
+#[cfg(target_arch = "x86_64")]
+const PANEL_CACHE_LEN: usize = 4;
 
-/// Tokens per block of the row loop on the decoded-row paths: 64 tokens' quantised activations
-/// of a 2048-wide row take ≈ 400 KB (values, per-lane scales and offsets), inside L2.
-const TBLOCK: usize = 64;
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's panels, kept between calls (their buffers are sized by the type and `k`).
+    static PANEL_CACHE: std::cell::RefCell<Vec<(QType, usize, Panel)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
 
-/// Bytes of quantised activations per token block on the direct (AVX-512) paths: a share of L1.
-const L1_ACT: usize = 24 * 1024;
+/// Runs `f` on this thread's panel for weights of type `ty` and row length `k` (made when no
+/// cached one matches, replacing the oldest; a fresh one if the cache is in use).
+#[cfg(target_arch = "x86_64")]
+fn with_panel(ty: QType, k: usize, f: impl FnOnce(&mut Panel)) {
+    let mut f = Some(f);
+    PANEL_CACHE.with(|c| {
+        if let Ok(mut cache) = c.try_borrow_mut() {
+            let i = match cache.iter().position(|(t, kk, _)| *t == ty && *kk == k) {
+                Some(i) => i,
+                None => {
+                    if cache.len() >= PANEL_CACHE_LEN {
+                        cache.remove(0);
+                    }
+                    cache.push((ty, k, Panel::new(ty, k)));
+                    cache.len() - 1
+                }
+            };
+            if let (Some((_, _, panel)), Some(f)) = (cache.get_mut(i), f.take()) {
+                f(panel);
+            }
+        }
+    });
+    if let Some(f) = f {
+        f(&mut Panel::new(ty, k));
+    }
+}
 
-/// `v[start..start + len]`.
-#[inline(always)]
-fn slice<T>(v: &[T], start: usize, len: usize) -> &[T] {
-    &v[start..start + len]
+#[cfg(target_arch = "x86_64")]
+impl Panel {
+    /// The scale lanes of rows `r0 .. r0 + rows` read from their blocks (Q8_0, Q4_K, Q6_K: the
+    /// values `Row::decode` gives).
+    fn fill_scales(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize) {
+        let ty = w.ty;
+        let (bb, nb) = (ty.block_bytes(), w.k / ty.block_values());
+        let pair = |lo: i16, hi: i16| i32::from(lo as u16) | (i32::from(hi as u16) << 16);
+        for j in 0..16 {
+            let row = (j < rows).then(|| w.row(r0 + j));
+            for b in 0..nb {
+                let blk = row.map(|r| &r[b * bb..(b + 1) * bb]);
+                match (ty, blk) {
+                    (QType::Q8_0, Some(blk)) => self.da[16 * b + j] = f16_at(blk, 0),
+                    (QType::Q4K, Some(blk)) => {
+                        self.da[16 * b + j] = f16_at(blk, 0);
+                        self.db[16 * b + j] = f16_at(blk, 2);
+                        for i in 0..8 {
+                            let (sc, m) = scale_min_k4(i, &blk[4..16]);
+                            self.sc[16 * (8 * b + i) + j] = i32::from(sc);
+                            self.cm[16 * (8 * b + i) + j] = pair(i16::from(m), i16::from(m));
+                        }
+                    }
+                    (QType::Q6K, Some(blk)) => {
+                        let d = f16_at(blk, 208);
+                        self.da[16 * b + j] = d;
+                        self.db[16 * b + j] = d;
+                        let sc = |g: usize| i16::from(blk[192 + g] as i8);
+                        for g in 0..16 {
+                            self.sc[16 * (16 * b + g) + j] = i32::from(sc(g));
+                        }
+                        for i in 0..8 {
+                            self.cm[16 * (8 * b + i) + j] =
+                                pair(32 * sc(2 * i), 32 * sc(2 * i + 1));
+                        }
+                    }
+                    _ => {
+                        self.da[16 * b + j] = 0.0;
+                        if ty.is_k() {
+                            self.db[16 * b + j] = 0.0;
+                            let ng = QK_K / group(ty);
+                            for i in 0..ng {
+                                self.sc[16 * (ng * b + i) + j] = 0;
+                            }
+                            for i in 0..8 {
+                                self.cm[16 * (8 * b + i) + j] = 0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The path [`xwt_q`] takes on this CPU (capped by `MOE_XRAY_KERNEL`): `"avx512-vnni"`,
@@ -758,73 +890,55 @@ pub fn xwt_q_on(cpu: Cpu, kernel: Kernel, x: &[f32], n: usize, w: &QMatrix<'_>) 
     let path = Path::choose(cpu, kernel);
     let ty = w.ty;
     let act = Act::quantize(ty, x, n, k);
-    let kp = act.kp;
-    let panels: Vec<Vec<f32>> = (0..m.div_ceil(PANEL))
-        .into_par_iter()
-        .map_init(
-            || Row::new(ty, k),
-            |row, p| {
+    let panel_count = m.div_ceil(PANEL);
+    let panels: Vec<Vec<f32>> = match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512(t) => (0..panel_count)
+            .into_par_iter()
+            .map(|p| {
                 let r0 = p * PANEL;
-                let r1 = (r0 + PANEL).min(m);
-                let rows = r1 - r0;
+                let rows = PANEL.min(m - r0);
                 let mut out = vec![0f32; n * rows];
-                let direct = path.direct(ty);
-                // Tokens in blocks whose quantised activations stay in cache while the panel's
-                // rows pass over them: ≈ 24 KiB (L1) when the weights are unpacked in
-                // registers (cheap to repeat per block), TBLOCK tokens (L2) when each row is
-                // decoded into a buffer first.
-                let tblock = if direct {
-                    (L1_ACT / act.bytes_per_token().max(1) / TOKS * TOKS).max(TOKS)
-                } else {
-                    TBLOCK
-                };
-                for tb in (0..n).step_by(tblock) {
-                    let tend = (tb + tblock).min(n);
-                    for r in r0..r1 {
-                        let wrow = w.row(r);
-                        if !direct {
-                            path.decode(row, w, r);
+                with_panel(ty, k, |panel| {
+                    panel.fill(t, w, r0, rows);
+                    let mut tile = [0f32; avx512::ROWS * avx512::TOKENS];
+                    let step = avx512::tokens(ty);
+                    let mut t0 = 0;
+                    while t0 < n {
+                        let tn = step.min(n - t0);
+                        avx512::tile(t, ty, panel, &act, t0, tn, &mut tile);
+                        for j in 0..tn {
+                            out[(t0 + j) * rows..(t0 + j + 1) * rows]
+                                .copy_from_slice(&tile[16 * j..16 * j + rows]);
                         }
-                        let mut t = tb;
-                        while t < tend {
-                            let tn = (tend - t).min(TOKS);
-                            let mut v = [0f32; TOKS];
-                            if ty.is_k() {
-                                let nsb = k / QK_K;
-                                let xs: [&[i8]; TOKS] = std::array::from_fn(|j| {
-                                    slice(&act.x, (t + j.min(tn - 1)) * k, k)
-                                });
-                                let ss: [&[i16]; TOKS] = std::array::from_fn(|j| {
-                                    slice(&act.xs, (t + j.min(tn - 1)) * k / 16, k / 16)
-                                });
-                                let ds: [&[f32]; TOKS] = std::array::from_fn(|j| {
-                                    slice(&act.d, (t + j.min(tn - 1)) * nsb, nsb)
-                                });
-                                path.kdot4(ty, wrow, row, tn, xs, ss, ds, &mut v);
-                            } else {
-                                let nl = kp / 4;
-                                let xs: [&[i8]; TOKS] = std::array::from_fn(|j| {
-                                    slice(&act.x, (t + j.min(tn - 1)) * kp, kp)
-                                });
-                                let is: [&[i32]; TOKS] = std::array::from_fn(|j| {
-                                    slice(&act.init, (t + j.min(tn - 1)) * nl, nl)
-                                });
-                                let ds: [&[f32]; TOKS] = std::array::from_fn(|j| {
-                                    slice(&act.d, (t + j.min(tn - 1)) * nl, nl)
-                                });
-                                path.bdot4(ty, wrow, row, tn, xs, is, ds, &mut v);
+                        t0 += tn;
+                    }
+                });
+                out
+            })
+            .collect(),
+        _ => (0..panel_count)
+            .into_par_iter()
+            .map_init(
+                || Row::new(ty, k),
+                |row, p| {
+                    let r0 = p * PANEL;
+                    let r1 = (r0 + PANEL).min(m);
+                    let rows = r1 - r0;
+                    let mut out = vec![0f32; n * rows];
+                    for tb in (0..n).step_by(TBLOCK) {
+                        for r in r0..r1 {
+                            path.decode(row, w, r);
+                            for t in tb..(tb + TBLOCK).min(n) {
+                                out[t * rows + (r - r0)] = path.dot(ty, row, &act, t);
                             }
-                            for (j, &vj) in v[..tn].iter().enumerate() {
-                                out[(t + j) * rows + (r - r0)] = vj;
-                            }
-                            t += tn;
                         }
                     }
-                }
-                out
-            },
-        )
-        .collect();
+                    out
+                },
+            )
+            .collect(),
+    };
     for (p, out) in panels.iter().enumerate() {
         let r0 = p * PANEL;
         let rows = out.len() / n;

@@ -1516,15 +1516,44 @@ impl GgufSource {
                 down,
             });
         }
-        let qm = |ns: &[String]| -> Result<Vec<QMatMul>> {
-            ns.iter()
-                .map(|n| Ok(QMatMul::from_qtensor(self.file.qtensor(n)?)?))
-                .collect()
+        // One type moe-xray's kernel reads, one shape: the experts' blocks concatenated into one
+        // stacked copy (as a stacked tensor's), so both layouts compute the same bits; anything
+        // else: candle's `QMatMul` per expert.
+        let qm = |ns: &[String]| -> Result<QProj> {
+            let qts = ns
+                .iter()
+                .map(|n| self.file.qtensor(n))
+                .collect::<Result<Vec<_>>>()?;
+            let first = qts.first().map(|q| (q.dtype(), q.shape().dims().to_vec()));
+            if let Some((t, dims)) = first {
+                let same = qts
+                    .iter()
+                    .all(|q| q.dtype() == t && q.shape().dims() == dims.as_slice());
+                if let (true, Some(ty), [rows, cols]) = (same, fast_type(t), dims.as_slice()) {
+                    let mut bytes = Vec::new();
+                    for q in &qts {
+                        bytes.extend_from_slice(&q.data()?);
+                    }
+                    let per = bytes.len() / qts.len();
+                    return Ok(QProj::Fast(Box::new(FastQ {
+                        bytes: QBytes::Owned(bytes),
+                        ty,
+                        rows: *rows,
+                        cols: *cols,
+                        per,
+                    })));
+                }
+            }
+            Ok(QProj::Loaded(
+                qts.into_iter()
+                    .map(QMatMul::from_qtensor)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ))
         };
         Ok(Experts::Quantized(QuantExperts {
-            gate: QProj::Loaded(qm(&gn)?),
-            up: QProj::Loaded(qm(&un)?),
-            down: QProj::Loaded(qm(&dn)?),
+            gate: qm(&gn)?,
+            up: qm(&un)?,
+            down: qm(&dn)?,
             biases: None,
         }))
     }

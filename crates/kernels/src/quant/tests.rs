@@ -141,10 +141,30 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn every_path_gives_the_generic_bits() {
     let cpu = Cpu::get();
     for (i, ty) in TYPES.into_iter().enumerate() {
+        // Tile edges: rows not a multiple of the 16-row panel, token counts not a multiple of
+        // the 4 (K-quants) / 8 (Q8_0, Q4_0) tokens of a tile, K of one block, K not a multiple
+        // of 64 values (Q8_0 / Q4_0).
         let shapes: &[(usize, usize, usize)] = if ty.is_k() {
-            &[(1, 1, 256), (3, 17, 512), (9, 40, 2048)]
+            &[
+                (1, 1, 256),
+                (3, 17, 512),
+                (9, 40, 2048),
+                (5, 16, 256),
+                (2, 31, 768),
+                (7, 33, 256),
+                (4, 15, 1024),
+            ]
         } else {
-            &[(1, 1, 32), (3, 17, 96), (9, 40, 2048), (2, 5, 160)]
+            &[
+                (1, 1, 32),
+                (3, 17, 96),
+                (9, 40, 2048),
+                (2, 5, 160),
+                (13, 19, 32),
+                (8, 16, 64),
+                (17, 47, 288),
+                (11, 1, 224),
+            ]
         };
         for &(n, rows, k) in shapes {
             let data = random_matrix(ty, rows, k, 7 + i as u64);
@@ -270,4 +290,60 @@ fn dequantisation_follows_ggml() {
     assert_eq!(d[0], 0.5 * -3.0 * (39.0 - 32.0));
     assert_eq!(d[1], 0.5 * -3.0 * -32.0);
     assert_eq!(d[16], 0.0);
+}
+
+#[test]
+fn q8_0_equals_ggml_vec_dot_bit_for_bit() {
+    // ggml's `ggml_vec_dot_q8_0_q8_0` (generic): per block `sumi = Σ w · x` (integers), then
+    // `sumf += sumi · (d_w · d_x)`, blocks in order.
+    let (n, rows, k) = (5, 21, 320);
+    let data = random_matrix(QType::Q8_0, rows, k, 41);
+    let w = QMatrix::new(QType::Q8_0, &data, rows, k).unwrap();
+    let x = random_x(n, k, 42);
+    let y = xwt_q(&x, n, &w);
+    for t in 0..n {
+        let mut xq = vec![0i8; k];
+        let dx: Vec<f32> = (0..k / QK)
+            .map(|b| {
+                quantize_q8_0_block(
+                    &x[t * k + b * QK..t * k + (b + 1) * QK],
+                    &mut xq[b * QK..(b + 1) * QK],
+                )
+            })
+            .collect();
+        for r in 0..rows {
+            let mut sumf = 0f32;
+            for b in 0..k / QK {
+                let blk = &data[(r * k / QK + b) * 34..(r * k / QK + b + 1) * 34];
+                let sumi: i32 = (0..QK)
+                    .map(|i| i32::from(blk[2 + i] as i8) * i32::from(xq[b * QK + i]))
+                    .sum();
+                sumf += sumi as f32 * (f16_at(blk, 0) * dx[b]);
+            }
+            assert_eq!(sumf.to_bits(), y[t * rows + r].to_bits(), "t={t} r={r}");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_panel_transpose_moves_every_unit() {
+    let Some(t) = Cpu::get().avx512_vnni() else {
+        return;
+    };
+    let len = 192;
+    let rows: Vec<Vec<u8>> = (0..16)
+        .map(|j| (0..len).map(|i| (j * 31 + i * 7 + i / 64) as u8).collect())
+        .collect();
+    let src: [&[u8]; 16] = std::array::from_fn(|j| &rows[j][..]);
+    let mut dst = vec![0u8; 16 * len];
+    avx512::transpose16(t, src, &mut dst);
+    for g in 0..len / 4 {
+        for (j, row) in rows.iter().enumerate() {
+            assert_eq!(
+                &dst[64 * g + 4 * j..64 * g + 4 * j + 4],
+                &row[4 * g..4 * g + 4]
+            );
+        }
+    }
 }

@@ -1,575 +1,605 @@
-//! AVX-512 VNNI dot products of the quantised-weight kernel (`super`): K-quants with
-//! `vpmaddubsw` (unsigned 4/5/6-bit values × signed 8-bit activations, pair sums in i16, never
-//! saturating for values < 64) and `vpdpwssd` (× the i16 group scales, summed into i32 lanes);
-//! Q8_0 / Q4_0 with `vpdpbusd` (unsigned `w + 128` / nibble × signed activations, four products
-//! per i32 lane, started at `−offset · Σ x`). The integer lanes and the float operations are
-//! exactly those of the generic path (`kdot_generic` / `bdot_generic`), so the results are
-//! bit-identical (tested in `quant::tests`).
+//! AVX-512 VNNI tile of the quantised-weight kernel (`super`): sixteen weight rows × up to
+//! [`TOKENS`] tokens per step. The sixteen rows are decoded once per call (`super::Panel`) and
+//! their values transposed so that one 64-byte register holds four consecutive values of each
+//! row (i32 lane `j`: row `j`); each token's four activation bytes are broadcast, so one
+//! `vpdpbusd` adds four products to each of the sixteen rows' sums. Per block (Q8_0 / Q4_0, 32
+//! values, started at `−offset · Σ x`) or per scale group (K-quants: 32 values for Q4_K / Q5_K,
+//! 16 for Q6_K, the group sum times the group scale with `vpmulld`) the integer sums are exact,
+//! and the K-quant corrections `Σ cm · xs` are `vpdpwssd` on i16 pairs; so every lane holds the
+//! generic path's integer (`kdot_generic` / `bdot_generic`) and the float operations follow it
+//! lane for lane (no fused multiply-adds): the results are the same bits (tested in
+//! `quant::tests`).
 
-use super::Row;
+use super::{Act, Panel, QType, QK, QK_K};
 use crate::cpu::Avx512Vnni;
 use std::arch::x86_64::*;
 
-/// The generic path's `hsum16_reference` on a register: halves, then the eight-lane order.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn hsum16(v: __m512) -> f32 {
-    let lo = _mm512_castps512_ps256(v);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    hsum8(_mm256_add_ps(lo, hi))
-}
+/// Weight rows per tile (i32 lanes of a register).
+pub(super) const ROWS: usize = 16;
+/// Most tokens per tile (Q8_0 / Q4_0).
+pub(super) const TOKENS: usize = 8;
+/// Most tokens per tile for K-quants (more accumulators per token).
+const K_TOKENS: usize = 4;
 
-/// `hsum_reference` on a register: lanes i + 4, then 0 + 2 and 1 + 3, then their sum.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum8(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-}
-
-/// One K-quant output (see `super::kdot_generic`).
-pub(super) fn kdot(_: Avx512Vnni, row: &Row, x: &[i8], xs: &[i16], dx: &[f32]) -> f32 {
-    let nsb = dx.len();
-    let k = nsb * super::QK_K;
-    assert!(
-        row.q.len() >= k
-            && row.sc.len() >= k / 2
-            && row.cm.len() >= k / 16
-            && row.da.len() >= nsb
-            && row.db.len() >= nsb
-            && x.len() >= k
-            && xs.len() >= k / 16,
-        "quant: kdot sizes"
-    );
-    // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
-    unsafe { kdot_raw(row, x, xs, dx, nsb) }
-}
-
-/// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI; `row.q`, `x` hold `256 · nsb` values, `row.sc`
-/// `128 · nsb`, `row.cm` and `xs` `16 · nsb`, `row.da`, `row.db` and `dx` `nsb`.
-#[allow(clippy::needless_range_loop)] // `s` indexes several arrays
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn kdot_raw(row: &Row, x: &[i8], xs: &[i16], dx: &[f32], nsb: usize) -> f32 {
-    let (q, sc, cm, x, xs) = (
-        row.q.as_ptr(),
-        row.sc.as_ptr(),
-        row.cm.as_ptr(),
-        x.as_ptr(),
-        xs.as_ptr(),
-    );
-    let mut fa = _mm512_setzero_ps();
-    let mut fb = _mm256_setzero_ps();
-    for s in 0..nsb {
-        let mut ia = _mm512_setzero_si512();
-        for c in 0..4 {
-            let o = s * super::QK_K + 64 * c;
-            // SAFETY: o + 64 <= 256 · nsb (values) and (o + 64) / 2 <= 128 · nsb (scales).
-            let (wq, xv, sv) = unsafe {
-                (
-                    _mm512_loadu_si512(q.add(o).cast()),
-                    _mm512_loadu_si512(x.add(o).cast()),
-                    _mm512_loadu_si512(sc.add(o / 2).cast()),
-                )
-            };
-            ia = _mm512_dpwssd_epi32(ia, _mm512_maddubs_epi16(wq, xv), sv);
-        }
-        // SAFETY: s · 16 + 16 <= 16 · nsb.
-        let (cmv, xsv) = unsafe {
-            (
-                _mm256_loadu_si256(cm.add(s * 16).cast()),
-                _mm256_loadu_si256(xs.add(s * 16).cast()),
-            )
-        };
-        let cr = _mm256_madd_epi16(cmv, xsv);
-        let (fa_s, fb_s) = (row.da[s] * dx[s], row.db[s] * dx[s]);
-        fa = _mm512_add_ps(
-            fa,
-            _mm512_mul_ps(_mm512_cvtepi32_ps(ia), _mm512_set1_ps(fa_s)),
-        );
-        fb = _mm256_add_ps(
-            fb,
-            _mm256_mul_ps(_mm256_cvtepi32_ps(cr), _mm256_set1_ps(fb_s)),
-        );
+/// Tokens per tile for weights of type `ty`.
+pub(super) fn tokens(ty: QType) -> usize {
+    if ty.is_k() {
+        K_TOKENS
+    } else {
+        TOKENS
     }
-    hsum16(fa) - hsum8(fb)
-}
-
-/// One Q8_0 / Q4_0 output (see `super::bdot_generic`).
-pub(super) fn bdot(_: Avx512Vnni, row: &Row, x: &[i8], init: &[i32], dx: &[f32]) -> f32 {
-    let lanes = init.len();
-    assert!(
-        lanes.is_multiple_of(16)
-            && dx.len() >= lanes
-            && row.da.len() >= lanes
-            && row.q.len() >= 4 * lanes
-            && x.len() >= 4 * lanes,
-        "quant: bdot sizes"
-    );
-    // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
-    unsafe { bdot_raw(row, x, init, dx, lanes / 16) }
-}
-
-/// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI; `row.q` and `x` hold `64 · chunks` values,
-/// `init`, `dx` and `row.da` `16 · chunks`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn bdot_raw(row: &Row, x: &[i8], init: &[i32], dx: &[f32], chunks: usize) -> f32 {
-    let (q, dw, x, init, dx) = (
-        row.q.as_ptr(),
-        row.da.as_ptr(),
-        x.as_ptr(),
-        init.as_ptr(),
-        dx.as_ptr(),
-    );
-    let mut f = _mm512_setzero_ps();
-    for c in 0..chunks {
-        // SAFETY: 64 · c + 64 values and 16 · c + 16 lanes are within the sizes above.
-        let (i0, wq, xv, dwv, dxv) = unsafe {
-            (
-                _mm512_loadu_si512(init.add(16 * c).cast()),
-                _mm512_loadu_si512(q.add(64 * c).cast()),
-                _mm512_loadu_si512(x.add(64 * c).cast()),
-                _mm512_loadu_ps(dw.add(16 * c)),
-                _mm512_loadu_ps(dx.add(16 * c)),
-            )
-        };
-        let d = _mm512_dpbusd_epi32(i0, wq, xv);
-        let fv = _mm512_mul_ps(dwv, dxv);
-        f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(d), fv));
-    }
-    hsum16(f)
 }
 
 /// `row.decode(w, r)` compiled with AVX-512 (the same integer and copy operations, vectorised).
-pub(super) fn decode(_: Avx512Vnni, row: &mut Row, w: &super::QMatrix<'_>, r: usize) {
+pub(super) fn decode(_: Avx512Vnni, row: &mut super::Row, w: &super::QMatrix<'_>, r: usize) {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn run(row: &mut Row, w: &super::QMatrix<'_>, r: usize) {
+    fn run(row: &mut super::Row, w: &super::QMatrix<'_>, r: usize) {
         row.decode(w, r);
     }
     // SAFETY: the token proves AVX-512 F, BW and VNNI; `run` is safe code.
     unsafe { run(row, w, r) }
 }
 
-/// Four K-quant outputs of one row (four tokens): each exactly as [`kdot`] computes it, the
-/// weight values and scales loaded once for the four.
-pub(super) fn kdot4(
-    t: Avx512Vnni,
-    row: &Row,
-    x: [&[i8]; 4],
-    xs: [&[i16]; 4],
-    dx: [&[f32]; 4],
-    out: &mut [f32; 4],
-) {
-    let nsb = dx[0].len();
-    let k = nsb * super::QK_K;
+/// Transposes sixteen rows of bytes (equal lengths, a multiple of 64) as 4-byte units: `dst`
+/// (16 × that length) gets unit `g` of row `j` at byte `64 g + 4 j`.
+pub(super) fn transpose16(_: Avx512Vnni, src: [&[u8]; 16], dst: &mut [u8]) {
+    let len = src[0].len();
     assert!(
-        row.q.len() >= k
-            && row.sc.len() >= k / 2
-            && row.cm.len() >= k / 16
-            && row.da.len() >= nsb
-            && row.db.len() >= nsb
-            && (0..4).all(|j| x[j].len() >= k && xs[j].len() >= k / 16 && dx[j].len() == nsb),
-        "quant: kdot4 sizes"
+        len.is_multiple_of(64) && src.iter().all(|s| s.len() == len) && dst.len() == 16 * len,
+        "quant: transpose sizes"
     );
-    let _ = t;
-    // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
-    unsafe { kdot4_raw(row, x, xs, dx, nsb, out) }
+    // SAFETY: the token proves AVX-512 F; the lengths are asserted above.
+    unsafe { transpose16_raw(src.map(|s| s.as_ptr()), len / 64, dst.as_mut_ptr()) }
 }
 
 /// # Safety
-/// As [`kdot_raw`], for each of the four tokens.
-#[allow(clippy::needless_range_loop)] // `s` indexes several arrays
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn kdot4_raw(
-    row: &Row,
-    x: [&[i8]; 4],
-    xs: [&[i16]; 4],
-    dx: [&[f32]; 4],
-    nsb: usize,
-    out: &mut [f32; 4],
+/// The CPU must have AVX-512 F; each `src[j]` holds `64 · chunks` bytes, `dst` `1024 · chunks`.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_raw(src: [*const u8; 16], chunks: usize, dst: *mut u8) {
+    for c in 0..chunks {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for j in 0..16 {
+            // SAFETY: bytes 64c .. 64c + 64 of row j.
+            r[j] = unsafe { _mm512_loadu_si512(src[j].add(64 * c).cast()) };
+        }
+        // SAFETY: chunk c's 1024 bytes of `dst`.
+        unsafe { transpose_regs(&r, dst.add(1024 * c)) };
+    }
+}
+
+/// Stores the 4-byte units of sixteen registers transposed: unit `g` of `r[j]` at byte
+/// `64 g + 4 j` of `dst`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `dst` holds 1024 bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_regs(r: &[__m512i; 16], dst: *mut u8) {
+    // Pairs of rows interleaved by 4-byte units, then by 8-byte units: b[4i + e] holds, in
+    // 128-bit lane L, unit 4L + e of rows 4i .. 4i + 4.
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    // The 4 × 4 transpose of 128-bit lanes of b[e], b[4 + e], b[8 + e], b[12 + e].
+    for e in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0x44>(b[e], b[4 + e]);
+        let c1 = _mm512_shuffle_i32x4::<0xEE>(b[e], b[4 + e]);
+        let c2 = _mm512_shuffle_i32x4::<0x44>(b[8 + e], b[12 + e]);
+        let c3 = _mm512_shuffle_i32x4::<0xEE>(b[8 + e], b[12 + e]);
+        let o = [
+            _mm512_shuffle_i32x4::<0x88>(c0, c2),
+            _mm512_shuffle_i32x4::<0xDD>(c0, c2),
+            _mm512_shuffle_i32x4::<0x88>(c1, c3),
+            _mm512_shuffle_i32x4::<0xDD>(c1, c3),
+        ];
+        for (l, v) in o.into_iter().enumerate() {
+            // SAFETY: unit 4l + e < 16: bytes 64 (4l + e) .. + 64 of the 1024.
+            unsafe { _mm512_storeu_si512(dst.add(64 * (4 * l + e)).cast(), v) };
+        }
+    }
+}
+
+/// The outputs of the panel's sixteen rows for tokens `t0 .. t0 + tn` (`1 <= tn <=
+/// tokens(ty)`): `out[16 j + r]` for token `t0 + j` and row `r`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile(
+    _: Avx512Vnni,
+    ty: QType,
+    p: &Panel,
+    act: &Act,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; ROWS * TOKENS],
 ) {
-    let (q, sc, cm) = (row.q.as_ptr(), row.sc.as_ptr(), row.cm.as_ptr());
-    let xp = x.map(|v| v.as_ptr());
-    let sp = xs.map(|v| v.as_ptr());
-    let mut fa = [_mm512_setzero_ps(); 4];
-    let mut fb = [_mm256_setzero_ps(); 4];
-    for s in 0..nsb {
-        let mut ia = [_mm512_setzero_si512(); 4];
-        for c in 0..4 {
-            let o = s * super::QK_K + 64 * c;
-            // SAFETY: o + 64 <= 256 · nsb (values) and (o + 64) / 2 <= 128 · nsb (scales).
-            let (wq, sv) = unsafe {
-                (
-                    _mm512_loadu_si512(q.add(o).cast()),
-                    _mm512_loadu_si512(sc.add(o / 2).cast()),
-                )
-            };
-            for j in 0..4 {
-                // SAFETY: token j's values hold 256 · nsb bytes.
-                let xv = unsafe { _mm512_loadu_si512(xp[j].add(o).cast()) };
-                ia[j] = _mm512_dpwssd_epi32(ia[j], _mm512_maddubs_epi16(wq, xv), sv);
+    let (k, nb) = (act.k, act.nb);
+    let end = t0.saturating_add(tn);
+    let common = tn >= 1
+        && tn <= tokens(ty)
+        && k == nb * ty.block_values()
+        && p.q.len() >= 16 * k
+        && p.da.len() >= 16 * nb
+        && end.checked_mul(k).is_some_and(|v| act.x.len() >= v)
+        && act.d.len() >= end * nb;
+    if ty.is_k() {
+        let g = super::group(ty);
+        assert!(
+            common
+                && p.db.len() >= 16 * nb
+                && p.sc.len() >= 16 * nb * (QK_K / g)
+                && p.cm.len() >= 16 * nb * 8
+                && act.xs.len() >= end * k / 16,
+            "quant: tile sizes"
+        );
+        // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
+        unsafe {
+            match (g == 16, tn) {
+                (false, 1) => ktile_raw::<1, 32>(p, act, t0, out),
+                (false, 2) => ktile_raw::<2, 32>(p, act, t0, out),
+                (false, 3) => ktile_raw::<3, 32>(p, act, t0, out),
+                (false, _) => ktile_raw::<4, 32>(p, act, t0, out),
+                (true, 1) => ktile_raw::<1, 16>(p, act, t0, out),
+                (true, 2) => ktile_raw::<2, 16>(p, act, t0, out),
+                (true, 3) => ktile_raw::<3, 16>(p, act, t0, out),
+                (true, _) => ktile_raw::<4, 16>(p, act, t0, out),
             }
         }
-        // SAFETY: s · 16 + 16 <= 16 · nsb.
-        let cmv = unsafe { _mm256_loadu_si256(cm.add(s * 16).cast()) };
-        for j in 0..4 {
-            // SAFETY: token j's sums hold 16 · nsb values.
-            let xsv = unsafe { _mm256_loadu_si256(sp[j].add(s * 16).cast()) };
-            let cr = _mm256_madd_epi16(cmv, xsv);
-            let (fa_s, fb_s) = (row.da[s] * dx[j][s], row.db[s] * dx[j][s]);
-            fa[j] = _mm512_add_ps(
-                fa[j],
-                _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j]), _mm512_set1_ps(fa_s)),
-            );
-            fb[j] = _mm256_add_ps(
-                fb[j],
-                _mm256_mul_ps(_mm256_cvtepi32_ps(cr), _mm256_set1_ps(fb_s)),
-            );
+    } else {
+        assert!(common && act.init.len() >= end * nb, "quant: tile sizes");
+        // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
+        unsafe {
+            match tn {
+                1 => btile_raw::<1>(p, act, t0, out),
+                2 => btile_raw::<2>(p, act, t0, out),
+                3 => btile_raw::<3>(p, act, t0, out),
+                4 => btile_raw::<4>(p, act, t0, out),
+                5 => btile_raw::<5>(p, act, t0, out),
+                6 => btile_raw::<6>(p, act, t0, out),
+                7 => btile_raw::<7>(p, act, t0, out),
+                _ => btile_raw::<8>(p, act, t0, out),
+            }
         }
-    }
-    for j in 0..4 {
-        out[j] = hsum16(fa[j]) - hsum8(fb[j]);
     }
 }
 
-/// Four Q8_0 / Q4_0 outputs of one row (four tokens), each exactly as [`bdot`] computes it.
-pub(super) fn bdot4(
-    t: Avx512Vnni,
-    row: &Row,
-    x: [&[i8]; 4],
-    init: [&[i32]; 4],
-    dx: [&[f32]; 4],
-    out: &mut [f32; 4],
-) {
-    let lanes = init[0].len();
-    assert!(
-        lanes.is_multiple_of(16)
-            && row.da.len() >= lanes
-            && row.q.len() >= 4 * lanes
-            && (0..4).all(|j| {
-                init[j].len() == lanes && dx[j].len() >= lanes && x[j].len() >= 4 * lanes
-            }),
-        "quant: bdot4 sizes"
-    );
-    let _ = t;
-    // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
-    unsafe { bdot4_raw(row, x, init, dx, lanes / 16, out) }
+/// The four activation bytes at `p`, broadcast to every i32 lane.
+///
+/// # Safety
+/// `p .. p + 4` must be readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bcast4<T>(p: *const T) -> __m512i {
+    // SAFETY: the caller guarantees four readable bytes.
+    _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
 /// # Safety
-/// As [`bdot_raw`], for each of the four tokens.
+/// The CPU must have AVX-512 F, BW and VNNI; `T <= 8`; `p` holds the sixteen rows of a Q8_0 /
+/// Q4_0 matrix with `act.k` values (`16 · act.k` value bytes, `16 · act.nb` scales) and `act`
+/// tokens `t0 .. t0 + T`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn bdot4_raw(
-    row: &Row,
-    x: [&[i8]; 4],
-    init: [&[i32]; 4],
-    dx: [&[f32]; 4],
-    chunks: usize,
-    out: &mut [f32; 4],
+unsafe fn btile_raw<const T: usize>(
+    p: &Panel,
+    act: &Act,
+    t0: usize,
+    out: &mut [f32; ROWS * TOKENS],
 ) {
-    let (q, dw) = (row.q.as_ptr(), row.da.as_ptr());
-    let xp = x.map(|v| v.as_ptr());
-    let ip = init.map(|v| v.as_ptr());
-    let dp = dx.map(|v| v.as_ptr());
-    let mut f = [_mm512_setzero_ps(); 4];
-    for c in 0..chunks {
-        // SAFETY: 64 · c + 64 values and 16 · c + 16 lanes are within the sizes above.
-        let (wq, dwv) = unsafe {
+    let (k, nb) = (act.k, act.nb);
+    let (pq, pd) = (p.q.as_ptr(), p.da.as_ptr());
+    let mut xp = [act.x.as_ptr(); T];
+    let mut ip = [act.init.as_ptr(); T];
+    let mut dp = [act.d.as_ptr(); T];
+    for j in 0..T {
+        // SAFETY: token t0 + j is within the activations (caller).
+        unsafe {
+            xp[j] = xp[j].add((t0 + j) * k);
+            ip[j] = ip[j].add((t0 + j) * nb);
+            dp[j] = dp[j].add((t0 + j) * nb);
+        }
+    }
+    let mut f = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let mut w = [_mm512_setzero_si512(); 8];
+        for (i, wi) in w.iter_mut().enumerate() {
+            // SAFETY: unit 8b + i < k / 4 of the transposed values (64 bytes each).
+            *wi = unsafe { _mm512_loadu_si512(pq.add(64 * (8 * b + i)).cast()) };
+        }
+        // SAFETY: scales 16b .. 16b + 16.
+        let dwv = unsafe { _mm512_loadu_ps(pd.add(16 * b)) };
+        for j in 0..T {
+            // SAFETY: values QK·b .. QK·b + 32, block b's offset and scale of token j.
+            let (x, i0, dx) = unsafe { (xp[j].add(QK * b), *ip[j].add(b), *dp[j].add(b)) };
+            let mut a0 = _mm512_set1_epi32(i0);
+            let mut a1 = _mm512_setzero_si512();
+            for i in (0..8).step_by(2) {
+                // SAFETY: bytes 4i .. 4i + 8 of the block's 32.
+                let (x0, x1) = unsafe { (bcast4(x.add(4 * i)), bcast4(x.add(4 * i + 4))) };
+                a0 = _mm512_dpbusd_epi32(a0, w[i], x0);
+                a1 = _mm512_dpbusd_epi32(a1, w[i + 1], x1);
+            }
+            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+            f[j] = _mm512_add_ps(
+                f[j],
+                _mm512_mul_ps(s, _mm512_mul_ps(dwv, _mm512_set1_ps(dx))),
+            );
+        }
+    }
+    for (j, fj) in f.into_iter().enumerate() {
+        // SAFETY: 16 (j + 1) <= 16 T <= out.len().
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), fj) };
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI; `T <= 4`; `G` is the type's scale group (16 or
+/// 32); `p` holds the sixteen rows of a K-quant matrix with `act.k` values (`16 · act.k` value
+/// bytes; per super-block 16 · 256 / G scales, 16 · 8 correction pairs, 16 d and 16 db) and
+/// `act` tokens `t0 .. t0 + T`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn ktile_raw<const T: usize, const G: usize>(
+    p: &Panel,
+    act: &Act,
+    t0: usize,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    let (k, nsb) = (act.k, act.nb);
+    let ng = QK_K / G;
+    let (pq, psc, pcm, pda, pdb) = (
+        p.q.as_ptr(),
+        p.sc.as_ptr(),
+        p.cm.as_ptr(),
+        p.da.as_ptr(),
+        p.db.as_ptr(),
+    );
+    let mut xp = [act.x.as_ptr(); T];
+    let mut sp = [act.xs.as_ptr(); T];
+    let mut dp = [act.d.as_ptr(); T];
+    for j in 0..T {
+        // SAFETY: token t0 + j is within the activations (caller).
+        unsafe {
+            xp[j] = xp[j].add((t0 + j) * k);
+            sp[j] = sp[j].add((t0 + j) * k / 16);
+            dp[j] = dp[j].add((t0 + j) * nsb);
+        }
+    }
+    let mut fa = [_mm512_setzero_ps(); T];
+    let mut fb = [_mm512_setzero_ps(); T];
+    for s in 0..nsb {
+        let mut ia = [_mm512_setzero_si512(); T];
+        for g in 0..ng {
+            let v0 = s * QK_K + g * G;
+            // SAFETY: group s · ng + g of the scales.
+            let scv = unsafe { _mm512_loadu_si512(psc.add(16 * (s * ng + g)).cast()) };
+            let mut w = [_mm512_setzero_si512(); 8];
+            for (i, wi) in w.iter_mut().enumerate().take(G / 4) {
+                // SAFETY: unit v0 / 4 + i < k / 4 of the transposed values.
+                *wi = unsafe { _mm512_loadu_si512(pq.add(64 * (v0 / 4 + i)).cast()) };
+            }
+            for j in 0..T {
+                // SAFETY: values v0 .. v0 + G of token j.
+                let x = unsafe { xp[j].add(v0) };
+                let mut a0 = _mm512_setzero_si512();
+                let mut a1 = _mm512_setzero_si512();
+                for i in (0..G / 4).step_by(2) {
+                    // SAFETY: bytes 4i .. 4i + 8 of the group's G.
+                    let (x0, x1) = unsafe { (bcast4(x.add(4 * i)), bcast4(x.add(4 * i + 4))) };
+                    a0 = _mm512_dpbusd_epi32(a0, w[i], x0);
+                    a1 = _mm512_dpbusd_epi32(a1, w[i + 1], x1);
+                }
+                let gs = _mm512_mullo_epi32(_mm512_add_epi32(a0, a1), scv);
+                ia[j] = _mm512_add_epi32(ia[j], gs);
+            }
+        }
+        let mut ib = [_mm512_setzero_si512(); T];
+        for i in 0..8 {
+            // SAFETY: correction pair 8s + i.
+            let cmv = unsafe { _mm512_loadu_si512(pcm.add(16 * (8 * s + i)).cast()) };
+            for j in 0..T {
+                // SAFETY: sums 16s + 2i, 16s + 2i + 1 of token j.
+                let xv = unsafe { bcast4(sp[j].add(16 * s + 2 * i)) };
+                ib[j] = _mm512_dpwssd_epi32(ib[j], cmv, xv);
+            }
+        }
+        // SAFETY: super-block s's sixteen scales.
+        let (dav, dbv) = unsafe {
             (
-                _mm512_loadu_si512(q.add(64 * c).cast()),
-                _mm512_loadu_ps(dw.add(16 * c)),
+                _mm512_loadu_ps(pda.add(16 * s)),
+                _mm512_loadu_ps(pdb.add(16 * s)),
             )
         };
-        for j in 0..4 {
-            // SAFETY: as above, for token j.
-            let (i0, xv, dxv) = unsafe {
-                (
-                    _mm512_loadu_si512(ip[j].add(16 * c).cast()),
-                    _mm512_loadu_si512(xp[j].add(64 * c).cast()),
-                    _mm512_loadu_ps(dp[j].add(16 * c)),
-                )
-            };
-            let d = _mm512_dpbusd_epi32(i0, wq, xv);
-            let fv = _mm512_mul_ps(dwv, dxv);
-            f[j] = _mm512_add_ps(f[j], _mm512_mul_ps(_mm512_cvtepi32_ps(d), fv));
+        for j in 0..T {
+            // SAFETY: super-block s's scale of token j.
+            let dx = _mm512_set1_ps(unsafe { *dp[j].add(s) });
+            let a = _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j]), _mm512_mul_ps(dav, dx));
+            let b = _mm512_mul_ps(_mm512_cvtepi32_ps(ib[j]), _mm512_mul_ps(dbv, dx));
+            fa[j] = _mm512_add_ps(fa[j], a);
+            fb[j] = _mm512_add_ps(fb[j], b);
         }
     }
-    for j in 0..4 {
-        out[j] = hsum16(f[j]);
+    for j in 0..T {
+        // SAFETY: 16 (j + 1) <= 16 T <= out.len().
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), _mm512_sub_ps(fa[j], fb[j])) };
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Direct kernels: the weight blocks unpacked in registers (no decoded row), for Q4_K, Q6_K and
-// Q8_0. The byte order of the values, the i16 scale of each byte pair, the correction lanes and
-// the float operations are those of the decoded row, so the results are the same bits.
-
-/// The 64 values of 64-byte chunk `c` (0..4) of a Q4_K / Q6_K super-block `b`, and the i16
-/// group scale of each value pair.
+/// The 64 unsigned values `64 c .. 64 c + 64` of a row (`row`: its blocks) as `Row::decode`
+/// writes them, unpacked in a register (Q8_0, Q4_K, Q6_K; values past the row's end: zero).
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI; `ty` is one of those three types, `row` holds
+/// whole blocks of it and `64 c` is below the row's length rounded up to 64.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn chunk_q4k(b: &[u8; 144], sc: &[i16; 8], c: usize) -> (__m512i, __m512i) {
-    // SAFETY: bytes 16 + 32c .. 16 + 32c + 32 of the 144-byte block.
-    let q = unsafe { _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c).cast()) };
-    let lo = _mm512_castsi256_si512(q);
-    let v = _mm512_inserti64x4(lo, _mm256_srli_epi16(q, 4), 1);
-    let wq = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-    let sv = _mm512_mask_blend_epi16(
-        0xFFFF_0000,
-        _mm512_set1_epi16(sc[2 * c]),
-        _mm512_set1_epi16(sc[2 * c + 1]),
-    );
-    (wq, sv)
+unsafe fn unpack_chunk(ty: QType, row: &[u8], c: usize) -> __m512i {
+    let p = row.as_ptr();
+    match ty {
+        QType::Q8_0 => {
+            let flip = _mm256_set1_epi8(-128);
+            let nb = row.len() / 34;
+            // SAFETY: bytes 2 .. 34 of block 2c (2c < nb: the chunk starts inside the row).
+            let q0 = unsafe { _mm256_loadu_si256(p.add(68 * c + 2).cast()) };
+            let q1 = if 2 * c + 1 < nb {
+                // SAFETY: bytes 2 .. 34 of block 2c + 1.
+                _mm256_xor_si256(
+                    unsafe { _mm256_loadu_si256(p.add(68 * c + 36).cast()) },
+                    flip,
+                )
+            } else {
+                _mm256_setzero_si256()
+            };
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_xor_si256(q0, flip)), q1)
+        }
+        QType::Q4K => {
+            let (s, cc) = (c / 4, c % 4);
+            // SAFETY: bytes 16 + 32cc .. 48 + 32cc of super-block s (144 bytes).
+            let q = unsafe { _mm256_loadu_si256(p.add(144 * s + 16 + 32 * cc).cast()) };
+            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4));
+            _mm512_and_si512(v, _mm512_set1_epi8(0x0F))
+        }
+        _ => {
+            // Q6_K.
+            let (s, cc) = (c / 4, c % 4);
+            let (b, h) = (p.wrapping_add(210 * s), cc / 2);
+            // SAFETY: ql bytes 64h .. 64h + 64 and qh bytes 128 + 32h .. 160 + 32h of
+            // super-block s (210 bytes).
+            let (ql, qh) = unsafe {
+                (
+                    _mm512_loadu_si512(b.add(64 * h).cast()),
+                    _mm256_loadu_si256(b.add(128 + 32 * h).cast()),
+                )
+            };
+            let qhz = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2));
+            let (ql, qhz) = if cc.is_multiple_of(2) {
+                (ql, qhz)
+            } else {
+                (_mm512_srli_epi16(ql, 4), _mm512_srli_epi16(qhz, 4))
+            };
+            let lo = _mm512_and_si512(ql, _mm512_set1_epi8(0x0F));
+            let hi = _mm512_slli_epi16(_mm512_and_si512(qhz, _mm512_set1_epi8(3)), 4);
+            _mm512_or_si512(lo, hi)
+        }
+    }
 }
 
-#[inline]
+/// Whether [`fill_values`] unpacks type `ty` straight from its blocks.
+pub(super) fn direct(ty: QType) -> bool {
+    matches!(ty, QType::Q8_0 | QType::Q4K | QType::Q6K)
+}
+
+/// The panel's transposed values (`dst`: 16 × the row length rounded up to 64) of rows
+/// `r0 .. r0 + rows` of `w` (`rows <= 16`, type Q8_0, Q4_K or Q6_K), unpacked from the blocks in
+/// registers; lanes of missing rows are zero.
+pub(super) fn fill_values(
+    _: Avx512Vnni,
+    w: &super::QMatrix<'_>,
+    r0: usize,
+    rows: usize,
+    dst: &mut [u8],
+) {
+    let kp = super::padded_k(w.k);
+    assert!(
+        direct(w.ty)
+            && rows <= 16
+            && r0.checked_add(rows).is_some_and(|e| e <= w.rows)
+            && dst.len() == 16 * kp,
+        "quant: fill sizes"
+    );
+    let src: [&[u8]; 16] = std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
+    // SAFETY: the token proves AVX-512 F, BW and VNNI; the type, rows and lengths are asserted
+    // above (each `w.row` holds whole blocks of the type).
+    unsafe { fill_values_raw(w.ty, src, kp / 64, dst.as_mut_ptr()) }
+}
+
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI; `ty` is Q8_0, Q4_K or Q6_K; each non-empty
+/// `src[j]` holds a row of `64 · chunks` values (rounded up) in whole blocks; `dst` holds
+/// `1024 · chunks` bytes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn chunk_q6k(b: &[u8; 210], sc16: __m512i, c: usize) -> (__m512i, __m512i) {
-    let h = c / 2;
-    // SAFETY: ql bytes 64h .. 64h + 64 and qh bytes 128 + 32h .. 128 + 32h + 32 of the block.
-    let (ql, qh) = unsafe {
-        (
-            _mm512_loadu_si512(b.as_ptr().add(64 * h).cast()),
-            _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h).cast()),
-        )
-    };
-    let qhz = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-    let (ql, qhz) = if c.is_multiple_of(2) {
-        (ql, qhz)
+unsafe fn fill_values_raw(ty: QType, src: [&[u8]; 16], chunks: usize, dst: *mut u8) {
+    let mut r = [_mm512_setzero_si512(); 16];
+    for c in 0..chunks {
+        for (j, rj) in r.iter_mut().enumerate() {
+            *rj = if src[j].is_empty() {
+                _mm512_setzero_si512()
+            } else {
+                // SAFETY: chunk c of a row of 64 · chunks values (caller).
+                unsafe { unpack_chunk(ty, src[j], c) }
+            };
+        }
+        // SAFETY: chunk c's 1024 bytes of `dst` (caller).
+        unsafe { transpose_regs(&r, dst.add(1024 * c)) };
+    }
+}
+
+/// The panel's scale lanes (`super::Panel` `da`, `db`, `sc`, `cm`) of rows `r0 .. r0 + rows` of
+/// `w` (`rows <= 16`, type Q8_0, Q4_K or Q6_K), gathered from the blocks of the sixteen rows
+/// and decoded in registers (the values `Row::decode` gives); lanes of missing rows are zero.
+pub(super) fn fill_scales(
+    _: Avx512Vnni,
+    w: &super::QMatrix<'_>,
+    r0: usize,
+    rows: usize,
+    p: &mut Panel,
+) -> bool {
+    let ty = w.ty;
+    let (bb, nb) = (ty.block_bytes(), w.k / ty.block_values());
+    let rb = w.row_bytes();
+    // The gathers' i32 offsets reach 15 rows past the first.
+    let fits = rb.checked_mul(16).is_some_and(|v| v <= i32::MAX as usize);
+    if !fits || !direct(ty) {
+        return false;
+    }
+    let ok = rows <= 16
+        && r0.checked_add(rows).is_some_and(|e| e <= w.rows)
+        && p.da.len() >= 16 * nb
+        && (!ty.is_k()
+            || (p.db.len() >= 16 * nb
+                && p.sc.len() >= 16 * nb * (QK_K / super::group(ty))
+                && p.cm.len() >= 16 * nb * 8));
+    assert!(ok, "quant: fill_scales sizes");
+    if rows == 0 {
+        return true;
+    }
+    let base = &w.data[r0 * rb..(r0 + rows) * rb];
+    let mask: __mmask16 = if rows == 16 {
+        0xFFFF
     } else {
-        (_mm512_srli_epi16(ql, 4), _mm512_srli_epi16(qhz, 4))
+        (1u16 << rows) - 1
     };
-    let lo = _mm512_and_si512(ql, _mm512_set1_epi8(0x0F));
-    let hi = _mm512_slli_epi16(_mm512_and_si512(qhz, _mm512_set1_epi8(3)), 4);
-    let wq = _mm512_or_si512(lo, hi);
-    // i16 lane i of chunk c takes group 4c + i / 8.
-    let base = (4 * c) as i16;
-    let idx = _mm512_set_epi16(
-        base + 3,
-        base + 3,
-        base + 3,
-        base + 3,
-        base + 3,
-        base + 3,
-        base + 3,
-        base + 3,
-        base + 2,
-        base + 2,
-        base + 2,
-        base + 2,
-        base + 2,
-        base + 2,
-        base + 2,
-        base + 2,
-        base + 1,
-        base + 1,
-        base + 1,
-        base + 1,
-        base + 1,
-        base + 1,
-        base + 1,
-        base + 1,
-        base,
-        base,
-        base,
-        base,
-        base,
-        base,
-        base,
-        base,
-    );
-    (wq, _mm512_permutexvar_epi16(idx, sc16))
-}
-
-/// `TN` outputs of one Q4_K or Q6_K row (`row`: its blocks) for `TN` tokens.
-pub(super) fn kdot_direct<const TN: usize>(
-    t: Avx512Vnni,
-    ty: super::QType,
-    row: &[u8],
-    x: [&[i8]; TN],
-    xs: [&[i16]; TN],
-    dx: [&[f32]; TN],
-    out: &mut [f32],
-) {
-    let nsb = dx[0].len();
-    let k = nsb * super::QK_K;
-    assert!(
-        matches!(ty, super::QType::Q4K | super::QType::Q6K)
-            && row.len() == nsb * ty.block_bytes()
-            && out.len() >= TN
-            && (0..TN).all(|j| x[j].len() >= k && xs[j].len() >= k / 16 && dx[j].len() == nsb),
-        "quant: kdot_direct sizes"
-    );
-    let _ = t;
-    // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
-    unsafe { kdot_direct_raw::<TN>(ty, row, x, xs, dx, nsb, out) }
+    // SAFETY: the token proves AVX-512 F, BW and VNNI; every gather reads 4 bytes inside block
+    // b of row j < rows (masked), i.e. inside `base`, and the panel's lengths are asserted.
+    unsafe { fill_scales_raw(ty, base.as_ptr(), rb as i32, bb, nb, mask, p) };
+    true
 }
 
 /// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI; `row` holds `nsb` blocks of `ty`, each token
-/// `256 · nsb` values, `16 · nsb` sums and `nsb` scales; `out` holds `TN` values.
+/// The CPU must have AVX-512 F, BW and VNNI; `base` points at the first of the rows selected by
+/// `mask` (each `rb` bytes, `nb` blocks of `bb` bytes of type `ty`: Q8_0, Q4_K or Q6_K); the
+/// panel's lanes hold `nb` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn kdot_direct_raw<const TN: usize>(
-    ty: super::QType,
-    row: &[u8],
-    x: [&[i8]; TN],
-    xs: [&[i16]; TN],
-    dx: [&[f32]; TN],
-    nsb: usize,
-    out: &mut [f32],
+unsafe fn fill_scales_raw(
+    ty: QType,
+    base: *const u8,
+    rb: i32,
+    bb: usize,
+    nb: usize,
+    mask: __mmask16,
+    p: &mut Panel,
 ) {
-    let bb = ty.block_bytes();
-    let xp = x.map(|v| v.as_ptr());
-    let sp = xs.map(|v| v.as_ptr());
-    let mut fa = [_mm512_setzero_ps(); TN];
-    let mut fb = [_mm256_setzero_ps(); TN];
-    for s in 0..nsb {
-        let blk = &row[s * bb..(s + 1) * bb];
-        let mut ia = [_mm512_setzero_si512(); TN];
-        let (cmv, da, db);
-        if ty == super::QType::Q4K {
-            let Ok(b) = <&[u8; 144]>::try_from(blk) else {
-                return;
-            };
-            let mut sc = [0i16; 8];
-            let mut cm = [0i16; 16];
-            for j in 0..8 {
-                let (a, m) = super::scale_min_k4(j, &b[4..16]);
-                sc[j] = i16::from(a);
-                cm[2 * j] = i16::from(m);
-                cm[2 * j + 1] = i16::from(m);
-            }
-            // SAFETY: 16 i16 on the stack.
-            cmv = unsafe { _mm256_loadu_si256(cm.as_ptr().cast()) };
-            da = super::f16_at(b, 0);
-            db = super::f16_at(b, 2);
-            for c in 0..4 {
-                let (wq, sv) = chunk_q4k(b, &sc, c);
-                for j in 0..TN {
-                    // SAFETY: token j's values hold 256 · nsb bytes.
-                    let xv = unsafe { _mm512_loadu_si512(xp[j].add(s * 256 + 64 * c).cast()) };
-                    ia[j] = _mm512_dpwssd_epi32(ia[j], _mm512_maddubs_epi16(wq, xv), sv);
-                }
-            }
-        } else {
-            let Ok(b) = <&[u8; 210]>::try_from(blk) else {
-                return;
-            };
-            // SAFETY: the 16 scale bytes 192..208 of the block.
-            let sc8 = unsafe { _mm_loadu_si128(b.as_ptr().add(192).cast()) };
-            let sc16 = _mm256_cvtepi8_epi16(sc8);
-            cmv = _mm256_slli_epi16(sc16, 5);
-            let scz = _mm512_castsi256_si512(sc16);
-            da = super::f16_at(b, 208);
-            db = da;
-            for c in 0..4 {
-                let (wq, sv) = chunk_q6k(b, scz, c);
-                for j in 0..TN {
-                    // SAFETY: token j's values hold 256 · nsb bytes.
-                    let xv = unsafe { _mm512_loadu_si512(xp[j].add(s * 256 + 64 * c).cast()) };
-                    ia[j] = _mm512_dpwssd_epi32(ia[j], _mm512_maddubs_epi16(wq, xv), sv);
-                }
-            }
-        }
-        for j in 0..TN {
-            // SAFETY: token j's sums hold 16 · nsb values.
-            let xsv = unsafe { _mm256_loadu_si256(sp[j].add(s * 16).cast()) };
-            let cr = _mm256_madd_epi16(cmv, xsv);
-            let (fa_s, fb_s) = (da * dx[j][s], db * dx[j][s]);
-            fa[j] = _mm512_add_ps(
-                fa[j],
-                _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j]), _mm512_set1_ps(fa_s)),
-            );
-            fb[j] = _mm256_add_ps(
-                fb[j],
-                _mm256_mul_ps(_mm256_cvtepi32_ps(cr), _mm256_set1_ps(fb_s)),
-            );
-        }
-    }
-    for j in 0..TN {
-        out[j] = hsum16(fa[j]) - hsum8(fb[j]);
-    }
-}
-
-/// `TN` outputs of one Q8_0 row (`row`: its blocks) for `TN` tokens (activations padded to a
-/// multiple of 64 values).
-pub(super) fn bdot_direct_q8<const TN: usize>(
-    t: Avx512Vnni,
-    row: &[u8],
-    x: [&[i8]; TN],
-    init: [&[i32]; TN],
-    dx: [&[f32]; TN],
-    out: &mut [f32],
-) {
-    let blocks = row.len() / 34;
-    let lanes = blocks.div_ceil(2) * 16;
-    assert!(
-        row.len() == blocks * 34
-            && out.len() >= TN
-            && (0..TN).all(|j| {
-                init[j].len() == lanes && dx[j].len() == lanes && x[j].len() == 4 * lanes
-            }),
-        "quant: bdot_direct sizes"
+    let idx = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(rb),
     );
-    let _ = t;
-    // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
-    unsafe { bdot_direct_q8_raw::<TN>(row, x, init, dx, blocks, out) }
-}
-
-/// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI; `row` holds `blocks` Q8_0 blocks; each token
-/// `64 · ⌈blocks / 2⌉` values and `16 · ⌈blocks / 2⌉` init and scale lanes; `out` `TN` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn bdot_direct_q8_raw<const TN: usize>(
-    row: &[u8],
-    x: [&[i8]; TN],
-    init: [&[i32]; TN],
-    dx: [&[f32]; TN],
-    blocks: usize,
-    out: &mut [f32],
-) {
-    let xp = x.map(|v| v.as_ptr());
-    let ip = init.map(|v| v.as_ptr());
-    let dp = dx.map(|v| v.as_ptr());
-    let flip = _mm256_set1_epi8(-128);
-    let mut f = [_mm512_setzero_ps(); TN];
-    for c in 0..blocks.div_ceil(2) {
-        let b0 = &row[68 * c..68 * c + 34];
-        // SAFETY: bytes 2..34 of block 2c.
-        let q0 = unsafe { _mm256_loadu_si256(b0.as_ptr().add(2).cast()) };
-        let d0 = super::f16_at(b0, 0);
-        let (q1, d1) = if 2 * c + 1 < blocks {
-            let b1 = &row[68 * c + 34..68 * c + 68];
-            // SAFETY: bytes 2..34 of block 2c + 1.
-            let q1 = unsafe { _mm256_loadu_si256(b1.as_ptr().add(2).cast()) };
-            (q1, super::f16_at(b1, 0))
-        } else {
-            // Padding: a zero weight (the activations are zero there too).
-            (_mm256_setzero_si256(), 0.0)
-        };
-        let wq = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_xor_si256(q0, flip)),
-            _mm256_xor_si256(q1, flip),
-            1,
-        );
-        let dwv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
-        for j in 0..TN {
-            // SAFETY: 64 · c + 64 values and 16 · c + 16 lanes of token j.
-            let (i0, xv, dxv) = unsafe {
-                (
-                    _mm512_loadu_si512(ip[j].add(16 * c).cast()),
-                    _mm512_loadu_si512(xp[j].add(64 * c).cast()),
-                    _mm512_loadu_ps(dp[j].add(16 * c)),
-                )
-            };
-            let d = _mm512_dpbusd_epi32(i0, wq, xv);
-            let fv = _mm512_mul_ps(dwv, dxv);
-            f[j] = _mm512_add_ps(f[j], _mm512_mul_ps(_mm512_cvtepi32_ps(d), fv));
+    let zero = _mm512_setzero_si512();
+    // Called below only with b < nb and at + 4 <= bb.
+    let gather = |b: usize, at: usize| {
+        // SAFETY: 4 bytes at offset `at` (at + 4 <= bb) of block b < nb of each row selected by
+        // `mask` (caller).
+        unsafe { _mm512_mask_i32gather_epi32::<1>(zero, mask, idx, base.add(b * bb + at).cast()) }
+    };
+    let half = |v: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    let (da, db, sc, cm) = (
+        p.da.as_mut_ptr(),
+        p.db.as_mut_ptr(),
+        p.sc.as_mut_ptr(),
+        p.cm.as_mut_ptr(),
+    );
+    let m16 = _mm512_set1_epi32(0xFFFF);
+    for b in 0..nb {
+        // The stores below: 16 lanes at 16 · (block, group or pair index) of the panel's
+        // arrays, which hold nb blocks (caller).
+        match ty {
+            // SAFETY: lanes 16b .. 16b + 16 of `da`.
+            QType::Q8_0 => unsafe { _mm512_storeu_ps(da.add(16 * b), half(gather(b, 0))) },
+            QType::Q4K => {
+                let h = gather(b, 0);
+                let (a, bq, c) = (gather(b, 4), gather(b, 8), gather(b, 12));
+                // SAFETY: lanes 16b .. 16b + 16 of `da` and `db`.
+                unsafe {
+                    _mm512_storeu_ps(da.add(16 * b), half(h));
+                    _mm512_storeu_ps(db.add(16 * b), half(_mm512_srli_epi32::<16>(h)));
+                }
+                let byte = |v: __m512i, i: u32| {
+                    let m8 = _mm512_set1_epi32(0xFF);
+                    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * i as i32)), m8)
+                };
+                let (c63, c15, c3) = (
+                    _mm512_set1_epi32(63),
+                    _mm512_set1_epi32(15),
+                    _mm512_set1_epi32(3),
+                );
+                for j in 0..8u32 {
+                    let (s, m) = if j < 4 {
+                        (
+                            _mm512_and_si512(byte(a, j), c63),
+                            _mm512_and_si512(byte(bq, j), c63),
+                        )
+                    } else {
+                        let jj = j - 4;
+                        let (cj, aj, bj) = (byte(c, jj), byte(a, jj), byte(bq, jj));
+                        let hi = |v: __m512i| {
+                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(v), c3))
+                        };
+                        (
+                            _mm512_or_si512(_mm512_and_si512(cj, c15), hi(aj)),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi32::<4>(cj), c15),
+                                hi(bj),
+                            ),
+                        )
+                    };
+                    let o = 16 * (8 * b + j as usize);
+                    // SAFETY: group / pair 8b + j of `sc` and `cm` (8 per super-block).
+                    unsafe {
+                        _mm512_storeu_si512(sc.add(o).cast(), s);
+                        _mm512_storeu_si512(
+                            cm.add(o).cast(),
+                            _mm512_or_si512(m, _mm512_slli_epi32::<16>(m)),
+                        );
+                    }
+                }
+            }
+            _ => {
+                // Q6_K: d at bytes 208..210 (the upper half of the dword at 206), the 16 i8
+                // scales at 192..208.
+                let d = half(_mm512_srli_epi32::<16>(gather(b, 206)));
+                // SAFETY: lanes 16b .. 16b + 16 of `da` and `db`.
+                unsafe {
+                    _mm512_storeu_ps(da.add(16 * b), d);
+                    _mm512_storeu_ps(db.add(16 * b), d);
+                }
+                let mut s = [zero; 16];
+                for q in 0..4 {
+                    let v = gather(b, 192 + 4 * q);
+                    for i in 0..4 {
+                        let sh = _mm512_sllv_epi32(v, _mm512_set1_epi32(24 - 8 * i as i32));
+                        s[4 * q + i] = _mm512_srai_epi32::<24>(sh);
+                    }
+                }
+                for (g, sg) in s.iter().enumerate() {
+                    // SAFETY: group 16b + g of `sc` (16 per super-block).
+                    unsafe { _mm512_storeu_si512(sc.add(16 * (16 * b + g)).cast(), *sg) };
+                }
+                for i in 0..8 {
+                    let lo = _mm512_and_si512(_mm512_slli_epi32::<5>(s[2 * i]), m16);
+                    let hi = _mm512_slli_epi32::<21>(s[2 * i + 1]);
+                    // SAFETY: pair 8b + i of `cm` (8 per super-block).
+                    unsafe {
+                        _mm512_storeu_si512(
+                            cm.add(16 * (8 * b + i)).cast(),
+                            _mm512_or_si512(lo, hi),
+                        )
+                    };
+                }
+            }
         }
-    }
-    for j in 0..TN {
-        out[j] = hsum16(f[j]);
     }
 }
