@@ -15,7 +15,19 @@ paper's statistic, unweighted, all tokens) so a `--planted` model's category str
 Exit status 1 if loading fails, a layer uses fewer than `--min-used-frac` of its experts or its max/mean load
 exceeds `--max-load` (defaults 0.9 and 3.0); the thresholds are the "not collapsed" check.
 
+MXFP4 checkpoints (`synth-model --quant mxfp4`: config.json's `quantization_config.quant_method` is "mxfp4")
+are loaded with `quantization_config=Mxfp4Config(dequantize=True)`: transformers dequantises the
+`*_blocks` / `*_scales` experts itself, in --dtype (float32 by default).
+
+`--trace FILE` compares the routing with a moe-xray trace of the same prompts (routing records, e.g.
+`moe-xray trace --model DIR --prompts P --exact --max-new-tokens 1 --out T` with P written by
+`--write-prompts P`; FILE is T/trace.jsonl or T): for every prompt token and MoE layer the token id must
+match and the expert set must equal transformers' top-k, except where transformers' own k-th and (k+1)-th
+router logits are closer than `--tie-margin` (default 1e-4; reported, not failed). Any other difference
+exits 1.
+
 Usage: /work/venvs/hf/bin/python tools/check_synth_model.py DIR [--prompts FILE.jsonl] [--json]
+       [--write-prompts FILE.jsonl] [--trace moe-xray-trace.jsonl]
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
 
 DEFAULT_PROMPTS = [
     ("code-a", "code", "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    mid = len(items) // 2"),
@@ -63,6 +75,50 @@ def load_prompts(path: str | None):
     return out
 
 
+def compare_trace(path: str, hf_routes: dict, tie_margin: float) -> dict:
+    """Compares moe-xray's routing records (token_type prompt) with transformers' on the same prompts."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "trace.jsonl"
+    got = {}
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                o = json.loads(line)
+                if o.get("token_type") != "prompt":
+                    continue
+                got[(o["prompt_id"], o["position"], o["layer"])] = (o.get("token_id"), sorted(o["experts"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                sys.exit(f"{p}:{n}: not a routing record: {e}")
+    equal = near = bad = tok_bad = missing = 0
+    examples = []
+    for key, (tid, experts, gap) in sorted(hf_routes.items()):
+        if key not in got:
+            missing += 1
+            continue
+        mt, me = got[key]
+        if mt is not None and mt != tid:
+            tok_bad += 1
+            if len(examples) < 5:
+                examples.append(f"{key}: token {mt} in the trace, {tid} in transformers")
+        elif me == experts:
+            equal += 1
+        elif gap < tie_margin:
+            near += 1
+        else:
+            bad += 1
+            if len(examples) < 5:
+                examples.append(f"{key}: moe-xray {me}, transformers {experts} (gap {gap:.3g})")
+    extra = len(set(got) - set(hf_routes))
+    return {
+        "trace": str(p), "compared": len(hf_routes) - missing, "equal": equal, "near_ties": near,
+        "mismatches": bad, "token_mismatches": tok_bad, "missing": missing, "extra": extra,
+        "examples": examples, "ok": bad == 0 and tok_bad == 0 and missing == 0 and extra == 0,
+    }
+
+
 def router_of(layer):
     """The router module of a decoder layer, or None for a dense layer."""
     for block_name, router_name in (("mlp", "gate"), ("mlp", "router"), ("block_sparse_moe", "router")):
@@ -82,11 +138,18 @@ def main():
     ap.add_argument("--max-load", type=float, default=3.0)
     ap.add_argument("--min-used-frac", type=float, default=0.9)
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
+    ap.add_argument("--write-prompts", help="write the prompts used as JSONL (id, category, text) and go on")
+    ap.add_argument("--trace", help="moe-xray routing trace of the same prompts (trace.jsonl or its directory)")
+    ap.add_argument("--tie-margin", type=float, default=1e-4)
     args = ap.parse_args()
     torch.set_num_threads(2)
     d = Path(args.model_dir)
     tok = AutoTokenizer.from_pretrained(str(d))
-    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=getattr(torch, args.dtype))
+    qc = json.loads((d / "config.json").read_text()).get("quantization_config") or {}
+    extra = {}
+    if qc.get("quant_method") == "mxfp4":
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=getattr(torch, args.dtype), **extra)
     model.eval()
     cfg = model.config
     routers = [(i, router_of(layer)) for i, layer in enumerate(model.model.layers)]
@@ -97,6 +160,12 @@ def main():
     k = cfg.num_experts_per_tok
     L = len(moe_layers)
     prompts = load_prompts(args.prompts)
+    if args.write_prompts:
+        with open(args.write_prompts, "w") as f:
+            for pid, cat, text in prompts:
+                f.write(json.dumps({"id": pid, "category": cat, "text": text}) + "\n")
+    # (prompt id, position, decoder layer) -> (token id, expert set, k-th minus (k+1)-th logit)
+    hf_routes = {}
 
     captured: list = [None] * L
 
@@ -121,6 +190,10 @@ def main():
         for l in range(L):
             logits, idx = captured[l]
             logits = logits.reshape(-1, E)
+            top = torch.sort(logits, dim=-1, descending=True).values
+            gaps = (top[:, k - 1] - top[:, k]).tolist() if k < E else [math.inf] * len(ids)
+            for pos, (row, gap) in enumerate(zip(idx.reshape(-1, k).tolist(), gaps)):
+                hf_routes[(pid, pos, moe_layers[l])] = (ids[pos], sorted(row), gap)
             p = torch.softmax(logits, -1)
             ent_sum[l] += float(-(p * torch.log(p.clamp_min(1e-30))).sum())
             for row in idx.reshape(-1, k).tolist():
@@ -158,6 +231,12 @@ def main():
         result["similarity_across_mean"] = round(float(np.mean(across)), 4)
     ok = bool((used >= args.min_used_frac * E).all() and (load <= args.max_load).all())
     result["not_collapsed"] = ok
+    if qc:
+        result["quantization"] = f"{qc.get('quant_method')} (loaded with Mxfp4Config(dequantize=True))"
+    if args.trace:
+        cmp = compare_trace(args.trace, hf_routes, args.tie_margin)
+        result["trace_comparison"] = cmp
+        ok = ok and cmp["ok"]
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -173,7 +252,17 @@ def main():
                 f"signature similarity: within-category {result['similarity_within_mean']}, "
                 f"across-category {result['similarity_across_mean']}"
             )
-        print("routing not collapsed" if ok else "ROUTING COLLAPSED (see thresholds)")
+        print("routing not collapsed" if result["not_collapsed"] else "ROUTING COLLAPSED (see thresholds)")
+        if "trace_comparison" in result:
+            c = result["trace_comparison"]
+            print(
+                f"moe-xray trace {c['trace']}: {c['compared']} (token, layer) decisions compared, "
+                f"{c['equal']} equal expert sets, {c['near_ties']} differ at near-ties (gap < {args.tie_margin}), "
+                f"{c['mismatches']} mismatches, {c['token_mismatches']} token-id mismatches, "
+                f"{c['missing']} missing -> {'OK' if c['ok'] else 'FAIL'}"
+            )
+            for m in c["examples"]:
+                print("  ", m)
     sys.exit(0 if ok else 1)
 
 

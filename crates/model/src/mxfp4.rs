@@ -70,6 +70,52 @@ pub fn check_quantization_config(dir: &Path, has_blocks: bool) -> Result<()> {
     }
 }
 
+/// The E2M1 values by code (transformers' `FP4_VALUES`): `KVALUES / 2`.
+pub const FP4_VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Quantises 32 values to one MXFP4 block in transformers' layout: returns the E8M0 scale byte
+/// and the 16 bytes whose byte `j` holds the code of value `2j` in its low nibble and of value
+/// `2j + 1` in its high nibble.
+///
+/// The quantiser of `tools/hf_ref_gptoss_mxfp4.py` (and gguf-py's `MXFP4.quantize_blocks`): scale
+/// exponent `floor(log2(max|x|)) − 2` (biased by 127, clamped to 0..=254; 0 for an all-zero
+/// block), so the largest magnitude lands in [4, 8) units and values above 6 units saturate;
+/// each value gets the nearest of [`FP4_VALUES`] times the scale, the first in table order on
+/// ties (so −0 is never chosen), with the error `|d · v − x|` computed in f32 as numpy does.
+/// `floor(log2(·))` is read from the exponent bits (exact); non-finite inputs are not
+/// expected (the writer's values are finite) but give some block without panicking.
+pub fn quantize_block(x: &[f32; BLOCK]) -> (u8, [u8; NIBBLE_BYTES]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // biased exponent field = floor(log2(amax)) + 127 for normal amax; 0 for zero / subnormal
+    let field = (amax.to_bits() >> 23) & 0xFF;
+    let e = if field == 0 {
+        0
+    } else {
+        field.saturating_sub(2).min(254)
+    };
+    // 2^(e - 127) exactly (subnormal for e = 0)
+    let d = f32::from_bits(if e == 0 { 0x0040_0000 } else { e << 23 });
+    let code = |v: f32| -> u8 {
+        let mut best = 0usize;
+        let mut best_err = f32::INFINITY;
+        for (c, q) in FP4_VALUES.iter().enumerate() {
+            let err = (d * q - v).abs();
+            if err < best_err {
+                best = c;
+                best_err = err;
+            }
+        }
+        best as u8
+    };
+    let mut out = [0u8; NIBBLE_BYTES];
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = code(x[2 * j]) | (code(x[2 * j + 1]) << 4);
+    }
+    (e as u8, out)
+}
+
 /// Where the packed experts are.
 #[derive(Debug)]
 enum Packed {

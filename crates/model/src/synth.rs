@@ -23,8 +23,25 @@
 //! test prompts, dense layers, shared experts, group-limited routing, a non-zero correction bias, sinks,
 //! multipliers); and the published shapes, copied from each model's `config.json` (the source is named
 //! next to each preset): `mixtral-8x7b`, `qwen1.5-moe-a2.7b`, `qwen3-30b-a3b`, `deepseek-v2-lite`,
-//! `moonlight-16b-a3b` (DeepSeek-V3 layout), `gpt-oss-20b` (bf16 experts instead of the published
-//! MXFP4), `granite-3.0-3b-a800m`, all bf16. Their parameter counts match the published totals (tests).
+//! `moonlight-16b-a3b` (DeepSeek-V3 layout), `gpt-oss-20b` (bf16 experts unless `--quant mxfp4`, see
+//! below), `granite-3.0-3b-a800m`, all bf16. Their parameter counts match the published totals (tests).
+//!
+//! # MXFP4 experts (`--quant mxfp4`, gpt_oss only): the published openai/gpt-oss layout
+//! [`SynthSpec::mxfp4_experts`]: each MoE layer's `mlp.experts.gate_up_proj` `[E, H, 2I]` and
+//! `down_proj` `[E, I, H]` are stored as `<name>_blocks` `[E, out, in/32, 16]` u8 and
+//! `<name>_scales` `[E, out, in/32]` u8 (rows = output units; byte `j` of a block holds value `2j` in
+//! its low nibble and `2j+1` in its high nibble; E8M0 scales, bias 127: transformers'
+//! `integrations/mxfp4.py`); the expert biases and every other tensor stay in the checkpoint's dtype
+//! (bf16 for `gpt-oss-20b`, as published), and config.json gets openai/gpt-oss-20b's
+//! `quantization_config` (`quant_method` "mxfp4", `modules_to_not_convert` attention, router,
+//! embedding, head). The values are those of the unquantised checkpoint of the same seed, rounded to
+//! its dtype and then quantised block by block by [`crate::mxfp4::quantize_block`] (the quantiser of
+//! `tools/hf_ref_gptoss_mxfp4.py` and gguf-py: scale `floor(log2 max|x|) − 2`, nearest E2M1 value,
+//! first on ties), so the MXFP4 model approximates the bf16 one (relative RMS error of the expert
+//! weights ≈ 0.1). Streaming: one expert's `[in, out]` values at a time (gpt-oss-20b: 66 MB of f32)
+//! are generated, transposed by tiles and packed; the scales of a `_blocks` tensor are kept (17 MB at
+//! most) until its `_scales` tensor, which follows it in name order. `--shards` split by stored
+//! bytes. A GGUF file with MXFP4 experts is not written (`--format gguf` refuses `mxfp4`).
 //!
 //! # Tokenizer
 //! With a vocabulary of at least 50,280 the real OLMo/OLMoE byte-level BPE tokenizer is written (embedded
@@ -135,6 +152,7 @@ use serde_json::{json, Value};
 use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::table::{tensor_table, ExpertLayout, Init as TableInit, Role};
+use moe_xray_kernels::mxfp4::{BLOCK, NIBBLE_BYTES};
 
 /// The OLMo / OLMoE tokenizer (gpt-neox-olmo-dolma-v1_5, Apache-2.0), see `assets/olmo-tokenizer/`.
 pub const OLMO_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/olmo-tokenizer/tokenizer.json");
@@ -558,6 +576,10 @@ pub struct SynthSpec {
     /// Biases on the attention projections (OLMoE, Qwen3, Granite: q/k/v/o; Qwen2-MoE: q/k/v,
     /// written as `qkv_bias`; DeepSeek: q_a/kv_a/o; GPT-OSS: q/k/v/o).
     pub attention_bias: bool,
+    /// GPT-OSS only (`--quant mxfp4`): the routed experts' `gate_up_proj` / `down_proj` are stored
+    /// as MXFP4 `*_blocks` / `*_scales` (u8) with `quantization_config` in config.json, the
+    /// published layout of openai/gpt-oss (see "MXFP4 experts" in the module docs).
+    pub mxfp4_experts: bool,
 }
 
 /// Names accepted by [`SynthSpec::preset`], with their family.
@@ -683,6 +705,7 @@ impl SynthSpec {
             multipliers: None,
             tie_word_embeddings: false,
             attention_bias: false,
+            mxfp4_experts: false,
         };
         // YaRN as DeepSeek-V2 writes it (factor and original length set per preset).
         let ds_yarn = |factor: f64, original: usize| SynthYarn {
@@ -1164,6 +1187,26 @@ impl SynthSpec {
         if self.planted && (self.hidden_size < 4 || self.num_experts < 4) {
             return bad("--planted needs --hidden >= 4 and --experts >= 4".into());
         }
+        if self.mxfp4_experts {
+            if self.family != Family::GptOss {
+                return bad(format!(
+                    "--quant mxfp4 stores gpt_oss experts in their published MXFP4 form; {} \
+                     experts have no MXFP4 layout (use --format gguf --quant q8_0|q4_k_m)",
+                    self.family.model_type()
+                ));
+            }
+            for (name, v) in [
+                ("hidden", self.hidden_size),
+                ("intermediate", self.intermediate_size),
+            ] {
+                if !v.is_multiple_of(moe_xray_kernels::mxfp4::BLOCK) {
+                    return bad(format!(
+                        "--quant mxfp4 needs --{name} to be a multiple of 32 (the MXFP4 block), \
+                         got {v}"
+                    ));
+                }
+            }
+        }
         if self.planted && self.num_kv_heads * self.head_dim() < 4 {
             return bad(
                 "--planted needs at least 4 value dimensions (kv-heads · hidden/heads >= 4)".into(),
@@ -1359,7 +1402,7 @@ impl SynthSpec {
     /// Bytes of weight data the checkpoint holds (0 when the spec does not validate).
     pub fn weight_bytes(&self) -> u64 {
         self.tensor_plan()
-            .map(|p| p.iter().map(|t| (t.numel() * t.dtype.size()) as u64).sum())
+            .map(|p| p.iter().map(TensorPlan::stored_bytes).sum())
             .unwrap_or(0)
     }
 
@@ -1387,6 +1430,7 @@ impl SynthSpec {
         let table = tensor_table(&cfg, ExpertLayout::Canonical)?;
         let hf = self.hidden_size as f64;
         let resid = 1.0 / (2.0 * self.num_layers as f64).sqrt();
+        let family = self.family;
         Ok(table
             .into_iter()
             .map(|t| {
@@ -1419,11 +1463,16 @@ impl SynthSpec {
                 } else {
                     self.dtype
                 };
+                // `--quant mxfp4`: the fused expert weights (not their biases) are packed
+                let mxfp4 = self.mxfp4_experts
+                    && matches!(t.role, Role::FusedGateUp(_) | Role::FusedDown(_))
+                    && t.name == crate::table::weight_name(family, t.role);
                 TensorPlan {
                     name: t.name,
                     shape: t.shape,
                     init,
                     dtype,
+                    mxfp4,
                 }
             })
             .collect())
@@ -1444,11 +1493,23 @@ struct TensorPlan {
     shape: Vec<usize>,
     init: Init,
     dtype: SynthDtype,
+    /// Stored as MXFP4 `<name>_blocks` / `<name>_scales` (a fused `[E, in, out]` expert weight).
+    mxfp4: bool,
 }
 
 impl TensorPlan {
     fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Bytes in the checkpoint: MXFP4 takes 17 bytes (16 of nibbles, 1 scale) per 32 values.
+    fn stored_bytes(&self) -> u64 {
+        let n = self.numel() as u64;
+        if self.mxfp4 {
+            n / BLOCK as u64 * (NIBBLE_BYTES as u64 + 1)
+        } else {
+            n * self.dtype.size() as u64
+        }
     }
 }
 
@@ -1881,19 +1942,107 @@ fn generate_chunk(
     });
 }
 
+/// Which bytes of a plan tensor a safetensors entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// The values in the tensor's dtype.
+    Whole,
+    /// MXFP4 nibbles `[E, out, in/32, 16]` u8 (`<name>_blocks`).
+    Blocks,
+    /// MXFP4 E8M0 scales `[E, out, in/32]` u8 (`<name>_scales`).
+    Scales,
+}
+
+/// One tensor of a safetensors file: plan tensor `src` (its random stream), or a packed half of it.
+#[derive(Debug, Clone)]
+struct FileTensor {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    bytes: usize,
+    src: usize,
+    part: Part,
+}
+
+/// The tensors of the safetensors files, sorted by name: every plan tensor as is, except that an
+/// MXFP4 expert weight `[E, in, out]` becomes `<name>_blocks` and `<name>_scales` (rows = output
+/// units, as transformers' `integrations/mxfp4.py` stores them).
+fn file_tensors(plan: &[TensorPlan]) -> Result<Vec<FileTensor>> {
+    let overflow = |name: &str| {
+        ModelError::InvalidArgument(format!(
+            "{name}: tensor size overflows this machine's usize"
+        ))
+    };
+    let mut out = Vec::with_capacity(plan.len() + 8);
+    for (src, t) in plan.iter().enumerate() {
+        if !t.mxfp4 {
+            let bytes = crate::limits::checked_product(&t.shape)
+                .and_then(|n| n.checked_mul(t.dtype.size()))
+                .ok_or_else(|| overflow(&t.name))?;
+            out.push(FileTensor {
+                name: t.name.clone(),
+                dtype: t.dtype.safetensors_name(),
+                shape: t.shape.clone(),
+                bytes,
+                src,
+                part: Part::Whole,
+            });
+            continue;
+        }
+        let &[e, k, rows] = t.shape.as_slice() else {
+            return Err(ModelError::InvalidArgument(format!(
+                "{}: MXFP4 experts need a [experts, in, out] tensor, got shape {:?}",
+                t.name, t.shape
+            )));
+        };
+        if !k.is_multiple_of(BLOCK) {
+            return Err(ModelError::InvalidArgument(format!(
+                "{}: input size {k} is not a multiple of the MXFP4 block ({BLOCK})",
+                t.name
+            )));
+        }
+        let nb = k / BLOCK;
+        let scales =
+            crate::limits::checked_product(&[e, rows, nb]).ok_or_else(|| overflow(&t.name))?;
+        let blocks = scales
+            .checked_mul(NIBBLE_BYTES)
+            .ok_or_else(|| overflow(&t.name))?;
+        out.push(FileTensor {
+            name: format!("{}_blocks", t.name),
+            dtype: "U8",
+            shape: vec![e, rows, nb, NIBBLE_BYTES],
+            bytes: blocks,
+            src,
+            part: Part::Blocks,
+        });
+        out.push(FileTensor {
+            name: format!("{}_scales", t.name),
+            dtype: "U8",
+            shape: vec![e, rows, nb],
+            bytes: scales,
+            src,
+            part: Part::Scales,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
 /// Hand-written safetensors header: the `safetensors` crate's writer needs every tensor's bytes in
 /// memory at once, while this writer streams them (the format is a u64 length + JSON + data).
-fn safetensors_header(tensors: &[&TensorPlan]) -> Result<Vec<u8>> {
+fn safetensors_header(tensors: &[&FileTensor]) -> Result<Vec<u8>> {
     let mut map = serde_json::Map::new();
     map.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut off = 0usize;
     for t in tensors {
-        let n = t.numel() * t.dtype.size();
+        let end = off.checked_add(t.bytes).ok_or_else(|| {
+            ModelError::InvalidArgument("safetensors file size overflows usize".into())
+        })?;
         map.insert(
             t.name.clone(),
-            json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [off, off + n]}),
+            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, end]}),
         );
-        off += n;
+        off = end;
     }
     // sorted keys regardless of serde_json's `preserve_order` feature
     let sorted: BTreeMap<String, Value> = map.into_iter().collect();
@@ -1907,14 +2056,14 @@ fn safetensors_header(tensors: &[&TensorPlan]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Split the (name-sorted) tensors into `n` contiguous groups of about equal byte size.
-fn split_shards(plan: &[TensorPlan], n: usize) -> Vec<Vec<usize>> {
-    let total: usize = plan.iter().map(|t| t.numel()).sum();
+/// Split tensors of the given sizes (name-sorted) into `n` contiguous groups of about equal size.
+fn split_shards(sizes: &[usize], n: usize) -> Vec<Vec<usize>> {
+    let total: usize = sizes.iter().sum();
     let mut groups: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut acc = 0usize;
     let mut g = 0usize;
-    for (i, t) in plan.iter().enumerate() {
-        let remaining_tensors = plan.len() - i;
+    for (i, &size) in sizes.iter().enumerate() {
+        let remaining_tensors = sizes.len() - i;
         let remaining_groups = n - g;
         // move on when this group reached its share, but keep one tensor for every later group
         if !groups[g].is_empty()
@@ -1924,9 +2073,79 @@ fn split_shards(plan: &[TensorPlan], n: usize) -> Vec<Vec<usize>> {
             g += 1;
         }
         groups[g].push(i);
-        acc += t.numel();
+        acc += size;
     }
     groups
+}
+
+/// Output rows quantised per parallel task of [`quantize_expert`].
+const MX_ROWS: usize = 64;
+
+/// `--quant mxfp4`: expert `e` of the fused expert weight `t` (`[E, in, out]`, stream `stream`)
+/// as MXFP4 in transformers' layout: blocks `[out, in/32, 16]` and scales `[out, in/32]`.
+///
+/// The values are exactly those of the unquantised checkpoint of the same seed (rounded to its
+/// dtype, e.g. bf16), so the MXFP4 model approximates that one; each block of 32 consecutive
+/// input values of one output unit is quantised by [`crate::mxfp4::quantize_block`]. Parallel
+/// over output rows, each row's bytes independent of the thread count.
+fn quantize_expert(
+    spec: &SynthSpec,
+    t: &TensorPlan,
+    stream: u64,
+    e: usize,
+    plant: Option<&Planting>,
+    slab: &mut Vec<f32>,
+) -> (Vec<u8>, Vec<u8>) {
+    let (k, rows) = (t.shape[1], t.shape[2]);
+    let n = k * rows;
+    let nb = k / BLOCK;
+    slab.clear();
+    slab.resize(n, 0.0);
+    // e · k · rows is even (k is a multiple of 32), as the generator needs
+    generate_chunk(spec, t, stream, e * n, slab, plant);
+    let dtype = t.dtype;
+    slab.par_chunks_mut(SUB).for_each(|c| {
+        c.iter_mut().for_each(|v| *v = round_to(dtype, *v));
+    });
+    let slab = &slab[..];
+    let mut blocks = vec![0u8; rows * nb * NIBBLE_BYTES];
+    let mut scales = vec![0u8; rows * nb];
+    blocks
+        .par_chunks_mut(MX_ROWS * nb * NIBBLE_BYTES)
+        .zip(scales.par_chunks_mut(MX_ROWS * nb))
+        .enumerate()
+        .for_each(|(ci, (bl, sc))| {
+            let r0 = ci * MX_ROWS;
+            let nr = sc.len() / nb;
+            // tile[i][r]: input 32·b + i of output unit r0 + r (contiguous reads of the slab)
+            let mut tile = vec![0f32; BLOCK * nr];
+            let mut x = [0f32; BLOCK];
+            for b in 0..nb {
+                for i in 0..BLOCK {
+                    let src = (b * BLOCK + i) * rows + r0;
+                    tile[i * nr..(i + 1) * nr].copy_from_slice(&slab[src..src + nr]);
+                }
+                for r in 0..nr {
+                    for (i, xi) in x.iter_mut().enumerate() {
+                        *xi = tile[i * nr + r];
+                    }
+                    let (scale, q) = crate::mxfp4::quantize_block(&x);
+                    sc[r * nb + b] = scale;
+                    bl[(r * nb + b) * NIBBLE_BYTES..(r * nb + b + 1) * NIBBLE_BYTES]
+                        .copy_from_slice(&q);
+                }
+            }
+        });
+    (blocks, scales)
+}
+
+/// `v` rounded to `dtype` (round-to-nearest-even) and back.
+fn round_to(dtype: SynthDtype, v: f32) -> f32 {
+    match dtype {
+        SynthDtype::F32 => v,
+        SynthDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+        SynthDtype::F16 => half::f16::from_f32(v).to_f32(),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
@@ -2142,6 +2361,21 @@ pub fn config_json(spec: &SynthSpec) -> Value {
             m.insert("sliding_window", json!(spec.sliding_window));
             m.insert("swiglu_alpha", json!(1.702));
             m.insert("swiglu_limit", json!(spec.swiglu_limit));
+            if spec.mxfp4_experts {
+                // as openai/gpt-oss-20b's config.json
+                m.insert(
+                    "quantization_config",
+                    json!({
+                        "modules_to_not_convert": [
+                            "model.layers.*.self_attn",
+                            "model.layers.*.mlp.router",
+                            "model.embed_tokens",
+                            "lm_head"
+                        ],
+                        "quant_method": "mxfp4"
+                    }),
+                );
+            }
         }
         Family::GraniteMoe => {
             let mu = spec.multipliers.unwrap_or(SynthMultipliers {
@@ -2255,6 +2489,13 @@ pub(crate) struct SynthValues<'a> {
 impl<'a> SynthValues<'a> {
     pub(crate) fn new(spec: &'a SynthSpec) -> Result<Self> {
         spec.validate()?;
+        if spec.mxfp4_experts {
+            return Err(ModelError::InvalidArgument(
+                "MXFP4 experts are written as safetensors only (the published gpt-oss layout); \
+                 a GGUF file gets --quant f32, bf16, q8_0 or q4_k_m"
+                    .into(),
+            ));
+        }
         let (tok, planting, class_counts) = tokenizer_and_planting(spec)?;
         Ok(SynthValues {
             spec,
@@ -2302,14 +2543,24 @@ impl<'a> SynthValues<'a> {
 fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
     let (tok, planting, class_counts) = tokenizer_and_planting(spec)?;
     let plan = spec.tensor_plan()?;
-
-    let groups = split_shards(&plan, spec.shards);
+    let ftensors = file_tensors(&plan)?;
+    // shards by element count, as before MXFP4 (so unquantised checkpoints keep their bytes); by
+    // stored bytes when the sizes per element differ that much
+    let sizes: Vec<usize> = if spec.mxfp4_experts {
+        ftensors.iter().map(|t| t.bytes).collect()
+    } else {
+        ftensors.iter().map(|t| plan[t.src].numel()).collect()
+    };
+    let groups = split_shards(&sizes, spec.shards);
     let n = groups.len();
     let mut files = Vec::new();
     let mut weight_map = serde_json::Map::new();
     let mut weight_bytes = 0u64;
     let mut fbuf = vec![0f32; CHUNK];
     let mut bytes = Vec::new();
+    // MXFP4: the scales of the `_blocks` tensor just written (`_scales` follows it in name order)
+    let mut mx_scales: Option<(usize, Vec<u8>)> = None;
+    let mut slab = Vec::new();
     for (gi, group) in groups.iter().enumerate() {
         let fname = if n == 1 {
             "model.safetensors".to_string()
@@ -2317,31 +2568,68 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
             format!("model-{:05}-of-{:05}.safetensors", gi + 1, n)
         };
         let path = dir.join(&fname);
-        let tensors: Vec<&TensorPlan> = group.iter().map(|&i| &plan[i]).collect();
+        let tensors: Vec<&FileTensor> = group.iter().map(|&i| &ftensors[i]).collect();
         let header = safetensors_header(&tensors)?;
         let file = File::create(&path).map_err(io_err(&path))?;
         let mut w = BufWriter::with_capacity(1 << 22, file);
         w.write_all(&header).map_err(io_err(&path))?;
-        for &ti in group {
+        for ft in tensors {
+            let ti = ft.src;
             let t = &plan[ti];
-            let total = t.numel();
-            let mut start = 0;
-            while start < total {
-                let len = CHUNK.min(total - start);
-                generate_chunk(
-                    spec,
-                    t,
-                    ti as u64,
-                    start,
-                    &mut fbuf[..len],
-                    planting.as_ref(),
-                );
-                convert(&fbuf[..len], t.dtype, &mut bytes);
-                w.write_all(&bytes).map_err(io_err(&path))?;
-                start += len;
+            match ft.part {
+                Part::Whole => {
+                    let total = t.numel();
+                    let mut start = 0;
+                    while start < total {
+                        let len = CHUNK.min(total - start);
+                        generate_chunk(
+                            spec,
+                            t,
+                            ti as u64,
+                            start,
+                            &mut fbuf[..len],
+                            planting.as_ref(),
+                        );
+                        convert(&fbuf[..len], t.dtype, &mut bytes);
+                        w.write_all(&bytes).map_err(io_err(&path))?;
+                        start += len;
+                    }
+                }
+                Part::Blocks | Part::Scales => {
+                    let cached = match mx_scales.take() {
+                        Some((src, sc)) if ft.part == Part::Scales && src == ti => Some(sc),
+                        _ => None,
+                    };
+                    if let Some(sc) = cached {
+                        w.write_all(&sc).map_err(io_err(&path))?;
+                    } else {
+                        // one expert at a time: the slab of its values, then its packed rows
+                        let mut all_scales = Vec::with_capacity(ft.bytes / NIBBLE_BYTES);
+                        for e in 0..t.shape[0] {
+                            let (bl, sc) = quantize_expert(
+                                spec,
+                                t,
+                                ti as u64,
+                                e,
+                                planting.as_ref(),
+                                &mut slab,
+                            );
+                            match ft.part {
+                                Part::Blocks => {
+                                    w.write_all(&bl).map_err(io_err(&path))?;
+                                    all_scales.extend_from_slice(&sc);
+                                }
+                                _ => w.write_all(&sc).map_err(io_err(&path))?,
+                            }
+                        }
+                        if ft.part == Part::Blocks {
+                            mx_scales = Some((ti, all_scales));
+                        }
+                    }
+                }
             }
-            weight_bytes += (total * t.dtype.size()) as u64;
-            weight_map.insert(t.name.clone(), json!(fname));
+            weight_bytes += ft.bytes as u64;
+            weight_map.insert(ft.name.clone(), json!(fname));
         }
         let file = w
             .into_inner()
@@ -2417,6 +2705,9 @@ fn write_into(spec: &SynthSpec, dir: &Path) -> Result<SynthSummary> {
         if spec.family == Family::DeepseekV3 {
             info["score_correction_bias_std"] = json!(SCORE_BIAS_STD);
         }
+    }
+    if spec.mxfp4_experts {
+        info["expert_quant"] = json!("mxfp4");
     }
     if spec.planted {
         // only in planted checkpoints, so that random checkpoints keep their earlier bytes
@@ -2694,7 +2985,8 @@ mod tests {
         let spec = SynthSpec::preset("tiny").unwrap();
         let plan = spec.tensor_plan().unwrap();
         for n in [1, 2, 3, 7, plan.len()] {
-            let g = split_shards(&plan, n);
+            let sizes: Vec<usize> = plan.iter().map(|t| t.numel()).collect();
+            let g = split_shards(&sizes, n);
             assert_eq!(g.len(), n);
             assert!(g.iter().all(|x| !x.is_empty()), "n={n}");
             let flat: Vec<usize> = g.concat();

@@ -69,7 +69,11 @@ pub struct Args {
     pub format: String,
     /// GGUF tensor types (--format gguf): f32, bf16, q8_0 (as llama.cpp's converter writes
     /// them) or q4_k_m (llama-quantize's Q4_K_M mix: Q4_K with Q6_K for the output and some
-    /// attn_v / ffn_down tensors). Default: bf16.
+    /// attn_v / ffn_down tensors). Default: bf16. With --format safetensors only `mxfp4`
+    /// (gpt_oss presets): the routed experts as MXFP4 `*_blocks` / `*_scales` with
+    /// `quantization_config` in config.json, everything else in --dtype (gpt-oss-20b: bf16), the
+    /// published openai/gpt-oss layout; the experts are the same seed's values quantised
+    /// (`--preset gpt-oss-20b --quant mxfp4` is about 13.8 GB).
     #[arg(long)]
     pub quant: Option<String>,
     /// Renormalise the top-k router weights (`norm_topk_prob: true`; olmoe, qwen2_moe,
@@ -149,6 +153,16 @@ pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
     }
     s.seed = a.seed;
     s.planted = a.planted;
+    if a.format == "safetensors" {
+        match a.quant.as_deref() {
+            None => {}
+            Some(q) if q.eq_ignore_ascii_case("mxfp4") => s.mxfp4_experts = true,
+            Some(q) => anyhow::bail!(
+                "--quant {q} needs --format gguf (safetensors checkpoints take only --quant mxfp4, \
+                 for gpt_oss)"
+            ),
+        }
+    }
     if a.norm_topk_prob {
         s.norm_topk_prob = true;
     }
@@ -162,6 +176,15 @@ fn run_gguf(a: &Args, spec: &SynthSpec) -> anyhow::Result<()> {
     if a.dtype.is_some() || a.shards.is_some() {
         anyhow::bail!(
             "--dtype and --shards are safetensors options; with --format gguf give --quant"
+        );
+    }
+    if a.quant
+        .as_deref()
+        .is_some_and(|q| q.eq_ignore_ascii_case("mxfp4"))
+    {
+        anyhow::bail!(
+            "--quant mxfp4 writes the published gpt-oss safetensors layout: use it with \
+             --format safetensors (GGUF MXFP4 files are not written by synth-model)"
         );
     }
     let quant = GgufQuant::parse(a.quant.as_deref().unwrap_or("bf16"))?;
@@ -255,11 +278,7 @@ fn print_routing(r: &[synth::LayerRouting]) {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let spec = spec_from_args(&a)?;
     match a.format.as_str() {
-        "safetensors" => {
-            if a.quant.is_some() {
-                anyhow::bail!("--quant needs --format gguf");
-            }
-        }
+        "safetensors" => {}
         "gguf" => return run_gguf(&a, &spec),
         other => anyhow::bail!("unknown --format `{other}` (safetensors or gguf)"),
     }
@@ -270,12 +289,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let progress = crate::progress::spinner(
         a.quiet,
         &format!(
-            "synth-model: writing {} {} parameters ({} layers x {} experts, {})",
+            "synth-model: writing {} {} parameters ({} layers x {} experts, {}{})",
             spec.family.model_type(),
             spec.num_parameters(),
             spec.num_layers,
             spec.num_experts,
-            spec.dtype.torch_name()
+            spec.dtype.torch_name(),
+            if spec.mxfp4_experts {
+                ", MXFP4 experts"
+            } else {
+                ""
+            }
         ),
     );
     let summary = synth::write_checkpoint(&spec, &a.out)
@@ -287,7 +311,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         print_json(&summary, routing.as_ref())?;
     } else if !a.quiet {
         println!(
-            "wrote {} ({}, {} parameters, {} layers x {} experts top-{}, {}, {} weight bytes, tokenizer: {}{}) in {:.1} s",
+            "wrote {} ({}, {} parameters, {} layers x {} experts top-{}, {}{}, {} weight bytes, tokenizer: {}{}) in {:.1} s",
             summary.out_dir.display(),
             summary.model_type,
             summary.num_parameters,
@@ -295,6 +319,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             spec.num_experts,
             spec.top_k,
             spec.dtype.torch_name(),
+            if spec.mxfp4_experts {
+                " with MXFP4 experts"
+            } else {
+                ""
+            },
             summary.weight_bytes,
             summary.tokenizer,
             if spec.planted { ", planted" } else { "" },
@@ -471,6 +500,50 @@ mod tests {
             .to_string();
         assert!(e.contains("--kv-heads"), "{e}");
         assert!(spec(&["--out", "x", "--experts", "0"]).is_err());
+    }
+
+    #[test]
+    fn quant_mxfp4_is_for_gpt_oss_safetensors() {
+        let s = spec(&["--out", "x", "--family", "gpt_oss", "--quant", "mxfp4"]).unwrap();
+        assert!(s.mxfp4_experts);
+        let s = spec(&["--out", "x", "--preset", "gpt-oss-20b", "--quant", "MXFP4"]).unwrap();
+        assert!(s.mxfp4_experts && s.dtype == SynthDtype::Bf16);
+        assert!(
+            !spec(&["--out", "x", "--family", "gpt_oss"])
+                .unwrap()
+                .mxfp4_experts
+        );
+        let e = spec(&["--out", "x", "--family", "mixtral", "--quant", "mxfp4"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mxfp4") && e.contains("mixtral"), "{e}");
+        let e = spec(&["--out", "x", "--family", "gpt_oss", "--quant", "q8_0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--format gguf"), "{e}");
+        let e = spec(&[
+            "--out", "x", "--family", "gpt_oss", "--quant", "mxfp4", "--hidden", "48",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("multiple of 32"), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("m.gguf");
+        let w = Wrap::try_parse_from([
+            "synth-model",
+            "--out",
+            out.to_str().unwrap(),
+            "--family",
+            "gpt_oss",
+            "--format",
+            "gguf",
+            "--quant",
+            "mxfp4",
+        ])
+        .unwrap();
+        let e = run(w.args).unwrap_err().to_string();
+        assert!(e.contains("--format safetensors"), "{e}");
+        assert!(!out.exists());
     }
 
     #[test]
