@@ -18,7 +18,8 @@
 //! four activation bytes broadcast, one `vpdpbusd` adds four products to sixteen rows' sums. The
 //! generic and AVX2 paths decode one row at a time into a small per-thread buffer (unsigned 8-bit
 //! values, the 16-value group scales widened to i16, the f32 block scales) and take the tokens in
-//! blocks of [`TBLOCK`]. Either way the weights are read from memory once per call.
+//! blocks of `TBLOCK` (64), decoding each row once per token block: one weight read per call up
+//! to 64 tokens.
 //!
 //! Integer part (exact on every path, identical integers): for K-quants, per super-block of 256,
 //! `ia = Σ scale(group(i)) · q[i] · x[i]` and the group corrections
@@ -46,6 +47,10 @@ pub const QK_K: usize = 256;
 pub const QK: usize = 32;
 /// Weight rows per rayon task.
 pub const PANEL: usize = 16;
+
+// The AVX-512 tile prepares exactly one panel of rows at a time.
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(PANEL == avx512::ROWS);
 
 /// The quantised weight types the kernel reads (ggml block layouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -765,9 +770,10 @@ impl Panel {
 }
 
 /// Panels kept per thread between calls (one per weight type and row length: a model's
-/// projections alternate between a few).
+/// projections alternate between a few — a Q4_K_M file mixes Q4_K, Q6_K and Q8_0 over the hidden,
+/// expert and shared-expert widths, so the cache holds more than one layer's pairs).
 #[cfg(target_arch = "x86_64")]
-const PANEL_CACHE_LEN: usize = 4;
+const PANEL_CACHE_LEN: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
@@ -777,22 +783,27 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's panel for weights of type `ty` and row length `k` (made when no
-/// cached one matches, replacing the oldest; a fresh one if the cache is in use).
+/// cached one matches, replacing the least recently used; a fresh one if the cache is in use).
+/// The panel's contents are rewritten by every fill, so the key only has to fix its buffer sizes.
 #[cfg(target_arch = "x86_64")]
 fn with_panel(ty: QType, k: usize, f: impl FnOnce(&mut Panel)) {
     let mut f = Some(f);
     PANEL_CACHE.with(|c| {
         if let Ok(mut cache) = c.try_borrow_mut() {
-            let i = match cache.iter().position(|(t, kk, _)| *t == ty && *kk == k) {
-                Some(i) => i,
+            // Least recently used first: a hit moves its entry to the back.
+            match cache.iter().position(|(t, kk, _)| *t == ty && *kk == k) {
+                Some(i) => {
+                    let hit = cache.remove(i);
+                    cache.push(hit);
+                }
                 None => {
                     if cache.len() >= PANEL_CACHE_LEN {
                         cache.remove(0);
                     }
                     cache.push((ty, k, Panel::new(ty, k)));
-                    cache.len() - 1
                 }
-            };
+            }
+            let i = cache.len() - 1;
             if let (Some((_, _, panel)), Some(f)) = (cache.get_mut(i), f.take()) {
                 f(panel);
             }

@@ -84,7 +84,10 @@ pub const FP4_VALUES: [f32; 16] = [
 /// block), so the largest magnitude lands in [4, 8) units and values above 6 units saturate;
 /// each value gets the nearest of [`FP4_VALUES`] times the scale, the first in table order on
 /// ties (so −0 is never chosen), with the error `|d · v − x|` computed in f32 as numpy does.
-/// `floor(log2(·))` is read from the exponent bits (exact); non-finite inputs are not
+/// `floor(log2(·))` is read from the exponent bits (exact; numpy's float32 `log2` can round up
+/// to the next integer when max|x| lies within an ulp below a power of two: bf16 / f16 values
+/// cannot lie there, so the tool and this agree on bf16 / f16 checkpoints; with `--dtype f32` such
+/// a block's scale could differ from the tool's by one step); non-finite inputs are not
 /// expected (the writer's values are finite) but give some block without panicking.
 pub fn quantize_block(x: &[f32; BLOCK]) -> (u8, [u8; NIBBLE_BYTES]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -173,7 +173,7 @@ pub(super) fn tile(
 /// The four activation bytes at `p`, broadcast to every i32 lane.
 ///
 /// # Safety
-/// `p .. p + 4` must be readable.
+/// The CPU must have AVX-512 F; `p .. p + 4` must be readable.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn bcast4<T>(p: *const T) -> __m512i {
@@ -483,7 +483,9 @@ pub(super) fn fill_scales(
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VNNI; `base` points at the first of the rows selected by
 /// `mask` (each `rb` bytes, `nb` blocks of `bb` bytes of type `ty`: Q8_0, Q4_K or Q6_K); the
-/// panel's lanes hold `nb` blocks.
+/// panel's lanes hold `nb` blocks; `16 · rb` must fit in an `i32` (the gathers' lane offsets
+/// `j · rb` would otherwise wrap and read outside the rows — the caller falls back to the scalar
+/// gather in that case).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn fill_scales_raw(
     ty: QType,
