@@ -34,6 +34,7 @@ Usage: /work/venvs/hf/bin/python tools/hf_ref_deepseek_gptoss.py [--out fixtures
 
 from __future__ import annotations
 
+import copy
 import argparse
 import contextlib
 import json
@@ -111,19 +112,6 @@ MODELS = [
             max_position_embeddings=1024, rope_parameters=dict(YARN_V2),
         ),
     ),
-    # deepseekv2-tiny-group-f32 (same seed, same weights) as a user gets it in bf16: see `write_checkpoint`.
-    dict(
-        name="deepseekv2-tiny-group-bf16", family="deepseek_v2", seed=202, dtype=torch.bfloat16, shard=None,
-        config=dict(
-            vocab_size=576, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-            n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
-            topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.25,
-            norm_topk_prob=True, attention_bias=True,
-            max_position_embeddings=1024, rope_parameters=dict(YARN_V2),
-        ),
-    ),
     dict(
         name="deepseekv3-tiny-f32", family="deepseek_v3", seed=303, dtype=torch.float32, shard=None,
         config=dict(
@@ -171,6 +159,14 @@ MODELS = [
         ),
     ),
 ]
+
+# deepseekv2-tiny-group-f32 (same seed, same weights) as a user gets it in bf16 (see `write_checkpoint`), listed
+# right after its f32 twin.
+MODELS.insert(
+    next(i for i, m in enumerate(MODELS) if m["name"] == "deepseekv2-tiny-group-f32") + 1,
+    {**copy.deepcopy(next(m for m in MODELS if m["name"] == "deepseekv2-tiny-group-f32")),
+     "name": "deepseekv2-tiny-group-bf16", "dtype": torch.bfloat16, "shard": None},
+)
 
 CLASSES = {
     "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),

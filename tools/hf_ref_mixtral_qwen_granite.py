@@ -157,52 +157,23 @@ MODELS = [
             tie_word_embeddings=False,
         ),
     ),
-    # bf16 twins of the f32 fixtures above (same seed and config, so the same weights), made the way a user gets a
-    # bf16 checkpoint: the f32 model saved, loaded back with `from_pretrained(dtype=torch.bfloat16)` (none of these
-    # families has `_keep_in_fp32_modules`, so every tensor is bf16) and saved again (`bf16_via_from_pretrained`).
-    dict(
-        name="mixtral-tiny-swa-bf16",
-        family="mixtral",
-        seed=104,
-        dtype=torch.bfloat16,
-        bf16_via_from_pretrained=True,
-        shard="60KB",
-        config=dict(
-            vocab_size=512, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-            sliding_window=5, tie_word_embeddings=False,
-        ),
-    ),
-    dict(
-        name="qwen2moe-tiny-bf16",
-        family="qwen2_moe",
-        seed=205,
-        dtype=torch.bfloat16,
-        bf16_via_from_pretrained=True,
-        shard=None,
-        config=dict(
-            vocab_size=576, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-            shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, num_experts=12, num_experts_per_tok=4, norm_topk_prob=False,
-            qkv_bias=True, mlp_only_layers=[1], decoder_sparse_step=1, tie_word_embeddings=False,
-        ),
-    ),
-    dict(
-        name="granitemoe-tiny-bf16",
-        family="granitemoe",
-        seed=506,
-        dtype=torch.bfloat16,
-        bf16_via_from_pretrained=True,
-        shard=None,
-        config=dict(
-            vocab_size=520, hidden_size=32, intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-            embedding_multiplier=6.0, attention_multiplier=0.1, residual_multiplier=0.3, logits_scaling=4.0,
-            tie_word_embeddings=False,
-        ),
-    ),
 ]
 
+
+def bf16_twin(f32_name: str, **over) -> dict:
+    """The bf16 twin of an f32 fixture: same seed and config (so the same weights), made the way a user gets a
+    bf16 checkpoint: the f32 model saved, loaded back with `from_pretrained(dtype=torch.bfloat16)` (none of these
+    families has `_keep_in_fp32_modules`, so every tensor is bf16) and saved again (`bf16_via_from_pretrained`)."""
+    base = next(m for m in MODELS if m["name"] == f32_name)
+    return {**copy.deepcopy(base), "name": f32_name.replace("-f32", "-bf16"), "dtype": torch.bfloat16,
+            "bf16_via_from_pretrained": True, **over}
+
+
+MODELS += [
+    bf16_twin("mixtral-tiny-swa-f32", shard="60KB"),
+    bf16_twin("qwen2moe-tiny-f32", shard=None),
+    bf16_twin("granitemoe-tiny-f32", shard=None),
+]
 
 # ---------------------------------------------------------------------------------------------- model access
 
