@@ -1,12 +1,15 @@
 //! `cargo bench -p moe-xray-kernels --bench mxfp4`: time of one gpt-oss-20b gate_up projection
 //! (5760 × 2880, MXFP4 weights read from the packed bytes) against the bf16 kernel on the same
 //! shape and the dequantised values, for n = 1, 8 and 64 tokens, with the packed weights'
-//! effective GB/s. Indicative: each figure is the mean over ≥ 1 s of repetitions.
+//! effective GB/s. The MXFP4 kernel is timed on each of its SIMD paths this CPU has (AVX-512,
+//! then AVX2 forced with `Cpu::without_avx512`), in the same process; `MOE_XRAY_KERNEL` caps
+//! them. Indicative: each figure is the mean over ≥ 1 s of repetitions.
 
 use std::time::Instant;
 
+use moe_xray_kernels::cpu::Cpu;
 use moe_xray_kernels::matmul::{xwt, Elem};
-use moe_xray_kernels::mxfp4::{xwt_mxfp4, MxLayout, MxMatrix, BLOCK, NIBBLE_BYTES};
+use moe_xray_kernels::mxfp4::{mxfp4_path, xwt_mxfp4_on, MxLayout, MxMatrix, BLOCK, NIBBLE_BYTES};
 use rand::{Rng, SeedableRng};
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -47,13 +50,21 @@ fn main() {
             }
             t.elapsed().as_secs_f64() / f64::from(reps)
         };
-        let a = time(&|| xwt_mxfp4(&x, n, &w));
         let c = time(&|| xwt(&x, n, k, &wb, m));
-        println!(
-            "n={n}: mxfp4 {:.2} ms ({:.1} GB/s of packed weights), bf16 {:.2} ms",
-            a * 1e3,
-            (m * k) as f64 * 17.0 / 32.0 / a / 1e9,
-            c * 1e3
-        );
+        let mut cpus = vec![Cpu::get()];
+        if mxfp4_path(Cpu::get()) == "avx512" {
+            cpus.push(Cpu::get().without_avx512());
+        }
+        for cpu in cpus {
+            let a = time(&|| xwt_mxfp4_on(cpu, &x, n, &w));
+            println!(
+                "n={n}: mxfp4 [{}] {:.2} ms ({:.1} GB/s of packed weights, {:.2}x bf16), bf16 {:.2} ms",
+                mxfp4_path(cpu),
+                a * 1e3,
+                (m * k) as f64 * 17.0 / 32.0 / a / 1e9,
+                a / c,
+                c * 1e3
+            );
+        }
     }
 }

@@ -13,19 +13,22 @@
 //! (ggml's `ggml_e8m0_to_fp32_half`). Both factors are exact in f32 and so is their product: the
 //! decoded weights are exactly transformers' / gguf-py's dequantised f32 weights.
 //!
-//! The kernel never dequantises a whole matrix: it decodes a panel of rows (a few hundred KiB)
-//! into a per-thread f32 buffer and multiplies it while it is in L2. Each output element is
+//! The kernel never dequantises a whole matrix: the AVX2 and scalar paths decode a panel of rows
+//! (a few hundred KiB) into a per-thread f32 buffer and multiply it while it is in L2; the
+//! AVX-512 path (`arch/x86_64/avx512/mxfp4.rs`) decodes two rows' blocks into registers and
+//! multiplies them at once, eight tokens per decode. Each output element is
 //! summed exactly as [`crate::matmul::xwt_reference`] sums it (k blocks of 1024, eight lanes of
 //! fused multiply-adds per block, a fixed-order horizontal sum, block sums added in order), so
 //! the result does not depend on the batch, the panel or the thread count, and it equals
-//! `xwt_reference` on the dequantised weights bit for bit. The AVX2 path
-//! (`arch/x86_64/avx2/mxfp4.rs`, `vpshufb` decoding) is tested bit for bit against the scalar
-//! reference [`xwt_mxfp4_reference`].
+//! `xwt_reference` on the dequantised weights bit for bit. The AVX-512 (F + BW) and AVX2 + FMA
+//! paths (`vpshufb` decoding) are chosen at run time ([`mxfp4_path`], capped by
+//! `MOE_XRAY_KERNEL=avx512|avx2|generic`) and tested bit for bit against the scalar reference
+//! [`xwt_mxfp4_reference`].
 
 use rayon::prelude::*;
 
 use crate::cpu::Cpu;
-use crate::matmul::hsum_reference;
+use crate::matmul::{hsum_reference, Kernel};
 
 /// Values per MXFP4 block.
 pub const BLOCK: usize = 32;
@@ -189,13 +192,63 @@ fn panel_rows(k: usize) -> usize {
     ((64 * 1024) / k.max(1)).clamp(4, 64)
 }
 
-/// `y [n, rows] = x [n, k] · Wᵀ` for MXFP4 `w` (AVX2 + FMA where the CPU has it, else the
-/// scalar reference's operations, panel-parallel). Panics if `x` is shorter than `n · k`.
+/// The implementation [`xwt_mxfp4_on`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(crate::cpu::Avx2Fma),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(crate::cpu::Avx512Vnni),
+}
+
+impl Path {
+    /// The best path of `cpu`, capped by `MOE_XRAY_KERNEL` (`avx512`, `avx2`, `generic`).
+    fn choose(cpu: Cpu) -> Path {
+        let cap = crate::matmul::env_kernel().unwrap_or(Kernel::Avx512);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if cap == Kernel::Avx512 {
+                if let Some(t) = cpu.avx512_vnni() {
+                    return Path::Avx512(t);
+                }
+            }
+            if cap != Kernel::Gemm {
+                if let Some(t) = cpu.avx2_fma() {
+                    return Path::Avx2(t);
+                }
+            }
+        }
+        let _ = (cpu, cap);
+        Path::Scalar
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(_) => "avx512",
+        }
+    }
+}
+
+/// The path [`xwt_mxfp4_on`] takes for `cpu` (capped by `MOE_XRAY_KERNEL`): `"avx512"`
+/// (AVX-512 F + BW), `"avx2"` (AVX2 + FMA) or `"scalar"`.
+pub fn mxfp4_path(cpu: Cpu) -> &'static str {
+    Path::choose(cpu).name()
+}
+
+/// `y [n, rows] = x [n, k] · Wᵀ` for MXFP4 `w` (AVX-512 or AVX2 + FMA where the CPU has it and
+/// `MOE_XRAY_KERNEL` allows it, else the scalar reference's operations; panel-parallel; the
+/// same bits on every path). Panics if `x` is shorter than `n · k`.
 pub fn xwt_mxfp4(x: &[f32], n: usize, w: &MxMatrix<'_>) -> Vec<f32> {
     xwt_mxfp4_on(Cpu::get(), x, n, w)
 }
 
-/// [`xwt_mxfp4`] on the paths of a given CPU description (`Cpu::scalar()` forces the scalar one).
+/// [`xwt_mxfp4`] on the paths of a given CPU description (`Cpu::scalar()` forces the scalar one,
+/// `Cpu::get().without_avx512()` the AVX2 one).
 pub fn xwt_mxfp4_on(cpu: Cpu, x: &[f32], n: usize, w: &MxMatrix<'_>) -> Vec<f32> {
     let (k, m) = (w.k, w.rows);
     assert!(
@@ -206,6 +259,7 @@ pub fn xwt_mxfp4_on(cpu: Cpu, x: &[f32], n: usize, w: &MxMatrix<'_>) -> Vec<f32>
     if n == 0 || m == 0 {
         return y;
     }
+    let path = Path::choose(cpu);
     let pr = panel_rows(k);
     let panels: Vec<Vec<f32>> = (0..m.div_ceil(pr))
         .into_par_iter()
@@ -213,24 +267,29 @@ pub fn xwt_mxfp4_on(cpu: Cpu, x: &[f32], n: usize, w: &MxMatrix<'_>) -> Vec<f32>
             let r0 = p * pr;
             let r1 = (r0 + pr).min(m);
             let rows = r1 - r0;
-            buf.resize(rows * k, 0.0);
             let bpr = k / BLOCK;
             let mut out = vec![0f32; n * rows];
-            #[cfg(target_arch = "x86_64")]
-            if let Some(t) = cpu.avx2_fma() {
-                avx2::decode_rows(t, w, r0 * bpr, buf);
-                avx2::dot_panel(t, x, n, k, buf, rows, &mut out);
-                return out;
-            }
-            let _ = cpu;
-            for (i, dst) in buf.chunks_exact_mut(BLOCK).enumerate() {
-                let (e, q, inter) = w.block(r0 * bpr + i);
-                decode_block_scalar(e, q, inter, arr32_mut(dst));
-            }
-            for t in 0..n {
-                for r in 0..rows {
-                    out[t * rows + r] =
-                        dot_reference(&x[t * k..(t + 1) * k], &buf[r * k..(r + 1) * k]);
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                Path::Avx512(t) => avx512::xwt_fused(t, x, n, w, r0, rows, &mut out),
+                #[cfg(target_arch = "x86_64")]
+                Path::Avx2(t) => {
+                    buf.resize(rows * k, 0.0);
+                    avx2::decode_rows(t, w, r0 * bpr, buf);
+                    avx2::dot_panel(t, x, n, k, buf, rows, &mut out);
+                }
+                Path::Scalar => {
+                    buf.resize(rows * k, 0.0);
+                    for (i, dst) in buf.chunks_exact_mut(BLOCK).enumerate() {
+                        let (e, q, inter) = w.block(r0 * bpr + i);
+                        decode_block_scalar(e, q, inter, arr32_mut(dst));
+                    }
+                    for t in 0..n {
+                        for r in 0..rows {
+                            out[t * rows + r] =
+                                dot_reference(&x[t * k..(t + 1) * k], &buf[r * k..(r + 1) * k]);
+                        }
+                    }
                 }
             }
             out
@@ -288,6 +347,10 @@ pub fn xwt_mxfp4_reference(x: &[f32], n: usize, w: &MxMatrix<'_>) -> Vec<f32> {
 #[path = "arch/x86_64/avx2/mxfp4.rs"]
 mod avx2;
 
+#[cfg(target_arch = "x86_64")]
+#[path = "arch/x86_64/avx512/mxfp4.rs"]
+mod avx512;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,14 +406,20 @@ mod tests {
     }
 
     #[test]
-    fn avx2_and_scalar_agree_bit_for_bit_and_equal_dequantised_reference() {
+    fn simd_paths_and_scalar_agree_bit_for_bit_and_equal_dequantised_reference() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // Odd row counts (the AVX-512 path pairs rows), one block per row, token counts around
+        // both unrolls (4 and 8), k across the summation block (1024).
         for &(n, k, m) in &[
             (1, 32, 3),
+            (1, 32, 1),
             (3, 64, 17),
+            (8, 32, 2),
+            (8, 96, 9),
             (5, 2880, 7),
             (17, 1056, 70),
             (4, 3072, 5),
+            (17, 32, 65),
         ] {
             let nb = m * k / BLOCK;
             let x = random_x(n * k, 3 + n as u64);
@@ -373,6 +442,19 @@ mod tests {
                 assert_eq!(bits(&scalar), bits(&want), "scalar {n}x{k}x{m}");
                 let auto = xwt_mxfp4(&x, n, &w);
                 assert_eq!(bits(&auto), bits(&want), "auto {n}x{k}x{m}");
+                // Each SIMD path this machine has, forced (the AVX2 one without AVX-512).
+                let avx2 = xwt_mxfp4_on(Cpu::get().without_avx512(), &x, n, &w);
+                assert_eq!(bits(&avx2), bits(&want), "avx2 {n}x{k}x{m}");
+                if Cpu::get().avx512_vnni().is_some()
+                    && std::env::var_os("MOE_XRAY_KERNEL").is_none()
+                {
+                    assert_eq!(mxfp4_path(Cpu::get()), "avx512");
+                }
+                if mxfp4_path(Cpu::get()) == "avx512" {
+                    assert_eq!(mxfp4_path(Cpu::get().without_avx512()), "avx2");
+                    let avx512 = xwt_mxfp4_on(Cpu::get(), &x, n, &w);
+                    assert_eq!(bits(&avx512), bits(&want), "avx512 {n}x{k}x{m}");
+                }
                 // The dequantised f32 weights through the f32 matmul reference: same bits.
                 let deq = w.dequantize();
                 let f = crate::matmul::xwt_reference(&x, n, k, &deq, m);
