@@ -19,6 +19,34 @@ pub(super) fn decode_rows(t: Avx2Fma, w: &MxMatrix<'_>, first: usize, buf: &mut 
     }
 }
 
+/// The 32 values of a block as i8 (`KVALUES` entries, `lut` holding them): values `0..16`, then
+/// `16..32` (`interleaved`: the HF layout, low nibble = even value; otherwise ggml's, low nibbles
+/// = the first 16 values). Shared by the AVX2 and AVX-512 paths.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn block_i8(
+    lut: __m128i,
+    q: &[u8; NIBBLE_BYTES],
+    interleaved: bool,
+) -> (__m128i, __m128i) {
+    // SAFETY: `q` is 16 readable bytes (unaligned load); the features are enabled.
+    unsafe {
+        let v = _mm_loadu_si128(q.as_ptr().cast::<__m128i>());
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+        let (a, b) = if interleaved {
+            (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
+        } else {
+            (lo, hi)
+        };
+        (_mm_shuffle_epi8(lut, a), _mm_shuffle_epi8(lut, b))
+    }
+}
+
 /// # Safety
 /// The CPU must have AVX2 (the token's features).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -33,17 +61,7 @@ unsafe fn decode_block(
     // writable f32, stored as four groups of 8 at offsets 0, 8, 16, 24; the features are enabled.
     unsafe {
         let lut = _mm_loadu_si128(KVALUES.as_ptr().cast::<__m128i>());
-        let v = _mm_loadu_si128(q.as_ptr().cast::<__m128i>());
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
-        let (a, b) = if interleaved {
-            (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
-        } else {
-            (lo, hi)
-        };
-        let a = _mm_shuffle_epi8(lut, a);
-        let b = _mm_shuffle_epi8(lut, b);
+        let (a, b) = block_i8(lut, q, interleaved);
         let d = _mm256_set1_ps(super::e8m0_half(e));
         let widen = |x: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)), d);
         let p = out.as_mut_ptr();

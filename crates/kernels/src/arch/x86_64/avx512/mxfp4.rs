@@ -17,28 +17,6 @@ use crate::matmul::hsum_reference;
 /// Most tokens per pass over a pair of weight rows (one accumulator register each).
 pub(super) const TOKENS: usize = 8;
 
-/// The 32 values of a block as i8 (`KVALUES` entries): values `0..16`, then `16..32`.
-///
-/// # Safety
-/// The CPU must have AVX-512 F and BW.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn block_i8(lut: __m128i, q: &[u8; NIBBLE_BYTES], interleaved: bool) -> (__m128i, __m128i) {
-    // SAFETY: `q` is 16 readable bytes (unaligned load); the features are enabled.
-    unsafe {
-        let v = _mm_loadu_si128(q.as_ptr().cast::<__m128i>());
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
-        let (a, b) = if interleaved {
-            (_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
-        } else {
-            (lo, hi)
-        };
-        (_mm_shuffle_epi8(lut, a), _mm_shuffle_epi8(lut, b))
-    }
-}
-
 /// Block `a` of one row and block `b` (same k range) of the next, decoded into four registers
 /// in the row-pair layout: group `g` holds values `8g..8g + 8` of `a`, then the same of `b`.
 ///
@@ -50,11 +28,12 @@ unsafe fn decode_two_regs(
     a: (u8, &[u8; NIBBLE_BYTES], bool),
     b: (u8, &[u8; NIBBLE_BYTES], bool),
 ) -> [__m512; 4] {
-    // SAFETY: `KVALUES` is 16 bytes (unaligned load); the features are enabled.
+    // SAFETY: `KVALUES` is 16 bytes (unaligned load); the features are enabled (AVX-512 F implies
+    // the AVX2 that `block_i8` needs).
     unsafe {
         let lut = _mm_loadu_si128(KVALUES.as_ptr().cast::<__m128i>());
-        let (a0, a1) = block_i8(lut, a.1, a.2);
-        let (b0, b1) = block_i8(lut, b.1, b.2);
+        let (a0, a1) = super::avx2::block_i8(lut, a.1, a.2);
+        let (b0, b1) = super::avx2::block_i8(lut, b.1, b.2);
         let d = _mm512_mask_blend_ps(
             0xFF00,
             _mm512_set1_ps(super::e8m0_half(a.0)),
