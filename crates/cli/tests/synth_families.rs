@@ -3,10 +3,7 @@
 //! max/mean load below 3), the same command writes the same bytes again, and `trace` runs on the
 //! checkpoint with the family's routing block in its manifest.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
-use moe_xray_test_support::fixture;
+use moe_xray_test_support::{dir_files, fixture};
 use serde_json::Value;
 
 mod common;
@@ -22,19 +19,6 @@ const FAMILIES: [(&str, &[u64]); 8] = [
     ("gpt_oss", &[0, 1, 2]),
     ("granitemoe", &[0, 1]),
 ];
-
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn synth_model_writes_routes_and_traces_every_family() {
@@ -68,7 +52,11 @@ fn synth_model_writes_routes_and_traces_every_family() {
         let b = tmp.path().join(format!("{family}-b"));
         let o = moe_xray(&["synth-model", "--family", family, "--out", s(&b), "--quiet"]);
         assert!(o.status.success(), "{family}: {}", stderr(&o));
-        assert_eq!(files(&a), files(&b), "{family}: bytes differ between runs");
+        assert_eq!(
+            dir_files(&a),
+            dir_files(&b),
+            "{family}: bytes differ between runs"
+        );
         // the pipeline runs it
         let t = tmp.path().join(format!("{family}-trace"));
         let o = moe_xray(&[

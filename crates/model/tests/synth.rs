@@ -1,5 +1,7 @@
 //! `synth-model` checkpoints: byte reproducibility, exact HF layout, loadability, routing shape.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -7,22 +9,11 @@ use candle_core::{DType, Device};
 use moe_xray_model::config::OlmoeConfig;
 use moe_xray_model::synth::{self, token_class, SynthDtype, SynthSpec, TokenClass};
 use moe_xray_model::weights::WeightStore;
+use moe_xray_test_support::dir_files;
 use safetensors::SafeTensors;
 
 fn tiny() -> SynthSpec {
     SynthSpec::preset("tiny").unwrap()
-}
-
-fn read_all(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut m = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        m.insert(
-            e.file_name().to_string_lossy().into_owned(),
-            std::fs::read(e.path()).unwrap(),
-        );
-    }
-    m
 }
 
 /// name -> (dtype, shape, bytes) over all safetensors files of a directory.
@@ -79,19 +70,19 @@ fn synth_is_byte_reproducible_and_seed_dependent() {
     let b = tmp.path().join("b");
     synth::write_checkpoint(&spec, &a).unwrap();
     synth::write_checkpoint(&spec, &b).unwrap();
-    let (fa, fb) = (read_all(&a), read_all(&b));
+    let (fa, fb) = (dir_files(&a), dir_files(&b));
     assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
     for (k, v) in &fa {
         assert!(v == &fb[k], "{k} differs between two runs");
     }
     // rewriting over an earlier synthetic checkpoint gives the same bytes again
     synth::write_checkpoint(&spec, &a).unwrap();
-    assert_eq!(read_all(&a), fa);
+    assert_eq!(dir_files(&a), fa);
     // another seed changes the weights
     spec.seed = 6;
     let c = tmp.path().join("c");
     synth::write_checkpoint(&spec, &c).unwrap();
-    assert_ne!(read_all(&c)["model.safetensors"], fa["model.safetensors"]);
+    assert_ne!(dir_files(&c)["model.safetensors"], fa["model.safetensors"]);
     // no temporary directories are left behind
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -110,7 +101,7 @@ fn synth_sharding_does_not_change_tensor_bytes() {
     synth::write_checkpoint(&spec, &one).unwrap();
     spec.shards = 3;
     synth::write_checkpoint(&spec, &three).unwrap();
-    let files = read_all(&three);
+    let files = dir_files(&three);
     for f in [
         "model-00001-of-00003.safetensors",
         "model-00002-of-00003.safetensors",
@@ -484,16 +475,6 @@ fn synth_olmoe_preset_has_the_published_shape() {
 use moe_xray_model::config::{Family, RouterKind};
 use moe_xray_model::table::{tensor_table, ExpertLayout};
 
-/// Every file of a checkpoint written by `spec` inside a rayon pool of `threads` threads.
-fn write_with_threads(spec: &SynthSpec, dir: &Path, threads: usize) -> BTreeMap<String, Vec<u8>> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| synth::write_checkpoint(spec, dir).unwrap());
-    read_all(dir)
-}
-
 #[test]
 fn every_family_is_byte_reproducible_at_any_thread_count_and_shard_count() {
     for family in synth::FAMILIES {
@@ -501,8 +482,8 @@ fn every_family_is_byte_reproducible_at_any_thread_count_and_shard_count() {
         spec.seed = 3;
         spec.dtype = SynthDtype::Bf16;
         let tmp = tempfile::tempdir().unwrap();
-        let one = write_with_threads(&spec, &tmp.path().join("a"), 1);
-        let two = write_with_threads(&spec, &tmp.path().join("b"), 2);
+        let one = common::write_with_threads(&spec, &tmp.path().join("a"), 1);
+        let two = common::write_with_threads(&spec, &tmp.path().join("b"), 2);
         assert_eq!(one, two, "{family:?}: bytes depend on the thread count");
         // the weights are the family's tensor table, no more, no less
         let t = tensors(&tmp.path().join("a"));
@@ -532,7 +513,7 @@ fn every_family_is_byte_reproducible_at_any_thread_count_and_shard_count() {
         spec.seed = 4;
         let d = tmp.path().join("d");
         synth::write_checkpoint(&spec, &d).unwrap();
-        assert_ne!(read_all(&d)["model.safetensors"], one["model.safetensors"]);
+        assert_ne!(dir_files(&d)["model.safetensors"], one["model.safetensors"]);
     }
 }
 

@@ -12,6 +12,7 @@ use moe_xray_kernels::mxfp4::{MxLayout, MxMatrix};
 use moe_xray_model::model::{LoadOptions, MoeModel};
 use moe_xray_model::mxfp4::{quantize_block, FP4_VALUES};
 use moe_xray_model::synth::{self, SynthDtype, SynthSpec};
+use moe_xray_test_support::dir_files;
 use safetensors::SafeTensors;
 
 fn spec(mxfp4: bool) -> SynthSpec {
@@ -20,19 +21,6 @@ fn spec(mxfp4: bool) -> SynthSpec {
     s.dtype = SynthDtype::Bf16;
     s.mxfp4_experts = mxfp4;
     s
-}
-
-fn read_all(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
 }
 
 /// name -> (dtype, shape, bytes) over all safetensors files of a directory.
@@ -62,15 +50,6 @@ fn bf16_values(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(2)
         .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect()
-}
-
-fn write_with_threads(spec: &SynthSpec, dir: &Path, threads: usize) -> BTreeMap<String, Vec<u8>> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| synth::write_checkpoint(spec, dir).unwrap());
-    read_all(dir)
 }
 
 #[test]
@@ -130,8 +109,8 @@ fn quantize_block_follows_the_reference_quantiser() {
 fn mxfp4_checkpoint_is_the_published_layout_and_quantises_the_bf16_values() {
     let tmp = tempfile::tempdir().unwrap();
     let mx = spec(true);
-    let one = write_with_threads(&mx, &tmp.path().join("a"), 1);
-    let two = write_with_threads(&mx, &tmp.path().join("b"), 2);
+    let one = common::write_with_threads(&mx, &tmp.path().join("a"), 1);
+    let two = common::write_with_threads(&mx, &tmp.path().join("b"), 2);
     assert_eq!(one, two, "bytes depend on the thread count");
     let bf_dir = tmp.path().join("bf16");
     synth::write_checkpoint(&spec(false), &bf_dir).unwrap();
@@ -236,7 +215,7 @@ fn mxfp4_checkpoint_is_the_published_layout_and_quantises_the_bf16_values() {
     other.seed = 6;
     let d = tmp.path().join("d");
     synth::write_checkpoint(&other, &d).unwrap();
-    assert_ne!(read_all(&d)["model.safetensors"], one["model.safetensors"]);
+    assert_ne!(dir_files(&d)["model.safetensors"], one["model.safetensors"]);
 }
 
 fn route(model: &MoeModel, tokens: &[u32]) -> BTreeMap<(u32, u32), Vec<u32>> {

@@ -25,6 +25,20 @@ pub fn fixture(rel: impl AsRef<Path>) -> PathBuf {
     repo_root().join("fixtures").join(rel)
 }
 
+/// Every file directly in `dir`, by name, with its bytes (for byte-for-byte comparisons of
+/// written outputs). Panics (a test helper) when the directory or a file cannot be read.
+pub fn dir_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let bytes = std::fs::read(e.path())
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect()
+}
+
 /// `docs/NAME` under the repository root, e.g. `doc("health.md")`.
 pub fn doc(name: impl AsRef<Path>) -> PathBuf {
     repo_root().join("docs").join(name)

@@ -323,3 +323,17 @@ impl Collect {
             .collect()
     }
 }
+
+/// Every file of a checkpoint written by `spec` inside a rayon pool of `threads` threads.
+pub fn write_with_threads(
+    spec: &moe_xray_model::synth::SynthSpec,
+    dir: &Path,
+    threads: usize,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| moe_xray_model::synth::write_checkpoint(spec, dir).unwrap());
+    moe_xray_test_support::dir_files(dir)
+}
