@@ -14,7 +14,7 @@
 #      $HF_PYTHON, default /work/venvs/hf/bin/python: tools/requirements-hf.txt, plus the
 #      vendored gguf-py on PYTHONPATH) into $GGUF (default $LLAMA_DIR/models/<name>-bf16.gguf).
 # Then, one after the other (never together):
-#   - moe-xray `bench model` with routing capture (events) on the first 8 and on all 80 prompts of
+#   - moe-xray `bench model --skip-null` with routing capture (events) on the first 8 and on all 80 prompts of
 #     paper80 (batch = number of prompts), once per kernel path in $KERNELS (default
 #     "avx512 avx2": MOE_XRAY_KERNEL caps the matmul path; docs/performance.md);
 #   - `llama-batched-bench -npp 22 -ntg 32 -npl 8,80` (prompt not shared: each sequence its own
@@ -89,7 +89,7 @@ for src in $SOURCES; do
     for n in 8 80; do
       echo "== moe-xray bench model ($src: $M): $n prompts x 32 new tokens, batch $n, $THREADS threads, events capture, MOE_XRAY_KERNEL=$k"
       MOE_XRAY_KERNEL=$k "$BIN" bench model --model "$M" -n "$n" --max-new-tokens 32 \
-        --batch-size "$n" --threads "$THREADS" --capture events --scratch "$OUT" --json \
+        --batch-size "$n" --threads "$THREADS" --capture events --skip-null --scratch "$OUT" --json \
         > "$OUT/moe-xray-$k-$n$TAG.json"
       grep -E '"(kernel|tokens_per_second|prefill_tokens_per_second|decode_tokens_per_second|peak_rss_bytes)"' \
         "$OUT/moe-xray-$k-$n$TAG.json" | tr -s ' ' | tr '\n' ' '
@@ -98,7 +98,7 @@ for src in $SOURCES; do
   done
 done
 
-echo "== llama-batched-bench -npp 22 -ntg 32 -npl 8,80 -t $THREADS (bf16 GGUF)"
+echo "== llama-batched-bench -npp 22 -ntg 32 -npl 8,80 -t $THREADS ($GGUF)"
 "$LLAMA_DIR/bin/llama-batched-bench" -m "$GGUF" -c 4608 -b 2048 -ub 512 -npp 22 -ntg 32 \
   -npl 8,80 -t "$THREADS" -tb "$THREADS" --output-format jsonl 2>"$OUT/llama-batched-bench.log" |
   grep '^{' > "$OUT/llama-batched-bench.jsonl"
@@ -114,7 +114,7 @@ import json, os, sys
 out, kernels, sources = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 ll = {r["pl"]: r for r in map(json.loads, open(f"{out}/llama-batched-bench.jsonl"))}
 print()
-print("moe-xray bench model (events capture) vs llama-batched-bench (bf16 GGUF, -npp 22 -ntg 32,"
+print("moe-xray bench model (events capture) vs llama-batched-bench (same GGUF, -npp 22 -ntg 32,"
       " prompt not shared); tok/s = processed tokens / time")
 print(f"{'':6}{'kernel':>13}{'prefill':>10}{'decode':>10}{'total':>10}   "
       f"{'llama pp':>9}{'llama tg':>9}{'llama':>9}{'ratio':>8}")

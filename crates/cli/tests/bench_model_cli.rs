@@ -125,6 +125,54 @@ fn bench_model_counts_match_trace() {
 }
 
 #[test]
+fn bench_model_skip_null_runs_only_the_capture_pass() {
+    let (model, prompts) = model_and_prompts();
+    let o = bench_model(
+        &model,
+        &prompts,
+        &[
+            "-n",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--threads",
+            "1",
+            "--capture",
+            "counts",
+            "--skip-null",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let passes = v["passes"].as_array().unwrap();
+    assert_eq!(passes.len(), 1);
+    assert_eq!(passes[0]["sink"], "counts");
+    assert_eq!(passes[0]["decode_tokens"], 4);
+    assert!(v["capture_overhead"].is_null());
+    assert!(v["capture_share"].as_f64().is_some());
+    // With `--capture none` the flag changes nothing: the null pass runs.
+    let o = bench_model(
+        &model,
+        &prompts,
+        &[
+            "-n",
+            "1",
+            "--max-new-tokens",
+            "1",
+            "--capture",
+            "none",
+            "--skip-null",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["passes"].as_array().unwrap().len(), 1);
+    assert_eq!(v["passes"][0]["sink"], "null");
+}
+
+#[test]
 fn bench_model_rejects_too_many_prompts() {
     let (model, prompts) = model_and_prompts();
     let o = bench_model(&model, &prompts, &["-n", "500"]);

@@ -1,6 +1,6 @@
 //! `cargo bench -p moe-xray-kernels --bench quant`: one expert projection with quantised weights
 //! (ggml Q4_K, Q6_K, Q8_0, Q5_K, Q4_0 blocks) at OLMoE's (gate/up `[1024, 2048]`) and
-//! Qwen3-30B-A3B's (`[768, 2048]`) expert shapes, for n = 1, 4, 8, 32 and 128 tokens: moe-xray's kernel
+//! Qwen3-30B-A3B's (`[768, 2048]`) expert shapes, for n = 1, 4, 8, 16, 32 and 128 tokens: moe-xray's kernel
 //! (`quant::xwt_q`, best path of this CPU) against candle 0.11's `QMatMul` kept for the whole run
 //! ("candle loaded") and built per call from the bytes (what the mapped residency did before
 //! session 9, "candle per call"). Indicative: each figure is the fastest of the repetitions in 0.5 s
@@ -79,7 +79,7 @@ fn main() -> candle_core::Result<()> {
                 QMatMul::from_qtensor(QTensor::new(s, (rows, k))?)
             };
             let loaded = qt(&data)?;
-            for n in [1usize, 4, 8, 32, 128] {
+            for n in [1usize, 4, 8, 16, 32, 128] {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
                 let x: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 let xt = Tensor::from_slice(&x, (n, k), &Device::Cpu)?;

@@ -14,12 +14,17 @@
 //! Q4_K and Q6_K unpacked in registers straight from the blocks, Q4_0 and Q5_K through a decoded
 //! row; the values transposed so that i32 lane `j` of a 64-byte register holds four consecutive
 //! values of row `j`; the scales gathered into sixteen-lane vectors), then every token tile (up to
-//! 8 tokens for Q8_0 / Q4_0, 4 for K-quants) multiplies the sixteen rows at once: each token's
-//! four activation bytes broadcast, one `vpdpbusd` adds four products to sixteen rows' sums. The
-//! generic and AVX2 paths decode one row at a time into a small per-thread buffer (unsigned 8-bit
-//! values, the 16-value group scales widened to i16, the f32 block scales) and take the tokens in
-//! blocks of `TBLOCK` (64), decoding each row once per token block: one weight read per call up
-//! to 64 tokens.
+//! 8 tokens) multiplies the sixteen rows at once: each token's four activation bytes broadcast,
+//! one `vpdpbusd` adds four products to sixteen rows' sums. With a single tile of tokens (n ≤ 8,
+//! decode), Q4_K and Q6_K skip the transposed copy: the values are unpacked and transposed in
+//! registers inside the tile, and only the scale lanes are prepared. The
+//! AVX2 path does the same on strips of eight rows (the values transposed four to an i32 lane of a
+//! 32-byte register, tiles of up to 4 tokens, `vpmaddubsw` on |w| · sign(x, w) for Q8_0, on the
+//! unsigned values summed in i16 below saturation for the others; Q8_0 calls of 1–2 tokens
+//! multiply the blocks as they are, eight rows' sums reduced with `vphaddd`). The generic path
+//! decodes one row at a time into a small per-thread buffer (unsigned 8-bit values, the 16-value
+//! group scales widened to i16, the f32 block scales) and takes the tokens in blocks of `TBLOCK`
+//! (64), decoding each row once per token block: one weight read per call up to 64 tokens.
 //!
 //! Integer part (exact on every path, identical integers): for K-quants, per super-block of 256,
 //! `ia = Σ scale(group(i)) · q[i] · x[i]` and the group corrections
@@ -367,29 +372,43 @@ impl Act {
             k,
             nb,
         };
+        // Tokens are independent: large calls (prefill) quantise them on rayon's threads, the
+        // same values in any split.
+        let min_tokens = (1usize << 16).div_ceil(k.max(1));
+        let x = &x[..n * k];
         if ty.is_k() {
             a.xs = vec![0i16; n * k / 16];
-            for t in 0..n {
-                for s in 0..nb {
-                    let o = t * k + s * QK_K;
-                    a.d[t * nb + s] = quantize_q8k_block(
-                        &x[o..o + QK_K],
-                        &mut a.x[o..o + QK_K],
-                        &mut a.xs[o / 16..o / 16 + QK_K / 16],
-                    );
-                }
-            }
+            a.x.par_chunks_mut(k)
+                .zip(a.xs.par_chunks_mut(k / 16))
+                .zip(a.d.par_chunks_mut(nb))
+                .zip(x.par_chunks(k))
+                .with_min_len(min_tokens)
+                .for_each(|(((q, xs), d), x)| {
+                    for (s, d) in d.iter_mut().enumerate() {
+                        let o = s * QK_K;
+                        *d = quantize_q8k_block(
+                            &x[o..o + QK_K],
+                            &mut q[o..o + QK_K],
+                            &mut xs[o / 16..o / 16 + QK_K / 16],
+                        );
+                    }
+                });
         } else {
             let off = ty.offset();
             a.init = vec![0i32; n * nb];
-            for t in 0..n {
-                for b in 0..nb {
-                    let o = t * k + b * QK;
-                    a.d[t * nb + b] = quantize_q8_0_block(&x[o..o + QK], &mut a.x[o..o + QK]);
-                    let s: i32 = a.x[o..o + QK].iter().map(|&v| i32::from(v)).sum();
-                    a.init[t * nb + b] = -off * s;
-                }
-            }
+            a.x.par_chunks_mut(k)
+                .zip(a.init.par_chunks_mut(nb))
+                .zip(a.d.par_chunks_mut(nb))
+                .zip(x.par_chunks(k))
+                .with_min_len(min_tokens)
+                .for_each(|(((q, init), d), x)| {
+                    for (b, (d, init)) in d.iter_mut().zip(init.iter_mut()).enumerate() {
+                        let o = b * QK;
+                        *d = quantize_q8_0_block(&x[o..o + QK], &mut q[o..o + QK]);
+                        let s: i32 = q[o..o + QK].iter().map(|&v| i32::from(v)).sum();
+                        *init = -off * s;
+                    }
+                });
         }
         a
     }
@@ -635,10 +654,6 @@ impl Path {
     #[inline(always)]
     fn dot(self, ty: QType, row: &Row, act: &Act, t: usize) -> f32 {
         match (self, ty.is_k()) {
-            #[cfg(target_arch = "x86_64")]
-            (Path::Avx2(a), true) => avx2::kdot(a, row, act.x(t), act.xs(t), act.d(t)),
-            #[cfg(target_arch = "x86_64")]
-            (Path::Avx2(a), false) => avx2::bdot(a, row, act.x(t), act.init(t), act.d(t)),
             (_, true) => kdot_generic(row, act.x(t), act.xs(t), act.d(t)),
             (_, false) => bdot_generic(row, act.x(t), act.init(t), act.d(t)),
         }
@@ -711,14 +726,25 @@ impl Panel {
         }
     }
 
+    /// Only the scale lanes of rows `r0 .. r0 + rows` of `w` (`rows <= 16`; Q8_0, Q4_K or Q6_K).
+    fn fill_scales_of(
+        &mut self,
+        t: crate::cpu::Avx512Vnni,
+        w: &QMatrix<'_>,
+        r0: usize,
+        rows: usize,
+    ) {
+        if !avx512::fill_scales(t, w, r0, rows, self) {
+            self.fill_scales(w, r0, rows);
+        }
+    }
+
     /// Prepares rows `r0 .. r0 + rows` of `w` (`rows <= 16`).
     fn fill(&mut self, t: crate::cpu::Avx512Vnni, w: &QMatrix<'_>, r0: usize, rows: usize) {
         let ty = w.ty;
         if avx512::direct(ty) {
             avx512::fill_values(t, w, r0, rows, &mut self.q);
-            if !avx512::fill_scales(t, w, r0, rows, self) {
-                self.fill_scales(w, r0, rows);
-            }
+            self.fill_scales_of(t, w, r0, rows);
             return;
         }
         for (j, row) in self.rows.iter_mut().enumerate().take(rows) {
@@ -894,13 +920,64 @@ pub fn xwt_q_on(cpu: Cpu, kernel: Kernel, x: &[f32], n: usize, w: &QMatrix<'_>) 
         n.checked_mul(k).is_some_and(|v| x.len() >= v) && n.checked_mul(m).is_some(),
         "xwt_q: operand sizes"
     );
-    let mut y = vec![0f32; n * m];
     if n == 0 || m == 0 {
-        return y;
+        return vec![0f32; n * m];
     }
+    let act = Act::quantize(w.ty, x, n, k);
+    xwt_q_act_on(cpu, kernel, &act, n, w)
+}
+
+/// Activations quantised once (ggml's Q8_0 or Q8_K, by the weights' type) for several matrices
+/// of the same type and row length, e.g. an expert's gate and up projections.
+pub struct QActivations {
+    ty: QType,
+    n: usize,
+    act: Act,
+}
+
+impl QActivations {
+    /// `x [n, k]` quantised for weights of type `ty`. Panics if `x` is shorter than `n · k` or
+    /// `k` is not a positive multiple of the type's block.
+    pub fn new(ty: QType, x: &[f32], n: usize, k: usize) -> QActivations {
+        assert!(
+            k > 0
+                && k.is_multiple_of(ty.block_values())
+                && n.checked_mul(k).is_some_and(|v| x.len() >= v),
+            "QActivations: operand sizes"
+        );
+        QActivations {
+            ty,
+            n,
+            act: Act::quantize(ty, x, n, k),
+        }
+    }
+
+    /// Whether these activations serve weights `w` (same type and row length).
+    pub fn fits(&self, w: &QMatrix<'_>) -> bool {
+        self.ty == w.ty && self.act.k == w.k
+    }
+}
+
+/// `y [n, rows] = x · Wᵀ` from activations quantised beforehand (the same bits as [`xwt_q`] on
+/// the `x` they came from). Panics unless `act.fits(w)`.
+pub fn xwt_q_act(act: &QActivations, w: &QMatrix<'_>) -> Vec<f32> {
+    assert!(
+        act.fits(w),
+        "xwt_q_act: activations of another type or length"
+    );
+    if act.n == 0 || w.rows == 0 {
+        return vec![0f32; act.n * w.rows];
+    }
+    xwt_q_act_on(Cpu::get(), Kernel::Auto, &act.act, act.n, w)
+}
+
+/// The kernel on quantised activations (`act` holds `n` tokens of `w`'s type and length; n, rows
+/// positive).
+fn xwt_q_act_on(cpu: Cpu, kernel: Kernel, act: &Act, n: usize, w: &QMatrix<'_>) -> Vec<f32> {
+    let (k, m) = (w.k, w.rows);
+    let mut y = vec![0f32; n * m];
     let path = Path::choose(cpu, kernel);
     let ty = w.ty;
-    let act = Act::quantize(ty, x, n, k);
     let panel_count = m.div_ceil(PANEL);
     let panels: Vec<Vec<f32>> = match path {
         #[cfg(target_arch = "x86_64")]
@@ -911,13 +988,24 @@ pub fn xwt_q_on(cpu: Cpu, kernel: Kernel, x: &[f32], n: usize, w: &QMatrix<'_>) 
                 let rows = PANEL.min(m - r0);
                 let mut out = vec![0f32; n * rows];
                 with_panel(ty, k, |panel| {
-                    panel.fill(t, w, r0, rows);
                     let mut tile = [0f32; avx512::ROWS * avx512::TOKENS];
+                    // Few tokens (Q4_K, Q6_K): the values unpacked in registers for each tile
+                    // of tokens, no transposed copy in the panel (only its scale lanes).
+                    let fused = n <= avx512::FUSED_TOKENS && matches!(ty, QType::Q4K | QType::Q6K);
+                    if fused {
+                        panel.fill_scales_of(t, w, r0, rows);
+                    } else {
+                        panel.fill(t, w, r0, rows);
+                    }
                     let step = avx512::tokens(ty);
                     let mut t0 = 0;
                     while t0 < n {
                         let tn = step.min(n - t0);
-                        avx512::tile(t, ty, panel, &act, t0, tn, &mut tile);
+                        if fused {
+                            avx512::tile_rows(t, w, r0, rows, panel, act, t0, tn, &mut tile);
+                        } else {
+                            avx512::tile(t, ty, panel, act, t0, tn, &mut tile);
+                        }
                         for j in 0..tn {
                             out[(t0 + j) * rows..(t0 + j + 1) * rows]
                                 .copy_from_slice(&tile[16 * j..16 * j + rows]);
@@ -927,6 +1015,20 @@ pub fn xwt_q_on(cpu: Cpu, kernel: Kernel, x: &[f32], n: usize, w: &QMatrix<'_>) 
                 });
                 out
             })
+            .collect(),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2(t) => (0..panel_count)
+            .into_par_iter()
+            .map_init(
+                || avx2::Strip::new(ty, k),
+                |strip, p| {
+                    let r0 = p * PANEL;
+                    let rows = PANEL.min(m - r0);
+                    let mut out = vec![0f32; n * rows];
+                    avx2::panel(t, strip, w, act, n, r0, rows, &mut out);
+                    out
+                },
+            )
             .collect(),
         _ => (0..panel_count)
             .into_par_iter()
@@ -941,7 +1043,7 @@ pub fn xwt_q_on(cpu: Cpu, kernel: Kernel, x: &[f32], n: usize, w: &QMatrix<'_>) 
                         for r in r0..r1 {
                             path.decode(row, w, r);
                             for t in tb..(tb + TBLOCK).min(n) {
-                                out[t * rows + (r - r0)] = path.dot(ty, row, &act, t);
+                                out[t * rows + (r - r0)] = path.dot(ty, row, act, t);
                             }
                         }
                     }

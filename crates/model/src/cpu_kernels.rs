@@ -34,6 +34,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 
 use crate::weights::MappedTensor;
 use half::{bf16, f16};
+use moe_xray_kernels::quant::{xwt_q, xwt_q_act, QActivations, QMatrix};
 use rayon::prelude::*;
 
 pub use moe_xray_kernels::matmul::{xwt, xwt_same, xwt_with, Kernel};
@@ -201,6 +202,9 @@ fn with_slice<T: Elem, R>(
 pub(crate) enum WSrc<'a> {
     Tensor(&'a Tensor),
     Mapped(&'a MappedTensor, usize, usize),
+    /// GGUF blocks read in place by `moe_xray_kernels::quant` (activations quantised as ggml
+    /// does; the product is f32, rounded to the compute dtype where the others round).
+    Quant(QMatrix<'a>),
 }
 
 /// Runs `f` on the elements of `src` (element type `T`).
@@ -210,6 +214,7 @@ fn with_src<T: Elem, R>(
 ) -> candle_core::Result<R> {
     match src {
         WSrc::Tensor(t) => with_slice::<T, _>(t, f),
+        WSrc::Quant(_) => candle_core::bail!("cpu kernel: quantised weight read as elements"),
         WSrc::Mapped(m, offset, len) => {
             // Whole values at an aligned address, of the right dtype, covering the range.
             let all = (m.dtype == T::DTYPE)
@@ -225,6 +230,20 @@ fn with_src<T: Elem, R>(
             };
             f(w)
         }
+    }
+}
+
+/// `x [n, k] · Wᵀ` for an expert weight `[m, k]` from any source, in f32.
+fn project<T: Elem>(
+    src: &WSrc<'_>,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+) -> candle_core::Result<Vec<f32>> {
+    match src {
+        WSrc::Quant(q) => Ok(xwt_q(x, n, q)),
+        _ => with_src::<T, _>(src, |w| Ok(xwt_act(x, n, k, w, m))),
     }
 }
 
@@ -344,6 +363,7 @@ impl MoeAccumulator {
         let shape_ok = |src: &WSrc<'_>, r: usize, c: usize| match src {
             WSrc::Tensor(t) => t.dims() == [r, c],
             WSrc::Mapped(_, _, len) => *len == r * c,
+            WSrc::Quant(q) => q.rows() == r && q.k() == c,
         };
         if !(shape_ok(&wg, i, h) && shape_ok(&wu, i, h) && shape_ok(&wd, h, i)) {
             candle_core::bail!(
@@ -370,8 +390,17 @@ impl MoeAccumulator {
                 let r = r as usize;
                 dst.copy_from_slice(&self.x[r * h..(r + 1) * h]);
             });
-        let g = with_src::<T, _>(&wg, |w| Ok(xwt_act(&xe, n, h, w, i)))?;
-        let u = with_src::<T, _>(&wu, |w| Ok(xwt_act(&xe, n, h, w, i)))?;
+        let (g, u) = match (&wg, &wu) {
+            // Quantised gate and up of one type: the activations are quantised once.
+            (WSrc::Quant(qg), WSrc::Quant(qu)) if qg.ty() == qu.ty() => {
+                let a = QActivations::new(qg.ty(), &xe, n, h);
+                (xwt_q_act(&a, qg), xwt_q_act(&a, qu))
+            }
+            _ => (
+                project::<T>(&wg, &xe, n, h, i)?,
+                project::<T>(&wu, &xe, n, h, i)?,
+            ),
+        };
         let mut act = vec![0f32; n * i];
         act.par_chunks_mut(i)
             .with_min_len(min_rows(i))
@@ -385,7 +414,7 @@ impl MoeAccumulator {
                     *a = T::round(s * T::round(u));
                 }
             });
-        let y = with_src::<T, _>(&wd, |w| Ok(xwt_act(&act, n, i, w, h)))?;
+        let y = project::<T>(&wd, &act, n, i, h)?;
         // The rows of `acc` this expert adds to (distinct and ascending, checked above), as
         // disjoint mutable slices.
         let mut targets: Vec<&mut [f32]> = Vec::with_capacity(n);

@@ -1660,6 +1660,29 @@ impl QuantExperts {
         Ok(y.to_dtype(dtype)?)
     }
 
+    /// Expert `e`'s gate, up and down blocks when moe-xray's kernel reads all three in place
+    /// and there are no biases (the raw-slice MoE path); `None` otherwise.
+    pub(crate) fn matrices(&self, e: usize) -> Result<Option<[QMatrix<'_>; 3]>> {
+        if self.biases.is_some() {
+            return Ok(None);
+        }
+        Ok(match (&self.gate, &self.up, &self.down) {
+            (QProj::Fast(g), QProj::Fast(u), QProj::Fast(d)) => {
+                Some([g.matrix(e)?, u.matrix(e)?, d.matrix(e)?])
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether every expert takes the raw-slice path ([`QuantExperts::matrices`] is `Some`).
+    pub(crate) fn raw_slices(&self) -> bool {
+        self.biases.is_none()
+            && matches!(
+                (&self.gate, &self.up, &self.down),
+                (QProj::Fast(_), QProj::Fast(_), QProj::Fast(_))
+            )
+    }
+
     /// The biases of expert `e` (gate, up, down), if any.
     pub(crate) fn biases(&self, e: usize) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         Ok(match &self.biases {
@@ -1918,8 +1941,8 @@ struct FastQ {
 }
 
 impl FastQ {
-    /// `x · W_eᵀ` for f32 `x` `[.., cols]` (on the CPU).
-    fn forward(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+    /// Expert `e`'s `[rows, cols]` blocks.
+    fn matrix(&self, e: usize) -> Result<QMatrix<'_>> {
         let all = match &self.bytes {
             QBytes::Owned(v) => v.as_slice(),
             QBytes::Mapped(m) => m.bytes(),
@@ -1928,7 +1951,7 @@ impl FastQ {
             .checked_mul(self.per)
             .and_then(|s| all.get(s..s.checked_add(self.per)?))
             .ok_or_else(|| ModelError::InvalidArgument(format!("expert {e} out of range")))?;
-        let w = QMatrix::new(self.ty, b, self.rows, self.cols).ok_or_else(|| {
+        QMatrix::new(self.ty, b, self.rows, self.cols).ok_or_else(|| {
             ModelError::InvalidArgument(format!(
                 "quantised expert: {} bytes do not hold [{}, {}] in {}",
                 b.len(),
@@ -1936,7 +1959,12 @@ impl FastQ {
                 self.cols,
                 self.ty.name()
             ))
-        })?;
+        })
+    }
+
+    /// `x · W_eᵀ` for f32 `x` `[.., cols]` (on the CPU).
+    fn forward(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+        let w = self.matrix(e)?;
         let dims = x.dims().to_vec();
         let (lead, k) = match dims.split_last() {
             Some((&k, lead)) if k == self.cols => (lead.to_vec(), k),

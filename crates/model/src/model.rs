@@ -1462,15 +1462,17 @@ impl MoeModel {
     ) -> Result<Tensor> {
         let n_tok = h.dim(0)?;
         let swiglu = matches!(self.cfg.moe.activation, Activation::SwiGlu);
+        let raw_quant = matches!(&block.experts, Experts::Quantized(q) if q.raw_slices());
         if swiglu
             && MoeAccumulator::supports(h)
-            && !matches!(
-                block.experts,
-                Experts::Biased { .. }
-                    | Experts::BiasedMapped(_)
-                    | Experts::Quantized(_)
-                    | Experts::Mxfp4(_)
-            )
+            && (raw_quant
+                || !matches!(
+                    block.experts,
+                    Experts::Biased { .. }
+                        | Experts::BiasedMapped(_)
+                        | Experts::Quantized(_)
+                        | Experts::Mxfp4(_)
+                ))
         {
             let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?
                 .round_weights(self.cfg.moe.weights_in_compute_dtype);
@@ -1480,6 +1482,14 @@ impl MoeModel {
                     continue;
                 }
                 match &block.experts {
+                    Experts::Quantized(q) => {
+                        let Some([g, u, d]) = q.matrices(e)? else {
+                            return Err(ModelError::InvalidArgument(format!(
+                                "expert {e}: quantised blocks not readable in place"
+                            )));
+                        };
+                        acc.add_expert(rows, ws, [WSrc::Quant(g), WSrc::Quant(u), WSrc::Quant(d)])?;
+                    }
                     Experts::PerExpertMapped(v) => {
                         let [g, u, d] = &v[e];
                         acc.add_expert(

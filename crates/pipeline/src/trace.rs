@@ -780,11 +780,22 @@ fn run_parquet(
 }
 
 /// Applies a thread count: the size of rayon's global pool, which the model's kernels (and
-/// candle, through `RAYON_NUM_THREADS`) use. Must run before any tensor work; process-wide.
+/// candle's matmul, through `RAYON_NUM_THREADS`) use. Must run before any tensor work;
+/// process-wide.
+///
+/// Also runs candle's element-wise operations on the calling thread (`CANDLE_NUM_THREADS=1`
+/// unless the user set it): candle 0.11 splits them over its own pool of spinning threads, which
+/// compete for the cores with rayon's workers (the model's kernels, attention run per sequence on
+/// rayon's threads, whose candle calls then queue on that pool's lock). The results are the same
+/// bits (each output element is computed alone); the time saved is measured in
+/// docs/performance.md ("Session 11").
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     check_threads(threads)?;
     if let Some(t) = threads {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     Ok(())
 }

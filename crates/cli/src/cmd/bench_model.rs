@@ -79,6 +79,10 @@ pub struct ModelBench {
     /// Print a JSON summary on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Only the capture pass: skip the NullSink pass (halves the time of side-by-side runs; no
+    /// capture overhead is reported). Ignored with `--capture none`.
+    #[arg(long)]
+    pub skip_null: bool,
 }
 
 /// Timings of one pass over the workload.
@@ -372,14 +376,17 @@ pub fn run(b: ModelBench) -> Result<()> {
         .map(|p| (p.id, p.category.unwrap_or_default(), p.tokens))
         .collect();
 
-    let mut passes = vec![run_pass(
-        &model,
-        &seqs,
-        b.batch_size,
-        b.max_new_tokens,
-        "null",
-        &mut NullSink,
-    )?];
+    let mut passes = Vec::new();
+    if !(b.skip_null && b.capture != Capture::None) {
+        passes.push(run_pass(
+            &model,
+            &seqs,
+            b.batch_size,
+            b.max_new_tokens,
+            "null",
+            &mut NullSink,
+        )?);
+    }
     if b.capture != Capture::None {
         let scratch = b
             .scratch
@@ -422,12 +429,13 @@ pub fn run(b: ModelBench) -> Result<()> {
         let _ = std::fs::remove_dir_all(&scratch);
         passes.push(res?);
     }
-    let capture_overhead = passes
-        .get(1)
-        .map(|c| (c.wall_seconds - passes[0].wall_seconds) / passes[0].wall_seconds.max(1e-12));
-    let capture_share = passes
-        .get(1)
-        .map(|c| c.sink_seconds / c.wall_seconds.max(1e-12));
+    let null_pass = passes.iter().find(|p| p.sink == "null");
+    let capture_pass = passes.iter().find(|p| p.sink != "null");
+    let capture_overhead = match (null_pass, capture_pass) {
+        (Some(n), Some(c)) => Some((c.wall_seconds - n.wall_seconds) / n.wall_seconds.max(1e-12)),
+        _ => None,
+    };
+    let capture_share = capture_pass.map(|c| c.sink_seconds / c.wall_seconds.max(1e-12));
     let threads = b.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -517,14 +525,15 @@ pub fn run(b: ModelBench) -> Result<()> {
             p.tokens_per_second
         );
     }
-    if let Some(o) = capture_overhead {
+    let capture_pass = summary.passes.iter().find(|p| p.sink != "null");
+    if let (Some(o), Some(c)) = (capture_overhead, capture_pass) {
         println!(
             "capture overhead ({} vs null, wall): {:+.2} %",
-            summary.passes[1].sink,
+            c.sink,
             o * 100.0
         );
     }
-    if let (Some(share), Some(c)) = (capture_share, summary.passes.get(1)) {
+    if let (Some(share), Some(c)) = (capture_share, capture_pass) {
         println!(
             "time inside the {} writer: {:.3} s = {:.2} % of that pass's wall time (measured directly)",
             c.sink,

@@ -347,3 +347,204 @@ fn the_panel_transpose_moves_every_unit() {
         }
     }
 }
+
+/// A K-quant matrix of `rows` × `k` whose every super-block has the largest magnitudes the
+/// format allows: Q4_K nibbles 15 and 6-bit scales / mins 63 (or all zero bits in every other
+/// row), Q6_K values 63 or 0 and scales ±127 / −128; d and dmin large.
+fn extreme_matrix(ty: QType, rows: usize, k: usize) -> Vec<u8> {
+    let (bb, nb) = (ty.block_bytes(), k / QK_K);
+    let mut data = vec![0u8; rows * nb * bb];
+    for (i, b) in data.chunks_exact_mut(bb).enumerate() {
+        let r = i / nb;
+        match ty {
+            QType::Q4K => {
+                b[0..2].copy_from_slice(&f16::from_f32(3.0e3).to_le_bytes());
+                b[2..4].copy_from_slice(&f16::from_f32(-1.5e3).to_le_bytes());
+                let fill = if r % 2 == 0 { 0xFF } else { 0x0F };
+                b[4..16].fill(fill);
+                b[16..144].fill(if r % 3 == 2 { 0 } else { 0xFF });
+            }
+            QType::Q6K => {
+                b[0..192].fill(if r % 2 == 0 { 0xFF } else { 0 });
+                for (g, s) in b[192..208].iter_mut().enumerate() {
+                    *s = match (g + r) % 3 {
+                        0 => 127,
+                        1 => 0x80, // −128
+                        _ => 0x81, // −127
+                    };
+                }
+                b[208..210].copy_from_slice(&f16::from_f32(-2.0e3).to_le_bytes());
+            }
+            _ => unreachable!("extreme_matrix: K-quants of the tile only"),
+        }
+    }
+    data
+}
+
+#[test]
+fn k_quant_tiles_give_the_generic_bits_at_every_edge() {
+    let cpu = Cpu::get();
+    // Token counts 1 ..= 17 (one tile with the values unpacked in registers up to 8, then the
+    // panel path with whole and partial tiles), rows around the 16-row panel, k of one
+    // super-block and of several.
+    for (i, ty) in [QType::Q4K, QType::Q6K, QType::Q5K].into_iter().enumerate() {
+        for &(rows, k) in &[(1usize, 256usize), (15, 256), (17, 512), (33, 768)] {
+            let data = random_matrix(ty, rows, k, 50 + i as u64);
+            let w = QMatrix::new(ty, &data, rows, k).unwrap();
+            for n in 1..=17 {
+                let x = random_x(n, k, 60 + n as u64);
+                let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w));
+                let a5 = bits(&xwt_q_on(cpu, Kernel::Avx512, &x, n, &w));
+                assert_eq!(g, a5, "{} n={n} rows={rows} k={k}", ty.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn k_quant_extremes_give_the_generic_bits() {
+    // The largest integer sums the formats allow: Q4_K's half-group sums reach
+    // 16 · 15 · 127 = 30480 (the AVX-512 tile's 16-bit scale step), Q6_K's group sums
+    // 16 · 63 · 127 with scales −128 and 127.
+    let cpu = Cpu::get();
+    for ty in [QType::Q4K, QType::Q6K] {
+        for &(n, rows, k) in &[(1usize, 16usize, 256usize), (8, 17, 512), (13, 5, 256)] {
+            let data = extreme_matrix(ty, rows, k);
+            let w = QMatrix::new(ty, &data, rows, k).unwrap();
+            // ±1 everywhere: every quantised activation is ±127; token parity flips the sign
+            // pattern, and one token is all +1 (a single sign in every group).
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| {
+                    let (t, v) = (i / k, i % k);
+                    if t == 0 || (v / 4 + t) % 2 == 0 {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                })
+                .collect();
+            let g = xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w);
+            assert!(g.iter().all(|v| v.is_finite()), "{}", ty.name());
+            assert!(g[..rows].iter().all(|v| *v != 0.0), "{}", ty.name());
+            let a5 = xwt_q_on(cpu, Kernel::Avx512, &x, n, &w);
+            assert_eq!(bits(&g), bits(&a5), "{} n={n} rows={rows} k={k}", ty.name());
+            // Token 0 (all +1, quantised to +127 with d_x = 1/127) against the exact sum of the
+            // dequantised row: the integer sums are exact, only the f32 steps round.
+            let wd = w.dequantize();
+            for r in 0..rows {
+                let row = &wd[r * k..(r + 1) * k];
+                let exact: f64 = row.iter().map(|&v| f64::from(v)).sum();
+                let mag: f64 = row.iter().map(|&v| f64::from(v.abs())).sum();
+                let got = f64::from(g[r]);
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag,
+                    "{} r={r}: {got} vs {exact}",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+/// A `[rows, k]` matrix of `ty` whose every byte is `fill`, with the f16 scales set to 0.01
+/// (Q6_K: the i8 group scales alternate −128 / 127 when `fill` is 0x80).
+fn filled_matrix(ty: QType, rows: usize, k: usize, fill: u8) -> Vec<u8> {
+    let mut data = vec![fill; rows * k / ty.block_values() * ty.block_bytes()];
+    let d = f16::from_f32(0.01).to_le_bytes();
+    for b in data.chunks_exact_mut(ty.block_bytes()) {
+        match ty {
+            QType::Q8_0 | QType::Q4_0 => b[0..2].copy_from_slice(&d),
+            QType::Q4K | QType::Q5K => {
+                b[0..2].copy_from_slice(&d);
+                b[2..4].copy_from_slice(&d);
+            }
+            QType::Q6K => {
+                b[208..210].copy_from_slice(&d);
+                if fill == 0x80 {
+                    for g in 0..16 {
+                        b[192 + g] = if g % 2 == 0 { 0x80 } else { 0x7F };
+                    }
+                }
+            }
+        }
+    }
+    data
+}
+
+#[test]
+fn the_avx2_tile_gives_the_generic_bits_at_extreme_values() {
+    // Largest weights (Q8_0: −128 and 127; 4/5/6-bit values 15 / 31 / 63; scales and mins 63;
+    // Q6_K scales −128 / 127) times activations that quantise to ±127 in every sign pattern:
+    // the tile's i16 pair sums come closest to saturation here (Q8_0: 2 · 128 · 127; Q4_K:
+    // 16 · 15 · 127; Q5_K: 8 · 31 · 127; Q6_K: 4 · 63 · 127); strips of 8 rows cut at odd row
+    // counts, token counts that are not a multiple of the 4-token tile, k of one block.
+    let cpu = Cpu::get();
+    for ty in TYPES {
+        let bv = ty.block_values();
+        for fill in [0x00u8, 0xFF, 0x80, 0x7F, 0x88] {
+            for &(n, rows, k) in &[(1, 1, bv), (5, 9, bv), (3, 7, 2 * bv), (9, 17, 3 * bv)] {
+                let data = filled_matrix(ty, rows, k, fill);
+                let w = QMatrix::new(ty, &data, rows, k).unwrap();
+                let patterns: [&dyn Fn(usize) -> f32; 4] = [
+                    &|_| 1.0,
+                    &|_| -1.0,
+                    &|i| if i % 2 == 0 { 1.0 } else { -1.0 },
+                    &|i| if (i / 2) % 3 == 0 { -1.0 } else { 1.0 },
+                ];
+                for (pi, pat) in patterns.iter().enumerate() {
+                    let x: Vec<f32> = (0..n * k).map(pat).collect();
+                    let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w));
+                    let a2 = bits(&xwt_q_on(cpu.without_avx512(), Kernel::Avx2, &x, n, &w));
+                    assert_eq!(
+                        g,
+                        a2,
+                        "{} fill {fill:#x} pattern {pi} n={n} rows={rows} k={k}",
+                        ty.name()
+                    );
+                    // The reference itself: an exact integer sum per block (Q8_0 all −128
+                    // against all 127 activations).
+                    if ty == QType::Q8_0 && fill == 0x80 && pi == 0 {
+                        let blocks = (k / QK) as f32;
+                        let per = (-128 * 127 * QK as i32) as f32;
+                        let dx = f16::from_f32(1.0 / 127.0).to_f32();
+                        let dw = f16::from_f32(0.01).to_f32();
+                        let mut acc = 0f32;
+                        for _ in 0..blocks as usize {
+                            acc += per * (dw * dx);
+                        }
+                        assert_eq!(f32::from_bits(g[0]), acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_avx2_tile_covers_every_strip_and_token_edge() {
+    // Row counts around the 8-row strip and 16-row panel, token counts around the 4-token
+    // tile, on random blocks: the AVX2 path against the generic bits.
+    let cpu = Cpu::get();
+    for (i, ty) in TYPES.into_iter().enumerate() {
+        let k = 2 * ty.block_values();
+        for rows in [1usize, 7, 8, 9, 15, 16, 23, 25] {
+            let data = random_matrix(ty, rows, k, 50 + i as u64 + rows as u64);
+            let w = QMatrix::new(ty, &data, rows, k).unwrap();
+            for n in [1usize, 2, 3, 4, 5, 8, 11] {
+                let x = random_x(n, k, 60 + n as u64);
+                let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w));
+                let a2 = bits(&xwt_q_on(cpu.without_avx512(), Kernel::Avx2, &x, n, &w));
+                assert_eq!(g, a2, "{} n={n} rows={rows} k={k}", ty.name());
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if cpu.avx2().is_some() {
+        // The forced AVX2 kernel really is the AVX2 path on this CPU.
+        assert_eq!(
+            Path::choose(cpu.without_avx512(), Kernel::Avx2).name(),
+            "avx2"
+        );
+        assert_eq!(Path::choose(cpu, Kernel::Avx2).name(), "avx2");
+    }
+}

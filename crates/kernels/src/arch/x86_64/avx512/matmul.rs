@@ -25,6 +25,11 @@ use std::arch::x86_64::*;
 
 const ROWS: usize = 4;
 const TOKS: usize = 4;
+/// Software prefetch distance along a weight row (elements; 1 KiB of bf16): decode-sized calls
+/// (≈ 10 tokens per expert) stream the weights from memory once, and the hint keeps more of those
+/// loads in flight (2.6 % less wall time on a 2-layer OLMoE-width model's paper workload, 80
+/// prompts, session 11; no effect on the results).
+const PF: usize = 512;
 /// Weight rows per rayon task: 48 rows of 2048 bf16 = 192 KiB, well inside L2.
 pub(super) const PANEL: usize = 48;
 /// k block (multiple of 32): 4 tokens' activations (4 × 2048 bf16 = 16 KiB) stay in L1.
@@ -179,6 +184,8 @@ unsafe fn block<const NR: usize, const NT: usize>(x: &[bf16], w: &[bf16], y: *mu
             let mut wv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); NR];
             for (i, v) in wv.iter_mut().enumerate() {
                 *v = load32(wp.add((r + i) * k + kk), len);
+                // A hint only (never faults, even past the end): the same row PF elements ahead.
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((r + i) * k + kk + PF).cast::<i8>());
             }
             for (j, a) in acc.iter_mut().enumerate() {
                 let xv = load32(xp.add((t + j) * k + kk), len);

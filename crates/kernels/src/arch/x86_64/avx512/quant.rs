@@ -4,7 +4,8 @@
 //! row (i32 lane `j`: row `j`); each token's four activation bytes are broadcast, so one
 //! `vpdpbusd` adds four products to each of the sixteen rows' sums. Per block (Q8_0 / Q4_0, 32
 //! values, started at `−offset · Σ x`) or per scale group (K-quants: 32 values for Q4_K / Q5_K,
-//! 16 for Q6_K, the group sum times the group scale with `vpmulld`) the integer sums are exact,
+//! 16 for Q6_K, the group sum times the group scale with `vpmulld`; Q4_K's two half-group sums
+//! fit in 16 bits, so its scale step is two `vpdpwssd`) the integer sums are exact,
 //! and the K-quant corrections `Σ cm · xs` are `vpdpwssd` on i16 pairs; so every lane holds the
 //! generic path's integer (`kdot_generic` / `bdot_generic`) and the float operations follow it
 //! lane for lane (no fused multiply-adds): the results are the same bits (tested in
@@ -16,18 +17,18 @@ use std::arch::x86_64::*;
 
 /// Weight rows per tile (i32 lanes of a register).
 pub(super) const ROWS: usize = 16;
-/// Most tokens per tile (Q8_0 / Q4_0).
+/// Most tokens per tile (every type: a K-quant tile keeps its float sums in memory, they change
+/// once per super-block).
 pub(super) const TOKENS: usize = 8;
-/// Most tokens per tile for K-quants (more accumulators per token).
-const K_TOKENS: usize = 4;
+
+/// Most tokens of a call for which Q4_K / Q6_K tiles unpack their values from the blocks
+/// ([`tile_rows`]) instead of from the panel's transposed copy: one tile (measured: at two
+/// tiles, unpacking twice costs more than the copy).
+pub(super) const FUSED_TOKENS: usize = TOKENS;
 
 /// Tokens per tile for weights of type `ty`.
-pub(super) fn tokens(ty: QType) -> usize {
-    if ty.is_k() {
-        K_TOKENS
-    } else {
-        TOKENS
-    }
+pub(super) fn tokens(_ty: QType) -> usize {
+    TOKENS
 }
 
 /// `row.decode(w, r)` compiled with AVX-512 (the same integer and copy operations, vectorised).
@@ -75,6 +76,18 @@ unsafe fn transpose16_raw(src: [*const u8; 16], chunks: usize, dst: *mut u8) {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_regs(r: &[__m512i; 16], dst: *mut u8) {
+    let o = transposed(r);
+    for (u, v) in o.into_iter().enumerate() {
+        // SAFETY: unit u < 16: bytes 64u .. 64u + 64 of the 1024.
+        unsafe { _mm512_storeu_si512(dst.add(64 * u).cast(), v) };
+    }
+}
+
+/// The 4-byte units of sixteen registers transposed: lane `j` of result `g` is unit `g` of
+/// `r[j]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transposed(r: &[__m512i; 16]) -> [__m512i; 16] {
     // Pairs of rows interleaved by 4-byte units, then by 8-byte units: b[4i + e] holds, in
     // 128-bit lane L, unit 4L + e of rows 4i .. 4i + 4.
     let mut a = [_mm512_setzero_si512(); 16];
@@ -90,22 +103,18 @@ unsafe fn transpose_regs(r: &[__m512i; 16], dst: *mut u8) {
         b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
     }
     // The 4 × 4 transpose of 128-bit lanes of b[e], b[4 + e], b[8 + e], b[12 + e].
+    let mut o = [_mm512_setzero_si512(); 16];
     for e in 0..4 {
         let c0 = _mm512_shuffle_i32x4::<0x44>(b[e], b[4 + e]);
         let c1 = _mm512_shuffle_i32x4::<0xEE>(b[e], b[4 + e]);
         let c2 = _mm512_shuffle_i32x4::<0x44>(b[8 + e], b[12 + e]);
         let c3 = _mm512_shuffle_i32x4::<0xEE>(b[8 + e], b[12 + e]);
-        let o = [
-            _mm512_shuffle_i32x4::<0x88>(c0, c2),
-            _mm512_shuffle_i32x4::<0xDD>(c0, c2),
-            _mm512_shuffle_i32x4::<0x88>(c1, c3),
-            _mm512_shuffle_i32x4::<0xDD>(c1, c3),
-        ];
-        for (l, v) in o.into_iter().enumerate() {
-            // SAFETY: unit 4l + e < 16: bytes 64 (4l + e) .. + 64 of the 1024.
-            unsafe { _mm512_storeu_si512(dst.add(64 * (4 * l + e)).cast(), v) };
-        }
+        o[e] = _mm512_shuffle_i32x4::<0x88>(c0, c2);
+        o[4 + e] = _mm512_shuffle_i32x4::<0xDD>(c0, c2);
+        o[8 + e] = _mm512_shuffle_i32x4::<0x88>(c1, c3);
+        o[12 + e] = _mm512_shuffle_i32x4::<0xDD>(c1, c3);
     }
+    o
 }
 
 /// The outputs of the panel's sixteen rows for tokens `t0 .. t0 + tn` (`1 <= tn <=
@@ -139,17 +148,34 @@ pub(super) fn tile(
                 && act.xs.len() >= end * k / 16,
             "quant: tile sizes"
         );
-        // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above.
+        // SAFETY: the token proves AVX-512 F, BW and VNNI; the lengths are asserted above; the
+        // 16-bit scale step (`N`) is taken for Q4_K only, whose values are 4-bit.
         unsafe {
-            match (g == 16, tn) {
-                (false, 1) => ktile_raw::<1, 32>(p, act, t0, out),
-                (false, 2) => ktile_raw::<2, 32>(p, act, t0, out),
-                (false, 3) => ktile_raw::<3, 32>(p, act, t0, out),
-                (false, _) => ktile_raw::<4, 32>(p, act, t0, out),
-                (true, 1) => ktile_raw::<1, 16>(p, act, t0, out),
-                (true, 2) => ktile_raw::<2, 16>(p, act, t0, out),
-                (true, 3) => ktile_raw::<3, 16>(p, act, t0, out),
-                (true, _) => ktile_raw::<4, 16>(p, act, t0, out),
+            match (ty, tn) {
+                (QType::Q4K, 1) => ktile_raw::<1, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, 2) => ktile_raw::<2, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, 3) => ktile_raw::<3, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, 4) => ktile_raw::<4, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, 5) => ktile_raw::<5, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, 6) => ktile_raw::<6, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, 7) => ktile_raw::<7, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q4K, _) => ktile_raw::<8, 32, true, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 1) => ktile_raw::<1, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 2) => ktile_raw::<2, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 3) => ktile_raw::<3, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 4) => ktile_raw::<4, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 5) => ktile_raw::<5, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 6) => ktile_raw::<6, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, 7) => ktile_raw::<7, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (QType::Q6K, _) => ktile_raw::<8, 16, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 1) => ktile_raw::<1, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 2) => ktile_raw::<2, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 3) => ktile_raw::<3, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 4) => ktile_raw::<4, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 5) => ktile_raw::<5, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 6) => ktile_raw::<6, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, 7) => ktile_raw::<7, 32, false, false>(&NO_ROWS, p, act, t0, out),
+                (_, _) => ktile_raw::<8, 32, false, false>(&NO_ROWS, p, act, t0, out),
             }
         }
     } else {
@@ -169,6 +195,70 @@ pub(super) fn tile(
         }
     }
 }
+
+/// [`tile`] for Q4_K / Q6_K with the values unpacked straight from rows `r0 .. r0 + rows` of
+/// `w` (`rows <= 16`) in registers, without the panel's transposed copy (only its scale lanes,
+/// which must hold those rows): the same integers and float steps, so the same bits. For a
+/// single tile of tokens, this spares the panel's stores and reloads.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile_rows(
+    _: Avx512Vnni,
+    w: &super::QMatrix<'_>,
+    r0: usize,
+    rows: usize,
+    p: &Panel,
+    act: &Act,
+    t0: usize,
+    tn: usize,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    let (ty, k, nb) = (w.ty, act.k, act.nb);
+    let end = t0.saturating_add(tn);
+    let g = super::group(ty);
+    assert!(
+        matches!(ty, QType::Q4K | QType::Q6K)
+            && rows <= 16
+            && r0.checked_add(rows).is_some_and(|e| e <= w.rows)
+            && (1..=TOKENS).contains(&tn)
+            && w.k == k
+            && k == nb * QK_K
+            && p.da.len() >= 16 * nb
+            && p.db.len() >= 16 * nb
+            && p.sc.len() >= 16 * nb * (QK_K / g)
+            && p.cm.len() >= 16 * nb * 8
+            && end.checked_mul(k).is_some_and(|v| act.x.len() >= v)
+            && act.d.len() >= end * nb
+            && act.xs.len() >= end * k / 16,
+        "quant: tile sizes"
+    );
+    let src: [&[u8]; 16] = std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
+    // SAFETY: the token proves AVX-512 F, BW and VNNI; the type, rows and lengths are asserted
+    // above (each `w.row` holds `nb` whole super-blocks); the 16-bit scale step (`N`) is taken
+    // for Q4_K only, whose values are 4-bit.
+    unsafe {
+        match (ty, tn) {
+            (QType::Q4K, 1) => ktile_raw::<1, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, 2) => ktile_raw::<2, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, 3) => ktile_raw::<3, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, 4) => ktile_raw::<4, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, 5) => ktile_raw::<5, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, 6) => ktile_raw::<6, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, 7) => ktile_raw::<7, 32, true, true>(&src, p, act, t0, out),
+            (QType::Q4K, _) => ktile_raw::<8, 32, true, true>(&src, p, act, t0, out),
+            (_, 1) => ktile_raw::<1, 16, false, true>(&src, p, act, t0, out),
+            (_, 2) => ktile_raw::<2, 16, false, true>(&src, p, act, t0, out),
+            (_, 3) => ktile_raw::<3, 16, false, true>(&src, p, act, t0, out),
+            (_, 4) => ktile_raw::<4, 16, false, true>(&src, p, act, t0, out),
+            (_, 5) => ktile_raw::<5, 16, false, true>(&src, p, act, t0, out),
+            (_, 6) => ktile_raw::<6, 16, false, true>(&src, p, act, t0, out),
+            (_, 7) => ktile_raw::<7, 16, false, true>(&src, p, act, t0, out),
+            (_, _) => ktile_raw::<8, 16, false, true>(&src, p, act, t0, out),
+        }
+    }
+}
+
+/// No rows: the panel path of [`ktile_raw`].
+const NO_ROWS: [&[u8]; 16] = [&[]; 16];
 
 /// The four activation bytes at `p`, broadcast to every i32 lane.
 ///
@@ -239,12 +329,17 @@ unsafe fn btile_raw<const T: usize>(
 }
 
 /// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI; `T <= 4`; `G` is the type's scale group (16 or
+/// The CPU must have AVX-512 F, BW and VNNI; `T <= 8`; `G` is the type's scale group (16 or
 /// 32); `p` holds the sixteen rows of a K-quant matrix with `act.k` values (`16 · act.k` value
 /// bytes; per super-block 16 · 256 / G scales, 16 · 8 correction pairs, 16 d and 16 db) and
-/// `act` tokens `t0 .. t0 + T`.
+/// `act` tokens `t0 .. t0 + T`. `N` (narrow) only when `G == 32`, the values are below 16 and the
+/// scales below 2^15 (Q4_K): then each half group's integer sum (16 products, at most
+/// 16 · 15 · 127 < 2^15 in magnitude) is an exact i16 and the scale step is `vpdpwssd`.
+/// `F` (fused): the values are unpacked from `src` (the sixteen rows' blocks of Q4_K if `G` is
+/// 32, Q6_K if 16; empty for missing rows) instead of read from `p.q`, which is then unused.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn ktile_raw<const T: usize, const G: usize>(
+unsafe fn ktile_raw<const T: usize, const G: usize, const N: bool, const F: bool>(
+    src: &[&[u8]; 16],
     p: &Panel,
     act: &Act,
     t0: usize,
@@ -270,32 +365,57 @@ unsafe fn ktile_raw<const T: usize, const G: usize>(
             dp[j] = dp[j].add((t0 + j) * nsb);
         }
     }
-    let mut fa = [_mm512_setzero_ps(); T];
-    let mut fb = [_mm512_setzero_ps(); T];
+    // The float sums change once per super-block: kept in memory, the registers go to the
+    // integer sums of the T tokens.
+    let mut fa = [0f32; ROWS * TOKENS];
+    let mut fb = [0f32; ROWS * TOKENS];
+    // Fused (`F`): the rows' blocks, unpacked and transposed in registers chunk by chunk.
+    let fty = if G == 16 { QType::Q6K } else { QType::Q4K };
     for s in 0..nsb {
         let mut ia = [_mm512_setzero_si512(); T];
-        for g in 0..ng {
-            let v0 = s * QK_K + g * G;
-            // SAFETY: group s · ng + g of the scales.
-            let scv = unsafe { _mm512_loadu_si512(psc.add(16 * (s * ng + g)).cast()) };
-            let mut w = [_mm512_setzero_si512(); 8];
-            for (i, wi) in w.iter_mut().enumerate().take(G / 4) {
-                // SAFETY: unit v0 / 4 + i < k / 4 of the transposed values.
-                *wi = unsafe { _mm512_loadu_si512(pq.add(64 * (v0 / 4 + i)).cast()) };
-            }
-            for j in 0..T {
-                // SAFETY: values v0 .. v0 + G of token j.
-                let x = unsafe { xp[j].add(v0) };
-                let mut a0 = _mm512_setzero_si512();
-                let mut a1 = _mm512_setzero_si512();
-                for i in (0..G / 4).step_by(2) {
-                    // SAFETY: bytes 4i .. 4i + 8 of the group's G.
-                    let (x0, x1) = unsafe { (bcast4(x.add(4 * i)), bcast4(x.add(4 * i + 4))) };
-                    a0 = _mm512_dpbusd_epi32(a0, w[i], x0);
-                    a1 = _mm512_dpbusd_epi32(a1, w[i + 1], x1);
+        for cc in 0..4 {
+            // Chunk c: values 64c .. 64c + 64 of the sixteen rows, as 16 units of 4.
+            let c = 4 * s + cc;
+            let mut wv = [_mm512_setzero_si512(); 16];
+            if F {
+                for (j, wj) in wv.iter_mut().enumerate() {
+                    if !src[j].is_empty() {
+                        // SAFETY: chunk c of a row of whole Q4_K / Q6_K super-blocks (caller).
+                        *wj = unsafe { unpack_chunk(fty, src[j], c) };
+                    }
                 }
-                let gs = _mm512_mullo_epi32(_mm512_add_epi32(a0, a1), scv);
-                ia[j] = _mm512_add_epi32(ia[j], gs);
+                wv = transposed(&wv);
+            } else {
+                for (u, wu) in wv.iter_mut().enumerate() {
+                    // SAFETY: unit 16c + u < k / 4 of the transposed values.
+                    *wu = unsafe { _mm512_loadu_si512(pq.add(64 * (16 * c + u)).cast()) };
+                }
+            }
+            for gi in 0..64 / G {
+                let g = cc * (64 / G) + gi;
+                let v0 = s * QK_K + g * G;
+                // SAFETY: group s · ng + g of the scales.
+                let scv = unsafe { _mm512_loadu_si512(psc.add(16 * (s * ng + g)).cast()) };
+                let w = &wv[gi * (G / 4)..(gi + 1) * (G / 4)];
+                for j in 0..T {
+                    // SAFETY: values v0 .. v0 + G of token j.
+                    let x = unsafe { xp[j].add(v0) };
+                    let mut a0 = _mm512_setzero_si512();
+                    let mut a1 = _mm512_setzero_si512();
+                    for i in (0..G / 4).step_by(2) {
+                        // SAFETY: bytes 4i .. 4i + 8 of the group's G.
+                        let (x0, x1) = unsafe { (bcast4(x.add(4 * i)), bcast4(x.add(4 * i + 4))) };
+                        a0 = _mm512_dpbusd_epi32(a0, w[i], x0);
+                        a1 = _mm512_dpbusd_epi32(a1, w[i + 1], x1);
+                    }
+                    ia[j] = if N {
+                        // a0, a1: exact i16 in the low halves; scv's high halves are zero.
+                        _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(ia[j], a0, scv), a1, scv)
+                    } else {
+                        let sum = _mm512_add_epi32(a0, a1);
+                        _mm512_add_epi32(ia[j], _mm512_mullo_epi32(sum, scv))
+                    };
+                }
             }
         }
         let mut ib = [_mm512_setzero_si512(); T];
@@ -316,17 +436,27 @@ unsafe fn ktile_raw<const T: usize, const G: usize>(
             )
         };
         for j in 0..T {
-            // SAFETY: super-block s's scale of token j.
-            let dx = _mm512_set1_ps(unsafe { *dp[j].add(s) });
-            let a = _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j]), _mm512_mul_ps(dav, dx));
-            let b = _mm512_mul_ps(_mm512_cvtepi32_ps(ib[j]), _mm512_mul_ps(dbv, dx));
-            fa[j] = _mm512_add_ps(fa[j], a);
-            fb[j] = _mm512_add_ps(fb[j], b);
+            // SAFETY: super-block s's scale of token j; lanes 16j .. 16j + 16 of fa / fb
+            // (j < T <= TOKENS).
+            unsafe {
+                let dx = _mm512_set1_ps(*dp[j].add(s));
+                let a = _mm512_mul_ps(_mm512_cvtepi32_ps(ia[j]), _mm512_mul_ps(dav, dx));
+                let b = _mm512_mul_ps(_mm512_cvtepi32_ps(ib[j]), _mm512_mul_ps(dbv, dx));
+                let (pa, pb) = (fa.as_mut_ptr().add(16 * j), fb.as_mut_ptr().add(16 * j));
+                _mm512_storeu_ps(pa, _mm512_add_ps(_mm512_loadu_ps(pa), a));
+                _mm512_storeu_ps(pb, _mm512_add_ps(_mm512_loadu_ps(pb), b));
+            }
         }
     }
     for j in 0..T {
-        // SAFETY: 16 (j + 1) <= 16 T <= out.len().
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), _mm512_sub_ps(fa[j], fb[j])) };
+        // SAFETY: 16 (j + 1) <= 16 T <= out.len() = fa.len() = fb.len().
+        unsafe {
+            let (a, b) = (
+                _mm512_loadu_ps(fa.as_ptr().add(16 * j)),
+                _mm512_loadu_ps(fb.as_ptr().add(16 * j)),
+            );
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), _mm512_sub_ps(a, b));
+        }
     }
 }
 
@@ -515,6 +645,26 @@ unsafe fn fill_scales_raw(
         p.cm.as_mut_ptr(),
     );
     let m16 = _mm512_set1_epi32(0xFFFF);
+    // Q4_K: byte masks, and `vpshufb` controls taking byte i of every 32-bit lane to its low
+    // byte (`ctl_one`), or to its low byte and to the low byte of its high half (`ctl_two`);
+    // the other bytes zero (control bit 7).
+    let (c3f, c0f, c30) = (
+        _mm512_set1_epi8(0x3F),
+        _mm512_set1_epi8(0x0F),
+        _mm512_set1_epi8(0x30),
+    );
+    // The lane's first byte within its 128-bit lane: 4 · (lane mod 4).
+    let at = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
+    let ctl_one: [__m512i; 4] = std::array::from_fn(|i| {
+        _mm512_add_epi32(_mm512_set1_epi32(0x8080_8000_u32 as i32 | i as i32), at)
+    });
+    let ctl_two: [__m512i; 4] = std::array::from_fn(|i| {
+        let both = _mm512_add_epi32(at, _mm512_slli_epi32::<16>(at));
+        _mm512_add_epi32(
+            _mm512_set1_epi32(0x8000_8000_u32 as i32 | (0x1_0001 * i as i32)),
+            both,
+        )
+    });
     for b in 0..nb {
         // The stores below: 16 lanes at 16 · (block, group or pair index) of the panel's
         // arrays, which hold nb blocks (caller).
@@ -529,43 +679,32 @@ unsafe fn fill_scales_raw(
                     _mm512_storeu_ps(da.add(16 * b), half(h));
                     _mm512_storeu_ps(db.add(16 * b), half(_mm512_srli_epi32::<16>(h)));
                 }
-                let byte = |v: __m512i, i: u32| {
-                    let m8 = _mm512_set1_epi32(0xFF);
-                    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(8 * i as i32)), m8)
-                };
-                let (c63, c15, c3) = (
-                    _mm512_set1_epi32(63),
-                    _mm512_set1_epi32(15),
-                    _mm512_set1_epi32(3),
-                );
-                for j in 0..8u32 {
-                    let (s, m) = if j < 4 {
-                        (
-                            _mm512_and_si512(byte(a, j), c63),
-                            _mm512_and_si512(byte(bq, j), c63),
-                        )
-                    } else {
-                        let jj = j - 4;
-                        let (cj, aj, bj) = (byte(c, jj), byte(a, jj), byte(bq, jj));
-                        let hi = |v: __m512i| {
-                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(v), c3))
-                        };
-                        (
-                            _mm512_or_si512(_mm512_and_si512(cj, c15), hi(aj)),
-                            _mm512_or_si512(
-                                _mm512_and_si512(_mm512_srli_epi32::<4>(cj), c15),
-                                hi(bj),
-                            ),
-                        )
-                    };
-                    let o = 16 * (8 * b + j as usize);
+                // ggml's `get_scale_min_k4` on four bytes at once: byte i of `sv[0]` / `mv[0]`
+                // is sub-block i's scale / min, of `sv[1]` / `mv[1]` sub-block 4 + i's (the
+                // high two bits, `(q >> 6) << 4`, are `(q >> 2) & 0x30` of the 32-bit lane).
+                let sv = [
+                    _mm512_and_si512(a, c3f),
+                    _mm512_or_si512(
+                        _mm512_and_si512(c, c0f),
+                        _mm512_and_si512(_mm512_srli_epi32::<2>(a), c30),
+                    ),
+                ];
+                let mv = [
+                    _mm512_and_si512(bq, c3f),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(c), c0f),
+                        _mm512_and_si512(_mm512_srli_epi32::<2>(bq), c30),
+                    ),
+                ];
+                for j in 0..8 {
+                    let (q, i) = (j / 4, j % 4);
+                    let s = _mm512_shuffle_epi8(sv[q], ctl_one[i]);
+                    let m = _mm512_shuffle_epi8(mv[q], ctl_two[i]);
+                    let o = 16 * (8 * b + j);
                     // SAFETY: group / pair 8b + j of `sc` and `cm` (8 per super-block).
                     unsafe {
                         _mm512_storeu_si512(sc.add(o).cast(), s);
-                        _mm512_storeu_si512(
-                            cm.add(o).cast(),
-                            _mm512_or_si512(m, _mm512_slli_epi32::<16>(m)),
-                        );
+                        _mm512_storeu_si512(cm.add(o).cast(), m);
                     }
                 }
             }
