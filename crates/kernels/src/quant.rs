@@ -436,6 +436,36 @@ impl Act {
     fn d(&self, t: usize) -> &[f32] {
         &self.d[t * self.nb..(t + 1) * self.nb]
     }
+
+    /// Where tokens `t0 .. t0 + T` start in the values, the block offsets and the block scales
+    /// (the Q8_0 / Q4_0 tiles). Panics if a token is out of range.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn block_ptrs<const T: usize>(
+        &self,
+        t0: usize,
+    ) -> ([*const i8; T], [*const i32; T], [*const f32; T]) {
+        (
+            std::array::from_fn(|j| self.x(t0 + j).as_ptr()),
+            std::array::from_fn(|j| self.init(t0 + j).as_ptr()),
+            std::array::from_fn(|j| self.d(t0 + j).as_ptr()),
+        )
+    }
+
+    /// Where tokens `t0 .. t0 + T` start in the values, the 16-value sums and the super-block
+    /// scales (the K-quant tiles). Panics if a token is out of range.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn k_ptrs<const T: usize>(
+        &self,
+        t0: usize,
+    ) -> ([*const i8; T], [*const i16; T], [*const f32; T]) {
+        (
+            std::array::from_fn(|j| self.x(t0 + j).as_ptr()),
+            std::array::from_fn(|j| self.xs(t0 + j).as_ptr()),
+            std::array::from_fn(|j| self.d(t0 + j).as_ptr()),
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -282,19 +282,9 @@ unsafe fn btile_raw<const T: usize>(
     t0: usize,
     out: &mut [f32; ROWS * TOKENS],
 ) {
-    let (k, nb) = (act.k, act.nb);
+    let nb = act.nb;
     let (pq, pd) = (p.q.as_ptr(), p.da.as_ptr());
-    let mut xp = [act.x.as_ptr(); T];
-    let mut ip = [act.init.as_ptr(); T];
-    let mut dp = [act.d.as_ptr(); T];
-    for j in 0..T {
-        // SAFETY: token t0 + j is within the activations (caller).
-        unsafe {
-            xp[j] = xp[j].add((t0 + j) * k);
-            ip[j] = ip[j].add((t0 + j) * nb);
-            dp[j] = dp[j].add((t0 + j) * nb);
-        }
-    }
+    let (xp, ip, dp) = act.block_ptrs::<T>(t0);
     let mut f = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let mut w = [_mm512_setzero_si512(); 8];
@@ -345,7 +335,7 @@ unsafe fn ktile_raw<const T: usize, const G: usize, const N: bool, const F: bool
     t0: usize,
     out: &mut [f32; ROWS * TOKENS],
 ) {
-    let (k, nsb) = (act.k, act.nb);
+    let nsb = act.nb;
     let ng = QK_K / G;
     let (pq, psc, pcm, pda, pdb) = (
         p.q.as_ptr(),
@@ -354,17 +344,7 @@ unsafe fn ktile_raw<const T: usize, const G: usize, const N: bool, const F: bool
         p.da.as_ptr(),
         p.db.as_ptr(),
     );
-    let mut xp = [act.x.as_ptr(); T];
-    let mut sp = [act.xs.as_ptr(); T];
-    let mut dp = [act.d.as_ptr(); T];
-    for j in 0..T {
-        // SAFETY: token t0 + j is within the activations (caller).
-        unsafe {
-            xp[j] = xp[j].add((t0 + j) * k);
-            sp[j] = sp[j].add((t0 + j) * k / 16);
-            dp[j] = dp[j].add((t0 + j) * nsb);
-        }
-    }
+    let (xp, sp, dp) = act.k_ptrs::<T>(t0);
     // The float sums change once per super-block: kept in memory, the registers go to the
     // integer sums of the T tokens.
     let mut fa = [0f32; ROWS * TOKENS];
