@@ -292,6 +292,21 @@ pub(crate) fn xw_mapped(
     }
 }
 
+/// One expert's share of a MoE block: its token rows (distinct, ascending), their combination
+/// weights and its `[gate, up, down]` weights.
+pub(crate) struct ExpertCall<'a> {
+    pub rows: &'a [u32],
+    pub ws: &'a [f32],
+    pub w: [WSrc<'a>; 3],
+}
+
+/// Experts run concurrently (see [`MoeAccumulator::add_experts`]) when the block has at most this
+/// many token rows in all ...
+const CONCURRENT_MAX_ROWS: usize = 2048;
+/// ... and at most this many per expert on average (a decode step of up to ~100 sequences with
+/// top-8 of 64 experts).
+const CONCURRENT_MAX_MEAN_ROWS: usize = 16;
+
 /// The MoE block of one layer on the CPU: `Σ_e w_e · down_e(silu(gate_e(x)) · up_e(x))` over
 /// each token's selected experts, accumulated in expert-index order.
 ///
@@ -339,66 +354,111 @@ impl MoeAccumulator {
     /// Adds one expert's contribution for the token rows `rows` with combination weights `ws`.
     /// `w = [gate, up, down]`: `[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]`, all in the
     /// compute dtype.
+    #[cfg(test)]
     pub(crate) fn add_expert(
         &mut self,
         rows: &[u32],
         ws: &[f32],
         w: [WSrc<'_>; 3],
     ) -> candle_core::Result<()> {
+        self.add_experts(vec![ExpertCall { rows, ws, w }])
+    }
+
+    /// Adds the contributions of several experts, in the order given (expert-index order).
+    ///
+    /// When the calls are small (a decode step: a few tokens per expert) the experts' outputs are
+    /// computed concurrently on rayon's threads — one matrix of a few tokens is too little work to
+    /// split well across threads, and each split is a synchronisation — and then added to the
+    /// output one after the other in the given order, so the result is the same bits as adding
+    /// them one at a time. Larger calls (prefill) run one expert at a time, each split by the
+    /// kernels across the threads.
+    pub(crate) fn add_experts(&mut self, calls: Vec<ExpertCall<'_>>) -> candle_core::Result<()> {
         match self.dtype {
-            DType::BF16 => self.add_expert_t::<bf16>(rows, ws, w),
-            DType::F16 => self.add_expert_t::<f16>(rows, ws, w),
-            DType::F32 => self.add_expert_t::<f32>(rows, ws, w),
+            DType::BF16 => self.add_experts_t::<bf16>(calls),
+            DType::F16 => self.add_experts_t::<f16>(calls),
+            DType::F32 => self.add_experts_t::<f32>(calls),
             d => candle_core::bail!("MoE cpu kernel: unsupported dtype {d:?}"),
         }
     }
 
-    fn add_expert_t<T: Elem>(
-        &mut self,
-        rows: &[u32],
-        ws: &[f32],
-        [wg, wu, wd]: [WSrc<'_>; 3],
-    ) -> candle_core::Result<()> {
-        let (h, i, n) = (self.hidden, self.inter, rows.len());
-        let shape_ok = |src: &WSrc<'_>, r: usize, c: usize| match src {
-            WSrc::Tensor(t) => t.dims() == [r, c],
-            WSrc::Mapped(_, _, len) => *len == r * c,
-            WSrc::Quant(q) => q.rows() == r && q.k() == c,
+    fn add_experts_t<T: Elem>(&mut self, calls: Vec<ExpertCall<'_>>) -> candle_core::Result<()> {
+        for c in &calls {
+            self.check(c)?;
+        }
+        let rows_total = calls.iter().map(|c| c.rows.len()).sum::<usize>();
+        let concurrent = calls.len() > 1
+            && rows_total <= CONCURRENT_MAX_ROWS
+            && rows_total <= calls.len() * CONCURRENT_MAX_MEAN_ROWS;
+        if concurrent {
+            // Every output is held until all are done: at most CONCURRENT_MAX_ROWS rows of
+            // `hidden` f32.
+            let ys = calls
+                .par_iter()
+                .map(|c| self.expert_output::<T>(c))
+                .collect::<Vec<_>>();
+            for (c, y) in calls.iter().zip(ys) {
+                self.accumulate::<T>(c, &y?);
+            }
+        } else {
+            for c in &calls {
+                let y = self.expert_output::<T>(c)?;
+                self.accumulate::<T>(c, &y);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks one call's weight shapes and token rows against this block.
+    fn check(&self, c: &ExpertCall<'_>) -> candle_core::Result<()> {
+        let (h, i) = (self.hidden, self.inter);
+        let shape_ok = |src: &WSrc<'_>, r: usize, col: usize| match src {
+            WSrc::Tensor(t) => t.dims() == [r, col],
+            WSrc::Mapped(_, _, len) => Some(*len) == r.checked_mul(col),
+            WSrc::Quant(q) => q.rows() == r && q.k() == col,
         };
-        if !(shape_ok(&wg, i, h) && shape_ok(&wu, i, h) && shape_ok(&wd, h, i)) {
+        let [wg, wu, wd] = &c.w;
+        if !(shape_ok(wg, i, h) && shape_ok(wu, i, h) && shape_ok(wd, h, i)) {
             candle_core::bail!(
                 "MoE cpu kernel: expert weight shapes do not match [{i}, {h}] / [{h}, {i}]"
             );
         }
         // Token rows of one expert are distinct and ascending (each token selects an expert at
-        // most once); the parallel scatter into `acc` below relies on it.
-        if rows.windows(2).any(|p| p[0] >= p[1]) || rows.len() != ws.len() {
+        // most once); the parallel scatter into `acc` relies on it.
+        if c.rows.windows(2).any(|p| p[0] >= p[1]) || c.rows.len() != c.ws.len() {
             candle_core::bail!("MoE cpu kernel: expert rows must be distinct and ascending");
         }
-        if let Some(&r) = rows.last() {
-            if r as usize * h + h > self.acc.len() {
+        if let Some(&r) = c.rows.last() {
+            if r as usize >= self.acc.len() / h.max(1) {
                 candle_core::bail!("MoE cpu kernel: token row {r} out of range");
             }
         }
+        Ok(())
+    }
+
+    /// One expert's down-projection output for its token rows, `[rows, hidden]` in f32 (not yet
+    /// rounded); the call must have passed [`Self::check`].
+    fn expert_output<T: Elem>(&self, c: &ExpertCall<'_>) -> candle_core::Result<Vec<f32>> {
+        let (h, i, n) = (self.hidden, self.inter, c.rows.len());
+        let [wg, wu, wd] = &c.w;
         // Element-wise passes run on rayon's threads when large (prefill), else in one task.
         let min_rows = |len: usize| (1usize << 15).div_ceil(len.max(1));
         let mut xe = vec![0f32; n * h];
         xe.par_chunks_mut(h)
             .with_min_len(min_rows(h))
-            .zip(rows.par_iter())
+            .zip(c.rows.par_iter())
             .for_each(|(dst, &r)| {
                 let r = r as usize;
                 dst.copy_from_slice(&self.x[r * h..(r + 1) * h]);
             });
-        let (g, u) = match (&wg, &wu) {
+        let (g, u) = match (wg, wu) {
             // Quantised gate and up of one type: the activations are quantised once.
             (WSrc::Quant(qg), WSrc::Quant(qu)) if qg.ty() == qu.ty() => {
                 let a = QActivations::new(qg.ty(), &xe, n, h);
                 (xwt_q_act(&a, qg), xwt_q_act(&a, qu))
             }
             _ => (
-                project::<T>(&wg, &xe, n, h, i)?,
-                project::<T>(&wu, &xe, n, h, i)?,
+                project::<T>(wg, &xe, n, h, i)?,
+                project::<T>(wu, &xe, n, h, i)?,
             ),
         };
         let mut act = vec![0f32; n * i];
@@ -414,31 +474,36 @@ impl MoeAccumulator {
                     *a = T::round(s * T::round(u));
                 }
             });
-        let y = project::<T>(&wd, &act, n, i, h)?;
-        // The rows of `acc` this expert adds to (distinct and ascending, checked above), as
+        project::<T>(wd, &act, n, i, h)
+    }
+
+    /// Adds `w · round(y)` to the call's rows of the output, rounding as transformers does; the
+    /// call must have passed [`Self::check`].
+    fn accumulate<T: Elem>(&mut self, c: &ExpertCall<'_>, y: &[f32]) {
+        let h = self.hidden.max(1);
+        let min_rows = (1usize << 15).div_ceil(h);
+        // The rows of `acc` this expert adds to (distinct, ascending and in range, checked), as
         // disjoint mutable slices.
-        let mut targets: Vec<&mut [f32]> = Vec::with_capacity(n);
-        let mut chunks = self.acc.chunks_exact_mut(h.max(1));
+        let mut targets: Vec<&mut [f32]> = Vec::with_capacity(c.rows.len());
+        let mut chunks = self.acc.chunks_exact_mut(h);
         let mut next = 0usize;
-        for &r in rows {
-            let Some(row) = chunks.nth(r as usize - next) else {
-                candle_core::bail!("MoE cpu kernel: token row {r} out of range");
-            };
-            targets.push(row);
+        for &r in c.rows {
+            if let Some(row) = chunks.nth(r as usize - next) {
+                targets.push(row);
+            }
             next = r as usize + 1;
         }
         let round_weights = self.round_weights;
         y.par_chunks(h)
-            .with_min_len(min_rows(h))
+            .with_min_len(min_rows)
             .zip(targets.into_par_iter())
-            .zip(ws.par_iter())
+            .zip(c.ws.par_iter())
             .for_each(|((yr, a), &w)| {
                 let w = if round_weights { T::round(w) } else { w };
                 for (a, &v) in a.iter_mut().zip(yr) {
                     *a = T::round(*a + T::round(T::round(v) * w));
                 }
             });
-        Ok(())
     }
 
     /// Whether routing weights are rounded to the compute dtype before the product (default).
@@ -512,6 +577,109 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Experts computed concurrently (one `add_experts` call of small experts) give the same bits
+    /// as adding them one at a time, in expert order, at 1 and 2 threads, for bf16, f16 and f32.
+    #[test]
+    fn concurrent_experts_equal_one_at_a_time() {
+        let (n_tok, hidden, inter, n_exp, top) = (24usize, 64usize, 48usize, 8usize, 3usize);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // Each token picks `top` distinct experts with a random weight.
+        let mut groups: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_exp];
+        for t in 0..n_tok {
+            let mut picked = Vec::new();
+            while picked.len() < top {
+                let e = rng.random_range(0..n_exp);
+                if !picked.contains(&e) {
+                    picked.push(e);
+                }
+            }
+            for e in picked {
+                groups[e].0.push(t as u32);
+                groups[e].1.push(rng.random_range(0.05f32..1.0));
+            }
+        }
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let h = random(n_tok, hidden, 11, dtype);
+            let ws: Vec<[Tensor; 3]> = (0..n_exp as u64)
+                .map(|e| {
+                    [
+                        random(inter, hidden, 100 + 3 * e, dtype),
+                        random(inter, hidden, 101 + 3 * e, dtype),
+                        random(hidden, inter, 102 + 3 * e, dtype),
+                    ]
+                })
+                .collect();
+            let run = |threads: usize, together: bool| -> Vec<u32> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut acc = MoeAccumulator::new(&h, inter).unwrap();
+                    let calls: Vec<ExpertCall<'_>> = groups
+                        .iter()
+                        .zip(&ws)
+                        .filter(|((rows, _), _)| !rows.is_empty())
+                        .map(|((rows, w), [g, u, d])| ExpertCall {
+                            rows,
+                            ws: w,
+                            w: [WSrc::Tensor(g), WSrc::Tensor(u), WSrc::Tensor(d)],
+                        })
+                        .collect();
+                    if together {
+                        acc.add_experts(calls).unwrap();
+                    } else {
+                        for c in calls {
+                            acc.add_expert(c.rows, c.ws, c.w).unwrap();
+                        }
+                    }
+                    let out = acc.finish(&Device::Cpu).unwrap();
+                    let v = out
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    v.iter().map(|x| x.to_bits()).collect()
+                })
+            };
+            let want = run(1, false);
+            assert!(want.iter().any(|&b| b != 0), "{dtype:?}: empty output");
+            for threads in [1, 2] {
+                assert_eq!(run(threads, true), want, "{dtype:?}, {threads} threads");
+            }
+        }
+    }
+
+    /// Bad calls are refused before anything is computed.
+    #[test]
+    fn expert_calls_are_checked() {
+        let h = random(4, 32, 1, DType::F32);
+        let (g, u, d) = (
+            random(16, 32, 2, DType::F32),
+            random(16, 32, 3, DType::F32),
+            random(32, 16, 4, DType::F32),
+        );
+        let call = |rows: &'static [u32], ws: &'static [f32]| ExpertCall {
+            rows,
+            ws,
+            w: [WSrc::Tensor(&g), WSrc::Tensor(&u), WSrc::Tensor(&d)],
+        };
+        let mut acc = MoeAccumulator::new(&h, 16).unwrap();
+        assert!(acc.add_experts(vec![call(&[2, 1], &[0.5, 0.5])]).is_err());
+        assert!(acc.add_experts(vec![call(&[4], &[0.5])]).is_err());
+        assert!(acc.add_experts(vec![call(&[1], &[0.5, 0.5])]).is_err());
+        let bad_shape = ExpertCall {
+            rows: &[0],
+            ws: &[1.0],
+            w: [WSrc::Tensor(&d), WSrc::Tensor(&u), WSrc::Tensor(&g)],
+        };
+        assert!(acc.add_experts(vec![bad_shape]).is_err());
+        acc.add_experts(vec![call(&[0, 3], &[0.5, 0.25]), call(&[1], &[1.0])])
+            .unwrap();
     }
 
     #[test]

@@ -30,7 +30,7 @@ use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 use rayon::prelude::*;
 
 use crate::config::{Activation, Family, ModelConfig, QkNorm};
-use crate::cpu_kernels::{matmul_t, matmul_t_f32, xw_mapped, MoeAccumulator, WSrc};
+use crate::cpu_kernels::{matmul_t, matmul_t_f32, xw_mapped, ExpertCall, MoeAccumulator, WSrc};
 use crate::error::{ModelError, Result};
 use crate::router::{check_mask, route_masked, RouterMask, RouterParams};
 use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
@@ -1477,53 +1477,55 @@ impl MoeModel {
             let mut acc = MoeAccumulator::new(h, self.cfg.intermediate_size)?
                 .round_weights(self.cfg.moe.weights_in_compute_dtype);
             let (ii, hh) = (self.cfg.intermediate_size, hidden);
-            for (e, (rows, ws)) in groups.iter().enumerate() {
-                if rows.is_empty() {
-                    continue;
-                }
-                match &block.experts {
+            let active: Vec<usize> = (0..groups.len())
+                .filter(|&e| !groups[e].0.is_empty())
+                .collect();
+            // Weights that are not read in place: the experts' tensors (views, no copies).
+            let owned: Vec<[Tensor; 3]> = match &block.experts {
+                Experts::Quantized(_)
+                | Experts::PerExpertMapped(_)
+                | Experts::FusedMapped { .. } => Vec::new(),
+                _ => active
+                    .iter()
+                    .map(|&e| self.expert_weights(block, e))
+                    .collect::<Result<_>>()?,
+            };
+            let mut calls = Vec::with_capacity(active.len());
+            for (j, &e) in active.iter().enumerate() {
+                let (rows, ws) = &groups[e];
+                let w = match &block.experts {
                     Experts::Quantized(q) => {
                         let Some([g, u, d]) = q.matrices(e)? else {
                             return Err(ModelError::InvalidArgument(format!(
                                 "expert {e}: quantised blocks not readable in place"
                             )));
                         };
-                        acc.add_expert(rows, ws, [WSrc::Quant(g), WSrc::Quant(u), WSrc::Quant(d)])?;
+                        [WSrc::Quant(g), WSrc::Quant(u), WSrc::Quant(d)]
                     }
                     Experts::PerExpertMapped(v) => {
                         let [g, u, d] = &v[e];
-                        acc.add_expert(
-                            rows,
-                            ws,
-                            [
-                                WSrc::Mapped(g, 0, ii * hh),
-                                WSrc::Mapped(u, 0, ii * hh),
-                                WSrc::Mapped(d, 0, hh * ii),
-                            ],
-                        )?;
+                        [
+                            WSrc::Mapped(g, 0, ii * hh),
+                            WSrc::Mapped(u, 0, ii * hh),
+                            WSrc::Mapped(d, 0, hh * ii),
+                        ]
                     }
                     Experts::FusedMapped { gate_up, down } => {
                         let o = e * 2 * ii * hh;
-                        acc.add_expert(
-                            rows,
-                            ws,
-                            [
-                                WSrc::Mapped(gate_up, o, ii * hh),
-                                WSrc::Mapped(gate_up, o + ii * hh, ii * hh),
-                                WSrc::Mapped(down, e * hh * ii, hh * ii),
-                            ],
-                        )?;
+                        [
+                            WSrc::Mapped(gate_up, o, ii * hh),
+                            WSrc::Mapped(gate_up, o + ii * hh, ii * hh),
+                            WSrc::Mapped(down, e * hh * ii, hh * ii),
+                        ]
                     }
                     _ => {
-                        let [wg, wu, wd] = self.expert_weights(block, e)?;
-                        acc.add_expert(
-                            rows,
-                            ws,
-                            [WSrc::Tensor(&wg), WSrc::Tensor(&wu), WSrc::Tensor(&wd)],
-                        )?;
+                        let [wg, wu, wd] = &owned[j];
+                        [WSrc::Tensor(wg), WSrc::Tensor(wu), WSrc::Tensor(wd)]
                     }
-                }
+                };
+                calls.push(ExpertCall { rows, ws, w });
             }
+            acc.add_experts(calls)?;
             return Ok(acc.finish(&self.device)?);
         }
         // Other devices and activations: the same computation with candle ops.
