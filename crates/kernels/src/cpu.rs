@@ -1,7 +1,7 @@
 //! The one run-time CPU-feature check of the workspace.
 //!
 //! [`Cpu::get`] detects the features once per process (cached). A SIMD kernel is reachable only
-//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`], [`Avx512Bf16`], [`Avx512Vnni`]) whose constructor returns `None` on a CPU
+//! through a token ([`Avx`], [`Avx2`], [`Avx2Fma`], [`AvxVnni`], [`Avx512Bf16`], [`Avx512Vnni`]) whose constructor returns `None` on a CPU
 //! without the feature, so the `unsafe` call of a `#[target_feature]` function is justified by
 //! the token's existence alone. Other crates use [`with_avx`] (an [`AvxBody`]) to compile plain Rust code with AVX
 //! enabled (same operations, same results; it only changes instruction selection).
@@ -19,6 +19,7 @@ pub struct Cpu {
     avx512bw: bool,
     avx512bf16: bool,
     avx512vnni: bool,
+    avxvnni: bool,
 }
 
 impl Cpu {
@@ -39,6 +40,7 @@ impl Cpu {
             avx512bw: std::is_x86_feature_detected!("avx512bw"),
             avx512bf16: std::is_x86_feature_detected!("avx512bf16"),
             avx512vnni: std::is_x86_feature_detected!("avx512vnni"),
+            avxvnni: std::is_x86_feature_detected!("avxvnni"),
         }
     }
 
@@ -67,6 +69,13 @@ impl Cpu {
         (self.avx && self.avx2 && self.fma && self.f16c).then_some(Avx2Fma(()))
     }
 
+    /// The AVX2 + FMA + AVX-VNNI token (the VEX-encoded 256-bit `vpdpbusd` / `vpdpwssd` of the
+    /// AVX2 quantised-weight tile: Alder Lake and later Intel cores, Zen 5), when the CPU has all
+    /// three.
+    pub fn avx_vnni(self) -> Option<AvxVnni> {
+        (self.avx && self.avx2 && self.fma && self.avxvnni).then_some(AvxVnni(()))
+    }
+
     /// The AVX-512 F + BW + BF16 token (the bf16 dot-product matmul kernel, `vdpbf16ps`), when
     /// the CPU has all three.
     pub fn avx512_bf16(self) -> Option<Avx512Bf16> {
@@ -90,6 +99,14 @@ impl Cpu {
         }
     }
 
+    /// This description without AVX-VNNI (to force the plain AVX2 quantised tile).
+    pub fn without_avx_vnni(self) -> Cpu {
+        Cpu {
+            avxvnni: false,
+            ..self
+        }
+    }
+
     /// The names of the detected features the kernels use, in a fixed order (for benchmarks).
     pub fn feature_names(self) -> Vec<&'static str> {
         [
@@ -101,6 +118,7 @@ impl Cpu {
             (self.avx512bw, "avx512bw"),
             (self.avx512bf16, "avx512bf16"),
             (self.avx512vnni, "avx512vnni"),
+            (self.avxvnni, "avxvnni"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -119,6 +137,10 @@ pub struct Avx2(());
 /// Proof that the CPU has AVX2, FMA and F16C (only [`Cpu::avx2_fma`] makes one).
 #[derive(Debug, Clone, Copy)]
 pub struct Avx2Fma(());
+
+/// Proof that the CPU has AVX2, FMA and AVX-VNNI (only [`Cpu::avx_vnni`] makes one).
+#[derive(Debug, Clone, Copy)]
+pub struct AvxVnni(());
 
 /// Proof that the CPU has AVX-512 F, BW and BF16 (only [`Cpu::avx512_bf16`] makes one).
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +186,7 @@ mod tests {
         let s = Cpu::scalar();
         assert!(s.avx().is_none() && s.avx2().is_none() && s.avx2_fma().is_none());
         assert!(s.avx512_bf16().is_none() && s.feature_names().is_empty());
+        assert!(s.avx_vnni().is_none());
         let c = Cpu::get();
         assert_eq!(c, Cpu::get());
         #[cfg(target_arch = "x86_64")]
@@ -185,6 +208,23 @@ mod tests {
             assert_eq!(
                 c.without_avx512().avx2_fma().is_some(),
                 c.avx2_fma().is_some()
+            );
+            assert_eq!(
+                c.avx_vnni().is_some(),
+                std::is_x86_feature_detected!("avxvnni")
+                    && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+            );
+            // AVX-VNNI is not an AVX-512 feature: only `without_avx_vnni` removes it.
+            assert_eq!(
+                c.without_avx512().avx_vnni().is_some(),
+                c.avx_vnni().is_some()
+            );
+            assert!(c.without_avx_vnni().avx_vnni().is_none());
+            assert_eq!(c.without_avx_vnni().avx2().is_some(), c.avx2().is_some());
+            assert_eq!(
+                c.feature_names().contains(&"avxvnni"),
+                c.avx_vnni().is_some()
             );
         }
     }

@@ -22,9 +22,11 @@
 //!   and a token's result does not depend on how many tokens share its call.
 //!
 //! The path is chosen at run time from the CPU's features ([`Cpu`]); the environment variable
-//! `MOE_XRAY_KERNEL` (`avx512`, `avx2`, `generic`; read once per process) caps it, so benchmarks
-//! and tests can compare paths on one machine: `avx2` never takes the AVX-512 kernel, `generic`
-//! always takes the `gemm` path. [`kernel_name`] says which path a weight type takes.
+//! `MOE_XRAY_KERNEL` (`avx512`, `avx2`, `avx2-novnni`, `generic`; read once per process) caps it,
+//! so benchmarks and tests can compare paths on one machine: `avx2` never takes the AVX-512 kernel,
+//! `avx2-novnni` also keeps the quantised-weight kernel's AVX2 tile off AVX-VNNI ([`env_no_vnni`]:
+//! what a CPU with AVX2 but no AVX-VNNI runs), `generic` always takes the `gemm` path.
+//! [`kernel_name`] says which path a weight type takes.
 //!
 //! Why hand-written: candle 0.11's CPU matmul has no bf16 / f16 kernel; it widens both whole
 //! operands to fresh f32 vectors on every call, which made decoding on the full OLMoE shape ~10×
@@ -197,12 +199,22 @@ pub fn env_kernel() -> Result<Kernel, String> {
 fn parse_kernel(v: &str) -> Result<Kernel, String> {
     match v.trim() {
         "" | "avx512" | "auto" => Ok(Kernel::Avx512),
-        "avx2" => Ok(Kernel::Avx2),
+        "avx2" | NO_VNNI => Ok(Kernel::Avx2),
         "generic" | "gemm" => Ok(Kernel::Gemm),
         other => Err(format!(
-            "MOE_XRAY_KERNEL={other:?}: expected avx512, avx2 or generic"
+            "MOE_XRAY_KERNEL={other:?}: expected avx512, avx2, {NO_VNNI} or generic"
         )),
     }
+}
+
+/// The `MOE_XRAY_KERNEL` value that caps at AVX2 and keeps AVX-VNNI off too.
+const NO_VNNI: &str = "avx2-novnni";
+
+/// Whether `MOE_XRAY_KERNEL` is `avx2-novnni` (read once per process): the AVX2 cap of
+/// [`env_kernel`], and the quantised-weight kernel's AVX2 tile without AVX-VNNI.
+pub fn env_no_vnni() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| std::env::var("MOE_XRAY_KERNEL").is_ok_and(|v| v.trim() == NO_VNNI))
 }
 
 /// `kernel` with `Auto` replaced by the cap of `MOE_XRAY_KERNEL`.
@@ -316,8 +328,11 @@ mod avx512_fma;
 /// From this many tokens on, the AVX-512 path of [`xwt_same`] (bf16 × bf16) widens each weight
 /// panel to f32 once and runs f32 FMAs (`arch/x86_64/avx512/matmul_fma.rs`) instead of
 /// `vdpbf16ps`: bit-identical results (so a token's result does not depend on its batch), faster
-/// from about this many tokens on (`docs/performance.md`, "Session 9: bf16 prefill kernel").
-pub const FMA_MIN_TOKENS: usize = 48;
+/// from about this many tokens on (session 12, `cargo bench -p moe-xray-kernels --bench
+/// bf16_prefill`, OLMoE shapes: FMA / dot 0.98–1.04 at 8 tokens with the weights in cache,
+/// 1.05–1.3 with them streamed from memory (`BF16_BENCH_COLD=1`), 0.7–0.9 at 4 tokens, 1.15–1.4
+/// at 16).
+pub const FMA_MIN_TOKENS: usize = 8;
 
 /// The two implementations of the AVX-512 bf16 × bf16 path (benchmarks and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -744,7 +759,8 @@ mod tests {
         if !has_avx512_bf16("avx512_bf16_rows_do_not_depend_on_the_batch_or_the_threads") {
             return;
         }
-        // n ≥ FMA_MIN_TOKENS takes the FMA path, a single row and 8 rows the dot path: same bits.
+        // n ≥ FMA_MIN_TOKENS takes the FMA path, a single row and FMA_MIN_TOKENS − 1 rows the dot
+        // path: same bits.
         let (n, k, m) = (FMA_MIN_TOKENS.max(37), 1000, 131);
         let x = bf16::narrow(&random(n * k, 21));
         let w = bf16::narrow(&random(m * k, 22));
@@ -753,8 +769,9 @@ mod tests {
             let one = xwt_same_with(Kernel::Avx512, &x[r * k..(r + 1) * k], 1, k, &w, m);
             assert_eq!(bits(&all[r * m..(r + 1) * m]), bits(&one), "row {r}");
         }
-        let eight = xwt_same_with(Kernel::Avx512, &x[16 * k..24 * k], 8, k, &w, m);
-        assert_eq!(bits(&all[16 * m..24 * m]), bits(&eight), "rows 16..24");
+        let few = FMA_MIN_TOKENS - 1;
+        let part = xwt_same_with(Kernel::Avx512, &x[16 * k..(16 + few) * k], few, k, &w, m);
+        assert_eq!(bits(&all[16 * m..(16 + few) * m]), bits(&part), "rows 16..");
         let run = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -797,6 +814,11 @@ mod tests {
         assert_eq!(parse_kernel("avx512"), Ok(Kernel::Avx512));
         assert_eq!(parse_kernel(""), Ok(Kernel::Avx512));
         assert_eq!(parse_kernel(" avx2 "), Ok(Kernel::Avx2));
+        assert_eq!(parse_kernel("avx2-novnni"), Ok(Kernel::Avx2));
+        assert_eq!(
+            env_no_vnni(),
+            std::env::var("MOE_XRAY_KERNEL").is_ok_and(|v| v.trim() == "avx2-novnni")
+        );
         assert_eq!(parse_kernel("generic"), Ok(Kernel::Gemm));
         let e = parse_kernel("avx-512").unwrap_err();
         assert!(

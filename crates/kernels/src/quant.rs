@@ -17,11 +17,16 @@
 //! 8 tokens) multiplies the sixteen rows at once: each token's four activation bytes broadcast,
 //! one `vpdpbusd` adds four products to sixteen rows' sums. With a single tile of tokens (n ≤ 8,
 //! decode), Q4_K and Q6_K skip the transposed copy: the values are unpacked and transposed in
-//! registers inside the tile, and only the scale lanes are prepared. The
+//! registers inside the tile, and only the scale lanes are prepared. Q8_0 calls of one token
+//! multiply the blocks as stored, each row's bytes in address order, and reduce the sixteen rows'
+//! partial sums of each block pair to one lane per row. While a panel computes, the bytes of the
+//! next one are prefetched into L2 (a decode call reads its weights from memory). The
 //! AVX2 path does the same on strips of eight rows (the values transposed four to an i32 lane of a
 //! 32-byte register, tiles of up to 4 tokens, `vpmaddubsw` on |w| · sign(x, w) for Q8_0, on the
-//! unsigned values summed in i16 below saturation for the others; Q8_0 calls of 1–2 tokens
-//! multiply the blocks as they are, eight rows' sums reduced with `vphaddd`). The generic path
+//! unsigned values summed in i16 below saturation for the others; Q8_0 calls of 1–4 tokens
+//! multiply the blocks as they are, eight rows' sums reduced with `vphaddd`; with AVX-VNNI,
+//! `vpdpbusd` on `w + 128` / the unsigned values, Q8_0 direct up to 2 tokens: `avx2-vnni`,
+//! `MOE_XRAY_KERNEL=avx2-novnni` turns it off). The generic path
 //! decodes one row at a time into a small per-thread buffer (unsigned 8-bit values, the 16-value
 //! group scales widened to i16, the f32 block scales) and takes the tokens in blocks of `TBLOCK`
 //! (64), decoding each row once per token block: one weight read per call up to 64 tokens.
@@ -44,7 +49,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu::Cpu;
-use crate::matmul::{env_kernel, Kernel};
+use crate::matmul::{env_kernel, env_no_vnni, Kernel};
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -316,32 +321,35 @@ fn nearest_int(v: f32) -> i32 {
 fn round_away(v: f32) -> i32 {
     let t = v as i32;
     let frac = v - t as f32;
-    if frac >= 0.5 {
-        t.saturating_add(1)
-    } else if frac <= -0.5 {
-        t.saturating_sub(1)
-    } else {
-        t
-    }
+    // Branch-free (vectorised): at most one of the two steps applies.
+    t.saturating_add(i32::from(frac >= 0.5))
+        .saturating_sub(i32::from(frac <= -0.5))
 }
 
 /// ggml's `quantize_row_q8_K_ref` of one super-block: the values, the 16-value sums, the scale.
+///
+/// Written so that the compiler vectorises it (the largest magnitude over sixteen lanes, then
+/// the first value of that magnitude, which is the value ggml's strict `>` scan keeps: NaN never
+/// compares greater and `f32::max` ignores it), with the same results as the scan.
+#[inline(always)]
 pub fn quantize_q8k_block(x: &[f32], q: &mut [i8], sums: &mut [i16]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in &x[..QK_K] {
-        let a = v.abs();
-        if a > amax {
-            amax = a;
-            max = v;
+    let x = &x[..QK_K];
+    let mut lanes = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
         }
     }
+    let amax = max_of_lanes(lanes);
     if amax == 0.0 {
         q[..QK_K].fill(0);
         sums[..QK_K / 16].fill(0);
         return 0.0;
     }
+    // `amax` is the magnitude of some value of the block, so the search finds it.
+    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
     let iscale = -127.0 / max;
-    for (qv, &v) in q[..QK_K].iter_mut().zip(&x[..QK_K]) {
+    for (qv, &v) in q[..QK_K].iter_mut().zip(x) {
         *qv = nearest_int(iscale * v).clamp(-127, 127) as i8;
     }
     for (j, s) in sums[..QK_K / 16].iter_mut().enumerate() {
@@ -351,18 +359,70 @@ pub fn quantize_q8k_block(x: &[f32], q: &mut [i8], sums: &mut [i16]) -> f32 {
 }
 
 /// ggml's `quantize_row_q8_0_ref` of one block: the values and the scale (as stored, f16).
+#[inline(always)]
 pub fn quantize_q8_0_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x[..QK].iter().fold(0f32, |a, v| a.max(v.abs()));
+    let x = &x[..QK];
+    // The largest magnitude over sixteen lanes (`max` is exact and ignores NaN: the same value
+    // as a running fold).
+    let mut lanes = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = max_of_lanes(lanes);
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (qv, &v) in q[..QK].iter_mut().zip(&x[..QK]) {
+    for (qv, &v) in q[..QK].iter_mut().zip(x) {
         *qv = round_away(v * id).clamp(-127, 127) as i8;
     }
     f16::from_f32(d).to_f32()
 }
 
+/// The largest of sixteen magnitudes, folded as a tree (`f32::max` is exact and ignores NaN, so
+/// any order gives the value of a running fold).
+#[inline(always)]
+fn max_of_lanes(mut l: [f32; 16]) -> f32 {
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            l[i] = l[i].max(l[i + w]);
+        }
+    }
+    l[0]
+}
+
+/// One token's values quantised for K-quant weights: `q` (k values), the 16-value sums `xs`
+/// (k/16) and the super-block scales `d` (k/256).
+#[inline(always)]
+fn quantize_token_k(x: &[f32], q: &mut [i8], xs: &mut [i16], d: &mut [f32]) {
+    for (s, d) in d.iter_mut().enumerate() {
+        let o = s * QK_K;
+        *d = quantize_q8k_block(
+            &x[o..o + QK_K],
+            &mut q[o..o + QK_K],
+            &mut xs[o / 16..o / 16 + QK_K / 16],
+        );
+    }
+}
+
+/// One token's values quantised for Q8_0 / Q4_0 weights (offset `off`): `q` (k values), the
+/// block offsets `init` and scales `d` (k/32 each).
+#[inline(always)]
+fn quantize_token_0(off: i32, x: &[f32], q: &mut [i8], init: &mut [i32], d: &mut [f32]) {
+    for (b, (d, init)) in d.iter_mut().zip(init.iter_mut()).enumerate() {
+        let o = b * QK;
+        *d = quantize_q8_0_block(&x[o..o + QK], &mut q[o..o + QK]);
+        let s: i32 = q[o..o + QK].iter().map(|&v| i32::from(v)).sum();
+        *init = -off * s;
+    }
+}
+
 impl Act {
-    fn quantize(ty: QType, x: &[f32], n: usize, k: usize) -> Act {
+    fn quantize(cpu: Cpu, ty: QType, x: &[f32], n: usize, k: usize) -> Act {
+        #[cfg(target_arch = "x86_64")]
+        let wide = cpu.avx512_vnni();
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = cpu;
         let nb = k / ty.block_values();
         let mut a = Act {
             x: vec![0i8; n * k],
@@ -384,14 +444,12 @@ impl Act {
                 .zip(x.par_chunks(k))
                 .with_min_len(min_tokens)
                 .for_each(|(((q, xs), d), x)| {
-                    for (s, d) in d.iter_mut().enumerate() {
-                        let o = s * QK_K;
-                        *d = quantize_q8k_block(
-                            &x[o..o + QK_K],
-                            &mut q[o..o + QK_K],
-                            &mut xs[o / 16..o / 16 + QK_K / 16],
-                        );
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(t) = wide {
+                        avx512::quantize_token_k(t, x, q, xs, d);
+                        return;
                     }
+                    quantize_token_k(x, q, xs, d);
                 });
         } else {
             let off = ty.offset();
@@ -402,12 +460,12 @@ impl Act {
                 .zip(x.par_chunks(k))
                 .with_min_len(min_tokens)
                 .for_each(|(((q, init), d), x)| {
-                    for (b, (d, init)) in d.iter_mut().zip(init.iter_mut()).enumerate() {
-                        let o = b * QK;
-                        *d = quantize_q8_0_block(&x[o..o + QK], &mut q[o..o + QK]);
-                        let s: i32 = q[o..o + QK].iter().map(|&v| i32::from(v)).sum();
-                        *init = -off * s;
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(t) = wide {
+                        avx512::quantize_token_0(t, off, x, q, init, d);
+                        return;
                     }
+                    quantize_token_0(off, x, q, init, d);
                 });
         }
         a
@@ -630,16 +688,18 @@ fn bdot_generic(row: &Row, x: &[i8], init: &[i32], dx: &[f32]) -> f32 {
 enum Path {
     Generic,
     #[cfg(target_arch = "x86_64")]
-    Avx2(crate::cpu::Avx2),
+    Avx2(avx2::Isa),
     #[cfg(target_arch = "x86_64")]
     Avx512(crate::cpu::Avx512Vnni),
 }
 
 impl Path {
     fn choose(cpu: Cpu, kernel: Kernel) -> Path {
-        let kernel = match kernel {
-            Kernel::Auto => env_kernel().unwrap_or(Kernel::Avx512),
-            k => k,
+        let (kernel, cpu) = match kernel {
+            // `MOE_XRAY_KERNEL=avx2-novnni`: the AVX2 tile without AVX-VNNI.
+            Kernel::Auto if env_no_vnni() => (Kernel::Avx2, cpu.without_avx_vnni()),
+            Kernel::Auto => (env_kernel().unwrap_or(Kernel::Avx512), cpu),
+            k => (k, cpu),
         };
         #[cfg(target_arch = "x86_64")]
         {
@@ -649,7 +709,7 @@ impl Path {
                 }
             }
             if kernel != Kernel::Gemm {
-                if let Some(t) = cpu.avx2() {
+                if let Some(t) = avx2::Isa::of(cpu) {
                     return Path::Avx2(t);
                 }
             }
@@ -662,7 +722,7 @@ impl Path {
         match self {
             Path::Generic => "generic",
             #[cfg(target_arch = "x86_64")]
-            Path::Avx2(_) => "avx2",
+            Path::Avx2(t) => t.name(),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(_) => "avx512-vnni",
         }
@@ -769,11 +829,19 @@ impl Panel {
         }
     }
 
-    /// Prepares rows `r0 .. r0 + rows` of `w` (`rows <= 16`).
-    fn fill(&mut self, t: crate::cpu::Avx512Vnni, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    /// Prepares rows `r0 .. r0 + rows` of `w` (`rows <= 16`), prefetching `next` (the bytes the
+    /// next panel reads) meanwhile.
+    fn fill(
+        &mut self,
+        t: crate::cpu::Avx512Vnni,
+        w: &QMatrix<'_>,
+        r0: usize,
+        rows: usize,
+        next: &[u8],
+    ) {
         let ty = w.ty;
         if avx512::direct(ty) {
-            avx512::fill_values(t, w, r0, rows, &mut self.q);
+            avx512::fill_values(t, w, r0, rows, &mut self.q, next);
             self.fill_scales_of(t, w, r0, rows);
             return;
         }
@@ -926,7 +994,7 @@ impl Panel {
 }
 
 /// The path [`xwt_q`] takes on this CPU (capped by `MOE_XRAY_KERNEL`): `"avx512-vnni"`,
-/// `"avx2"` or `"generic"`.
+/// `"avx2-vnni"` (the AVX2 tile with AVX-VNNI), `"avx2"` or `"generic"`.
 pub fn kernel_name() -> &'static str {
     Path::choose(Cpu::get(), Kernel::Auto).name()
 }
@@ -953,7 +1021,7 @@ pub fn xwt_q_on(cpu: Cpu, kernel: Kernel, x: &[f32], n: usize, w: &QMatrix<'_>) 
     if n == 0 || m == 0 {
         return vec![0f32; n * m];
     }
-    let act = Act::quantize(w.ty, x, n, k);
+    let act = Act::quantize(cpu, w.ty, x, n, k);
     xwt_q_act_on(cpu, kernel, &act, n, w)
 }
 
@@ -978,7 +1046,7 @@ impl QActivations {
         QActivations {
             ty,
             n,
-            act: Act::quantize(ty, x, n, k),
+            act: Act::quantize(Cpu::get(), ty, x, n, k),
         }
     }
 
@@ -1005,84 +1073,88 @@ pub fn xwt_q_act(act: &QActivations, w: &QMatrix<'_>) -> Vec<f32> {
 /// positive).
 fn xwt_q_act_on(cpu: Cpu, kernel: Kernel, act: &Act, n: usize, w: &QMatrix<'_>) -> Vec<f32> {
     let (k, m) = (w.k, w.rows);
-    let mut y = vec![0f32; n * m];
     let path = Path::choose(cpu, kernel);
     let ty = w.ty;
-    let panel_count = m.div_ceil(PANEL);
-    let panels: Vec<Vec<f32>> = match path {
+    // The outputs panel by panel: panel p (rows r0 .. r0 + rows) at r0 · n, token-major
+    // (`out[t · rows + r]`); for one token this is `y` itself.
+    let mut pm = vec![0f32; n * m];
+    let panels = pm.par_chunks_mut(PANEL * n).enumerate();
+    match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512(t) => (0..panel_count)
-            .into_par_iter()
-            .map(|p| {
-                let r0 = p * PANEL;
-                let rows = PANEL.min(m - r0);
-                let mut out = vec![0f32; n * rows];
-                with_panel(ty, k, |panel| {
-                    let mut tile = [0f32; avx512::ROWS * avx512::TOKENS];
-                    // Few tokens (Q4_K, Q6_K): the values unpacked in registers for each tile
-                    // of tokens, no transposed copy in the panel (only its scale lanes).
-                    let fused = n <= avx512::FUSED_TOKENS && matches!(ty, QType::Q4K | QType::Q6K);
+        Path::Avx512(t) => panels.for_each(|(p, out)| {
+            let r0 = p * PANEL;
+            let rows = out.len() / n;
+            // The next panel's rows, prefetched while this one computes (rayon hands each
+            // thread a run of consecutive panels).
+            let rb = w.row_bytes();
+            let next = &w.data[(r0 + rows) * rb..(r0 + rows + PANEL).min(m) * rb];
+            // Decode (one token) on Q8_0: the blocks multiplied as stored, no panel.
+            if n <= avx512::Q8_0_DIRECT_TOKENS && avx512::q8_0_direct_fits(w) {
+                let mut tile = [0f32; avx512::ROWS * avx512::TOKENS];
+                avx512::q8_0_direct(t, w, r0, rows, act, n, &mut tile, next);
+                for j in 0..n {
+                    out[j * rows..(j + 1) * rows].copy_from_slice(&tile[16 * j..16 * j + rows]);
+                }
+                return;
+            }
+            with_panel(ty, k, |panel| {
+                let mut tile = [0f32; avx512::ROWS * avx512::TOKENS];
+                // Few tokens (Q4_K, Q6_K): the values unpacked in registers for each tile
+                // of tokens, no transposed copy in the panel (only its scale lanes).
+                let fused = n <= avx512::FUSED_TOKENS && matches!(ty, QType::Q4K | QType::Q6K);
+                if fused {
+                    panel.fill_scales_of(t, w, r0, rows);
+                } else {
+                    panel.fill(t, w, r0, rows, next);
+                }
+                let step = avx512::tokens(ty);
+                let mut t0 = 0;
+                while t0 < n {
+                    let tn = step.min(n - t0);
                     if fused {
-                        panel.fill_scales_of(t, w, r0, rows);
+                        let pf = if t0 == 0 { next } else { &[] };
+                        avx512::tile_rows(t, w, r0, rows, panel, act, t0, tn, &mut tile, pf);
                     } else {
-                        panel.fill(t, w, r0, rows);
+                        avx512::tile(t, ty, panel, act, t0, tn, &mut tile);
                     }
-                    let step = avx512::tokens(ty);
-                    let mut t0 = 0;
-                    while t0 < n {
-                        let tn = step.min(n - t0);
-                        if fused {
-                            avx512::tile_rows(t, w, r0, rows, panel, act, t0, tn, &mut tile);
-                        } else {
-                            avx512::tile(t, ty, panel, act, t0, tn, &mut tile);
-                        }
-                        for j in 0..tn {
-                            out[(t0 + j) * rows..(t0 + j + 1) * rows]
-                                .copy_from_slice(&tile[16 * j..16 * j + rows]);
-                        }
-                        t0 += tn;
+                    for j in 0..tn {
+                        out[(t0 + j) * rows..(t0 + j + 1) * rows]
+                            .copy_from_slice(&tile[16 * j..16 * j + rows]);
                     }
-                });
-                out
-            })
-            .collect(),
+                    t0 += tn;
+                }
+            });
+        }),
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2(t) => (0..panel_count)
-            .into_par_iter()
-            .map_init(
-                || avx2::Strip::new(ty, k),
-                |strip, p| {
-                    let r0 = p * PANEL;
-                    let rows = PANEL.min(m - r0);
-                    let mut out = vec![0f32; n * rows];
-                    avx2::panel(t, strip, w, act, n, r0, rows, &mut out);
-                    out
-                },
-            )
-            .collect(),
-        _ => (0..panel_count)
-            .into_par_iter()
-            .map_init(
-                || Row::new(ty, k),
-                |row, p| {
-                    let r0 = p * PANEL;
-                    let r1 = (r0 + PANEL).min(m);
-                    let rows = r1 - r0;
-                    let mut out = vec![0f32; n * rows];
-                    for tb in (0..n).step_by(TBLOCK) {
-                        for r in r0..r1 {
-                            path.decode(row, w, r);
-                            for t in tb..(tb + TBLOCK).min(n) {
-                                out[t * rows + (r - r0)] = path.dot(ty, row, act, t);
-                            }
+        Path::Avx2(t) => panels.for_each_init(
+            || avx2::Strip::new(t, ty, k),
+            |strip, (p, out)| {
+                let r0 = p * PANEL;
+                let rows = out.len() / n;
+                avx2::panel(t, strip, w, act, n, r0, rows, out);
+            },
+        ),
+        _ => panels.for_each_init(
+            || Row::new(ty, k),
+            |row, (p, out)| {
+                let r0 = p * PANEL;
+                let rows = out.len() / n;
+                for tb in (0..n).step_by(TBLOCK) {
+                    for r in r0..r0 + rows {
+                        path.decode(row, w, r);
+                        for t in tb..(tb + TBLOCK).min(n) {
+                            out[t * rows + (r - r0)] = path.dot(ty, row, act, t);
                         }
                     }
-                    out
-                },
-            )
-            .collect(),
-    };
-    for (p, out) in panels.iter().enumerate() {
+                }
+            },
+        ),
+    }
+    if n == 1 {
+        return pm;
+    }
+    let mut y = vec![0f32; n * m];
+    for (p, out) in pm.chunks(PANEL * n).enumerate() {
         let r0 = p * PANEL;
         let rows = out.len() / n;
         for t in 0..n {

@@ -56,7 +56,8 @@ pub fn kernel_report(dtype: DType) -> Result<(&'static str, Vec<&'static str>), 
     ))
 }
 
-/// Whether `MOE_XRAY_KERNEL` is unset or valid (`avx512`, `avx2`, `generic`); the error names it.
+/// Whether `MOE_XRAY_KERNEL` is unset or valid (`avx512`, `avx2`, `avx2-novnni`, `generic`); the
+/// error names it.
 pub fn kernel_env_check() -> Result<(), String> {
     moe_xray_kernels::matmul::env_kernel().map(|_| ())
 }

@@ -888,95 +888,102 @@ impl MoeModel {
             xs = scale_like_torch(&xs, mult.embedding)?;
         }
         let wants_probs = sink.wants_probs();
-        let mut routing = Vec::with_capacity(self.layers.len());
-        let ropes = batch
-            .iter()
-            .map(|s| self.rope_tables(s.state.pos, s.tokens.len()))
-            .collect::<Result<Vec<_>>>()?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let residual = xs.clone();
-            let h = layer.input_norm.forward(&xs)?;
-            let attn = self.attention(l, layer, &h, batch, &ropes)?;
-            xs = if mult.residual != 1.0 {
-                (residual + scale_like_torch(&attn, mult.residual)?)?
-            } else {
-                (residual + attn)?
-            };
-            let residual = xs.clone();
-            let h = layer.post_norm.forward(&xs)?;
-            let out = match &layer.ffn {
-                Ffn::Dense(m) => m.forward(&h)?,
-                Ffn::Moe(block) => {
-                    let layer_mask = mask.and_then(|m| m.layer(l));
-                    let (moe, r) = self.moe(l, block, &h, wants_probs, layer_mask)?;
-                    if let Some(row) = r.non_finite_row {
-                        return Err(non_finite(
-                            batch,
-                            row,
-                            "router logits",
-                            format!("layer {l}"),
-                        ));
-                    }
-                    routing.push(r);
-                    moe
-                }
-            };
-            xs = if mult.residual != 1.0 {
-                (residual + scale_like_torch(&out, mult.residual)?)?
-            } else {
-                (residual + out)?
-            };
-        }
-        // Logits of the last token of each sequence that wants them: one lm_head matmul for the
-        // whole step (the final norm and the matmul are row-wise, so batching changes nothing).
-        let mut last_rows = Vec::new();
-        let mut row = 0usize;
-        for s in batch.iter() {
-            if s.want_logits {
-                last_rows.push((row + s.tokens.len() - 1) as u32);
-            }
-            row += s.tokens.len();
-        }
-        let logits = if last_rows.is_empty() {
-            Vec::new()
-        } else {
-            let n = last_rows.len();
-            let idx = Tensor::from_vec(last_rows, n, &self.device)?;
-            let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
-            let mut lg = self.lm_head.forward(&h)?;
-            if mult.logits_scaling != 1.0 {
-                lg = if lg.dtype() == DType::F32 {
-                    (lg / mult.logits_scaling)?
+        // The step runs on one of rayon's worker threads: the kernels' parallel loops (thousands
+        // per step in decode: a few per expert) are then forked from inside the pool, which costs
+        // a join, instead of being injected from outside it, which costs an injection, a wake-up
+        // and a cross-thread join each. Same computation, same bits.
+        let (routing, logits) = rayon::scope(|_| -> Result<_> {
+            let mut routing = Vec::with_capacity(self.layers.len());
+            let ropes = batch
+                .iter()
+                .map(|s| self.rope_tables(s.state.pos, s.tokens.len()))
+                .collect::<Result<Vec<_>>>()?;
+            for (l, layer) in self.layers.iter().enumerate() {
+                let residual = xs.clone();
+                let h = layer.input_norm.forward(&xs)?;
+                let attn = self.attention(l, layer, &h, batch, &ropes)?;
+                xs = if mult.residual != 1.0 {
+                    (residual + scale_like_torch(&attn, mult.residual)?)?
                 } else {
-                    // torch divides a bf16 / f16 tensor by a Python scalar in f32 and rounds
-                    // once (candle's affine would multiply by the scalar's reciprocal rounded
-                    // to the compute dtype).
-                    let s = Tensor::new(mult.logits_scaling as f32, lg.device())?;
-                    lg.to_dtype(DType::F32)?
-                        .broadcast_div(&s)?
-                        .to_dtype(lg.dtype())?
+                    (residual + attn)?
+                };
+                let residual = xs.clone();
+                let h = layer.post_norm.forward(&xs)?;
+                let out = match &layer.ffn {
+                    Ffn::Dense(m) => m.forward(&h)?,
+                    Ffn::Moe(block) => {
+                        let layer_mask = mask.and_then(|m| m.layer(l));
+                        let (moe, r) = self.moe(l, block, &h, wants_probs, layer_mask)?;
+                        if let Some(row) = r.non_finite_row {
+                            return Err(non_finite(
+                                batch,
+                                row,
+                                "router logits",
+                                format!("layer {l}"),
+                            ));
+                        }
+                        routing.push(r);
+                        moe
+                    }
+                };
+                xs = if mult.residual != 1.0 {
+                    (residual + scale_like_torch(&out, mult.residual)?)?
+                } else {
+                    (residual + out)?
                 };
             }
-            lg.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
-        };
-        if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
-            let vocab = self.cfg.vocab_size.max(1);
-            let mut rows = Vec::new();
+            // Logits of the last token of each sequence that wants them: one lm_head matmul for the
+            // whole step (the final norm and the matmul are row-wise, so batching changes nothing).
+            let mut last_rows = Vec::new();
             let mut row = 0usize;
             for s in batch.iter() {
                 if s.want_logits {
-                    rows.push(row + s.tokens.len() - 1);
+                    last_rows.push((row + s.tokens.len() - 1) as u32);
                 }
                 row += s.tokens.len();
             }
-            let row = rows.get(bad / vocab).copied().unwrap_or(0);
-            return Err(non_finite(
-                batch,
-                row,
-                "output logits",
-                "the final layer".into(),
-            ));
-        }
+            let logits = if last_rows.is_empty() {
+                Vec::new()
+            } else {
+                let n = last_rows.len();
+                let idx = Tensor::from_vec(last_rows, n, &self.device)?;
+                let h = self.norm.forward(&xs.index_select(&idx, 0)?)?;
+                let mut lg = self.lm_head.forward(&h)?;
+                if mult.logits_scaling != 1.0 {
+                    lg = if lg.dtype() == DType::F32 {
+                        (lg / mult.logits_scaling)?
+                    } else {
+                        // torch divides a bf16 / f16 tensor by a Python scalar in f32 and rounds
+                        // once (candle's affine would multiply by the scalar's reciprocal rounded
+                        // to the compute dtype).
+                        let s = Tensor::new(mult.logits_scaling as f32, lg.device())?;
+                        lg.to_dtype(DType::F32)?
+                            .broadcast_div(&s)?
+                            .to_dtype(lg.dtype())?
+                    };
+                }
+                lg.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+            };
+            if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
+                let vocab = self.cfg.vocab_size.max(1);
+                let mut rows = Vec::new();
+                let mut row = 0usize;
+                for s in batch.iter() {
+                    if s.want_logits {
+                        rows.push(row + s.tokens.len() - 1);
+                    }
+                    row += s.tokens.len();
+                }
+                let row = rows.get(bad / vocab).copied().unwrap_or(0);
+                return Err(non_finite(
+                    batch,
+                    row,
+                    "output logits",
+                    "the final layer".into(),
+                ));
+            }
+            Ok((routing, logits))
+        })?;
         // Report routing decisions: per sequence, per token, per MoE layer.
         let k = self.cfg.num_experts_per_tok;
         let ne = self.cfg.num_experts;

@@ -186,7 +186,11 @@ fn every_path_gives_the_generic_bits() {
             if cpu.avx512_vnni().is_some() {
                 "avx512-vnni"
             } else if cpu.avx2().is_some() {
-                "avx2"
+                if cpu.avx_vnni().is_some() {
+                    "avx2-vnni"
+                } else {
+                    "avx2"
+                }
             } else {
                 "generic"
             }
@@ -540,11 +544,208 @@ fn the_avx2_tile_covers_every_strip_and_token_edge() {
     }
     #[cfg(target_arch = "x86_64")]
     if cpu.avx2().is_some() {
-        // The forced AVX2 kernel really is the AVX2 path on this CPU.
-        assert_eq!(
-            Path::choose(cpu.without_avx512(), Kernel::Avx2).name(),
+        // The forced AVX2 kernel really is the AVX2 path on this CPU (with AVX-VNNI when the CPU
+        // has it; its own tests are in `avx2::tests`).
+        let a2 = if cpu.avx_vnni().is_some() {
+            "avx2-vnni"
+        } else {
             "avx2"
-        );
-        assert_eq!(Path::choose(cpu, Kernel::Avx2).name(), "avx2");
+        };
+        assert_eq!(Path::choose(cpu.without_avx512(), Kernel::Avx2).name(), a2);
+        assert_eq!(Path::choose(cpu, Kernel::Avx2).name(), a2);
+    }
+}
+
+/// ggml's `quantize_row_q8_K_ref` as a plain scan (the form the kernel's vectorised version
+/// replaced): the first value of largest magnitude by strict `>`.
+fn q8k_block_scan(x: &[f32], q: &mut [i8], sums: &mut [i16]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in &x[..QK_K] {
+        let a = v.abs();
+        if a > amax {
+            amax = a;
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q[..QK_K].fill(0);
+        sums[..QK_K / 16].fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (qv, &v) in q[..QK_K].iter_mut().zip(&x[..QK_K]) {
+        *qv = nearest_int(iscale * v).clamp(-127, 127) as i8;
+    }
+    for (j, s) in sums[..QK_K / 16].iter_mut().enumerate() {
+        *s = q[16 * j..16 * j + 16].iter().map(|&v| i16::from(v)).sum();
+    }
+    1.0 / iscale
+}
+
+/// ggml's `quantize_row_q8_0_ref` as a plain scan, with `roundf` by branches.
+fn q8_0_block_scan(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x[..QK].iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (qv, &v) in q[..QK].iter_mut().zip(&x[..QK]) {
+        let t = (v * id) as i32;
+        let frac = v * id - t as f32;
+        let r = if frac >= 0.5 {
+            t.saturating_add(1)
+        } else if frac <= -0.5 {
+            t.saturating_sub(1)
+        } else {
+            t
+        };
+        *qv = r.clamp(-127, 127) as i8;
+    }
+    f16::from_f32(d).to_f32()
+}
+
+/// Hostile activation blocks: NaN, infinities, ties of magnitude with both signs, zeros of both
+/// signs, subnormals, huge values, exact halves.
+fn hostile_blocks(len: usize) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let mut out = Vec::new();
+    for case in 0..40 {
+        let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let at = |rng: &mut ChaCha8Rng| rng.random_range(0..len);
+        match case % 10 {
+            0 => x[at(&mut rng)] = f32::NAN,
+            1 => x[at(&mut rng)] = f32::INFINITY,
+            2 => {
+                x[at(&mut rng)] = f32::NEG_INFINITY;
+                x[at(&mut rng)] = f32::NAN;
+            }
+            3 => {
+                // The largest magnitude twice, with opposite signs: the first one sets the sign.
+                let (i, j) = (at(&mut rng), at(&mut rng));
+                x[i] = 9.0;
+                x[j] = -9.0;
+            }
+            4 => x
+                .iter_mut()
+                .for_each(|v| *v = if rng.random() { 0.0 } else { -0.0 }),
+            5 => x.iter_mut().for_each(|v| *v *= 1e-40),
+            6 => x[at(&mut rng)] = 3.0e38,
+            7 => {
+                // Exact halves after scaling: max 127 gives scale 1.
+                x[0] = 127.0;
+                for (i, v) in x.iter_mut().enumerate().skip(1) {
+                    *v = (i as f32 - 16.0) + 0.5;
+                }
+            }
+            8 => x.iter_mut().for_each(|v| *v = f32::NAN),
+            _ => x[at(&mut rng)] = -2.5e9,
+        }
+        out.push(x);
+    }
+    out
+}
+
+#[test]
+fn vectorised_activation_quantisers_equal_the_scans() {
+    let bits8 = |q: &[i8]| q.to_vec();
+    for x in hostile_blocks(QK_K) {
+        let (mut qa, mut sa, mut qb, mut sb) = ([0i8; QK_K], [0i16; 16], [0i8; QK_K], [0i16; 16]);
+        let da = quantize_q8k_block(&x, &mut qa, &mut sa);
+        let db = q8k_block_scan(&x, &mut qb, &mut sb);
+        assert_eq!(da.to_bits(), db.to_bits(), "q8_K scale of {x:?}");
+        assert_eq!((bits8(&qa), sa), (bits8(&qb), sb));
+    }
+    for x in hostile_blocks(QK) {
+        let (mut qa, mut qb) = ([0i8; QK], [0i8; QK]);
+        let da = quantize_q8_0_block(&x, &mut qa);
+        let db = q8_0_block_scan(&x, &mut qb);
+        assert_eq!(da.to_bits(), db.to_bits(), "q8_0 scale of {x:?}");
+        assert_eq!(qa, qb, "q8_0 values of {x:?}");
+    }
+    // Whole tokens through the per-path quantisation (the AVX-512 build where the CPU has it)
+    // against the scans, block by block.
+    let k = 4 * QK_K;
+    let x: Vec<f32> = hostile_blocks(QK_K).into_iter().take(8).flatten().collect();
+    for ty in [QType::Q4K, QType::Q8_0] {
+        for cpu in [Cpu::get(), Cpu::scalar()] {
+            let a = Act::quantize(cpu, ty, &x, 2, k);
+            for t in 0..2 {
+                let xt = &x[t * k..(t + 1) * k];
+                if ty.is_k() {
+                    for s in 0..k / QK_K {
+                        let (mut q, mut sm) = ([0i8; QK_K], [0i16; 16]);
+                        let d = q8k_block_scan(&xt[s * QK_K..], &mut q, &mut sm);
+                        assert_eq!(a.d(t)[s].to_bits(), d.to_bits());
+                        assert_eq!(&a.x(t)[s * QK_K..(s + 1) * QK_K], &q[..]);
+                        assert_eq!(&a.xs(t)[s * 16..(s + 1) * 16], &sm[..]);
+                    }
+                } else {
+                    for b in 0..k / QK {
+                        let mut q = [0i8; QK];
+                        let d = q8_0_block_scan(&xt[b * QK..], &mut q);
+                        assert_eq!(a.d(t)[b].to_bits(), d.to_bits());
+                        assert_eq!(&a.x(t)[b * QK..(b + 1) * QK], &q[..]);
+                        let s: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                        assert_eq!(a.init(t)[b], -128 * s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_0_decode_path_gives_the_generic_bits_at_every_edge() {
+    let cpu = Cpu::get();
+    // One token (the direct path on AVX-512) and two (the panel path), rows around the 16-row
+    // panel, k of one block, odd and even block counts, one to three strips of 32 blocks.
+    for (i, &(rows, k)) in [
+        (1usize, 32usize),
+        (15, 64),
+        (16, 96),
+        (17, 1024),
+        (33, 1056),
+        (5, 2080),
+        (40, 3104),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for fill in [None, Some(0x80u8), Some(0x7F), Some(0xFF)] {
+            let data = match fill {
+                None => random_matrix(QType::Q8_0, rows, k, 90 + i as u64),
+                Some(f) => filled_matrix(QType::Q8_0, rows, k, f),
+            };
+            let w = QMatrix::new(QType::Q8_0, &data, rows, k).unwrap();
+            for n in 1..=3 {
+                let mut x = random_x(n, k, 100 + n as u64);
+                if fill.is_some() {
+                    // The largest activations: every value ±127 after quantisation.
+                    x.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, v)| *v = if j % 3 == 0 { -1.0 } else { 1.0 });
+                }
+                let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w));
+                let a5 = bits(&xwt_q_on(cpu, Kernel::Avx512, &x, n, &w));
+                assert_eq!(g, a5, "q8_0 n={n} rows={rows} k={k} fill={fill:?}");
+            }
+            // The direct kernel at two tokens too (the dispatch sends it one).
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = cpu.avx512_vnni() {
+                let x = random_x(2, k, 7);
+                let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, 2, &w));
+                let act = Act::quantize(cpu, QType::Q8_0, &x, 2, k);
+                for r0 in (0..rows).step_by(16) {
+                    let r = 16.min(rows - r0);
+                    let mut tile = [0f32; avx512::ROWS * avx512::TOKENS];
+                    avx512::q8_0_direct(t, &w, r0, r, &act, 2, &mut tile, &[]);
+                    for j in 0..2 {
+                        assert_eq!(
+                            bits(&tile[16 * j..16 * j + r]),
+                            g[j * rows + r0..j * rows + r0 + r],
+                            "q8_0 direct, 2 tokens, rows={rows} k={k} r0={r0}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -4,8 +4,9 @@
 //! lane `j`: row `j`); each token's four activation bytes are broadcast, so one `vpmaddubsw`
 //! multiplies four values of eight rows (two i16 pair sums per lane). Q8_0, Q4_K and Q6_K are
 //! unpacked in registers straight from the blocks; Q4_0 and Q5_K through a decoded row. Q8_0 calls
-//! of at most `DIRECT_TOKENS` tokens skip the transposed copy: each block of each row is
-//! multiplied as it is and eight rows' sums are reduced into one register's lanes.
+//! of at most `Isa::direct_tokens` tokens (4; with AVX-VNNI 2) skip the transposed copy: each
+//! block of each row is multiplied as it is and eight rows' sums are reduced into one register's
+//! lanes.
 //!
 //! No i16 sum can saturate: Q8_0 uses the sign trick (`|w| · sign(x, w)`, `|w| <= 128`,
 //! `|x| <= 127`: a pair sum is at most 32512), widened to i32 (`vpmaddwd` by ones) after every
@@ -16,18 +17,81 @@
 //! (`kdot_generic` / `bdot_generic`: for Q8_0 `Σ w · x`, which is `−128 · Σ x + Σ (w + 128) · x`),
 //! and the float operations follow it lane for lane (`_mm256_mul_ps` / `_mm256_add_ps`, no fused
 //! multiply-adds): the results are the same bits (tested in `quant::tests`).
+//!
+//! With AVX-VNNI ([`Isa`]: Alder Lake and later Intel cores, Zen 5; VEX-encoded 256-bit
+//! `vpdpbusd` / `vpdpwssd`) the same tile adds four u8 × i8 products straight into each i32 lane,
+//! with no i16 step to keep below saturation: Q8_0 then needs no sign trick (the strip holds
+//! `w + 128`, unsigned, and each block starts from the activations' offset term `−128 · Σ x`,
+//! as Q4_0 does with `−8 · Σ x`), the K-quants sum each scale group's products in i32 and multiply
+//! by the group's scale once (`vpmulld`), and the corrections are `vpdpwssd`. The integers are the
+//! same exact sums and the float steps are unchanged, so both variants give the generic path's
+//! bits (tested below and in `quant::tests`). One source serves both: the tiles are generic over
+//! `VNNI` and compiled for plain AVX2; the VNNI instances are inlined into thin wrappers compiled
+//! with `avx2,avxvnni` (`#[target_feature]` cannot be `#[inline(always)]`), so `vpdpbusd` is
+//! emitted in place (the intrinsics are stable since Rust 1.89, the MSRV).
 
 use super::{group, Act, QMatrix, QType, Row, QK, QK_K};
-use crate::cpu::Avx2;
+use crate::cpu::{Avx2, AvxVnni, Cpu};
 use std::arch::x86_64::*;
+
+/// The instruction set the tile runs on: AVX2, with AVX-VNNI when the CPU has it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Isa {
+    avx2: Avx2,
+    vnni: Option<AvxVnni>,
+}
+
+impl Isa {
+    /// The tile's instruction set on `cpu` (`None` without AVX2; AVX-VNNI when `cpu` has it:
+    /// [`Cpu::without_avx_vnni`] forces plain AVX2).
+    pub(super) fn of(cpu: Cpu) -> Option<Isa> {
+        Some(Isa {
+            avx2: cpu.avx2()?,
+            vnni: cpu.avx_vnni(),
+        })
+    }
+
+    /// `"avx2-vnni"` or `"avx2"`.
+    pub(super) fn name(self) -> &'static str {
+        if self.vnni.is_some() {
+            "avx2-vnni"
+        } else {
+            "avx2"
+        }
+    }
+}
 
 /// Weight rows per strip (i32 lanes of a register).
 pub(super) const ROWS: usize = 8;
 /// Most tokens per tile.
 pub(super) const TOKENS: usize = 4;
 
+/// The f16 at bytes `i .. i + 2` of `b` as f32: the same value as `half`'s `f16::to_f32` (which
+/// the generic path uses) for every input, NaNs quieted as it does (tested on all 65536), but
+/// inline: `half` calls its F16C conversion out of line, once per scale (15 % of a Q8_0 call at
+/// n = 1).
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    let h = u16::from_le_bytes([b[i], b[i + 1]]);
+    let sign = u32::from(h & 0x8000) << 16;
+    let (exp, man) = (u32::from(h >> 10) & 0x1F, u32::from(h & 0x3FF));
+    if exp == 0x1F {
+        let nan = if man == 0 {
+            0
+        } else {
+            0x0040_0000 | (man << 13)
+        };
+        f32::from_bits(sign | 0x7F80_0000 | nan)
+    } else if exp != 0 {
+        f32::from_bits(sign | ((exp + 112) << 23) | (man << 13))
+    } else {
+        // Zero or subnormal: man · 2^-24, exact in f32.
+        f32::from_bits(sign | (man as f32 * (1.0 / 16_777_216.0)).to_bits())
+    }
+}
+
 /// `row.decode(w, r)` compiled with AVX2 (the same integer and copy operations, vectorised).
-pub(super) fn decode(_: Avx2, row: &mut Row, w: &QMatrix<'_>, r: usize) {
+pub(super) fn decode(_: Isa, row: &mut Row, w: &QMatrix<'_>, r: usize) {
     #[target_feature(enable = "avx2")]
     fn run(row: &mut Row, w: &QMatrix<'_>, r: usize) {
         row.decode(w, r);
@@ -40,15 +104,17 @@ pub(super) fn decode(_: Avx2, row: &mut Row, w: &QMatrix<'_>, r: usize) {
 /// (i32 lane `j` of each 32 bytes: four values of row `j`), the scales as eight-lane vectors.
 /// Lanes of rows past the matrix's end are zero.
 pub(super) struct Strip {
+    /// The instruction set the strip is laid out for (Q8_0: `|w|` and `w`, or `w + 128`).
+    isa: Isa,
     ty: QType,
     k: usize,
     rows: Vec<Row>,
     /// Zeros standing in for missing rows (a decoded row's length).
     zero: Vec<u8>,
-    /// 8 × kp bytes: the four values `4g .. 4g + 4` of row `j` at `32 g + 4 j` (Q8_0: `|w|`;
-    /// other types: the unsigned value `Row::decode` gives).
+    /// 8 × kp bytes: the four values `4g .. 4g + 4` of row `j` at `32 g + 4 j` (Q8_0: `|w|`,
+    /// with AVX-VNNI `w + 128`; other types: the unsigned value `Row::decode` gives).
     q: Vec<u8>,
-    /// Q8_0: the signed values `w`, laid out as `q` (empty for the other types).
+    /// Q8_0 without AVX-VNNI: the signed values `w`, laid out as `q` (empty otherwise).
     s: Vec<u8>,
     /// Per (super-)block × 8 rows: d.
     da: Vec<f32>,
@@ -62,8 +128,9 @@ pub(super) struct Strip {
 }
 
 impl Strip {
-    /// Buffers for weights of type `ty` and row length `k` (a positive multiple of the block).
-    pub(super) fn new(ty: QType, k: usize) -> Strip {
+    /// Buffers for weights of type `ty` and row length `k` (a positive multiple of the block),
+    /// laid out for `isa`.
+    pub(super) fn new(isa: Isa, ty: QType, k: usize) -> Strip {
         let kp = super::padded_k(k);
         let nb = k / ty.block_values();
         let (db, sc, cm) = if ty.is_k() {
@@ -76,6 +143,7 @@ impl Strip {
             (Vec::new(), Vec::new(), Vec::new())
         };
         Strip {
+            isa,
             ty,
             k,
             // Q8_0, Q4_K and Q6_K are read straight from their blocks.
@@ -86,7 +154,7 @@ impl Strip {
             },
             zero: vec![0u8; kp],
             q: vec![0u8; ROWS * kp],
-            s: if ty == QType::Q8_0 {
+            s: if ty == QType::Q8_0 && isa.vnni.is_none() {
                 vec![0u8; ROWS * kp]
             } else {
                 Vec::new()
@@ -100,7 +168,8 @@ impl Strip {
 
     /// Prepares rows `r0 .. r0 + rows` of `w` (`1 <= rows <= 8`, `w` of this strip's type and
     /// row length).
-    fn fill(&mut self, t: Avx2, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    fn fill(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize) {
+        let t = self.isa.avx2;
         assert!(
             w.ty == self.ty
                 && w.k == self.k
@@ -114,7 +183,7 @@ impl Strip {
             _ => {}
         }
         for (j, row) in self.rows.iter_mut().enumerate().take(rows) {
-            decode(t, row, w, r0 + j);
+            decode(self.isa, row, w, r0 + j);
         }
         let src: [&[u8]; ROWS] = std::array::from_fn(|j| {
             if j < rows {
@@ -160,9 +229,10 @@ impl Strip {
     /// [`Strip::fill`] for Q8_0: the values read straight from the blocks (no decoded row).
     fn fill_q8_0(&mut self, _: Avx2, w: &QMatrix<'_>, r0: usize, rows: usize) {
         let nb = w.k / QK;
+        let offset = self.isa.vnni.is_some();
         assert!(
             self.q.len() >= ROWS * 32 * nb
-                && self.s.len() >= ROWS * 32 * nb
+                && (offset || self.s.len() >= ROWS * 32 * nb)
                 && self.da.len() >= ROWS * nb,
             "quant: strip sizes"
         );
@@ -173,13 +243,13 @@ impl Strip {
                 self.da[ROWS * b + j] = if row.is_empty() {
                     0.0
                 } else {
-                    super::f16_at(row, 34 * b)
+                    f16_at(row, 34 * b)
                 };
             }
         }
         // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole Q8_0 blocks
-        // (`w.row`) and the buffers' lengths are asserted above.
-        unsafe { fill_q8_0_raw(src, nb, self.q.as_mut_ptr(), self.s.as_mut_ptr()) }
+        // (`w.row`) and the buffers' lengths are asserted above (`s` only without `offset`).
+        unsafe { fill_q8_0_raw(src, nb, self.q.as_mut_ptr(), self.s.as_mut_ptr(), offset) }
     }
 }
 
@@ -201,50 +271,97 @@ impl Strip {
         );
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-        let pair = |lo: i16, hi: i16| i32::from(lo as u16) | (i32::from(hi as u16) << 16);
         for (j, row) in src.iter().enumerate() {
             for s in 0..nsb {
-                let (da, db, sc, cm) = (
-                    &mut self.da[ROWS * s + j],
-                    &mut self.db[ROWS * s + j],
-                    &mut self.sc[ROWS * ng * s..ROWS * ng * (s + 1)],
-                    &mut self.cm[ROWS * 8 * s..ROWS * 8 * (s + 1)],
-                );
-                if row.is_empty() {
-                    (*da, *db) = (0.0, 0.0);
-                    for g in 0..ng {
-                        sc[ROWS * g + j] = 0;
-                    }
-                    for i in 0..8 {
-                        cm[ROWS * i + j] = 0;
-                    }
-                    continue;
-                }
-                let blk = &row[s * bb..(s + 1) * bb];
-                if ty == QType::Q4K {
-                    (*da, *db) = (super::f16_at(blk, 0), super::f16_at(blk, 2));
-                    for i in 0..8 {
-                        let (v, m) = super::scale_min_k4(i, &blk[4..16]);
-                        let (v, m) = (i16::from(v), i16::from(m));
-                        sc[ROWS * i + j] = pair(v, v);
-                        cm[ROWS * i + j] = pair(m, m);
-                    }
+                let (da, db) = if row.is_empty() {
+                    (0.0, 0.0)
+                } else if ty == QType::Q4K {
+                    let blk = &row[s * bb..(s + 1) * bb];
+                    (f16_at(blk, 0), f16_at(blk, 2))
                 } else {
-                    let d = super::f16_at(blk, 208);
-                    (*da, *db) = (d, d);
-                    let v = |g: usize| i16::from(blk[192 + g] as i8);
-                    for g in 0..16 {
-                        sc[ROWS * g + j] = pair(v(g), v(g));
-                    }
-                    for i in 0..8 {
-                        cm[ROWS * i + j] = pair(32 * v(2 * i), 32 * v(2 * i + 1));
-                    }
-                }
+                    let d = f16_at(&row[s * bb..(s + 1) * bb], 208);
+                    (d, d)
+                };
+                (self.da[ROWS * s + j], self.db[ROWS * s + j]) = (da, db);
             }
         }
         // SAFETY: the token proves AVX2; every non-empty row holds `nsb` whole super-blocks of
-        // `ty` (`w.row`) and `self.q`'s length is asserted above.
-        unsafe { fill_k_raw(ty, src, nsb, self.q.as_mut_ptr()) }
+        // `ty` (`w.row`) and the lengths of `self.q`, `self.sc` and `self.cm` are asserted above.
+        unsafe {
+            fill_k_scales_raw(ty, src, nsb, self.sc.as_mut_ptr(), self.cm.as_mut_ptr());
+            fill_k_raw(ty, src, nsb, self.q.as_mut_ptr());
+        }
+    }
+}
+
+/// The scale lanes of eight rows of Q4_K or Q6_K (`Strip::sc`, `Strip::cm`; the values
+/// `Row::decode` gives): per row and super-block the group scales and the correction multipliers
+/// as i16 pairs in one register each (Q4_K's 6-bit scales and mins unpacked as ggml's
+/// `ggml_vec_dot_q4_K_q8_K` does, the same values as `scale_min_k4`), then transposed to one i32
+/// lane per row; the lanes of empty rows (past the matrix's end) are zero.
+///
+/// # Safety
+/// The CPU must have AVX2; `ty` is Q4_K or Q6_K; each non-empty `src[j]` holds `nsb` whole
+/// super-blocks of it; `sc` holds `8 · (256 / group(ty)) · nsb` values and `cm` `64 · nsb`.
+#[target_feature(enable = "avx2")]
+unsafe fn fill_k_scales_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, sc: *mut i32, cm: *mut i32) {
+    let (bb, ng) = (ty.block_bytes(), QK_K / group(ty));
+    // Each i32 lane's low i16 in both halves (a `#[target_feature]` fn, not a closure).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn pair(v: __m256i) -> __m256i {
+        _mm256_blend_epi16::<0xAA>(v, _mm256_slli_epi32::<16>(v))
+    }
+    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+    for s in 0..nsb {
+        // Q4_K: scales; Q6_K: groups 0 .. 8 (`hi`: 8 .. 16); `c`: the corrections.
+        let mut lo = [_mm256_setzero_si256(); ROWS];
+        let mut hi = [_mm256_setzero_si256(); ROWS];
+        let mut c = [_mm256_setzero_si256(); ROWS];
+        for j in 0..ROWS {
+            if src[j].is_empty() {
+                continue;
+            }
+            // SAFETY: super-block s of row j (caller).
+            let blk = unsafe { src[j].as_ptr().add(s * bb) };
+            if ty == QType::Q4K {
+                // SAFETY: the 12 scale bytes at 4 .. 16 of the 144.
+                let q: [u8; 12] = unsafe { blk.add(4).cast::<[u8; 12]>().read_unaligned() };
+                let u = |i: usize| {
+                    u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]])
+                };
+                let (u0, u1, u2) = (u(0), u(1), u(2));
+                let scales = _mm_set_epi32(
+                    0,
+                    0,
+                    ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
+                    (u0 & k1) as i32,
+                );
+                let mins = _mm_set_epi32(
+                    0,
+                    0,
+                    (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
+                    (u1 & k1) as i32,
+                );
+                lo[j] = pair(_mm256_cvtepu8_epi32(scales));
+                c[j] = pair(_mm256_cvtepu8_epi32(mins));
+            } else {
+                // SAFETY: the 16 scale bytes at 192 .. 208 of the 210.
+                let v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(blk.add(192).cast()) });
+                lo[j] = pair(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+                hi[j] = pair(_mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v)));
+                // (32 · v(2i), 32 · v(2i + 1)) in lane i.
+                c[j] = _mm256_slli_epi16::<5>(v);
+            }
+        }
+        // SAFETY: super-block s's 8 · ng scale lanes (ng = 8 or 16) and 64 correction lanes.
+        unsafe {
+            transpose_regs(&lo, sc.add(ROWS * ng * s).cast());
+            if ng == 16 {
+                transpose_regs(&hi, sc.add(ROWS * ng * s + ROWS * 8).cast());
+            }
+            transpose_regs(&c, cm.add(ROWS * 8 * s).cast());
+        }
     }
 }
 
@@ -295,35 +412,58 @@ unsafe fn fill_k_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, dst: *mut u8) {
     let bb = ty.block_bytes();
     for s in 0..nsb {
         for c in 0..8 {
-            let r: [__m256i; ROWS] = std::array::from_fn(|j| {
-                if src[j].is_empty() {
-                    _mm256_setzero_si256()
-                } else {
+            // Loops, not closures: a closure is compiled without the function's target features,
+            // and `unpack_k` was then called out of line (half of a Q4_K call at n = 1).
+            let mut r = [_mm256_setzero_si256(); ROWS];
+            for j in 0..ROWS {
+                if !src[j].is_empty() {
                     // SAFETY: super-block s of row j (caller).
-                    unsafe { unpack_k(ty, src[j].as_ptr().add(s * bb), c) }
+                    r[j] = unsafe { unpack_k(ty, src[j].as_ptr().add(s * bb), c) };
                 }
-            });
+            }
             // SAFETY: chunk 8s + c's 256 bytes of `dst`.
             unsafe { transpose_regs(&r, dst.add(256 * (8 * s + c))) };
         }
     }
 }
 
+/// `dst` gets `|w|` and `signed` gets `w` transposed, or with `offset` `dst` gets `w + 128`
+/// (`signed` is not touched).
+///
 /// # Safety
 /// The CPU must have AVX2; each non-empty `src[j]` holds `nb` Q8_0 blocks (34 bytes each);
-/// `dst` and `signed` hold `256 · nb` bytes.
+/// `dst` holds `256 · nb` bytes, and without `offset` `signed` too.
 #[target_feature(enable = "avx2")]
-unsafe fn fill_q8_0_raw(src: [&[u8]; ROWS], nb: usize, dst: *mut u8, signed: *mut u8) {
+unsafe fn fill_q8_0_raw(
+    src: [&[u8]; ROWS],
+    nb: usize,
+    dst: *mut u8,
+    signed: *mut u8,
+    offset: bool,
+) {
+    let flip = _mm256_set1_epi8(i8::MIN);
     for b in 0..nb {
-        let w: [__m256i; ROWS] = std::array::from_fn(|j| {
-            if src[j].is_empty() {
-                _mm256_setzero_si256()
-            } else {
+        // Loops, not closures (`fill_k_raw`).
+        let mut w = [_mm256_setzero_si256(); ROWS];
+        for j in 0..ROWS {
+            if !src[j].is_empty() {
                 // SAFETY: bytes 2 .. 34 of block b of row j.
-                unsafe { _mm256_loadu_si256(src[j].as_ptr().add(34 * b + 2).cast()) }
+                w[j] = unsafe { _mm256_loadu_si256(src[j].as_ptr().add(34 * b + 2).cast()) };
             }
-        });
-        let a = w.map(|v| _mm256_abs_epi8(v));
+        }
+        let mut a = [_mm256_setzero_si256(); ROWS];
+        for j in 0..ROWS {
+            a[j] = if offset {
+                _mm256_xor_si256(w[j], flip)
+            } else {
+                _mm256_abs_epi8(w[j])
+            };
+        }
+        if offset {
+            // SAFETY: block b's 256 bytes of `dst`.
+            unsafe { transpose_regs(&a, dst.add(256 * b)) };
+            continue;
+        }
         // SAFETY: block b's 256 bytes of `dst` and `signed`.
         unsafe {
             transpose_regs(&a, dst.add(256 * b));
@@ -396,7 +536,7 @@ unsafe fn transpose_regs(r: &[__m256i; ROWS], dst: *mut u8) {
 /// `out[t · rows + r]` for token `t` and row `r0 + r`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn panel(
-    t: Avx2,
+    t: Isa,
     strip: &mut Strip,
     w: &QMatrix<'_>,
     act: &Act,
@@ -406,11 +546,12 @@ pub(super) fn panel(
     out: &mut [f32],
 ) {
     assert!(
-        n.checked_mul(rows).is_some_and(|v| out.len() == v),
+        n.checked_mul(rows).is_some_and(|v| out.len() == v)
+            && t.vnni.is_some() == strip.isa.vnni.is_some(),
         "quant: panel sizes"
     );
     let mut tile = [0f32; ROWS * TOKENS];
-    let direct = w.ty == QType::Q8_0 && n <= DIRECT_TOKENS;
+    let direct = w.ty == QType::Q8_0 && n <= t.direct_tokens();
     let mut h = 0;
     while h < rows {
         let rr = ROWS.min(rows - h);
@@ -424,11 +565,11 @@ pub(super) fn panel(
             h += rr;
             continue;
         }
-        strip.fill(t, w, r0 + h, rr);
+        strip.fill(w, r0 + h, rr);
         let mut t0 = 0;
         while t0 < n {
             let tn = TOKENS.min(n - t0);
-            run_tile(t, strip, act, t0, tn, &mut tile);
+            run_tile(strip, act, t0, tn, &mut tile);
             for j in 0..tn {
                 let o = (t0 + j) * rows + h;
                 out[o..o + rr].copy_from_slice(&tile[ROWS * j..ROWS * j + rr]);
@@ -439,16 +580,30 @@ pub(super) fn panel(
     }
 }
 
-/// Most tokens of a call for which Q8_0 rows are multiplied straight from their blocks
-/// ([`direct_q8_0`]); the transposed strip pays off from here on.
-const DIRECT_TOKENS: usize = 2;
+/// Most tokens of a call for which Q8_0 rows can be multiplied straight from their blocks
+/// ([`direct_q8_0`]; [`Isa::direct_tokens`] says up to where it pays).
+const DIRECT_TOKENS: usize = 4;
+
+impl Isa {
+    /// Most tokens of a call for which the direct Q8_0 path is faster than the transposed strip
+    /// (measured, OLMoE expert shapes: plain AVX2 1.3–1.4× faster direct at 3 and 4 tokens;
+    /// with AVX-VNNI the strip's tile is 1.0–1.1× faster from 3 tokens).
+    fn direct_tokens(self) -> usize {
+        if self.vnni.is_some() {
+            2
+        } else {
+            DIRECT_TOKENS
+        }
+    }
+}
 
 /// The outputs of rows `r0 .. r0 + rows` of Q8_0 `w` (`1 <= rows <= 8`) for tokens `0 .. tn`
-/// of `act` (`1 <= tn <= DIRECT_TOKENS`), multiplied straight from the blocks: per row and
-/// block the 32 products in one register (the sign trick, as the tile), the eight rows' sums
+/// of `act` (`1 <= tn <= t.direct_tokens()`), multiplied straight from the blocks: per row and
+/// block the 32 products in one register (the sign trick, as the tile; with AVX-VNNI `w + 128`,
+/// the block's offset term added after the reduction), the eight rows' sums
 /// reduced into one register's lanes (`vphaddd`), then the tile's float operations.
 fn direct_q8_0(
-    _: Avx2,
+    t: Isa,
     w: &QMatrix<'_>,
     r0: usize,
     rows: usize,
@@ -463,19 +618,24 @@ fn direct_q8_0(
             && k == nb * QK
             && (1..=ROWS).contains(&rows)
             && r0.checked_add(rows).is_some_and(|e| e <= w.rows)
-            && (1..=DIRECT_TOKENS).contains(&tn)
+            && (1..=t.direct_tokens()).contains(&tn)
             && act.x.len() >= tn * k
-            && act.d.len() >= tn * nb,
+            && act.d.len() >= tn * nb
+            && act.init.len() >= tn * nb,
         "quant: direct sizes"
     );
     let src: [&[u8]; ROWS] = std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-    // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole Q8_0 blocks
-    // (`w.row`), and the activations' lengths are asserted above.
+    // SAFETY: the token proves AVX2 (and AVX-VNNI for the `_vnni` variants); every non-empty
+    // row holds `nb` whole Q8_0 blocks (`w.row`), and the activations' lengths are asserted
+    // above.
     unsafe {
-        if tn == 1 {
-            bdirect_raw::<1>(src, act, out);
-        } else {
-            bdirect_raw::<2>(src, act, out);
+        match (t.vnni, tn) {
+            (Some(_), 1) => bdirect_vnni::<1>(src, act, out),
+            (Some(_), _) => bdirect_vnni::<2>(src, act, out),
+            (None, 1) => bdirect_raw::<1, false>(src, act, out),
+            (None, 2) => bdirect_raw::<2, false>(src, act, out),
+            (None, 3) => bdirect_raw::<3, false>(src, act, out),
+            (None, _) => bdirect_raw::<4, false>(src, act, out),
         }
     }
 }
@@ -497,31 +657,48 @@ fn hsum8x8(v: &[__m256i; ROWS]) -> __m256i {
     )
 }
 
+/// [`bdirect_raw`] with AVX-VNNI.
+///
 /// # Safety
-/// The CPU must have AVX2; `T <= DIRECT_TOKENS`; each non-empty `src[j]` holds `act.nb` Q8_0
-/// blocks; `act` holds tokens `0 .. T`.
+/// As [`bdirect_raw`]; the CPU must have AVX-VNNI.
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn bdirect_vnni<const T: usize>(
+    src: [&[u8]; ROWS],
+    act: &Act,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    // SAFETY: the caller's guarantees, AVX-VNNI included.
+    unsafe { bdirect_raw::<T, true>(src, act, out) }
+}
+
+/// # Safety
+/// The CPU must have AVX2, and AVX-VNNI if `VNNI`; `T <= DIRECT_TOKENS`; each non-empty
+/// `src[j]` holds `act.nb` Q8_0 blocks; `act` holds tokens `0 .. T` (values, offsets, scales).
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn bdirect_raw<const T: usize>(
+unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
 ) {
     let (k, nb) = (act.k, act.nb);
     let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(i8::MIN);
     let mut f = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let mut dw = [0f32; ROWS];
         for (d, row) in dw.iter_mut().zip(&src) {
             if !row.is_empty() {
-                *d = super::f16_at(row, 34 * b);
+                *d = f16_at(row, 34 * b);
             }
         }
         // SAFETY: eight floats.
         let dwv = unsafe { _mm256_loadu_ps(dw.as_ptr()) };
-        // SAFETY: values 32b .. 32b + 32 of token j < T (caller).
-        let xs: [__m256i; T] = std::array::from_fn(|j| unsafe {
-            _mm256_loadu_si256(act.x.as_ptr().add(j * k + QK * b).cast())
-        });
+        let mut xs = [_mm256_setzero_si256(); T];
+        for (j, xj) in xs.iter_mut().enumerate() {
+            // SAFETY: values 32b .. 32b + 32 of token j < T (caller).
+            *xj = unsafe { _mm256_loadu_si256(act.x.as_ptr().add(j * k + QK * b).cast()) };
+        }
         let mut v = [[_mm256_setzero_si256(); ROWS]; T];
         for (r, row) in src.iter().enumerate() {
             if row.is_empty() {
@@ -529,6 +706,15 @@ unsafe fn bdirect_raw<const T: usize>(
             }
             // SAFETY: bytes 2 .. 34 of block b of the row (caller).
             let wv = unsafe { _mm256_loadu_si256(row.as_ptr().add(34 * b + 2).cast()) };
+            if VNNI {
+                // Σ (w + 128) · x; the offset term is added after the reduction.
+                let q = _mm256_xor_si256(wv, flip);
+                for j in 0..T {
+                    // SAFETY: `VNNI`: the caller guarantees AVX-VNNI.
+                    v[j][r] = unsafe { dpbusd(_mm256_setzero_si256(), q, xs[j]) };
+                }
+                continue;
+            }
             let a = _mm256_abs_epi8(wv);
             for j in 0..T {
                 let pr = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xs[j], wv));
@@ -536,7 +722,12 @@ unsafe fn bdirect_raw<const T: usize>(
             }
         }
         for j in 0..T {
-            let s = _mm256_cvtepi32_ps(hsum8x8(&v[j]));
+            let mut si = hsum8x8(&v[j]);
+            if VNNI {
+                // −128 · Σ x + Σ (w + 128) · x = Σ w · x (rows past the end: lanes ignored).
+                si = _mm256_add_epi32(si, _mm256_set1_epi32(act.init[j * nb + b]));
+            }
+            let s = _mm256_cvtepi32_ps(si);
             let dx = _mm256_set1_ps(act.d[j * nb + b]);
             f[j] = _mm256_add_ps(f[j], _mm256_mul_ps(s, _mm256_mul_ps(dwv, dx)));
         }
@@ -549,8 +740,8 @@ unsafe fn bdirect_raw<const T: usize>(
 
 /// The outputs of the strip's eight rows for tokens `t0 .. t0 + tn` (`1 <= tn <= TOKENS`):
 /// `out[8 j + r]` for token `t0 + j` and row `r`.
-fn run_tile(_: Avx2, p: &Strip, act: &Act, t0: usize, tn: usize, out: &mut [f32; ROWS * TOKENS]) {
-    let ty = p.ty;
+fn run_tile(p: &Strip, act: &Act, t0: usize, tn: usize, out: &mut [f32; ROWS * TOKENS]) {
+    let (ty, vnni) = (p.ty, p.isa.vnni.is_some());
     let (k, nb) = (act.k, act.nb);
     let end = t0.saturating_add(tn);
     let common = (1..=TOKENS).contains(&tn)
@@ -570,41 +761,55 @@ fn run_tile(_: Avx2, p: &Strip, act: &Act, t0: usize, tn: usize, out: &mut [f32;
                 && act.xs.len() >= end * k / 16,
             "quant: tile sizes"
         );
-        // SAFETY: the token proves AVX2; the lengths are asserted above; U is chosen so that
-        // the i16 sums of each type's values cannot overflow (module docs).
+        // SAFETY: the strip's token proves AVX2 (and AVX-VNNI for the `_vnni` variants); the
+        // lengths are asserted above; U is chosen so that the i16 sums of each type's values
+        // cannot overflow (module docs; the VNNI tile has no i16 sums).
         unsafe {
             match (ty, tn) {
-                (QType::Q4K, 1) => ktile_raw::<1, 32, 8>(p, act, t0, out),
-                (QType::Q4K, 2) => ktile_raw::<2, 32, 8>(p, act, t0, out),
-                (QType::Q4K, 3) => ktile_raw::<3, 32, 8>(p, act, t0, out),
-                (QType::Q4K, _) => ktile_raw::<4, 32, 8>(p, act, t0, out),
-                (QType::Q5K, 1) => ktile_raw::<1, 32, 4>(p, act, t0, out),
-                (QType::Q5K, 2) => ktile_raw::<2, 32, 4>(p, act, t0, out),
-                (QType::Q5K, 3) => ktile_raw::<3, 32, 4>(p, act, t0, out),
-                (QType::Q5K, _) => ktile_raw::<4, 32, 4>(p, act, t0, out),
-                (_, 1) => ktile_raw::<1, 16, 2>(p, act, t0, out),
-                (_, 2) => ktile_raw::<2, 16, 2>(p, act, t0, out),
-                (_, 3) => ktile_raw::<3, 16, 2>(p, act, t0, out),
-                (_, _) => ktile_raw::<4, 16, 2>(p, act, t0, out),
+                (QType::Q6K, 1) if vnni => ktile_vnni::<1, 16>(p, act, t0, out),
+                (QType::Q6K, 2) if vnni => ktile_vnni::<2, 16>(p, act, t0, out),
+                (QType::Q6K, 3) if vnni => ktile_vnni::<3, 16>(p, act, t0, out),
+                (QType::Q6K, _) if vnni => ktile_vnni::<4, 16>(p, act, t0, out),
+                (_, 1) if vnni => ktile_vnni::<1, 32>(p, act, t0, out),
+                (_, 2) if vnni => ktile_vnni::<2, 32>(p, act, t0, out),
+                (_, 3) if vnni => ktile_vnni::<3, 32>(p, act, t0, out),
+                (_, _) if vnni => ktile_vnni::<4, 32>(p, act, t0, out),
+                (QType::Q4K, 1) => ktile_raw::<1, 32, 8, false>(p, act, t0, out),
+                (QType::Q4K, 2) => ktile_raw::<2, 32, 8, false>(p, act, t0, out),
+                (QType::Q4K, 3) => ktile_raw::<3, 32, 8, false>(p, act, t0, out),
+                (QType::Q4K, _) => ktile_raw::<4, 32, 8, false>(p, act, t0, out),
+                (QType::Q5K, 1) => ktile_raw::<1, 32, 4, false>(p, act, t0, out),
+                (QType::Q5K, 2) => ktile_raw::<2, 32, 4, false>(p, act, t0, out),
+                (QType::Q5K, 3) => ktile_raw::<3, 32, 4, false>(p, act, t0, out),
+                (QType::Q5K, _) => ktile_raw::<4, 32, 4, false>(p, act, t0, out),
+                (_, 1) => ktile_raw::<1, 16, 2, false>(p, act, t0, out),
+                (_, 2) => ktile_raw::<2, 16, 2, false>(p, act, t0, out),
+                (_, 3) => ktile_raw::<3, 16, 2, false>(p, act, t0, out),
+                (_, _) => ktile_raw::<4, 16, 2, false>(p, act, t0, out),
             }
         }
     } else {
         let q8 = ty == QType::Q8_0;
         assert!(
-            common && act.init.len() >= end * nb && (!q8 || p.s.len() >= ROWS * k),
+            common && act.init.len() >= end * nb && (!q8 || vnni || p.s.len() >= ROWS * k),
             "quant: tile sizes"
         );
-        // SAFETY: the token proves AVX2; the lengths are asserted above.
+        // SAFETY: the strip's token proves AVX2 (and AVX-VNNI for the `_vnni` variants); the
+        // lengths are asserted above.
         unsafe {
             match (q8, tn) {
-                (true, 1) => btile_raw::<1, true>(p, act, t0, out),
-                (true, 2) => btile_raw::<2, true>(p, act, t0, out),
-                (true, 3) => btile_raw::<3, true>(p, act, t0, out),
-                (true, _) => btile_raw::<4, true>(p, act, t0, out),
-                (false, 1) => btile_raw::<1, false>(p, act, t0, out),
-                (false, 2) => btile_raw::<2, false>(p, act, t0, out),
-                (false, 3) => btile_raw::<3, false>(p, act, t0, out),
-                (false, _) => btile_raw::<4, false>(p, act, t0, out),
+                (_, 1) if vnni => btile_vnni::<1>(p, act, t0, out),
+                (_, 2) if vnni => btile_vnni::<2>(p, act, t0, out),
+                (_, 3) if vnni => btile_vnni::<3>(p, act, t0, out),
+                (_, _) if vnni => btile_vnni::<4>(p, act, t0, out),
+                (true, 1) => btile_raw::<1, true, false>(p, act, t0, out),
+                (true, 2) => btile_raw::<2, true, false>(p, act, t0, out),
+                (true, 3) => btile_raw::<3, true, false>(p, act, t0, out),
+                (true, _) => btile_raw::<4, true, false>(p, act, t0, out),
+                (false, 1) => btile_raw::<1, false, false>(p, act, t0, out),
+                (false, 2) => btile_raw::<2, false, false>(p, act, t0, out),
+                (false, 3) => btile_raw::<3, false, false>(p, act, t0, out),
+                (false, _) => btile_raw::<4, false, false>(p, act, t0, out),
             }
         }
     }
@@ -621,12 +826,54 @@ unsafe fn bcast4<T>(p: *const T) -> __m256i {
     _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
+/// `acc + Σ a · b` over the four byte pairs of each i32 lane (`a` unsigned, `b` signed):
+/// `vpdpbusd`, exact (no i16 step, no saturation). Inlined into the `_vnni` wrappers, which are
+/// compiled with AVX-VNNI, so the instruction is emitted in place.
+///
 /// # Safety
-/// The CPU must have AVX2; `T <= 4`; `p` holds the eight rows of a Q8_0 (`Q8`) or Q4_0 matrix
-/// with `act.k` values (`8 · act.k` value bytes, for Q8_0 also the signed ones, `8 · act.nb`
-/// scales) and `act` tokens `t0 .. t0 + T` (values, offsets and scales).
+/// The CPU must have AVX-VNNI.
+#[inline(always)]
+unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: the caller guarantees AVX-VNNI.
+    unsafe { _mm256_dpbusd_avx_epi32(acc, a, b) }
+}
+
+/// `acc + Σ a · b` over the two i16 pairs of each i32 lane: `vpdpwssd` (`vpmaddwd` +
+/// `vpaddd` in one instruction).
+///
+/// # Safety
+/// The CPU must have AVX-VNNI.
+#[inline(always)]
+unsafe fn dpwssd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: the caller guarantees AVX-VNNI.
+    unsafe { _mm256_dpwssd_avx_epi32(acc, a, b) }
+}
+
+/// [`btile_raw`] with AVX-VNNI (Q8_0 and Q4_0 alike: `w + 128` or the nibble, from the
+/// block's offset term).
+///
+/// # Safety
+/// As [`btile_raw`] (for Q8_0 the strip holds `w + 128` and no signed values); the CPU must
+/// have AVX-VNNI.
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn btile_vnni<const T: usize>(
+    p: &Strip,
+    act: &Act,
+    t0: usize,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    // SAFETY: the caller's guarantees, AVX-VNNI included.
+    unsafe { btile_raw::<T, false, true>(p, act, t0, out) }
+}
+
+/// # Safety
+/// The CPU must have AVX2, and AVX-VNNI if `VNNI`; `T <= 4`; `p` holds the eight rows of a
+/// Q8_0 (`Q8`) or Q4_0 matrix with `act.k` values (`8 · act.k` value bytes, for Q8_0 without
+/// `VNNI` also the signed ones, `8 · act.nb` scales) and `act` tokens `t0 .. t0 + T` (values,
+/// offsets and scales).
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn btile_raw<const T: usize, const Q8: bool>(
+unsafe fn btile_raw<const T: usize, const Q8: bool, const VNNI: bool>(
     p: &Strip,
     act: &Act,
     t0: usize,
@@ -639,7 +886,29 @@ unsafe fn btile_raw<const T: usize, const Q8: bool>(
     let mut f = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let mut a = [_mm256_setzero_si256(); T];
-        if Q8 {
+        if VNNI {
+            // `−offset · Σ x + Σ q · x`, the unsigned values `q` four to a lane in i32; even
+            // and odd units in two accumulators (two chains of `vpdpbusd` latency per token).
+            let mut a1 = [_mm256_setzero_si256(); T];
+            for j in 0..T {
+                // SAFETY: block b's offset of token j.
+                a[j] = _mm256_set1_epi32(unsafe { *ip[j].add(b) });
+            }
+            for i in 0..QK / 4 {
+                let u = 8 * b + i;
+                // SAFETY: unit u < k / 4 of the transposed values.
+                let wv = unsafe { _mm256_loadu_si256(pq.add(32 * u).cast()) };
+                let acc = if i % 2 == 0 { &mut a } else { &mut a1 };
+                for j in 0..T {
+                    // SAFETY: values 4u .. 4u + 4 of token j; `VNNI`: the caller guarantees
+                    // AVX-VNNI.
+                    acc[j] = unsafe { dpbusd(acc[j], wv, bcast4(xp[j].add(4 * u))) };
+                }
+            }
+            for j in 0..T {
+                a[j] = _mm256_add_epi32(a[j], a1[j]);
+            }
+        } else if Q8 {
             // Σ w · x directly (the block's offset term is already inside).
             for i in 0..QK / 4 {
                 let u = 8 * b + i;
@@ -690,13 +959,30 @@ unsafe fn btile_raw<const T: usize, const Q8: bool>(
     }
 }
 
+/// [`ktile_raw`] with AVX-VNNI (each scale group's products summed in i32).
+///
 /// # Safety
-/// The CPU must have AVX2; `T <= 4`; `G` is the type's scale group (16 or 32) and `U` divides
-/// `G / 4` and bounds the i16 sums (module docs); `p` holds the eight rows of a K-quant matrix
-/// with `act.k` values (`8 · act.k` value bytes; per super-block 8 · 256 / G scales, 8 · 8
-/// correction pairs, 8 d and 8 db) and `act` tokens `t0 .. t0 + T` (values, sums, scales).
+/// As [`ktile_raw`]; the CPU must have AVX-VNNI.
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn ktile_vnni<const T: usize, const G: usize>(
+    p: &Strip,
+    act: &Act,
+    t0: usize,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    // SAFETY: the caller's guarantees, AVX-VNNI included (U = 1 divides G / 4 and is unused).
+    unsafe { ktile_raw::<T, G, 1, true>(p, act, t0, out) }
+}
+
+/// # Safety
+/// The CPU must have AVX2, and AVX-VNNI if `VNNI`; `T <= 4`; `G` is the type's scale group (16
+/// or 32) and `U` divides `G / 4` and bounds the i16 sums (module docs; unused with `VNNI`);
+/// `p` holds the eight rows of a K-quant matrix with `act.k` values (`8 · act.k` value bytes;
+/// per super-block 8 · 256 / G scales, 8 · 8 correction pairs, 8 d and 8 db) and `act` tokens
+/// `t0 .. t0 + T` (values, sums, scales).
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn ktile_raw<const T: usize, const G: usize, const U: usize>(
+unsafe fn ktile_raw<const T: usize, const G: usize, const U: usize, const VNNI: bool>(
     p: &Strip,
     act: &Act,
     t0: usize,
@@ -720,6 +1006,30 @@ unsafe fn ktile_raw<const T: usize, const G: usize, const U: usize>(
             // SAFETY: group s · ng + g of the scales.
             let scv = unsafe { _mm256_loadu_si256(psc.add(ROWS * (s * ng + g)).cast()) };
             let u0 = (s * QK_K + g * G) / 4;
+            if VNNI {
+                // The group's products in i32 (at most 32 · 63 · 127: exact), then times the
+                // group's scale (the i16 in the lane's high half, sign-extended).
+                // Even and odd units in two accumulators (two chains of `vpdpbusd` latency per
+                // token).
+                let sc32 = _mm256_srai_epi32::<16>(scv);
+                let mut h = [[_mm256_setzero_si256(); T]; 2];
+                for i in 0..G / 4 {
+                    let u = u0 + i;
+                    // SAFETY: unit u < k / 4 of the transposed values.
+                    let wv = unsafe { _mm256_loadu_si256(pq.add(32 * u).cast()) };
+                    let acc = &mut h[i % 2];
+                    for j in 0..T {
+                        // SAFETY: values 4u .. 4u + 4 of token j; `VNNI`: the caller
+                        // guarantees AVX-VNNI.
+                        acc[j] = unsafe { dpbusd(acc[j], wv, bcast4(xp[j].add(4 * u))) };
+                    }
+                }
+                for j in 0..T {
+                    let hj = _mm256_add_epi32(h[0][j], h[1][j]);
+                    ia[j] = _mm256_add_epi32(ia[j], _mm256_mullo_epi32(hj, sc32));
+                }
+                continue;
+            }
             for part in 0..G / 4 / U {
                 let mut h = [_mm256_setzero_si256(); T];
                 for i in 0..U {
@@ -744,7 +1054,12 @@ unsafe fn ktile_raw<const T: usize, const G: usize, const U: usize>(
             for j in 0..T {
                 // SAFETY: sums 16s + 2i, 16s + 2i + 1 of token j.
                 let xv = unsafe { bcast4(sp[j].add(16 * s + 2 * i)) };
-                ib[j] = _mm256_add_epi32(ib[j], _mm256_madd_epi16(cmv, xv));
+                ib[j] = if VNNI {
+                    // SAFETY: `VNNI`: the caller guarantees AVX-VNNI.
+                    unsafe { dpwssd(ib[j], cmv, xv) }
+                } else {
+                    _mm256_add_epi32(ib[j], _mm256_madd_epi16(cmv, xv))
+                };
             }
         }
         // SAFETY: super-block s's eight scales.
@@ -766,5 +1081,217 @@ unsafe fn ktile_raw<const T: usize, const G: usize, const U: usize>(
     for j in 0..T {
         // SAFETY: 8 (j + 1) <= 8 T <= out.len().
         unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(ROWS * j), _mm256_sub_ps(fa[j], fb[j])) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The AVX-VNNI variant of the tile against the plain AVX2 tile and the generic path, bit for
+    //! bit (the shared tests in `quant::tests` run whichever variant this CPU has).
+
+    use super::super::{xwt_q_on, Path, QMatrix, QType, QK_K};
+    use crate::cpu::Cpu;
+    use crate::matmul::Kernel;
+    use half::f16;
+    use rand::{Rng, SeedableRng};
+
+    const TYPES: [QType; 5] = [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K];
+
+    /// Random blocks of `ty` (every quant and scale bit random) with finite f16 block scales.
+    fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut data = vec![0u8; rows * k / ty.block_values() * ty.block_bytes()];
+        rng.fill(&mut data[..]);
+        for b in data.chunks_exact_mut(ty.block_bytes()) {
+            let mut put = |at: usize| {
+                let v = rng.random_range(-0.05f32..0.05);
+                b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            };
+            match ty {
+                QType::Q6K => put(208),
+                QType::Q4K | QType::Q5K => {
+                    put(0);
+                    put(2);
+                }
+                _ => put(0),
+            }
+        }
+        data
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// The generic, plain AVX2 and AVX2 + AVX-VNNI results of `x · wᵀ`, asserted equal bit for bit
+    /// (the VNNI one only where this CPU has AVX-VNNI).
+    fn check(w: &QMatrix<'_>, x: &[f32], n: usize, what: &str) -> Vec<u32> {
+        let cpu = Cpu::get().without_avx512();
+        let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, x, n, w));
+        let plain = bits(&xwt_q_on(cpu.without_avx_vnni(), Kernel::Avx2, x, n, w));
+        assert_eq!(g, plain, "plain AVX2: {what}");
+        if cpu.avx_vnni().is_some() {
+            let vnni = bits(&xwt_q_on(cpu, Kernel::Avx2, x, n, w));
+            assert_eq!(g, vnni, "AVX-VNNI: {what}");
+        }
+        g
+    }
+
+    #[test]
+    fn the_vnni_tile_gives_the_avx2_and_generic_bits_at_every_edge() {
+        // Rows around the 8-row strip and the 16-row panel; tokens 1 ..= 9 (the direct Q8_0
+        // path up to 2, then whole and partial 4-token tiles) and two tiles and a half; one,
+        // two and three blocks per row.
+        for (i, ty) in TYPES.into_iter().enumerate() {
+            let bv = ty.block_values();
+            for kb in [1usize, 2, 3] {
+                let k = kb * bv;
+                for rows in [1usize, 7, 8, 9, 15, 16, 17, 25] {
+                    let seed = 1000 * i as u64 + 10 * kb as u64 + rows as u64;
+                    let data = random_matrix(ty, rows, k, seed);
+                    let w = QMatrix::new(ty, &data, rows, k).unwrap();
+                    for n in (1..=9).chain([10, 13]) {
+                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + n as u64);
+                        let x: Vec<f32> = (0..n * k)
+                            .map(|i| {
+                                if i % 61 == 3 {
+                                    rng.random_range(-30.0f32..30.0)
+                                } else {
+                                    rng.random_range(-1.0f32..1.0)
+                                }
+                            })
+                            .collect();
+                        let what = format!("{} n={n} rows={rows} k={k}", ty.name());
+                        check(&w, &x, n, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_vnni_tile_gives_the_generic_bits_at_extreme_values() {
+        // Every byte of the blocks one value: Q8_0 weights −128 (0x80: `w + 128` is 0 and the
+        // offset term carries the whole sum), 127, −1, 0; nibbles and 5/6-bit values at their
+        // largest with scales and mins 63; Q6_K scales −128 / 127 / −1 (the sign extension of
+        // the group scale); activations quantised to ±127 in every sign pattern (the largest
+        // i32 group sums and corrections) and a zero token.
+        for ty in TYPES {
+            let bv = ty.block_values();
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F, 0x88, 0x0F, 0xF0] {
+                for &(n, rows, k) in &[
+                    (1usize, 1usize, bv),
+                    (2, 9, bv),
+                    (3, 8, 2 * bv),
+                    (9, 17, bv),
+                ] {
+                    let mut data = vec![fill; rows * k / bv * ty.block_bytes()];
+                    for (bi, b) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+                        let d = f16::from_f32(if bi % 2 == 0 { 0.01 } else { -0.02 }).to_le_bytes();
+                        match ty {
+                            QType::Q6K => {
+                                b[208..210].copy_from_slice(&d);
+                                for g in 0..16 {
+                                    b[192 + g] = [0x80, 0x7F, 0xFF, fill][(g + bi) % 4];
+                                }
+                            }
+                            QType::Q4K | QType::Q5K => {
+                                b[0..2].copy_from_slice(&d);
+                                b[2..4].copy_from_slice(&d);
+                            }
+                            _ => b[0..2].copy_from_slice(&d),
+                        }
+                    }
+                    let w = QMatrix::new(ty, &data, rows, k).unwrap();
+                    let patterns: [&dyn Fn(usize) -> f32; 5] = [
+                        &|_| 1.0,
+                        &|_| -1.0,
+                        &|i| if i % 2 == 0 { 1.0 } else { -1.0 },
+                        &|i| if (i / 4) % 3 == 0 { -1.0 } else { 1.0 },
+                        &|i| if i / k == 1 { 0.0 } else { -1.0 },
+                    ];
+                    for (pi, pat) in patterns.iter().enumerate() {
+                        let x: Vec<f32> = (0..n * k).map(pat).collect();
+                        let what = format!(
+                            "{} fill {fill:#x} pattern {pi} n={n} rows={rows}",
+                            ty.name()
+                        );
+                        let g = check(&w, &x, n, &what);
+                        // The reference is the exact sum: Q8_0 all −128 against all +127
+                        // activations gives −128 · 127 per value.
+                        if ty == QType::Q8_0 && fill == 0x80 && pi == 0 && k == bv {
+                            let dx = f16::from_f32(1.0 / 127.0).to_f32();
+                            let dw = f16::from_f32(0.01).to_f32();
+                            let want = (-128 * 127 * bv as i32) as f32 * (dw * dx);
+                            assert_eq!(f32::from_bits(g[0]), want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_largest_k_quant_sums_are_exact() {
+        // Q6_K: every value 63 and every scale −128, activations +127: the largest group sum
+        // (16 · 63 · 127) times the most negative scale, over a whole super-block; the
+        // result against the dequantised row's exact sum.
+        let (n, rows, k) = (5usize, 9usize, 2 * QK_K);
+        let mut data = vec![0xFFu8; rows * 2 * 210];
+        for b in data.chunks_exact_mut(210) {
+            b[192..208].fill(0x80);
+            b[208..210].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        }
+        let w = QMatrix::new(QType::Q6K, &data, rows, k).unwrap();
+        let x = vec![1.0f32; n * k];
+        let g = check(&w, &x, n, "q6_K extremes");
+        let row: f64 = w.dequantize()[..k].iter().map(|&v| f64::from(v)).sum();
+        assert_eq!(row, 0.5 * -128.0 * 31.0 * k as f64);
+        for v in g {
+            let got = f64::from(f32::from_bits(v));
+            assert!((got - row).abs() <= 1e-6 * row.abs(), "{got} vs {row}");
+        }
+    }
+
+    #[test]
+    fn scales_convert_as_half_does() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32().to_bits();
+            assert_eq!(
+                super::f16_at(&h.to_le_bytes(), 0).to_bits(),
+                want,
+                "{h:#06x}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_paths_are_named_and_taken() {
+        let cpu = Cpu::get();
+        let Some(t) = super::Isa::of(cpu) else {
+            assert!(super::Isa::of(Cpu::scalar()).is_none());
+            return;
+        };
+        let want = if cpu.avx_vnni().is_some() {
+            "avx2-vnni"
+        } else {
+            "avx2"
+        };
+        assert_eq!(t.name(), want);
+        assert_eq!(
+            Path::choose(cpu.without_avx512(), Kernel::Avx2).name(),
+            want
+        );
+        assert_eq!(
+            Path::choose(cpu.without_avx_vnni(), Kernel::Avx2).name(),
+            "avx2"
+        );
+        assert!(super::Isa::of(cpu.without_avx_vnni()).is_some_and(|t| t.vnni.is_none()));
+        // `MOE_XRAY_KERNEL=avx2-novnni` (when the tests run with it): the plain AVX2 tile.
+        if crate::matmul::env_no_vnni() {
+            assert_eq!(super::super::kernel_name(), "avx2");
+        } else if crate::matmul::env_kernel() == Ok(Kernel::Avx2) {
+            assert_eq!(super::super::kernel_name(), want);
+        }
     }
 }
