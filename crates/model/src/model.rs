@@ -30,7 +30,9 @@ use moe_xray_trace::{RoutingDecision, RoutingSink, TokenType};
 use rayon::prelude::*;
 
 use crate::config::{Activation, Family, ModelConfig, QkNorm};
-use crate::cpu_kernels::{matmul_t, matmul_t_f32, xw_mapped, ExpertCall, MoeAccumulator, WSrc};
+use crate::cpu_kernels::{
+    matmul_t, matmul_t_f32, rope_rotate_half, xw_mapped, ExpertCall, MoeAccumulator, WSrc,
+};
 use crate::error::{ModelError, Result};
 use crate::router::{check_mask, route_masked, RouterMask, RouterParams};
 use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
@@ -798,7 +800,10 @@ impl MoeModel {
                     .contiguous()?;
                 Ok(candle_nn::rotary_emb::rope_slow(&y, cos, sin)?)
             }
-            _ => Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?),
+            _ => match rope_rotate_half(x, cos, sin)? {
+                Some(y) => Ok(y),
+                None => Ok(candle_nn::rotary_emb::rope_slow(x, cos, sin)?),
+            },
         }
     }
 
