@@ -293,6 +293,54 @@ pub(crate) fn xw_mapped(
     }
 }
 
+/// `a + b` for two contiguous CPU tensors of one shape in bf16 / f16, each sum computed in f32 and
+/// rounded once to the dtype (torch's reduced-precision add; candle's gives the same values for
+/// normal numbers), on rayon's threads for large tensors; candle's add otherwise (f32, other
+/// devices, views).
+///
+/// Why: candle 0.11's bf16 add converts eight values at a time through a run-time CPU-feature check
+/// per load and store; the two residual adds of every layer were ≈ 10 % of a bf16 prefill step's
+/// samples (profile in `docs/performance.md`, session 12).
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let fits = a.device().is_cpu()
+        && b.device().is_cpu()
+        && a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+        && a.is_contiguous()
+        && b.is_contiguous();
+    fn run<T: Elem>(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        const CHUNK: usize = 1 << 14;
+        let out = with_slice::<T, _>(a, |x| {
+            with_slice::<T, _>(b, |y| {
+                let mut out = Vec::with_capacity(x.len());
+                let parts: Vec<Vec<T>> = x
+                    .par_chunks(CHUNK)
+                    .zip(y.par_chunks(CHUNK))
+                    .map(|(x, y)| {
+                        let (mut xf, mut yf) = (vec![0f32; x.len()], vec![0f32; y.len()]);
+                        T::widen(x, &mut xf);
+                        T::widen(y, &mut yf);
+                        for (u, &v) in xf.iter_mut().zip(&yf) {
+                            *u = T::round(*u + v);
+                        }
+                        T::narrow(&xf)
+                    })
+                    .collect();
+                for p in parts {
+                    out.extend_from_slice(&p);
+                }
+                Ok(out)
+            })
+        })?;
+        Tensor::from_vec(out, a.dims(), a.device())
+    }
+    match a.dtype() {
+        DType::BF16 if fits => run::<bf16>(a, b),
+        DType::F16 if fits => run::<f16>(a, b),
+        _ => a + b,
+    }
+}
+
 /// RoPE in the rotate-half form on the CPU, `x · cos + rotate_half(x) · sin` for `x` `[1, heads, t,
 /// d]` and tables `cos` / `sin` `[≥ t, d / 2]` in `x`'s dtype, with each product and the sum rounded
 /// to that dtype — the element-wise operations of candle's `rope_slow` and of transformers'
@@ -752,6 +800,59 @@ mod tests {
         let x = random(2, 6, 1, DType::F32).reshape((1, 1, 2, 6)).unwrap();
         let c = random(2, 2, 2, DType::F32);
         assert!(rope_rotate_half(&x, &c, &c).unwrap().is_none());
+    }
+
+    /// The rounded add gives candle's bits on normal values (bf16, f16; many chunks, ties,
+    /// cancellation, overflow to infinity) and falls back to candle's add for f32 and views.
+    #[test]
+    fn rounded_add_equals_candle_add() {
+        for dtype in [DType::BF16, DType::F16] {
+            let n = 40_000usize;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            let mut xa: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+            let mut xb: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+            // Exact cancellation, ties at the rounding boundary, overflow.
+            xa[0] = 1.5;
+            xb[0] = -1.5;
+            xa[1] = 1.0;
+            xb[1] = 1.0 / 256.0;
+            xa[2] = 1.0;
+            xb[2] = 3.0 / 256.0;
+            let big = if dtype == DType::BF16 {
+                3.0e38
+            } else {
+                60000.0
+            };
+            xa[3] = big;
+            xb[3] = big;
+            let a = Tensor::from_vec(xa, (n / 8, 8), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = Tensor::from_vec(xb, (n / 8, 8), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let got = add(&a, &b).unwrap();
+            let want = (&a + &b).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.dims(), want.dims());
+            let bits = |v: &Tensor| -> Vec<u32> {
+                let v = v.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                v.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            let g = bits(&got);
+            assert_eq!(g, bits(&want), "{dtype:?}");
+            assert!(f32::from_bits(g[3]).is_infinite(), "{dtype:?}: overflow");
+            // A non-contiguous view takes candle's add.
+            let at = a.t().unwrap();
+            let bt = b.t().unwrap();
+            assert_eq!(bits(&add(&at, &bt).unwrap()), bits(&(&at + &bt).unwrap()));
+        }
     }
 
     /// Bad calls are refused before anything is computed.

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::config::{Activation, Family, ModelConfig, QkNorm};
 use crate::cpu_kernels::{
-    matmul_t, matmul_t_f32, rope_rotate_half, xw_mapped, ExpertCall, MoeAccumulator, WSrc,
+    self, matmul_t, matmul_t_f32, rope_rotate_half, xw_mapped, ExpertCall, MoeAccumulator, WSrc,
 };
 use crate::error::{ModelError, Result};
 use crate::router::{check_mask, route_masked, RouterMask, RouterParams};
@@ -910,7 +910,7 @@ impl MoeModel {
                 xs = if mult.residual != 1.0 {
                     (residual + scale_like_torch(&attn, mult.residual)?)?
                 } else {
-                    (residual + attn)?
+                    cpu_kernels::add(&residual, &attn)?
                 };
                 let residual = xs.clone();
                 let h = layer.post_norm.forward(&xs)?;
@@ -934,7 +934,7 @@ impl MoeModel {
                 xs = if mult.residual != 1.0 {
                     (residual + scale_like_torch(&out, mult.residual)?)?
                 } else {
-                    (residual + out)?
+                    cpu_kernels::add(&residual, &out)?
                 };
             }
             // Logits of the last token of each sequence that wants them: one lm_head matmul for the
