@@ -92,6 +92,21 @@ pub trait Elem: Copy + Send + Sync + 'static + sealed::Sealed {
     }
 }
 
+/// `x` rounded to the nearest bf16 (ties to even), as an f32: exactly `bf16::from_f32(x).to_f32()`
+/// of the `half` crate (NaNs keep their high payload bits and become quiet), written without
+/// branches so that loops over slices vectorise (`half` branches per value). Test
+/// `round_bf16_equals_half`.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    // Round bit set and (sticky bits or the kept least significant bit set): round up. Cannot
+    // carry out of 16 bits for a non-NaN value (the largest finite rounds to infinity).
+    let up = u32::from((b & 0x8000) != 0 && (b & 0x1_7fff) != 0);
+    let hi = if nan { (b >> 16) | 0x40 } else { (b >> 16) + up };
+    f32::from_bits(hi << 16)
+}
+
 impl Elem for bf16 {
     const KIND: ElemKind = ElemKind::Bf16;
     fn as_bf16(v: &[Self]) -> Option<&[bf16]> {
@@ -104,9 +119,9 @@ impl Elem for bf16 {
     fn widen(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst)
     }
-    #[inline]
+    #[inline(always)]
     fn round(x: f32) -> f32 {
-        bf16::from_f32(x).to_f32()
+        round_bf16(x)
     }
     fn narrow(src: &[f32]) -> Vec<Self> {
         let mut o = vec![bf16::ZERO; src.len()];
@@ -807,6 +822,50 @@ mod tests {
             bits(&xwt_same_with(Kernel::Avx2, &xb, n, k, &wb, m)),
             bits(&xwt_with(Kernel::Avx2, &xbf, n, k, &wb, m))
         );
+    }
+
+    /// `round_bf16` equals `half`'s conversion on every class of value: a stride through all 2³²
+    /// bit patterns, every pattern around the rounding boundary of some values, NaNs, infinities,
+    /// denormals, signed zeros and the overflow to infinity.
+    #[test]
+    fn round_bf16_equals_half() {
+        let check = |b: u32| {
+            let x = f32::from_bits(b);
+            let want = bf16::from_f32(x).to_f32().to_bits();
+            assert_eq!(round_bf16(x).to_bits(), want, "{b:#010x}");
+        };
+        let mut b = 0u32;
+        loop {
+            check(b);
+            match b.checked_add(4093) {
+                Some(n) => b = n,
+                None => break,
+            }
+        }
+        for base in [0u32, 0x3f80_0000, 0x7f7f_0000, 0x0000_8000, 0x7f80_0000, 0x8000_0000] {
+            for low in 0..0x2_0000u32 {
+                check(base | low);
+                check((base | low) ^ 0x8000_0000);
+            }
+        }
+        for b in [0x7fc0_0000u32, 0x7f80_0001, 0xffff_ffff, 0x7f7f_ffff, 0x0000_0001, 0x807f_ffff] {
+            check(b);
+        }
+    }
+
+    /// All 2³² bit patterns (a few seconds in release: `cargo test --release -p moe-xray-kernels
+    /// round_bf16_exhaustive -- --ignored`).
+    #[test]
+    #[ignore]
+    fn round_bf16_exhaustive() {
+        for b in 0..=u32::MAX {
+            let x = f32::from_bits(b);
+            assert_eq!(
+                round_bf16(x).to_bits(),
+                bf16::from_f32(x).to_f32().to_bits(),
+                "{b:#010x}"
+            );
+        }
     }
 
     #[test]
