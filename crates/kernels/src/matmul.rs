@@ -103,7 +103,11 @@ pub fn round_bf16(x: f32) -> f32 {
     // Round bit set and (sticky bits or the kept least significant bit set): round up. Cannot
     // carry out of 16 bits for a non-NaN value (the largest finite rounds to infinity).
     let up = u32::from((b & 0x8000) != 0 && (b & 0x1_7fff) != 0);
-    let hi = if nan { (b >> 16) | 0x40 } else { (b >> 16) + up };
+    let hi = if nan {
+        (b >> 16) | 0x40
+    } else {
+        (b >> 16) + up
+    };
     f32::from_bits(hi << 16)
 }
 
@@ -842,13 +846,27 @@ mod tests {
                 None => break,
             }
         }
-        for base in [0u32, 0x3f80_0000, 0x7f7f_0000, 0x0000_8000, 0x7f80_0000, 0x8000_0000] {
+        for base in [
+            0u32,
+            0x3f80_0000,
+            0x7f7f_0000,
+            0x0000_8000,
+            0x7f80_0000,
+            0x8000_0000,
+        ] {
             for low in 0..0x2_0000u32 {
                 check(base | low);
                 check((base | low) ^ 0x8000_0000);
             }
         }
-        for b in [0x7fc0_0000u32, 0x7f80_0001, 0xffff_ffff, 0x7f7f_ffff, 0x0000_0001, 0x807f_ffff] {
+        for b in [
+            0x7fc0_0000u32,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x7f7f_ffff,
+            0x0000_0001,
+            0x807f_ffff,
+        ] {
             check(b);
         }
     }
