@@ -202,8 +202,9 @@ pub enum Kernel {
 }
 
 /// The cap that `MOE_XRAY_KERNEL` puts on [`Kernel::Auto`] (read once per process): `avx512`
-/// (or unset / empty: no cap), `avx2`, `generic` (the `gemm` path); any other value is an error
-/// naming the variable (callers that cannot report it treat it as unset).
+/// (or unset / empty: no cap), `avx2`, `avx2-novnni` (`avx2`, and the quantised kernel's AVX2 tile
+/// without AVX-VNNI), `generic` (the `gemm` path); any other value is an error naming the variable
+/// (callers that cannot report it treat it as unset).
 pub fn env_kernel() -> Result<Kernel, String> {
     static ENV: std::sync::OnceLock<Result<Kernel, String>> = std::sync::OnceLock::new();
     ENV.get_or_init(|| match std::env::var("MOE_XRAY_KERNEL") {
