@@ -764,6 +764,16 @@ mod tests {
         }
     }
 
+    /// The values of `v` widened to f32, as bit patterns.
+    fn bits(v: &Tensor) -> Vec<u32> {
+        let v = v.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        v.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
     /// The fused RoPE gives candle's `rope_slow` bits (bf16, f16, f32; tables longer than t).
     #[test]
     fn fused_rope_equals_rope_slow() {
@@ -785,14 +795,6 @@ mod tests {
                 .unwrap();
                 assert_eq!(got.dims(), want.dims());
                 assert_eq!(got.dtype(), dtype);
-                let bits = |v: &Tensor| -> Vec<u32> {
-                    let v = v.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-                    v.to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .collect()
-                };
                 assert_eq!(bits(&got), bits(&want), "{dtype:?} h{h} t{t} d{d}");
             }
         }
@@ -837,14 +839,6 @@ mod tests {
             let want = (&a + &b).unwrap();
             assert_eq!(got.dtype(), dtype);
             assert_eq!(got.dims(), want.dims());
-            let bits = |v: &Tensor| -> Vec<u32> {
-                let v = v.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-                v.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
-            };
             let g = bits(&got);
             assert_eq!(g, bits(&want), "{dtype:?}");
             assert!(f32::from_bits(g[3]).is_infinite(), "{dtype:?}: overflow");
