@@ -745,15 +745,7 @@ mod tests {
                             acc.add_expert(c.rows, c.ws, c.w).unwrap();
                         }
                     }
-                    let out = acc.finish(&Device::Cpu).unwrap();
-                    let v = out
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap();
-                    v.iter().map(|x| x.to_bits()).collect()
+                    bits(&acc.finish(&Device::Cpu).unwrap())
                 })
             };
             let want = run(1, false);
