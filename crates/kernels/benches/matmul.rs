@@ -11,12 +11,28 @@
 //! independent `vdpbf16ps` chains, 64 flops each) and streaming read bandwidth (AVX2 sum over 1 GiB), on 1 thread and on all
 //! threads; then the kernel on a 512 MiB bf16 weight (out of cache, as in a decode step) as
 //! effective weight GB/s.
+//!
+//! `cargo bench -p moe-xray-kernels --bench matmul -- avx2 [THREADS] [N,N,...] [SHAPES]`: only the
+//! AVX2 path of bf16 × bf16 `xwt_same` (what a bf16 model runs on a CPU without AVX-512 BF16)
+//! against the session-2 AVX2 kernel (`s2`: the activations widened into a fresh `Vec`, then the
+//! kernel kept in `benches/matmul/avx2_s2.rs`), same bits, at decode- and prefill-sized token
+//! counts on the OLMoE-1B-7B shapes (SHAPES: `experts` (default: 2048→1024, 1024→2048,
+//! 2048→2048) or `lm_head` (2048→50304)). Median of 9 timings per cell (7 from 200 tokens on),
+//! the two interleaved; the ratio column is the median of the per-repetition ratios s2 / new with
+//! their range. With `MATMUL_BENCH_COLD=1` every call reads another copy of the weights (512 MiB
+//! of copies per shape): the weights come from memory, as in decode steps. With
+//! `MATMUL_BENCH_CLOCK=cpu` the time is the process's CPU time divided by the thread count (Linux
+//! `/proc/self/task/*/schedstat`): time spent descheduled on a shared machine does not count.
 
 use std::time::Instant;
 
 use half::bf16;
 use moe_xray_kernels::cpu::Cpu;
-use moe_xray_kernels::matmul::{xwt_same_with, xwt_with, Kernel};
+use moe_xray_kernels::matmul::{xwt_same_with, xwt_with, Elem, Kernel};
+
+#[cfg(target_arch = "x86_64")]
+#[path = "matmul/avx2_s2.rs"]
+mod avx2_s2;
 
 /// Peak GFLOP/s of one thread for AVX-512: (f32 FMA, bf16 dot product), 12 independent chains
 /// each; zeros where the CPU lacks the feature.
@@ -208,7 +224,133 @@ fn roofline(threads_all: usize) {
     }
 }
 
+/// CPU time of all threads of this process, in seconds (Linux), or `None`.
+fn cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
+
+/// The focused AVX2 bf16 comparison (see the top of this file).
+fn avx2_mode(args: &[String]) {
+    let Some(_) = Cpu::get().avx2_fma() else {
+        println!("this CPU has no AVX2 + FMA + F16C: nothing to compare");
+        return;
+    };
+    let threads_all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<usize> = match args.first().and_then(|a| a.parse().ok()) {
+        Some(t) => vec![t],
+        None => vec![1, threads_all],
+    };
+    let ns: Vec<usize> = args
+        .get(1)
+        .map(|a| a.split(',').filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 10, 16, 64, 200, 1743]);
+    let shapes: &[(usize, usize)] = match args.get(2).map(String::as_str) {
+        Some("lm_head") => &[(2048, 50304)],
+        _ => &[(2048, 1024), (1024, 2048), (2048, 2048)],
+    };
+    let cold = std::env::var("MATMUL_BENCH_COLD").is_ok_and(|v| v == "1");
+    let cpu_clock =
+        std::env::var("MATMUL_BENCH_CLOCK").is_ok_and(|v| v == "cpu") && cpu_seconds().is_some();
+    if cpu_clock {
+        println!("times: CPU time / threads (MATMUL_BENCH_CLOCK=cpu)");
+    }
+    println!("CPU features: {}", Cpu::get().feature_names().join(" "));
+    if cold {
+        println!("cold weights: every call reads another copy (512 MiB per shape)");
+    }
+    println!("bf16 x bf16 on the AVX2 path; GFLOP/s, median (s2 and new interleaved)");
+    println!(
+        "{:>5} {:>5} {:>5} {:>3} {:>7} {:>7} {:>17}",
+        "n", "k", "m", "thr", "s2", "new", "new/s2 speed"
+    );
+    let pools: Vec<rayon::ThreadPool> = threads
+        .iter()
+        .map(|&th| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(th)
+                .build()
+                .expect("thread pool")
+        })
+        .collect();
+    for &(k, m) in shapes {
+        let w0: Vec<bf16> = (0..m * k)
+            .map(|i| bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) * 1e-4))
+            .collect();
+        let copies = if cold { (1usize << 29) / (2 * m * k) } else { 1 };
+        let ws: Vec<Vec<bf16>> = (0..copies.max(1)).map(|_| w0.clone()).collect();
+        let mut call = 0usize;
+        for &n in &ns {
+            let x: Vec<bf16> = (0..n * k)
+                .map(|i| bf16::from_f32(((i * 104729 % 997) as f32 - 498.0) * 1e-3))
+                .collect();
+            let s2 = |w: &[bf16]| {
+                let mut xf = vec![0f32; n * k];
+                bf16::widen(&x, &mut xf);
+                // SAFETY: AVX2, FMA and F16C were checked at the top.
+                unsafe { avx2_s2::xwt(&xf, n, k, w, m) }
+            };
+            let reps_n = if n >= 200 { 7 } else { 9 };
+            for (&th, pool) in threads.iter().zip(&pools) {
+                let reps = (400_000_000usize / (2 * n * k * m)).clamp(1, 200);
+                let mut times = vec![Vec::new(); 2];
+                for _ in 0..reps_n {
+                    for (p, ts) in times.iter_mut().enumerate() {
+                        let (t, c) = (Instant::now(), cpu_seconds().filter(|_| cpu_clock));
+                        pool.install(|| {
+                            for _ in 0..reps {
+                                let w = &ws[call % ws.len()];
+                                call += 1;
+                                let y = if p == 0 {
+                                    s2(w)
+                                } else {
+                                    xwt_same_with(Kernel::Avx2, &x, n, k, w, m)
+                                };
+                                std::hint::black_box(y);
+                            }
+                        });
+                        let dt = match (c, cpu_seconds()) {
+                            (Some(c0), Some(c1)) => (c1 - c0) / th as f64,
+                            _ => t.elapsed().as_secs_f64(),
+                        };
+                        ts.push(dt / reps as f64);
+                    }
+                }
+                let mut r: Vec<f64> = (0..reps_n).map(|i| times[0][i] / times[1][i]).collect();
+                r.sort_by(f64::total_cmp);
+                let rate: Vec<f64> = times
+                    .iter()
+                    .map(|ts| {
+                        let mut ts = ts.clone();
+                        ts.sort_by(f64::total_cmp);
+                        2.0 * (n * k * m) as f64 / ts[ts.len() / 2] / 1e9
+                    })
+                    .collect();
+                println!(
+                    "{n:>5} {k:>5} {m:>5} {th:>3} {:>7.1} {:>7.1} {:>17}",
+                    rate[0],
+                    rate[1],
+                    format!("{:.2} ({:.2}-{:.2})", r[reps_n / 2], r[0], r[reps_n - 1])
+                );
+            }
+        }
+    }
+}
+
 fn main() {
+    // Positional arguments only (`cargo bench` appends `--bench`).
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if args.first().map(String::as_str) == Some("avx2") {
+        avx2_mode(&args[1..]);
+        return;
+    }
     let threads_all = std::thread::available_parallelism().map_or(1, |n| n.get());
     roofline(threads_all);
     println!(

@@ -285,7 +285,7 @@ pub fn xwt_with<T: Elem>(
     let kernel = resolve(kernel);
     #[cfg(target_arch = "x86_64")]
     if let (Some(t), true) = (Cpu::get().avx2_fma(), kernel != Kernel::Gemm) {
-        return avx2::xwt(t, x, n, k, w, m);
+        return avx2::xwt(t, &x[..n * k], n, k, w, m);
     }
     let _ = (kernel, Cpu::get);
     gemm_t(x, n, k, m, |rows, buf| {
@@ -328,6 +328,10 @@ pub fn xwt_same_with<T: Elem>(
         } else {
             avx512::xwt(t, xb, n, k, wb, m)
         };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(t), true) = (Cpu::get().avx2_fma(), resolve(kernel) != Kernel::Gemm) {
+        return avx2::xwt(t, &x[..nk], n, k, w, m);
     }
     let mut xf = vec![0f32; nk];
     T::widen(&x[..nk], &mut xf);

@@ -5,30 +5,94 @@
 //! dominated decode steps (few tokens per expert) in the profile. Here each weight row is widened
 //! in registers as it is loaded (bf16: zero-extend and shift; f16: `vcvtph2ps`).
 //!
-//! Shape: blocks of 3 weight rows × 4 tokens, 12 accumulators of 8 lanes over a k block of
-//! `KC`, then a fixed-order horizontal sum (plus a scalar tail for `k % 8` in the last block)
-//! added to the output in k-block order. Every output element is computed the same way whatever
-//! `n`, the block it falls in or the thread count (deterministic).
+//! The arithmetic (what [`super::xwt_reference`] spells out): per k block of `KC`, eight f32
+//! lanes per output, lane `l` accumulating the products of `k ≡ l (mod 8)` by FMA in k order, a
+//! fixed-order horizontal sum ([`hsum`]), the scalar tail (`k % 8` elements of the last block,
+//! separate products and sums), and the block sums added to the output in k-block order. Every
+//! output element is computed the same way whatever `n`, the register block it falls in, the
+//! panel or the thread count (deterministic, batch-invariant).
+//!
+//! Shape (session 13; the session-2 kernel is kept in `benches/matmul/avx2_s2.rs` for A/B):
+//! - the activations are copied (f32) or widened (bf16, f16) once per call into a 64-byte-aligned
+//!   buffer kept by the calling thread, rows `stride` f32 apart (a multiple of 16 plus 16, so that
+//!   rows 8 KiB apart do not all fall into the same L1 sets);
+//! - rayon tasks of `PANEL` weight rows; from `WIDEN_MIN_TOKENS` tokens on, each panel of bf16 /
+//!   f16 weights is widened to f32 into an aligned per-thread buffer by the first token block of
+//!   every k block, eight columns at a time just before its FMAs, and read from there by the other
+//!   token blocks (below it, and for f32 weights, every block reads the weights in place);
+//! - register blocks of `rows_for(NT)` weight rows × `NT ≤ 4` tokens: 3 × 4, 4 × 3, 6 × 2, 8 × 1
+//!   (at least eight independent accumulators, so that the FMA latency is hidden, within the 16
+//!   ymm registers).
 
 use super::{Elem, ElemKind, OutPtr};
 use crate::cpu::Avx2Fma;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
-const ROWS: usize = 3;
+/// Tokens per register block at most.
 const TOKS: usize = 4;
-/// Weight rows per rayon task: 48 rows of 2048 bf16 = 192 KiB, well inside L2.
+/// Weight rows per rayon task (a multiple of every `rows_for`): 48 rows of 2048 f32 = 384 KiB,
+/// inside this machine's 512 KiB L2.
 const PANEL: usize = 48;
-/// k block (multiple of 8).
-const KC: usize = 1024;
-/// From this many tokens on, a weight panel is widened to f32 once instead of in registers by
-/// every token block (fewer instructions per FMA; below it, the extra pass over memory costs
-/// more than it saves: `cargo bench -p moe-xray-kernels --bench matmul`).
-const WIDEN_MIN_TOKENS: usize = 16;
+/// k block (multiple of 8): the partial sums of the blocks are added in order.
+pub(super) const KC: usize = 1024;
+/// From this many tokens on, a bf16 / f16 weight panel is widened to f32 (by the first token
+/// block, interleaved with its FMAs) and the other token blocks read it there.
+pub(super) const WIDEN_MIN_TOKENS: usize = 8;
+/// Activations up to this many f32 (8 MiB) stay allocated per calling thread.
+const KEEP: usize = 1 << 21;
+/// Tokens per rayon task of the activation copy (several tasks per thread for large calls).
+const SPLIT_TOKENS: usize = 64;
 
-pub(super) fn xwt<T: Elem>(
-    _: Avx2Fma,
-    x: &[f32],
+/// Weight rows of a register block of `nt` tokens: 12 accumulators from 2 tokens on, 8 for one
+/// token (the operands of the smaller side stay in registers, the other side is streamed).
+const fn rows_for(nt: usize) -> usize {
+    match nt {
+        1 => 8,
+        2 => 6,
+        3 => 4,
+        _ => 3,
+    }
+}
+
+/// Row stride (f32) of the aligned activation and panel buffers: whole 64-byte lines, and not a
+/// multiple of 4 KiB when k is one (rows 8 KiB apart map to the same L1 sets).
+fn stride_of(k: usize) -> usize {
+    k.next_multiple_of(16) + 16
+}
+
+/// A growable f32 buffer whose contents start at a 64-byte boundary.
+#[derive(Default)]
+struct Aligned {
+    buf: Vec<f32>,
+}
+
+impl Aligned {
+    /// `len` f32 from a 64-byte boundary (contents unspecified: every user overwrites them).
+    fn get(&mut self, len: usize) -> &mut [f32] {
+        // 15 f32 of slack cover any 4-byte-aligned start.
+        let want = len.saturating_add(15);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0.0);
+        }
+        let off = (64 - self.buf.as_ptr() as usize % 64) % 64 / 4;
+        &mut self.buf[off..off + len]
+    }
+}
+
+thread_local! {
+    /// The aligned activations of the calling thread.
+    static XS: RefCell<Aligned> = RefCell::new(Aligned::default());
+    /// The widened-panel buffer of a rayon worker.
+    static PANEL_BUF: RefCell<Aligned> = RefCell::new(Aligned::default());
+}
+
+/// `y [n, m] = x [n, k] · w [m, k]ᵀ` with activations of type `X` (f32, or the weights' type)
+/// and weights of type `T`.
+pub(super) fn xwt<X: Elem, T: Elem>(
+    cpu: Avx2Fma,
+    x: &[X],
     n: usize,
     k: usize,
     w: &[T],
@@ -36,92 +100,162 @@ pub(super) fn xwt<T: Elem>(
 ) -> Vec<f32> {
     assert!(x.len() >= n * k && w.len() >= m * k, "xwt: operand sizes");
     let mut y = vec![0f32; n * m];
-    if n == 0 || m == 0 {
+    if n == 0 || m == 0 || k == 0 {
         return y;
     }
-    let out = OutPtr(y.as_mut_ptr());
-    (0..m.div_ceil(PANEL))
-        .into_par_iter()
-        .for_each_init(Vec::<f32>::new, |buf, p| {
-            let r0 = p * PANEL;
-            let r1 = (r0 + PANEL).min(m);
-            // SAFETY: the `Avx2Fma` token exists only on CPUs with AVX2, FMA and F16C; the sizes
-            // of x and w are asserted above, `buf` has (r1 − r0)·k elements, and y (n × m, alive
-            // until the loop ends) is written by this task in columns r0..r1 only.
-            unsafe {
-                if n > WIDEN_MIN_TOKENS && T::KIND != ElemKind::F32 {
-                    // Several token blocks will read this panel: widen it once (exactly, so
-                    // the results are the same as reading the weights directly).
-                    buf.resize((r1 - r0) * k, 0.0);
-                    T::widen(&w[r0 * k..r1 * k], buf);
-                    panel::<f32>(x, n, k, buf, m, r0, r1, 0, out.get())
-                } else {
-                    panel::<T>(x, n, k, w, m, r0, r1, r0, out.get())
-                }
-            }
-        });
+    let stride = stride_of(k);
+    let xs_len = n.checked_mul(stride);
+    assert!(xs_len.is_some(), "xwt: activation size overflows");
+    let xs_len = xs_len.unwrap_or(0);
+    // A nested call on the same thread (rayon work stealing while this one waits for its
+    // tasks) gets a fresh buffer.
+    XS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut keep) if xs_len <= KEEP => compute(cpu, &mut keep, x, n, k, w, m, &mut y),
+        _ => compute(cpu, &mut Aligned::default(), x, n, k, w, m, &mut y),
+    });
     y
 }
 
-/// Output columns `r0..r1` of y, the weight rows read from row `wr0` of `w`.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C; `x.len() >= n * k`, `w` must hold rows
-/// `wr0..wr0 + (r1 - r0)` of length `k`, `r1 <= m`, and `y` must point to `n * m` writable f32
-/// that no other thread accesses in columns `r0..r1`.
+/// [`xwt`] into `y` (n × m zeros; n, m, k > 0) with `xs_buf` for the aligned activations.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel<T: Elem>(
-    x: &[f32],
+fn compute<X: Elem, T: Elem>(
+    _: Avx2Fma,
+    xs_buf: &mut Aligned,
+    x: &[X],
     n: usize,
     k: usize,
     w: &[T],
     m: usize,
+    y: &mut [f32],
+) {
+    let stride = stride_of(k);
+    let xs = xs_buf.get(n * stride);
+    let copy = |t0: usize, chunk: &mut [f32]| {
+        let t1 = t0 + chunk.len() / stride;
+        // SAFETY: the `Avx2Fma` token exists only on CPUs with AVX2, FMA and F16C; x holds
+        // n·k ≥ t1·k elements (asserted in `xwt`), `chunk` (t1 − t0)·stride f32.
+        unsafe { widen_rows(x, k, t0, t1, chunk, stride) };
+    };
+    if n > SPLIT_TOKENS {
+        xs.par_chunks_mut(SPLIT_TOKENS * stride)
+            .enumerate()
+            .for_each(|(c, chunk)| copy(c * SPLIT_TOKENS, chunk));
+    } else {
+        copy(0, xs);
+    }
+    let xs: &[f32] = xs;
+    let out = OutPtr(y.as_mut_ptr());
+    let widen = n >= WIDEN_MIN_TOKENS && T::KIND != ElemKind::F32;
+    (0..m.div_ceil(PANEL)).into_par_iter().for_each(|p| {
+        let r0 = p * PANEL;
+        let r1 = (r0 + PANEL).min(m);
+        let wp = &w[r0 * k..r1 * k];
+        let run = |wbuf: &mut Aligned| {
+            let wf = wbuf.get((r1 - r0) * stride);
+            // SAFETY: as above for the CPU; `xs` holds the n tokens' rows (stride f32 apart
+            // from a 64-byte boundary), `wp` the panel's r1 − r0 weight rows, `wf`
+            // (r1 − r0)·stride f32 from a 64-byte boundary; y (n × m, alive until the loop
+            // ends) is written by this task in columns r0..r1 only.
+            unsafe { panel::<T, true>(xs, n, k, wp, wf.as_mut_ptr(), m, r0, r1, out.get()) }
+        };
+        if widen {
+            PANEL_BUF.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut b) => run(&mut b),
+                Err(_) => run(&mut Aligned::default()),
+            });
+        } else {
+            // SAFETY: as in `run` (without a panel buffer: `WIDEN` false never touches it).
+            unsafe {
+                panel::<T, false>(xs, n, k, wp, std::ptr::null_mut(), m, r0, r1, out.get())
+            }
+        }
+    });
+}
+
+/// Rows `t0..t1` of `x` (length `k`) into `buf` as f32 (exact), `stride` apart.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `x.len() >= t1 * k`, `buf.len() >= (t1 - t0) * stride`,
+/// `stride >= k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_rows<X: Elem>(
+    x: &[X],
+    k: usize,
+    t0: usize,
+    t1: usize,
+    buf: &mut [f32],
+    stride: usize,
+) {
+    let k8 = k / 8 * 8;
+    for (i, t) in (t0..t1).enumerate() {
+        let src = &x[t * k..(t + 1) * k];
+        let dst = &mut buf[i * stride..i * stride + k];
+        let mut q = 0;
+        while q < k8 {
+            // SAFETY: q + 8 ≤ k8 ≤ k: 8 values of `src` and 8 f32 of `dst` from q; the caller
+            // guarantees the CPU features.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(q), load8(src.as_ptr().add(q))) };
+            q += 8;
+        }
+        for q in k8..k {
+            dst[q] = src[q].to_f32();
+        }
+    }
+}
+
+/// Output columns `r0..r1` of y from the aligned activations `xs` and the panel's weight rows
+/// `w` (rows `r0..r1` of W). With `WIDEN`, the weights are widened into `wf` by the first token
+/// block of every k block and read there by the others.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `xs` must hold tokens `0..n` (`stride_of(k)` f32
+/// apart), `w.len() == (r1 - r0) * k`, with `WIDEN` `wf` must point to `(r1 - r0) ·
+/// stride_of(k)` writable f32, `r1 <= m`, and `y` must point to `n * m` writable f32 that no
+/// other thread accesses in columns `r0..r1`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel<T: Elem, const WIDEN: bool>(
+    xs: &[f32],
+    n: usize,
+    k: usize,
+    w: &[T],
+    wf: *mut f32,
+    m: usize,
     r0: usize,
     r1: usize,
-    wr0: usize,
     y: *mut f32,
 ) {
-    // k in blocks of KC so that a block of 4 tokens' activations (4 × KC f32 = 16 KiB) stays
-    // in L1 while the weight panel (≤ 48 rows, bf16, ≤ 192 KiB) is re-read from L2 for every
-    // token block. Partial sums of the k blocks are added in order into y.
+    let rows = r1 - r0;
     let mut k0 = 0;
     while k0 < k {
         let k1 = (k0 + KC).min(k);
         let mut t = 0;
         while t < n {
             let nt = (n - t).min(TOKS);
-            let mut r = r0;
-            while r < r1 {
-                let nr = (r1 - r).min(ROWS);
-                let b = Blk {
-                    k,
-                    m,
-                    r,
-                    wr: r - r0 + wr0,
-                    t,
-                    k0,
-                    k1,
-                };
-                // SAFETY: the block lies inside the panel (nr ≤ r1 − r, nt ≤ n − t, k1 ≤ k),
-                // so this function's contract covers it.
-                unsafe {
-                    match (nr, nt) {
-                        (3, 4) => block::<T, 3, 4>(x, w, y, b),
-                        (3, 3) => block::<T, 3, 3>(x, w, y, b),
-                        (3, 2) => block::<T, 3, 2>(x, w, y, b),
-                        (3, _) => block::<T, 3, 1>(x, w, y, b),
-                        (2, 4) => block::<T, 2, 4>(x, w, y, b),
-                        (2, 3) => block::<T, 2, 3>(x, w, y, b),
-                        (2, 2) => block::<T, 2, 2>(x, w, y, b),
-                        (2, _) => block::<T, 2, 1>(x, w, y, b),
-                        (_, 4) => block::<T, 1, 4>(x, w, y, b),
-                        (_, 3) => block::<T, 1, 3>(x, w, y, b),
-                        (_, 2) => block::<T, 1, 2>(x, w, y, b),
-                        (_, _) => block::<T, 1, 1>(x, w, y, b),
-                    }
+            let mode = match (WIDEN, t) {
+                (false, _) => Mode::Direct,
+                (true, 0) => Mode::Widen,
+                (true, _) => Mode::Buffer,
+            };
+            let b = Blk {
+                k,
+                stride: stride_of(k),
+                m,
+                r0,
+                i: 0,
+                t,
+                k0,
+                k1,
+            };
+            // SAFETY: tokens t..t + nt ≤ n, rows 0..rows of the panel, k0..k1 ≤ k: this
+            // function's contract covers the row loop.
+            unsafe {
+                match nt {
+                    4 => rows_loop::<T, 4>(xs, w, wf, y, rows, mode, b),
+                    3 => rows_loop::<T, 3>(xs, w, wf, y, rows, mode, b),
+                    2 => rows_loop::<T, 2>(xs, w, wf, y, rows, mode, b),
+                    _ => rows_loop::<T, 1>(xs, w, wf, y, rows, mode, b),
                 }
-                r += nr;
             }
             t += nt;
         }
@@ -129,15 +263,79 @@ unsafe fn panel<T: Elem>(
     }
 }
 
-/// Where a register block sits: output columns from `r` (weight rows from `wr`), tokens
-/// from `t`, the k range
-/// `k0..k1` (KC-aligned; only the last one may end in a non-multiple of 8).
+/// Where the weights of a register block come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Read (and widened in registers) from the weight rows.
+    Direct,
+    /// As `Direct`, and stored widened into the panel buffer.
+    Widen,
+    /// Read from the panel buffer (widened by an earlier block).
+    Buffer,
+}
+
+/// All `rows` rows of the panel for tokens `b.t..b.t + NT`: blocks of `rows_for(NT)` rows, the
+/// remaining rows one at a time.
+///
+/// # Safety
+/// As [`panel`], for these tokens and rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn rows_loop<T: Elem, const NT: usize>(
+    xs: &[f32],
+    w: &[T],
+    wf: *mut f32,
+    y: *mut f32,
+    rows: usize,
+    mode: Mode,
+    b: Blk,
+) {
+    const { assert!(rows_for(1) == 8 && rows_for(2) == 6 && rows_for(3) == 4) };
+    let nr = rows_for(NT);
+    let mut i = 0;
+    // SAFETY (every block): rows i..i + NR ≤ rows, the tokens and k range of `b`: inside the
+    // caller's contract.
+    unsafe {
+        while i + nr <= rows {
+            let b = Blk { i, ..b };
+            match (NT, mode) {
+                (1, Mode::Direct) => block::<T, 8, NT, 0>(xs, w, wf, y, b),
+                (1, Mode::Widen) => block::<T, 8, NT, 1>(xs, w, wf, y, b),
+                (1, Mode::Buffer) => block::<T, 8, NT, 2>(xs, w, wf, y, b),
+                (2, Mode::Direct) => block::<T, 6, NT, 0>(xs, w, wf, y, b),
+                (2, Mode::Widen) => block::<T, 6, NT, 1>(xs, w, wf, y, b),
+                (2, Mode::Buffer) => block::<T, 6, NT, 2>(xs, w, wf, y, b),
+                (3, Mode::Direct) => block::<T, 4, NT, 0>(xs, w, wf, y, b),
+                (3, Mode::Widen) => block::<T, 4, NT, 1>(xs, w, wf, y, b),
+                (3, Mode::Buffer) => block::<T, 4, NT, 2>(xs, w, wf, y, b),
+                (_, Mode::Direct) => block::<T, 3, NT, 0>(xs, w, wf, y, b),
+                (_, Mode::Widen) => block::<T, 3, NT, 1>(xs, w, wf, y, b),
+                (_, Mode::Buffer) => block::<T, 3, NT, 2>(xs, w, wf, y, b),
+            }
+            i += nr;
+        }
+        while i < rows {
+            let b = Blk { i, ..b };
+            match mode {
+                Mode::Direct => block::<T, 1, NT, 0>(xs, w, wf, y, b),
+                Mode::Widen => block::<T, 1, NT, 1>(xs, w, wf, y, b),
+                Mode::Buffer => block::<T, 1, NT, 2>(xs, w, wf, y, b),
+            }
+            i += 1;
+        }
+    }
+}
+
+/// Where a register block sits: panel rows from `i` (output columns from `r0 + i`; `k` elements
+/// apart in the weights, `stride` f32 apart in the panel buffer), tokens from `t` (`stride` f32
+/// apart), the k range `k0..k1` (KC-aligned; only the last one may end in a non-multiple of 8).
 #[derive(Clone, Copy)]
 struct Blk {
     k: usize,
+    stride: usize,
     m: usize,
-    r: usize,
-    wr: usize,
+    r0: usize,
+    i: usize,
     t: usize,
     k0: usize,
     k1: usize,
@@ -161,45 +359,68 @@ unsafe fn hsum(v: __m256) -> f32 {
     }
 }
 
-/// One register block: `NR` weight rows × `NT` tokens over the k range of `b`.
+/// One register block: `NR` panel rows × `NT` tokens over the k range of `b`. `MODE` 0: the
+/// weights read from `w` (widened in registers), 1: the same and stored into `wf`, 2: read from
+/// `wf`. The operands of the smaller side are loaded once per group of eight columns, the other
+/// side's once per FMA row.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; `x` must hold tokens `t..t + NT`, `w` rows
-/// `wr..wr + NR` (length k each), and `y` must point to `n * m` writable f32 with
-/// `(t + NT - 1) * m + r + NR <= n * m` that no other thread accesses there.
+/// The CPU must have AVX2, FMA and F16C; `xs` must hold tokens `t..t + NT` (`stride` apart), `w`
+/// panel rows `i..i + NR` (length k each); for `MODE` 1 and 2 `wf` must point to the panel
+/// buffer (rows `stride` apart; columns `k0..k8` of these rows written by an earlier `MODE` 1
+/// block for `MODE` 2), and `y` must point to `n * m` writable f32 with
+/// `(t + NT - 1) * m + r0 + i + NR <= n * m` that no other thread accesses there.
 #[inline(always)]
-unsafe fn block<T: Elem, const NR: usize, const NT: usize>(
-    x: &[f32],
+unsafe fn block<T: Elem, const NR: usize, const NT: usize, const MODE: u8>(
+    xs: &[f32],
     w: &[T],
+    wf: *mut f32,
     y: *mut f32,
     b: Blk,
 ) {
-    // SAFETY: the caller's contract: all pointer reads stay inside rows of x and w (kk + 8 ≤ k8
-    // ≤ k), the writes inside y's block; the CPU has the features.
+    // SAFETY: the caller's contract: all vector reads stay inside rows of xs, w and wf
+    // (kk + 8 ≤ k8 ≤ k ≤ stride), the writes inside wf's rows and y's block; the CPU has the
+    // features.
     unsafe {
         let Blk {
             k,
+            stride,
             m,
-            r,
-            wr,
+            r0,
+            i: ri,
             t,
             k0,
             k1,
         } = b;
         let mut acc = [[_mm256_setzero_ps(); NR]; NT];
-        let wp = w.as_ptr();
-        let xp = x.as_ptr();
+        let wp = w.as_ptr().add(ri * k);
+        // Never dereferenced in MODE 0 (where wf may be null).
+        let wo = wf.wrapping_add(ri * stride);
+        let xo = xs.as_ptr().add(t * stride);
         let k8 = k0 + (k1 - k0) / 8 * 8;
         let mut kk = k0;
         while kk < k8 {
-            let mut wv = [_mm256_setzero_ps(); NR];
-            for (i, v) in wv.iter_mut().enumerate() {
-                *v = load8(wp.add((wr + i) * k + kk));
-            }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add((t + j) * k + kk));
-                for (i, v) in wv.iter().enumerate() {
-                    a[i] = _mm256_fmadd_ps(xv, *v, a[i]);
+            if NR <= NT {
+                let mut wv = [_mm256_setzero_ps(); NR];
+                for (i, v) in wv.iter_mut().enumerate() {
+                    *v = wload::<T, MODE>(wp.add(i * k + kk), wo.wrapping_add(i * stride + kk));
+                }
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_load_ps(xo.add(j * stride + kk));
+                    for (i, v) in wv.iter().enumerate() {
+                        a[i] = _mm256_fmadd_ps(xv, *v, a[i]);
+                    }
+                }
+            } else {
+                let mut xv = [_mm256_setzero_ps(); NT];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm256_load_ps(xo.add(j * stride + kk));
+                }
+                for i in 0..NR {
+                    let wv = wload::<T, MODE>(wp.add(i * k + kk), wo.wrapping_add(i * stride + kk));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        a[i] = _mm256_fmadd_ps(xv[j], wv, a[i]);
+                    }
                 }
             }
             kk += 8;
@@ -208,11 +429,33 @@ unsafe fn block<T: Elem, const NR: usize, const NT: usize>(
             for (i, v) in a.iter().enumerate() {
                 let mut s = hsum(*v);
                 for q in k8..k1 {
-                    s += x[(t + j) * k + q] * w[(wr + i) * k + q].to_f32();
+                    s += *xo.add(j * stride + q) * (*wp.add(i * k + q)).to_f32();
                 }
-                let out = y.add((t + j) * m + r + i);
+                let out = y.add((t + j) * m + r0 + ri + i);
                 *out = if k0 == 0 { s } else { *out + s };
             }
+        }
+    }
+}
+
+/// Eight weights of a block as f32: `MODE` 2 from the panel buffer at `wo`; otherwise from `wp`
+/// (widened in registers), with `MODE` 1 also stored at `wo`.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `wp` must point to 8 readable values unless `MODE` is 2;
+/// `wo` to 8 readable (`MODE` 2) or writable (`MODE` 1) f32 on a 32-byte boundary.
+#[inline(always)]
+unsafe fn wload<T: Elem, const MODE: u8>(wp: *const T, wo: *mut f32) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if MODE == 2 {
+            _mm256_load_ps(wo)
+        } else {
+            let v = load8(wp);
+            if MODE == 1 {
+                _mm256_store_ps(wo, v);
+            }
+            v
         }
     }
 }
@@ -234,6 +477,171 @@ unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
             }
             ElemKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
             ElemKind::F32 => _mm256_loadu_ps(p as *const f32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cpu::Cpu;
+    use crate::matmul::{xwt_reference, Elem};
+    use half::{bf16, f16};
+    use rand::{Rng, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Every register block shape (1–4 tokens × all their row counts and the one-row rest), token
+    /// counts on both sides of `WIDEN_MIN_TOKENS`, ragged last panels, k below 8, with a tail,
+    /// at KC − 1, KC, KC + 1 and over several k blocks with a tail; activations in f32 and in the
+    /// weights' type.
+    fn check_shapes<T: Elem>(narrow: impl Fn(&[f32]) -> Vec<T>) {
+        let Some(cpu) = Cpu::get().avx2_fma() else {
+            eprintln!("skipped: this CPU has no AVX2 + FMA + F16C");
+            return;
+        };
+        let kc = super::KC;
+        let ks = [3usize, 8, 13, 300, kc - 1, kc, kc + 1, 2 * kc + 3];
+        let ms = [1usize, 7, 13, super::PANEL + 11, 2 * super::PANEL + 5];
+        let wm = super::WIDEN_MIN_TOKENS;
+        let ns = [1usize, 2, 3, 4, 5, 6, 7, wm - 1, wm, wm + 1, wm + 5, 2 * wm + 3];
+        for (c, &k) in ks.iter().enumerate() {
+            // Fewer (n, m) pairs for the long rows, every pair for the short ones.
+            for (d, &m) in ms.iter().enumerate() {
+                for &n in &ns {
+                    if k > 300 && (n + d) % 3 != 0 {
+                        continue;
+                    }
+                    let xf = T::narrow(&random(n * k, 1000 + n as u64))
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect::<Vec<f32>>();
+                    let xt = T::narrow(&xf);
+                    let w = narrow(&random(m * k, 2000 + (10 * c + d) as u64));
+                    let want = bits(&xwt_reference(&xf, n, k, &w, m));
+                    let got = super::xwt(cpu, &xf, n, k, &w, m);
+                    assert_eq!(bits(&got), want, "{:?} f32 x, n {n} k {k} m {m}", T::KIND);
+                    let got = super::xwt(cpu, &xt, n, k, &w, m);
+                    assert_eq!(bits(&got), want, "{:?} same x, n {n} k {k} m {m}", T::KIND);
+                }
+            }
+        }
+        // No k: zeros.
+        let z = super::xwt::<f32, T>(cpu, &[], 5, 0, &[], 9);
+        assert!(z.len() == 45 && z.iter().all(|v| v.to_bits() == 0));
+        assert!(super::xwt::<f32, T>(cpu, &[], 0, 4, &narrow(&[0.5; 12]), 3).is_empty());
+    }
+
+    #[test]
+    fn every_block_shape_matches_the_reference_bf16() {
+        check_shapes::<bf16>(bf16::narrow);
+    }
+
+    #[test]
+    fn every_block_shape_matches_the_reference_f16() {
+        check_shapes::<f16>(f16::narrow);
+    }
+
+    #[test]
+    fn every_block_shape_matches_the_reference_f32() {
+        check_shapes::<f32>(|v| v.to_vec());
+    }
+
+    #[test]
+    fn thread_counts_and_batches_give_the_same_bits() {
+        let Some(cpu) = Cpu::get().avx2_fma() else {
+            eprintln!("skipped: this CPU has no AVX2 + FMA + F16C");
+            return;
+        };
+        // Several panels with a ragged last one, the widened path, a k tail over two k blocks,
+        // more tokens than one activation-copy task.
+        let (n, k, m) = (super::SPLIT_TOKENS + 9, super::KC + 37, 3 * super::PANEL + 17);
+        let x = bf16::narrow(&random(n * k, 51));
+        let w = bf16::narrow(&random(m * k, 52));
+        let all = super::xwt(cpu, &x, n, k, &w, m);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| super::xwt(cpu, &x, n, k, &w, m));
+            assert_eq!(bits(&got), bits(&all), "{threads} threads");
+        }
+        // A token's result does not depend on the other tokens of its call (widened or not).
+        for (t0, t1) in [(0, 1), (3, 5), (7, 7 + super::WIDEN_MIN_TOKENS), (n - 4, n)] {
+            let part = super::xwt(cpu, &x[t0 * k..t1 * k], t1 - t0, k, &w, m);
+            assert_eq!(bits(&part), bits(&all[t0 * m..t1 * m]), "tokens {t0}..{t1}");
+        }
+        let mut xf = vec![0f32; n * k];
+        bf16::widen(&x, &mut xf);
+        assert_eq!(bits(&xwt_reference(&xf, n, k, &w, m)), bits(&all));
+    }
+
+    #[test]
+    fn concurrent_and_nested_calls_reuse_buffers_safely() {
+        use rayon::prelude::*;
+        let Some(cpu) = Cpu::get().avx2_fma() else {
+            eprintln!("skipped: this CPU has no AVX2 + FMA + F16C");
+            return;
+        };
+        // Calls of different sizes inside rayon tasks: the thread-local buffers are reused by
+        // later, smaller calls (stale contents must not leak in) and a call that starts while
+        // another one on the same thread waits for its tasks gets fresh buffers.
+        let cases: Vec<(usize, usize, usize)> = (0..12)
+            .map(|i| (1 + 7 * i % 23, 40 + 61 * i % 300, 3 + 37 * i % 130))
+            .collect();
+        let data: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, k, m))| {
+                (
+                    bf16::narrow(&random(n * k, 60 + i as u64)),
+                    bf16::narrow(&random(m * k, 90 + i as u64)),
+                )
+            })
+            .collect();
+        let want: Vec<Vec<u32>> = cases
+            .iter()
+            .zip(&data)
+            .map(|(&(n, k, m), (x, w))| {
+                let mut xf = vec![0f32; n * k];
+                bf16::widen(x, &mut xf);
+                bits(&xwt_reference(&xf, n, k, w, m))
+            })
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            let got: Vec<Vec<u32>> = pool.install(|| {
+                cases
+                    .par_iter()
+                    .zip(&data)
+                    .map(|(&(n, k, m), (x, w))| bits(&super::xwt(cpu, x, n, k, w, m)))
+                    .collect()
+            });
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn aligned_buffers_start_on_64_bytes_and_strides_avoid_4k() {
+        let mut a = super::Aligned::default();
+        for len in [0usize, 1, 15, 16, 17, 1000, 3] {
+            let s = a.get(len);
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % 64, 0, "len {len}");
+        }
+        for k in [1usize, 7, 8, 1024, 2048, 2051] {
+            let s = super::stride_of(k);
+            assert!(s >= k && s % 16 == 0 && (s * 4) % 4096 != 0, "k {k}");
         }
     }
 }
