@@ -281,7 +281,11 @@ fn avx2_mode(args: &[String]) {
         let w0: Vec<bf16> = (0..m * k)
             .map(|i| bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) * 1e-4))
             .collect();
-        let copies = if cold { (1usize << 29) / (2 * m * k) } else { 1 };
+        let copies = if cold {
+            (1usize << 29) / (2 * m * k)
+        } else {
+            1
+        };
         let ws: Vec<Vec<bf16>> = (0..copies.max(1)).map(|_| w0.clone()).collect();
         let mut call = 0usize;
         for &n in &ns {

@@ -45,7 +45,11 @@ fn check<T: Elem>(narrow: impl Fn(&[f32]) -> Vec<T>) {
         let w = narrow(&random(m * k, 400 + c as u64));
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
         let old = bits(&unsafe { avx2_s2::xwt(&xf, n, k, &w, m) });
-        assert_eq!(bits(&xwt_with(Kernel::Avx2, &xf, n, k, &w, m)), old, "{n}x{k}x{m}");
+        assert_eq!(
+            bits(&xwt_with(Kernel::Avx2, &xf, n, k, &w, m)),
+            old,
+            "{n}x{k}x{m}"
+        );
         // What the model runs (`Auto`), where it is this path (not the AVX-512 BF16 kernel,
         // not a `MOE_XRAY_KERNEL=generic` cap).
         if kernel_name(T::KIND) == "avx2-fma" {

@@ -32,13 +32,7 @@ const WIDEN_MIN_TOKENS: usize = 16;
 
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
-pub unsafe fn xwt<T: Elem>(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    w: &[T],
-    m: usize,
-) -> Vec<f32> {
+pub unsafe fn xwt<T: Elem>(x: &[f32], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
     assert!(x.len() >= n * k && w.len() >= m * k, "xwt: operand sizes");
     let mut y = vec![0f32; n * m];
     if n == 0 || m == 0 {
