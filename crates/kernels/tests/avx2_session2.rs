@@ -50,6 +50,11 @@ fn check<T: Elem>(narrow: impl Fn(&[f32]) -> Vec<T>) {
             old,
             "{n}x{k}x{m}"
         );
+        // f32 activations with all their bits (inexact products).
+        let xr = random(n * k, 500 + c as u64);
+        // SAFETY: as above.
+        let old_r = bits(&unsafe { avx2_s2::xwt(&xr, n, k, &w, m) });
+        assert_eq!(bits(&xwt_with(Kernel::Avx2, &xr, n, k, &w, m)), old_r);
         // What the model runs (`Auto`), where it is this path (not the AVX-512 BF16 kernel,
         // not a `MOE_XRAY_KERNEL=generic` cap).
         if kernel_name(T::KIND) == "avx2-fma" {

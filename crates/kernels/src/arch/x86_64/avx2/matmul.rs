@@ -318,8 +318,8 @@ unsafe fn rows_loop<T: Elem, const NT: usize>(
     const { assert!(rows_for(1) == 8 && rows_for(2) == 6 && rows_for(3) == 4) };
     let nr = rows_for(NT);
     let mut i = b.i;
-    // SAFETY (every block): rows i..i + NR ≤ end, the tokens and k range of `b`: inside the
-    // caller's contract.
+    // SAFETY: every block covers rows i..i + NR ≤ end and the tokens and k range of `b`:
+    // inside the caller's contract.
     unsafe {
         while i + nr <= end {
             let b = Blk { i, ..b };
@@ -530,6 +530,36 @@ unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
     }
 }
 
+/// [`load8`] with bf16 widened by a broadcast load and one byte shuffle (the values in the high 16
+/// bits of the f32 lanes, zeros below: the same f32): one ALU operation instead of two, faster
+/// where the weights are streamed past one token (8 rows × 1 token blocks), slower in the blocks
+/// that hold three rows in registers (the shuffle control takes a register).
+///
+/// # Safety
+/// As [`load8`].
+#[inline(always)]
+unsafe fn load8_shuffled<T: Elem>(p: *const T) -> __m256 {
+    // SAFETY: as in `load8`.
+    unsafe {
+        match T::KIND {
+            ElemKind::Bf16 => {
+                // The 8 values in both 128-bit halves (a load, no ALU operation), then one byte
+                // shuffle puts values 0–3 (low half) and 4–7 (high half) into the high 16 bits
+                // of the f32 lanes, zeros below: one ALU operation instead of a zero-extension
+                // and a shift.
+                let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+                let z = -128i8;
+                let ctl = _mm256_setr_epi8(
+                    z, z, 0, 1, z, z, 2, 3, z, z, 4, 5, z, z, 6, 7, //
+                    z, z, 8, 9, z, z, 10, 11, z, z, 12, 13, z, z, 14, 15,
+                );
+                _mm256_castsi256_ps(_mm256_shuffle_epi8(h, ctl))
+            }
+            _ => load8(p),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::cpu::Cpu;
@@ -708,37 +738,10 @@ mod tests {
         }
         for k in [1usize, 7, 8, 1024, 2048, 2051] {
             let s = super::stride_of(k);
-            assert!(s >= k && s % 16 == 0 && (s * 4) % 4096 != 0, "k {k}");
-        }
-    }
-}
-
-/// [`load8`] with bf16 widened by a broadcast load and one byte shuffle (the values in the high 16
-/// bits of the f32 lanes, zeros below: the same f32): one ALU operation instead of two, faster
-/// where the weights are streamed past one token (8 rows × 1 token blocks), slower in the blocks
-/// that hold three rows in registers (the shuffle control takes a register).
-///
-/// # Safety
-/// As [`load8`].
-#[inline(always)]
-unsafe fn load8_shuffled<T: Elem>(p: *const T) -> __m256 {
-    // SAFETY: as in `load8`.
-    unsafe {
-        match T::KIND {
-            ElemKind::Bf16 => {
-                // The 8 values in both 128-bit halves (a load, no ALU operation), then one byte
-                // shuffle puts values 0–3 (low half) and 4–7 (high half) into the high 16 bits
-                // of the f32 lanes, zeros below: one ALU operation instead of a zero-extension
-                // and a shift.
-                let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
-                let z = -128i8;
-                let ctl = _mm256_setr_epi8(
-                    z, z, 0, 1, z, z, 2, 3, z, z, 4, 5, z, z, 6, 7, //
-                    z, z, 8, 9, z, z, 10, 11, z, z, 12, 13, z, z, 14, 15,
-                );
-                _mm256_castsi256_ps(_mm256_shuffle_epi8(h, ctl))
-            }
-            _ => load8(p),
+            assert!(
+                s >= k && s.is_multiple_of(16) && !(s * 4).is_multiple_of(4096),
+                "k {k}"
+            );
         }
     }
 }
