@@ -5,10 +5,12 @@
 //! Two implementations, both splitting the output columns into panels over rayon's threads (each
 //! output element is computed by one thread, in an order that does not depend on the thread
 //! count or on the other rows, so results are deterministic and batch-invariant):
-//! - the hand-written AVX2 + FMA kernel (`arch/x86_64/avx2/matmul.rs`; blocks of 3 weight rows ×
-//!   4 tokens, eight f32 lanes per accumulator, a fixed-order horizontal sum). Its scalar
-//!   reference is [`xwt_reference`] (the same fused multiply-adds and additions in the same
-//!   order; test `avx2_matches_its_scalar_reference_bit_for_bit`);
+//! - the hand-written AVX2 + FMA kernel (`arch/x86_64/avx2/matmul.rs`; activations in an aligned
+//!   per-thread buffer, blocks of 8 / 6 / 4 / 3 weight rows × 1 / 2 / 3 / 4 tokens, eight f32
+//!   lanes per accumulator, a fixed-order horizontal sum). Its scalar reference is
+//!   [`xwt_reference`] (the same fused multiply-adds and additions in the same order; test
+//!   `avx2_matches_its_scalar_reference_bit_for_bit`). bf16 / f16 activations of [`xwt_same`] go
+//!   to it directly (widened into its buffer) on CPUs without AVX-512 BF16;
 //! - weight panels widened to f32 into a per-thread buffer (it stays in L2) and multiplied by the
 //!   `gemm` crate's f32 kernel (what candle uses): the path of CPUs without AVX2 / FMA;
 //! - for bf16 activations × bf16 weights ([`xwt_same`]) on CPUs with AVX-512 BF16: the
@@ -295,7 +297,8 @@ pub fn xwt_with<T: Elem>(
 
 /// `y [n, m] = x [n, k] · w [m, k]ᵀ` with activations in the weights' type `T` (a model computing
 /// in bf16 / f16 / f32): bf16 × bf16 on the AVX-512 BF16 kernel where the CPU has it, otherwise
-/// the activations widened to f32 (exact) and [`xwt`]. The result is f32 (not rounded to `T`).
+/// the activations widened to f32 (exact) and [`xwt`]'s kernel (the AVX2 one widens them into its
+/// own aligned buffer). The result is f32 (not rounded to `T`).
 pub fn xwt_same<T: Elem>(x: &[T], n: usize, k: usize, w: &[T], m: usize) -> Vec<f32> {
     xwt_same_with(Kernel::Auto, x, n, k, w, m)
 }
