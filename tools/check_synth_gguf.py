@@ -11,11 +11,19 @@
 - with `--ref FILE_F32.gguf` (the same model written with `--quant f32`, same seed): the same names
   and shapes, and each tensor's relative RMS error (‖deq − ref‖ / ‖ref‖) is below the bound of its
   type (BF16 0.5 %, Q8_0 1 %, Q6_K 3 %, Q5_K / Q5_0 / Q5_1 6 %, Q4_K / Q4_0 12 %, F16 0.1 %,
-  F32 0).
+  F32 0);
+- with `--hf DIR` (gpt-oss `--quant mxfp4` files: the HF MXFP4 checkpoint of the same arguments,
+  `synth-model --quant mxfp4`, read here with numpy alone): every MXFP4 expert tensor dequantised
+  by gguf-py equals, value for value (bit for bit), the HF `*_blocks` / `*_scales` dequantised the
+  way transformers' `integrations/mxfp4.py` does (FP4 table, value 2j in the low nibble of byte
+  j, times 2^(scale − 127); gate = even rows, up = odd rows of `gate_up_proj`), and every other
+  HF tensor (mapped by gguf-py's `TensorNameMap`, biases split as the converter splits them)
+  equals its GGUF tensor.
 
 Prints the type counts and the worst error per type; exits 1 on any failure.
 
 Usage: /work/venvs/gguf/bin/python tools/check_synth_gguf.py FILE.gguf [--ref FILE_F32.gguf]
+       [--hf HF_MXFP4_DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +42,102 @@ BOUND = {
     T.F32: 0.0, T.F16: 1e-3, T.BF16: 5e-3, T.Q8_0: 0.01, T.Q6_K: 0.03,
     T.Q5_K: 0.06, T.Q5_0: 0.06, T.Q5_1: 0.06, T.Q4_K: 0.12, T.Q4_0: 0.12,
 }
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+
+
+def read_safetensors(d: str) -> dict:
+    """name -> numpy array (BF16 / F16 / F32 as float32, U8 as uint8) of every safetensors file."""
+    import glob
+    import os
+    out = {}
+    for path in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        raw = open(path, "rb").read()
+        n = int.from_bytes(raw[:8], "little")
+        head = json.loads(raw[8:8 + n])
+        base = 8 + n
+        for name, info in head.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            buf = raw[base + a:base + b]
+            dt = info["dtype"]
+            if dt == "BF16":
+                v = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            elif dt == "F16":
+                v = np.frombuffer(buf, np.float16).astype(np.float32)
+            elif dt == "F32":
+                v = np.frombuffer(buf, np.float32)
+            elif dt == "U8":
+                v = np.frombuffer(buf, np.uint8)
+            else:
+                raise ValueError(f"{path}: {name}: dtype {dt}")
+            out[name] = v.reshape(info["shape"])
+    return out
+
+
+def hf_mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """transformers' `convert_moe_packed_tensors` in numpy: [E, R, nb, 16] + [E, R, nb] -> [E, R, nb*32]."""
+    lo = FP4_VALUES[blocks & 0x0F]
+    hi = FP4_VALUES[blocks >> 4]
+    v = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)
+    exp = scales.astype(np.int32) - 127
+    v = v * np.ldexp(np.float32(1.0), exp)[..., None].astype(np.float32)
+    return v.reshape(*blocks.shape[:-2], -1).astype(np.float32)
+
+
+def check_hf(r: GGUFReader, ts: dict, arch: str, n_layer: int, hf_dir: str, fails: list) -> dict:
+    hf = read_safetensors(hf_dir)
+    nmap = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layer)
+    seen = set()
+    n_values = 0
+
+    def compare(gname: str, want: np.ndarray, what: str):
+        nonlocal n_values
+        if gname not in ts:
+            fails.append(f"{gname}: missing (for {what})")
+            return
+        t, shape = ts[gname]
+        got = dequant(t).reshape(shape)
+        seen.add(gname)
+        if got.shape != want.shape:
+            fails.append(f"{gname}: shape {got.shape}, {what} {want.shape}")
+        elif not np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32)):
+            bad = int((got != want).sum())
+            fails.append(f"{gname}: {bad} values differ from {what}")
+        n_values += got.size
+
+    for name, v in hf.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            deq = hf_mxfp4_dequant(v, hf[name[:-len("_blocks")] + "_scales"])
+            layer = int(name.split(".")[2])
+            if "gate_up_proj" in name:
+                compare(f"blk.{layer}.ffn_gate_exps.weight", deq[:, 0::2], name + " (even rows)")
+                compare(f"blk.{layer}.ffn_up_exps.weight", deq[:, 1::2], name + " (odd rows)")
+            else:
+                compare(f"blk.{layer}.ffn_down_exps.weight", deq, name)
+            continue
+        if name.endswith("gate_up_proj_bias"):
+            base = name.replace("gate_up_proj_bias", "")
+            g = nmap.get_name(base + "gate_proj.bias", try_suffixes=(".bias",))
+            u = nmap.get_name(base + "up_proj.bias", try_suffixes=(".bias",))
+            compare(str(g), v[..., 0::2], name + " (even)")
+            compare(str(u), v[..., 1::2], name + " (odd)")
+            continue
+        hname = name.replace("down_proj_bias", "down_proj.bias")
+        if hname.endswith("sinks"):
+            hname += ".weight"
+        g = nmap.get_name(hname, try_suffixes=(".weight", ".bias"))
+        if g is None:
+            fails.append(f"{name}: no GGUF name in gguf-py's map for {arch}")
+            continue
+        compare(g, v, name)
+    for gname in ts:
+        if gname not in seen:
+            fails.append(f"{gname}: no HF tensor corresponds to it")
+    return {"hf_tensors": len(hf), "gguf_tensors_compared": len(seen), "values_compared": n_values}
 
 
 def field(r: GGUFReader, key: str):
@@ -71,6 +175,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("file")
     ap.add_argument("--ref")
+    ap.add_argument("--hf", help="HF MXFP4 checkpoint directory of the same arguments (gpt-oss --quant mxfp4)")
     a = ap.parse_args()
     r = GGUFReader(a.file)
     fails: list[str] = []
@@ -136,12 +241,14 @@ def main() -> int:
                 fails.append(f"{name} ({ty.name}): relative RMS error {err:.4f} > {BOUND.get(ty, 0.2)}")
     if ref is not None and set(ref) != set(ts):
         fails.append(f"tensor names differ from the reference: {sorted(set(ref) ^ set(ts))[:5]}")
+    hf_summary = check_hf(r, ts, arch, n_layer, a.hf, fails) if a.hf else None
     synth = field(r, "moe_xray.synth")
     print(json.dumps({
         "file": a.file, "arch": arch, "tensors": len(ts), "types": dict(sorted(counts.items())),
         "file_type": int(field(r, "general.file_type")),
         "worst_relative_rms_error": {k: round(v, 5) for k, v in sorted(worst.items())} if ref else None,
         "synth": json.loads(synth) if synth else None,
+        "hf_comparison": hf_summary,
         "failures": fails[:20], "num_failures": len(fails),
     }, indent=1))
     return 1 if fails else 0

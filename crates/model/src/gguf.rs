@@ -146,7 +146,7 @@ const MXFP4_STAND_IN: u32 = 2; // Q4_0
 
 /// Reads the header of a GGUF file; the names of its MXFP4 tensors come back separately (they
 /// are declared to candle's reader under a stand-in type, see [`scan_mxfp4`]).
-fn read_header(path: &Path) -> Result<(gguf_file::Content, Vec<String>)> {
+pub(crate) fn read_header(path: &Path) -> Result<(gguf_file::Content, Vec<String>)> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut r = BufReader::new(file);
     let explain = |e: candle_core::Error| {

@@ -119,6 +119,19 @@ pub fn quantize_block(x: &[f32; BLOCK]) -> (u8, [u8; NIBBLE_BYTES]) {
     (e as u8, out)
 }
 
+/// The 16 nibble bytes of one block in transformers' order (byte `j`: value `2j` low, `2j + 1`
+/// high) rearranged into ggml's `block_mxfp4` order (byte `j`: value `j` low, `j + 16` high), as
+/// llama.cpp's converter does (`GptOssModel.transform_nibble_layout`). The codes are the same (both
+/// index the E2M1 table), only their places move.
+pub fn hf_to_ggml_nibbles(q: &[u8; NIBBLE_BYTES]) -> [u8; NIBBLE_BYTES] {
+    let code = |v: usize| (q[v / 2] >> (4 * (v % 2))) & 0x0F;
+    let mut out = [0u8; NIBBLE_BYTES];
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = code(j) | (code(j + NIBBLE_BYTES) << 4);
+    }
+    out
+}
+
 /// Where the packed experts are.
 #[derive(Debug)]
 enum Packed {

@@ -41,7 +41,8 @@
 //! weights ≈ 0.1). Streaming: one expert's `[in, out]` values at a time (gpt-oss-20b: 66 MB of f32)
 //! are generated, transposed by tiles and packed; the scales of a `_blocks` tensor are kept (17 MB at
 //! most) until its `_scales` tensor, which follows it in name order. `--shards` split by stored
-//! bytes. A GGUF file with MXFP4 experts is not written (`--format gguf` refuses `mxfp4`).
+//! bytes. `--format gguf --quant mxfp4` writes the same experts as llama.cpp's converter repacks
+//! them (ggml's `block_mxfp4`, [`crate::synth_gguf`]).
 //!
 //! # Tokenizer
 //! With a vocabulary of at least 50,280 the real OLMo/OLMoE byte-level BPE tokenizer is written (embedded
@@ -1190,8 +1191,9 @@ impl SynthSpec {
         if self.mxfp4_experts {
             if self.family != Family::GptOss {
                 return bad(format!(
-                    "--quant mxfp4 stores gpt_oss experts in their published MXFP4 form; {} \
-                     experts have no MXFP4 layout (use --format gguf --quant q8_0|q4_k_m)",
+                    "--quant mxfp4 stores gpt_oss experts in their published MXFP4 form (or as \
+                     llama.cpp converts it); {} experts have no MXFP4 layout (use --format gguf \
+                     --quant q8_0|q4_k_m)",
                     self.family.model_type()
                 ));
             }
@@ -2491,8 +2493,8 @@ impl<'a> SynthValues<'a> {
         spec.validate()?;
         if spec.mxfp4_experts {
             return Err(ModelError::InvalidArgument(
-                "MXFP4 experts are written as safetensors only (the published gpt-oss layout); \
-                 a GGUF file gets --quant f32, bf16, q8_0 or q4_k_m"
+                "the values of a spec with MXFP4 experts are those of the unquantised spec (a GGUF \
+                 file with MXFP4 experts is written by write_gguf with --quant mxfp4)"
                     .into(),
             ));
         }

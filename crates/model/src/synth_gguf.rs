@@ -1,5 +1,5 @@
-//! Synthetic checkpoints as GGUF (`moe-xray synth-model --format gguf --quant f32|bf16|q8_0|q4_k_m`):
-//! the random model of [`crate::synth`] (same seed → the same f32 values, tensor for tensor), written
+//! Synthetic checkpoints as GGUF
+//! (`moe-xray synth-model --format gguf --quant f32|bf16|q8_0|q4_k_m|mxfp4`): the random model of [`crate::synth`] (same seed → the same f32 values, tensor for tensor), written
 //! in the layout llama.cpp's `convert_hf_to_gguf.py` (and, for `q4_k_m`, `llama-quantize`) gives it.
 //!
 //! # Layout (llama.cpp's converter, read from the llama-cpp-python 0.3.36 source distribution)
@@ -14,7 +14,8 @@
 //!   split into gate / up; GPT-OSS's `gate_up_proj` `[E, H, 2I]` transposed and de-interleaved,
 //!   `down_proj` transposed, biases split likewise.
 //! - Tensor order: llama.cpp's loader order (`weight_name_comparer`: tensors outside blocks first,
-//!   then block by block, by name within a block) — the order `llama-quantize` writes.
+//!   then block by block, by name within a block) — the order `llama-quantize` writes (`mxfp4`:
+//!   the converter's own order, see below).
 //! - Metadata: the `<arch>.*` keys the converter writes (those of `tools/make_gguf_fixtures.py`,
 //!   which the reader [`crate::gguf`] maps back onto `config.json`), `general.architecture`,
 //!   `general.type`, `general.name`, `general.file_type` (0 all F32, 32 mostly BF16, 7 mostly
@@ -48,6 +49,23 @@
 //! - then llama.cpp's fallback for rows that are not a multiple of the type's block (Q4_K → Q5_0,
 //!   Q5_K → Q5_1, Q6_K → Q8_0, and F16 when that still does not fit).
 //!
+//! `mxfp4` (gpt_oss only) is what the converter makes of the HF MXFP4 checkpoint of the same spec
+//! (`synth-model --quant mxfp4`, the published openai/gpt-oss layout; `GptOssModel` in llama.cpp's
+//! `conversion/gpt_oss.py`): the routed experts `blk.N.ffn_{gate,up,down}_exps.weight` are MXFP4
+//! (ggml type 39, `block_mxfp4`: one E8M0 scale byte, then 16 bytes whose low nibbles are values
+//! 0–15 and high nibbles values 16–31 of the block), with exactly the HF checkpoint's scales and
+//! E2M1 codes (each block quantised by [`crate::mxfp4::quantize_block`] from the values stored in
+//! the checkpoint's dtype, nibbles moved as `transform_nibble_layout` moves them); gate / up are
+//! the even / odd rows of `gate_up_proj`. Every other tensor follows the converter's rule above
+//! with the checkpoint's dtype as output type (`--outtype auto` gives BF16 for a bf16 checkpoint,
+//! F16 for f16; an f32 checkpoint is written F32, as `--outtype f32` would), its values those of
+//! the HF checkpoint (rounded to its dtype, also where the converter widens them to F32: norms,
+//! routers, biases, sinks). `general.file_type` is 38 (`MOSTLY_MXFP4_MOE`, which the converter
+//! sets for MXFP4 input). So moe-xray routes the file exactly as the HF MXFP4 checkpoint at the
+//! same compute dtype (test). The tensors are in the converter's order, not the loader order of
+//! the other types: the repacked experts first (`generate_extra_tensors`: per layer down, gate,
+//! up), then the rest, each group in the HF checkpoint's tensor name order.
+//!
 //! Quantisation uses candle's k-quant code (`QTensor::quantize`, the `from_float` of each block
 //! type). Its Q4_K / Q5_K / Q6_K block fitting is not bit-identical to llama.cpp's
 //! `quantize_row_q4_K_ref` (`make_qkx2_quants`), so the bytes differ from `llama-quantize`'s while
@@ -76,8 +94,9 @@ use crate::config::{Family, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::{gguf_name, type_name};
 use crate::limits::checked_product;
-use crate::synth::{SynthSpec, SynthValues, CHAT_TEMPLATE};
+use crate::synth::{SynthDtype, SynthSpec, SynthValues, CHAT_TEMPLATE};
 use crate::table::{bias_name, tensor_table, weight_name, ExpertLayout, Proj, Role};
+use moe_xray_kernels::mxfp4::{BLOCK, GGML_BLOCK_BYTES};
 
 /// The output types of `synth-model --format gguf --quant`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +105,13 @@ pub enum GgufQuant {
     Bf16,
     Q8_0,
     Q4KM,
+    /// gpt-oss only: the routed experts as MXFP4 (ggml type 39), everything else as the
+    /// converter leaves it from the HF MXFP4 checkpoint (see "MXFP4" in the module docs).
+    Mxfp4,
 }
 
 /// Names accepted by [`GgufQuant::parse`].
-pub const GGUF_QUANTS: &[&str] = &["f32", "bf16", "q8_0", "q4_k_m"];
+pub const GGUF_QUANTS: &[&str] = &["f32", "bf16", "q8_0", "q4_k_m", "mxfp4"];
 
 impl GgufQuant {
     pub fn parse(s: &str) -> Result<Self> {
@@ -98,6 +120,7 @@ impl GgufQuant {
             "bf16" => Ok(GgufQuant::Bf16),
             "q8_0" => Ok(GgufQuant::Q8_0),
             "q4_k_m" => Ok(GgufQuant::Q4KM),
+            "mxfp4" => Ok(GgufQuant::Mxfp4),
             _ => Err(ModelError::InvalidArgument(format!(
                 "unknown --quant `{s}` (one of {})",
                 GGUF_QUANTS.join(", ")
@@ -111,6 +134,7 @@ impl GgufQuant {
             GgufQuant::Bf16 => "bf16",
             GgufQuant::Q8_0 => "q8_0",
             GgufQuant::Q4KM => "q4_k_m",
+            GgufQuant::Mxfp4 => "mxfp4",
         }
     }
 
@@ -121,6 +145,7 @@ impl GgufQuant {
             GgufQuant::Bf16 => 32,
             GgufQuant::Q8_0 => 7,
             GgufQuant::Q4KM => 15,
+            GgufQuant::Mxfp4 => 38, // LLAMA_FTYPE_MOSTLY_MXFP4_MOE
         }
     }
 }
@@ -156,6 +181,44 @@ fn ggml_id(t: GgmlDType) -> u32 {
         GgmlDType::Q6K => 14,
         GgmlDType::Q8K => 15,
         GgmlDType::BF16 => 30,
+    }
+}
+
+/// ggml's type id of MXFP4 (`GGML_TYPE_MXFP4`), which candle does not know.
+const GGML_MXFP4: u32 = 39;
+
+/// A tensor's type in the file: one of candle's ggml types, or MXFP4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TensorType {
+    Ggml(GgmlDType),
+    /// ggml's `block_mxfp4`: 32 values in 17 bytes (E8M0 scale, 16 bytes of nibbles).
+    Mxfp4,
+}
+
+impl TensorType {
+    fn id(self) -> u32 {
+        match self {
+            TensorType::Ggml(t) => ggml_id(t),
+            TensorType::Mxfp4 => GGML_MXFP4,
+        }
+    }
+    fn block_size(self) -> usize {
+        match self {
+            TensorType::Ggml(t) => t.block_size(),
+            TensorType::Mxfp4 => BLOCK,
+        }
+    }
+    fn type_size(self) -> usize {
+        match self {
+            TensorType::Ggml(t) => t.type_size(),
+            TensorType::Mxfp4 => GGML_BLOCK_BYTES,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            TensorType::Ggml(t) => type_name(t),
+            TensorType::Mxfp4 => "MXFP4",
+        }
     }
 }
 
@@ -216,7 +279,7 @@ struct Planned {
     name: String,
     /// Outermost first (the reverse of ggml's `ne`).
     dims: Vec<usize>,
-    ty: GgmlDType,
+    ty: TensorType,
     source: Source,
     /// Bytes of the data.
     bytes: u64,
@@ -287,8 +350,15 @@ fn fallback(ty: GgmlDType, cols: usize) -> GgmlDType {
     }
 }
 
-/// Assigns every tensor its type (`tensors` in file order).
-fn assign_types(tensors: &mut [Planned], quant: GgufQuant, n_expert: usize, n_layer: usize) {
+/// Assigns every tensor its type (`tensors` in file order). `rest`: the type of the tensors
+/// `--quant mxfp4` leaves unquantised (the checkpoint's dtype).
+fn assign_types(
+    tensors: &mut [Planned],
+    quant: GgufQuant,
+    n_expert: usize,
+    n_layer: usize,
+    rest: GgmlDType,
+) {
     let tied = !tensors.iter().any(|t| t.name == "output.weight");
     let is_attn_v = |n: &str| {
         n.contains("attn_v.weight")
@@ -299,8 +369,25 @@ fn assign_types(tensors: &mut [Planned], quant: GgufQuant, n_expert: usize, n_la
     let mut i_wv = 0usize;
     for t in tensors.iter_mut() {
         let cols = t.cols();
-        t.ty = match quant {
-            GgufQuant::F32 => GgmlDType::F32,
+        if quant == GgufQuant::Mxfp4 {
+            // the converter: the repacked MXFP4 experts (`repack_mxfp4`, raw type MXFP4), then its
+            // usual rule with the output type of the bf16 / f16 checkpoint (`--outtype auto`)
+            t.ty = if matches!(
+                t.source,
+                Source::GptOssGateUp { .. } | Source::GptOssDown { .. }
+            ) {
+                TensorType::Mxfp4
+            } else if converter_keeps_f32(t) {
+                TensorType::Ggml(GgmlDType::F32)
+            } else {
+                TensorType::Ggml(rest)
+            };
+            let elems = t.rows() as u64 * cols as u64;
+            t.bytes = elems / t.ty.block_size() as u64 * t.ty.type_size() as u64;
+            continue;
+        }
+        t.ty = TensorType::Ggml(match quant {
+            GgufQuant::F32 | GgufQuant::Mxfp4 => GgmlDType::F32,
             _ if converter_keeps_f32(t) => GgmlDType::F32,
             GgufQuant::Bf16 => GgmlDType::BF16,
             GgufQuant::Q8_0 => {
@@ -355,7 +442,7 @@ fn assign_types(tensors: &mut [Planned], quant: GgufQuant, n_expert: usize, n_la
                     fallback(ty, cols)
                 }
             }
-        };
+        });
         let elems = t.rows() as u64 * cols as u64;
         t.bytes = elems / t.ty.block_size() as u64 * t.ty.type_size() as u64;
     }
@@ -379,7 +466,7 @@ fn plan(
         out.push(Planned {
             name,
             dims,
-            ty: GgmlDType::F32,
+            ty: TensorType::Ggml(GgmlDType::F32),
             source,
             bytes: 0,
         })
@@ -543,8 +630,33 @@ fn plan(
             )));
         }
     }
-    assign_types(&mut out, quant, cfg.num_experts, spec.num_layers);
+    let rest = match spec.dtype {
+        SynthDtype::F32 => GgmlDType::F32,
+        SynthDtype::Bf16 => GgmlDType::BF16,
+        SynthDtype::F16 => GgmlDType::F16,
+    };
+    assign_types(&mut out, quant, cfg.num_experts, spec.num_layers, rest);
+    if quant == GgufQuant::Mxfp4 {
+        out.sort_by_key(converter_order);
+    }
     Ok(out)
+}
+
+/// The order in which llama.cpp's converter writes gpt-oss from an MXFP4 checkpoint: first the
+/// repacked experts (`generate_extra_tensors`), then every other tensor, each group in the order
+/// of the Hugging Face tensors it comes from (the safetensors files' name order, which is the
+/// order of [`SynthValues`]' indices), gate before up where one HF tensor gives both.
+fn converter_order(p: &Planned) -> (bool, usize, usize) {
+    let (hf, sub) = match &p.source {
+        Source::Concat(hfs) => (hfs.first().copied().unwrap_or(0), 0),
+        Source::ExpertRows { hf, lo, .. } => (*hf, *lo),
+        Source::Permute { hf, .. } | Source::GptOssDown { hf, .. } => (*hf, 0),
+        Source::KvB { hf, v_b, .. } => (*hf, usize::from(*v_b)),
+        Source::GptOssGateUp { hf, parity, .. } | Source::GptOssBias { hf, parity, .. } => {
+            (*hf, *parity)
+        }
+    };
+    (p.ty != TensorType::Mxfp4, hf, sub)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -945,7 +1057,11 @@ const UNIT: usize = 1 << 20;
 const QTASK: usize = 1 << 16;
 
 /// `vals` (`rows × cols`, row-major) in type `ty`, appended to `out`.
-fn encode(ty: GgmlDType, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Result<()> {
+fn encode(ty: TensorType, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Result<()> {
+    let ty = match ty {
+        TensorType::Ggml(t) => t,
+        TensorType::Mxfp4 => return encode_mxfp4(vals, cols, out),
+    };
     match ty {
         GgmlDType::F32 => vals
             .iter()
@@ -972,6 +1088,48 @@ fn encode(ty: GgmlDType, vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Result
         }
     }
     Ok(())
+}
+
+/// `vals` (whole rows of `cols` values, `cols` a multiple of 32) as ggml `block_mxfp4` blocks:
+/// each block of 32 consecutive values of a row quantised by [`crate::mxfp4::quantize_block`]
+/// (the quantiser of the HF MXFP4 checkpoint, so scale and codes are that checkpoint's), then its
+/// nibbles moved into ggml's order ([`crate::mxfp4::hf_to_ggml_nibbles`]) behind the scale byte.
+fn encode_mxfp4(vals: &[f32], cols: usize, out: &mut Vec<u8>) -> Result<()> {
+    if cols == 0 || !cols.is_multiple_of(BLOCK) || !vals.len().is_multiple_of(cols) {
+        return Err(ModelError::InvalidArgument(format!(
+            "MXFP4 needs rows of a multiple of {BLOCK} values, got rows of {cols} ({} values)",
+            vals.len()
+        )));
+    }
+    // QTASK is a multiple of BLOCK: every task holds whole blocks
+    let parts: Vec<Vec<u8>> = vals
+        .par_chunks(QTASK)
+        .map(|chunk| {
+            let mut o = Vec::with_capacity(chunk.len() / BLOCK * GGML_BLOCK_BYTES);
+            let mut x = [0f32; BLOCK];
+            for b in chunk.chunks_exact(BLOCK) {
+                x.copy_from_slice(b);
+                let (e, q) = crate::mxfp4::quantize_block(&x);
+                o.push(e);
+                o.extend_from_slice(&crate::mxfp4::hf_to_ggml_nibbles(&q));
+            }
+            o
+        })
+        .collect();
+    for p in parts {
+        out.extend_from_slice(&p);
+    }
+    Ok(())
+}
+
+/// `v` rounded to `dtype` (round-to-nearest-even) and back, as the checkpoint of that dtype
+/// stores it.
+fn round_to(dtype: SynthDtype, v: f32) -> f32 {
+    match dtype {
+        SynthDtype::F32 => v,
+        SynthDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+        SynthDtype::F16 => half::f16::from_f32(v).to_f32(),
+    }
 }
 
 /// Calls `emit` with the values of `t` in order, in bounded units of whole rows.
@@ -1136,14 +1294,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |e| ModelError::io(path, e)
 }
 
-/// Whether `path` is a GGUF file that `synth-model` wrote (it may be replaced).
+/// Whether `path` is a GGUF file that `synth-model` wrote (it may be replaced). The project's
+/// header reader, which knows MXFP4 (candle's does not).
 fn is_synth_gguf(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else {
-        return false;
-    };
-    let mut r = std::io::BufReader::new(file);
-    candle_core::quantized::gguf_file::Content::read(&mut r)
-        .map(|c| c.metadata.contains_key("moe_xray.synth"))
+    crate::gguf::read_header(path)
+        .map(|(c, _)| c.metadata.contains_key("moe_xray.synth"))
         .unwrap_or(false)
 }
 
@@ -1151,6 +1306,17 @@ fn is_synth_gguf(path: &Path) -> bool {
 /// in `.gguf` and must not exist, or be a file an earlier `synth-model --format gguf` wrote.
 pub fn write_gguf(spec: &SynthSpec, quant: GgufQuant, out: &Path) -> Result<GgufSummary> {
     spec.validate()?;
+    if quant == GgufQuant::Mxfp4 {
+        // the checks of the HF MXFP4 checkpoint: gpt_oss, hidden / intermediate multiples of 32
+        let mut mx = spec.clone();
+        mx.mxfp4_experts = true;
+        mx.validate()?;
+    } else if spec.mxfp4_experts {
+        return Err(ModelError::InvalidArgument(format!(
+            "a spec with MXFP4 experts is written as GGUF with --quant mxfp4, not {}",
+            quant.name()
+        )));
+    }
     if !crate::gguf::is_gguf(out) {
         return Err(ModelError::InvalidArgument(format!(
             "{}: a GGUF output must be a file name ending in .gguf",
@@ -1190,9 +1356,14 @@ pub fn write_gguf(spec: &SynthSpec, quant: GgufQuant, out: &Path) -> Result<Gguf
 
 fn write_file(spec: &SynthSpec, quant: GgufQuant, path: &Path, fname: &str) -> Result<GgufSummary> {
     let cfg = spec.model_config()?;
-    let values = SynthValues::new(spec)?;
+    // the values of the unquantised checkpoint of the same seed (`--quant mxfp4` quantises them)
+    let mut vspec = spec.clone();
+    if quant == GgufQuant::Mxfp4 {
+        vspec.mxfp4_experts = false;
+    }
+    let values = SynthValues::new(&vspec)?;
     let tensors = plan(spec, &cfg, &values, quant)?;
-    let info = json!({
+    let mut info = json!({
         "generator": concat!("moe-xray synth-model ", env!("CARGO_PKG_VERSION")),
         "model_type": spec.family.model_type(),
         "seed": spec.seed,
@@ -1203,6 +1374,10 @@ fn write_file(spec: &SynthSpec, quant: GgufQuant, path: &Path, fname: &str) -> R
         "tokenizer": values.tokenizer_kind,
         "note": "random weights: no language ability; see the moe-xray model crate docs (synth.rs, synth_gguf.rs)",
     });
+    if quant == GgufQuant::Mxfp4 {
+        // the dtype of the HF MXFP4 checkpoint this file is the conversion of
+        info["dtype"] = json!(spec.dtype.torch_name());
+    }
     let name = format!(
         "moe-xray synth {} {}",
         fname.trim_end_matches(".gguf"),
@@ -1226,7 +1401,7 @@ fn write_file(spec: &SynthSpec, quant: GgufQuant, path: &Path, fname: &str) -> R
         for d in t.dims.iter().rev() {
             head.extend_from_slice(&(*d as u64).to_le_bytes());
         }
-        head.extend_from_slice(&ggml_id(t.ty).to_le_bytes());
+        head.extend_from_slice(&t.ty.id().to_le_bytes());
         head.extend_from_slice(&offset.to_le_bytes());
         offsets.push(offset);
         offset = (offset + t.bytes).div_ceil(ALIGN) * ALIGN;
@@ -1240,6 +1415,10 @@ fn write_file(spec: &SynthSpec, quant: GgufQuant, path: &Path, fname: &str) -> R
     let mut written = 0u64;
     let mut bytes = Vec::new();
     let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    // `--quant mxfp4` writes what llama.cpp's converter makes of the HF MXFP4 checkpoint, whose
+    // values are stored in its dtype (experts quantised from those)
+    let round = quant == GgufQuant::Mxfp4 && spec.dtype != SynthDtype::F32;
+    let mut rounded: Vec<f32> = Vec::new();
     for (t, &off) in tensors.iter().zip(&offsets) {
         if written < off {
             w.write_all(&vec![0u8; (off - written) as usize])
@@ -1250,6 +1429,14 @@ fn write_file(spec: &SynthSpec, quant: GgufQuant, path: &Path, fname: &str) -> R
         let mut n = 0u64;
         produce(t, &values, &mut |vals: &[f32]| {
             bytes.clear();
+            let vals = if round {
+                // as the HF MXFP4 checkpoint stores them: every value in its dtype first
+                rounded.clear();
+                rounded.extend(vals.iter().map(|&v| round_to(spec.dtype, v)));
+                &rounded[..]
+            } else {
+                vals
+            };
             encode(t.ty, vals, cols, &mut bytes)?;
             w.write_all(&bytes).map_err(io_err(path))?;
             n += bytes.len() as u64;
@@ -1262,7 +1449,7 @@ fn write_file(spec: &SynthSpec, quant: GgufQuant, path: &Path, fname: &str) -> R
             )));
         }
         written += n;
-        *types.entry(type_name(t.ty).to_string()).or_default() += 1;
+        *types.entry(t.ty.name().to_string()).or_default() += 1;
     }
     let file = w
         .into_inner()

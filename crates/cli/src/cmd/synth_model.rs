@@ -68,12 +68,14 @@ pub struct Args {
     #[arg(long, default_value = "safetensors")]
     pub format: String,
     /// GGUF tensor types (--format gguf): f32, bf16, q8_0 (as llama.cpp's converter writes
-    /// them) or q4_k_m (llama-quantize's Q4_K_M mix: Q4_K with Q6_K for the output and some
-    /// attn_v / ffn_down tensors). Default: bf16. With --format safetensors only `mxfp4`
-    /// (gpt_oss presets): the routed experts as MXFP4 `*_blocks` / `*_scales` with
-    /// `quantization_config` in config.json, everything else in --dtype (gpt-oss-20b: bf16), the
-    /// published openai/gpt-oss layout; the experts are the same seed's values quantised
-    /// (`--preset gpt-oss-20b --quant mxfp4` is about 13.8 GB).
+    /// them), q4_k_m (llama-quantize's Q4_K_M mix: Q4_K with Q6_K for the output and some
+    /// attn_v / ffn_down tensors) or mxfp4 (gpt_oss: the routed experts as ggml MXFP4, the rest
+    /// in --dtype with norms, router, biases and sinks F32, as llama.cpp's converter writes the
+    /// MXFP4 checkpoint of the same arguments, with the same expert values). Default: bf16.
+    /// With --format safetensors only `mxfp4` (gpt_oss presets): the routed experts as MXFP4
+    /// `*_blocks` / `*_scales` with `quantization_config` in config.json, everything else in
+    /// --dtype (gpt-oss-20b: bf16), the published openai/gpt-oss layout; the experts are the
+    /// same seed's values quantised (`--preset gpt-oss-20b --quant mxfp4` is about 13.8 GB).
     #[arg(long)]
     pub quant: Option<String>,
     /// Renormalise the top-k router weights (`norm_topk_prob: true`; olmoe, qwen2_moe,
@@ -153,6 +155,14 @@ pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
     }
     s.seed = a.seed;
     s.planted = a.planted;
+    if a.format == "gguf"
+        && a.quant
+            .as_deref()
+            .is_some_and(|q| q.eq_ignore_ascii_case("mxfp4"))
+    {
+        // the file is the conversion of the HF MXFP4 checkpoint of the same arguments
+        s.mxfp4_experts = true;
+    }
     if a.format == "safetensors" {
         match a.quant.as_deref() {
             None => {}
@@ -173,21 +183,13 @@ pub fn spec_from_args(a: &Args) -> anyhow::Result<SynthSpec> {
 /// `--format gguf`: the GGUF file (see `moe_xray_model::synth_gguf`).
 fn run_gguf(a: &Args, spec: &SynthSpec) -> anyhow::Result<()> {
     use moe_xray_model::synth_gguf::{self, GgufQuant};
-    if a.dtype.is_some() || a.shards.is_some() {
-        anyhow::bail!(
-            "--dtype and --shards are safetensors options; with --format gguf give --quant"
-        );
-    }
-    if a.quant
-        .as_deref()
-        .is_some_and(|q| q.eq_ignore_ascii_case("mxfp4"))
-    {
-        anyhow::bail!(
-            "--quant mxfp4 writes the published gpt-oss safetensors layout: use it with \
-             --format safetensors (GGUF MXFP4 files are not written by synth-model)"
-        );
-    }
     let quant = GgufQuant::parse(a.quant.as_deref().unwrap_or("bf16"))?;
+    if a.shards.is_some() || (a.dtype.is_some() && quant != GgufQuant::Mxfp4) {
+        anyhow::bail!(
+            "--dtype and --shards are safetensors options; with --format gguf give --quant \
+             (--dtype only with --quant mxfp4: the dtype of the tensors it leaves unquantised)"
+        );
+    }
     let _lock = moe_xray_pipeline::outdir::OutLock::acquire_beside(&a.out)?;
     let t0 = std::time::Instant::now();
     let progress = crate::progress::spinner(
@@ -541,9 +543,28 @@ mod tests {
             "mxfp4",
         ])
         .unwrap();
-        let e = run(w.args).unwrap_err().to_string();
-        assert!(e.contains("--format safetensors"), "{e}");
-        assert!(!out.exists());
+        run(w.args).unwrap();
+        let f = moe_xray_model::gguf::GgufFile::open(&out).unwrap();
+        assert!(f.is_mxfp4("blk.0.ffn_up_exps.weight"));
+        // GGUF MXFP4 is gpt_oss only, and --dtype is for mxfp4 only
+        let gguf = |extra: &[&str]| {
+            let mut v = vec![
+                "synth-model",
+                "--out",
+                out.to_str().unwrap(),
+                "--format",
+                "gguf",
+            ];
+            v.extend_from_slice(extra);
+            let w = Wrap::try_parse_from(v).unwrap();
+            run(w.args).unwrap_err().to_string()
+        };
+        let e = gguf(&["--family", "mixtral", "--quant", "mxfp4"]);
+        assert!(e.contains("mixtral"), "{e}");
+        let e = gguf(&["--family", "gpt_oss", "--quant", "mxfp4", "--hidden", "48"]);
+        assert!(e.contains("multiple of 32"), "{e}");
+        let e = gguf(&["--family", "gpt_oss", "--quant", "q8_0", "--dtype", "bf16"]);
+        assert!(e.contains("--dtype"), "{e}");
     }
 
     #[test]
