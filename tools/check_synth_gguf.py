@@ -241,6 +241,10 @@ def main() -> int:
                 fails.append(f"{name} ({ty.name}): relative RMS error {err:.4f} > {BOUND.get(ty, 0.2)}")
     if ref is not None and set(ref) != set(ts):
         fails.append(f"tensor names differ from the reference: {sorted(set(ref) ^ set(ts))[:5]}")
+    # MXFP4 files: the converter writes the repacked experts first (`generate_extra_tensors`)
+    mx = [t.name for t in r.tensors if int(t.tensor_type) == int(T.MXFP4)]
+    if mx and [t.name for t in r.tensors[:len(mx)]] != mx:
+        fails.append("MXFP4 tensors are not the first tensors of the file (the converter's order)")
     hf_summary = check_hf(r, ts, arch, n_layer, a.hf, fails) if a.hf else None
     synth = field(r, "moe_xray.synth")
     print(json.dumps({
