@@ -1801,12 +1801,12 @@ impl GgufFile {
             .string("tokenizer.ggml.pre")?
             .unwrap_or_else(|| "default".into());
         let (normalizer, pre_tokenizer) = match pre.as_str() {
-            "default" | "gpt2" | "olmo" => (Value::Null, byte_level(true)),
+            "default" | "gpt2" | "gpt-2" | "olmo" => (Value::Null, byte_level(true)),
             "qwen2" => (serde_json::json!({"type": "NFC"}), split(REGEX_QWEN2)),
             "llama-bpe" | "llama3" | "smaug-bpe" => (Value::Null, split(REGEX_LLAMA3)),
             other => {
                 return Err(unsupported(format!(
-                    "tokenizer.ggml.pre `{other}` (known here: default, gpt2, olmo, qwen2, \
+                    "tokenizer.ggml.pre `{other}` (known here: default, gpt-2, olmo, qwen2, \
                      llama-bpe)"
                 )))
             }

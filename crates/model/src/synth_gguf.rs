@@ -1023,10 +1023,12 @@ fn metadata(
         .position(|t| t == "<|endoftext|>")
         .ok_or_else(|| ModelError::invalid(&tpath, "no <|endoftext|> token"))?;
     m.push(("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())));
+    // the converter's names (`get_vocab_base_pre`): the project's byte-level tokenizer has GPT-2's
+    // pre-tokenizer, `gpt-2` (llama.cpp refuses `gpt2`: "unknown pre-tokenizer type")
     let pre = if spec.uses_olmo_tokenizer() {
         "olmo"
     } else {
-        "gpt2"
+        "gpt-2"
     };
     m.push(("tokenizer.ggml.pre".into(), Meta::Str(pre.into())));
     m.push(("tokenizer.ggml.tokens".into(), Meta::Strs(tokens)));
