@@ -1,6 +1,7 @@
 //! Synthetic checkpoints as GGUF
-//! (`moe-xray synth-model --format gguf --quant f32|bf16|q8_0|q4_k_m|mxfp4`): the random model of [`crate::synth`] (same seed → the same f32 values, tensor for tensor), written
-//! in the layout llama.cpp's `convert_hf_to_gguf.py` (and, for `q4_k_m`, `llama-quantize`) gives it.
+//! (`moe-xray synth-model --format gguf --quant f32|bf16|q8_0|q4_k_m|mxfp4`): the random model of
+//! [`crate::synth`] (same seed → the same f32 values, tensor for tensor), written in the layout
+//! llama.cpp's `convert_hf_to_gguf.py` (and, for `q4_k_m`, `llama-quantize`) gives it.
 //!
 //! # Layout (llama.cpp's converter, read from the llama-cpp-python 0.3.36 source distribution)
 //! - Architecture names: olmoe → `olmoe`, qwen2_moe → `qwen2moe`, qwen3_moe → `qwen3moe`,
