@@ -749,3 +749,73 @@ fn q8_0_decode_path_gives_the_generic_bits_at_every_edge() {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn k_quant_direct_path_gives_the_strip_and_generic_bits() {
+    // The direct Q4_K / Q6_K path of the AVX2 tile (1 ..= 4 tokens) against the transposed strip
+    // and its tile, and against the generic path, bit for bit: rows around the 8-row strip, one to
+    // four super-blocks, random blocks and every byte one value (Q4_K: nibbles 0 / 15, scales and
+    // mins 0 / 63 / mixed; Q6_K: values 0 / 63, group scales −1, −128 / 127, 127, −120), with
+    // random activations and ones of ±127 after quantisation.
+    let cpu = Cpu::get().without_avx512();
+    let isas: Vec<avx2::Isa> = [cpu, cpu.without_avx_vnni()]
+        .into_iter()
+        .filter_map(avx2::Isa::of)
+        .collect();
+    if isas.is_empty() {
+        return;
+    }
+    let mut checked = 0usize;
+    for (i, ty) in [QType::Q4K, QType::Q6K].into_iter().enumerate() {
+        for &(rows, nsb) in &[(1usize, 1usize), (7, 2), (8, 3), (13, 1), (17, 4), (24, 2)] {
+            let k = nsb * QK_K;
+            for fill in [
+                None,
+                Some(0x00u8),
+                Some(0xFF),
+                Some(0x80),
+                Some(0x7F),
+                Some(0x88),
+            ] {
+                let data = match fill {
+                    None => random_matrix(ty, rows, k, 300 + 10 * i as u64 + rows as u64),
+                    Some(f) => filled_matrix(ty, rows, k, f),
+                };
+                let w = QMatrix::new(ty, &data, rows, k).unwrap();
+                for n in 1..=4 {
+                    let mut x = random_x(n, k, 400 + n as u64 + nsb as u64);
+                    if fill.is_some_and(|f| f != 0x88) {
+                        x.iter_mut()
+                            .enumerate()
+                            .for_each(|(j, v)| *v = if j % 5 == 1 { -1.0 } else { 1.0 });
+                    }
+                    let what = format!("{} n={n} rows={rows} k={k} fill={fill:?}", ty.name());
+                    let g = bits(&xwt_q_on(Cpu::scalar(), Kernel::Gemm, &x, n, &w));
+                    let a2 = bits(&xwt_q_on(cpu, Kernel::Avx2, &x, n, &w));
+                    assert_eq!(g, a2, "dispatch: {what}");
+                    let act = Act::quantize(cpu, ty, &x, n, k);
+                    for &t in &isas {
+                        let mut strip = avx2::Strip::new(t, ty, k);
+                        for r0 in (0..rows).step_by(avx2::ROWS) {
+                            let r = avx2::ROWS.min(rows - r0);
+                            let mut direct = [0f32; avx2::ROWS * avx2::TOKENS];
+                            let mut tile = [0f32; avx2::ROWS * avx2::TOKENS];
+                            avx2::direct_k(t, &w, r0, r, &act, n, &mut direct);
+                            strip.fill(&w, r0, r);
+                            avx2::run_tile(&strip, &act, 0, n, &mut tile);
+                            for j in 0..n {
+                                let d = bits(&direct[8 * j..8 * j + r]);
+                                assert_eq!(d, bits(&tile[8 * j..8 * j + r]), "strip: {what}");
+                                let o = j * rows + r0;
+                                assert_eq!(d, g[o..o + r], "generic: {what} r0={r0}");
+                                checked += r;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 0);
+}

@@ -168,7 +168,7 @@ impl Strip {
 
     /// Prepares rows `r0 .. r0 + rows` of `w` (`1 <= rows <= 8`, `w` of this strip's type and
     /// row length).
-    fn fill(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    pub(super) fn fill(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize) {
         let t = self.isa.avx2;
         assert!(
             w.ty == self.ty
@@ -552,9 +552,20 @@ pub(super) fn panel(
     );
     let mut tile = [0f32; ROWS * TOKENS];
     let direct = w.ty == QType::Q8_0 && n <= t.direct_tokens();
+    let kdirect = matches!(w.ty, QType::Q4K | QType::Q6K) && n <= t.kdirect_tokens();
     let mut h = 0;
     while h < rows {
         let rr = ROWS.min(rows - h);
+        if kdirect {
+            // Few tokens: the K-quant super-blocks multiplied as they are, no transposed copy.
+            direct_k(t, w, r0 + h, rr, act, n, &mut tile);
+            for j in 0..n {
+                let o = j * rows + h;
+                out[o..o + rr].copy_from_slice(&tile[ROWS * j..ROWS * j + rr]);
+            }
+            h += rr;
+            continue;
+        }
         if direct {
             // Few tokens: the blocks multiplied as they are, no transposed copy.
             direct_q8_0(t, w, r0 + h, rr, act, n, &mut tile);
@@ -637,6 +648,197 @@ fn direct_q8_0(
             (None, 3) => bdirect_raw::<3, false>(src, act, out),
             (None, _) => bdirect_raw::<4, false>(src, act, out),
         }
+    }
+}
+
+/// Most tokens of a call for which Q4_K / Q6_K rows are multiplied straight from their
+/// super-blocks ([`direct_k`]; [`Isa::kdirect_tokens`] says up to where it pays).
+const KDIRECT_TOKENS: usize = 4;
+
+impl Isa {
+    /// Most tokens of a call for which the direct Q4_K / Q6_K path is used instead of the
+    /// transposed strip (measured on plain AVX2 at OLMoE expert shapes: faster at every n up to
+    /// the tile's 4 tokens; the direct path uses no AVX-VNNI instruction, and the same bound is
+    /// taken with AVX-VNNI, where it is not measured).
+    fn kdirect_tokens(self) -> usize {
+        KDIRECT_TOKENS
+    }
+}
+
+/// The outputs of rows `r0 .. r0 + rows` of Q4_K or Q6_K `w` (`1 <= rows <= 8`) for tokens
+/// `0 .. tn` of `act` (`1 <= tn <= KDIRECT_TOKENS`), multiplied straight from the super-blocks:
+/// per row and super-block the values unpacked in registers (as `unpack_k`), `vpmaddubsw` with
+/// the activation bytes, `vpmaddwd` by the group's scale, the corrections `vpmaddwd` of the
+/// multipliers and the 16-value sums (the same exact integers as the tile and `kdot_generic`),
+/// the eight rows' sums reduced into one register's lanes, then the tile's float operations.
+pub(super) fn direct_k(
+    t: Isa,
+    w: &QMatrix<'_>,
+    r0: usize,
+    rows: usize,
+    act: &Act,
+    tn: usize,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    let _: Avx2 = t.avx2;
+    let (k, nsb) = (act.k, act.nb);
+    assert!(
+        matches!(w.ty, QType::Q4K | QType::Q6K)
+            && w.k == k
+            && k == nsb * QK_K
+            && (1..=ROWS).contains(&rows)
+            && r0.checked_add(rows).is_some_and(|e| e <= w.rows)
+            && (1..=KDIRECT_TOKENS).contains(&tn)
+            && act.x.len() >= tn * k
+            && act.xs.len() >= tn * k / 16
+            && act.d.len() >= tn * nsb,
+        "quant: direct sizes"
+    );
+    let src: [&[u8]; ROWS] = std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
+    // SAFETY: the token proves AVX2; every non-empty row holds `nsb` whole super-blocks of
+    // `w.ty` (`w.row`), and the activations' lengths are asserted above.
+    unsafe {
+        match (w.ty, tn) {
+            (QType::Q6K, 1) => kdirect_raw::<1, true>(src, act, out),
+            (QType::Q6K, 2) => kdirect_raw::<2, true>(src, act, out),
+            (QType::Q6K, 3) => kdirect_raw::<3, true>(src, act, out),
+            (QType::Q6K, _) => kdirect_raw::<4, true>(src, act, out),
+            (_, 1) => kdirect_raw::<1, false>(src, act, out),
+            (_, 2) => kdirect_raw::<2, false>(src, act, out),
+            (_, 3) => kdirect_raw::<3, false>(src, act, out),
+            (_, _) => kdirect_raw::<4, false>(src, act, out),
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2; `T <= KDIRECT_TOKENS`; each non-empty `src[j]` holds `act.nb`
+/// super-blocks of Q6_K (`Q6`) or Q4_K; `act` holds tokens `0 .. T` (values, 16-value sums,
+/// scales).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
+    src: [&[u8]; ROWS],
+    act: &Act,
+    out: &mut [f32; ROWS * TOKENS],
+) {
+    let nsb = act.nb;
+    let ty = if Q6 { QType::Q6K } else { QType::Q4K };
+    let bb = ty.block_bytes();
+    let (xp, sp, dp) = act.k_ptrs::<T>(0);
+    let low = _mm256_set1_epi8(0x0F);
+    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+    let mut fa = [_mm256_setzero_ps(); T];
+    let mut fb = [_mm256_setzero_ps(); T];
+    for s in 0..nsb {
+        let mut da = [0f32; ROWS];
+        let mut db = [0f32; ROWS];
+        let mut va = [[_mm256_setzero_si256(); ROWS]; T];
+        let mut vb = [[_mm256_setzero_si256(); ROWS]; T];
+        for r in 0..ROWS {
+            let row = src[r];
+            if row.is_empty() {
+                continue;
+            }
+            // SAFETY: super-block s of row r (caller).
+            let blk = unsafe { row.as_ptr().add(s * bb) };
+            let mut acc = [_mm256_setzero_si256(); T];
+            let cmv;
+            if Q6 {
+                let d = f16_at(row, s * bb + 208);
+                (da[r], db[r]) = (d, d);
+                // SAFETY: the 16 scale bytes at 192 .. 208 of the 210.
+                let v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(blk.add(192).cast()) });
+                // Lane i: the i16 scale of group i (`lo`) or 8 + i (`hi`) in both halves.
+                let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+                let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
+                let lo = _mm256_blend_epi16::<0xAA>(lo, _mm256_slli_epi32::<16>(lo));
+                let hi = _mm256_blend_epi16::<0xAA>(hi, _mm256_slli_epi32::<16>(hi));
+                // (32 · v(2i), 32 · v(2i + 1)) in lane i.
+                cmv = _mm256_slli_epi16::<5>(v);
+                for c in 0..8 {
+                    // SAFETY: a whole Q6_K super-block at `blk`.
+                    let wv = unsafe { unpack_k(ty, blk, c) };
+                    // Groups 2c (low 128 bits) and 2c + 1 (high).
+                    let g = (2 * c % 8) as i32;
+                    let idx = _mm256_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1);
+                    let scv = _mm256_permutevar8x32_epi32(if c < 4 { lo } else { hi }, idx);
+                    for j in 0..T {
+                        // SAFETY: values 256s + 32c .. + 32 of token j (caller).
+                        let x = unsafe { _mm256_loadu_si256(xp[j].add(QK_K * s + 32 * c).cast()) };
+                        let p = _mm256_maddubs_epi16(wv, x);
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(p, scv));
+                    }
+                }
+            } else {
+                (da[r], db[r]) = (f16_at(row, s * bb), f16_at(row, s * bb + 2));
+                // SAFETY: the 12 scale bytes at 4 .. 16 of the 144.
+                let q: [u8; 12] = unsafe { blk.add(4).cast::<[u8; 12]>().read_unaligned() };
+                let u = |i: usize| {
+                    u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]])
+                };
+                let (u0, u1, u2) = (u(0), u(1), u(2));
+                let scales = _mm_set_epi32(
+                    0,
+                    0,
+                    ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
+                    (u0 & k1) as i32,
+                );
+                let mins = _mm_set_epi32(
+                    0,
+                    0,
+                    (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
+                    (u1 & k1) as i32,
+                );
+                let sc = _mm256_cvtepu8_epi32(scales);
+                let sc = _mm256_blend_epi16::<0xAA>(sc, _mm256_slli_epi32::<16>(sc));
+                let mn = _mm256_cvtepu8_epi32(mins);
+                cmv = _mm256_blend_epi16::<0xAA>(mn, _mm256_slli_epi32::<16>(mn));
+                for p in 0..4 {
+                    // SAFETY: qs bytes 32p .. 32p + 32 (at 16 + …, inside the 144 bytes).
+                    let qv = unsafe { _mm256_loadu_si256(blk.add(16 + 32 * p).cast()) };
+                    // Groups 2p (low nibbles) and 2p + 1 (high).
+                    let wl = _mm256_and_si256(qv, low);
+                    let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(qv), low);
+                    let sl = _mm256_permutevar8x32_epi32(sc, _mm256_set1_epi32(2 * p as i32));
+                    let sh = _mm256_permutevar8x32_epi32(sc, _mm256_set1_epi32(2 * p as i32 + 1));
+                    for j in 0..T {
+                        // SAFETY: values 256s + 64p .. + 64 of token j (caller).
+                        let (xl, xh) = unsafe {
+                            let at = xp[j].add(QK_K * s + 64 * p);
+                            (
+                                _mm256_loadu_si256(at.cast()),
+                                _mm256_loadu_si256(at.add(32).cast()),
+                            )
+                        };
+                        let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(wl, xl), sl);
+                        let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(wh, xh), sh);
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_add_epi32(pl, ph));
+                    }
+                }
+            }
+            for j in 0..T {
+                va[j][r] = acc[j];
+                // SAFETY: the 16 sums of super-block s of token j (caller).
+                let xs = unsafe { _mm256_loadu_si256(sp[j].add(16 * s).cast()) };
+                vb[j][r] = _mm256_madd_epi16(cmv, xs);
+            }
+        }
+        // SAFETY: eight floats each.
+        let (dav, dbv) = unsafe { (_mm256_loadu_ps(da.as_ptr()), _mm256_loadu_ps(db.as_ptr())) };
+        for j in 0..T {
+            let (ia, ib) = (hsum8x8(&va[j]), hsum8x8(&vb[j]));
+            // SAFETY: super-block s's scale of token j.
+            let dx = _mm256_set1_ps(unsafe { *dp[j].add(s) });
+            let a = _mm256_mul_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(dav, dx));
+            let b = _mm256_mul_ps(_mm256_cvtepi32_ps(ib), _mm256_mul_ps(dbv, dx));
+            fa[j] = _mm256_add_ps(fa[j], a);
+            fb[j] = _mm256_add_ps(fb[j], b);
+        }
+    }
+    for j in 0..T {
+        // SAFETY: 8 (j + 1) <= 8 T <= out.len().
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(ROWS * j), _mm256_sub_ps(fa[j], fb[j])) };
     }
 }
 
@@ -740,7 +942,7 @@ unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
 
 /// The outputs of the strip's eight rows for tokens `t0 .. t0 + tn` (`1 <= tn <= TOKENS`):
 /// `out[8 j + r]` for token `t0 + j` and row `r`.
-fn run_tile(p: &Strip, act: &Act, t0: usize, tn: usize, out: &mut [f32; ROWS * TOKENS]) {
+pub(super) fn run_tile(p: &Strip, act: &Act, t0: usize, tn: usize, out: &mut [f32; ROWS * TOKENS]) {
     let (ty, vnni) = (p.ty, p.isa.vnni.is_some());
     let (k, nb) = (act.k, act.nb);
     let end = t0.saturating_add(tn);
