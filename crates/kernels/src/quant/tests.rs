@@ -757,7 +757,8 @@ fn k_quant_direct_path_gives_the_strip_and_generic_bits() {
     // and its tile, and against the generic path, bit for bit: rows around the 8-row strip, one to
     // four super-blocks, random blocks and every byte one value (Q4_K: nibbles 0 / 15, scales and
     // mins 0 / 63 / mixed; Q6_K: values 0 / 63, group scales −1, −128 / 127, 127, −120), with
-    // random activations and ones of ±127 after quantisation.
+    // random activations and ones of ±127 after quantisation; every variant of this CPU (AVX-VNNI
+    // too where present) at every n up to 4, whatever its dispatch bound.
     let cpu = Cpu::get().without_avx512();
     let isas: Vec<avx2::Isa> = [cpu, cpu.without_avx_vnni()]
         .into_iter()

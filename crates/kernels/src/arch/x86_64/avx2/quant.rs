@@ -6,7 +6,10 @@
 //! unpacked in registers straight from the blocks; Q4_0 and Q5_K through a decoded row. Q8_0 calls
 //! of at most `Isa::direct_tokens` tokens (4; with AVX-VNNI 2) skip the transposed copy: each
 //! block of each row is multiplied as it is and eight rows' sums are reduced into one register's
-//! lanes.
+//! lanes. Q4_K and Q6_K calls of at most `Isa::kdirect_tokens` tokens (4; with AVX-VNNI 3) do
+//! the same: each super-block of each row unpacked in registers and multiplied as stored
+//! (`vpmaddubsw` with the activation bytes, `vpmaddwd` by the group scale, as ggml's
+//! `ggml_vec_dot_q4_K_q8_K`), the same exact integers, the tile's float operations.
 //!
 //! No i16 sum can saturate: Q8_0 uses the sign trick (`|w| · sign(x, w)`, `|w| <= 128`,
 //! `|x| <= 127`: a pair sum is at most 32512), widened to i32 (`vpmaddwd` by ones) after every
@@ -657,11 +660,17 @@ const KDIRECT_TOKENS: usize = 4;
 
 impl Isa {
     /// Most tokens of a call for which the direct Q4_K / Q6_K path is used instead of the
-    /// transposed strip (measured on plain AVX2 at OLMoE expert shapes: faster at every n up to
-    /// the tile's 4 tokens; the direct path uses no AVX-VNNI instruction, and the same bound is
-    /// taken with AVX-VNNI, where it is not measured).
+    /// transposed strip. Measured on plain AVX2 at OLMoE expert shapes (one thread, from the
+    /// caches): direct 1.4–1.7× faster at n = 1, 1.3–1.5× at 2, 1.16–1.24× at 3, 1.03–1.07× at
+    /// 4. The direct path uses no AVX-VNNI instruction, and the AVX-VNNI strip tile is
+    /// 1.04–1.08× faster than the plain one at n = 2–4 (docs/performance.md), so with AVX-VNNI
+    /// it stops at 3 (inferred from those two measurements; not measured on an AVX-VNNI CPU).
     fn kdirect_tokens(self) -> usize {
-        KDIRECT_TOKENS
+        if self.vnni.is_some() {
+            KDIRECT_TOKENS - 1
+        } else {
+            KDIRECT_TOKENS
+        }
     }
 }
 
