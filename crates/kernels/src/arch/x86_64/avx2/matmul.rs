@@ -24,7 +24,7 @@
 //!   (at least eight independent accumulators, so that the FMA latency is hidden, within the 16
 //!   ymm registers).
 
-use super::{Elem, ElemKind, OutPtr};
+use super::{Aligned, Elem, ElemKind, OutPtr};
 use crate::cpu::Avx2Fma;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -60,25 +60,6 @@ const fn rows_for(nt: usize) -> usize {
 /// multiple of 4 KiB when k is one (rows 8 KiB apart map to the same L1 sets).
 fn stride_of(k: usize) -> usize {
     k.next_multiple_of(16) + 16
-}
-
-/// A growable f32 buffer whose contents start at a 64-byte boundary.
-#[derive(Default)]
-struct Aligned {
-    buf: Vec<f32>,
-}
-
-impl Aligned {
-    /// `len` f32 from a 64-byte boundary (contents unspecified: every user overwrites them).
-    fn get(&mut self, len: usize) -> &mut [f32] {
-        // 15 f32 of slack cover any 4-byte-aligned start.
-        let want = len.saturating_add(15);
-        if self.buf.len() < want {
-            self.buf.resize(want, 0.0);
-        }
-        let off = (64 - self.buf.as_ptr() as usize % 64) % 64 / 4;
-        &mut self.buf[off..off + len]
-    }
 }
 
 thread_local! {

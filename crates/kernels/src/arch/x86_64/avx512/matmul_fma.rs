@@ -39,7 +39,7 @@
 //! Both buffers start on 64-byte boundaries (every row then does: rows are whole 128-byte
 //! groups): a 64-byte load across two cache lines costs a third of the loop's speed.
 
-use super::OutPtr;
+use super::{Aligned, OutPtr};
 use crate::cpu::Avx512Bf16;
 use half::bf16;
 use rayon::prelude::*;
@@ -69,29 +69,6 @@ const MAX_GROUP: usize = 3;
 const GROUP_MIN_TOKENS: usize = 128;
 /// Tokens per rayon task of the activation split (several tasks per thread for large calls).
 const SPLIT_TOKENS: usize = 32;
-
-/// A growable f32 buffer whose contents start at a 64-byte boundary: a 64-byte vector load from
-/// a misaligned buffer touches two cache lines, which cost a third of the FMA loop's speed in
-/// session 12's measurements (one thread, the register block alone: 96 → 148 GFLOP/s aligned).
-#[derive(Default)]
-struct Aligned {
-    buf: Vec<f32>,
-}
-
-impl Aligned {
-    /// `len` f32 from a 64-byte boundary (contents unspecified: every user overwrites them).
-    fn get(&mut self, len: usize) -> &mut [f32] {
-        // 15 f32 of slack cover any 4-byte-aligned start.
-        let want = len.saturating_add(15);
-        if self.buf.len() < want {
-            self.buf.resize(want, 0.0);
-        }
-        // The start is 4-byte aligned, so the distance to the next 64-byte boundary is a whole
-        // number of f32 (at most 15).
-        let off = (64 - self.buf.as_ptr() as usize % 64) % 64 / 4;
-        &mut self.buf[off..off + len]
-    }
-}
 
 pub(super) fn xwt(
     cpu: Avx512Bf16,
