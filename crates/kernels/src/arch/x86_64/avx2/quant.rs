@@ -34,22 +34,24 @@
 //! emitted in place (the intrinsics are stable since Rust 1.89, the MSRV).
 
 use super::{group, Act, QMatrix, QType, Row, QK, QK_K};
-use crate::cpu::{Avx2, AvxVnni, Cpu};
+use crate::cpu::{Avx2Fma, AvxVnni, Cpu};
 use std::arch::x86_64::*;
 
-/// The instruction set the tile runs on: AVX2, with AVX-VNNI when the CPU has it.
+/// The instruction set the tile runs on: AVX2 (with F16C for the block scales: [`f16x8`]), with
+/// AVX-VNNI when the CPU has it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Isa {
-    avx2: Avx2,
+    avx2: Avx2Fma,
     vnni: Option<AvxVnni>,
 }
 
 impl Isa {
-    /// The tile's instruction set on `cpu` (`None` without AVX2; AVX-VNNI when `cpu` has it:
-    /// [`Cpu::without_avx_vnni`] forces plain AVX2).
+    /// The tile's instruction set on `cpu` (`None` without AVX2 + FMA + F16C, which every AVX2
+    /// CPU of Intel and AMD has; AVX-VNNI when `cpu` has it: [`Cpu::without_avx_vnni`] forces
+    /// plain AVX2).
     pub(super) fn of(cpu: Cpu) -> Option<Isa> {
         Some(Isa {
-            avx2: cpu.avx2()?,
+            avx2: cpu.avx2_fma()?,
             vnni: cpu.avx_vnni(),
         })
     }
@@ -69,27 +71,75 @@ pub(super) const ROWS: usize = 8;
 /// Most tokens per tile.
 pub(super) const TOKENS: usize = 4;
 
-/// The f16 at bytes `i .. i + 2` of `b` as f32: the same value as `half`'s `f16::to_f32` (which
-/// the generic path uses) for every input, NaNs quieted as it does (tested on all 65536), but
-/// inline: `half` calls its F16C conversion out of line, once per scale (15 % of a Q8_0 call at
-/// n = 1).
-#[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    let h = u16::from_le_bytes([b[i], b[i + 1]]);
-    let sign = u32::from(h & 0x8000) << 16;
-    let (exp, man) = (u32::from(h >> 10) & 0x1F, u32::from(h & 0x3FF));
-    if exp == 0x1F {
-        let nan = if man == 0 {
-            0
-        } else {
-            0x0040_0000 | (man << 13)
+/// The f16 at bytes `at .. at + 2` of each row of `src` as f32, lane `j` for row `j`: one
+/// `vcvtph2ps` for the eight rows' block scales. The same value as
+/// `half`'s `f16::to_f32` (which the generic path uses) for every input, NaNs quieted as it does
+/// (tested on all 65536). Converting the scales one by one (an inlined bit-twiddling conversion
+/// until session 14) was half of a Q8_0 decode call's samples.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; every row holds at least `at + 2` bytes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16x8(src: &[&[u8]; ROWS], at: usize) -> __m256 {
+    // SAFETY: bytes `at .. at + 2` of row j (caller).
+    let h = |j: usize| -> i16 { unsafe { src[j].as_ptr().add(at).cast::<i16>().read_unaligned() } };
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        h(4),
+        h(5),
+        h(6),
+        h(7),
+    ))
+}
+
+/// The f16 scale at byte `off` of each of the `nb` blocks of `bb` bytes of the eight rows of
+/// `src`, as `dst[ROWS * b + j]` for row `j` and block `b` (0.0 for empty rows).
+fn scales_to(_: Avx2Fma, src: &[&[u8]; ROWS], nb: usize, bb: usize, off: usize, dst: &mut [f32]) {
+    assert!(
+        off + 2 <= bb
+            && nb.checked_mul(ROWS).is_some_and(|n| n <= dst.len())
+            && src
+                .iter()
+                .all(|r| r.is_empty() || nb.checked_mul(bb).is_some_and(|n| n <= r.len())),
+        "quant: scale sizes"
+    );
+    // Empty rows read a non-empty one's scales, then their lanes are cleared.
+    let Some(&any) = src.iter().find(|r| !r.is_empty()) else {
+        dst[..ROWS * nb].fill(0.0);
+        return;
+    };
+    let full: [&[u8]; ROWS] = std::array::from_fn(|j| if src[j].is_empty() { any } else { src[j] });
+    let live: [i32; ROWS] = std::array::from_fn(|j| if src[j].is_empty() { 0 } else { -1 });
+    // SAFETY: the token proves AVX2 and F16C; the lengths are asserted above.
+    unsafe { scales_to_raw(&full, live, nb, bb, off, dst.as_mut_ptr()) }
+}
+
+/// # Safety
+/// The CPU must have AVX2 and F16C; each `src[j]` holds `nb · bb` bytes, `off + 2 <= bb`, `dst`
+/// holds `8 · nb` floats.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn scales_to_raw(
+    src: &[&[u8]; ROWS],
+    live: [i32; ROWS],
+    nb: usize,
+    bb: usize,
+    off: usize,
+    dst: *mut f32,
+) {
+    // SAFETY: eight i32.
+    let mask = _mm256_castsi256_ps(unsafe { _mm256_loadu_si256(live.as_ptr().cast()) });
+    for b in 0..nb {
+        // SAFETY: block b's scale of every row; floats 8b .. 8b + 8 of `dst`.
+        unsafe {
+            _mm256_storeu_ps(
+                dst.add(ROWS * b),
+                _mm256_and_ps(f16x8(src, bb * b + off), mask),
+            )
         };
-        f32::from_bits(sign | 0x7F80_0000 | nan)
-    } else if exp != 0 {
-        f32::from_bits(sign | ((exp + 112) << 23) | (man << 13))
-    } else {
-        // Zero or subnormal: man · 2^-24, exact in f32.
-        f32::from_bits(sign | (man as f32 * (1.0 / 16_777_216.0)).to_bits())
     }
 }
 
@@ -230,7 +280,7 @@ impl Strip {
 
 impl Strip {
     /// [`Strip::fill`] for Q8_0: the values read straight from the blocks (no decoded row).
-    fn fill_q8_0(&mut self, _: Avx2, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    fn fill_q8_0(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize) {
         let nb = w.k / QK;
         let offset = self.isa.vnni.is_some();
         assert!(
@@ -241,15 +291,7 @@ impl Strip {
         );
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-        for (j, row) in src.iter().enumerate() {
-            for b in 0..nb {
-                self.da[ROWS * b + j] = if row.is_empty() {
-                    0.0
-                } else {
-                    f16_at(row, 34 * b)
-                };
-            }
-        }
+        scales_to(t, &src, nb, 34, 0, &mut self.da);
         // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole Q8_0 blocks
         // (`w.row`) and the buffers' lengths are asserted above (`s` only without `offset`).
         unsafe { fill_q8_0_raw(src, nb, self.q.as_mut_ptr(), self.s.as_mut_ptr(), offset) }
@@ -259,7 +301,7 @@ impl Strip {
 impl Strip {
     /// [`Strip::fill`] for Q4_K and Q6_K: the values unpacked in registers straight from the
     /// blocks, the scales read from them (the values `Row::decode` gives; no decoded row).
-    fn fill_k_direct(&mut self, _: Avx2, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    fn fill_k_direct(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize) {
         let ty = w.ty;
         let nsb = w.k / QK_K;
         let (bb, ng) = (ty.block_bytes(), QK_K / group(ty));
@@ -274,19 +316,12 @@ impl Strip {
         );
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-        for (j, row) in src.iter().enumerate() {
-            for s in 0..nsb {
-                let (da, db) = if row.is_empty() {
-                    (0.0, 0.0)
-                } else if ty == QType::Q4K {
-                    let blk = &row[s * bb..(s + 1) * bb];
-                    (f16_at(blk, 0), f16_at(blk, 2))
-                } else {
-                    let d = f16_at(&row[s * bb..(s + 1) * bb], 208);
-                    (d, d)
-                };
-                (self.da[ROWS * s + j], self.db[ROWS * s + j]) = (da, db);
-            }
+        if ty == QType::Q4K {
+            scales_to(t, &src, nsb, bb, 0, &mut self.da);
+            scales_to(t, &src, nsb, bb, 2, &mut self.db);
+        } else {
+            scales_to(t, &src, nsb, bb, 208, &mut self.da);
+            scales_to(t, &src, nsb, bb, 208, &mut self.db);
         }
         // SAFETY: the token proves AVX2; every non-empty row holds `nsb` whole super-blocks of
         // `ty` (`w.row`) and the lengths of `self.q`, `self.sc` and `self.cm` are asserted above.
@@ -477,7 +512,7 @@ unsafe fn fill_q8_0_raw(
 
 /// Transposes eight rows of bytes (equal lengths, a multiple of 32) as 4-byte units: `dst`
 /// (8 × that length) gets unit `g` of row `j` at byte `32 g + 4 j`.
-fn transpose8(_: Avx2, src: [&[u8]; ROWS], dst: &mut [u8]) {
+fn transpose8(_: Avx2Fma, src: [&[u8]; ROWS], dst: &mut [u8]) {
     let len = src[0].len();
     assert!(
         len.is_multiple_of(32) && src.iter().all(|s| s.len() == len) && dst.len() == ROWS * len,
@@ -638,8 +673,9 @@ fn direct_q8_0(
             && act.init.len() >= tn * nb,
         "quant: direct sizes"
     );
-    let src: [&[u8]; ROWS] = std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-    // SAFETY: the token proves AVX2 (and AVX-VNNI for the `_vnni` variants); every non-empty
+    // Rows past `rows` repeat the last one (their lanes are not used): no branch per row.
+    let src: [&[u8]; ROWS] = std::array::from_fn(|j| w.row(r0 + j.min(rows - 1)));
+    // SAFETY: the token proves AVX2 and F16C (and AVX-VNNI for the `_vnni` variants); every
     // row holds `nb` whole Q8_0 blocks (`w.row`), and the activations' lengths are asserted
     // above.
     unsafe {
@@ -689,7 +725,7 @@ pub(super) fn direct_k(
     tn: usize,
     out: &mut [f32; ROWS * TOKENS],
 ) {
-    let _: Avx2 = t.avx2;
+    let _: Avx2Fma = t.avx2;
     let (k, nsb) = (act.k, act.nb);
     assert!(
         matches!(w.ty, QType::Q4K | QType::Q6K)
@@ -703,8 +739,9 @@ pub(super) fn direct_k(
             && act.d.len() >= tn * nsb,
         "quant: direct sizes"
     );
-    let src: [&[u8]; ROWS] = std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-    // SAFETY: the token proves AVX2; every non-empty row holds `nsb` whole super-blocks of
+    // Rows past `rows` repeat the last one (their lanes are not used): no branch per row.
+    let src: [&[u8]; ROWS] = std::array::from_fn(|j| w.row(r0 + j.min(rows - 1)));
+    // SAFETY: the token proves AVX2 and F16C; every row holds `nsb` whole super-blocks of
     // `w.ty` (`w.row`), and the activations' lengths are asserted above.
     unsafe {
         match (w.ty, tn) {
@@ -721,11 +758,11 @@ pub(super) fn direct_k(
 }
 
 /// # Safety
-/// The CPU must have AVX2; `T <= KDIRECT_TOKENS`; each non-empty `src[j]` holds `act.nb`
+/// The CPU must have AVX2 and F16C; `T <= KDIRECT_TOKENS`; each `src[j]` holds `act.nb`
 /// super-blocks of Q6_K (`Q6`) or Q4_K; `act` holds tokens `0 .. T` (values, 16-value sums,
 /// scales).
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
@@ -749,22 +786,25 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
     let mut fa = [_mm256_setzero_ps(); T];
     let mut fb = [_mm256_setzero_ps(); T];
     for s in 0..nsb {
-        let mut da = [0f32; ROWS];
-        let mut db = [0f32; ROWS];
+        // SAFETY: the scales of super-block s of every row (caller): Q6_K's d at 208,
+        // Q4_K's d and dmin at 0 and 2.
+        let (dav, dbv) = unsafe {
+            if Q6 {
+                let d = f16x8(&src, s * bb + 208);
+                (d, d)
+            } else {
+                (f16x8(&src, s * bb), f16x8(&src, s * bb + 2))
+            }
+        };
         let mut va = [[_mm256_setzero_si256(); ROWS]; T];
         let mut vb = [[_mm256_setzero_si256(); ROWS]; T];
         for r in 0..ROWS {
             let row = src[r];
-            if row.is_empty() {
-                continue;
-            }
             // SAFETY: super-block s of row r (caller).
             let blk = unsafe { row.as_ptr().add(s * bb) };
             let mut acc = [_mm256_setzero_si256(); T];
             let cmv;
             if Q6 {
-                let d = f16_at(row, s * bb + 208);
-                (da[r], db[r]) = (d, d);
                 // SAFETY: the 16 scale bytes at 192 .. 208 of the 210.
                 let v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(blk.add(192).cast()) });
                 // Lane i: the i16 scale of group i (`lo`) or 8 + i (`hi`) in both halves.
@@ -789,7 +829,6 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
                     }
                 }
             } else {
-                (da[r], db[r]) = (f16_at(row, s * bb), f16_at(row, s * bb + 2));
                 // SAFETY: the 12 scale bytes at 4 .. 16 of the 144.
                 let q: [u8; 12] = unsafe { blk.add(4).cast::<[u8; 12]>().read_unaligned() };
                 let u = |i: usize| {
@@ -842,8 +881,6 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
                 vb[j][r] = _mm256_madd_epi16(cmv, xs);
             }
         }
-        // SAFETY: eight floats each.
-        let (dav, dbv) = unsafe { (_mm256_loadu_ps(da.as_ptr()), _mm256_loadu_ps(db.as_ptr())) };
         for j in 0..T {
             let (ia, ib) = (hsum8x8(&va[j]), hsum8x8(&vb[j]));
             // SAFETY: super-block s's scale of token j.
@@ -881,7 +918,7 @@ fn hsum8x8(v: &[__m256i; ROWS]) -> __m256i {
 ///
 /// # Safety
 /// As [`bdirect_raw`]; the CPU must have AVX-VNNI.
-#[target_feature(enable = "avx2,avxvnni")]
+#[target_feature(enable = "avx2,avxvnni,f16c")]
 unsafe fn bdirect_vnni<const T: usize>(
     src: [&[u8]; ROWS],
     act: &Act,
@@ -892,10 +929,10 @@ unsafe fn bdirect_vnni<const T: usize>(
 }
 
 /// # Safety
-/// The CPU must have AVX2, and AVX-VNNI if `VNNI`; `T <= DIRECT_TOKENS`; each non-empty
+/// The CPU must have AVX2 and F16C, and AVX-VNNI if `VNNI`; `T <= DIRECT_TOKENS`; each
 /// `src[j]` holds `act.nb` Q8_0 blocks; `act` holds tokens `0 .. T` (values, offsets, scales).
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
@@ -906,14 +943,8 @@ unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
     let flip = _mm256_set1_epi8(i8::MIN);
     let mut f = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let mut dw = [0f32; ROWS];
-        for (d, row) in dw.iter_mut().zip(&src) {
-            if !row.is_empty() {
-                *d = f16_at(row, 34 * b);
-            }
-        }
-        // SAFETY: eight floats.
-        let dwv = unsafe { _mm256_loadu_ps(dw.as_ptr()) };
+        // SAFETY: block b's scale of every row (caller).
+        let dwv = unsafe { f16x8(&src, 34 * b) };
         let mut xs = [_mm256_setzero_si256(); T];
         for (j, xj) in xs.iter_mut().enumerate() {
             // SAFETY: values 32b .. 32b + 32 of token j < T (caller).
@@ -921,9 +952,6 @@ unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
         }
         let mut v = [[_mm256_setzero_si256(); ROWS]; T];
         for (r, row) in src.iter().enumerate() {
-            if row.is_empty() {
-                continue;
-            }
             // SAFETY: bytes 2 .. 34 of block b of the row (caller).
             let wv = unsafe { _mm256_loadu_si256(row.as_ptr().add(34 * b + 2).cast()) };
             if VNNI {
@@ -1475,13 +1503,32 @@ mod tests {
 
     #[test]
     fn scales_convert_as_half_does() {
-        for h in 0..=u16::MAX {
-            let want = f16::from_bits(h).to_f32().to_bits();
-            assert_eq!(
-                super::f16_at(&h.to_le_bytes(), 0).to_bits(),
-                want,
-                "{h:#06x}"
-            );
+        let Some(t) = Cpu::get().avx2_fma() else {
+            return;
+        };
+        // Every pattern at every lane; empty rows give 0.0.
+        for h0 in (0..=u16::MAX).step_by(super::ROWS) {
+            let rows: Vec<[u8; 4]> = (0..super::ROWS as u16)
+                .map(|j| {
+                    let [a, b] = (h0 + j).to_le_bytes();
+                    [7, a, b, 9]
+                })
+                .collect();
+            for live in [super::ROWS, 5] {
+                let src: [&[u8]; super::ROWS] =
+                    std::array::from_fn(|j| if j < live { &rows[j][..] } else { &[] });
+                let mut got = [0f32; super::ROWS];
+                super::scales_to(t, &src, 1, 4, 1, &mut got);
+                for (j, g) in got.into_iter().enumerate() {
+                    let h = h0 + j as u16;
+                    let want = if j < live {
+                        f16::from_bits(h).to_f32()
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(g.to_bits(), want.to_bits(), "{h:#06x}");
+                }
+            }
         }
     }
 
