@@ -571,11 +571,12 @@ unsafe fn transpose_regs(r: &[__m256i; ROWS], dst: *mut u8) {
 }
 
 /// The outputs of rows `r0 .. r0 + rows` of `w` (`rows <= 16`) for all `n` tokens of `act`:
-/// `out[t · rows + r]` for token `t` and row `r0 + r`.
+/// `out[t · rows + r]` for token `t` and row `r0 + r`. `strip` is made on first use (the direct
+/// paths of few tokens need none) and kept by the caller for its next panels.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn panel(
     t: Isa,
-    strip: &mut Strip,
+    strip: &mut Option<Strip>,
     w: &QMatrix<'_>,
     act: &Act,
     n: usize,
@@ -585,7 +586,9 @@ pub(super) fn panel(
 ) {
     assert!(
         n.checked_mul(rows).is_some_and(|v| out.len() == v)
-            && t.vnni.is_some() == strip.isa.vnni.is_some(),
+            && strip.as_ref().is_none_or(|s| {
+                t.vnni.is_some() == s.isa.vnni.is_some() && s.ty == w.ty && s.k == w.k
+            }),
         "quant: panel sizes"
     );
     let mut tile = [0f32; ROWS * TOKENS];
@@ -614,6 +617,7 @@ pub(super) fn panel(
             h += rr;
             continue;
         }
+        let strip = strip.get_or_insert_with(|| Strip::new(t, w.ty, w.k));
         strip.fill(w, r0 + h, rr);
         let mut t0 = 0;
         while t0 < n {
