@@ -597,9 +597,13 @@ pub(super) fn panel(
     let mut h = 0;
     while h < rows {
         let rr = ROWS.min(rows - h);
+        // The next eight rows (contiguous after these), prefetched while these compute.
+        let rb = w.row_bytes();
+        let after = r0 + h + rr;
+        let next = &w.data[after * rb..(after + ROWS).min(w.rows) * rb];
         if kdirect {
             // Few tokens: the K-quant super-blocks multiplied as they are, no transposed copy.
-            direct_k(t, w, r0 + h, rr, act, n, &mut tile);
+            direct_k(t, w, r0 + h, rr, act, n, &mut tile, next);
             for j in 0..n {
                 let o = j * rows + h;
                 out[o..o + rr].copy_from_slice(&tile[ROWS * j..ROWS * j + rr]);
@@ -609,7 +613,7 @@ pub(super) fn panel(
         }
         if direct {
             // Few tokens: the blocks multiplied as they are, no transposed copy.
-            direct_q8_0(t, w, r0 + h, rr, act, n, &mut tile);
+            direct_q8_0(t, w, r0 + h, rr, act, n, &mut tile, next);
             for j in 0..n {
                 let o = j * rows + h;
                 out[o..o + rr].copy_from_slice(&tile[ROWS * j..ROWS * j + rr]);
@@ -655,6 +659,7 @@ impl Isa {
 /// block the 32 products in one register (the sign trick, as the tile; with AVX-VNNI `w + 128`,
 /// the block's offset term added after the reduction), the eight rows' sums
 /// reduced into one register's lanes (`vphaddd`), then the tile's float operations.
+#[allow(clippy::too_many_arguments)]
 fn direct_q8_0(
     t: Isa,
     w: &QMatrix<'_>,
@@ -663,6 +668,7 @@ fn direct_q8_0(
     act: &Act,
     tn: usize,
     out: &mut [f32; ROWS * TOKENS],
+    next: &[u8],
 ) {
     let (k, nb) = (act.k, act.nb);
     assert!(
@@ -684,12 +690,12 @@ fn direct_q8_0(
     // above.
     unsafe {
         match (t.vnni, tn) {
-            (Some(_), 1) => bdirect_vnni::<1>(src, act, out),
-            (Some(_), _) => bdirect_vnni::<2>(src, act, out),
-            (None, 1) => bdirect_raw::<1, false>(src, act, out),
-            (None, 2) => bdirect_raw::<2, false>(src, act, out),
-            (None, 3) => bdirect_raw::<3, false>(src, act, out),
-            (None, _) => bdirect_raw::<4, false>(src, act, out),
+            (Some(_), 1) => bdirect_vnni::<1>(src, act, out, next),
+            (Some(_), _) => bdirect_vnni::<2>(src, act, out, next),
+            (None, 1) => bdirect_raw::<1, false>(src, act, out, next),
+            (None, 2) => bdirect_raw::<2, false>(src, act, out, next),
+            (None, 3) => bdirect_raw::<3, false>(src, act, out, next),
+            (None, _) => bdirect_raw::<4, false>(src, act, out, next),
         }
     }
 }
@@ -720,6 +726,7 @@ impl Isa {
 /// the activation bytes, `vpmaddwd` by the group's scale, the corrections `vpmaddwd` of the
 /// multipliers and the 16-value sums (the same exact integers as the tile and `kdot_generic`),
 /// the eight rows' sums reduced into one register's lanes, then the tile's float operations.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn direct_k(
     t: Isa,
     w: &QMatrix<'_>,
@@ -728,6 +735,7 @@ pub(super) fn direct_k(
     act: &Act,
     tn: usize,
     out: &mut [f32; ROWS * TOKENS],
+    next: &[u8],
 ) {
     let _: Avx2Fma = t.avx2;
     let (k, nsb) = (act.k, act.nb);
@@ -749,14 +757,14 @@ pub(super) fn direct_k(
     // `w.ty` (`w.row`), and the activations' lengths are asserted above.
     unsafe {
         match (w.ty, tn) {
-            (QType::Q6K, 1) => kdirect_raw::<1, true>(src, act, out),
-            (QType::Q6K, 2) => kdirect_raw::<2, true>(src, act, out),
-            (QType::Q6K, 3) => kdirect_raw::<3, true>(src, act, out),
-            (QType::Q6K, _) => kdirect_raw::<4, true>(src, act, out),
-            (_, 1) => kdirect_raw::<1, false>(src, act, out),
-            (_, 2) => kdirect_raw::<2, false>(src, act, out),
-            (_, 3) => kdirect_raw::<3, false>(src, act, out),
-            (_, _) => kdirect_raw::<4, false>(src, act, out),
+            (QType::Q6K, 1) => kdirect_raw::<1, true>(src, act, out, next),
+            (QType::Q6K, 2) => kdirect_raw::<2, true>(src, act, out, next),
+            (QType::Q6K, 3) => kdirect_raw::<3, true>(src, act, out, next),
+            (QType::Q6K, _) => kdirect_raw::<4, true>(src, act, out, next),
+            (_, 1) => kdirect_raw::<1, false>(src, act, out, next),
+            (_, 2) => kdirect_raw::<2, false>(src, act, out, next),
+            (_, 3) => kdirect_raw::<3, false>(src, act, out, next),
+            (_, _) => kdirect_raw::<4, false>(src, act, out, next),
         }
     }
 }
@@ -771,6 +779,7 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
+    next: &[u8],
 ) {
     let nsb = act.nb;
     let ty = if Q6 { QType::Q6K } else { QType::Q4K };
@@ -790,6 +799,7 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
     let mut fa = [_mm256_setzero_ps(); T];
     let mut fb = [_mm256_setzero_ps(); T];
     for s in 0..nsb {
+        super::prefetch_part(next, s, nsb);
         // SAFETY: the scales of super-block s of every row (caller): Q6_K's d at 208,
         // Q4_K's d and dmin at 0 and 2.
         let (dav, dbv) = unsafe {
@@ -927,9 +937,10 @@ unsafe fn bdirect_vnni<const T: usize>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
+    next: &[u8],
 ) {
     // SAFETY: the caller's guarantees, AVX-VNNI included.
-    unsafe { bdirect_raw::<T, true>(src, act, out) }
+    unsafe { bdirect_raw::<T, true>(src, act, out, next) }
 }
 
 /// # Safety
@@ -941,12 +952,14 @@ unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
+    next: &[u8],
 ) {
     let (k, nb) = (act.k, act.nb);
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(i8::MIN);
     let mut f = [_mm256_setzero_ps(); T];
     for b in 0..nb {
+        super::prefetch_part(next, b, nb);
         // SAFETY: block b's scale of every row (caller).
         let dwv = unsafe { f16x8(&src, 34 * b) };
         let mut xs = [_mm256_setzero_si256(); T];

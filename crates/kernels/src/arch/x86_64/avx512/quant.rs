@@ -11,7 +11,7 @@
 //! lane for lane (no fused multiply-adds): the results are the same bits (tested in
 //! `quant::tests`).
 
-use super::{Act, Panel, QType, QK, QK_K};
+use super::{prefetch_part, Act, Panel, QType, QK, QK_K};
 use crate::cpu::Avx512Vnni;
 use std::arch::x86_64::*;
 
@@ -291,26 +291,6 @@ pub(super) fn tile_rows(
             (_, 7) => ktile_raw::<7, 16, false, true>(&src, p, act, t0, out, next),
             (_, _) => ktile_raw::<8, 16, false, true>(&src, p, act, t0, out, next),
         }
-    }
-}
-
-/// Prefetches part `i` of `parts` (whole cache lines, in address order) of `next` into L2:
-/// the bytes the next panel of rows will read, fetched while this one computes, so a call whose
-/// weights come from memory keeps a steady stream of line requests in flight (sixteen rows read
-/// chunk by chunk are sixteen short streams, which the hardware prefetchers follow late).
-#[inline(always)]
-fn prefetch_part(next: &[u8], i: usize, parts: usize) {
-    const LINE: usize = 64;
-    let lines = next.len().div_ceil(LINE);
-    if parts == 0 || lines == 0 {
-        return;
-    }
-    let (a, b) = (i * lines / parts, ((i + 1) * lines / parts).min(lines));
-    let p = next.as_ptr();
-    for l in a..b {
-        // SAFETY: `_mm_prefetch` (SSE, in every x86_64 CPU) only hints the cache and never
-        // faults; `l < lines`, so the address is inside `next` anyway.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l * LINE).cast()) };
     }
 }
 
