@@ -11,7 +11,8 @@
 //! decode step calls each selected expert with 1–2 tokens and reads its weights from memory, so
 //! this cycles through a pool of distinct expert matrices (768 MiB per type, far beyond the
 //! caches) of OLMoE's expert shapes (gate / up `[1024, 2048]`, down `[2048, 1024]`), for Q8_0,
-//! Q4_K and Q6_K (the types of Q8_0 and Q4_K_M files' experts), n = 1 and 2, on rayon pools of 1
+//! Q4_K and Q6_K (the types of Q8_0 and Q4_K_M files' experts), n = 1, 2 and 8 (8: a decode step's
+//! attention projections at 8 prompts, the strip path), on rayon pools of 1
 //! and 2 threads: GB/s of weights per call ("cold"), the same calls on one matrix ("hot", from the
 //! caches), on a quarter of it ("L2": the compute alone) and, before them, a streaming read of the
 //! same pool (the bandwidth roof). `QUANT_BENCH_THREADS=1` (or 2): that pool size only.
@@ -133,7 +134,7 @@ fn decode(only: &[String]) {
                         .chunks_exact(per)
                         .filter_map(|d| QMatrix::new(ty, d, rows, k))
                         .collect();
-                    for n in [1usize, 2] {
+                    for n in [1usize, 2, 8] {
                         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
                         let x: Vec<f32> =
                             (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();

@@ -803,7 +803,7 @@ fn k_quant_direct_path_gives_the_strip_and_generic_bits() {
                             let mut direct = [0f32; avx2::ROWS * avx2::TOKENS];
                             let mut tile = [0f32; avx2::ROWS * avx2::TOKENS];
                             avx2::direct_k(t, &w, r0, r, &act, n, &mut direct, &[]);
-                            strip.fill(&w, r0, r);
+                            strip.fill(&w, r0, r, &[]);
                             avx2::run_tile(&strip, &act, 0, n, &mut tile);
                             for j in 0..n {
                                 let d = bits(&direct[8 * j..8 * j + r]);

@@ -220,8 +220,8 @@ impl Strip {
     }
 
     /// Prepares rows `r0 .. r0 + rows` of `w` (`1 <= rows <= 8`, `w` of this strip's type and
-    /// row length).
-    pub(super) fn fill(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    /// row length); Q8_0, Q4_K and Q6_K prefetch `next` meanwhile (the next rows; may be empty).
+    pub(super) fn fill(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let t = self.isa.avx2;
         assert!(
             w.ty == self.ty
@@ -231,8 +231,8 @@ impl Strip {
             "quant: strip sizes"
         );
         match self.ty {
-            QType::Q8_0 => return self.fill_q8_0(t, w, r0, rows),
-            QType::Q4K | QType::Q6K => return self.fill_k_direct(t, w, r0, rows),
+            QType::Q8_0 => return self.fill_q8_0(t, w, r0, rows, next),
+            QType::Q4K | QType::Q6K => return self.fill_k_direct(t, w, r0, rows, next),
             _ => {}
         }
         for (j, row) in self.rows.iter_mut().enumerate().take(rows) {
@@ -280,7 +280,7 @@ impl Strip {
 
 impl Strip {
     /// [`Strip::fill`] for Q8_0: the values read straight from the blocks (no decoded row).
-    fn fill_q8_0(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    fn fill_q8_0(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let nb = w.k / QK;
         let offset = self.isa.vnni.is_some();
         assert!(
@@ -294,14 +294,23 @@ impl Strip {
         scales_to(t, &src, nb, 34, 0, &mut self.da);
         // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole Q8_0 blocks
         // (`w.row`) and the buffers' lengths are asserted above (`s` only without `offset`).
-        unsafe { fill_q8_0_raw(src, nb, self.q.as_mut_ptr(), self.s.as_mut_ptr(), offset) }
+        unsafe {
+            fill_q8_0_raw(
+                src,
+                nb,
+                self.q.as_mut_ptr(),
+                self.s.as_mut_ptr(),
+                offset,
+                next,
+            )
+        }
     }
 }
 
 impl Strip {
     /// [`Strip::fill`] for Q4_K and Q6_K: the values unpacked in registers straight from the
     /// blocks, the scales read from them (the values `Row::decode` gives; no decoded row).
-    fn fill_k_direct(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize) {
+    fn fill_k_direct(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let ty = w.ty;
         let nsb = w.k / QK_K;
         let (bb, ng) = (ty.block_bytes(), QK_K / group(ty));
@@ -327,7 +336,7 @@ impl Strip {
         // `ty` (`w.row`) and the lengths of `self.q`, `self.sc` and `self.cm` are asserted above.
         unsafe {
             fill_k_scales_raw(ty, src, nsb, self.sc.as_mut_ptr(), self.cm.as_mut_ptr());
-            fill_k_raw(ty, src, nsb, self.q.as_mut_ptr());
+            fill_k_raw(ty, src, nsb, self.q.as_mut_ptr(), next);
         }
     }
 }
@@ -446,9 +455,10 @@ unsafe fn unpack_k(ty: QType, b: *const u8, c: usize) -> __m256i {
 /// The CPU must have AVX2; `ty` is Q4_K or Q6_K; each non-empty `src[j]` holds `nsb` whole
 /// super-blocks of it; `dst` holds `2048 · nsb` bytes.
 #[target_feature(enable = "avx2")]
-unsafe fn fill_k_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, dst: *mut u8) {
+unsafe fn fill_k_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, dst: *mut u8, next: &[u8]) {
     let bb = ty.block_bytes();
     for s in 0..nsb {
+        super::prefetch_part(next, s, nsb);
         for c in 0..8 {
             // Loops, not closures: a closure is compiled without the function's target features,
             // and `unpack_k` was then called out of line (half of a Q4_K call at n = 1).
@@ -478,9 +488,11 @@ unsafe fn fill_q8_0_raw(
     dst: *mut u8,
     signed: *mut u8,
     offset: bool,
+    next: &[u8],
 ) {
     let flip = _mm256_set1_epi8(i8::MIN);
     for b in 0..nb {
+        super::prefetch_part(next, b, nb);
         // Loops, not closures (`fill_k_raw`).
         let mut w = [_mm256_setzero_si256(); ROWS];
         for j in 0..ROWS {
@@ -622,7 +634,7 @@ pub(super) fn panel(
             continue;
         }
         let strip = strip.get_or_insert_with(|| Strip::new(t, w.ty, w.k));
-        strip.fill(w, r0 + h, rr);
+        strip.fill(w, r0 + h, rr, next);
         let mut t0 = 0;
         while t0 < n {
             let tn = TOKENS.min(n - t0);
