@@ -1125,9 +1125,9 @@ fn xwt_q_act_on(cpu: Cpu, kernel: Kernel, act: &Act, n: usize, w: &QMatrix<'_>) 
                 }
             });
         }),
-        #[cfg(target_arch = "x86_64")]
         // The strip (two transposed copies of eight rows, ≈ 2 · 8 · k bytes, zeroed) is made
         // only for calls that use it: the direct paths of few tokens do not.
+        #[cfg(target_arch = "x86_64")]
         Path::Avx2(t) => panels.for_each_init(
             || None,
             |strip, (p, out)| {
