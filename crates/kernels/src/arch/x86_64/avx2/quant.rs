@@ -9,7 +9,11 @@
 //! lanes. Q4_K and Q6_K calls of at most `Isa::kdirect_tokens` tokens (4; with AVX-VNNI 3) do
 //! the same: each super-block of each row unpacked in registers and multiplied as stored
 //! (`vpmaddubsw` with the activation bytes, `vpmaddwd` by the group scale, as ggml's
-//! `ggml_vec_dot_q4_K_q8_K`), the same exact integers, the tile's float operations.
+//! `ggml_vec_dot_q4_K_q8_K`), the same exact integers, the tile's float operations. The eight
+//! rows' f16 block scales are converted together (`vcvtph2ps`, [`f16x8`]), and every path
+//! prefetches the next eight rows while it works on these (`super::prefetch_part`: eight rows read
+//! block by block are eight short streams, which the hardware prefetchers follow late; 1.1–2.5×
+//! per call with the weights from memory, docs/performance.md "Session 14").
 //!
 //! No i16 sum can saturate: Q8_0 uses the sign trick (`|w| · sign(x, w)`, `|w| <= 128`,
 //! `|x| <= 127`: a pair sum is at most 32512), widened to i32 (`vpmaddwd` by ones) after every
