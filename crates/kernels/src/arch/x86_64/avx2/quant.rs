@@ -345,6 +345,35 @@ impl Strip {
     }
 }
 
+/// Each i32 lane's low i16 in both halves (a `#[target_feature]` fn, not a closure).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pair(v: __m256i) -> __m256i {
+    _mm256_blend_epi16::<0xAA>(v, _mm256_slli_epi32::<16>(v))
+}
+
+/// The eight 6-bit group scales and the eight mins of the Q4_K super-block at `blk` (its bytes
+/// 4 .. 16), unpacked as ggml's `ggml_vec_dot_q4_K_q8_K` does (the values `scale_min_k4` gives):
+/// bytes 0 .. 8 of the first and of the second register.
+///
+/// # Safety
+/// The CPU must have AVX2; `blk .. blk + 16` must be readable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4k_scales_mins(blk: *const u8) -> (__m128i, __m128i) {
+    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+    // SAFETY: the 12 scale bytes at 4 .. 16 (caller).
+    let q: [u8; 12] = unsafe { blk.add(4).cast::<[u8; 12]>().read_unaligned() };
+    let u = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let scales = ((u2 & k2) | (((u0 >> 6) & k3) << 4), u0 & k1);
+    let mins = (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4), u1 & k1);
+    (
+        _mm_set_epi32(0, 0, scales.0 as i32, scales.1 as i32),
+        _mm_set_epi32(0, 0, mins.0 as i32, mins.1 as i32),
+    )
+}
+
 /// The scale lanes of eight rows of Q4_K or Q6_K (`Strip::sc`, `Strip::cm`; the values
 /// `Row::decode` gives): per row and super-block the group scales and the correction multipliers
 /// as i16 pairs in one register each (Q4_K's 6-bit scales and mins unpacked as ggml's
@@ -357,13 +386,6 @@ impl Strip {
 #[target_feature(enable = "avx2")]
 unsafe fn fill_k_scales_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, sc: *mut i32, cm: *mut i32) {
     let (bb, ng) = (ty.block_bytes(), QK_K / group(ty));
-    // Each i32 lane's low i16 in both halves (a `#[target_feature]` fn, not a closure).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn pair(v: __m256i) -> __m256i {
-        _mm256_blend_epi16::<0xAA>(v, _mm256_slli_epi32::<16>(v))
-    }
-    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
     for s in 0..nsb {
         // Q4_K: scales; Q6_K: groups 0 .. 8 (`hi`: 8 .. 16); `c`: the corrections.
         let mut lo = [_mm256_setzero_si256(); ROWS];
@@ -376,24 +398,8 @@ unsafe fn fill_k_scales_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, sc: *mut 
             // SAFETY: super-block s of row j (caller).
             let blk = unsafe { src[j].as_ptr().add(s * bb) };
             if ty == QType::Q4K {
-                // SAFETY: the 12 scale bytes at 4 .. 16 of the 144.
-                let q: [u8; 12] = unsafe { blk.add(4).cast::<[u8; 12]>().read_unaligned() };
-                let u = |i: usize| {
-                    u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]])
-                };
-                let (u0, u1, u2) = (u(0), u(1), u(2));
-                let scales = _mm_set_epi32(
-                    0,
-                    0,
-                    ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
-                    (u0 & k1) as i32,
-                );
-                let mins = _mm_set_epi32(
-                    0,
-                    0,
-                    (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
-                    (u1 & k1) as i32,
-                );
+                // SAFETY: AVX2 (this function's); a whole Q4_K super-block at `blk` (caller).
+                let (scales, mins) = unsafe { q4k_scales_mins(blk) };
                 lo[j] = pair(_mm256_cvtepu8_epi32(scales));
                 c[j] = pair(_mm256_cvtepu8_epi32(mins));
             } else {
@@ -802,7 +808,6 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
     let bb = ty.block_bytes();
     let (xp, sp, dp) = act.k_ptrs::<T>(0);
     let low = _mm256_set1_epi8(0x0F);
-    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
     // The eight rows' cache lines asked for up front (weights come from memory in decode): the
     // strip's unpacking loop kept many loads in flight, the multiplies between this path's
     // loads do not (Q6_K from memory, 1 thread: 1.4–2.1× slower without this).
@@ -838,10 +843,8 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
                 // SAFETY: the 16 scale bytes at 192 .. 208 of the 210.
                 let v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(blk.add(192).cast()) });
                 // Lane i: the i16 scale of group i (`lo`) or 8 + i (`hi`) in both halves.
-                let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
-                let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
-                let lo = _mm256_blend_epi16::<0xAA>(lo, _mm256_slli_epi32::<16>(lo));
-                let hi = _mm256_blend_epi16::<0xAA>(hi, _mm256_slli_epi32::<16>(hi));
+                let lo = pair(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+                let hi = pair(_mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v)));
                 // (32 · v(2i), 32 · v(2i + 1)) in lane i.
                 cmv = _mm256_slli_epi16::<5>(v);
                 for c in 0..8 {
@@ -859,28 +862,10 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
                     }
                 }
             } else {
-                // SAFETY: the 12 scale bytes at 4 .. 16 of the 144.
-                let q: [u8; 12] = unsafe { blk.add(4).cast::<[u8; 12]>().read_unaligned() };
-                let u = |i: usize| {
-                    u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]])
-                };
-                let (u0, u1, u2) = (u(0), u(1), u(2));
-                let scales = _mm_set_epi32(
-                    0,
-                    0,
-                    ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
-                    (u0 & k1) as i32,
-                );
-                let mins = _mm_set_epi32(
-                    0,
-                    0,
-                    (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
-                    (u1 & k1) as i32,
-                );
-                let sc = _mm256_cvtepu8_epi32(scales);
-                let sc = _mm256_blend_epi16::<0xAA>(sc, _mm256_slli_epi32::<16>(sc));
-                let mn = _mm256_cvtepu8_epi32(mins);
-                cmv = _mm256_blend_epi16::<0xAA>(mn, _mm256_slli_epi32::<16>(mn));
+                // SAFETY: AVX2 (this function's); a whole Q4_K super-block at `blk` (caller).
+                let (scales, mins) = unsafe { q4k_scales_mins(blk) };
+                let sc = pair(_mm256_cvtepu8_epi32(scales));
+                cmv = pair(_mm256_cvtepu8_epi32(mins));
                 for p in 0..4 {
                     // SAFETY: qs bytes 32p .. 32p + 32 (at 16 + …, inside the 144 bytes).
                     let qv = unsafe { _mm256_loadu_si256(blk.add(16 + 32 * p).cast()) };
