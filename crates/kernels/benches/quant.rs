@@ -11,8 +11,8 @@
 //! decode step calls each selected expert with 1–2 tokens and reads its weights from memory, so
 //! this cycles through a pool of distinct expert matrices (768 MiB per type, far beyond the
 //! caches) of OLMoE's expert shapes (gate / up `[1024, 2048]`, down `[2048, 1024]`), for Q8_0,
-//! Q4_K and Q6_K (the types of Q8_0 and Q4_K_M files' experts), n = 1, 2 and 8 (8: a decode step's
-//! attention projections at 8 prompts, the strip path), on rayon pools of 1
+//! Q4_K and Q6_K (the types of Q8_0 and Q4_K_M files' experts), Q5_K (Q5_K_M files) and Q4_0,
+//! n = 1, 2 and 8 (8: a decode step's attention projections at 8 prompts), on rayon pools of 1
 //! and 2 threads: GB/s of weights per call ("cold"), the same calls on one matrix ("hot", from the
 //! caches), on a quarter of it ("L2": the compute alone) and, before them, a streaming read of the
 //! same pool (the bandwidth roof). `QUANT_BENCH_THREADS=1` (or 2): that pool size only.
@@ -103,7 +103,7 @@ fn decode(only: &[String]) {
         kernel_name(),
         POOL >> 20
     );
-    for ty in [QType::Q8_0, QType::Q4K, QType::Q6K] {
+    for ty in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q5K, QType::Q4_0] {
         if !only.is_empty() && !only.iter().any(|o| o == ty.name()) {
             continue;
         }

@@ -734,7 +734,7 @@ impl Path {
         match self {
             Path::Generic => row.decode(w, r),
             #[cfg(target_arch = "x86_64")]
-            Path::Avx2(t) => avx2::decode(t, row, w, r),
+            Path::Avx2(_) => row.decode(w, r),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(t) => avx512::decode(t, row, w, r),
         }

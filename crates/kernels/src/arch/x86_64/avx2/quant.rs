@@ -2,12 +2,12 @@
 //! tokens per step. The eight rows of a strip are prepared once per call and their
 //! values transposed so that one 32-byte register holds four consecutive values of each row (i32
 //! lane `j`: row `j`); each token's four activation bytes are broadcast, so one `vpmaddubsw`
-//! multiplies four values of eight rows (two i16 pair sums per lane). Q8_0, Q4_K and Q6_K are
-//! unpacked in registers straight from the blocks; Q4_0 and Q5_K through a decoded row. Q8_0 calls
-//! of at most `Isa::direct_tokens` tokens (4; with AVX-VNNI 2) skip the transposed copy: each
-//! block of each row is multiplied as it is and eight rows' sums are reduced into one register's
-//! lanes. Q4_K and Q6_K calls of at most `Isa::kdirect_tokens` tokens (4; with AVX-VNNI 3) do
-//! the same: each super-block of each row unpacked in registers and multiplied as stored
+//! multiplies four values of eight rows (two i16 pair sums per lane). Every type is unpacked in
+//! registers straight from the blocks (no decoded row). Q8_0 and Q4_0 calls of at most
+//! `Isa::direct_tokens` tokens (Q8_0 4, Q4_0 2; with AVX-VNNI 2 and 1) skip the transposed copy:
+//! each block of each row is multiplied as it is and eight rows' sums are reduced into one
+//! register's lanes. Q4_K, Q5_K and Q6_K calls of at most `Isa::kdirect_tokens` tokens (4; with AVX-VNNI 3) do the
+//! same: each super-block of each row unpacked in registers and multiplied as stored
 //! (`vpmaddubsw` with the activation bytes, `vpmaddwd` by the group scale, as ggml's
 //! `ggml_vec_dot_q4_K_q8_K`), the same exact integers, the tile's float operations. The eight
 //! rows' f16 block scales are converted together (`vcvtph2ps`, [`f16x8`]), and every path
@@ -37,7 +37,7 @@
 //! with `avx2,avxvnni` (`#[target_feature]` cannot be `#[inline(always)]`), so `vpdpbusd` is
 //! emitted in place (the intrinsics are stable since Rust 1.89, the MSRV).
 
-use super::{group, Act, QMatrix, QType, Row, QK, QK_K};
+use super::{group, Act, QMatrix, QType, QK, QK_K};
 use crate::cpu::{Avx2Fma, AvxVnni, Cpu};
 use std::arch::x86_64::*;
 
@@ -147,29 +147,17 @@ unsafe fn scales_to_raw(
     }
 }
 
-/// `row.decode(w, r)` compiled with AVX2 (the same integer and copy operations, vectorised).
-pub(super) fn decode(_: Isa, row: &mut Row, w: &QMatrix<'_>, r: usize) {
-    #[target_feature(enable = "avx2")]
-    fn run(row: &mut Row, w: &QMatrix<'_>, r: usize) {
-        row.decode(w, r);
-    }
-    // SAFETY: the token proves AVX2; `run` is safe code.
-    unsafe { run(row, w, r) }
-}
-
-/// Eight weight rows prepared for the tile (per thread, reused): decoded, the values transposed
-/// (i32 lane `j` of each 32 bytes: four values of row `j`), the scales as eight-lane vectors.
-/// Lanes of rows past the matrix's end are zero.
+/// Eight weight rows prepared for the tile (per thread, reused): the values unpacked from the
+/// blocks and transposed (i32 lane `j` of each 32 bytes: four values of row `j`), the scales as
+/// eight-lane vectors. Lanes of rows past the matrix's end are zero.
 pub(super) struct Strip {
     /// The instruction set the strip is laid out for (Q8_0: `|w|` and `w`, or `w + 128`).
     isa: Isa,
     ty: QType,
     k: usize,
-    rows: Vec<Row>,
-    /// Zeros standing in for missing rows (a decoded row's length).
-    zero: Vec<u8>,
     /// 8 × kp bytes: the four values `4g .. 4g + 4` of row `j` at `32 g + 4 j` (Q8_0: `|w|`,
-    /// with AVX-VNNI `w + 128`; other types: the unsigned value `Row::decode` gives).
+    /// with AVX-VNNI `w + 128`; other types: the unsigned value `Row::decode` gives, as the
+    /// generic path's).
     q: Vec<u8>,
     /// Q8_0 without AVX-VNNI: the signed values `w`, laid out as `q` (empty otherwise).
     s: Vec<u8>,
@@ -203,13 +191,6 @@ impl Strip {
             isa,
             ty,
             k,
-            // Q8_0, Q4_K and Q6_K are read straight from their blocks.
-            rows: if matches!(ty, QType::Q8_0 | QType::Q4K | QType::Q6K) {
-                Vec::new()
-            } else {
-                (0..ROWS).map(|_| Row::new(ty, k)).collect()
-            },
-            zero: vec![0u8; kp],
             q: vec![0u8; ROWS * kp],
             s: if ty == QType::Q8_0 && isa.vnni.is_none() {
                 vec![0u8; ROWS * kp]
@@ -224,7 +205,7 @@ impl Strip {
     }
 
     /// Prepares rows `r0 .. r0 + rows` of `w` (`1 <= rows <= 8`, `w` of this strip's type and
-    /// row length); Q8_0, Q4_K and Q6_K prefetch `next` meanwhile (the next rows; may be empty).
+    /// row length), prefetching `next` meanwhile (the next rows; may be empty).
     pub(super) fn fill(&mut self, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let t = self.isa.avx2;
         assert!(
@@ -234,92 +215,59 @@ impl Strip {
                 && r0.checked_add(rows).is_some_and(|e| e <= w.rows),
             "quant: strip sizes"
         );
-        match self.ty {
-            QType::Q8_0 => return self.fill_q8_0(t, w, r0, rows, next),
-            QType::Q4K | QType::Q6K => return self.fill_k_direct(t, w, r0, rows, next),
-            _ => {}
-        }
-        for (j, row) in self.rows.iter_mut().enumerate().take(rows) {
-            decode(self.isa, row, w, r0 + j);
-        }
-        let src: [&[u8]; ROWS] = std::array::from_fn(|j| {
-            if j < rows {
-                &self.rows[j].q[..]
-            } else {
-                &self.zero[..]
-            }
-        });
-        transpose8(t, src, &mut self.q);
-        let ty = self.ty;
-        let live = |j: usize| j < rows;
-        if ty.is_k() {
-            let g = group(ty);
-            let ng = QK_K / g;
-            let pair = |lo: i16, hi: i16| i32::from(lo as u16) | (i32::from(hi as u16) << 16);
-            for s in 0..w.k / QK_K {
-                for j in 0..ROWS {
-                    let row = &self.rows[j];
-                    let on = live(j);
-                    self.da[ROWS * s + j] = if on { row.da[s] } else { 0.0 };
-                    self.db[ROWS * s + j] = if on { row.db[s] } else { 0.0 };
-                    for i in 0..ng {
-                        let v = row.sc[(s * QK_K + i * g) / 2];
-                        self.sc[ROWS * (s * ng + i) + j] = if on { pair(v, v) } else { 0 };
-                    }
-                    for i in 0..8 {
-                        let (lo, hi) = (row.cm[16 * s + 2 * i], row.cm[16 * s + 2 * i + 1]);
-                        self.cm[ROWS * (8 * s + i) + j] = if on { pair(lo, hi) } else { 0 };
-                    }
-                }
-            }
+        if self.ty.is_k() {
+            self.fill_k_direct(t, w, r0, rows, next)
         } else {
-            for b in 0..w.k / QK {
-                for j in 0..ROWS {
-                    self.da[ROWS * b + j] = if live(j) { self.rows[j].da[b] } else { 0.0 };
-                }
-            }
+            self.fill_b(t, w, r0, rows, next)
         }
     }
 }
 
 impl Strip {
-    /// [`Strip::fill`] for Q8_0: the values read straight from the blocks (no decoded row).
-    fn fill_q8_0(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
+    /// [`Strip::fill`] for Q8_0 and Q4_0: the values read straight from the blocks.
+    fn fill_b(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let nb = w.k / QK;
+        let q8 = w.ty == QType::Q8_0;
         let offset = self.isa.vnni.is_some();
         assert!(
-            self.q.len() >= ROWS * 32 * nb
-                && (offset || self.s.len() >= ROWS * 32 * nb)
+            matches!(w.ty, QType::Q8_0 | QType::Q4_0)
+                && self.q.len() >= ROWS * 32 * nb
+                && (!q8 || offset || self.s.len() >= ROWS * 32 * nb)
                 && self.da.len() >= ROWS * nb,
             "quant: strip sizes"
         );
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-        scales_to(t, &src, nb, 34, 0, &mut self.da);
-        // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole Q8_0 blocks
-        // (`w.row`) and the buffers' lengths are asserted above (`s` only without `offset`).
+        scales_to(t, &src, nb, w.ty.block_bytes(), 0, &mut self.da);
+        // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole blocks of `w.ty`
+        // (`w.row`) and the buffers' lengths are asserted above (`s` only for Q8_0 without
+        // `offset`).
         unsafe {
-            fill_q8_0_raw(
-                src,
-                nb,
-                self.q.as_mut_ptr(),
-                self.s.as_mut_ptr(),
-                offset,
-                next,
-            )
+            if q8 {
+                fill_q8_0_raw(
+                    src,
+                    nb,
+                    self.q.as_mut_ptr(),
+                    self.s.as_mut_ptr(),
+                    offset,
+                    next,
+                )
+            } else {
+                fill_q4_0_raw(src, nb, self.q.as_mut_ptr(), next)
+            }
         }
     }
 }
 
 impl Strip {
-    /// [`Strip::fill`] for Q4_K and Q6_K: the values unpacked in registers straight from the
-    /// blocks, the scales read from them (the values `Row::decode` gives; no decoded row).
+    /// [`Strip::fill`] for Q4_K, Q5_K and Q6_K: the values unpacked in registers straight from
+    /// the blocks, the scales read from them (the values `Row::decode` gives).
     fn fill_k_direct(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let ty = w.ty;
         let nsb = w.k / QK_K;
         let (bb, ng) = (ty.block_bytes(), QK_K / group(ty));
         assert!(
-            matches!(ty, QType::Q4K | QType::Q6K)
+            ty.is_k()
                 && self.q.len() >= ROWS * QK_K * nsb
                 && self.da.len() >= ROWS * nsb
                 && self.db.len() >= ROWS * nsb
@@ -329,7 +277,7 @@ impl Strip {
         );
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-        if ty == QType::Q4K {
+        if ty != QType::Q6K {
             scales_to(t, &src, nsb, bb, 0, &mut self.da);
             scales_to(t, &src, nsb, bb, 2, &mut self.db);
         } else {
@@ -352,8 +300,8 @@ fn pair(v: __m256i) -> __m256i {
     _mm256_blend_epi16::<0xAA>(v, _mm256_slli_epi32::<16>(v))
 }
 
-/// The eight 6-bit group scales and the eight mins of the Q4_K super-block at `blk` (its bytes
-/// 4 .. 16), unpacked as ggml's `ggml_vec_dot_q4_K_q8_K` does (the values `scale_min_k4` gives):
+/// The eight 6-bit group scales and the eight mins of the Q4_K or Q5_K super-block at `blk` (its
+/// bytes 4 .. 16), unpacked as ggml's `ggml_vec_dot_q4_K_q8_K` does (the values `scale_min_k4` gives):
 /// bytes 0 .. 8 of the first and of the second register.
 ///
 /// # Safety
@@ -374,20 +322,20 @@ unsafe fn q4k_scales_mins(blk: *const u8) -> (__m128i, __m128i) {
     )
 }
 
-/// The scale lanes of eight rows of Q4_K or Q6_K (`Strip::sc`, `Strip::cm`; the values
+/// The scale lanes of eight rows of Q4_K, Q5_K or Q6_K (`Strip::sc`, `Strip::cm`; the values
 /// `Row::decode` gives): per row and super-block the group scales and the correction multipliers
-/// as i16 pairs in one register each (Q4_K's 6-bit scales and mins unpacked as ggml's
+/// as i16 pairs in one register each (Q4_K's and Q5_K's 6-bit scales and mins unpacked as ggml's
 /// `ggml_vec_dot_q4_K_q8_K` does, the same values as `scale_min_k4`), then transposed to one i32
 /// lane per row; the lanes of empty rows (past the matrix's end) are zero.
 ///
 /// # Safety
-/// The CPU must have AVX2; `ty` is Q4_K or Q6_K; each non-empty `src[j]` holds `nsb` whole
+/// The CPU must have AVX2; `ty` is a K-quant; each non-empty `src[j]` holds `nsb` whole
 /// super-blocks of it; `sc` holds `8 · (256 / group(ty)) · nsb` values and `cm` `64 · nsb`.
 #[target_feature(enable = "avx2")]
 unsafe fn fill_k_scales_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, sc: *mut i32, cm: *mut i32) {
     let (bb, ng) = (ty.block_bytes(), QK_K / group(ty));
     for s in 0..nsb {
-        // Q4_K: scales; Q6_K: groups 0 .. 8 (`hi`: 8 .. 16); `c`: the corrections.
+        // Q4_K / Q5_K: scales; Q6_K: groups 0 .. 8 (`hi`: 8 .. 16); `c`: the corrections.
         let mut lo = [_mm256_setzero_si256(); ROWS];
         let mut hi = [_mm256_setzero_si256(); ROWS];
         let mut c = [_mm256_setzero_si256(); ROWS];
@@ -397,8 +345,9 @@ unsafe fn fill_k_scales_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, sc: *mut 
             }
             // SAFETY: super-block s of row j (caller).
             let blk = unsafe { src[j].as_ptr().add(s * bb) };
-            if ty == QType::Q4K {
-                // SAFETY: AVX2 (this function's); a whole Q4_K super-block at `blk` (caller).
+            if ty != QType::Q6K {
+                // SAFETY: AVX2 (this function's); a whole Q4_K or Q5_K super-block at `blk`
+                // (caller; their scale bytes are the same).
                 let (scales, mins) = unsafe { q4k_scales_mins(blk) };
                 lo[j] = pair(_mm256_cvtepu8_epi32(scales));
                 c[j] = pair(_mm256_cvtepu8_epi32(mins));
@@ -422,24 +371,33 @@ unsafe fn fill_k_scales_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, sc: *mut 
     }
 }
 
-/// The 32 unsigned values `32 c .. 32 c + 32` of a Q4_K or Q6_K super-block at `b` as
+/// The 32 unsigned values `32 c .. 32 c + 32` of a Q4_K, Q5_K or Q6_K super-block at `b` as
 /// `Row::decode` writes them (`c < 8`).
 ///
 /// # Safety
-/// The CPU must have AVX2; `b` points at a whole super-block of `ty` (Q4_K or Q6_K).
+/// The CPU must have AVX2; `b` points at a whole super-block of `ty` (a K-quant).
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn unpack_k(ty: QType, b: *const u8, c: usize) -> __m256i {
     let low = _mm256_set1_epi8(0x0F);
-    if ty == QType::Q4K {
-        // SAFETY: qs bytes 32 (c / 2) .. + 32 (at 16 + …, inside the 144 bytes).
-        let q = unsafe { _mm256_loadu_si256(b.add(16 + 32 * (c / 2)).cast()) };
+    if ty != QType::Q6K {
+        let q5 = ty == QType::Q5K;
+        // SAFETY: qs bytes 32 (c / 2) .. + 32 (at 16 + … of Q4_K's 144 bytes, at 48 + … of
+        // Q5_K's 176).
+        let q =
+            unsafe { _mm256_loadu_si256(b.add(if q5 { 48 } else { 16 } + 32 * (c / 2)).cast()) };
         let q = if c.is_multiple_of(2) {
             q
         } else {
             _mm256_srli_epi16::<4>(q)
         };
-        _mm256_and_si256(q, low)
+        let v = _mm256_and_si256(q, low);
+        if !q5 {
+            return v;
+        }
+        // SAFETY: Q5_K's 32 qh bytes at 16 .. 48.
+        let qh = unsafe { _mm256_loadu_si256(b.add(16).cast()) };
+        _mm256_or_si256(v, q5_high(qh, c))
     } else {
         let (h, m) = (c / 4, c % 4);
         // SAFETY: ql bytes 64h + 32 (m % 2) .. + 32 and qh bytes 128 + 32h .. + 32 (inside the
@@ -461,8 +419,33 @@ unsafe fn unpack_k(ty: QType, b: *const u8, c: usize) -> __m256i {
     }
 }
 
+/// Q5_K's fifth bit of values `32 c .. 32 c + 32` (`c < 8`): 16 where bit `c` of the byte of
+/// `qh` is set, else 0 (`Row::decode`'s `| 16`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q5_high(qh: __m256i, c: usize) -> __m256i {
+    let m = _mm256_set1_epi8((1u8 << c) as i8);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
+    _mm256_and_si256(set, _mm256_set1_epi8(16))
+}
+
+/// The 32 unsigned values of the Q4_0 block at `blk` in value order (`Row::decode`'s: the low
+/// nibbles of its 16 bytes, then the high nibbles).
+///
 /// # Safety
-/// The CPU must have AVX2; `ty` is Q4_K or Q6_K; each non-empty `src[j]` holds `nsb` whole
+/// The CPU must have AVX2; `blk .. blk + 18` must be readable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_0_values(blk: *const u8) -> __m256i {
+    // SAFETY: the 16 value bytes at 2 .. 18 (caller).
+    let v = unsafe { _mm_loadu_si128(blk.add(2).cast()) };
+    let low = _mm_set1_epi8(0x0F);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), low);
+    _mm256_set_m128i(hi, _mm_and_si128(v, low))
+}
+
+/// # Safety
+/// The CPU must have AVX2; `ty` is a K-quant; each non-empty `src[j]` holds `nsb` whole
 /// super-blocks of it; `dst` holds `2048 · nsb` bytes.
 #[target_feature(enable = "avx2")]
 unsafe fn fill_k_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, dst: *mut u8, next: &[u8]) {
@@ -532,30 +515,26 @@ unsafe fn fill_q8_0_raw(
     }
 }
 
-/// Transposes eight rows of bytes (equal lengths, a multiple of 32) as 4-byte units: `dst`
-/// (8 × that length) gets unit `g` of row `j` at byte `32 g + 4 j`.
-fn transpose8(_: Avx2Fma, src: [&[u8]; ROWS], dst: &mut [u8]) {
-    let len = src[0].len();
-    assert!(
-        len.is_multiple_of(32) && src.iter().all(|s| s.len() == len) && dst.len() == ROWS * len,
-        "quant: transpose sizes"
-    );
-    // SAFETY: the token proves AVX2; the lengths are asserted above.
-    unsafe { transpose8_raw(src.map(|s| s.as_ptr()), len / 32, dst.as_mut_ptr()) }
-}
-
+/// `dst` gets the values of each Q4_0 block (the nibbles, unsigned, as `Row::decode` writes
+/// them) transposed.
+///
 /// # Safety
-/// The CPU must have AVX2; each `src[j]` holds `32 · chunks` bytes, `dst` `256 · chunks`.
+/// The CPU must have AVX2; each non-empty `src[j]` holds `nb` Q4_0 blocks (18 bytes each);
+/// `dst` holds `256 · nb` bytes.
 #[target_feature(enable = "avx2")]
-unsafe fn transpose8_raw(src: [*const u8; ROWS], chunks: usize, dst: *mut u8) {
-    for c in 0..chunks {
+unsafe fn fill_q4_0_raw(src: [&[u8]; ROWS], nb: usize, dst: *mut u8, next: &[u8]) {
+    for b in 0..nb {
+        super::prefetch_part(next, b, nb);
+        // Loops, not closures (`fill_k_raw`).
         let mut r = [_mm256_setzero_si256(); ROWS];
         for j in 0..ROWS {
-            // SAFETY: bytes 32c .. 32c + 32 of row j.
-            r[j] = unsafe { _mm256_loadu_si256(src[j].add(32 * c).cast()) };
+            if !src[j].is_empty() {
+                // SAFETY: block b of row j (caller).
+                r[j] = unsafe { q4_0_values(src[j].as_ptr().add(18 * b)) };
+            }
         }
-        // SAFETY: chunk c's 256 bytes of `dst`.
-        unsafe { transpose_regs(&r, dst.add(256 * c)) };
+        // SAFETY: block b's 256 bytes of `dst`.
+        unsafe { transpose_regs(&r, dst.add(256 * b)) };
     }
 }
 
@@ -614,8 +593,8 @@ pub(super) fn panel(
         "quant: panel sizes"
     );
     let mut tile = [0f32; ROWS * TOKENS];
-    let direct = w.ty == QType::Q8_0 && n <= t.direct_tokens();
-    let kdirect = matches!(w.ty, QType::Q4K | QType::Q6K) && n <= t.kdirect_tokens();
+    let direct = !w.ty.is_k() && n <= t.direct_tokens(w.ty);
+    let kdirect = w.ty.is_k() && n <= t.kdirect_tokens();
     let mut h = 0;
     while h < rows {
         let rr = ROWS.min(rows - h);
@@ -635,7 +614,7 @@ pub(super) fn panel(
         }
         if direct {
             // Few tokens: the blocks multiplied as they are, no transposed copy.
-            direct_q8_0(t, w, r0 + h, rr, act, n, &mut tile, next);
+            direct_b(t, w, r0 + h, rr, act, n, &mut tile, next);
             for j in 0..n {
                 let o = j * rows + h;
                 out[o..o + rr].copy_from_slice(&tile[ROWS * j..ROWS * j + rr]);
@@ -659,30 +638,36 @@ pub(super) fn panel(
     }
 }
 
-/// Most tokens of a call for which Q8_0 rows can be multiplied straight from their blocks
-/// ([`direct_q8_0`]; [`Isa::direct_tokens`] says up to where it pays).
+/// Most tokens of a call for which Q8_0 and Q4_0 rows are multiplied straight from their blocks
+/// ([`direct_b`]; [`Isa::direct_tokens`] says up to where it pays).
 const DIRECT_TOKENS: usize = 4;
 
 impl Isa {
-    /// Most tokens of a call for which the direct Q8_0 path is faster than the transposed strip
-    /// (measured, OLMoE expert shapes: plain AVX2 1.3–1.4× faster direct at 3 and 4 tokens;
-    /// with AVX-VNNI the strip's tile is 1.0–1.1× faster from 3 tokens).
-    fn direct_tokens(self) -> usize {
+    /// Most tokens of a call of type `ty` (Q8_0 or Q4_0) for which the direct path is faster
+    /// than the transposed strip. Measured at OLMoE expert shapes: Q8_0 on plain AVX2 1.3–1.4×
+    /// faster direct at 3 and 4 tokens, with AVX-VNNI the strip's tile 1.0–1.1× faster from 3
+    /// tokens; Q4_0 (whose strip tile sums eight `vpmaddubsw` in i16 before widening, cheaper
+    /// than Q8_0's sign trick) on plain AVX2 1.25× faster direct at 1 token, about even at 2,
+    /// the strip 1.1–1.2× faster at 3 and 4 (docs/performance.md, "Session 15"). With AVX-VNNI
+    /// Q4_0 stops one token earlier, as Q8_0 does (inferred; no AVX-VNNI CPU here).
+    fn direct_tokens(self, ty: QType) -> usize {
+        let plain = if ty == QType::Q8_0 { DIRECT_TOKENS } else { 2 };
         if self.vnni.is_some() {
-            2
+            plain / 2
         } else {
-            DIRECT_TOKENS
+            plain
         }
     }
 }
 
-/// The outputs of rows `r0 .. r0 + rows` of Q8_0 `w` (`1 <= rows <= 8`) for tokens `0 .. tn`
-/// of `act` (`1 <= tn <= t.direct_tokens()`), multiplied straight from the blocks: per row and
-/// block the 32 products in one register (the sign trick, as the tile; with AVX-VNNI `w + 128`,
-/// the block's offset term added after the reduction), the eight rows' sums
-/// reduced into one register's lanes (`vphaddd`), then the tile's float operations.
+/// The outputs of rows `r0 .. r0 + rows` of Q8_0 or Q4_0 `w` (`1 <= rows <= 8`) for tokens
+/// `0 .. tn` of `act` (`1 <= tn <= t.direct_tokens(w.ty)`), multiplied straight from the blocks: per
+/// row and block the 32 products in one register (Q8_0: the sign trick, as the tile; with
+/// AVX-VNNI `w + 128`; Q4_0: the nibbles; the block's offset term added after the reduction
+/// where the products leave it out), the eight rows' sums reduced into one register's lanes
+/// (`vphaddd`), then the tile's float operations.
 #[allow(clippy::too_many_arguments)]
-fn direct_q8_0(
+fn direct_b(
     t: Isa,
     w: &QMatrix<'_>,
     r0: usize,
@@ -694,12 +679,12 @@ fn direct_q8_0(
 ) {
     let (k, nb) = (act.k, act.nb);
     assert!(
-        w.ty == QType::Q8_0
+        matches!(w.ty, QType::Q8_0 | QType::Q4_0)
             && w.k == k
             && k == nb * QK
             && (1..=ROWS).contains(&rows)
             && r0.checked_add(rows).is_some_and(|e| e <= w.rows)
-            && (1..=t.direct_tokens()).contains(&tn)
+            && (1..=t.direct_tokens(w.ty)).contains(&tn)
             && act.x.len() >= tn * k
             && act.d.len() >= tn * nb
             && act.init.len() >= tn * nb,
@@ -708,26 +693,32 @@ fn direct_q8_0(
     // Rows past `rows` repeat the last one (their lanes are not used): no branch per row.
     let src: [&[u8]; ROWS] = std::array::from_fn(|j| w.row(r0 + j.min(rows - 1)));
     // SAFETY: the token proves AVX2 and F16C (and AVX-VNNI for the `_vnni` variants); every
-    // row holds `nb` whole Q8_0 blocks (`w.row`), and the activations' lengths are asserted
-    // above.
+    // row holds `nb` whole blocks of `w.ty` (`w.row`), and the activations' lengths are
+    // asserted above.
     unsafe {
-        match (t.vnni, tn) {
-            (Some(_), 1) => bdirect_vnni::<1>(src, act, out, next),
-            (Some(_), _) => bdirect_vnni::<2>(src, act, out, next),
-            (None, 1) => bdirect_raw::<1, false>(src, act, out, next),
-            (None, 2) => bdirect_raw::<2, false>(src, act, out, next),
-            (None, 3) => bdirect_raw::<3, false>(src, act, out, next),
-            (None, _) => bdirect_raw::<4, false>(src, act, out, next),
+        match (w.ty == QType::Q8_0, t.vnni, tn) {
+            (true, Some(_), 1) => bdirect_vnni::<1, true>(src, act, out, next),
+            (true, Some(_), _) => bdirect_vnni::<2, true>(src, act, out, next),
+            (true, None, 1) => bdirect_raw::<1, true, false>(src, act, out, next),
+            (true, None, 2) => bdirect_raw::<2, true, false>(src, act, out, next),
+            (true, None, 3) => bdirect_raw::<3, true, false>(src, act, out, next),
+            (true, None, _) => bdirect_raw::<4, true, false>(src, act, out, next),
+            (false, Some(_), 1) => bdirect_vnni::<1, false>(src, act, out, next),
+            (false, Some(_), _) => bdirect_vnni::<2, false>(src, act, out, next),
+            (false, None, 1) => bdirect_raw::<1, false, false>(src, act, out, next),
+            (false, None, 2) => bdirect_raw::<2, false, false>(src, act, out, next),
+            (false, None, 3) => bdirect_raw::<3, false, false>(src, act, out, next),
+            (false, None, _) => bdirect_raw::<4, false, false>(src, act, out, next),
         }
     }
 }
 
-/// Most tokens of a call for which Q4_K / Q6_K rows are multiplied straight from their
-/// super-blocks ([`direct_k`]; [`Isa::kdirect_tokens`] says up to where it pays).
+/// Most tokens of a call for which K-quant rows are multiplied straight from their super-blocks
+/// ([`direct_k`]; [`Isa::kdirect_tokens`] says up to where it pays).
 const KDIRECT_TOKENS: usize = 4;
 
 impl Isa {
-    /// Most tokens of a call for which the direct Q4_K / Q6_K path is used instead of the
+    /// Most tokens of a call for which the direct K-quant path is used instead of the
     /// transposed strip. Measured on plain AVX2 at OLMoE expert shapes (one thread, from the
     /// caches): direct 1.4–1.7× faster at n = 1, 1.3–1.5× at 2, 1.16–1.24× at 3, 1.03–1.07× at
     /// 4. The direct path uses no AVX-VNNI instruction, and the AVX-VNNI strip tile is
@@ -742,7 +733,7 @@ impl Isa {
     }
 }
 
-/// The outputs of rows `r0 .. r0 + rows` of Q4_K or Q6_K `w` (`1 <= rows <= 8`) for tokens
+/// The outputs of rows `r0 .. r0 + rows` of Q4_K, Q5_K or Q6_K `w` (`1 <= rows <= 8`) for tokens
 /// `0 .. tn` of `act` (`1 <= tn <= KDIRECT_TOKENS`), multiplied straight from the super-blocks:
 /// per row and super-block the values unpacked in registers (as `unpack_k`), `vpmaddubsw` with
 /// the activation bytes, `vpmaddwd` by the group's scale, the corrections `vpmaddwd` of the
@@ -762,7 +753,7 @@ pub(super) fn direct_k(
     let _: Avx2Fma = t.avx2;
     let (k, nsb) = (act.k, act.nb);
     assert!(
-        matches!(w.ty, QType::Q4K | QType::Q6K)
+        w.ty.is_k()
             && w.k == k
             && k == nsb * QK_K
             && (1..=ROWS).contains(&rows)
@@ -779,32 +770,46 @@ pub(super) fn direct_k(
     // `w.ty` (`w.row`), and the activations' lengths are asserted above.
     unsafe {
         match (w.ty, tn) {
-            (QType::Q6K, 1) => kdirect_raw::<1, true>(src, act, out, next),
-            (QType::Q6K, 2) => kdirect_raw::<2, true>(src, act, out, next),
-            (QType::Q6K, 3) => kdirect_raw::<3, true>(src, act, out, next),
-            (QType::Q6K, _) => kdirect_raw::<4, true>(src, act, out, next),
-            (_, 1) => kdirect_raw::<1, false>(src, act, out, next),
-            (_, 2) => kdirect_raw::<2, false>(src, act, out, next),
-            (_, 3) => kdirect_raw::<3, false>(src, act, out, next),
-            (_, _) => kdirect_raw::<4, false>(src, act, out, next),
+            (QType::Q6K, 1) => kdirect_raw::<1, K6>(src, act, out, next),
+            (QType::Q6K, 2) => kdirect_raw::<2, K6>(src, act, out, next),
+            (QType::Q6K, 3) => kdirect_raw::<3, K6>(src, act, out, next),
+            (QType::Q6K, _) => kdirect_raw::<4, K6>(src, act, out, next),
+            (QType::Q5K, 1) => kdirect_raw::<1, K5>(src, act, out, next),
+            (QType::Q5K, 2) => kdirect_raw::<2, K5>(src, act, out, next),
+            (QType::Q5K, 3) => kdirect_raw::<3, K5>(src, act, out, next),
+            (QType::Q5K, _) => kdirect_raw::<4, K5>(src, act, out, next),
+            (_, 1) => kdirect_raw::<1, K4>(src, act, out, next),
+            (_, 2) => kdirect_raw::<2, K4>(src, act, out, next),
+            (_, 3) => kdirect_raw::<3, K4>(src, act, out, next),
+            (_, _) => kdirect_raw::<4, K4>(src, act, out, next),
         }
     }
 }
 
+/// The K-quant of [`kdirect_raw`] (a const generic argument): Q4_K, Q5_K, Q6_K.
+const K4: u8 = 4;
+const K5: u8 = 5;
+const K6: u8 = 6;
+
 /// # Safety
 /// The CPU must have AVX2 and F16C; `T <= KDIRECT_TOKENS`; each `src[j]` holds `act.nb`
-/// super-blocks of Q6_K (`Q6`) or Q4_K; `act` holds tokens `0 .. T` (values, 16-value sums,
-/// scales).
+/// super-blocks of Q4_K, Q5_K or Q6_K (`KQ`: [`K4`], [`K5`], [`K6`]); `act` holds tokens
+/// `0 .. T` (values, 16-value sums, scales).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
+unsafe fn kdirect_raw<const T: usize, const KQ: u8>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
     next: &[u8],
 ) {
     let nsb = act.nb;
-    let ty = if Q6 { QType::Q6K } else { QType::Q4K };
+    let q6 = KQ == K6;
+    let ty = match KQ {
+        K6 => QType::Q6K,
+        K5 => QType::Q5K,
+        _ => QType::Q4K,
+    };
     let bb = ty.block_bytes();
     let (xp, sp, dp) = act.k_ptrs::<T>(0);
     let low = _mm256_set1_epi8(0x0F);
@@ -822,9 +827,9 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
     for s in 0..nsb {
         super::prefetch_part(next, s, nsb);
         // SAFETY: the scales of super-block s of every row (caller): Q6_K's d at 208,
-        // Q4_K's d and dmin at 0 and 2.
+        // Q4_K's and Q5_K's d and dmin at 0 and 2.
         let (dav, dbv) = unsafe {
-            if Q6 {
+            if q6 {
                 let d = f16x8(&src, s * bb + 208);
                 (d, d)
             } else {
@@ -839,7 +844,7 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
             let blk = unsafe { row.as_ptr().add(s * bb) };
             let mut acc = [_mm256_setzero_si256(); T];
             let cmv;
-            if Q6 {
+            if q6 {
                 // SAFETY: the 16 scale bytes at 192 .. 208 of the 210.
                 let v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(blk.add(192).cast()) });
                 // Lane i: the i16 scale of group i (`lo`) or 8 + i (`hi`) in both halves.
@@ -862,16 +867,31 @@ unsafe fn kdirect_raw<const T: usize, const Q6: bool>(
                     }
                 }
             } else {
-                // SAFETY: AVX2 (this function's); a whole Q4_K super-block at `blk` (caller).
+                // SAFETY: AVX2 (this function's); a whole Q4_K or Q5_K super-block at `blk`
+                // (caller).
                 let (scales, mins) = unsafe { q4k_scales_mins(blk) };
                 let sc = pair(_mm256_cvtepu8_epi32(scales));
                 cmv = pair(_mm256_cvtepu8_epi32(mins));
+                let q5 = KQ == K5;
+                let qh = if q5 {
+                    // SAFETY: Q5_K's 32 qh bytes at 16 .. 48.
+                    unsafe { _mm256_loadu_si256(blk.add(16).cast()) }
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let qs = if q5 { 48 } else { 16 };
                 for p in 0..4 {
-                    // SAFETY: qs bytes 32p .. 32p + 32 (at 16 + …, inside the 144 bytes).
-                    let qv = unsafe { _mm256_loadu_si256(blk.add(16 + 32 * p).cast()) };
-                    // Groups 2p (low nibbles) and 2p + 1 (high).
-                    let wl = _mm256_and_si256(qv, low);
-                    let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(qv), low);
+                    // SAFETY: qs bytes 32p .. 32p + 32 (at 16 + … of Q4_K's 144 bytes, at
+                    // 48 + … of Q5_K's 176).
+                    let qv = unsafe { _mm256_loadu_si256(blk.add(qs + 32 * p).cast()) };
+                    // Groups 2p (low nibbles) and 2p + 1 (high); Q5_K adds the fifth bits
+                    // (values below 32: a pair of products is at most 2 · 31 · 127).
+                    let mut wl = _mm256_and_si256(qv, low);
+                    let mut wh = _mm256_and_si256(_mm256_srli_epi16::<4>(qv), low);
+                    if q5 {
+                        wl = _mm256_or_si256(wl, q5_high(qh, 2 * p));
+                        wh = _mm256_or_si256(wh, q5_high(qh, 2 * p + 1));
+                    }
                     let sl = _mm256_permutevar8x32_epi32(sc, _mm256_set1_epi32(2 * p as i32));
                     let sh = _mm256_permutevar8x32_epi32(sc, _mm256_set1_epi32(2 * p as i32 + 1));
                     for j in 0..T {
@@ -934,35 +954,37 @@ fn hsum8x8(v: &[__m256i; ROWS]) -> __m256i {
 /// # Safety
 /// As [`bdirect_raw`]; the CPU must have AVX-VNNI.
 #[target_feature(enable = "avx2,avxvnni,f16c")]
-unsafe fn bdirect_vnni<const T: usize>(
+unsafe fn bdirect_vnni<const T: usize, const Q8: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
     next: &[u8],
 ) {
     // SAFETY: the caller's guarantees, AVX-VNNI included.
-    unsafe { bdirect_raw::<T, true>(src, act, out, next) }
+    unsafe { bdirect_raw::<T, Q8, true>(src, act, out, next) }
 }
 
 /// # Safety
 /// The CPU must have AVX2 and F16C, and AVX-VNNI if `VNNI`; `T <= DIRECT_TOKENS`; each
-/// `src[j]` holds `act.nb` Q8_0 blocks; `act` holds tokens `0 .. T` (values, offsets, scales).
+/// `src[j]` holds `act.nb` Q8_0 (`Q8`) or Q4_0 blocks; `act` holds tokens `0 .. T` (values,
+/// offsets, scales).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
+unsafe fn bdirect_raw<const T: usize, const Q8: bool, const VNNI: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
     next: &[u8],
 ) {
     let (k, nb) = (act.k, act.nb);
+    let bb = if Q8 { 34 } else { 18 };
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(i8::MIN);
     let mut f = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         super::prefetch_part(next, b, nb);
         // SAFETY: block b's scale of every row (caller).
-        let dwv = unsafe { f16x8(&src, 34 * b) };
+        let dwv = unsafe { f16x8(&src, bb * b) };
         let mut xs = [_mm256_setzero_si256(); T];
         for (j, xj) in xs.iter_mut().enumerate() {
             // SAFETY: values 32b .. 32b + 32 of token j < T (caller).
@@ -970,6 +992,22 @@ unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
         }
         let mut v = [[_mm256_setzero_si256(); ROWS]; T];
         for (r, row) in src.iter().enumerate() {
+            if !Q8 {
+                // Σ q · x with the nibbles `q` (unsigned); the offset term `−8 · Σ x` is added
+                // after the reduction.
+                // SAFETY: block b of the row (caller).
+                let q = unsafe { q4_0_values(row.as_ptr().add(18 * b)) };
+                for j in 0..T {
+                    v[j][r] = if VNNI {
+                        // SAFETY: `VNNI`: the caller guarantees AVX-VNNI.
+                        unsafe { dpbusd(_mm256_setzero_si256(), q, xs[j]) }
+                    } else {
+                        // Pair sums at most 2 · 15 · 127: no saturation.
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(q, xs[j]), ones)
+                    };
+                }
+                continue;
+            }
             // SAFETY: bytes 2 .. 34 of block b of the row (caller).
             let wv = unsafe { _mm256_loadu_si256(row.as_ptr().add(34 * b + 2).cast()) };
             if VNNI {
@@ -989,8 +1027,9 @@ unsafe fn bdirect_raw<const T: usize, const VNNI: bool>(
         }
         for j in 0..T {
             let mut si = hsum8x8(&v[j]);
-            if VNNI {
-                // −128 · Σ x + Σ (w + 128) · x = Σ w · x (rows past the end: lanes ignored).
+            if VNNI || !Q8 {
+                // Q8_0 with AVX-VNNI: −128 · Σ x + Σ (w + 128) · x = Σ w · x; Q4_0:
+                // −8 · Σ x + Σ q · x (rows past the end: lanes ignored).
                 si = _mm256_add_epi32(si, _mm256_set1_epi32(act.init[j * nb + b]));
             }
             let s = _mm256_cvtepi32_ps(si);
