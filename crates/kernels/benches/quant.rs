@@ -11,8 +11,9 @@
 //! decode step calls each selected expert with 1–2 tokens and reads its weights from memory, so
 //! this cycles through a pool of distinct expert matrices (768 MiB per type, far beyond the
 //! caches) of OLMoE's expert shapes (gate / up `[1024, 2048]`, down `[2048, 1024]`), for Q8_0,
-//! Q4_K and Q6_K (the types of Q8_0 and Q4_K_M files' experts), Q5_K (Q5_K_M files) and Q4_0,
-//! n = 1, 2 and 8 (8: a decode step's attention projections at 8 prompts), on rayon pools of 1
+//! Q4_K and Q6_K (the types of Q8_0 and Q4_K_M files' experts), Q5_K (Q5_K_M files), Q4_0 and
+//! MXFP4 (gpt-oss GGUF experts), n = 1, 2 and 8 (8: a decode step's attention projections at 8
+//! prompts), on rayon pools of 1
 //! and 2 threads: GB/s of weights per call ("cold"), the same calls on one matrix ("hot", from the
 //! caches), on a quarter of it ("L2": the compute alone) and, before them, a streaming read of the
 //! same pool (the bandwidth roof). `QUANT_BENCH_THREADS=1` (or 2): that pool size only.
@@ -36,6 +37,11 @@ fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; rows * k / ty.block_values() * ty.block_bytes()];
     rng.fill(&mut data[..]);
     for b in data.chunks_exact_mut(ty.block_bytes()) {
+        if ty == QType::Mxfp4 {
+            // E8M0 2^−10 .. 2^−2.
+            b[0] = rng.random_range(118u8..=126);
+            continue;
+        }
         let d = half::f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes();
         let at = if ty == QType::Q6K { 208 } else { 0 };
         b[at..at + 2].copy_from_slice(&d);
@@ -46,13 +52,15 @@ fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-fn ggml(ty: QType) -> GgmlDType {
+/// candle's type for `ty` (none for MXFP4, which candle's quantised matmul does not have).
+fn ggml(ty: QType) -> Option<GgmlDType> {
     match ty {
-        QType::Q8_0 => GgmlDType::Q8_0,
-        QType::Q4_0 => GgmlDType::Q4_0,
-        QType::Q4K => GgmlDType::Q4K,
-        QType::Q5K => GgmlDType::Q5K,
-        QType::Q6K => GgmlDType::Q6K,
+        QType::Q8_0 => Some(GgmlDType::Q8_0),
+        QType::Q4_0 => Some(GgmlDType::Q4_0),
+        QType::Q4K => Some(GgmlDType::Q4K),
+        QType::Q5K => Some(GgmlDType::Q5K),
+        QType::Q6K => Some(GgmlDType::Q6K),
+        QType::Mxfp4 => None,
     }
 }
 
@@ -103,7 +111,14 @@ fn decode(only: &[String]) {
         kernel_name(),
         POOL >> 20
     );
-    for ty in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q5K, QType::Q4_0] {
+    for ty in [
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q6K,
+        QType::Q5K,
+        QType::Q4_0,
+        QType::Mxfp4,
+    ] {
         if !only.is_empty() && !only.iter().any(|o| o == ty.name()) {
             continue;
         }
@@ -175,10 +190,17 @@ fn decode(only: &[String]) {
 /// long (for a profiler).
 fn decode_l2(args: &[String]) {
     let num = |i: usize, d: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
-    let ty = [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q5K, QType::Q4_0]
-        .into_iter()
-        .find(|t| args.first().is_some_and(|a| a == t.name()))
-        .unwrap_or(QType::Q8_0);
+    let ty = [
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q6K,
+        QType::Q5K,
+        QType::Q4_0,
+        QType::Mxfp4,
+    ]
+    .into_iter()
+    .find(|t| args.first().is_some_and(|a| a == t.name()))
+    .unwrap_or(QType::Q8_0);
     let (rows, k, n, secs) = (num(1, 256), num(2, 2048), num(3, 1), num(4, 3));
     let data = random_matrix(ty, rows, k, 7);
     let Some(w) = QMatrix::new(ty, &data, rows, k) else {
@@ -259,7 +281,13 @@ fn main() -> candle_core::Result<()> {
                 std::process::exit(1);
             };
             let qt = |d: &[u8]| -> candle_core::Result<QMatMul> {
-                let s = QStorage::from_data(Cow::Borrowed(d), &Device::Cpu, ggml(ty))?;
+                let Some(gt) = ggml(ty) else {
+                    return Err(candle_core::Error::Msg(format!(
+                        "candle has no {}",
+                        ty.name()
+                    )));
+                };
+                let s = QStorage::from_data(Cow::Borrowed(d), &Device::Cpu, gt)?;
                 QMatMul::from_qtensor(QTensor::new(s, (rows, k))?)
             };
             let loaded = qt(&data)?;

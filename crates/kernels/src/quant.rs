@@ -1,55 +1,59 @@
 //! `y = x · Wᵀ` with f32 activations and weights in llama.cpp's (ggml's) quantised block formats
-//! Q8_0, Q4_0, Q4_K, Q5_K and Q6_K, read in place (e.g. from a GGUF file's memory map).
+//! Q8_0, Q4_0, Q4_K, Q5_K, Q6_K and MXFP4, read in place (e.g. from a GGUF file's memory map).
 //!
 //! As in ggml, the activations are quantised once per call, exactly as ggml's reference
-//! `quantize_row_q8_0_ref` (Q8_0 / Q4_0 weights: blocks of 32, scale `max|x| / 127` rounded to
-//! f16, values `round(x / d)` half away from zero) or `quantize_row_q8_K_ref` (K-quants: blocks of
-//! 256, scale `max / -127` from the value of largest magnitude, values rounded half to even, sums
-//! of 16 values), and each dot product is an exact integer sum per block, scaled in f32. So a
-//! projection computes what llama.cpp computes, up to the order of the f32 sums (for Q8_0 in
-//! ggml's own order).
+//! `quantize_row_q8_0_ref` (Q8_0 / Q4_0 / MXFP4 weights: blocks of 32, scale `max|x| / 127` rounded
+//! to f16, values `round(x / d)` half away from zero) or `quantize_row_q8_K_ref` (K-quants: blocks
+//! of 256, scale `max / -127` from the value of largest magnitude, values rounded half to even,
+//! sums of 16 values), and each dot product is an exact integer sum per block, scaled in f32. So a
+//! projection computes what llama.cpp computes, up to the order of the f32 sums (for Q8_0 in ggml's
+//! own order).
 //!
 //! The kernel is weight-stationary: rows are split into fixed panels of [`PANEL`] rows (one rayon
 //! task each). On the AVX-512 VNNI path a panel's sixteen rows are prepared once per call (Q8_0,
 //! Q4_K and Q6_K unpacked in registers straight from the blocks, Q4_0 and Q5_K through a decoded
 //! row; the values transposed so that i32 lane `j` of a 64-byte register holds four consecutive
 //! values of row `j`; the scales gathered into sixteen-lane vectors), then every token tile (up to
-//! 8 tokens) multiplies the sixteen rows at once: each token's four activation bytes broadcast,
-//! one `vpdpbusd` adds four products to sixteen rows' sums. With a single tile of tokens (n ≤ 8,
+//! 8 tokens) multiplies the sixteen rows at once: each token's four activation bytes broadcast, one
+//! `vpdpbusd` adds four products to sixteen rows' sums. With a single tile of tokens (n ≤ 8,
 //! decode), Q4_K and Q6_K skip the transposed copy: the values are unpacked and transposed in
 //! registers inside the tile, and only the scale lanes are prepared. Q8_0 calls of one token
 //! multiply the blocks as stored, each row's bytes in address order, and reduce the sixteen rows'
 //! partial sums of each block pair to one lane per row. While a panel computes, the bytes of the
-//! next one are prefetched into L2 (a decode call reads its weights from memory). The
-//! AVX2 path does the same on strips of eight rows (the values transposed four to an i32 lane of a
-//! 32-byte register, tiles of up to 4 tokens, `vpmaddubsw` on |w| · sign(x, w) for Q8_0, on the
-//! unsigned values summed in i16 below saturation for the others; Q8_0 calls of 1–4 tokens
-//! multiply the blocks as they are, eight rows' sums reduced with `vphaddd`; with AVX-VNNI,
-//! `vpdpbusd` on `w + 128` / the unsigned values, Q8_0 direct up to 2 tokens: `avx2-vnni`,
-//! `MOE_XRAY_KERNEL=avx2-novnni` turns it off). The generic path
-//! decodes one row at a time into a small per-thread buffer (unsigned 8-bit values, the 16-value
-//! group scales widened to i16, the f32 block scales) and takes the tokens in blocks of `TBLOCK`
-//! (64), decoding each row once per token block: one weight read per call up to 64 tokens.
+//! next one are prefetched into L2 (a decode call reads its weights from memory). The AVX2 path
+//! does the same on strips of eight rows (the values transposed four to an i32 lane of a 32-byte
+//! register, tiles of up to 4 tokens, `vpmaddubsw` on |w| · sign(x, w) for Q8_0 and MXFP4 (its
+//! nibbles looked up as the signed E2M1 values with `vpshufb`), on the unsigned values summed in
+//! i16 below saturation for the others; every type unpacked in registers from the blocks; Q8_0 and
+//! MXFP4 calls of 1–4 tokens, Q4_0 of 1–2 and K-quants of 1–4 multiply the blocks as they are,
+//! eight rows' sums reduced with `vphaddd`; with AVX-VNNI, `vpdpbusd` on `w + 128` / the unsigned
+//! values, Q8_0 direct up to 2 tokens: `avx2-vnni`, `MOE_XRAY_KERNEL=avx2-novnni` turns it off).
+//! The generic path decodes one row at a time into a small per-thread buffer (unsigned 8-bit
+//! values, the 16-value group scales widened to i16, the f32 block scales) and takes the tokens in
+//! blocks of `TBLOCK` (64), decoding each row once per token block: one weight read per call up to
+//! 64 tokens.
 //!
 //! Integer part (exact on every path, identical integers): for K-quants, per super-block of 256,
-//! `ia = Σ scale(group(i)) · q[i] · x[i]` and the group corrections
-//! `ib = Σ_g cm[g] · xs[g]` (Q4_K / Q5_K: the sub-block minimum times the activations' 16-value
-//! sums; Q6_K: 32 · scale, the values' offset); for Q8_0 / Q4_0, per block of 32,
-//! `s = −offset · Σ x + Σ q · x` (= `Σ w · x`, `q` the stored value made unsigned: `w + 128` /
-//! the nibble).
+//! `ia = Σ scale(group(i)) · q[i] · x[i]` and the group corrections `ib = Σ_g cm[g] · xs[g]`
+//! (Q4_K / Q5_K: the sub-block minimum times the activations' 16-value sums; Q6_K: 32 · scale,
+//! the values' offset); for Q8_0 / Q4_0 / MXFP4, per block of 32, `s = −offset · Σ x + Σ q · x`
+//! (= `Σ w · x`, `q` the stored value made unsigned: `w + 128` / the nibble / the doubled E2M1
+//! value plus 128).
 //!
 //! Float part (the same operations in the same order on every path, no fused multiply-adds):
 //! K-quants `fa += f32(ia) · (d_w · d_x)` and `fb += f32(ib) · (dmin_w · d_x)` per super-block in
-//! order, result `fa − fb`; Q8_0 / Q4_0 `acc += f32(s) · (d_w · d_x)` per block in order, which is
-//! ggml's `ggml_vec_dot_q8_0_q8_0` bit for bit. Every output element is computed alone from its
-//! row and its token, so results are bit-identical on every path ([`xwt_q_with`]), for any `n`,
-//! panel split, tile or thread count.
+//! order, result `fa − fb`; Q8_0 / Q4_0 / MXFP4 `acc += f32(s) · (d_w · d_x)` per block in order,
+//! which is ggml's `ggml_vec_dot_q8_0_q8_0` bit for bit (MXFP4: `d_w = 2^(e − 128)`, as
+//! `ggml_vec_dot_mxfp4_q8_0`). Every output element is computed alone from its row and its token,
+//! so results are bit-identical on every path ([`xwt_q_with`]), for any `n`, panel split, tile or
+//! thread count.
 
 use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu::Cpu;
 use crate::matmul::{env_kernel, env_no_vnni, Kernel};
+use crate::mxfp4::{e8m0_half, KVALUES};
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -77,13 +81,19 @@ pub enum QType {
     /// 210-byte super-blocks of 256: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs,
     /// 16 × i8 scales, f16 d (value `q − 32`).
     Q6K,
+    /// 17-byte blocks of 32 (ggml's `block_mxfp4`, GGUF type 39): the E8M0 scale byte `e`, 16
+    /// bytes of nibbles (low: values 0..16, high: 16..32); value `KVALUES[nibble] · 2^(e − 128)`
+    /// (the E2M1 value doubled times half the scale, [`crate::mxfp4`]). Multiplied as ggml's
+    /// `ggml_vec_dot_mxfp4_q8_0` does: Q8_0 activations, the integer `Σ KVALUES[q] · x` per
+    /// block, times `2^(e − 128) · d_x`. Not on the AVX-512 path (the AVX2 tile runs it there).
+    Mxfp4,
 }
 
 impl QType {
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
-            QType::Q8_0 | QType::Q4_0 => QK,
+            QType::Q8_0 | QType::Q4_0 | QType::Mxfp4 => QK,
             _ => QK_K,
         }
     }
@@ -96,6 +106,7 @@ impl QType {
             QType::Q4K => 144,
             QType::Q5K => 176,
             QType::Q6K => 210,
+            QType::Mxfp4 => 17,
         }
     }
 
@@ -107,18 +118,20 @@ impl QType {
             QType::Q4K => "q4_K",
             QType::Q5K => "q5_K",
             QType::Q6K => "q6_K",
+            QType::Mxfp4 => "mxfp4",
         }
     }
 
     /// Whether the type is a K-quant (super-blocks of 256, Q8_K activations).
     fn is_k(self) -> bool {
-        !matches!(self, QType::Q8_0 | QType::Q4_0)
+        !matches!(self, QType::Q8_0 | QType::Q4_0 | QType::Mxfp4)
     }
 
-    /// The offset subtracted from the stored unsigned value (Q8_0: stored as `w + 128`).
+    /// The offset subtracted from the stored unsigned value (Q8_0 and MXFP4: a decoded row
+    /// holds `w + 128`).
     fn offset(self) -> i32 {
         match self {
-            QType::Q8_0 => 128,
+            QType::Q8_0 | QType::Mxfp4 => 128,
             QType::Q4_0 => 8,
             _ => 0,
         }
@@ -250,6 +263,13 @@ fn dequantize_block(ty: QType, b: &[u8], y: &mut [f32]) {
                     y[64 * c + l] = d1 * f32::from(lo) - m1;
                     y[64 * c + 32 + l] = d2 * f32::from(hi) - m2;
                 }
+            }
+        }
+        QType::Mxfp4 => {
+            let d = e8m0_half(b[0]);
+            for j in 0..16 {
+                y[j] = f32::from(KVALUES[usize::from(b[1 + j] & 0xF)]) * d;
+                y[j + 16] = f32::from(KVALUES[usize::from(b[1 + j] >> 4)]) * d;
             }
         }
         QType::Q6K => {
@@ -586,6 +606,13 @@ impl Row {
                     }
                     self.da[i] = f16_at(b, 0);
                 }
+                QType::Mxfp4 => {
+                    for j in 0..16 {
+                        q[j] = KVALUES[usize::from(b[1 + j] & 0xF)] as u8 ^ 0x80;
+                        q[j + 16] = KVALUES[usize::from(b[1 + j] >> 4)] as u8 ^ 0x80;
+                    }
+                    self.da[i] = e8m0_half(b[0]);
+                }
                 QType::Q4K | QType::Q5K => {
                     let scales = &b[4..16];
                     let (qh, qs) = if ty == QType::Q5K {
@@ -666,9 +693,10 @@ fn kdot_generic(row: &Row, x: &[i8], xs: &[i16], dx: &[f32]) -> f32 {
     fa - fb
 }
 
-/// One output of a Q8_0 / Q4_0 row and one token's Q8_0 activations (generic path): per block
-/// of 32 the exact integer `s = −offset · Σ x + Σ q · x` (= `Σ w · x`), then
-/// `acc += f32(s) · (d_w · d_x)`, as ggml's `ggml_vec_dot_q8_0_q8_0`.
+/// One output of a Q8_0 / Q4_0 / MXFP4 row and one token's Q8_0 activations (generic path): per
+/// block of 32 the exact integer `s = −offset · Σ x + Σ q · x` (= `Σ w · x`), then
+/// `acc += f32(s) · (d_w · d_x)`, as ggml's `ggml_vec_dot_q8_0_q8_0` (and, `d_w · d_x` being
+/// `d_x · d_w` exactly, `ggml_vec_dot_mxfp4_q8_0`).
 #[inline(always)]
 fn bdot_generic(row: &Row, x: &[i8], init: &[i32], dx: &[f32]) -> f32 {
     let mut acc = 0f32;
@@ -1073,8 +1101,15 @@ pub fn xwt_q_act(act: &QActivations, w: &QMatrix<'_>) -> Vec<f32> {
 /// positive).
 fn xwt_q_act_on(cpu: Cpu, kernel: Kernel, act: &Act, n: usize, w: &QMatrix<'_>) -> Vec<f32> {
     let (k, m) = (w.k, w.rows);
-    let path = Path::choose(cpu, kernel);
     let ty = w.ty;
+    let path = match Path::choose(cpu, kernel) {
+        // MXFP4 has no AVX-512 tile: the AVX2 one (every AVX-512 CPU has AVX2 + FMA + F16C).
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512(_) if ty == QType::Mxfp4 => {
+            avx2::Isa::of(cpu).map_or(Path::Generic, Path::Avx2)
+        }
+        p => p,
+    };
     // The outputs panel by panel: panel p (rows r0 .. r0 + rows) at r0 · n, token-major
     // (`out[t · rows + r]`); for one token this is `y` itself.
     let mut pm = vec![0f32; n * m];

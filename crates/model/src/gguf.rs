@@ -15,7 +15,9 @@
 //! quantised experts stay quantised and are never dequantised as a whole: Q8_0, Q4_0, Q4_K, Q5_K
 //! and Q6_K are multiplied in place by moe-xray's kernel (`moe_xray_kernels::quant`, activations
 //! quantised to 8 bits as ggml does), the other types (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K) by one candle
-//! `QMatMul` per expert and projection. In fast mode on the CPU, the other matrices of those five
+//! `QMatMul` per expert and projection; MXFP4 experts (type 39) by moe-xray's kernel on Q8_0
+//! activations as llama.cpp does (`--exact`: the f32 MXFP4 kernel, `crate::mxfp4`). In fast mode
+//! on the CPU, the other matrices of those five
 //! types (attention, dense and shared MLPs, an untied output head) stay in the file's map too and
 //! use the same kernel ([`QLinear`]); `--exact` dequantises everything to f32, and
 //! `MOE_XRAY_QMATMUL=candle` ([`QMATMUL_ENV`]) restores the candle path of earlier sessions.
@@ -1383,7 +1385,7 @@ impl GgufSource {
                 self.file.mxfp4_bytes(&un)?,
                 self.file.mxfp4_bytes(&dn)?,
             ];
-            let experts = crate::mxfp4::Mxfp4Experts::from_gguf(maps, biases, (e, i, h))
+            let experts = crate::mxfp4::Mxfp4Experts::from_gguf(maps, biases, (e, i, h), exact)
                 .map_err(|err| bad(&self.file.part_of(&gn), format!("layer {l}: {err}")))?;
             return Ok(Experts::Mxfp4(Box::new(experts)));
         }

@@ -15,11 +15,20 @@
 //! result equals an f32 matmul with transformers' dequantised weights (`Mxfp4Config(dequantize=
 //! True)`) summed in the kernel's order; each projection's output is rounded once to the compute
 //! dtype, as a bf16 / f32 matmul with the dequantised weights would be.
+//!
+//! GGUF files (llama.cpp's `block_mxfp4`, type 39) are computed as llama.cpp computes them in the
+//! default (fast) mode: the activations quantised to Q8_0 and an exact integer sum per block
+//! (`moe_xray_kernels::quant`, `QType::Mxfp4`: `ggml_vec_dot_mxfp4_q8_0` bit for bit), 4–6× faster
+//! than the f32 path at decode sizes (docs/performance.md, "Session 15"); `--exact` keeps the f32
+//! path above (transformers' numbers).
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use moe_xray_kernels::mxfp4::{xwt_mxfp4, MxLayout, MxMatrix, BLOCK, NIBBLE_BYTES};
+use moe_xray_kernels::mxfp4::{
+    xwt_mxfp4, MxLayout, MxMatrix, BLOCK, GGML_BLOCK_BYTES, NIBBLE_BYTES,
+};
+use moe_xray_kernels::quant::{xwt_q, xwt_q_act, QActivations, QMatrix, QType};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -143,11 +152,13 @@ enum Packed {
         down_scales: MappedTensor,
     },
     /// GGUF type 39 (`ffn_{gate,up,down}_exps`, `[E, I, H]`, `[E, I, H]`, `[E, H, I]`), ggml's
-    /// 17-byte blocks.
+    /// 17-byte blocks; `q8`: computed on Q8_0 activations as llama.cpp does (the fast mode),
+    /// else in f32 (`--exact`).
     Ggml {
         gate: MappedTensor,
         up: MappedTensor,
         down: MappedTensor,
+        q8: bool,
     },
 }
 
@@ -246,11 +257,13 @@ impl Mxfp4Experts {
     }
 
     /// GGUF experts (`[gate, up, down]` u8 maps of `[E, I, H]`, `[E, I, H]`, `[E, H, I]` MXFP4
-    /// tensors, sizes checked here) with optional biases.
+    /// tensors, sizes checked here) with optional biases; `exact`: in f32 on the exactly decoded
+    /// weights, else on Q8_0 activations as llama.cpp (module docs).
     pub(crate) fn from_gguf(
         [gate, up, down]: [MappedTensor; 3],
         biases: Option<[Tensor; 3]>,
         (e, i, h): (usize, usize, usize),
+        exact: bool,
     ) -> Result<Self> {
         for (t, rows, k) in [(&gate, i, h), (&up, i, h), (&down, h, i)] {
             let ok = e
@@ -266,12 +279,35 @@ impl Mxfp4Experts {
             }
         }
         Ok(Mxfp4Experts {
-            packed: Packed::Ggml { gate, up, down },
+            packed: Packed::Ggml {
+                gate,
+                up,
+                down,
+                q8: !exact,
+            },
             biases,
             experts: e,
             inter: i,
             hidden: h,
         })
+    }
+
+    /// Expert `e`'s `[rows, k]` matrix of a GGUF tensor for the Q8_0-activation kernel.
+    fn ggml_q(t: &MappedTensor, rows: usize, k: usize, e: usize) -> Result<QMatrix<'_>> {
+        let per = rows
+            .checked_mul(k / BLOCK)
+            .and_then(|b| b.checked_mul(GGML_BLOCK_BYTES));
+        let bytes = per
+            .and_then(|p| Some((p.checked_mul(e)?, p.checked_mul(e.checked_add(1)?)?)))
+            .and_then(|(a, b)| t.bytes().get(a..b));
+        bytes
+            .and_then(|b| QMatrix::new(QType::Mxfp4, b, rows, k))
+            .ok_or_else(|| {
+                ModelError::InvalidArgument(format!(
+                    "MXFP4 tensor {:?}: expert {e} of [{rows}, {k}] out of range",
+                    t.shape
+                ))
+            })
     }
 
     fn ggml(t: &MappedTensor, rows: usize, k: usize, e: usize) -> Result<MxMatrix<'_>> {
@@ -345,6 +381,14 @@ impl Mxfp4Experts {
                 }
                 (g, u)
             }
+            Packed::Ggml {
+                gate, up, q8: true, ..
+            } => {
+                // Gate and up share one quantisation of the activations.
+                let (gm, um) = (Self::ggml_q(gate, i, h, e)?, Self::ggml_q(up, i, h, e)?);
+                let act = QActivations::new(QType::Mxfp4, &xs, n, h);
+                (xwt_q_act(&act, &gm), xwt_q_act(&act, &um))
+            }
             Packed::Ggml { gate, up, .. } => (
                 xwt_mxfp4(&xs, n, &Self::ggml(gate, i, h, e)?),
                 xwt_mxfp4(&xs, n, &Self::ggml(up, i, h, e)?),
@@ -374,6 +418,7 @@ impl Mxfp4Experts {
                 down_scales,
                 ..
             } => xwt_mxfp4(&xs, n, &Self::matrix(down_blocks, down_scales, h, i, e)?),
+            Packed::Ggml { down, q8: true, .. } => xwt_q(&xs, n, &Self::ggml_q(down, h, i, e)?),
             Packed::Ggml { down, .. } => xwt_mxfp4(&xs, n, &Self::ggml(down, h, i, e)?),
         };
         Ok(Tensor::from_vec(y, (n, h), act.device())?.to_dtype(act.dtype())?)

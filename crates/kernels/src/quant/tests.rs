@@ -2,7 +2,14 @@ use super::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const TYPES: [QType; 5] = [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K];
+const TYPES: [QType; 6] = [
+    QType::Q8_0,
+    QType::Q4_0,
+    QType::Q4K,
+    QType::Q5K,
+    QType::Q6K,
+    QType::Mxfp4,
+];
 
 /// Random blocks of `ty` for a `[rows, k]` matrix (random quants, scales in a realistic range).
 fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
@@ -23,6 +30,8 @@ fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
                 put(b, 2, dmin);
             }
             QType::Q6K => put(b, 208, d),
+            // 2^(e − 128) from 2^−10 to 2^−2 (`d`'s range, times the doubled values' 12).
+            QType::Mxfp4 => b[0] = rng.random_range(118u8..=126),
         }
     }
     data
@@ -329,6 +338,73 @@ fn q8_0_equals_ggml_vec_dot_bit_for_bit() {
     }
 }
 
+#[test]
+fn mxfp4_equals_ggml_vec_dot_bit_for_bit() {
+    // ggml's `ggml_vec_dot_mxfp4_q8_0` (generic): per block `d = d_x · e8m0_half(e)` and
+    // `sumi = Σ x[j] · kvalues[lo nibble j] + Σ x[j + 16] · kvalues[hi nibble j]`, then
+    // `sumf += d · sumi`, blocks in order; the activations quantised by `quantize_row_q8_0`.
+    let (n, rows, k) = (5, 21, 320);
+    let data = random_matrix(QType::Mxfp4, rows, k, 43);
+    let w = QMatrix::new(QType::Mxfp4, &data, rows, k).unwrap();
+    let x = random_x(n, k, 44);
+    let y = xwt_q(&x, n, &w);
+    let kv = crate::mxfp4::KVALUES;
+    for t in 0..n {
+        let mut xq = vec![0i8; k];
+        let dx: Vec<f32> = (0..k / QK)
+            .map(|b| {
+                quantize_q8_0_block(
+                    &x[t * k + b * QK..t * k + (b + 1) * QK],
+                    &mut xq[b * QK..(b + 1) * QK],
+                )
+            })
+            .collect();
+        for r in 0..rows {
+            let mut sumf = 0f32;
+            for b in 0..k / QK {
+                let blk = &data[(r * k / QK + b) * 17..(r * k / QK + b + 1) * 17];
+                let d = dx[b] * crate::mxfp4::e8m0_half(blk[0]);
+                let (mut sumi1, mut sumi2) = (0i32, 0i32);
+                for j in 0..QK / 2 {
+                    let q = blk[1 + j];
+                    sumi1 += i32::from(xq[b * QK + j]) * i32::from(kv[usize::from(q & 0xF)]);
+                    sumi2 += i32::from(xq[b * QK + j + 16]) * i32::from(kv[usize::from(q >> 4)]);
+                }
+                sumf += d * (sumi1 + sumi2) as f32;
+            }
+            assert_eq!(sumf.to_bits(), y[t * rows + r].to_bits(), "t={t} r={r}");
+        }
+    }
+}
+
+#[test]
+fn mxfp4_dequantises_as_the_mxfp4_kernel_decodes() {
+    // The same block in ggml's layout through `QMatrix::dequantize` and through
+    // `mxfp4::MxMatrix` (exact decoding, the f32 path's values).
+    let (rows, k) = (7, 96);
+    let data = random_matrix(QType::Mxfp4, rows, k, 45);
+    let q = QMatrix::new(QType::Mxfp4, &data, rows, k)
+        .unwrap()
+        .dequantize();
+    let m =
+        crate::mxfp4::MxMatrix::new(crate::mxfp4::MxLayout::Ggml { data: &data }, rows, k).unwrap();
+    let mut eye = vec![0f32; k * k];
+    for i in 0..k {
+        eye[i * k + i] = 1.0;
+    }
+    // x = I: row i of the result is column i of W, exactly (one non-zero product per sum).
+    let cols = crate::mxfp4::xwt_mxfp4(&eye, k, &m);
+    for r in 0..rows {
+        for c in 0..k {
+            assert_eq!(
+                q[r * k + c].to_bits(),
+                cols[c * rows + r].to_bits(),
+                "{r} {c}"
+            );
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn the_panel_transpose_moves_every_unit() {
@@ -470,6 +546,8 @@ fn filled_matrix(ty: QType, rows: usize, k: usize, fill: u8) -> Vec<u8> {
                     }
                 }
             }
+            // 2^−7 (nibbles 7 / 15: the doubled E2M1 values ±12, the largest).
+            QType::Mxfp4 => b[0] = 121,
         }
     }
     data

@@ -100,11 +100,49 @@ unsafe fn f16x8(src: &[&[u8]; ROWS], at: usize) -> __m256 {
     ))
 }
 
-/// The f16 scale at byte `off` of each of the `nb` blocks of `bb` bytes of the eight rows of
-/// `src`, as `dst[ROWS * b + j]` for row `j` and block `b` (0.0 for empty rows).
-fn scales_to(_: Avx2Fma, src: &[&[u8]; ROWS], nb: usize, bb: usize, off: usize, dst: &mut [f32]) {
+/// Where and how a block's scale is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scale {
+    /// An f16 at this byte of the block.
+    F16(usize),
+    /// MXFP4's E8M0 byte at byte 0, as `2^(e − 128)`.
+    E8m0,
+}
+
+impl Scale {
+    /// (byte offset, E8M0).
+    fn parts(self) -> (usize, bool) {
+        match self {
+            Scale::F16(off) => (off, false),
+            Scale::E8m0 => (0, true),
+        }
+    }
+}
+
+/// The eight rows' E8M0 bytes at `at` as `2^(e − 128)` (MXFP4's half scale, the value
+/// `crate::mxfp4::e8m0_half` gives: `(e − 1) << 23` as f32 bits, `0x200000 << e` for the
+/// subnormal `e < 2`), lane `j` for row `j`.
+///
+/// # Safety
+/// The CPU must have AVX2; every row holds at least `at + 1` bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn e8m0x8(src: &[&[u8]; ROWS], at: usize) -> __m256 {
+    // SAFETY: byte `at` of row j (caller).
+    let e = |j: usize| -> i32 { i32::from(unsafe { *src[j].as_ptr().add(at) }) };
+    let e = _mm256_setr_epi32(e(0), e(1), e(2), e(3), e(4), e(5), e(6), e(7));
+    let normal = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
+    let sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x20_0000), e);
+    let small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
+    _mm256_castsi256_ps(_mm256_blendv_epi8(normal, sub, small))
+}
+
+/// The scale of each of the `nb` blocks of `bb` bytes of the eight rows of `src`, as
+/// `dst[ROWS * b + j]` for row `j` and block `b` (0.0 for empty rows).
+fn scales_to(_: Avx2Fma, src: &[&[u8]; ROWS], nb: usize, bb: usize, scale: Scale, dst: &mut [f32]) {
+    let (off, e8m0) = scale.parts();
     assert!(
-        off + 2 <= bb
+        off + 2 - usize::from(e8m0) <= bb
             && nb.checked_mul(ROWS).is_some_and(|n| n <= dst.len())
             && src
                 .iter()
@@ -119,12 +157,12 @@ fn scales_to(_: Avx2Fma, src: &[&[u8]; ROWS], nb: usize, bb: usize, off: usize, 
     let full: [&[u8]; ROWS] = std::array::from_fn(|j| if src[j].is_empty() { any } else { src[j] });
     let live: [i32; ROWS] = std::array::from_fn(|j| if src[j].is_empty() { 0 } else { -1 });
     // SAFETY: the token proves AVX2 and F16C; the lengths are asserted above.
-    unsafe { scales_to_raw(&full, live, nb, bb, off, dst.as_mut_ptr()) }
+    unsafe { scales_to_raw(&full, live, nb, bb, off, e8m0, dst.as_mut_ptr()) }
 }
 
 /// # Safety
-/// The CPU must have AVX2 and F16C; each `src[j]` holds `nb · bb` bytes, `off + 2 <= bb`, `dst`
-/// holds `8 · nb` floats.
+/// The CPU must have AVX2 and F16C; each `src[j]` holds `nb · bb` bytes, `off + 2 <= bb` (E8M0:
+/// `off + 1`), `dst` holds `8 · nb` floats.
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn scales_to_raw(
     src: &[&[u8]; ROWS],
@@ -132,6 +170,7 @@ unsafe fn scales_to_raw(
     nb: usize,
     bb: usize,
     off: usize,
+    e8m0: bool,
     dst: *mut f32,
 ) {
     // SAFETY: eight i32.
@@ -139,10 +178,12 @@ unsafe fn scales_to_raw(
     for b in 0..nb {
         // SAFETY: block b's scale of every row; floats 8b .. 8b + 8 of `dst`.
         unsafe {
-            _mm256_storeu_ps(
-                dst.add(ROWS * b),
-                _mm256_and_ps(f16x8(src, bb * b + off), mask),
-            )
+            let d = if e8m0 {
+                e8m0x8(src, bb * b + off)
+            } else {
+                f16x8(src, bb * b + off)
+            };
+            _mm256_storeu_ps(dst.add(ROWS * b), _mm256_and_ps(d, mask))
         };
     }
 }
@@ -192,7 +233,7 @@ impl Strip {
             ty,
             k,
             q: vec![0u8; ROWS * kp],
-            s: if ty == QType::Q8_0 && isa.vnni.is_none() {
+            s: if signed(ty) && isa.vnni.is_none() {
                 vec![0u8; ROWS * kp]
             } else {
                 Vec::new()
@@ -224,36 +265,35 @@ impl Strip {
 }
 
 impl Strip {
-    /// [`Strip::fill`] for Q8_0 and Q4_0: the values read straight from the blocks.
+    /// [`Strip::fill`] for Q8_0, Q4_0 and MXFP4: the values read straight from the blocks.
     fn fill_b(&mut self, t: Avx2Fma, w: &QMatrix<'_>, r0: usize, rows: usize, next: &[u8]) {
         let nb = w.k / QK;
-        let q8 = w.ty == QType::Q8_0;
+        let ty = w.ty;
         let offset = self.isa.vnni.is_some();
         assert!(
-            matches!(w.ty, QType::Q8_0 | QType::Q4_0)
+            !ty.is_k()
                 && self.q.len() >= ROWS * 32 * nb
-                && (!q8 || offset || self.s.len() >= ROWS * 32 * nb)
+                && (!signed(ty) || offset || self.s.len() >= ROWS * 32 * nb)
                 && self.da.len() >= ROWS * nb,
             "quant: strip sizes"
         );
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
-        scales_to(t, &src, nb, w.ty.block_bytes(), 0, &mut self.da);
-        // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole blocks of `w.ty`
-        // (`w.row`) and the buffers' lengths are asserted above (`s` only for Q8_0 without
-        // `offset`).
+        let scale = if ty == QType::Mxfp4 {
+            Scale::E8m0
+        } else {
+            Scale::F16(0)
+        };
+        scales_to(t, &src, nb, ty.block_bytes(), scale, &mut self.da);
+        let (q, s) = (self.q.as_mut_ptr(), self.s.as_mut_ptr());
+        // SAFETY: the token proves AVX2; every non-empty row holds `nb` whole blocks of `ty`
+        // (`w.row`) and the buffers' lengths are asserted above (`s` only for the signed types
+        // without `offset`).
         unsafe {
-            if q8 {
-                fill_q8_0_raw(
-                    src,
-                    nb,
-                    self.q.as_mut_ptr(),
-                    self.s.as_mut_ptr(),
-                    offset,
-                    next,
-                )
-            } else {
-                fill_q4_0_raw(src, nb, self.q.as_mut_ptr(), next)
+            match ty {
+                QType::Q8_0 => fill_signed_raw::<false>(src, nb, q, s, offset, next),
+                QType::Mxfp4 => fill_signed_raw::<true>(src, nb, q, s, offset, next),
+                _ => fill_q4_0_raw(src, nb, q, next),
             }
         }
     }
@@ -278,11 +318,11 @@ impl Strip {
         let src: [&[u8]; ROWS] =
             std::array::from_fn(|j| if j < rows { w.row(r0 + j) } else { &[] });
         if ty != QType::Q6K {
-            scales_to(t, &src, nsb, bb, 0, &mut self.da);
-            scales_to(t, &src, nsb, bb, 2, &mut self.db);
+            scales_to(t, &src, nsb, bb, Scale::F16(0), &mut self.da);
+            scales_to(t, &src, nsb, bb, Scale::F16(2), &mut self.db);
         } else {
-            scales_to(t, &src, nsb, bb, 208, &mut self.da);
-            scales_to(t, &src, nsb, bb, 208, &mut self.db);
+            scales_to(t, &src, nsb, bb, Scale::F16(208), &mut self.da);
+            scales_to(t, &src, nsb, bb, Scale::F16(208), &mut self.db);
         }
         // SAFETY: the token proves AVX2; every non-empty row holds `nsb` whole super-blocks of
         // `ty` (`w.row`) and the lengths of `self.q`, `self.sc` and `self.cm` are asserted above.
@@ -468,14 +508,14 @@ unsafe fn fill_k_raw(ty: QType, src: [&[u8]; ROWS], nsb: usize, dst: *mut u8, ne
     }
 }
 
-/// `dst` gets `|w|` and `signed` gets `w` transposed, or with `offset` `dst` gets `w + 128`
-/// (`signed` is not touched).
+/// Q8_0 or MXFP4 (`MX`) blocks' signed values `w`: `dst` gets `|w|` and `signed` gets `w`
+/// transposed, or with `offset` `dst` gets `w + 128` (`signed` is not touched).
 ///
 /// # Safety
-/// The CPU must have AVX2; each non-empty `src[j]` holds `nb` Q8_0 blocks (34 bytes each);
+/// The CPU must have AVX2; each non-empty `src[j]` holds `nb` blocks (34 bytes each, MXFP4 17);
 /// `dst` holds `256 · nb` bytes, and without `offset` `signed` too.
 #[target_feature(enable = "avx2")]
-unsafe fn fill_q8_0_raw(
+unsafe fn fill_signed_raw<const MX: bool>(
     src: [&[u8]; ROWS],
     nb: usize,
     dst: *mut u8,
@@ -490,8 +530,8 @@ unsafe fn fill_q8_0_raw(
         let mut w = [_mm256_setzero_si256(); ROWS];
         for j in 0..ROWS {
             if !src[j].is_empty() {
-                // SAFETY: bytes 2 .. 34 of block b of row j.
-                w[j] = unsafe { _mm256_loadu_si256(src[j].as_ptr().add(34 * b + 2).cast()) };
+                // SAFETY: block b of row j (caller).
+                w[j] = unsafe { signed_values(MX, src[j].as_ptr(), b) };
             }
         }
         let mut a = [_mm256_setzero_si256(); ROWS];
@@ -513,6 +553,38 @@ unsafe fn fill_q8_0_raw(
             transpose_regs(&w, signed.add(256 * b));
         }
     }
+}
+
+/// The 32 signed values of block `b` of a row of Q8_0 (the bytes as stored) or MXFP4 (`mx`: the
+/// nibbles looked up as the doubled E2M1 values, [`crate::mxfp4::KVALUES`], with `vpshufb`), in
+/// value order.
+///
+/// # Safety
+/// The CPU must have AVX2; block `b` of the row at `row` must be readable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn signed_values(mx: bool, row: *const u8, b: usize) -> __m256i {
+    if !mx {
+        // SAFETY: bytes 2 .. 34 of the block (caller).
+        return unsafe { _mm256_loadu_si256(row.add(34 * b + 2).cast()) };
+    }
+    // SAFETY: the 16 nibble bytes at 1 .. 17 of the block (caller); the table's 16 bytes.
+    let (v, lut) = unsafe {
+        (
+            _mm_loadu_si128(row.add(17 * b + 1).cast()),
+            _mm_loadu_si128(crate::mxfp4::KVALUES.as_ptr().cast()),
+        )
+    };
+    let low = _mm_set1_epi8(0x0F);
+    let lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, low));
+    let hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16::<4>(v), low));
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Whether the strip holds `ty`'s values signed, as Q8_0's (`|w|` with the sign trick, or
+/// `w + 128` with AVX-VNNI): Q8_0 and MXFP4.
+fn signed(ty: QType) -> bool {
+    matches!(ty, QType::Q8_0 | QType::Mxfp4)
 }
 
 /// `dst` gets the values of each Q4_0 block (the nibbles, unsigned, as `Row::decode` writes
@@ -643,15 +715,16 @@ pub(super) fn panel(
 const DIRECT_TOKENS: usize = 4;
 
 impl Isa {
-    /// Most tokens of a call of type `ty` (Q8_0 or Q4_0) for which the direct path is faster
-    /// than the transposed strip. Measured at OLMoE expert shapes: Q8_0 on plain AVX2 1.3–1.4×
+    /// Most tokens of a call of type `ty` (Q8_0, MXFP4 or Q4_0) for which the direct path is
+    /// faster than the transposed strip (MXFP4 as Q8_0: the same tiles after the values are
+    /// looked up). Measured at OLMoE expert shapes: Q8_0 on plain AVX2 1.3–1.4×
     /// faster direct at 3 and 4 tokens, with AVX-VNNI the strip's tile 1.0–1.1× faster from 3
     /// tokens; Q4_0 (whose strip tile sums eight `vpmaddubsw` in i16 before widening, cheaper
     /// than Q8_0's sign trick) on plain AVX2 1.25× faster direct at 1 token, about even at 2,
     /// the strip 1.1–1.2× faster at 3 and 4 (docs/performance.md, "Session 15"). With AVX-VNNI
     /// Q4_0 stops one token earlier, as Q8_0 does (inferred; no AVX-VNNI CPU here).
     fn direct_tokens(self, ty: QType) -> usize {
-        let plain = if ty == QType::Q8_0 { DIRECT_TOKENS } else { 2 };
+        let plain = if signed(ty) { DIRECT_TOKENS } else { 2 };
         if self.vnni.is_some() {
             plain / 2
         } else {
@@ -679,7 +752,7 @@ fn direct_b(
 ) {
     let (k, nb) = (act.k, act.nb);
     assert!(
-        matches!(w.ty, QType::Q8_0 | QType::Q4_0)
+        !w.ty.is_k()
             && w.k == k
             && k == nb * QK
             && (1..=ROWS).contains(&rows)
@@ -696,19 +769,25 @@ fn direct_b(
     // row holds `nb` whole blocks of `w.ty` (`w.row`), and the activations' lengths are
     // asserted above.
     unsafe {
-        match (w.ty == QType::Q8_0, t.vnni, tn) {
-            (true, Some(_), 1) => bdirect_vnni::<1, true>(src, act, out, next),
-            (true, Some(_), _) => bdirect_vnni::<2, true>(src, act, out, next),
-            (true, None, 1) => bdirect_raw::<1, true, false>(src, act, out, next),
-            (true, None, 2) => bdirect_raw::<2, true, false>(src, act, out, next),
-            (true, None, 3) => bdirect_raw::<3, true, false>(src, act, out, next),
-            (true, None, _) => bdirect_raw::<4, true, false>(src, act, out, next),
-            (false, Some(_), 1) => bdirect_vnni::<1, false>(src, act, out, next),
-            (false, Some(_), _) => bdirect_vnni::<2, false>(src, act, out, next),
-            (false, None, 1) => bdirect_raw::<1, false, false>(src, act, out, next),
-            (false, None, 2) => bdirect_raw::<2, false, false>(src, act, out, next),
-            (false, None, 3) => bdirect_raw::<3, false, false>(src, act, out, next),
-            (false, None, _) => bdirect_raw::<4, false, false>(src, act, out, next),
+        match (w.ty, t.vnni, tn) {
+            (QType::Q8_0, Some(_), 1) => bdirect_vnni::<1, B8>(src, act, out, next),
+            (QType::Q8_0, Some(_), _) => bdirect_vnni::<2, B8>(src, act, out, next),
+            (QType::Q8_0, None, 1) => bdirect_raw::<1, B8, false>(src, act, out, next),
+            (QType::Q8_0, None, 2) => bdirect_raw::<2, B8, false>(src, act, out, next),
+            (QType::Q8_0, None, 3) => bdirect_raw::<3, B8, false>(src, act, out, next),
+            (QType::Q8_0, None, _) => bdirect_raw::<4, B8, false>(src, act, out, next),
+            (QType::Mxfp4, Some(_), 1) => bdirect_vnni::<1, BMX>(src, act, out, next),
+            (QType::Mxfp4, Some(_), _) => bdirect_vnni::<2, BMX>(src, act, out, next),
+            (QType::Mxfp4, None, 1) => bdirect_raw::<1, BMX, false>(src, act, out, next),
+            (QType::Mxfp4, None, 2) => bdirect_raw::<2, BMX, false>(src, act, out, next),
+            (QType::Mxfp4, None, 3) => bdirect_raw::<3, BMX, false>(src, act, out, next),
+            (QType::Mxfp4, None, _) => bdirect_raw::<4, BMX, false>(src, act, out, next),
+            (_, Some(_), 1) => bdirect_vnni::<1, B4>(src, act, out, next),
+            (_, Some(_), _) => bdirect_vnni::<2, B4>(src, act, out, next),
+            (_, None, 1) => bdirect_raw::<1, B4, false>(src, act, out, next),
+            (_, None, 2) => bdirect_raw::<2, B4, false>(src, act, out, next),
+            (_, None, 3) => bdirect_raw::<3, B4, false>(src, act, out, next),
+            (_, None, _) => bdirect_raw::<4, B4, false>(src, act, out, next),
         }
     }
 }
@@ -949,42 +1028,57 @@ fn hsum8x8(v: &[__m256i; ROWS]) -> __m256i {
     )
 }
 
+/// The block type of [`bdirect_raw`] (a const generic argument): Q8_0, Q4_0, MXFP4.
+const B8: u8 = 0;
+const B4: u8 = 1;
+const BMX: u8 = 2;
+
 /// [`bdirect_raw`] with AVX-VNNI.
 ///
 /// # Safety
 /// As [`bdirect_raw`]; the CPU must have AVX-VNNI.
 #[target_feature(enable = "avx2,avxvnni,f16c")]
-unsafe fn bdirect_vnni<const T: usize, const Q8: bool>(
+unsafe fn bdirect_vnni<const T: usize, const B: u8>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
     next: &[u8],
 ) {
     // SAFETY: the caller's guarantees, AVX-VNNI included.
-    unsafe { bdirect_raw::<T, Q8, true>(src, act, out, next) }
+    unsafe { bdirect_raw::<T, B, true>(src, act, out, next) }
 }
 
 /// # Safety
 /// The CPU must have AVX2 and F16C, and AVX-VNNI if `VNNI`; `T <= DIRECT_TOKENS`; each
-/// `src[j]` holds `act.nb` Q8_0 (`Q8`) or Q4_0 blocks; `act` holds tokens `0 .. T` (values,
-/// offsets, scales).
+/// `src[j]` holds `act.nb` blocks of Q8_0, Q4_0 or MXFP4 (`B`: [`B8`], [`B4`], [`BMX`]); `act`
+/// holds tokens `0 .. T` (values, offsets, scales).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn bdirect_raw<const T: usize, const Q8: bool, const VNNI: bool>(
+unsafe fn bdirect_raw<const T: usize, const B: u8, const VNNI: bool>(
     src: [&[u8]; ROWS],
     act: &Act,
     out: &mut [f32; ROWS * TOKENS],
     next: &[u8],
 ) {
     let (k, nb) = (act.k, act.nb);
-    let bb = if Q8 { 34 } else { 18 };
+    let bb = match B {
+        B8 => 34,
+        B4 => 18,
+        _ => 17,
+    };
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(i8::MIN);
     let mut f = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         super::prefetch_part(next, b, nb);
         // SAFETY: block b's scale of every row (caller).
-        let dwv = unsafe { f16x8(&src, bb * b) };
+        let dwv = unsafe {
+            if B == BMX {
+                e8m0x8(&src, bb * b)
+            } else {
+                f16x8(&src, bb * b)
+            }
+        };
         let mut xs = [_mm256_setzero_si256(); T];
         for (j, xj) in xs.iter_mut().enumerate() {
             // SAFETY: values 32b .. 32b + 32 of token j < T (caller).
@@ -992,7 +1086,7 @@ unsafe fn bdirect_raw<const T: usize, const Q8: bool, const VNNI: bool>(
         }
         let mut v = [[_mm256_setzero_si256(); ROWS]; T];
         for (r, row) in src.iter().enumerate() {
-            if !Q8 {
+            if B == B4 {
                 // Σ q · x with the nibbles `q` (unsigned); the offset term `−8 · Σ x` is added
                 // after the reduction.
                 // SAFETY: block b of the row (caller).
@@ -1008,8 +1102,8 @@ unsafe fn bdirect_raw<const T: usize, const Q8: bool, const VNNI: bool>(
                 }
                 continue;
             }
-            // SAFETY: bytes 2 .. 34 of block b of the row (caller).
-            let wv = unsafe { _mm256_loadu_si256(row.as_ptr().add(34 * b + 2).cast()) };
+            // SAFETY: block b of the row (caller).
+            let wv = unsafe { signed_values(B == BMX, row.as_ptr(), b) };
             if VNNI {
                 // Σ (w + 128) · x; the offset term is added after the reduction.
                 let q = _mm256_xor_si256(wv, flip);
@@ -1027,8 +1121,8 @@ unsafe fn bdirect_raw<const T: usize, const Q8: bool, const VNNI: bool>(
         }
         for j in 0..T {
             let mut si = hsum8x8(&v[j]);
-            if VNNI || !Q8 {
-                // Q8_0 with AVX-VNNI: −128 · Σ x + Σ (w + 128) · x = Σ w · x; Q4_0:
+            if VNNI || B == B4 {
+                // Q8_0 / MXFP4 with AVX-VNNI: −128 · Σ x + Σ (w + 128) · x = Σ w · x; Q4_0:
                 // −8 · Σ x + Σ q · x (rows past the end: lanes ignored).
                 si = _mm256_add_epi32(si, _mm256_set1_epi32(act.init[j * nb + b]));
             }
@@ -1094,7 +1188,7 @@ pub(super) fn run_tile(p: &Strip, act: &Act, t0: usize, tn: usize, out: &mut [f3
             }
         }
     } else {
-        let q8 = ty == QType::Q8_0;
+        let q8 = signed(ty);
         assert!(
             common && act.init.len() >= end * nb && (!q8 || vnni || p.s.len() >= ROWS * k),
             "quant: tile sizes"
@@ -1400,7 +1494,14 @@ mod tests {
     use half::f16;
     use rand::{Rng, SeedableRng};
 
-    const TYPES: [QType; 5] = [QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q5K, QType::Q6K];
+    const TYPES: [QType; 6] = [
+        QType::Q8_0,
+        QType::Q4_0,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+        QType::Mxfp4,
+    ];
 
     /// Random blocks of `ty` (every quant and scale bit random) with finite f16 block scales.
     fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
@@ -1418,6 +1519,8 @@ mod tests {
                     put(0);
                     put(2);
                 }
+                // E8M0: 2^−10 .. 2^−2.
+                QType::Mxfp4 => b[0] = rng.random_range(118u8..=126),
                 _ => put(0),
             }
         }
@@ -1504,6 +1607,8 @@ mod tests {
                                 b[0..2].copy_from_slice(&d);
                                 b[2..4].copy_from_slice(&d);
                             }
+                            // E8M0 2^−7 and 2^−6.
+                            QType::Mxfp4 => b[0] = 121 + (bi % 2) as u8,
                             _ => b[0..2].copy_from_slice(&d),
                         }
                     }
@@ -1575,7 +1680,7 @@ mod tests {
                 let src: [&[u8]; super::ROWS] =
                     std::array::from_fn(|j| if j < live { &rows[j][..] } else { &[] });
                 let mut got = [0f32; super::ROWS];
-                super::scales_to(t, &src, 1, 4, 1, &mut got);
+                super::scales_to(t, &src, 1, 4, super::Scale::F16(1), &mut got);
                 for (j, g) in got.into_iter().enumerate() {
                     let h = h0 + j as u16;
                     let want = if j < live {
@@ -1584,6 +1689,39 @@ mod tests {
                         0.0
                     };
                     assert_eq!(g.to_bits(), want.to_bits(), "{h:#06x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn e8m0_scales_convert_as_e8m0_half_does() {
+        let Some(t) = Cpu::get().avx2_fma() else {
+            return;
+        };
+        // All 256 exponents (0 and 1 subnormal, 255 = 2^127), eight lanes at a time; empty rows
+        // give 0.0.
+        for e0 in (0..=255u8).step_by(super::ROWS) {
+            let rows: Vec<[u8; 17]> = (0..super::ROWS as u8)
+                .map(|j| {
+                    let mut b = [0x5Au8; 17];
+                    b[0] = e0 + j;
+                    b
+                })
+                .collect();
+            for live in [super::ROWS, 3] {
+                let src: [&[u8]; super::ROWS] =
+                    std::array::from_fn(|j| if j < live { &rows[j][..] } else { &[] });
+                let mut got = [0f32; super::ROWS];
+                super::scales_to(t, &src, 1, 17, super::Scale::E8m0, &mut got);
+                for (j, g) in got.into_iter().enumerate() {
+                    let e = e0 + j as u8;
+                    let want = if j < live {
+                        crate::mxfp4::e8m0_half(e)
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(g.to_bits(), want.to_bits(), "e = {e}");
                 }
             }
         }
