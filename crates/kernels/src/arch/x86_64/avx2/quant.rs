@@ -3,11 +3,13 @@
 //! values transposed so that one 32-byte register holds four consecutive values of each row (i32
 //! lane `j`: row `j`); each token's four activation bytes are broadcast, so one `vpmaddubsw`
 //! multiplies four values of eight rows (two i16 pair sums per lane). Every type is unpacked in
-//! registers straight from the blocks (no decoded row). Q8_0 and Q4_0 calls of at most
-//! `Isa::direct_tokens` tokens (Q8_0 4, Q4_0 2; with AVX-VNNI 2 and 1) skip the transposed copy:
-//! each block of each row is multiplied as it is and eight rows' sums are reduced into one
-//! register's lanes. Q4_K, Q5_K and Q6_K calls of at most `Isa::kdirect_tokens` tokens (4; with AVX-VNNI 3) do the
-//! same: each super-block of each row unpacked in registers and multiplied as stored
+//! registers straight from the blocks (no decoded row; MXFP4's nibbles looked up as the doubled
+//! E2M1 values with `vpshufb`, then handled as Q8_0's signed bytes). Q8_0, MXFP4 and Q4_0 calls
+//! of at most `Isa::direct_tokens` tokens (4, 4, 2; with AVX-VNNI 2, 2, 1) skip the transposed
+//! copy: each block of each row is multiplied as it is and eight rows' sums are reduced into one
+//! register's lanes. Q4_K, Q5_K and Q6_K calls of at most `Isa::kdirect_tokens` tokens (4; with
+//! AVX-VNNI 3) do the same: each super-block of each row unpacked in registers and multiplied as
+//! stored
 //! (`vpmaddubsw` with the activation bytes, `vpmaddwd` by the group scale, as ggml's
 //! `ggml_vec_dot_q4_K_q8_K`), the same exact integers, the tile's float operations. The eight
 //! rows' f16 block scales are converted together (`vcvtph2ps`, [`f16x8`]), and every path
@@ -192,15 +194,14 @@ unsafe fn scales_to_raw(
 /// blocks and transposed (i32 lane `j` of each 32 bytes: four values of row `j`), the scales as
 /// eight-lane vectors. Lanes of rows past the matrix's end are zero.
 pub(super) struct Strip {
-    /// The instruction set the strip is laid out for (Q8_0: `|w|` and `w`, or `w + 128`).
+    /// The instruction set the strip is laid out for (Q8_0, MXFP4: `|w|` and `w`, or `w + 128`).
     isa: Isa,
     ty: QType,
     k: usize,
-    /// 8 × kp bytes: the four values `4g .. 4g + 4` of row `j` at `32 g + 4 j` (Q8_0: `|w|`,
-    /// with AVX-VNNI `w + 128`; other types: the unsigned value `Row::decode` gives, as the
-    /// generic path's).
+    /// 8 × kp bytes: the four values `4g .. 4g + 4` of row `j` at `32 g + 4 j` (Q8_0, MXFP4:
+    /// `|w|`, with AVX-VNNI `w + 128`; other types: the unsigned value `Row::decode` gives).
     q: Vec<u8>,
-    /// Q8_0 without AVX-VNNI: the signed values `w`, laid out as `q` (empty otherwise).
+    /// Q8_0 and MXFP4 without AVX-VNNI: the signed values `w`, laid out as `q` (empty otherwise).
     s: Vec<u8>,
     /// Per (super-)block × 8 rows: d.
     da: Vec<f32>,
@@ -341,8 +342,8 @@ fn pair(v: __m256i) -> __m256i {
 }
 
 /// The eight 6-bit group scales and the eight mins of the Q4_K or Q5_K super-block at `blk` (its
-/// bytes 4 .. 16), unpacked as ggml's `ggml_vec_dot_q4_K_q8_K` does (the values `scale_min_k4` gives):
-/// bytes 0 .. 8 of the first and of the second register.
+/// bytes 4 .. 16), unpacked as ggml's `ggml_vec_dot_q4_K_q8_K` does (the values `scale_min_k4`
+/// gives): bytes 0 .. 8 of the first and of the second register.
 ///
 /// # Safety
 /// The CPU must have AVX2; `blk .. blk + 16` must be readable.
@@ -710,14 +711,15 @@ pub(super) fn panel(
     }
 }
 
-/// Most tokens of a call for which Q8_0 and Q4_0 rows are multiplied straight from their blocks
-/// ([`direct_b`]; [`Isa::direct_tokens`] says up to where it pays).
+/// Most tokens of a call for which Q8_0, MXFP4 and Q4_0 rows are multiplied straight from their
+/// blocks ([`direct_b`]; [`Isa::direct_tokens`] says up to where it pays for each).
 const DIRECT_TOKENS: usize = 4;
 
 impl Isa {
     /// Most tokens of a call of type `ty` (Q8_0, MXFP4 or Q4_0) for which the direct path is
-    /// faster than the transposed strip (MXFP4 as Q8_0: the same tiles after the values are
-    /// looked up). Measured at OLMoE expert shapes: Q8_0 on plain AVX2 1.3–1.4×
+    /// faster than the transposed strip (MXFP4 as Q8_0, whose tiles it shares after the values
+    /// are looked up: on plain AVX2 at gpt-oss's `[2880, 2880]` direct 1.65×, 1.28×, 1.15×, 1.01×
+    /// faster at 1–4 tokens). Measured at OLMoE expert shapes: Q8_0 on plain AVX2 1.3–1.4×
     /// faster direct at 3 and 4 tokens, with AVX-VNNI the strip's tile 1.0–1.1× faster from 3
     /// tokens; Q4_0 (whose strip tile sums eight `vpmaddubsw` in i16 before widening, cheaper
     /// than Q8_0's sign trick) on plain AVX2 1.25× faster direct at 1 token, about even at 2,
@@ -733,12 +735,12 @@ impl Isa {
     }
 }
 
-/// The outputs of rows `r0 .. r0 + rows` of Q8_0 or Q4_0 `w` (`1 <= rows <= 8`) for tokens
-/// `0 .. tn` of `act` (`1 <= tn <= t.direct_tokens(w.ty)`), multiplied straight from the blocks: per
-/// row and block the 32 products in one register (Q8_0: the sign trick, as the tile; with
-/// AVX-VNNI `w + 128`; Q4_0: the nibbles; the block's offset term added after the reduction
-/// where the products leave it out), the eight rows' sums reduced into one register's lanes
-/// (`vphaddd`), then the tile's float operations.
+/// The outputs of rows `r0 .. r0 + rows` of Q8_0, MXFP4 or Q4_0 `w` (`1 <= rows <= 8`) for
+/// tokens `0 .. tn` of `act` (`1 <= tn <= t.direct_tokens(w.ty)`), multiplied straight from the
+/// blocks: per row and block the 32 products in one register (Q8_0 and MXFP4: the sign trick on
+/// the signed values, as the tile; with AVX-VNNI `w + 128`; Q4_0: the nibbles; the block's
+/// offset term added after the reduction where the products leave it out), the eight rows' sums
+/// reduced into one register's lanes (`vphaddd`), then the tile's float operations.
 #[allow(clippy::too_many_arguments)]
 fn direct_b(
     t: Isa,
