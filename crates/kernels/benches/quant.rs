@@ -111,14 +111,7 @@ fn decode(only: &[String]) {
         kernel_name(),
         POOL >> 20
     );
-    for ty in [
-        QType::Q8_0,
-        QType::Q4K,
-        QType::Q6K,
-        QType::Q5K,
-        QType::Q4_0,
-        QType::Mxfp4,
-    ] {
+    for ty in QType::ALL {
         if !only.is_empty() && !only.iter().any(|o| o == ty.name()) {
             continue;
         }
@@ -190,17 +183,10 @@ fn decode(only: &[String]) {
 /// long (for a profiler).
 fn decode_l2(args: &[String]) {
     let num = |i: usize, d: usize| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
-    let ty = [
-        QType::Q8_0,
-        QType::Q4K,
-        QType::Q6K,
-        QType::Q5K,
-        QType::Q4_0,
-        QType::Mxfp4,
-    ]
-    .into_iter()
-    .find(|t| args.first().is_some_and(|a| a == t.name()))
-    .unwrap_or(QType::Q8_0);
+    let ty = args
+        .first()
+        .and_then(|a| QType::from_name(a))
+        .unwrap_or(QType::Q8_0);
     let (rows, k, n, secs) = (num(1, 256), num(2, 2048), num(3, 1), num(4, 3));
     let data = random_matrix(ty, rows, k, 7);
     let Some(w) = QMatrix::new(ty, &data, rows, k) else {

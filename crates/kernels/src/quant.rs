@@ -90,6 +90,21 @@ pub enum QType {
 }
 
 impl QType {
+    /// Every type the kernel reads.
+    pub const ALL: [QType; 6] = [
+        QType::Q8_0,
+        QType::Q4_0,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+        QType::Mxfp4,
+    ];
+
+    /// The type of ggml name `name` (`q8_0`, `q4_0`, `q4_K`, `q5_K`, `q6_K`, `mxfp4`).
+    pub fn from_name(name: &str) -> Option<QType> {
+        QType::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {

@@ -2,14 +2,7 @@ use super::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const TYPES: [QType; 6] = [
-    QType::Q8_0,
-    QType::Q4_0,
-    QType::Q4K,
-    QType::Q5K,
-    QType::Q6K,
-    QType::Mxfp4,
-];
+const TYPES: [QType; 6] = QType::ALL;
 
 /// Random blocks of `ty` for a `[rows, k]` matrix (random quants, scales in a realistic range).
 fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
@@ -315,15 +308,7 @@ fn q8_0_equals_ggml_vec_dot_bit_for_bit() {
     let x = random_x(n, k, 42);
     let y = xwt_q(&x, n, &w);
     for t in 0..n {
-        let mut xq = vec![0i8; k];
-        let dx: Vec<f32> = (0..k / QK)
-            .map(|b| {
-                quantize_q8_0_block(
-                    &x[t * k + b * QK..t * k + (b + 1) * QK],
-                    &mut xq[b * QK..(b + 1) * QK],
-                )
-            })
-            .collect();
+        let (xq, dx) = q8_0_activations(&x[t * k..(t + 1) * k]);
         for r in 0..rows {
             let mut sumf = 0f32;
             for b in 0..k / QK {
@@ -338,6 +323,18 @@ fn q8_0_equals_ggml_vec_dot_bit_for_bit() {
     }
 }
 
+/// One token's activations quantised as ggml's `quantize_row_q8_0`: the values and each block's
+/// scale.
+fn q8_0_activations(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut xq = vec![0i8; x.len()];
+    let dx = x
+        .chunks_exact(QK)
+        .zip(xq.chunks_exact_mut(QK))
+        .map(|(x, q)| quantize_q8_0_block(x, q))
+        .collect();
+    (xq, dx)
+}
+
 #[test]
 fn mxfp4_equals_ggml_vec_dot_bit_for_bit() {
     // ggml's `ggml_vec_dot_mxfp4_q8_0` (generic): per block `d = d_x · e8m0_half(e)` and
@@ -350,15 +347,7 @@ fn mxfp4_equals_ggml_vec_dot_bit_for_bit() {
     let y = xwt_q(&x, n, &w);
     let kv = crate::mxfp4::KVALUES;
     for t in 0..n {
-        let mut xq = vec![0i8; k];
-        let dx: Vec<f32> = (0..k / QK)
-            .map(|b| {
-                quantize_q8_0_block(
-                    &x[t * k + b * QK..t * k + (b + 1) * QK],
-                    &mut xq[b * QK..(b + 1) * QK],
-                )
-            })
-            .collect();
+        let (xq, dx) = q8_0_activations(&x[t * k..(t + 1) * k]);
         for r in 0..rows {
             let mut sumf = 0f32;
             for b in 0..k / QK {

@@ -1496,14 +1496,7 @@ mod tests {
     use half::f16;
     use rand::{Rng, SeedableRng};
 
-    const TYPES: [QType; 6] = [
-        QType::Q8_0,
-        QType::Q4_0,
-        QType::Q4K,
-        QType::Q5K,
-        QType::Q6K,
-        QType::Mxfp4,
-    ];
+    const TYPES: [QType; 6] = QType::ALL;
 
     /// Random blocks of `ty` (every quant and scale bit random) with finite f16 block scales.
     fn random_matrix(ty: QType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
