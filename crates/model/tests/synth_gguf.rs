@@ -513,8 +513,10 @@ fn gpt_oss_mxfp4_gguf_is_the_conversion_of_the_hf_mxfp4_checkpoint() {
         gub.iter().skip(1).step_by(2).copied().collect::<Vec<_>>()
     );
 
-    // moe-xray routes both alike: the same expert sets and bit-identical weights, in exact mode
-    // (f32) and at the HF checkpoint's bf16
+    // moe-xray routes both alike in exact mode (f32): the same expert sets and bit-identical
+    // weights. At the HF checkpoint's bf16 the GGUF's experts run as llama.cpp runs them (Q8_0
+    // activations, `ggml_vec_dot_mxfp4_q8_0`) and the HF checkpoint's on bf16 activations with
+    // exactly decoded weights: the expert sets agree except near ties and after them.
     let tok = Tokenizer::from_dir(&hf).unwrap();
     for (what, opts) in [
         (
@@ -537,14 +539,24 @@ fn gpt_oss_mxfp4_gguf_is_the_conversion_of_the_hf_mxfp4_checkpoint() {
         assert_eq!(a.len(), b.len());
         assert!(!a.is_empty());
         let same = a.iter().filter(|(k, v)| &b[*k] == *v).count();
+        let sets = a.iter().filter(|(k, v)| b[*k].0 == v.0).count();
         eprintln!(
-            "{what}: GGUF MXFP4 = HF MXFP4 on {same}/{} (token, layer) expert sets and weights",
-            a.len()
+            "{what}: GGUF MXFP4 = HF MXFP4 on {same}/{n} (token, layer) expert sets and weights, \
+             {sets}/{n} expert sets",
+            n = a.len()
         );
-        assert_eq!(
-            a, b,
-            "{what}: the GGUF routes differently from the HF checkpoint"
-        );
+        if what == "exact" {
+            assert_eq!(
+                a, b,
+                "{what}: the GGUF routes differently from the HF checkpoint"
+            );
+        } else {
+            assert!(
+                sets as f64 >= 0.9 * a.len() as f64,
+                "{what}: only {sets}/{} expert sets agree",
+                a.len()
+            );
+        }
     }
 }
 
