@@ -98,6 +98,11 @@ impl<'a> MxMatrix<'a> {
         self.k
     }
 
+    /// The stored bytes.
+    pub fn layout(&self) -> MxLayout<'a> {
+        self.layout
+    }
+
     /// Rows `r0..r1` as a matrix of their own (`None` if out of range).
     pub fn sub(&self, r0: usize, r1: usize) -> Option<MxMatrix<'a>> {
         if r0 > r1 || r1 > self.rows {
@@ -175,7 +180,7 @@ pub fn decode_block_scalar(e: u8, q: &[u8; NIBBLE_BYTES], interleaved: bool, out
 
 /// The 16 bytes at `i` of `s` (bounds-checked).
 #[inline(always)]
-fn arr16(s: &[u8], i: usize) -> &[u8; NIBBLE_BYTES] {
+pub(crate) fn arr16(s: &[u8], i: usize) -> &[u8; NIBBLE_BYTES] {
     #[allow(clippy::expect_used)] // the slice has exactly 16 elements
     s[i..i + NIBBLE_BYTES].try_into().expect("16 bytes")
 }

@@ -280,13 +280,12 @@ fn dequantize_block(ty: QType, b: &[u8], y: &mut [f32]) {
                 }
             }
         }
-        QType::Mxfp4 => {
-            let d = e8m0_half(b[0]);
-            for j in 0..16 {
-                y[j] = f32::from(KVALUES[usize::from(b[1 + j] & 0xF)]) * d;
-                y[j + 16] = f32::from(KVALUES[usize::from(b[1 + j] >> 4)]) * d;
-            }
-        }
+        QType::Mxfp4 => crate::mxfp4::decode_block_scalar(
+            b[0],
+            crate::mxfp4::arr16(b, 1),
+            false,
+            crate::mxfp4::arr32_mut(y),
+        ),
         QType::Q6K => {
             let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
             let d = f16_at(b, 208);

@@ -25,9 +25,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use moe_xray_kernels::mxfp4::{
-    xwt_mxfp4, MxLayout, MxMatrix, BLOCK, GGML_BLOCK_BYTES, NIBBLE_BYTES,
-};
+use moe_xray_kernels::mxfp4::{xwt_mxfp4, MxLayout, MxMatrix, BLOCK, NIBBLE_BYTES};
 use moe_xray_kernels::quant::{xwt_q, xwt_q_act, QActivations, QMatrix, QType};
 
 use crate::config::ModelConfig;
@@ -292,14 +290,13 @@ impl Mxfp4Experts {
         })
     }
 
-    /// Expert `e`'s `[rows, k]` matrix of a GGUF tensor for the Q8_0-activation kernel.
+    /// Expert `e`'s `[rows, k]` matrix of a GGUF tensor for the Q8_0-activation kernel (the
+    /// bytes [`Self::ggml`] cuts out).
     fn ggml_q(t: &MappedTensor, rows: usize, k: usize, e: usize) -> Result<QMatrix<'_>> {
-        let per = rows
-            .checked_mul(k / BLOCK)
-            .and_then(|b| b.checked_mul(GGML_BLOCK_BYTES));
-        let bytes = per
-            .and_then(|p| Some((p.checked_mul(e)?, p.checked_mul(e.checked_add(1)?)?)))
-            .and_then(|(a, b)| t.bytes().get(a..b));
+        let bytes = match Self::ggml(t, rows, k, e)?.layout() {
+            MxLayout::Ggml { data } => Some(data),
+            MxLayout::Hf { .. } => None,
+        };
         bytes
             .and_then(|b| QMatrix::new(QType::Mxfp4, b, rows, k))
             .ok_or_else(|| {
